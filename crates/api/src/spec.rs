@@ -1,0 +1,256 @@
+//! Spec and status types of `SyncPipeline` (group `monsoon.dev`, version `v1alpha1`).
+//!
+//! Every field is camelCase in YAML. Defaults are applied by serde (`#[serde(default)]`) so a
+//! manifest only names what differs from them; the same defaults appear in the CRD schema.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Keeps Elasticsearch/OpenSearch indexes in sync with MongoDB collections: an initial snapshot
+/// of the existing documents, then every change from MongoDB change streams.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "monsoon.dev",
+    version = "v1alpha1",
+    kind = "SyncPipeline",
+    namespaced,
+    status = "SyncPipelineStatus",
+    shortname = "sp",
+    category = "all"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncPipelineSpec {
+    /// Where the data comes from.
+    pub mongodb: MongoSource,
+    /// Where the data goes.
+    pub elasticsearch: ElasticsearchSink,
+    /// MongoDB namespaces to sync: `db.collection`, or `db.*` for every collection of a
+    /// database. Each namespace is indexed into the index of the same name, lower-cased,
+    /// unless `indexes` names another.
+    pub namespaces: Vec<String>,
+    /// Namespaces to leave out even when `namespaces` matches them (`db.collection` or `db.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_namespaces: Vec<String>,
+    /// Target index per namespace, overriding the default (the namespace, lower-cased).
+    /// Example: `{"shop.orders": "orders"}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub indexes: BTreeMap<String, String>,
+    /// Index the documents that already exist before following changes. When false, only
+    /// changes made after the pipeline first starts are synced.
+    #[serde(default = "default_true")]
+    pub snapshot: bool,
+    /// Batching and concurrency of bulk requests.
+    #[serde(default)]
+    pub batch: BatchSpec,
+    /// What to do when the stored resume point has fallen off the MongoDB oplog (error 286,
+    /// ChangeStreamHistoryLost): `Fail` stops with a clear error and a status condition;
+    /// `Resnapshot` re-indexes from scratch (not implemented yet: rejected by validation).
+    #[serde(default)]
+    pub on_history_lost: HistoryLostPolicy,
+    /// What to do with the index when its collection (or database) is dropped in MongoDB:
+    /// `DeleteIndex` deletes the index, `Keep` leaves it untouched.
+    #[serde(default)]
+    pub on_drop: DropPolicy,
+    /// Where documents that Elasticsearch refuses (mapping conflicts, oversize documents) are
+    /// recorded, with the reason, instead of blocking the stream.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSpec,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A MongoDB deployment: replica set or sharded cluster (4.0 or later).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoSource {
+    /// Connection string without credentials, e.g.
+    /// `mongodb://db-0.db:27017,db-1.db:27017/?replicaSet=rs0`. Use `uriFrom` when the string
+    /// holds a user name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Read the whole connection string (credentials included) from an environment variable,
+    /// a file or a Secret. Exactly one of `uri` and `uriFrom` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_from: Option<ValueFrom>,
+    /// PEM bundle of certificate authorities to trust for TLS connections to MongoDB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_from: Option<ValueFrom>,
+}
+
+/// An Elasticsearch 7.x/8.x/9.x or OpenSearch 2.x cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticsearchSink {
+    /// Base URLs of the cluster, e.g. `["https://es.example:9200"]`. Requests are spread over
+    /// them round-robin.
+    pub urls: Vec<String>,
+    /// User name for basic authentication (the password comes from `passwordFrom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_from: Option<ValueFrom>,
+    /// API key (the base64 `id:key` form Elasticsearch returns as `encoded`), instead of a
+    /// user name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_from: Option<ValueFrom>,
+    /// PEM bundle of certificate authorities to trust for HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_from: Option<ValueFrom>,
+}
+
+/// Where a secret value comes from. Exactly one field must be set. `env` and `file` are for
+/// `monsoon run`; in a cluster use `secretKeyRef`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueFrom {
+    /// Name of an environment variable holding the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// Path of a file holding the value (trailing newlines are trimmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// A key of a Secret in the pipeline's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the pipeline's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key within the Secret's data.
+    pub key: String,
+}
+
+/// Batching and concurrency of bulk requests. A batch is sent when it reaches `maxDocs`
+/// documents or `maxBytes` bytes, or `flushIntervalMs` after its first document arrived.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSpec {
+    /// Most documents in one bulk request (1–100000).
+    #[serde(default = "default_max_docs")]
+    pub max_docs: u32,
+    /// Most bytes in one bulk request body (64 KiB–100 MiB). Elasticsearch refuses requests
+    /// over `http.max_content_length` (100 MiB by default).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Longest time a change waits in a partial batch, in milliseconds (1–60000).
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Bulk requests in flight at once (1–64). Each document always goes through the same
+    /// ordered lane, so a document never has two writes in flight.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+}
+
+fn default_max_docs() -> u32 {
+    1000
+}
+fn default_max_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_flush_interval_ms() -> u64 {
+    100
+}
+fn default_concurrency() -> u32 {
+    4
+}
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        Self {
+            max_docs: default_max_docs(),
+            max_bytes: default_max_bytes(),
+            flush_interval_ms: default_flush_interval_ms(),
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+/// What to do when the resume point is no longer in the oplog.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum HistoryLostPolicy {
+    /// Stop with a clear error; an operator decides.
+    #[default]
+    Fail,
+    /// Rebuild the index from a new snapshot and remove documents deleted during the gap.
+    Resnapshot,
+}
+
+/// What to do with an index when its collection or database is dropped.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DropPolicy {
+    /// Delete the index.
+    #[default]
+    DeleteIndex,
+    /// Keep the index and its documents.
+    Keep,
+}
+
+/// Dead-letter settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSpec {
+    /// Index that receives one record per refused document: its namespace, `_id`, target
+    /// index, the error type and reason, the time, and the document itself as a string.
+    #[serde(default = "default_dead_letter_index")]
+    pub index: String,
+}
+
+fn default_dead_letter_index() -> String {
+    "monsoon-deadletter".to_string()
+}
+
+impl Default for DeadLetterSpec {
+    fn default() -> Self {
+        Self {
+            index: default_dead_letter_index(),
+        }
+    }
+}
+
+/// Observed state of a pipeline, written by the operator and its workers.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncPipelineStatus {
+    /// `Snapshotting`, `Streaming`, `Paused` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Documents written to the index so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents_synced: Option<u64>,
+    /// Standard conditions (`Ready`, `Progressing`, `Degraded`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition, shaped like Kubernetes' own `metav1.Condition`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason in CamelCase.
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+    /// When the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation this condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

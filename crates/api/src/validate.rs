@@ -1,0 +1,580 @@
+//! Parsing of pipeline manifests and the cross-field rules of a `SyncPipeline`.
+//!
+//! [`parse_manifest`] turns YAML into a [`SyncPipeline`], refusing unknown fields and naming
+//! the path of every type error. [`validate`] applies every rule the engine relies on and
+//! returns all violations at once, each naming the field and the fix.
+
+use std::fmt;
+
+use crate::spec::*;
+use crate::{API_VERSION, KIND};
+
+/// One rule a pipeline breaks: the field's path (`spec.namespaces[1]`) and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the offending field, as in `kubectl explain`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a manifest could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not YAML at all.
+    #[error("failed to parse YAML: {0}")]
+    Yaml(String),
+    /// YAML, but not a `SyncPipeline`.
+    #[error("{field}: {message}")]
+    Shape {
+        /// Path of the offending field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `SyncPipeline` that breaks rules.
+    #[error("invalid pipeline:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// A pipeline that passed [`validate`]: the engine may take it as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedPipeline {
+    /// `metadata.name`.
+    pub name: String,
+    /// The spec, unchanged.
+    pub spec: SyncPipelineSpec,
+}
+
+/// Read a `SyncPipeline` manifest from YAML and validate it.
+///
+/// # Errors
+/// [`ManifestError`] naming the first unknown or mistyped field, or every rule broken.
+pub fn parse_manifest(yaml: &str) -> Result<ValidatedPipeline, ManifestError> {
+    let value: serde_json::Value =
+        serde_saphyr::from_str(yaml).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    let api_version = value.get("apiVersion").and_then(|v| v.as_str());
+    if api_version != Some(API_VERSION) {
+        return Err(ManifestError::Shape {
+            field: "apiVersion".into(),
+            message: format!("must be `{API_VERSION}` (found {api_version:?})"),
+        });
+    }
+    let kind = value.get("kind").and_then(|v| v.as_str());
+    if kind != Some(KIND) {
+        return Err(ManifestError::Shape {
+            field: "kind".into(),
+            message: format!("must be `{KIND}` (found {kind:?})"),
+        });
+    }
+    let mut unknown = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let ignoring = serde_ignored::Deserializer::new(&value, &mut note_unknown);
+    let pipeline: SyncPipeline = serde_path_to_error::deserialize(ignoring).map_err(|e| {
+        ManifestError::Shape {
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
+        }
+    })?;
+    if let Some(path) = unknown.into_iter().find(|p| !(p == "apiVersion" || p == "kind" || p.starts_with("metadata"))) {
+        return Err(ManifestError::Shape {
+            field: path,
+            message: "unknown field; check its spelling against `monsoon crd` or the README"
+                .into(),
+        });
+    }
+    validate(&pipeline).map_err(ManifestError::Invalid)
+}
+
+/// Check every rule of a pipeline; return all violations.
+///
+/// # Errors
+/// Every [`FieldError`] found, in field order.
+pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldError>> {
+    let mut errs = Errors::default();
+    let name = pipeline.metadata.name.clone().unwrap_or_default();
+    if !is_dns_label(&name) {
+        errs.push(
+            "metadata.name",
+            "must be 1-63 lower-case letters, digits or '-', starting and ending with a letter or digit",
+        );
+    }
+    let spec = &pipeline.spec;
+    validate_mongodb(&spec.mongodb, &mut errs);
+    validate_elasticsearch(&spec.elasticsearch, &mut errs);
+
+    if spec.namespaces.is_empty() {
+        errs.push(
+            "spec.namespaces",
+            "must list at least one namespace, e.g. `shop.orders` or `shop.*`",
+        );
+    }
+    for (i, ns) in spec.namespaces.iter().enumerate() {
+        if let Err(m) = NamespacePattern::parse(ns) {
+            errs.push(format!("spec.namespaces[{i}]"), m);
+        }
+    }
+    for (i, ns) in spec.exclude_namespaces.iter().enumerate() {
+        if let Err(m) = NamespacePattern::parse(ns) {
+            errs.push(format!("spec.excludeNamespaces[{i}]"), m);
+        }
+    }
+    let patterns: Vec<NamespacePattern> = spec
+        .namespaces
+        .iter()
+        .filter_map(|n| NamespacePattern::parse(n).ok())
+        .collect();
+    for (ns, index) in &spec.indexes {
+        let field = format!("spec.indexes[{ns:?}]");
+        match NamespacePattern::parse(ns) {
+            Ok(NamespacePattern {
+                collection: Some(_),
+                ..
+            }) => {
+                if !patterns.iter().any(|p| p.matches_ns(ns)) {
+                    errs.push(
+                        field.clone(),
+                        "names a namespace that `spec.namespaces` does not include; add it there or remove this entry",
+                    );
+                }
+            }
+            Ok(_) => errs.push(
+                field.clone(),
+                "must name one collection (`db.collection`), not a wildcard",
+            ),
+            Err(m) => errs.push(field.clone(), m),
+        }
+        if let Err(m) = check_index_name(index) {
+            errs.push(field, m);
+        }
+    }
+    for p in &patterns {
+        if let Some(coll) = &p.collection {
+            let ns = format!("{}.{coll}", p.database);
+            if !spec.indexes.contains_key(&ns) {
+                if let Err(m) = check_index_name(&ns.to_lowercase()) {
+                    errs.push(
+                        "spec.namespaces",
+                        format!("`{ns}` gives the index name `{}`, which {m}; map it to a valid name in `spec.indexes`", ns.to_lowercase()),
+                    );
+                }
+            }
+        }
+    }
+
+    let b = &spec.batch;
+    if !(1..=100_000).contains(&b.max_docs) {
+        errs.push("spec.batch.maxDocs", "must be between 1 and 100000");
+    }
+    if !(64 * 1024..=100 * 1024 * 1024).contains(&b.max_bytes) {
+        errs.push(
+            "spec.batch.maxBytes",
+            "must be between 65536 (64 KiB) and 104857600 (100 MiB)",
+        );
+    }
+    if !(1..=60_000).contains(&b.flush_interval_ms) {
+        errs.push("spec.batch.flushIntervalMs", "must be between 1 and 60000");
+    }
+    if !(1..=64).contains(&b.concurrency) {
+        errs.push("spec.batch.concurrency", "must be between 1 and 64");
+    }
+    if spec.on_history_lost == HistoryLostPolicy::Resnapshot {
+        errs.push(
+            "spec.onHistoryLost",
+            "`Resnapshot` is not implemented yet; use `Fail` and re-create the pipeline's checkpoint to re-snapshot",
+        );
+    }
+    if let Err(m) = check_index_name(&spec.dead_letter.index) {
+        errs.push("spec.deadLetter.index", m);
+    }
+
+    if errs.0.is_empty() {
+        Ok(ValidatedPipeline {
+            name,
+            spec: spec.clone(),
+        })
+    } else {
+        Err(errs.0)
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn validate_mongodb(m: &MongoSource, errs: &mut Errors) {
+    match (&m.uri, &m.uri_from) {
+        (None, None) => errs.push(
+            "spec.mongodb.uri",
+            "set `uri` (no credentials) or `uriFrom` (env, file or secretKeyRef)",
+        ),
+        (Some(_), Some(_)) => errs.push(
+            "spec.mongodb.uriFrom",
+            "set only one of `uri` and `uriFrom`",
+        ),
+        (Some(uri), None) => {
+            if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
+                errs.push(
+                    "spec.mongodb.uri",
+                    "must start with `mongodb://` or `mongodb+srv://`",
+                );
+            } else if uri_has_password(uri) {
+                errs.push(
+                    "spec.mongodb.uri",
+                    "holds a password; move the whole connection string to a Secret or file and reference it with `uriFrom`",
+                );
+            }
+        }
+        (None, Some(from)) => validate_value_from(from, "spec.mongodb.uriFrom", errs),
+    }
+    if let Some(ca) = &m.ca_from {
+        validate_value_from(ca, "spec.mongodb.caFrom", errs);
+    }
+}
+
+fn uri_has_password(uri: &str) -> bool {
+    let rest = uri.split_once("://").map(|(_, r)| r).unwrap_or(uri);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) => userinfo.contains(':'),
+        None => false,
+    }
+}
+
+fn validate_elasticsearch(e: &ElasticsearchSink, errs: &mut Errors) {
+    if e.urls.is_empty() {
+        errs.push(
+            "spec.elasticsearch.urls",
+            "must list at least one URL, e.g. `http://127.0.0.1:9200`",
+        );
+    }
+    for (i, url) in e.urls.iter().enumerate() {
+        let field = format!("spec.elasticsearch.urls[{i}]");
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            errs.push(field, "must start with `http://` or `https://`");
+        } else if url_has_userinfo(url) {
+            errs.push(
+                field,
+                "holds credentials; use `username` with `passwordFrom`, or `apiKeyFrom`",
+            );
+        }
+    }
+    if e.password_from.is_some() && e.username.is_none() {
+        errs.push(
+            "spec.elasticsearch.username",
+            "is required when `passwordFrom` is set",
+        );
+    }
+    if e.username.is_some() && e.password_from.is_none() {
+        errs.push(
+            "spec.elasticsearch.passwordFrom",
+            "is required when `username` is set",
+        );
+    }
+    if e.api_key_from.is_some() && e.username.is_some() {
+        errs.push(
+            "spec.elasticsearch.apiKeyFrom",
+            "set either `apiKeyFrom` or `username`/`passwordFrom`, not both",
+        );
+    }
+    for (field, from) in [
+        ("spec.elasticsearch.passwordFrom", &e.password_from),
+        ("spec.elasticsearch.apiKeyFrom", &e.api_key_from),
+        ("spec.elasticsearch.caFrom", &e.ca_from),
+    ] {
+        if let Some(from) = from {
+            validate_value_from(from, field, errs);
+        }
+    }
+}
+
+fn url_has_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split(['/', '?']).next().unwrap_or("").contains('@')
+}
+
+fn validate_value_from(v: &ValueFrom, field: &str, errs: &mut Errors) {
+    let set = [v.env.is_some(), v.file.is_some(), v.secret_key_ref.is_some()]
+        .iter()
+        .filter(|s| **s)
+        .count();
+    if set != 1 {
+        errs.push(
+            field,
+            "set exactly one of `env`, `file` and `secretKeyRef`",
+        );
+    }
+    if let Some(env) = &v.env {
+        if env.is_empty() || env.contains('=') {
+            errs.push(format!("{field}.env"), "must be an environment variable name");
+        }
+    }
+    if let Some(r) = &v.secret_key_ref {
+        if r.name.is_empty() || r.key.is_empty() {
+            errs.push(
+                format!("{field}.secretKeyRef"),
+                "needs both `name` and `key`",
+            );
+        }
+    }
+}
+
+/// A parsed entry of `spec.namespaces`: `db.collection` or `db.*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespacePattern {
+    /// Database name.
+    pub database: String,
+    /// Collection name, or `None` for every collection of the database.
+    pub collection: Option<String>,
+}
+
+impl NamespacePattern {
+    /// Parse `db.collection` or `db.*`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with the text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some((db, coll)) = text.split_once('.') else {
+            return Err(format!(
+                "`{text}` must be `database.collection` or `database.*`"
+            ));
+        };
+        if db.is_empty()
+            || db.len() > 64
+            || db
+                .chars()
+                .any(|c| matches!(c, '/' | '\\' | '.' | ' ' | '"' | '$' | '*' | '<' | '>' | ':' | '|' | '?'))
+        {
+            return Err(format!("`{db}` is not a valid MongoDB database name"));
+        }
+        if matches!(db, "admin" | "local" | "config") {
+            return Err(format!(
+                "`{db}` is a MongoDB system database and cannot be synced"
+            ));
+        }
+        if coll == "*" {
+            return Ok(Self {
+                database: db.into(),
+                collection: None,
+            });
+        }
+        if coll.is_empty() || coll.contains('$') || coll.contains('*') || coll.starts_with("system.") {
+            return Err(format!(
+                "`{coll}` is not a collection name that can be synced (empty, `$`, `*` or `system.`)"
+            ));
+        }
+        Ok(Self {
+            database: db.into(),
+            collection: Some(coll.into()),
+        })
+    }
+
+    /// Whether the namespace `db.collection` falls under this pattern.
+    pub fn matches_ns(&self, ns: &str) -> bool {
+        match ns.split_once('.') {
+            Some((db, coll)) => self.matches(db, coll),
+            None => false,
+        }
+    }
+
+    /// Whether collection `coll` of database `db` falls under this pattern.
+    pub fn matches(&self, db: &str, coll: &str) -> bool {
+        self.database == db
+            && !coll.starts_with("system.")
+            && self.collection.as_deref().is_none_or(|c| c == coll)
+    }
+}
+
+/// Elasticsearch's rules for index names.
+///
+/// # Errors
+/// What is wrong with the name, as a phrase ("must be lower-case").
+pub fn check_index_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("must be 1-255 bytes long".into());
+    }
+    if name != name.to_lowercase() {
+        return Err("must be lower-case".into());
+    }
+    if name.starts_with(['-', '_', '+']) || name == "." || name == ".." {
+        return Err("must not start with `-`, `_` or `+`, nor be `.` or `..`".into());
+    }
+    if name
+        .chars()
+        .any(|c| matches!(c, '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':'))
+    {
+        return Err("must not contain `\\ / * ? \" < > | , # :` or spaces".into());
+    }
+    Ok(())
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+apiVersion: monsoon.dev/v1alpha1
+kind: SyncPipeline
+metadata:
+  name: shop
+spec:
+  mongodb:
+    uri: "mongodb://127.0.0.1:27017/?directConnection=true"
+  elasticsearch:
+    urls: ["http://127.0.0.1:9200"]
+  namespaces:
+    - shop.orders        # "db.collection"; "db.*" for every collection of a database
+  snapshot: true
+"#;
+
+    fn errors_of(yaml: &str) -> Vec<FieldError> {
+        match parse_manifest(yaml) {
+            Err(ManifestError::Invalid(e)) => e,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_manifest_from_the_issue_is_valid_with_defaults() {
+        let p = parse_manifest(MINIMAL).expect("valid");
+        assert_eq!(p.name, "shop");
+        assert_eq!(p.spec.namespaces, vec!["shop.orders"]);
+        assert!(p.spec.snapshot);
+        assert_eq!(p.spec.batch, BatchSpec::default());
+        assert_eq!(p.spec.on_history_lost, HistoryLostPolicy::Fail);
+        assert_eq!(p.spec.on_drop, DropPolicy::DeleteIndex);
+        assert_eq!(p.spec.dead_letter.index, "monsoon-deadletter");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let yaml = MINIMAL.replace("snapshot: true", "snapshott: true");
+        match parse_manifest(&yaml) {
+            Err(ManifestError::Shape { field, .. }) => assert_eq!(field, "spec.snapshott"),
+            other => panic!("expected Shape error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mistyped_field_is_named_with_its_path() {
+        let yaml = MINIMAL.replace("snapshot: true", "batch:\n    maxDocs: lots");
+        match parse_manifest(&yaml) {
+            Err(ManifestError::Shape { field, .. }) => assert_eq!(field, "spec.batch.maxDocs"),
+            other => panic!("expected Shape error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_kind_is_refused() {
+        let yaml = MINIMAL.replace("kind: SyncPipeline", "kind: Deployment");
+        assert!(matches!(
+            parse_manifest(&yaml),
+            Err(ManifestError::Shape { field, .. }) if field == "kind"
+        ));
+    }
+
+    #[test]
+    fn bad_namespace_and_urls_are_all_reported() {
+        let yaml = MINIMAL
+            .replace("- shop.orders ", "- shoporders ")
+            .replace("http://127.0.0.1:9200", "127.0.0.1:9200");
+        let errs = errors_of(&yaml);
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["spec.elasticsearch.urls[0]", "spec.namespaces[0]"]
+        );
+    }
+
+    #[test]
+    fn inline_password_in_uri_is_refused() {
+        let yaml = MINIMAL.replace("mongodb://127.0.0.1", "mongodb://app:secret@127.0.0.1");
+        let errs = errors_of(&yaml);
+        assert_eq!(errs[0].field, "spec.mongodb.uri");
+        assert!(errs[0].message.contains("uriFrom"));
+        assert!(!errs[0].message.contains("secret@"), "message must not echo credentials");
+    }
+
+    #[test]
+    fn user_without_password_source_is_refused() {
+        let yaml = MINIMAL.replace(
+            "urls: [\"http://127.0.0.1:9200\"]",
+            "urls: [\"http://127.0.0.1:9200\"]\n    username: elastic",
+        );
+        assert_eq!(errors_of(&yaml)[0].field, "spec.elasticsearch.passwordFrom");
+    }
+
+    #[test]
+    fn value_from_needs_exactly_one_source() {
+        let yaml = MINIMAL.replace(
+            "uri: \"mongodb://127.0.0.1:27017/?directConnection=true\"",
+            "uriFrom: {env: A, file: /b}",
+        );
+        assert_eq!(errors_of(&yaml)[0].field, "spec.mongodb.uriFrom");
+    }
+
+    #[test]
+    fn system_databases_and_wildcard_collections_parse_as_expected() {
+        assert!(NamespacePattern::parse("admin.x").is_err());
+        assert!(NamespacePattern::parse("shop.system.views").is_err());
+        let all = NamespacePattern::parse("shop.*").expect("wildcard");
+        assert!(all.matches("shop", "orders"));
+        assert!(!all.matches("shop", "system.profile"));
+        assert!(!all.matches("other", "orders"));
+        let one = NamespacePattern::parse("shop.a.b").expect("dotted collection");
+        assert_eq!(one.collection.as_deref(), Some("a.b"));
+    }
+
+    #[test]
+    fn index_overrides_must_name_included_namespaces_and_valid_indexes() {
+        let yaml = MINIMAL.replace(
+            "snapshot: true",
+            "indexes:\n    shop.orders: Orders\n    shop.users: users",
+        );
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().any(|e| e.message.contains("lower-case")));
+        assert!(errs.iter().any(|e| e.message.contains("does not include")));
+    }
+
+    #[test]
+    fn batch_limits_are_checked() {
+        let yaml = MINIMAL.replace(
+            "snapshot: true",
+            "batch:\n    maxDocs: 0\n    concurrency: 65",
+        );
+        let fields: Vec<_> = errors_of(&yaml).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, vec!["spec.batch.maxDocs", "spec.batch.concurrency"]);
+    }
+
+    #[test]
+    fn index_name_rules() {
+        assert!(check_index_name("shop.orders").is_ok());
+        assert!(check_index_name("_x").is_err());
+        assert!(check_index_name("a b").is_err());
+        assert!(check_index_name("A").is_err());
+        assert!(check_index_name(&"a".repeat(256)).is_err());
+    }
+}

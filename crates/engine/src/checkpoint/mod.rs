@@ -1,0 +1,279 @@
+//! Checkpoints: how far the pipeline has durably got, and where it is stored.
+//!
+//! A [`Checkpoint`] holds the stream's start time (also the version of snapshot documents),
+//! the resume token of the last acknowledged change, and per-collection snapshot progress.
+//! It is written only from positions the [`tracker::Tracker`] says are fully acknowledged.
+//! Stores sit behind [`CheckpointStore`]: a local file for `monsoon run`, a ConfigMap lease
+//! for workers in a cluster.
+
+pub mod file;
+pub mod tracker;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use mongodb::bson::{Bson, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use serde::{Deserialize, Serialize};
+
+/// Format version written into every checkpoint; bump on incompatible changes.
+pub const FORMAT: u32 = 1;
+
+/// Durable progress of one pipeline.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    /// Format version ([`FORMAT`]).
+    pub format: u32,
+    /// Pipeline name, checked on load so a checkpoint is never applied to another pipeline.
+    pub pipeline: String,
+    /// Cluster time recorded before the snapshot began: the stream starts here when there is
+    /// no resume token yet, and snapshot documents carry it as their version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_start: Option<ClusterTime>,
+    /// Resume token (canonical extended JSON) after the last acknowledged change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<serde_json::Value>,
+    /// Snapshot progress.
+    #[serde(default)]
+    pub snapshot: SnapshotProgress,
+}
+
+/// A MongoDB cluster time, stored readably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClusterTime {
+    /// Seconds since the Unix epoch.
+    pub t: u32,
+    /// Ordinal within the second.
+    pub i: u32,
+}
+
+impl From<Timestamp> for ClusterTime {
+    fn from(ts: Timestamp) -> Self {
+        Self {
+            t: ts.time,
+            i: ts.increment,
+        }
+    }
+}
+
+impl From<ClusterTime> for Timestamp {
+    fn from(ct: ClusterTime) -> Self {
+        Timestamp {
+            time: ct.t,
+            increment: ct.i,
+        }
+    }
+}
+
+impl ClusterTime {
+    /// The Elasticsearch external version for a change at this cluster time. Cluster times
+    /// grow monotonically across the deployment, so later changes get larger versions.
+    /// (Seconds in the high 32 bits stay below 2^63 until 2038's u31 limit; beyond that the
+    /// top bit would be set, so seconds are taken relative to 2020 to keep decades of room.)
+    pub fn version(self) -> u64 {
+        const EPOCH_2020: u32 = 1_577_836_800;
+        (u64::from(self.t.saturating_sub(EPOCH_2020)) << 32) | u64::from(self.i)
+    }
+}
+
+/// Snapshot progress of the whole pipeline.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotProgress {
+    /// Every collection is done: the pipeline only streams.
+    #[serde(default)]
+    pub done: bool,
+    /// Progress by namespace (`db.collection`).
+    #[serde(default)]
+    pub collections: BTreeMap<String, CollectionProgress>,
+}
+
+/// Snapshot progress of one collection, read in `_id` order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectionProgress {
+    /// Every document is acknowledged.
+    #[serde(default)]
+    pub done: bool,
+    /// Every document with an `_id` up to this one (canonical extended JSON) is acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_id: Option<serde_json::Value>,
+}
+
+/// A point in the source that the pipeline may resume from once acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Position {
+    /// Snapshot of `ns` is acknowledged up to and including `last_id`.
+    SnapshotRange {
+        /// Namespace.
+        ns: String,
+        /// Last `_id` read.
+        last_id: Bson,
+    },
+    /// Snapshot of `ns` is complete.
+    SnapshotCollectionDone {
+        /// Namespace.
+        ns: String,
+    },
+    /// All collections are snapshotted.
+    SnapshotDone,
+    /// The change stream is acknowledged up to this token.
+    Stream(ResumeToken),
+}
+
+/// Why a checkpoint could not be read, written or understood.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the store failed.
+    #[error("failed to {op} checkpoint at {location}")]
+    Io {
+        /// `read` or `write`.
+        op: &'static str,
+        /// File path or ConfigMap name.
+        location: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored checkpoint is not valid.
+    #[error("checkpoint at {location} is corrupt: {reason}; move it away to start over (this re-snapshots)")]
+    Corrupt {
+        /// File path or ConfigMap name.
+        location: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The stored checkpoint belongs to a newer format or another pipeline.
+    #[error("checkpoint at {location} cannot be used: {reason}")]
+    Incompatible {
+        /// File path or ConfigMap name.
+        location: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Checkpoint {
+    /// An empty checkpoint for `pipeline`.
+    pub fn new(pipeline: &str) -> Self {
+        Self {
+            format: FORMAT,
+            pipeline: pipeline.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// Fold an acknowledged position into the checkpoint.
+    pub fn apply(&mut self, position: &Position) {
+        match position {
+            Position::SnapshotRange { ns, last_id } => {
+                let entry = self.snapshot.collections.entry(ns.clone()).or_default();
+                entry.last_id = Some(last_id.clone().into_canonical_extjson());
+            }
+            Position::SnapshotCollectionDone { ns } => {
+                self.snapshot.collections.entry(ns.clone()).or_default().done = true;
+            }
+            Position::SnapshotDone => self.snapshot.done = true,
+            Position::Stream(token) => {
+                if let Ok(bson) = mongodb::bson::to_bson(token) {
+                    self.resume_token = Some(bson.into_canonical_extjson());
+                }
+            }
+        }
+    }
+
+    /// The stored resume token, decoded.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when the stored value is not a token.
+    pub fn resume_token(&self, location: &str) -> Result<Option<ResumeToken>, Error> {
+        let Some(json) = &self.resume_token else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| Error::Corrupt {
+            location: location.to_string(),
+            reason,
+        };
+        let bson = Bson::try_from(json.clone()).map_err(|e| corrupt(format!("resume token: {e}")))?;
+        mongodb::bson::from_bson(bson)
+            .map(Some)
+            .map_err(|e| corrupt(format!("resume token: {e}")))
+    }
+
+    /// Check a loaded checkpoint belongs to `pipeline` and is a format this build reads.
+    ///
+    /// # Errors
+    /// [`Error::Incompatible`] naming the mismatch.
+    pub fn check(&self, pipeline: &str, location: &str) -> Result<(), Error> {
+        if self.format != FORMAT {
+            return Err(Error::Incompatible {
+                location: location.into(),
+                reason: format!("format {} (this build reads {FORMAT})", self.format),
+            });
+        }
+        if self.pipeline != pipeline {
+            return Err(Error::Incompatible {
+                location: location.into(),
+                reason: format!("it belongs to pipeline `{}`, not `{pipeline}`", self.pipeline),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where checkpoints live. Implementations must make `save` atomic: a crash leaves either
+/// the old or the new checkpoint, never a torn one.
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// Human-readable location, for logs and errors.
+    fn location(&self) -> String;
+    /// Load the stored checkpoint, if any.
+    fn load(&self) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send;
+    /// Store `checkpoint`, replacing the previous one.
+    fn save(&self, checkpoint: &Checkpoint) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::{doc, oid::ObjectId};
+
+    #[test]
+    fn versions_grow_with_cluster_time() {
+        let a = ClusterTime { t: 1_700_000_000, i: 7 };
+        let b = ClusterTime { t: 1_700_000_000, i: 8 };
+        let c = ClusterTime { t: 1_700_000_001, i: 1 };
+        assert!(a.version() < b.version() && b.version() < c.version());
+        assert!(ClusterTime { t: u32::MAX, i: u32::MAX }.version() < i64::MAX as u64);
+    }
+
+    #[test]
+    fn positions_fold_into_a_checkpoint_that_round_trips_through_json() {
+        let mut cp = Checkpoint::new("shop");
+        let oid = ObjectId::new();
+        cp.apply(&Position::SnapshotRange {
+            ns: "shop.orders".into(),
+            last_id: Bson::ObjectId(oid),
+        });
+        cp.apply(&Position::SnapshotCollectionDone {
+            ns: "shop.users".into(),
+        });
+        let token: ResumeToken =
+            mongodb::bson::from_bson(Bson::Document(doc! {"_data": "8263AB"})).expect("token");
+        cp.apply(&Position::Stream(token.clone()));
+        let text = serde_json::to_string(&cp).expect("json");
+        let back: Checkpoint = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, cp);
+        assert_eq!(back.resume_token("t").expect("token"), Some(token));
+        let id = back.snapshot.collections["shop.orders"].last_id.clone().expect("id");
+        assert_eq!(Bson::try_from(id).expect("bson"), Bson::ObjectId(oid));
+        assert!(back.snapshot.collections["shop.users"].done);
+    }
+
+    #[test]
+    fn checkpoint_of_another_pipeline_is_refused() {
+        let cp = Checkpoint::new("a");
+        assert!(cp.check("a", "x").is_ok());
+        assert!(matches!(cp.check("b", "x"), Err(Error::Incompatible { .. })));
+    }
+}

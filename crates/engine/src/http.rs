@@ -1,0 +1,117 @@
+//! The pipeline's HTTP endpoints: `/healthz`, `/readyz`, `/metrics`, `/stats`.
+//!
+//! `/healthz` fails when the pipeline failed or a loop stopped beating (restarting helps);
+//! `/readyz` fails while MongoDB or Elasticsearch is unreachable or the pipeline backs off.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, Instrument};
+
+use crate::metrics::{Health, Metrics};
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Health.
+    pub health: Arc<Health>,
+}
+
+/// Bind the listener (so a taken port is reported before the pipeline starts).
+///
+/// # Errors
+/// The bind error.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serve until `shutdown` fires.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let endpoints = endpoints.clone();
+        tokio::spawn(
+            async move {
+                let service = service_fn(move |req| {
+                    let endpoints = endpoints.clone();
+                    async move { Ok::<_, Infallible>(handle(&req, &endpoints)) }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!(error = %e, "http connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("http")),
+        );
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r
+}
+
+fn check(result: Result<(), String>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        Err(reason) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{reason}\n")),
+    }
+}
+
+fn handle(req: &Request<Incoming>, e: &Endpoints) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => check(e.health.live()),
+        "/readyz" => check(e.health.ready()),
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", e.metrics.render()),
+        "/stats" => respond(StatusCode::OK, "application/json", stats(e).to_string()),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// The `/stats` document.
+pub fn stats(e: &Endpoints) -> serde_json::Value {
+    let m = &e.metrics;
+    let item = |label: &str| m.items.with_label_values(&[label]).get();
+    serde_json::json!({
+        "pipeline": e.pipeline,
+        "phase": e.health.phase().as_str(),
+        "failure": e.health.failure(),
+        "live": e.health.live().is_ok(),
+        "ready": e.health.ready().is_ok(),
+        "snapshotDocuments": m.snapshot_docs.get(),
+        "indexed": item("indexed"),
+        "deleted": item("deleted"),
+        "stale": item("stale"),
+        "alreadyGone": item("already_gone"),
+        "deadLettered": item("dead_lettered"),
+        "retriedItems": m.retried_items.get(),
+        "inFlight": m.in_flight.get(),
+        "checkpoints": m.checkpoints.get(),
+        "lastCheckpointUnixSeconds": m.checkpoint_time.get(),
+        "secondsSinceProgress": e.health.seconds_since_progress(),
+        "streamReopens": m.stream_reopens.get(),
+    })
+}

@@ -1,0 +1,277 @@
+//! monsoon's sync engine: MongoDB snapshot + change streams into Elasticsearch bulk indexing.
+//!
+//! Stages: source ([`source::mongodb`]) → convert ([`convert`]) → batch and bulk
+//! ([`sink`]) → acknowledge ([`checkpoint::tracker`]) → checkpoint ([`checkpoint`]).
+//! Only the two ends touch the network; everything between is plain functions.
+//!
+//! [`run`] drives one pipeline from start-up to graceful shutdown.
+
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod http;
+pub mod metrics;
+pub mod retry;
+pub mod sink;
+pub mod source;
+pub mod time;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use crate::checkpoint::{Checkpoint, CheckpointStore, Position};
+use crate::config::EngineConfig;
+use crate::metrics::{Health, Metrics, Phase};
+use crate::sink::elasticsearch::Elastic;
+use crate::sink::{Shared, Sink, SinkSettings};
+use crate::source::mongodb::{self as mongo, Ended, Source, StreamStart};
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Elasticsearch could not be used at start-up.
+    #[error("failed to start the Elasticsearch sink")]
+    Elastic(#[from] sink::elasticsearch::Error),
+    /// MongoDB could not be used, or the stream cannot continue.
+    #[error("MongoDB source failed")]
+    Source(#[from] mongo::Error),
+    /// The checkpoint could not be read or written.
+    #[error("checkpoint failed")]
+    Checkpoint(#[from] checkpoint::Error),
+}
+
+/// A whole error chain on one line: `outer: cause: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Options of one run that are not part of the pipeline's definition.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// After shutdown is requested, how long in-flight bulks may take before they are
+    /// abandoned (they are then replayed on the next start).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Mapping of the dead-letter index: records are kept whole but only the routing fields are
+/// indexed, so no refused document can make its own record fail on a mapping conflict.
+fn dead_letter_index_body() -> serde_json::Value {
+    serde_json::json!({
+        "settings": {"index": {"number_of_shards": 1}},
+        "mappings": {
+            "dynamic": false,
+            "properties": {
+                "pipeline": {"type": "keyword"},
+                "namespace": {"type": "keyword"},
+                "index": {"type": "keyword"},
+                "id": {"type": "keyword"},
+                "op": {"type": "keyword"},
+                "status": {"type": "integer"},
+                "errorType": {"type": "keyword"},
+                "reason": {"type": "text"},
+                "failedAt": {"type": "date"},
+                "document": {"type": "text", "index": false}
+            }
+        }
+    })
+}
+
+/// Run one pipeline until `shutdown` fires or it fails.
+///
+/// # Errors
+/// Start-up failures (unreachable servers, refused credentials, unusable checkpoint) and
+/// fatal stream errors (history lost under policy `Fail`). Transient failures are retried.
+pub async fn run<S: CheckpointStore>(
+    config: EngineConfig,
+    store: S,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> Result<(), Error> {
+    let result = run_inner(&config, store, &metrics, &health, shutdown, options).await;
+    match &result {
+        Ok(()) => health.set_phase(Phase::Stopped),
+        Err(e) => health.fail(error_chain(e)),
+    }
+    result
+}
+
+async fn run_inner<S: CheckpointStore>(
+    config: &EngineConfig,
+    store: S,
+    metrics: &Metrics,
+    health: &Arc<Health>,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> Result<(), Error> {
+    let name = config.name.as_str();
+    let es = Elastic::new(&config.elasticsearch)?;
+    let server = es.info().await?;
+    info!(pipeline = name, distribution = %server.distribution, version = %server.version, "Elasticsearch reachable");
+    let client = mongo::connect(&config.mongodb).await?;
+    info!(pipeline = name, "MongoDB reachable");
+
+    let location = store.location();
+    let mut cp = match store.load().await? {
+        Some(cp) => {
+            cp.check(name, &location)?;
+            info!(pipeline = name, checkpoint = %location, snapshot_done = cp.snapshot.done, has_token = cp.resume_token.is_some(), "checkpoint loaded");
+            cp
+        }
+        None => Checkpoint::new(name),
+    };
+    let stream_start = match cp.stream_start {
+        Some(t) => t,
+        None => {
+            // Record where the stream starts before the first snapshot read (no gap).
+            let t0 = mongo::cluster_time(&client).await?;
+            cp.stream_start = Some(t0);
+            if !config.snapshot {
+                cp.snapshot.done = true;
+            }
+            store.save(&cp).await?;
+            info!(pipeline = name, t = t0.t, i = t0.i, "new pipeline: stream start recorded");
+            t0
+        }
+    };
+    let resume_token = cp.resume_token(&location)?;
+    es.create_index_if_missing(&config.dead_letter_index, &dead_letter_index_body())
+        .await?;
+
+    let shared = Shared::new(metrics.clone(), health.clone());
+    let abort = CancellationToken::new();
+    let sink = Sink::start(
+        es,
+        SinkSettings {
+            batch: config.batch.clone(),
+            dead_letter_index: Arc::from(config.dead_letter_index.as_str()),
+            pipeline: Arc::from(name),
+        },
+        shared.clone(),
+        abort.clone(),
+    );
+
+    let snapshot_progress = cp.snapshot.clone();
+    let stop_checkpointer = CancellationToken::new();
+    let checkpointer = {
+        let shared = shared.clone();
+        let stop = stop_checkpointer.clone();
+        let interval = config.checkpoint_interval;
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(interval) => {}
+                        () = stop.cancelled() => break,
+                    }
+                    commit(&shared, &mut cp, &store).await;
+                }
+                // Final checkpoint: everything acknowledged before shutdown.
+                commit(&shared, &mut cp, &store).await;
+            }
+            .instrument(tracing::info_span!("checkpointer", pipeline = name.to_string())),
+        )
+    };
+
+    let source = Source {
+        client,
+        routing: &config.routing,
+        sink: &sink,
+        metrics,
+        health,
+        cancel: shutdown.clone(),
+        delete_index_on_drop: config.delete_index_on_drop,
+    };
+    let result = async {
+        if !snapshot_progress.done {
+            health.set_phase(Phase::Snapshotting);
+            let version = stream_start.version();
+            let collections = mongo::list_collections(&source.client, &config.routing)
+                .await
+                .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
+            info!(pipeline = name, collections = collections.len(), "snapshot started");
+            for (db, coll) in collections {
+                let ns = format!("{db}.{coll}");
+                let progress = snapshot_progress.collections.get(&ns);
+                if progress.is_some_and(|p| p.done) {
+                    continue;
+                }
+                let resume = progress
+                    .and_then(|p| p.last_id.as_ref())
+                    .and_then(mongo::id_from_json);
+                if source.snapshot_collection(&db, &coll, resume, version).await? == Ended::Cancelled {
+                    return Ok(());
+                }
+            }
+            sink.record(Position::SnapshotDone);
+            info!(pipeline = name, "snapshot read complete; following the change stream");
+        }
+        let start = match resume_token {
+            Some(token) => StreamStart::ResumeAfter(token),
+            None => StreamStart::At(stream_start),
+        };
+        source.stream(start).await.map(|_| ())
+    }
+    .await;
+    drop(source);
+
+    // Shutdown: the source has stopped reading; let the sink deliver what it holds.
+    let closing = sink.close();
+    tokio::pin!(closing);
+    tokio::select! {
+        () = &mut closing => {}
+        () = tokio::time::sleep(options.shutdown_grace) => {
+            warn!(pipeline = name, "in-flight bulk requests did not finish within the shutdown grace period; abandoning them (they are replayed on the next start)");
+            abort.cancel();
+            closing.await;
+        }
+    }
+    stop_checkpointer.cancel();
+    if let Err(e) = checkpointer.await {
+        error!(pipeline = name, error = %e, "checkpointer task failed");
+    } else {
+        info!(pipeline = name, "final checkpoint written");
+    }
+    result
+}
+
+/// Fold committable positions into `cp` and store it. A failed write is logged and retried
+/// on the next tick (the positions stay applied in memory).
+async fn commit<S: CheckpointStore>(shared: &Shared, cp: &mut Checkpoint, store: &S) {
+    let positions = shared.take_committable();
+    if positions.is_empty() {
+        return;
+    }
+    for p in &positions {
+        cp.apply(p);
+    }
+    match store.save(cp).await {
+        Ok(()) => {
+            shared.metrics.checkpoints.inc();
+            shared.metrics.checkpoint_time.set(time::unix_seconds());
+        }
+        Err(e) => error!(error = %error_chain(&e), "failed to store checkpoint; will retry"),
+    }
+}

@@ -1,0 +1,301 @@
+//! Prometheus metrics and the shared health state of one pipeline.
+//!
+//! Every stage updates these; the HTTP server renders them (`/metrics`, `/stats`, `/healthz`,
+//! `/readyz`). Metric names are stable API for dashboards and alerts.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Pipeline metrics. Cloning is cheap (handles to the same series).
+#[derive(Clone)]
+pub struct Metrics {
+    /// Registry holding every series below.
+    pub registry: Registry,
+    /// Change events read from the change stream, by operation type.
+    pub events: IntCounterVec,
+    /// Documents read by the snapshot.
+    pub snapshot_docs: IntCounter,
+    /// Bulk items by outcome (`indexed`, `deleted`, `stale`, `already_gone`, `dead_lettered`).
+    pub items: IntCounterVec,
+    /// Bulk requests by outcome (`ok`, `retry`, `split`, `error`).
+    pub bulk_requests: IntCounterVec,
+    /// Items sent again after a retriable failure.
+    pub retried_items: IntCounter,
+    /// Documents sent to the dead-letter index, by Elasticsearch error type.
+    pub dead_letters: IntCounterVec,
+    /// Dead-letter records Elasticsearch refused too (logged at ERROR with the document id).
+    pub dead_letter_failures: IntCounter,
+    /// Bulk request latency.
+    pub bulk_seconds: Histogram,
+    /// Writes read from MongoDB but not yet acknowledged by Elasticsearch.
+    pub in_flight: IntGauge,
+    /// Unix time of the last committed checkpoint.
+    pub checkpoint_time: IntGauge,
+    /// Checkpoint writes.
+    pub checkpoints: IntCounter,
+    /// Seconds between a change's cluster time and its acknowledgement (last batch).
+    pub lag_seconds: IntGauge,
+    /// Double NaN/±Infinity values written as null (Elasticsearch rejects them).
+    pub non_finite_nulled: IntCounter,
+    /// Change stream re-opened after an error.
+    pub stream_reopens: IntCounter,
+    /// Resume point lost from the oplog (ChangeStreamHistoryLost).
+    pub history_lost: IntCounter,
+    /// Indexes deleted because their collection was dropped.
+    pub indexes_dropped: IntCounter,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    /// Fresh metrics in their own registry, labelled with the pipeline name.
+    #[allow(clippy::expect_used)] // names and labels are constants: a failure is a bug caught by every test
+    pub fn new(pipeline: &str) -> Self {
+        let registry = Registry::new_custom(
+            Some("monsoon".into()),
+            Some([("pipeline".to_string(), pipeline.to_string())].into()),
+        )
+        .expect("valid registry");
+        let bulk_seconds = Histogram::with_opts(
+            HistogramOpts::new("bulk_request_seconds", "Bulk request latency")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bulk_seconds.clone()))
+            .expect("unique metric");
+        Self {
+            events: counter_vec(&registry, "change_events_total", "Change events read, by operation type", "op"),
+            snapshot_docs: counter(&registry, "snapshot_documents_total", "Documents read by the snapshot"),
+            items: counter_vec(&registry, "bulk_items_total", "Bulk items by final outcome", "outcome"),
+            bulk_requests: counter_vec(&registry, "bulk_requests_total", "Bulk requests by outcome", "outcome"),
+            retried_items: counter(&registry, "bulk_items_retried_total", "Items sent again after a retriable failure"),
+            dead_letters: counter_vec(&registry, "dead_letter_total", "Documents dead-lettered, by Elasticsearch error type", "error_type"),
+            dead_letter_failures: counter(&registry, "dead_letter_failures_total", "Dead-letter records Elasticsearch refused"),
+            bulk_seconds,
+            in_flight: gauge(&registry, "writes_in_flight", "Writes read but not yet acknowledged"),
+            checkpoint_time: gauge(&registry, "checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint"),
+            checkpoints: counter(&registry, "checkpoints_total", "Checkpoint writes"),
+            lag_seconds: gauge(&registry, "lag_seconds", "Seconds from a change's cluster time to its acknowledgement"),
+            non_finite_nulled: counter(&registry, "non_finite_values_nulled_total", "NaN/Infinity values written as null"),
+            stream_reopens: counter(&registry, "change_stream_reopens_total", "Change stream re-opened after an error"),
+            history_lost: counter(&registry, "history_lost_total", "Resume point lost from the oplog"),
+            indexes_dropped: counter(&registry, "indexes_dropped_total", "Indexes deleted after their collection was dropped"),
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "failed to encode metrics");
+        }
+        out
+    }
+}
+
+/// Pipeline phase, as shown by `/stats` and the operator's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Connecting and loading the checkpoint.
+    Starting = 0,
+    /// Reading existing documents.
+    Snapshotting = 1,
+    /// Following the change stream.
+    Streaming = 2,
+    /// Stopped with an error.
+    Failed = 3,
+    /// Shut down cleanly.
+    Stopped = 4,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Snapshotting,
+            2 => Self::Streaming,
+            3 => Self::Failed,
+            4 => Self::Stopped,
+            _ => Self::Starting,
+        }
+    }
+
+    /// Name as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "Starting",
+            Self::Snapshotting => "Snapshotting",
+            Self::Streaming => "Streaming",
+            Self::Failed => "Failed",
+            Self::Stopped => "Stopped",
+        }
+    }
+}
+
+/// Shared health of the pipeline's stages.
+pub struct Health {
+    started: Instant,
+    phase: AtomicU8,
+    source_ok: AtomicBool,
+    sink_ok: AtomicBool,
+    /// Millis since `started` of the last sign of life of each loop (source, sink).
+    source_beat: AtomicU64,
+    sink_beat: AtomicU64,
+    /// Millis since `started` of the last acknowledgement, and whether work is waiting.
+    last_progress: AtomicU64,
+    failure: Mutex<Option<String>>,
+    /// How long a loop may go without a heartbeat before `/healthz` fails.
+    stuck_after: Duration,
+}
+
+impl Health {
+    /// Health of a pipeline that is starting.
+    pub fn new(stuck_after: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            phase: AtomicU8::new(Phase::Starting as u8),
+            source_ok: AtomicBool::new(false),
+            sink_ok: AtomicBool::new(false),
+            source_beat: AtomicU64::new(0),
+            sink_beat: AtomicU64::new(0),
+            last_progress: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            stuck_after,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Set the phase.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    /// The source loop is alive; `ok` says whether MongoDB answers.
+    pub fn source_beat(&self, ok: bool) {
+        self.source_ok.store(ok, Ordering::Relaxed);
+        self.source_beat.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The sink loop is alive; `ok` says whether Elasticsearch accepts writes.
+    pub fn sink_beat(&self, ok: bool) {
+        self.sink_ok.store(ok, Ordering::Relaxed);
+        self.sink_beat.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Writes were acknowledged.
+    pub fn progressed(&self) {
+        self.last_progress.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The pipeline stopped with an error.
+    pub fn fail(&self, reason: String) {
+        self.set_phase(Phase::Failed);
+        if let Ok(mut f) = self.failure.lock() {
+            *f = Some(reason);
+        }
+    }
+
+    /// The error the pipeline stopped with.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Liveness: `Err(reason)` when the pipeline failed or a loop stopped beating.
+    pub fn live(&self) -> Result<(), String> {
+        if let Some(f) = self.failure() {
+            return Err(format!("pipeline failed: {f}"));
+        }
+        let now = self.now_ms();
+        let limit = self.stuck_after.as_millis() as u64;
+        if self.phase() != Phase::Starting && now > limit {
+            for (name, beat) in [("source", &self.source_beat), ("sink", &self.sink_beat)] {
+                let last = beat.load(Ordering::Relaxed);
+                if now.saturating_sub(last) > limit {
+                    return Err(format!("{name} loop has not made progress for {}s", (now - last) / 1000));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Readiness: `Err(reason)` unless both ends answer and the pipeline runs.
+    pub fn ready(&self) -> Result<(), String> {
+        self.live()?;
+        match self.phase() {
+            Phase::Snapshotting | Phase::Streaming => {}
+            p => return Err(format!("phase is {}", p.as_str())),
+        }
+        if !self.source_ok.load(Ordering::Relaxed) {
+            return Err("MongoDB is unreachable or the change stream is backing off".into());
+        }
+        if !self.sink_ok.load(Ordering::Relaxed) {
+            return Err("Elasticsearch is unreachable or refusing writes (backing off)".into());
+        }
+        Ok(())
+    }
+
+    /// Seconds since the last acknowledgement.
+    pub fn seconds_since_progress(&self) -> u64 {
+        (self.now_ms().saturating_sub(self.last_progress.load(Ordering::Relaxed))) / 1000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_both_ends_and_failure_breaks_liveness() {
+        let h = Health::new(Duration::from_secs(60));
+        assert!(h.ready().is_err(), "starting is not ready");
+        h.set_phase(Phase::Streaming);
+        h.source_beat(true);
+        h.sink_beat(false);
+        assert!(h.ready().unwrap_err().contains("Elasticsearch"));
+        h.sink_beat(true);
+        assert!(h.ready().is_ok());
+        assert!(h.live().is_ok());
+        h.fail("history lost".into());
+        assert!(h.live().unwrap_err().contains("history lost"));
+    }
+
+    #[test]
+    fn metrics_render_with_pipeline_label() {
+        let m = Metrics::new("shop");
+        m.items.with_label_values(&["indexed"]).inc_by(3);
+        let text = m.render();
+        assert!(text.contains("monsoon_bulk_items_total{outcome=\"indexed\",pipeline=\"shop\"} 3"), "{text}");
+    }
+}

@@ -1,0 +1,242 @@
+//! The Elasticsearch / OpenSearch connection: the only place that talks HTTP to the sink.
+//!
+//! Built on the official `elasticsearch` crate's transport (connection pool, TLS, auth) with
+//! raw request bodies, so bulk bodies are sent exactly as encoded. Requests carry plain
+//! `application/json`, which Elasticsearch 7.x/8.x/9.x and OpenSearch 2.x all accept
+//! (OpenSearch refuses Elasticsearch's `compatible-with` media types with 406).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use elasticsearch::auth::Credentials;
+use elasticsearch::cert::{Certificate, CertificateValidation};
+use elasticsearch::http::headers::HeaderMap;
+use elasticsearch::http::transport::{
+    MultiNodeConnectionPool, SingleNodeConnectionPool, Transport, TransportBuilder,
+};
+use elasticsearch::http::Method;
+use elasticsearch::http::Url;
+
+use crate::config::{ElasticAuth, ElasticConfig};
+
+/// Failures talking to Elasticsearch.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A URL in the configuration does not parse.
+    #[error("failed to parse Elasticsearch URL `{url}`")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Cause.
+        #[source]
+        source: elasticsearch::http::transport::BuildError,
+    },
+    /// The client could not be built (TLS settings, CA bundle).
+    #[error("failed to build the Elasticsearch client")]
+    Build(#[source] elasticsearch::Error),
+    /// The request did not get an HTTP response (connection refused, timeout, TLS).
+    #[error("failed to reach Elasticsearch")]
+    Transport(#[source] elasticsearch::Error),
+    /// Credentials were refused.
+    #[error("Elasticsearch refused the credentials (HTTP {status}); check username/passwordFrom or apiKeyFrom")]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+    },
+    /// An unexpected HTTP status.
+    #[error("Elasticsearch answered {operation} with HTTP {status}: {body}")]
+    Status {
+        /// What was attempted.
+        operation: &'static str,
+        /// HTTP status.
+        status: u16,
+        /// Start of the response body.
+        body: String,
+    },
+}
+
+/// What the cluster says about itself on `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// `elasticsearch` or `opensearch`.
+    pub distribution: String,
+    /// Version number, e.g. `8.15.3`.
+    pub version: String,
+}
+
+/// A connection to one Elasticsearch or OpenSearch cluster; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Elastic {
+    transport: Transport,
+}
+
+/// The bulk response fields monsoon reads; the rest is filtered out server-side to save
+/// bandwidth and parsing.
+const BULK_FILTER: &str = "errors,items.*.status,items.*.error.type,items.*.error.reason";
+
+impl Elastic {
+    /// Build a client; no request is made.
+    ///
+    /// # Errors
+    /// [`Error::Url`] or [`Error::Build`] for bad settings.
+    pub fn new(config: &ElasticConfig) -> Result<Self, Error> {
+        let mut urls = Vec::new();
+        for url in &config.urls {
+            urls.push(Url::parse(url).map_err(|e| Error::Url {
+                url: url.clone(),
+                source: e.into(),
+            })?);
+        }
+        let builder = match urls.len() {
+            1 => TransportBuilder::new(SingleNodeConnectionPool::new(urls.remove(0))),
+            _ => TransportBuilder::new(MultiNodeConnectionPool::round_robin(urls, None)),
+        };
+        let mut builder = builder
+            .timeout(config.request_timeout)
+            .enable_meta_header(false)
+            .disable_proxy();
+        builder = match &config.auth {
+            ElasticAuth::None => builder,
+            ElasticAuth::Basic { username, password } => {
+                builder.auth(Credentials::Basic(username.clone(), password.0.clone()))
+            }
+            ElasticAuth::ApiKey(key) => builder.auth(Credentials::EncodedApiKey(key.0.clone())),
+        };
+        if let Some(pem) = &config.ca_pem {
+            let cert = Certificate::from_pem(pem).map_err(Error::Build)?;
+            builder = builder.cert_validation(CertificateValidation::Full(cert));
+        }
+        let transport = builder.build().map_err(|e| Error::Build(e.into()))?;
+        Ok(Self { transport })
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        query: Option<&[(&str, &str)]>,
+        body: Option<Bytes>,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Bytes), Error> {
+        let response = self
+            .transport
+            .send(method, path, HeaderMap::new(), query, body, timeout)
+            .await
+            .map_err(Error::Transport)?;
+        let status = response.status_code().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| Error::Transport(e.into()))?;
+        Ok((status, bytes))
+    }
+
+    /// `GET /`: which server and version. Refused credentials are [`Error::Unauthorized`].
+    ///
+    /// # Errors
+    /// Transport failures and unexpected statuses.
+    pub async fn info(&self) -> Result<ServerInfo, Error> {
+        let (status, body) = self
+            .request(Method::Get, "/", None, None, Some(Duration::from_secs(10)))
+            .await?;
+        match status {
+            200 => {}
+            401 | 403 => return Err(Error::Unauthorized { status }),
+            _ => return Err(status_error("GET /", status, &body)),
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let version = &v["version"];
+        Ok(ServerInfo {
+            distribution: version["distribution"]
+                .as_str()
+                .unwrap_or("elasticsearch")
+                .to_string(),
+            version: version["number"].as_str().unwrap_or("unknown").to_string(),
+        })
+    }
+
+    /// `POST /_bulk` with an NDJSON body; returns the HTTP status and body, unread.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when no response arrived.
+    pub async fn bulk(&self, body: Vec<u8>) -> Result<(u16, Bytes), Error> {
+        self.request(
+            Method::Post,
+            "/_bulk",
+            Some(&[("filter_path", BULK_FILTER)]),
+            Some(Bytes::from(body)),
+            None,
+        )
+        .await
+    }
+
+    /// Delete an index; a missing index is fine.
+    ///
+    /// # Errors
+    /// Transport failures and unexpected statuses.
+    pub async fn delete_index(&self, index: &str) -> Result<(), Error> {
+        let path = format!("/{}", encode_path(index));
+        let (status, body) = self.request(Method::Delete, &path, None, None, None).await?;
+        match status {
+            200..=299 | 404 => Ok(()),
+            401 | 403 => Err(Error::Unauthorized { status }),
+            _ => Err(status_error("DELETE index", status, &body)),
+        }
+    }
+
+    /// Create `index` with `body` (settings/mappings) unless it exists.
+    ///
+    /// # Errors
+    /// Transport failures and unexpected statuses.
+    pub async fn create_index_if_missing(
+        &self,
+        index: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let path = format!("/{}", encode_path(index));
+        let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let (status, response) = self
+            .request(Method::Put, &path, None, Some(bytes), None)
+            .await?;
+        let text = String::from_utf8_lossy(&response);
+        match status {
+            200..=299 => Ok(()),
+            400 if text.contains("resource_already_exists_exception") => Ok(()),
+            401 | 403 => Err(Error::Unauthorized { status }),
+            _ => Err(status_error("PUT index", status, &response)),
+        }
+    }
+}
+
+fn status_error(operation: &'static str, status: u16, body: &[u8]) -> Error {
+    let text = String::from_utf8_lossy(body);
+    Error::Status {
+        operation,
+        status,
+        body: text.chars().take(300).collect(),
+    }
+}
+
+/// Percent-encode an index name for a URL path.
+fn encode_path(index: &str) -> String {
+    let mut out = String::with_capacity(index.len());
+    for b in index.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_names_are_path_encoded() {
+        assert_eq!(encode_path("shop.orders"), "shop.orders");
+        assert_eq!(encode_path("a+b%"), "a%2Bb%25");
+    }
+}

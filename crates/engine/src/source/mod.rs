@@ -1,0 +1,3 @@
+//! Sources of changes. One today: MongoDB.
+
+pub mod mongodb;

@@ -1,0 +1,220 @@
+//! Change events, read straight from raw BSON into what the pipeline does with them.
+//!
+//! Pure: no I/O. Each event becomes one [`Action`]; the stream loop carries it out.
+
+use mongodb::bson::{RawBsonRef, RawDocument, Timestamp};
+
+/// What one change event asks of the pipeline.
+#[derive(Debug, PartialEq)]
+pub enum Action<'a> {
+    /// Index the full document (insert, replace, update with its looked-up document).
+    Upsert {
+        /// Database.
+        db: &'a str,
+        /// Collection.
+        coll: &'a str,
+        /// The document's `_id`.
+        id: RawBsonRef<'a>,
+        /// The full document.
+        doc: &'a RawDocument,
+        /// Cluster time of the change.
+        time: Timestamp,
+    },
+    /// Delete the document (delete, or update whose lookup found nothing: the document was
+    /// deleted since, and that delete follows in the stream).
+    Delete {
+        /// Database.
+        db: &'a str,
+        /// Collection.
+        coll: &'a str,
+        /// The document's `_id`.
+        id: RawBsonRef<'a>,
+        /// Cluster time of the change.
+        time: Timestamp,
+    },
+    /// The collection was dropped.
+    Drop {
+        /// Database.
+        db: &'a str,
+        /// Collection.
+        coll: &'a str,
+    },
+    /// The collection was renamed to `to_db.to_coll`.
+    Rename {
+        /// Database.
+        db: &'a str,
+        /// Old collection name.
+        coll: &'a str,
+        /// New database.
+        to_db: &'a str,
+        /// New collection name.
+        to_coll: &'a str,
+        /// Cluster time of the rename.
+        time: Timestamp,
+    },
+    /// The database was dropped (its collections' drop events came first).
+    DropDatabase {
+        /// Database.
+        db: &'a str,
+    },
+    /// The stream ended (database dropped under a database-level stream); re-open after it.
+    Invalidate,
+    /// An event monsoon does not act on (create, createIndexes, modify, ...).
+    Ignore {
+        /// The operation type.
+        op: &'a str,
+    },
+}
+
+/// Why an event could not be read.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("change event has no valid `{field}`")]
+pub struct Malformed {
+    /// The missing or mistyped field.
+    pub field: &'static str,
+}
+
+fn field<'a>(doc: &'a RawDocument, name: &'static str) -> Result<RawBsonRef<'a>, Malformed> {
+    doc.get(name)
+        .ok()
+        .flatten()
+        .ok_or(Malformed { field: name })
+}
+
+fn str_field<'a>(doc: &'a RawDocument, name: &'static str) -> Result<&'a str, Malformed> {
+    match field(doc, name)? {
+        RawBsonRef::String(s) => Ok(s),
+        _ => Err(Malformed { field: name }),
+    }
+}
+
+fn doc_field<'a>(doc: &'a RawDocument, name: &'static str) -> Result<&'a RawDocument, Malformed> {
+    match field(doc, name)? {
+        RawBsonRef::Document(d) => Ok(d),
+        _ => Err(Malformed { field: name }),
+    }
+}
+
+fn time_field(doc: &RawDocument) -> Result<Timestamp, Malformed> {
+    match field(doc, "clusterTime")? {
+        RawBsonRef::Timestamp(t) => Ok(t),
+        _ => Err(Malformed {
+            field: "clusterTime",
+        }),
+    }
+}
+
+/// Read one change event.
+///
+/// # Errors
+/// [`Malformed`] naming the field that is missing or of the wrong type.
+pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
+    let op = str_field(event, "operationType")?;
+    match op {
+        "insert" | "update" | "replace" | "delete" => {
+            let ns = doc_field(event, "ns")?;
+            let db = str_field(ns, "db")?;
+            let coll = str_field(ns, "coll")?;
+            let key = doc_field(event, "documentKey")?;
+            let id = field(key, "_id")?;
+            let time = time_field(event)?;
+            let full = event.get("fullDocument").ok().flatten();
+            match (op, full) {
+                ("delete", _) | (_, None | Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time }),
+                (_, Some(RawBsonRef::Document(doc))) => Ok(Action::Upsert { db, coll, id, doc, time }),
+                _ => Err(Malformed {
+                    field: "fullDocument",
+                }),
+            }
+        }
+        "drop" => {
+            let ns = doc_field(event, "ns")?;
+            Ok(Action::Drop {
+                db: str_field(ns, "db")?,
+                coll: str_field(ns, "coll")?,
+            })
+        }
+        "rename" => {
+            let ns = doc_field(event, "ns")?;
+            let to = doc_field(event, "to")?;
+            Ok(Action::Rename {
+                db: str_field(ns, "db")?,
+                coll: str_field(ns, "coll")?,
+                to_db: str_field(to, "db")?,
+                to_coll: str_field(to, "coll")?,
+                time: time_field(event)?,
+            })
+        }
+        "dropDatabase" => {
+            let ns = doc_field(event, "ns")?;
+            Ok(Action::DropDatabase {
+                db: str_field(ns, "db")?,
+            })
+        }
+        "invalidate" => Ok(Action::Invalidate),
+        other => Ok(Action::Ignore { op: other }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::{doc, Bson, RawDocumentBuf};
+
+    fn raw(d: mongodb::bson::Document) -> RawDocumentBuf {
+        RawDocumentBuf::from_document(&d).expect("raw")
+    }
+
+    const T: Timestamp = Timestamp { time: 1_700_000_000, increment: 3 };
+
+    #[test]
+    fn insert_update_replace_become_upserts_with_the_event_time() {
+        for op in ["insert", "update", "replace"] {
+            let e = raw(doc! {"_id": {"_data": "82"}, "operationType": op, "clusterTime": T,
+                "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 7}, "fullDocument": {"_id": 7, "a": 1}});
+            match parse(&e).expect("parse") {
+                Action::Upsert { db, coll, id, doc, time } => {
+                    assert_eq!((db, coll, time), ("shop", "orders", T));
+                    assert_eq!(id, RawBsonRef::Int32(7));
+                    assert_eq!(doc.get_i32("a").expect("a"), 1);
+                }
+                other => panic!("{op}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn update_whose_lookup_found_nothing_is_a_delete() {
+        let e = raw(doc! {"operationType": "update", "clusterTime": T, "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": "x"}, "fullDocument": Bson::Null});
+        assert_eq!(
+            parse(&e).expect("parse"),
+            Action::Delete { db: "d", coll: "c", id: RawBsonRef::String("x"), time: T }
+        );
+    }
+
+    #[test]
+    fn delete_drop_rename_invalidate_and_unknown() {
+        let e = raw(doc! {"operationType": "delete", "clusterTime": T, "ns": {"db": "d", "coll": "c"}, "documentKey": {"_id": 1}});
+        assert!(matches!(parse(&e), Ok(Action::Delete { .. })));
+        let e = raw(doc! {"operationType": "drop", "clusterTime": T, "ns": {"db": "d", "coll": "c"}});
+        assert_eq!(parse(&e), Ok(Action::Drop { db: "d", coll: "c" }));
+        let e = raw(doc! {"operationType": "rename", "clusterTime": T, "ns": {"db": "d", "coll": "a"}, "to": {"db": "d", "coll": "b"}});
+        assert_eq!(
+            parse(&e),
+            Ok(Action::Rename { db: "d", coll: "a", to_db: "d", to_coll: "b", time: T })
+        );
+        let e = raw(doc! {"operationType": "invalidate", "clusterTime": T});
+        assert_eq!(parse(&e), Ok(Action::Invalidate));
+        let e = raw(doc! {"operationType": "createIndexes", "clusterTime": T});
+        assert_eq!(parse(&e), Ok(Action::Ignore { op: "createIndexes" }));
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let e = raw(doc! {"operationType": "insert", "clusterTime": T, "ns": {"db": "d", "coll": "c"}});
+        assert_eq!(parse(&e), Err(Malformed { field: "documentKey" }));
+        let e = raw(doc! {"clusterTime": T});
+        assert_eq!(parse(&e), Err(Malformed { field: "operationType" }));
+    }
+}

@@ -1,0 +1,601 @@
+//! MongoDB source: connection, the snapshot of existing documents, and the change stream.
+//!
+//! The only place that talks to MongoDB. Documents are read as raw BSON and converted to
+//! JSON once, straight into the bytes of the bulk body's `_source`.
+//!
+//! # Invariants
+//! - The stream's start time is recorded before the first snapshot read, and the stream
+//!   resumes from it (or from the last acknowledged token): nothing between snapshot and
+//!   stream is missed.
+//! - Snapshot documents carry the start time as their version; every change after it carries
+//!   a larger one, so the stream's replay of changes made during the snapshot always wins.
+//! - A lost resume point (ChangeStreamHistoryLost) is never skipped over.
+
+pub mod event;
+pub mod filter;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, Bson, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::change_stream::ChangeStream;
+use mongodb::error::ErrorKind;
+use mongodb::options::{
+    ChangeStreamOptions, ClientOptions, FullDocumentType, Tls, TlsOptions,
+};
+use mongodb::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use self::event::Action;
+use crate::checkpoint::{ClusterTime, Position};
+use crate::config::{MongoConfig, Routing};
+use crate::convert::{self, ConvertStats};
+use crate::metrics::{Health, Metrics, Phase};
+use crate::retry::Backoff;
+use crate::sink::{Closed, Op, Sink, Write};
+
+/// MongoDB error code: the resume point is no longer in the oplog.
+const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
+/// MongoDB error code: fatal change stream error (older servers report lost history so).
+const CHANGE_STREAM_FATAL: i32 = 280;
+/// MongoDB error code: capped collection position lost (4.0 oplog rollover).
+const CAPPED_POSITION_LOST: i32 = 136;
+
+/// How often (in events) the stream records its position while busy. Positions are cheap,
+/// but one per event would clone a token per event for nothing.
+const POSITION_EVERY: u64 = 500;
+
+/// Failures of the source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection string does not parse (the string itself is never shown: it may hold
+    /// credentials).
+    #[error("failed to parse the MongoDB connection string: {0}")]
+    Uri(String),
+    /// The server refused the credentials.
+    #[error("MongoDB refused the credentials: {0}")]
+    Auth(String),
+    /// No server answered in time.
+    #[error("failed to reach MongoDB: {0}")]
+    Unreachable(String),
+    /// The resume point fell off the oplog.
+    #[error("the change stream's resume point is no longer in the MongoDB oplog (ChangeStreamHistoryLost, code {code}): changes were lost from the source's history; with onHistoryLost=Fail the pipeline stops. Remove the checkpoint to re-snapshot")]
+    HistoryLost {
+        /// Server error code.
+        code: i32,
+    },
+    /// The sink stopped (forced shutdown).
+    #[error("the sink stopped")]
+    SinkClosed(#[from] Closed),
+}
+
+/// Open a client and check the server answers and accepts the credentials.
+///
+/// # Errors
+/// [`Error::Uri`], [`Error::Auth`] or [`Error::Unreachable`], each one clear line.
+pub async fn connect(config: &MongoConfig) -> Result<Client, Error> {
+    let mut options = ClientOptions::parse(&config.uri.0)
+        .await
+        .map_err(|e| Error::Uri(redact(&e.to_string(), &config.uri.0)))?;
+    options.app_name = Some("monsoon".into());
+    options.server_selection_timeout = Some(config.connect_timeout);
+    if let Some(ca) = &config.ca_file {
+        options.tls = Some(Tls::Enabled(
+            TlsOptions::builder().ca_file_path(Some(ca.into())).build(),
+        ));
+    }
+    let client = Client::with_options(options)
+        .map_err(|e| Error::Uri(redact(&e.to_string(), &config.uri.0)))?;
+    client
+        .database("admin")
+        .run_command(doc! {"ping": 1})
+        .await
+        .map_err(|e| classify_connect_error(&e, &config.uri.0))?;
+    Ok(client)
+}
+
+fn classify_connect_error(e: &mongodb::error::Error, uri: &str) -> Error {
+    let text = redact(&e.to_string(), uri);
+    match &*e.kind {
+        ErrorKind::Authentication { .. } => Error::Auth(text),
+        ErrorKind::Command(c) if c.code == 18 || c.code == 13 => Error::Auth(text),
+        _ => Error::Unreachable(text),
+    }
+}
+
+/// Remove the connection string (and so any credentials) from a message.
+fn redact(message: &str, uri: &str) -> String {
+    message.replace(uri, "<connection string>")
+}
+
+/// Current cluster time: a point every later change is after. Taken from the reply of a
+/// command in a session, never from the local clock.
+///
+/// # Errors
+/// [`Error::Unreachable`] when MongoDB does not answer.
+pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
+    let mut session = client
+        .start_session()
+        .await
+        .map_err(|e| Error::Unreachable(e.to_string()))?;
+    let reply = client
+        .database("admin")
+        .run_command(doc! {"ping": 1})
+        .session(&mut session)
+        .await
+        .map_err(|e| Error::Unreachable(e.to_string()))?;
+    let from_session = session.operation_time().or_else(|| {
+        session
+            .cluster_time()
+            .and_then(|ct| mongodb::bson::to_document(ct).ok())
+            .and_then(|d| d.get_timestamp("clusterTime").ok())
+    });
+    let ts = from_session
+        .or_else(|| reply.get_timestamp("operationTime").ok())
+        .ok_or_else(|| {
+            Error::Unreachable(
+                "the server reports no cluster time: monsoon needs a replica set or sharded cluster (change streams)".into(),
+            )
+        })?;
+    Ok(ts.into())
+}
+
+/// The synced collections of the routed databases, sorted.
+///
+/// # Errors
+/// [`Error::Unreachable`] when the listing fails.
+pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<(String, String)>, mongodb::error::Error> {
+    let mut out = Vec::new();
+    for db in routing.databases() {
+        let names = client
+            .database(&db)
+            .list_collection_names()
+            .filter(doc! {"type": "collection"})
+            .await?;
+        for coll in names {
+            if routing.includes(&db, &coll) {
+                out.push((db.clone(), coll));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Everything the source needs while it runs.
+pub struct Source<'a> {
+    /// MongoDB client.
+    pub client: Client,
+    /// What is synced where.
+    pub routing: &'a Routing,
+    /// The sink receiving writes.
+    pub sink: &'a Sink,
+    /// Metrics.
+    pub metrics: &'a Metrics,
+    /// Health.
+    pub health: &'a Health,
+    /// Stops reading.
+    pub cancel: CancellationToken,
+    /// Delete indexes of dropped collections.
+    pub delete_index_on_drop: bool,
+}
+
+/// How a source phase ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Finished its work (snapshot complete).
+    Complete,
+    /// Cancelled by shutdown.
+    Cancelled,
+}
+
+impl Source<'_> {
+    async fn send(&self, write: Write) -> Result<(), Error> {
+        self.sink.send(write).await.map_err(Error::from)
+    }
+
+    fn write_for(
+        &self,
+        db: &str,
+        coll: &str,
+        id: RawBsonRef<'_>,
+        doc: Option<&RawDocument>,
+        version: u64,
+        stats: &mut ConvertStats,
+    ) -> Option<Write> {
+        let index: Arc<str> = Arc::from(self.routing.index_for(db, coll));
+        let ns: Arc<str> = Arc::from(format!("{db}.{coll}"));
+        let mut id_buf = Vec::with_capacity(32);
+        if let Err(e) = convert::write_es_id(id, &mut id_buf) {
+            // An _id Elasticsearch cannot take (over 512 bytes): record it, never skip silently.
+            error!(namespace = %ns, error = %e, "document _id cannot be an Elasticsearch _id; dead-lettering");
+            self.metrics.dead_letters.with_label_values(&["invalid_id"]).inc();
+            return None;
+        }
+        let id_json: Box<str> = String::from_utf8_lossy(&id_buf).into();
+        let op = match doc {
+            Some(doc) => {
+                let mut source = Vec::with_capacity(doc.as_bytes().len() + 64);
+                if let Err(e) = convert::write_document(doc, true, &mut source, stats) {
+                    error!(namespace = %ns, id = %id_json, error = %e, "document cannot be converted to JSON");
+                    self.metrics.dead_letters.with_label_values(&["malformed_bson"]).inc();
+                    return None;
+                }
+                Op::Index(Bytes::from(source))
+            }
+            None => Op::Delete,
+        };
+        Some(Write::new(ns, index, id_json, version, op))
+    }
+
+    /// Read every document of `db.coll` in `_id` order, after `resume_after` if given, as
+    /// writes with version `version`. Records snapshot positions as it goes.
+    ///
+    /// # Errors
+    /// Only when the sink closed; MongoDB errors are retried from the last `_id` read.
+    pub async fn snapshot_collection(
+        &self,
+        db: &str,
+        coll: &str,
+        mut resume_after: Option<Bson>,
+        version: u64,
+    ) -> Result<Ended, Error> {
+        let ns = format!("{db}.{coll}");
+        let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
+        let mut backoff = Backoff::default();
+        let mut stats = ConvertStats::default();
+        info!(namespace = %ns, resume = resume_after.is_some(), "snapshot of collection started");
+        'read: loop {
+            let filter = resume_after.as_ref().map(filter::after_id).unwrap_or_default();
+            let cursor = collection
+                .find(filter)
+                .sort(doc! {"_id": 1})
+                .batch_size(1000)
+                .await;
+            let mut cursor = match cursor {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(namespace = %ns, error = %e, "snapshot query failed; retrying");
+                    self.health.source_beat(false);
+                    if backoff.wait(&self.cancel).await.is_err() {
+                        return Ok(Ended::Cancelled);
+                    }
+                    continue;
+                }
+            };
+            let mut since_position = 0u64;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => {
+                        if let Some(id) = resume_after.take() {
+                            self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id });
+                        }
+                        return Ok(Ended::Cancelled);
+                    }
+                    next = cursor.try_next() => next,
+                };
+                let raw = match next {
+                    Ok(Some(raw)) => raw,
+                    Ok(None) => break 'read,
+                    Err(e) => {
+                        warn!(namespace = %ns, error = %e, "snapshot read failed; resuming after the last _id read");
+                        self.health.source_beat(false);
+                        if let Some(id) = &resume_after {
+                            self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id.clone() });
+                        }
+                        if backoff.wait(&self.cancel).await.is_err() {
+                            return Ok(Ended::Cancelled);
+                        }
+                        continue 'read;
+                    }
+                };
+                backoff.reset();
+                self.health.source_beat(true);
+                let Ok(Some(id)) = raw.get("_id") else {
+                    warn!(namespace = %ns, "document without _id skipped by the snapshot");
+                    continue;
+                };
+                let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
+                if let Some(write) = self.write_for(db, coll, id, Some(&raw), version, &mut stats) {
+                    self.send(write).await?;
+                }
+                self.metrics.snapshot_docs.inc();
+                resume_after = Some(owned_id);
+                since_position += 1;
+                if since_position >= POSITION_EVERY {
+                    since_position = 0;
+                    if let Some(id) = &resume_after {
+                        self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id.clone() });
+                    }
+                }
+                if stats.non_finite_nulled > 0 {
+                    self.metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
+                    stats = ConvertStats::default();
+                }
+            }
+        }
+        if let Some(id) = resume_after {
+            self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id });
+        }
+        self.sink.record(Position::SnapshotCollectionDone { ns: ns.clone() });
+        info!(namespace = %ns, "snapshot of collection read; waiting for acknowledgement");
+        Ok(Ended::Complete)
+    }
+
+    async fn open_stream(
+        &self,
+        start: &StreamStart,
+    ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
+        let dbs = self.routing.databases();
+        let pipeline = vec![doc! {"$match": {"$or": [
+            {"ns.db": {"$in": dbs.clone()}},
+            {"to.db": {"$in": dbs.clone()}},
+            {"operationType": "invalidate"},
+        ]}}];
+        let mut options = ChangeStreamOptions::builder()
+            .full_document(Some(FullDocumentType::UpdateLookup))
+            .max_await_time(Some(Duration::from_millis(500)))
+            .batch_size(Some(1000))
+            .build();
+        match start {
+            StreamStart::At(t) => options.start_at_operation_time = Some(Timestamp::from(*t)),
+            StreamStart::ResumeAfter(token) => options.resume_after = Some(token.clone()),
+            StreamStart::StartAfter(token) => options.start_after = Some(token.clone()),
+        }
+        // One stream per pipeline: database-level when every namespace is in one database,
+        // deployment-level otherwise (filtered to the routed databases above).
+        let stream = if dbs.len() == 1 {
+            self.client
+                .database(&dbs[0])
+                .watch()
+                .pipeline(pipeline)
+                .with_options(options)
+                .await?
+        } else {
+            self.client
+                .watch()
+                .pipeline(pipeline)
+                .with_options(options)
+                .await?
+        };
+        Ok(stream.with_type::<RawDocumentBuf>())
+    }
+
+    /// Follow the change stream from `start` until cancelled.
+    ///
+    /// # Errors
+    /// [`Error::HistoryLost`] when the resume point is gone; [`Error::SinkClosed`].
+    pub async fn stream(&self, mut start: StreamStart) -> Result<Ended, Error> {
+        let mut backoff = Backoff::default();
+        let mut stats = ConvertStats::default();
+        self.health.set_phase(Phase::Streaming);
+        loop {
+            let mut stream = match self.open_stream(&start).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(code) = history_lost_code(&e) {
+                        self.metrics.history_lost.inc();
+                        return Err(Error::HistoryLost { code });
+                    }
+                    warn!(error = %e, "failed to open the change stream; retrying");
+                    self.health.source_beat(false);
+                    if backoff.wait(&self.cancel).await.is_err() {
+                        return Ok(Ended::Cancelled);
+                    }
+                    continue;
+                }
+            };
+            info!("change stream open");
+            let mut since_position = 0u64;
+            let mut last_recorded: Option<ResumeToken> = None;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => {
+                        if let Some(token) = stream.resume_token() {
+                            self.sink.record(Position::Stream(token));
+                        }
+                        return Ok(Ended::Cancelled);
+                    }
+                    next = stream.next_if_any() => next,
+                };
+                match next {
+                    Ok(Some(raw)) => {
+                        backoff.reset();
+                        self.health.source_beat(true);
+                        let token = stream.resume_token();
+                        match self.handle_event(&raw, &mut stats).await? {
+                            Next::Continue => {}
+                            Next::Reopen => {
+                                // After an invalidate: continue after it.
+                                if let Some(token) = token {
+                                    self.sink.record(Position::Stream(token.clone()));
+                                    start = StreamStart::StartAfter(token);
+                                }
+                                break;
+                            }
+                        }
+                        if let Some(token) = token {
+                            start = StreamStart::ResumeAfter(token.clone());
+                            since_position += 1;
+                            if since_position >= POSITION_EVERY {
+                                since_position = 0;
+                                last_recorded = Some(token.clone());
+                                self.sink.record(Position::Stream(token));
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        // Batch exhausted: the post-batch resume token moves on even when no
+                        // event matched, so a quiet stream keeps its checkpoint fresh.
+                        self.health.source_beat(true);
+                        if let Some(token) = stream.resume_token() {
+                            if last_recorded.as_ref() != Some(&token) {
+                                since_position = 0;
+                                last_recorded = Some(token.clone());
+                                self.sink.record(Position::Stream(token.clone()));
+                                start = StreamStart::ResumeAfter(token);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(code) = history_lost_code(&e) {
+                            self.metrics.history_lost.inc();
+                            return Err(Error::HistoryLost { code });
+                        }
+                        // Re-open from the last token read (events before it are already in
+                        // the pipeline), whatever the error's labels say: some servers omit
+                        // ResumableChangeStreamError on errors the driver could resume.
+                        warn!(error = %e, "change stream failed; re-opening from the last token read");
+                        self.metrics.stream_reopens.inc();
+                        self.health.source_beat(false);
+                        if backoff.wait(&self.cancel).await.is_err() {
+                            return Ok(Ended::Cancelled);
+                        }
+                        break;
+                    }
+                }
+                if stats.non_finite_nulled > 0 {
+                    self.metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
+                    stats = ConvertStats::default();
+                }
+            }
+        }
+    }
+
+    async fn handle_event(&self, raw: &RawDocument, stats: &mut ConvertStats) -> Result<Next, Error> {
+        let action = match event::parse(raw) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(error = %e, "unreadable change event; skipped");
+                self.metrics.events.with_label_values(&["malformed"]).inc();
+                return Ok(Next::Continue);
+            }
+        };
+        match action {
+            Action::Upsert { db, coll, id, doc, time } => {
+                self.metrics.events.with_label_values(&["upsert"]).inc();
+                if self.routing.includes(db, coll) {
+                    if let Some(w) = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats) {
+                        self.send(w).await?;
+                    }
+                }
+            }
+            Action::Delete { db, coll, id, time } => {
+                self.metrics.events.with_label_values(&["delete"]).inc();
+                if self.routing.includes(db, coll) {
+                    if let Some(w) = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats) {
+                        self.send(w).await?;
+                    }
+                }
+            }
+            Action::Drop { db, coll } => {
+                self.metrics.events.with_label_values(&["drop"]).inc();
+                if self.routing.includes(db, coll) {
+                    self.drop_index(db, coll).await?;
+                }
+            }
+            Action::Rename { db, coll, to_db, to_coll, time } => {
+                self.metrics.events.with_label_values(&["rename"]).inc();
+                if self.routing.includes(db, coll) {
+                    self.drop_index(db, coll).await?;
+                }
+                if self.routing.includes(to_db, to_coll) {
+                    // The renamed collection's documents never appear as inserts: read them
+                    // as a snapshot, versioned at the rename, before later events.
+                    info!(from = %format!("{db}.{coll}"), to = %format!("{to_db}.{to_coll}"), "collection renamed into the pipeline; snapshotting it");
+                    if self.snapshot_collection(to_db, to_coll, None, ClusterTime::from(time).version()).await? == Ended::Cancelled {
+                        return Ok(Next::Continue);
+                    }
+                }
+            }
+            Action::DropDatabase { .. } => {
+                self.metrics.events.with_label_values(&["dropDatabase"]).inc();
+            }
+            Action::Invalidate => {
+                self.metrics.events.with_label_values(&["invalidate"]).inc();
+                info!("change stream invalidated; re-opening after the invalidate event");
+                return Ok(Next::Reopen);
+            }
+            Action::Ignore { .. } => {}
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn drop_index(&self, db: &str, coll: &str) -> Result<(), Error> {
+        // Every earlier write to the index must land before it is deleted, or a late write
+        // would re-create it.
+        self.sink.barrier().await?;
+        if !self.delete_index_on_drop {
+            info!(namespace = %format!("{db}.{coll}"), "collection dropped; index kept (onDrop: Keep)");
+            return Ok(());
+        }
+        let index = self.routing.index_for(db, coll);
+        let es = self.sink.elastic();
+        let mut backoff = Backoff::default();
+        loop {
+            match es.delete_index(&index).await {
+                Ok(()) => {
+                    info!(namespace = %format!("{db}.{coll}"), index = %index, "collection dropped; index deleted");
+                    self.metrics.indexes_dropped.inc();
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(index = %index, error = %crate::error_chain(&e), "failed to delete index of dropped collection; retrying");
+                    if backoff.wait(&self.cancel).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Next {
+    Continue,
+    Reopen,
+}
+
+/// Where the change stream starts.
+#[derive(Debug, Clone)]
+pub enum StreamStart {
+    /// At a cluster time (inclusive): the recorded start before the snapshot.
+    At(ClusterTime),
+    /// After an acknowledged event.
+    ResumeAfter(ResumeToken),
+    /// After an invalidate event.
+    StartAfter(ResumeToken),
+}
+
+fn history_lost_code(e: &mongodb::error::Error) -> Option<i32> {
+    match &*e.kind {
+        ErrorKind::Command(c) => match c.code {
+            CHANGE_STREAM_HISTORY_LOST | CAPPED_POSITION_LOST => Some(c.code),
+            CHANGE_STREAM_FATAL if c.message.contains("resume") => Some(c.code),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Decode a stored `_id` back to BSON (for resuming a snapshot).
+pub fn id_from_json(json: &serde_json::Value) -> Option<Bson> {
+    Bson::try_from(json.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted_from_messages() {
+        let uri = "mongodb://u:hunter2@h:1/";
+        let msg = format!("bad thing in {uri}");
+        assert!(!redact(&msg, uri).contains("hunter2"));
+    }
+}

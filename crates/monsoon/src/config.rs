@@ -1,0 +1,186 @@
+//! From a validated `SyncPipeline` to the engine's configuration, resolving credentials.
+//!
+//! Standalone mode (`monsoon run`) reads secret values from environment variables and files;
+//! Secret references need the operator and are refused here with a clear error.
+
+use std::path::Path;
+use std::time::Duration;
+
+use monsoon_api::{DropPolicy, NamespacePattern as ApiPattern, ValidatedPipeline, ValueFrom};
+use monsoon_engine::config::{
+    BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig,
+    NamespacePattern, Routing, Secret,
+};
+
+/// A credential or setting that could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The environment variable is not set.
+    #[error("{field}: environment variable `{name}` is not set")]
+    EnvMissing {
+        /// Field path.
+        field: &'static str,
+        /// Variable name.
+        name: String,
+    },
+    /// The file cannot be read.
+    #[error("{field}: failed to read file `{path}`")]
+    File {
+        /// Field path.
+        field: &'static str,
+        /// File path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Secret references need a cluster.
+    #[error("{field}: `secretKeyRef` is only available in a cluster (monsoon worker); use `env` or `file` with `monsoon run`")]
+    SecretRefStandalone {
+        /// Field path.
+        field: &'static str,
+    },
+}
+
+fn resolve(from: &ValueFrom, field: &'static str) -> Result<String, Error> {
+    if let Some(name) = &from.env {
+        return std::env::var(name).map_err(|_| Error::EnvMissing {
+            field,
+            name: name.clone(),
+        });
+    }
+    if let Some(path) = &from.file {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::File {
+            field,
+            path: path.clone(),
+            source,
+        })?;
+        return Ok(text.trim_end_matches(['\n', '\r']).to_string());
+    }
+    Err(Error::SecretRefStandalone { field })
+}
+
+fn pattern(text: &str) -> NamespacePattern {
+    // Validation already accepted every pattern; parse cannot fail here.
+    match ApiPattern::parse(text) {
+        Ok(p) => NamespacePattern {
+            database: p.database,
+            collection: p.collection,
+        },
+        Err(_) => NamespacePattern {
+            database: text.to_string(),
+            collection: None,
+        },
+    }
+}
+
+/// Build the engine configuration for `monsoon run`.
+///
+/// # Errors
+/// [`Error`] naming the field whose value could not be resolved.
+pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
+    let spec = &p.spec;
+    let uri = match (&spec.mongodb.uri, &spec.mongodb.uri_from) {
+        (Some(uri), _) => uri.clone(),
+        (None, Some(from)) => resolve(from, "spec.mongodb.uriFrom")?,
+        (None, None) => String::new(),
+    };
+    let mongo_ca = match &spec.mongodb.ca_from {
+        Some(ValueFrom { file: Some(path), .. }) => Some(path.clone()),
+        Some(from) => {
+            // A CA given by env: write it to a private temp file the driver can read.
+            let pem = resolve(from, "spec.mongodb.caFrom")?;
+            let path = std::env::temp_dir().join(format!("monsoon-{}-mongo-ca.pem", p.name));
+            std::fs::write(&path, pem).map_err(|source| Error::File {
+                field: "spec.mongodb.caFrom",
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some(path.display().to_string())
+        }
+        None => None,
+    };
+    let es = &spec.elasticsearch;
+    let auth = match (&es.username, &es.password_from, &es.api_key_from) {
+        (Some(user), Some(pw), _) => ElasticAuth::Basic {
+            username: user.clone(),
+            password: Secret(resolve(pw, "spec.elasticsearch.passwordFrom")?),
+        },
+        (_, _, Some(key)) => ElasticAuth::ApiKey(Secret(resolve(key, "spec.elasticsearch.apiKeyFrom")?)),
+        _ => ElasticAuth::None,
+    };
+    let ca_pem = match &es.ca_from {
+        Some(from) => Some(resolve(from, "spec.elasticsearch.caFrom")?.into_bytes()),
+        None => None,
+    };
+    Ok(EngineConfig {
+        name: p.name.clone(),
+        mongodb: MongoConfig {
+            uri: Secret(uri),
+            ca_file: mongo_ca,
+            connect_timeout: Duration::from_secs(15),
+        },
+        elasticsearch: ElasticConfig {
+            urls: es.urls.clone(),
+            auth,
+            ca_pem,
+            request_timeout: Duration::from_secs(60),
+        },
+        routing: Routing {
+            include: spec.namespaces.iter().map(|n| pattern(n)).collect(),
+            exclude: spec.exclude_namespaces.iter().map(|n| pattern(n)).collect(),
+            indexes: spec.indexes.clone(),
+        },
+        snapshot: spec.snapshot,
+        batch: BatchConfig {
+            max_docs: spec.batch.max_docs as usize,
+            max_bytes: spec.batch.max_bytes as usize,
+            flush_interval: Duration::from_millis(spec.batch.flush_interval_ms),
+            concurrency: spec.batch.concurrency as usize,
+        },
+        on_history_lost: HistoryLost::Fail,
+        delete_index_on_drop: spec.on_drop == DropPolicy::DeleteIndex,
+        dead_letter_index: spec.dead_letter.index.clone(),
+        checkpoint_interval: Duration::from_secs(1),
+    })
+}
+
+/// Read and validate a pipeline file.
+///
+/// # Errors
+/// A message naming the file and, for invalid pipelines, every field at fault.
+pub fn load_pipeline(path: &Path) -> anyhow::Result<ValidatedPipeline> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("failed to read {}: {e}", path.display()))?;
+    monsoon_api::parse_manifest(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(extra: &str) -> ValidatedPipeline {
+        let yaml = format!(
+            "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata: {{name: t}}\nspec:\n  mongodb:\n    uriFrom: {{env: MONSOON_TEST_URI_{extra}}}\n  elasticsearch:\n    urls: [\"http://h:9200\"]\n  namespaces: [\"a.b\", \"c.*\"]\n  excludeNamespaces: [\"c.x\"]\n"
+        );
+        monsoon_api::parse_manifest(&yaml).expect("valid")
+    }
+
+    #[test]
+    fn uri_comes_from_the_environment_and_routing_follows_the_spec() {
+        std::env::set_var("MONSOON_TEST_URI_A", "mongodb://u:p@h/");
+        let cfg = engine_config(&pipeline("A")).expect("config");
+        assert_eq!(cfg.mongodb.uri.0, "mongodb://u:p@h/");
+        assert!(cfg.routing.includes("a", "b"));
+        assert!(cfg.routing.includes("c", "y"));
+        assert!(!cfg.routing.includes("c", "x"));
+        assert!(!cfg.routing.includes("a", "z"));
+    }
+
+    #[test]
+    fn missing_environment_variable_names_field_and_variable() {
+        let err = engine_config(&pipeline("MISSING")).expect_err("missing");
+        let text = err.to_string();
+        assert!(text.contains("spec.mongodb.uriFrom") && text.contains("MONSOON_TEST_URI_MISSING"), "{text}");
+    }
+}

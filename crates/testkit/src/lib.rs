@@ -1,0 +1,435 @@
+//! Test-only support: start the stand-in servers on free ports, seed data, check convergence.
+//!
+//! The stand-ins are third-party servers speaking the real protocols, installed by
+//! `make venv` into the project's `.venv`: SecantusDB (MongoDB wire protocol) and noida-db
+//! (Elasticsearch REST API). They are driven here with the real `mongodb` and
+//! `elasticsearch` crates. A missing stand-in makes the test fail loudly, never skip.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use elasticsearch::http::transport::Transport;
+use elasticsearch::{CountParts, Elasticsearch, IndicesRefreshParts, MgetParts};
+use mongodb::bson::{doc, Bson, Document};
+use serde_json::{json, Value};
+
+/// Install the rustls crypto provider once (both providers are compiled into test builds).
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The project's root directory.
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Path of an executable of the stand-ins' venv. Panics with the fix when missing.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let venv = std::env::var_os("MONSOON_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join(".venv"));
+    let path = venv.join("bin").join(name);
+    assert!(
+        path.exists(),
+        "stand-in `{}` is missing: run `make venv` (installs SecantusDB and noida-db into .venv)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Create `<tmp>/monsoon-test-<label>-<pid>-<n>`.
+    pub fn new(label: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("monsoon-test-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn wait_port(port: u16, timeout: Duration, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status} before listening on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not listen on port {port} within {timeout:?}")
+}
+
+/// Send SIGTERM (or SIGKILL when `kill`) and wait for the process.
+pub fn stop_child(child: &mut Child, kill: bool) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    let signal = if kill { "-KILL" } else { "-TERM" };
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A SecantusDB server (MongoDB wire protocol, single-node replica set).
+pub struct Mongo {
+    /// Port it listens on.
+    pub port: u16,
+    storage: TempDir,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Mongo {
+    /// Start on a free port with its own storage directory. `extra_args` go to
+    /// `secantusd-py` (e.g. `--oplog-max-entries 500000`).
+    pub fn start(extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut m = Self {
+            port: free_port(),
+            storage: TempDir::new("mongo"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.storage.path().join("server.log"))?;
+        let mut child = Command::new(venv_bin("secantusd-py"))
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--storage-path")
+            .arg(self.storage.path().join("data"))
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("failed to start secantusd-py")?;
+        wait_port(self.port, Duration::from_secs(60), &mut child, "secantusd-py")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Connection string for this server.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// A client of this server.
+    pub async fn client(&self) -> anyhow::Result<mongodb::Client> {
+        init_crypto();
+        let mut opts = mongodb::options::ClientOptions::parse(self.uri()).await?;
+        opts.server_selection_timeout = Some(Duration::from_secs(30));
+        Ok(mongodb::Client::with_options(opts)?)
+    }
+
+    /// Stop the server (SIGTERM, or SIGKILL when `kill`), keeping its storage.
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, kill);
+        }
+    }
+
+    /// Start again on the same port and storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop(false);
+        self.spawn()
+    }
+}
+
+impl Drop for Mongo {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// A noida-db server speaking the Elasticsearch REST API.
+pub struct Elastic {
+    /// Port it listens on.
+    pub port: u16,
+    data: TempDir,
+    child: Option<Child>,
+}
+
+impl Elastic {
+    /// Start on a free port with its own data directory.
+    pub fn start() -> anyhow::Result<Self> {
+        let mut e = Self {
+            port: free_port(),
+            data: TempDir::new("es"),
+            child: None,
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("server.log"))?;
+        let mut child = Command::new(venv_bin("noida-db"))
+            .args(["start", "--only", "elasticsearch", "--elasticsearch-port"])
+            .arg(self.port.to_string())
+            .arg("--data-dir")
+            .arg(self.data.path().join("data"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("failed to start noida-db")?;
+        wait_port(self.port, Duration::from_secs(60), &mut child, "noida-db")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A client of this server.
+    pub fn client(&self) -> anyhow::Result<Elasticsearch> {
+        init_crypto();
+        Ok(Elasticsearch::new(Transport::single_node(&self.url())?))
+    }
+
+    /// Stop the server, keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, false);
+        }
+    }
+
+    /// Start again on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Elastic {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, false);
+        }
+    }
+}
+
+/// The Elasticsearch `_id` monsoon gives a MongoDB `_id` of the types tests use.
+pub fn es_id(id: &Bson) -> String {
+    match id {
+        Bson::ObjectId(o) => o.to_hex(),
+        Bson::String(s) => s.clone(),
+        Bson::Int32(i) => i.to_string(),
+        Bson::Int64(i) => i.to_string(),
+        other => other.clone().into_relaxed_extjson().to_string(),
+    }
+}
+
+/// What a comparison of a collection with its index found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Documents in MongoDB.
+    pub mongo: usize,
+    /// Documents in MongoDB but not in the index.
+    pub lost: Vec<String>,
+    /// Documents whose indexed copy differs.
+    pub stale: Vec<String>,
+    /// Documents in the index but not in MongoDB.
+    pub extra: usize,
+}
+
+impl Report {
+    /// Nothing lost, stale or extra.
+    pub fn converged(&self) -> bool {
+        self.lost.is_empty() && self.stale.is_empty() && self.extra == 0
+    }
+}
+
+/// Expected `_source` of a MongoDB document (test data uses types whose relaxed extended
+/// JSON is plain JSON: strings, 32/64-bit integers, doubles, booleans, nulls, documents,
+/// arrays).
+pub fn expected_source(doc: &Document) -> Value {
+    let mut d = doc.clone();
+    d.remove("_id");
+    Bson::Document(d).into_relaxed_extjson()
+}
+
+/// Compare every document of `db.coll` with its copy in `index`.
+pub async fn compare(
+    mongo: &mongodb::Client,
+    es: &Elasticsearch,
+    db: &str,
+    coll: &str,
+    index: &str,
+) -> anyhow::Result<Report> {
+    use futures_util_shim::TryStreamExt;
+    let _ = es
+        .indices()
+        .refresh(IndicesRefreshParts::Index(&[index]))
+        .send()
+        .await?;
+    let docs: Vec<Document> = mongo
+        .database(db)
+        .collection::<Document>(coll)
+        .find(doc! {})
+        .await?
+        .try_collect()
+        .await?;
+    let mut report = Report {
+        mongo: docs.len(),
+        ..Report::default()
+    };
+    let mut found = 0usize;
+    for chunk in docs.chunks(1000) {
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|d| es_id(d.get("_id").unwrap_or(&Bson::Null)))
+            .collect();
+        let response = es
+            .mget(MgetParts::Index(index))
+            .body(json!({ "ids": ids }))
+            .send()
+            .await?;
+        let status = response.status_code().as_u16();
+        let body: Value = response.json().await?;
+        if status == 404 {
+            report.lost.extend(ids);
+            continue;
+        }
+        let empty = Vec::new();
+        let got = body["docs"].as_array().unwrap_or(&empty);
+        for (d, (id, hit)) in chunk.iter().zip(ids.iter().zip(got)) {
+            if hit["found"] != json!(true) {
+                report.lost.push(id.clone());
+                continue;
+            }
+            found += 1;
+            if hit["_source"] != expected_source(d) {
+                report.stale.push(id.clone());
+            }
+        }
+    }
+    report.extra = count(es, index).await?.saturating_sub(found);
+    Ok(report)
+}
+
+/// Documents in `index` (0 when it does not exist), after a refresh.
+pub async fn count(es: &Elasticsearch, index: &str) -> anyhow::Result<usize> {
+    let _ = es
+        .indices()
+        .refresh(IndicesRefreshParts::Index(&[index]))
+        .send()
+        .await?;
+    let response = es.count(CountParts::Index(&[index])).send().await?;
+    if response.status_code().as_u16() == 404 {
+        return Ok(0);
+    }
+    let body: Value = response.json().await?;
+    Ok(body["count"].as_u64().unwrap_or(0) as usize)
+}
+
+/// Poll [`compare`] until converged or `timeout`; returns the last report.
+pub async fn wait_converged(
+    mongo: &mongodb::Client,
+    es: &Elasticsearch,
+    db: &str,
+    coll: &str,
+    index: &str,
+    timeout: Duration,
+) -> anyhow::Result<Report> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let report = compare(mongo, es, db, coll, index).await?;
+        if report.converged() || Instant::now() > deadline {
+            return Ok(report);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Small documents (~300 bytes of JSON) with integer `_id`s `start..start+n`.
+pub fn sample_docs(start: i64, n: i64) -> Vec<Document> {
+    (start..start + n)
+        .map(|i| {
+            doc! {
+                "_id": i,
+                "sku": format!("SKU-{i:08}"),
+                "customer": format!("customer-{}", i % 997),
+                "status": if i % 3 == 0 { "shipped" } else { "pending" },
+                "total": (i as f64) * 1.25,
+                "quantity": (i % 17) as i32,
+                "paid": i % 2 == 0,
+                "address": {"street": format!("{} Long Street", i % 1000), "city": "Springfield", "zip": format!("{:05}", i % 99999)},
+                "tags": ["alpha", "beta", format!("t{}", i % 10)],
+                "note": "The quick brown fox jumps over the lazy dog again and again.",
+            }
+        })
+        .collect()
+}
+
+/// Insert `docs` in batches of 1000.
+pub async fn insert_all(coll: &mongodb::Collection<Document>, docs: Vec<Document>) -> anyhow::Result<()> {
+    for chunk in docs.chunks(1000) {
+        coll.insert_many(chunk.to_vec()).await?;
+    }
+    Ok(())
+}
+
+/// A `SyncPipeline` manifest for tests.
+pub fn pipeline_yaml(name: &str, mongo_uri: &str, es_url: &str, namespaces: &[&str], extra_spec: &str) -> String {
+    let ns: Vec<String> = namespaces.iter().map(|n| format!("    - {n}")).collect();
+    format!(
+        "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata:\n  name: {name}\nspec:\n  mongodb:\n    uri: \"{mongo_uri}\"\n  elasticsearch:\n    urls: [\"{es_url}\"]\n  namespaces:\n{}\n{extra_spec}",
+        ns.join("\n")
+    )
+}
+
+/// Re-export so tests need no direct dependency for cursors.
+pub mod futures_util_shim {
+    pub use futures_util::TryStreamExt;
+}
