@@ -254,7 +254,7 @@ async fn run_inner<S: CheckpointStore>(
     } else {
         info!(pipeline = name, "final checkpoint written");
     }
-    result
+    result.map_err(Error::from)
 }
 
 /// Fold committable positions into `cp` and store it. A failed write is logged and retried

@@ -9,9 +9,10 @@ pub fn now_rfc3339() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let mut out = Vec::with_capacity(24);
-    crate::convert::write_iso_millis(ms, &mut out);
-    String::from_utf8_lossy(&out).into_owned()
+    match crate::convert::iso_datetime(ms, 0..=9999) {
+        Some(text) => String::from_utf8_lossy(&text).into_owned(),
+        None => ms.to_string(),
+    }
 }
 
 /// Seconds since the Unix epoch.

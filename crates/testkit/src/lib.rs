@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use elasticsearch::http::transport::Transport;
-use elasticsearch::{CountParts, Elasticsearch, IndicesRefreshParts, MgetParts};
+use elasticsearch::indices::IndicesRefreshParts;
+use elasticsearch::{CountParts, Elasticsearch, MgetParts};
 use mongodb::bson::{doc, Bson, Document};
 use serde_json::{json, Value};
 
@@ -142,6 +143,9 @@ impl Mongo {
             .arg(self.port.to_string())
             .arg("--storage-path")
             .arg(self.storage.path().join("data"))
+            // failpoints for the failure tests; a no-op heartbeat so idle streams' resume
+            // tokens advance as they do on mongod (10 s there).
+            .args(["--enable-test-commands", "--noop-heartbeat-seconds", "1"])
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -237,9 +241,17 @@ impl Elastic {
         Ok(Elasticsearch::new(Transport::single_node(&self.url())?))
     }
 
-    /// Stop the server, keeping its data.
+    /// Stop the server, keeping its data. `noida-db start` is a wrapper whose native child
+    /// serves the port and survives a SIGTERM to the wrapper, so stop it the documented way.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new(venv_bin("noida-db"))
+                .arg("down")
+                .arg("--data-dir")
+                .arg(self.data.path().join("data"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             stop_child(&mut c, false);
         }
     }
@@ -253,9 +265,7 @@ impl Elastic {
 
 impl Drop for Elastic {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c, false);
-        }
+        self.stop();
     }
 }
 

@@ -69,8 +69,8 @@ impl From<ClusterTime> for Timestamp {
 impl ClusterTime {
     /// The Elasticsearch external version for a change at this cluster time. Cluster times
     /// grow monotonically across the deployment, so later changes get larger versions.
-    /// (Seconds in the high 32 bits stay below 2^63 until 2038's u31 limit; beyond that the
-    /// top bit would be set, so seconds are taken relative to 2020 to keep decades of room.)
+    /// Elasticsearch versions are non-negative `long`s: seconds go in the high bits relative
+    /// to 2020-01-01, which keeps the value below 2^63 until the year 2088.
     pub fn version(self) -> u64 {
         const EPOCH_2020: u32 = 1_577_836_800;
         (u64::from(self.t.saturating_sub(EPOCH_2020)) << 32) | u64::from(self.i)
@@ -244,7 +244,8 @@ mod tests {
         let b = ClusterTime { t: 1_700_000_000, i: 8 };
         let c = ClusterTime { t: 1_700_000_001, i: 1 };
         assert!(a.version() < b.version() && b.version() < c.version());
-        assert!(ClusterTime { t: u32::MAX, i: u32::MAX }.version() < i64::MAX as u64);
+        let year_2088 = 1_577_836_800 + (1u32 << 31) - 1;
+        assert!(ClusterTime { t: year_2088, i: u32::MAX }.version() <= i64::MAX as u64);
     }
 
     #[test]

@@ -23,13 +23,12 @@ use crate::config::{ElasticAuth, ElasticConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A URL in the configuration does not parse.
-    #[error("failed to parse Elasticsearch URL `{url}`")]
+    #[error("failed to parse Elasticsearch URL `{url}`: {reason}")]
     Url {
         /// The URL.
         url: String,
-        /// Cause.
-        #[source]
-        source: elasticsearch::http::transport::BuildError,
+        /// Why it does not parse.
+        reason: String,
     },
     /// The client could not be built (TLS settings, CA bundle).
     #[error("failed to build the Elasticsearch client")]
@@ -84,7 +83,7 @@ impl Elastic {
         for url in &config.urls {
             urls.push(Url::parse(url).map_err(|e| Error::Url {
                 url: url.clone(),
-                source: e.into(),
+                reason: e.to_string(),
             })?);
         }
         let builder = match urls.len() {

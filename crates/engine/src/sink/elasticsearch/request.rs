@@ -82,14 +82,13 @@ mod tests {
     use std::sync::Arc;
 
     fn write(op: Op) -> Write {
-        Write {
-            seq: 0,
-            ns: Arc::from("shop.orders"),
-            index: Arc::from("shop.orders"),
-            id_json: "\"a\\\"b\"".into(),
-            version: 42,
+        Write::new(
+            Arc::from("shop.orders"),
+            Arc::from("shop.orders"),
+            "\"a\\\"b\"".into(),
+            42,
             op,
-        }
+        )
     }
 
     #[test]
