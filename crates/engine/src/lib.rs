@@ -129,15 +129,15 @@ async fn run_inner<S: CheckpointStore>(
     let name = config.name.as_str();
     let es = Elastic::new(&config.elasticsearch)?;
     let server = es.info().await?;
-    info!(pipeline = name, distribution = %server.distribution, version = %server.version, "Elasticsearch reachable");
+    info!(pipeline = %name, distribution = %server.distribution, version = %server.version, "Elasticsearch reachable");
     let client = mongo::connect(&config.mongodb).await?;
-    info!(pipeline = name, "MongoDB reachable");
+    info!(pipeline = %name, "MongoDB reachable");
 
     let location = store.location();
     let mut cp = match store.load().await? {
         Some(cp) => {
             cp.check(name, &location)?;
-            info!(pipeline = name, checkpoint = %location, snapshot_done = cp.snapshot.done, has_token = cp.resume_token.is_some(), "checkpoint loaded");
+            info!(pipeline = %name, checkpoint = %location, snapshot_done = cp.snapshot.done, has_token = cp.resume_token.is_some(), "checkpoint loaded");
             cp
         }
         None => Checkpoint::new(name),
@@ -152,7 +152,7 @@ async fn run_inner<S: CheckpointStore>(
                 cp.snapshot.done = true;
             }
             store.save(&cp).await?;
-            info!(pipeline = name, t = t0.t, i = t0.i, "new pipeline: stream start recorded");
+            info!(pipeline = %name, t = t0.t, i = t0.i, "new pipeline: stream start recorded");
             t0
         }
     };
@@ -191,7 +191,7 @@ async fn run_inner<S: CheckpointStore>(
                 // Final checkpoint: everything acknowledged before shutdown.
                 commit(&shared, &mut cp, &store).await;
             }
-            .instrument(tracing::info_span!("checkpointer", pipeline = name.to_string())),
+            .instrument(tracing::info_span!("checkpointer", pipeline = %name.to_string())),
         )
     };
 
@@ -211,7 +211,7 @@ async fn run_inner<S: CheckpointStore>(
             let collections = mongo::list_collections(&source.client, &config.routing)
                 .await
                 .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
-            info!(pipeline = name, collections = collections.len(), "snapshot started");
+            info!(pipeline = %name, collections = collections.len(), "snapshot started");
             for (db, coll) in collections {
                 let ns = format!("{db}.{coll}");
                 let progress = snapshot_progress.collections.get(&ns);
@@ -226,7 +226,7 @@ async fn run_inner<S: CheckpointStore>(
                 }
             }
             sink.record(Position::SnapshotDone);
-            info!(pipeline = name, "snapshot read complete; following the change stream");
+            info!(pipeline = %name, "snapshot read complete; following the change stream");
         }
         let start = match resume_token {
             Some(token) => StreamStart::ResumeAfter(token),
@@ -243,16 +243,16 @@ async fn run_inner<S: CheckpointStore>(
     tokio::select! {
         () = &mut closing => {}
         () = tokio::time::sleep(options.shutdown_grace) => {
-            warn!(pipeline = name, "in-flight bulk requests did not finish within the shutdown grace period; abandoning them (they are replayed on the next start)");
+            warn!(pipeline = %name, "in-flight bulk requests did not finish within the shutdown grace period; abandoning them (they are replayed on the next start)");
             abort.cancel();
             closing.await;
         }
     }
     stop_checkpointer.cancel();
     if let Err(e) = checkpointer.await {
-        error!(pipeline = name, error = %e, "checkpointer task failed");
+        error!(pipeline = %name, error = %e, "checkpointer task failed");
     } else {
-        info!(pipeline = name, "final checkpoint written");
+        info!(pipeline = %name, "final checkpoint written");
     }
     result.map_err(Error::from)
 }

@@ -443,3 +443,163 @@ pub fn pipeline_yaml(name: &str, mongo_uri: &str, es_url: &str, namespaces: &[&s
 pub mod futures_util_shim {
     pub use futures_util::TryStreamExt;
 }
+
+/// A `monsoon` process under test.
+pub struct Monsoon {
+    child: Option<Child>,
+    /// Port of its HTTP endpoints.
+    pub http_port: u16,
+    /// Its state directory (checkpoint file).
+    pub state_dir: PathBuf,
+    log: PathBuf,
+    bin: PathBuf,
+    args: Vec<String>,
+}
+
+impl Monsoon {
+    /// Run `bin run -f <state_dir>/pipeline.yaml --state-dir <state_dir>` with `yaml`.
+    pub fn start(bin: &Path, yaml: &str, state_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)?;
+        let file = state_dir.join("pipeline.yaml");
+        std::fs::write(&file, yaml)?;
+        let http_port = free_port();
+        let mut m = Self {
+            child: None,
+            http_port,
+            state_dir: state_dir.to_path_buf(),
+            log: state_dir.join("monsoon.log"),
+            bin: bin.to_path_buf(),
+            args: vec![
+                "run".into(),
+                "-f".into(),
+                file.display().to_string(),
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+                "--http-addr".into(),
+                format!("127.0.0.1:{http_port}"),
+            ],
+        };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .env("RUST_LOG", "info,monsoon_engine=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("failed to start monsoon")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Start the same command again (after a kill or exit).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, true);
+        }
+        self.spawn()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path of its HTTP endpoint: (status, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    }
+
+    /// The `/stats` document.
+    pub fn stats(&self) -> Option<Value> {
+        self.get("/stats").and_then(|(_, b)| serde_json::from_str(&b).ok())
+    }
+
+    /// Wait until `/stats` satisfies `pred`.
+    pub fn wait_stats(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.stats() {
+                if pred(&s) {
+                    return Ok(s);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("stats condition not met within {timeout:?}; last stats: {:?}\nlog tail:\n{}", self.stats(), tail(&self.log(), 30));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, true);
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code and how long it took.
+    pub fn terminate(&mut self) -> anyhow::Result<(Option<i32>, Duration)> {
+        let mut c = self.child.take().context("not running")?;
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = started + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok((status.code(), started.elapsed()));
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("monsoon did not exit within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let c = self.child.as_mut().context("not running")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("monsoon still running after {timeout:?}\nlog tail:\n{}", tail(&self.log(), 30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The checkpoint file's JSON.
+    pub fn checkpoint(&self, pipeline: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(self.state_dir.join(format!("{pipeline}.checkpoint.json"))).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+impl Drop for Monsoon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,154 @@
+//! End-to-end sync against the stand-ins (SecantusDB, noida-db) through the real client
+//! crates: snapshot + stream convergence, every change type, transactions, drops.
+
+use std::path::Path;
+use std::time::Duration;
+
+use monsoon_testkit::*;
+use mongodb::bson::{doc, Document};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_monsoon"))
+}
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_stream_converges_with_every_change_type() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let orders = client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 3000)).await?;
+
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  snapshot: true\n");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+
+    // Changes while the snapshot runs: the stream must replay them after it.
+    orders.update_one(doc! {"_id": 10}, doc! {"$set": {"status": "during-snapshot"}}).await?;
+    orders.delete_one(doc! {"_id": 11}).await?;
+    insert_all(&orders, sample_docs(5000, 200)).await?;
+
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "after snapshot: {report:?}\n{}", tail(&monsoon.log(), 40));
+    assert_eq!(report.mongo, 3199);
+
+    // Every change type once the stream runs.
+    orders.insert_one(doc! {"_id": "string-id", "name": "new"}).await?;
+    orders.update_one(doc! {"_id": 1}, doc! {"$set": {"status": "updated"}, "$inc": {"quantity": 5}}).await?;
+    orders.replace_one(doc! {"_id": 2}, doc! {"replaced": true}).await?;
+    orders.delete_one(doc! {"_id": 3}).await?;
+    // Updated then deleted before the stream reads it: updateLookup returns null.
+    orders.update_one(doc! {"_id": 4}, doc! {"$set": {"status": "soon gone"}}).await?;
+    orders.delete_one(doc! {"_id": 4}).await?;
+    // Deleted and re-inserted.
+    orders.delete_one(doc! {"_id": 5}).await?;
+    orders.insert_one(doc! {"_id": 5, "reborn": 1}).await?;
+    orders.update_many(doc! {"_id": {"$lt": 100}}, doc! {"$set": {"bulk": true}}).await?;
+
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "after changes: {report:?}\n{}", tail(&monsoon.log(), 40));
+    let stats = monsoon.stats().expect("stats");
+    assert_eq!(stats["phase"], "Streaming");
+    // The snapshot races the writes made during it: it reads the 3000 seeded documents,
+    // less the one deleted meanwhile, plus whichever of the 200 new ones it got to.
+    let read = stats["snapshotDocuments"].as_u64().expect("count");
+    assert!((2999..=3200).contains(&read), "{stats}");
+    assert_eq!(monsoon.get("/readyz").map(|r| r.0), Some(200));
+    assert_eq!(monsoon.get("/healthz").map(|r| r.0), Some(200));
+    let metrics = monsoon.get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("monsoon_bulk_items_total{outcome=\"indexed\",pipeline=\"shop\"}"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_writes_to_one_document_end_in_the_last_state() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("bank").collection::<Document>("accounts");
+    coll.insert_one(doc! {"_id": "a", "balance": 0}).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("bank", &mongo.uri(), &es.url(), &["bank.*"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+
+    // Several writes to one document in one transaction share one cluster time.
+    let mut session = client.start_session().await?;
+    session.start_transaction().await?;
+    for i in 1..=5 {
+        coll.update_one(doc! {"_id": "a"}, doc! {"$set": {"balance": i * 10}}).session(&mut session).await?;
+    }
+    coll.insert_one(doc! {"_id": "b", "balance": 7}).session(&mut session).await?;
+    coll.replace_one(doc! {"_id": "b"}, doc! {"balance": 8, "final": true}).session(&mut session).await?;
+    session.commit_transaction().await?;
+
+    let report = wait_converged(&client, &esc, "bank", "accounts", "bank.accounts", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 40));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_collection_deletes_its_index_and_new_collections_follow() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let db = client.database("app");
+    insert_all(&db.collection("keep"), sample_docs(0, 50)).await?;
+    insert_all(&db.collection("gone"), sample_docs(0, 50)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("app", &mongo.uri(), &es.url(), &["app.*"], "  excludeNamespaces: [app.secret]\n");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "app", "gone", "app.gone", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+
+    db.collection::<Document>("gone").drop().await?;
+    // A collection created after the start, and an excluded one.
+    insert_all(&db.collection("later"), sample_docs(0, 20)).await?;
+    insert_all(&db.collection("secret"), sample_docs(0, 20)).await?;
+    let r = wait_converged(&client, &esc, "app", "later", "app.later", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while count(&esc, "app.gone").await? > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gone = esc.indices().exists(elasticsearch::indices::IndicesExistsParts::Index(&["app.gone"])).send().await?;
+    assert_eq!(gone.status_code().as_u16(), 404, "index of dropped collection still exists\n{}", tail(&monsoon.log(), 30));
+    assert_eq!(count(&esc, "app.secret").await?, 0, "excluded namespace was synced");
+    let r = compare(&client, &esc, "app", "keep", "app.keep").await?;
+    assert!(r.converged(), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_collection_moves_to_its_new_index() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let db = client.database("app");
+    insert_all(&db.collection("old"), sample_docs(0, 100)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("app", &mongo.uri(), &es.url(), &["app.*"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "app", "old", "app.old", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+
+    client
+        .database("admin")
+        .run_command(doc! {"renameCollection": "app.old", "to": "app.new"})
+        .await?;
+    db.collection::<Document>("new").update_one(doc! {"_id": 1}, doc! {"$set": {"after": "rename"}}).await?;
+    let r = wait_converged(&client, &esc, "app", "new", "app.new", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while count(&esc, "app.old").await? > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(count(&esc, "app.old").await?, 0, "old index still has documents");
+    Ok(())
+}
