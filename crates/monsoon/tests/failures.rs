@@ -1,0 +1,331 @@
+//! Crashes, outages and bad input: nothing lost, nothing stale, nothing silent.
+//! Every test runs the real `monsoon` binary against the stand-ins over real sockets.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mongodb::bson::{doc, Document};
+use monsoon_testkit::*;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_monsoon"))
+}
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Keep inserting, updating and deleting until `stop`; returns the number of operations.
+fn spawn_writer(coll: mongodb::Collection<Document>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+    tokio::spawn(async move {
+        let mut i: i64 = 100_000;
+        let mut ops = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            coll.insert_many(sample_docs(i, 20)).await?;
+            coll.update_one(doc! {"_id": i - 7}, doc! {"$set": {"status": format!("u{i}")}}).await?;
+            coll.delete_one(doc! {"_id": i - 13}).await?;
+            coll.update_one(doc! {"_id": i % 500}, doc! {"$inc": {"quantity": 1}}).await?;
+            i += 20;
+            ops += 23;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(ops)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_converges() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(0, 1000)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(coll.clone(), stop.clone());
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        monsoon.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        monsoon.restart()?;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let ops = writer.await??;
+    assert!(ops > 100, "writer made only {ops} changes");
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 40));
+    let stats = monsoon.stats().expect("stats");
+    assert_eq!(stats["snapshotDocuments"], 0, "restart must not re-snapshot: {stats}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_killed_midway_resumes_from_its_last_id() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("big").collection::<Document>("items");
+    insert_all(&coll, sample_docs(0, 20_000)).await?;
+    let state = TempDir::new("state");
+    // Small batches and one lane slow the snapshot down enough to kill it midway.
+    let yaml = pipeline_yaml("big", &mongo.uri(), &es.url(), &["big.items"], "  batch:\n    maxDocs: 200\n    concurrency: 1\n");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let last_id = loop {
+        let cp = monsoon.checkpoint("big");
+        let entry = cp.as_ref().map(|c| c["snapshot"]["collections"]["big.items"].clone());
+        if let Some(e) = entry {
+            if e["lastId"].is_object() && e["done"] != true {
+                break e["lastId"].clone();
+            }
+            assert!(e["done"] != true, "snapshot finished before it could be killed; make it bigger");
+        }
+        assert!(std::time::Instant::now() < deadline, "no snapshot progress checkpointed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    monsoon.kill();
+    // A change made while monsoon is down, to a document the snapshot already passed.
+    coll.update_one(doc! {"_id": 0}, doc! {"$set": {"status": "changed while down"}}).await?;
+    monsoon.restart()?;
+    let report = wait_converged(&client, &esc, "big", "items", "big.items", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 40));
+    let stats = monsoon.stats().expect("stats");
+    let reread = stats["snapshotDocuments"].as_u64().expect("count");
+    assert!(reread < 20_000, "snapshot restarted from zero (read {reread}; checkpoint was at {last_id})");
+    let cp = monsoon.checkpoint("big").expect("checkpoint");
+    assert_eq!(cp["snapshot"]["done"], true, "{cp}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_and_stores_the_final_checkpoint() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  batch:\n    flushIntervalMs: 2000\n");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    insert_all(&coll, sample_docs(0, 300)).await?;
+    // Wait until read but (with a 2 s flush interval) likely not yet flushed, then stop.
+    monsoon.wait_stats(CONVERGE, |s| s["inFlight"].as_i64().unwrap_or(0) > 0 || s["indexed"].as_u64().unwrap_or(0) >= 300)?;
+    let (code, took) = monsoon.terminate()?;
+    assert_eq!(code, Some(0), "{}", tail(&monsoon.log(), 30));
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    assert_eq!(count(&esc, "shop.orders").await?, 300, "in-flight writes must be flushed on SIGTERM");
+    let cp = monsoon.checkpoint("shop").expect("checkpoint");
+    assert!(cp["resumeToken"].is_object(), "final checkpoint has no resume token: {cp}");
+    assert!(monsoon.log().contains("final checkpoint written"));
+
+    // Changes while stopped arrive after the restart, without a new snapshot.
+    coll.delete_one(doc! {"_id": 1}).await?;
+    insert_all(&coll, sample_docs(1000, 10)).await?;
+    monsoon.restart()?;
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_outage_backs_off_then_converges() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let mut es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(0, 200)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming" && s["indexed"].as_u64() >= Some(200))?;
+
+    es.stop();
+    insert_all(&coll, sample_docs(1000, 500)).await?;
+    coll.delete_many(doc! {"_id": {"$lt": 50}}).await?;
+    coll.update_many(doc! {"_id": {"$gte": 100, "$lt": 150}}, doc! {"$set": {"status": "during outage"}}).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while monsoon.get("/readyz").map(|r| r.0) != Some(503) {
+        assert!(std::time::Instant::now() < deadline, "readyz stayed ready while Elasticsearch was down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(monsoon.get("/healthz").map(|r| r.0), Some(200), "an outage is not a reason to restart");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    es.restart()?;
+    let esc = es.client()?;
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
+    let stats = monsoon.stats().expect("stats");
+    assert!(stats["retriedItems"].as_u64() > Some(0), "{stats}");
+    monsoon.wait_stats(Duration::from_secs(30), |s| s["ready"] == true)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_restart_on_same_storage_converges() -> anyhow::Result<()> {
+    let mut mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let esc = es.client()?;
+    {
+        let client = mongo.client().await?;
+        insert_all(&client.database("shop").collection("orders"), sample_docs(0, 300)).await?;
+    }
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    mongo.restart()?;
+    let client = mongo.client().await?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(1000, 100)).await?;
+    coll.delete_many(doc! {"_id": {"$lt": 10}}).await?;
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_getmore_reopens_the_stream_without_losing_events() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    // HostUnreachable without the ResumableChangeStreamError label: the driver does not
+    // resume by itself, so the engine must re-open from its last token.
+    client
+        .database("admin")
+        .run_command(doc! {"configureFailPoint": "failCommand", "mode": {"times": 3},
+            "data": {"failCommands": ["getMore"], "errorCode": 6}})
+        .await?;
+    for i in 0..10 {
+        insert_all(&coll, sample_docs(i * 50, 50)).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
+    let stats = monsoon.stats().expect("stats");
+    assert!(stats["streamReopens"].as_u64() >= Some(1), "the failpoint never hit: {stats}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_with_policy_fail_stops_with_a_clear_error() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&["--oplog-max-entries", "1000"])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    coll.insert_one(doc! {"_id": 0}).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  onHistoryLost: Fail\n");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming" && s["indexed"] == 1)?;
+    coll.insert_one(doc! {"_id": 1}).await?;
+    monsoon.wait_stats(CONVERGE, |s| s["indexed"] == 2)?;
+    let (code, _) = monsoon.terminate()?;
+    assert_eq!(code, Some(0));
+    // While monsoon is stopped, the oplog rolls past its resume point.
+    insert_all(&coll, sample_docs(10, 3000)).await?;
+    client.database("admin").run_command(doc! {"secantusAdmin.pruneOplog": 1}).await?;
+    monsoon.restart()?;
+    let code = monsoon.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(code, Some(1), "{}", tail(&monsoon.log(), 20));
+    let log = monsoon.log();
+    assert!(log.contains("ChangeStreamHistoryLost"), "{}", tail(&log, 20));
+    assert!(log.contains("error: "), "one clear error line expected:\n{}", tail(&log, 20));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_documents_are_dead_lettered_while_the_rest_lands() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    // The index says `quantity` is a number; some documents say otherwise.
+    esc.indices()
+        .create(elasticsearch::indices::IndicesCreateParts::Index("shop.orders"))
+        .body(serde_json::json!({"settings": {"number_of_replicas": 0},
+            "mappings": {"properties": {"quantity": {"type": "long"}}}}))
+        .send()
+        .await?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(0, 100)).await?;
+    coll.update_many(doc! {"_id": {"$in": [7, 42]}}, doc! {"$set": {"quantity": "lots"}}).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    // Streamed poison too.
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    coll.insert_one(doc! {"_id": 500, "quantity": "many"}).await?;
+    coll.insert_one(doc! {"_id": 501, "quantity": 3}).await?;
+    monsoon.wait_stats(CONVERGE, |s| s["deadLettered"] == 3 && s["indexed"].as_u64() >= Some(99))?;
+    let report = compare(&client, &esc, "shop", "orders", "shop.orders").await?;
+    let mut lost = report.lost.clone();
+    lost.sort();
+    assert_eq!(lost, vec!["42", "500", "7"], "{report:?}");
+    assert!(report.stale.is_empty() && report.extra == 0, "{report:?}");
+    assert_eq!(count(&esc, "monsoon-deadletter").await?, 3);
+    let found = esc
+        .search(elasticsearch::SearchParts::Index(&["monsoon-deadletter"]))
+        .body(serde_json::json!({"query": {"term": {"id": "500"}}}))
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?;
+    let record = &found["hits"]["hits"][0]["_source"];
+    assert_eq!(record["namespace"], "shop.orders", "{found}");
+    assert_eq!(record["status"], 400);
+    assert!(record["reason"].as_str().unwrap_or("").contains("quantity"), "{record}");
+    assert!(record["document"].as_str().unwrap_or("").contains("many"), "{record}");
+    let metrics = monsoon.get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("monsoon_dead_letter_total{"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_one_clear_line() -> anyhow::Result<()> {
+    let state = TempDir::new("state");
+    // Invalid pipeline: the error names the field.
+    let yaml = pipeline_yaml("shop", "mongodb://127.0.0.1:1/", "http://127.0.0.1:1", &["shoporders"], "");
+    let mut m = Monsoon::start(bin(), &yaml, state.path())?;
+    assert_eq!(m.wait_exit(Duration::from_secs(10))?, Some(1));
+    let log = m.log();
+    assert!(log.contains("spec.namespaces[0]"), "{log}");
+    assert_eq!(log.lines().count(), 2, "expected a short, clear error:\n{log}");
+    drop(m);
+
+    // Unreachable Elasticsearch: one line, no retry storm.
+    let state = TempDir::new("state");
+    let port = free_port();
+    let yaml = pipeline_yaml("shop", "mongodb://127.0.0.1:1/", &format!("http://127.0.0.1:{port}"), &["shop.orders"], "");
+    let mut m = Monsoon::start(bin(), &yaml, state.path())?;
+    assert_eq!(m.wait_exit(Duration::from_secs(30))?, Some(1));
+    let log = m.log();
+    let error_line = log.lines().find(|l| l.starts_with("error: ")).unwrap_or("");
+    assert!(error_line.contains("failed to reach Elasticsearch"), "{log}");
+    drop(m);
+
+    // Unreachable MongoDB behind a reachable Elasticsearch.
+    let es = Elastic::start()?;
+    let state = TempDir::new("state");
+    let port = free_port();
+    let yaml = pipeline_yaml("shop", &format!("mongodb://127.0.0.1:{port}/?directConnection=true"), &es.url(), &["shop.orders"], "");
+    let mut m = Monsoon::start(bin(), &yaml, state.path())?;
+    assert_eq!(m.wait_exit(Duration::from_secs(60))?, Some(1));
+    let log = m.log();
+    let error_line = log.lines().find(|l| l.starts_with("error: ")).unwrap_or("");
+    assert!(error_line.contains("failed to reach MongoDB"), "{log}");
+    Ok(())
+}
