@@ -203,6 +203,7 @@ async fn run_inner<S: CheckpointStore>(
         health,
         cancel: shutdown.clone(),
         delete_index_on_drop: config.delete_index_on_drop,
+        route_cache: std::sync::Mutex::new(None),
     };
     let result = async {
         if !snapshot_progress.done {
@@ -235,6 +236,11 @@ async fn run_inner<S: CheckpointStore>(
         source.stream(start).await.map(|_| ())
     }
     .await;
+    // Shutdown while waiting on the sink is a clean stop, not a failure.
+    let result = match result {
+        Err(mongo::Error::Cancelled) => Ok(()),
+        other => other,
+    };
     drop(source);
 
     // Shutdown: the source has stopped reading; let the sink deliver what it holds.

@@ -39,6 +39,9 @@ pub struct Checkpoint {
     pub snapshot: SnapshotProgress,
 }
 
+/// 2020-01-01T00:00:00Z: versions count seconds from here.
+const VERSION_EPOCH: u32 = 1_577_836_800;
+
 /// A MongoDB cluster time, stored readably.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ClusterTime {
@@ -72,8 +75,15 @@ impl ClusterTime {
     /// Elasticsearch versions are non-negative `long`s: seconds go in the high bits relative
     /// to 2020-01-01, which keeps the value below 2^63 until the year 2088.
     pub fn version(self) -> u64 {
-        const EPOCH_2020: u32 = 1_577_836_800;
-        (u64::from(self.t.saturating_sub(EPOCH_2020)) << 32) | u64::from(self.i)
+        (u64::from(self.t.saturating_sub(VERSION_EPOCH)) << 32) | u64::from(self.i)
+    }
+
+    /// The cluster time a version was made from (inverse of [`ClusterTime::version`]).
+    pub fn from_version(version: u64) -> Self {
+        Self {
+            t: (version >> 32) as u32 + VERSION_EPOCH,
+            i: version as u32,
+        }
     }
 }
 
@@ -244,6 +254,7 @@ mod tests {
         let b = ClusterTime { t: 1_700_000_000, i: 8 };
         let c = ClusterTime { t: 1_700_000_001, i: 1 };
         assert!(a.version() < b.version() && b.version() < c.version());
+        assert_eq!(ClusterTime::from_version(c.version()), c);
         let year_2088 = 1_577_836_800 + (1u32 << 31) - 1;
         assert!(ClusterTime { t: year_2088, i: u32::MAX }.version() <= i64::MAX as u64);
     }

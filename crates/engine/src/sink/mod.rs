@@ -44,6 +44,16 @@ pub enum Op {
     Index(Bytes),
     /// Delete the document.
     Delete,
+    /// The source could not turn the change into a write (an `_id` over Elasticsearch's 512
+    /// bytes, malformed BSON): dead-letter it with this reason, in order with the rest.
+    Reject {
+        /// Short machine-readable type, e.g. `invalid_id`.
+        error_type: &'static str,
+        /// What is wrong.
+        reason: String,
+        /// The document as JSON, when it could be converted.
+        document: Option<Bytes>,
+    },
 }
 
 /// One document write on its way to Elasticsearch.
@@ -332,12 +342,17 @@ impl Lane {
             let (writes, superseded) = coalesce(batch);
             let mut seqs: Vec<Seq> = writes.iter().map(|w| w.seq).collect();
             seqs.extend(superseded);
+            let newest = writes.iter().map(|w| w.version).max().unwrap_or(0);
             if self.deliver(writes).await.is_err() {
                 // Forced shutdown: these writes stay unacknowledged, so the checkpoint stays
                 // before them and they are replayed on the next start.
                 return;
             }
             self.shared.ack(&seqs);
+            if newest > 0 {
+                let lag = crate::time::unix_seconds() - crate::checkpoint::ClusterTime::from_version(newest).t as i64;
+                self.shared.metrics.lag_seconds.set(lag.max(0));
+            }
         }
     }
 
@@ -347,6 +362,17 @@ impl Lane {
         let mut backoff = Backoff::default();
         let mut queue: VecDeque<Vec<Write>> = VecDeque::from([writes]);
         let mut rejected: Vec<(Write, u16, String, String)> = Vec::new();
+        if let Some(first) = queue.pop_front() {
+            let (refused, sendable): (Vec<Write>, Vec<Write>) =
+                first.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
+            for w in refused {
+                if let Op::Reject { error_type, reason, .. } = &w.op {
+                    let (t, r) = (error_type.to_string(), reason.clone());
+                    rejected.push((w, 0, t, r));
+                }
+            }
+            queue.push_back(sendable);
+        }
         while let Some(chunk) = queue.pop_front() {
             if chunk.is_empty() {
                 continue;
@@ -456,8 +482,10 @@ impl Lane {
             error!(namespace = %w.ns, index = %w.index, id = %w.id_json, status, error_type = %error_type, reason = %reason, "document refused by Elasticsearch; dead-lettered");
             m.dead_letters.with_label_values(&[error_type.as_str()]).inc();
             let document = match &w.op {
-                Op::Index(src) => serde_json::Value::String(String::from_utf8_lossy(src).into_owned()),
-                Op::Delete => serde_json::Value::Null,
+                Op::Index(src) | Op::Reject { document: Some(src), .. } => {
+                    serde_json::Value::String(String::from_utf8_lossy(src).into_owned())
+                }
+                Op::Delete | Op::Reject { document: None, .. } => serde_json::Value::Null,
             };
             let id: serde_json::Value = serde_json::from_str(&w.id_json).unwrap_or_default();
             let record = serde_json::json!({
@@ -466,7 +494,7 @@ impl Lane {
                 "index": &*w.index,
                 "id": id,
                 "version": w.version,
-                "op": if matches!(w.op, Op::Delete) { "delete" } else { "index" },
+                "op": match w.op { Op::Delete => "delete", Op::Index(_) => "index", Op::Reject { .. } => "unconvertible" },
                 "status": status,
                 "errorType": error_type,
                 "reason": reason,

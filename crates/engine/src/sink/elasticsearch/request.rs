@@ -5,6 +5,8 @@
 //! regressing the document, and writes sharing one cluster time (a transaction) apply in
 //! stream order, the last one winning.
 
+use bytes::Bytes;
+
 use crate::sink::{Op, Write};
 
 /// Append the bulk lines of one write to `body`.
@@ -12,6 +14,8 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
     let action: &[u8] = match write.op {
         Op::Index(_) => b"{\"index\":{\"_index\":",
         Op::Delete => b"{\"delete\":{\"_index\":",
+        // Never sent: the lane dead-letters these before building a body.
+        Op::Reject { .. } => return,
     };
     body.extend_from_slice(action);
     write_json_str(&write.index, body);
@@ -33,6 +37,9 @@ pub fn encoded_len(write: &Write) -> usize {
     match &write.op {
         Op::Index(source) => fixed + source.len() + 1,
         Op::Delete => fixed,
+        Op::Reject { document, reason, .. } => {
+            fixed + reason.len() + document.as_ref().map_or(0, Bytes::len)
+        }
     }
 }
 
@@ -78,7 +85,6 @@ pub fn write_json_str(s: &str, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use std::sync::Arc;
 
     fn write(op: Op) -> Write {

@@ -71,6 +71,9 @@ pub enum Error {
     /// The sink stopped (forced shutdown).
     #[error("the sink stopped")]
     SinkClosed(#[from] Closed),
+    /// Shutdown was requested while waiting on the sink.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Open a client and check the server answers and accepts the credentials.
@@ -182,6 +185,8 @@ pub struct Source<'a> {
     pub cancel: CancellationToken,
     /// Delete indexes of dropped collections.
     pub delete_index_on_drop: bool,
+    /// Last (db, collection, namespace, index) routed.
+    pub route_cache: std::sync::Mutex<Option<(String, String, Arc<str>, Arc<str>)>>,
 }
 
 /// How a source phase ended.
@@ -194,8 +199,36 @@ pub enum Ended {
 }
 
 impl Source<'_> {
+    /// Hand a write to the sink. While the sink applies back-pressure this waits, beating
+    /// the source's heartbeat (waiting on a slow sink is not being stuck) and giving way to
+    /// shutdown. A write abandoned at shutdown is never acknowledged, so the checkpoint stays
+    /// before it and it is read again on the next start.
     async fn send(&self, write: Write) -> Result<(), Error> {
-        self.sink.send(write).await.map_err(Error::from)
+        let send = self.sink.send(write);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut send => return r.map_err(Error::from),
+                () = self.cancel.cancelled() => return Err(Error::Cancelled),
+                () = tokio::time::sleep(Duration::from_secs(5)) => self.health.source_beat(true),
+            }
+        }
+    }
+
+    /// Index and namespace names of `db.coll`, cached for the common case of consecutive
+    /// changes to one collection.
+    fn route(&self, db: &str, coll: &str) -> (Arc<str>, Arc<str>) {
+        let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((d, c, ns, index)) = cache.as_ref() {
+            if d == db && c == coll {
+                return (ns.clone(), index.clone());
+            }
+        }
+        let ns: Arc<str> = Arc::from(format!("{db}.{coll}"));
+        let index: Arc<str> = Arc::from(self.routing.index_for(db, coll));
+        *cache = Some((db.to_string(), coll.to_string(), ns.clone(), index.clone()));
+        (ns, index)
     }
 
     fn write_for(
@@ -206,30 +239,35 @@ impl Source<'_> {
         doc: Option<&RawDocument>,
         version: u64,
         stats: &mut ConvertStats,
-    ) -> Option<Write> {
-        let index: Arc<str> = Arc::from(self.routing.index_for(db, coll));
-        let ns: Arc<str> = Arc::from(format!("{db}.{coll}"));
+    ) -> Write {
+        let (ns, index) = self.route(db, coll);
         let mut id_buf = Vec::with_capacity(32);
+        let mut source = Vec::new();
+        let converted = doc.map(|doc| {
+            source.reserve(doc.as_bytes().len() + 64);
+            convert::write_document(doc, true, &mut source, stats)
+        });
         if let Err(e) = convert::write_es_id(id, &mut id_buf) {
-            // An _id Elasticsearch cannot take (over 512 bytes): record it, never skip silently.
-            error!(namespace = %ns, error = %e, "document _id cannot be an Elasticsearch _id; dead-lettering");
-            self.metrics.dead_letters.with_label_values(&["invalid_id"]).inc();
-            return None;
+            // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
+            let shown = format!("{:?}", id.to_raw_bson());
+            let shown: String = shown.chars().take(200).collect();
+            return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
+                error_type: "invalid_id",
+                reason: e.to_string(),
+                document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
+            });
         }
         let id_json: Box<str> = String::from_utf8_lossy(&id_buf).into();
-        let op = match doc {
-            Some(doc) => {
-                let mut source = Vec::with_capacity(doc.as_bytes().len() + 64);
-                if let Err(e) = convert::write_document(doc, true, &mut source, stats) {
-                    error!(namespace = %ns, id = %id_json, error = %e, "document cannot be converted to JSON");
-                    self.metrics.dead_letters.with_label_values(&["malformed_bson"]).inc();
-                    return None;
-                }
-                Op::Index(Bytes::from(source))
-            }
+        let op = match converted {
+            Some(Ok(())) => Op::Index(Bytes::from(source)),
+            Some(Err(e)) => Op::Reject {
+                error_type: "malformed_bson",
+                reason: e.to_string(),
+                document: None,
+            },
             None => Op::Delete,
         };
-        Some(Write::new(ns, index, id_json, version, op))
+        Write::new(ns, index, id_json, version, op)
     }
 
     /// Read every document of `db.coll` in `_id` order, after `resume_after` if given, as
@@ -254,6 +292,7 @@ impl Source<'_> {
             let cursor = collection
                 .find(filter)
                 .sort(doc! {"_id": 1})
+                .hint(mongodb::options::Hint::Keys(doc! {"_id": 1}))
                 .batch_size(1000)
                 .await;
             let mut cursor = match cursor {
@@ -301,8 +340,10 @@ impl Source<'_> {
                     continue;
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
-                if let Some(write) = self.write_for(db, coll, id, Some(&raw), version, &mut stats) {
-                    self.send(write).await?;
+                let write = self.write_for(db, coll, id, Some(&raw), version, &mut stats);
+                match self.send(write).await {
+                    Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+                    other => other?,
                 }
                 self.metrics.snapshot_docs.inc();
                 resume_after = Some(owned_id);
@@ -481,17 +522,15 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time } => {
                 self.metrics.events.with_label_values(&["upsert"]).inc();
                 if self.routing.includes(db, coll) {
-                    if let Some(w) = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats) {
-                        self.send(w).await?;
-                    }
+                    let w = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats);
+                    self.send(w).await?;
                 }
             }
             Action::Delete { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["delete"]).inc();
                 if self.routing.includes(db, coll) {
-                    if let Some(w) = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats) {
-                        self.send(w).await?;
-                    }
+                    let w = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats);
+                    self.send(w).await?;
                 }
             }
             Action::Drop { db, coll } => {
