@@ -31,8 +31,11 @@ unit:
 crds:
 	$(CARGO) run -q -p monsoon -- crd > crds/syncpipeline.yaml
 
+# Starts the stand-ins, seeds a shop database, runs `monsoon run` on examples/shop.yaml,
+# shows the synced indexes, a search and live changes, then stops everything.
 demo: venv
-	./scripts/demo.sh
+	$(CARGO) build -p monsoon -p monsoon-testkit --bins
+	target/debug/monsoon-demo target/debug/monsoon
 
 bench: venv
 	./scripts/bench.sh
