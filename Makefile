@@ -37,8 +37,12 @@ demo: venv
 	$(CARGO) build -p monsoon -p monsoon-testkit --bins
 	target/debug/monsoon-demo target/debug/monsoon
 
+# Figures as ratios against baselines measured in the same run (see crates/bench).
+# BENCH_ARGS="--docs 200000 --stream 100000 --backlog 1000000" by default.
+BENCH_ARGS ?=
 bench: venv
-	./scripts/bench.sh
+	$(CARGO) build --release -p monsoon -p monsoon-bench
+	target/release/monsoon-bench target/release/monsoon $(BENCH_ARGS)
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

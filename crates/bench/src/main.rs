@@ -1,0 +1,340 @@
+//! `make bench`: monsoon's figures, each beside a baseline measured in the same run.
+//!
+//! 1. Hot path, in process on one core: change event (raw BSON) → bulk body lines, against a
+//!    raw decode-and-serialize loop (`bson` → `serde_json::Value` → text) over the same
+//!    documents.
+//! 2. Snapshot of N documents through the stand-ins: wall time, monsoon's CPU seconds per
+//!    100k documents, peak RSS; against the stand-ins' own ceilings (MongoDB insert and read
+//!    rates, noida-db bulk rate with the same documents).
+//! 3. Streaming of M inserts: CPU per 100k events, peak RSS, last-insert-to-indexed lag.
+//! 4. Backlog: peak RSS while Elasticsearch is down and MongoDB keeps changing.
+//!
+//! Usage: `monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K] [--only hot]`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use mongodb::bson::{doc, Document, RawDocumentBuf, Timestamp};
+use monsoon_engine::checkpoint::ClusterTime;
+use monsoon_engine::convert::{self, ConvertStats};
+use monsoon_engine::sink::elasticsearch::request;
+use monsoon_engine::sink::{Op, Write};
+use monsoon_engine::source::mongodb::event::{self, Action};
+use monsoon_testkit::*;
+
+struct Args {
+    monsoon: PathBuf,
+    docs: i64,
+    stream: i64,
+    backlog: i64,
+    only_hot: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let monsoon = PathBuf::from(it.next().context("usage: monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K] [--only hot]")?);
+    let mut args = Args { monsoon, docs: 200_000, stream: 100_000, backlog: 1_000_000, only_hot: false };
+    while let Some(flag) = it.next() {
+        let mut value = || -> anyhow::Result<i64> { Ok(it.next().context("missing value")?.parse()?) };
+        match flag.as_str() {
+            "--docs" => args.docs = value()?,
+            "--stream" => args.stream = value()?,
+            "--backlog" => args.backlog = value()?,
+            "--only" => args.only_hot = true,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    println!("# monsoon bench ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    hot_path();
+    if args.only_hot {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(end_to_end(&args))
+}
+
+/// Change events like the stream delivers for inserts of the sample documents.
+fn sample_events(n: i64) -> Vec<RawDocumentBuf> {
+    sample_docs(0, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let id = d.get("_id").cloned().unwrap_or_default();
+            let e = doc! {
+                "_id": {"_data": format!("{:064x}", i)},
+                "operationType": "insert",
+                "clusterTime": Timestamp { time: 1_800_000_000, increment: i as u32 },
+                "wallTime": mongodb::bson::DateTime::now(),
+                "ns": {"db": "shop", "coll": "orders"},
+                "documentKey": {"_id": id},
+                "fullDocument": d,
+            };
+            RawDocumentBuf::from_document(&e).expect("event encodes")
+        })
+        .collect()
+}
+
+fn best_of<F: FnMut() -> usize>(rounds: usize, mut f: F) -> (f64, usize) {
+    let mut best = f64::MAX;
+    let mut out = 0;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        out = f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (best, out)
+}
+
+fn hot_path() {
+    let n = 100_000;
+    let events = sample_events(n);
+    let docs: Vec<&[u8]> = events
+        .iter()
+        .map(|e| match e.get("fullDocument") {
+            Ok(Some(mongodb::bson::RawBsonRef::Document(d))) => d.as_bytes(),
+            _ => &[],
+        })
+        .collect();
+    let avg_doc = docs.iter().map(|d| d.len()).sum::<usize>() / docs.len();
+
+    // Baseline: decode each document into a serde_json::Value and serialize it.
+    let (raw_secs, raw_bytes) = best_of(3, || {
+        let mut out = Vec::with_capacity(64 << 20);
+        for d in &docs {
+            let v: serde_json::Value = mongodb::bson::from_slice(d).expect("decodes");
+            serde_json::to_writer(&mut out, &v).expect("writes");
+            out.push(b'\n');
+        }
+        out.len()
+    });
+    // The naive path: owned Document → relaxed extended JSON → text.
+    let (ext_secs, _) = best_of(3, || {
+        let mut out = Vec::with_capacity(64 << 20);
+        for d in &docs {
+            let doc: Document = mongodb::bson::from_slice(d).expect("decodes");
+            let v = mongodb::bson::Bson::Document(doc).into_relaxed_extjson();
+            serde_json::to_writer(&mut out, &v).expect("writes");
+            out.push(b'\n');
+        }
+        out.len()
+    });
+    // monsoon: parse the event, compute the ES _id, convert the document, encode the action.
+    let ns: Arc<str> = Arc::from("shop.orders");
+    let (our_secs, our_bytes) = best_of(3, || {
+        let mut body = Vec::with_capacity(96 << 20);
+        let mut stats = ConvertStats::default();
+        for e in &events {
+            let Ok(Action::Upsert { id, doc, time, .. }) = event::parse(e) else { panic!("insert event") };
+            let mut id_buf = Vec::with_capacity(16);
+            convert::write_es_id(id, &mut id_buf).expect("id");
+            let mut source = Vec::with_capacity(doc.as_bytes().len() + 64);
+            convert::write_document(doc, true, &mut source, &mut stats).expect("converts");
+            let w = Write::new(
+                ns.clone(),
+                ns.clone(),
+                String::from_utf8_lossy(&id_buf).into(),
+                ClusterTime::from(time).version(),
+                Op::Index(Bytes::from(source)),
+            );
+            request::encode(&w, &mut body);
+        }
+        body.len()
+    });
+    println!("\n## Hot path (one core, {n} insert events, {avg_doc}-byte documents)");
+    println!("| path | events/s | vs raw loop |");
+    println!("|---|---|---|");
+    let rate = |s: f64| n as f64 / s;
+    println!("| raw loop: bson → serde_json::Value → text | {:.0} | 1.00 |", rate(raw_secs));
+    println!("| naive: bson → Document → relaxed ext JSON → text | {:.0} | {:.2} |", rate(ext_secs), raw_secs / ext_secs);
+    println!("| monsoon: event → _id + _source + bulk action line | {:.0} | {:.2} |", rate(our_secs), raw_secs / our_secs);
+    println!("(bytes out: raw {raw_bytes}, monsoon {our_bytes} incl. action lines)");
+}
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is index 0, utime 11, stime 12 (fields 14/15 of stat).
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks / clock_ticks(), hwm))
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn indexed(m: &Monsoon) -> u64 {
+    m.stats().and_then(|s| s["indexed"].as_u64()).unwrap_or(0)
+}
+
+async fn wait_indexed(m: &Monsoon, target: u64, timeout: Duration) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if indexed(m) >= target {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {target} indexed after {timeout:?}\n{}", indexed(m), tail(&m.log(), 20));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn end_to_end(args: &Args) -> anyhow::Result<()> {
+    let cap = (args.docs + args.stream + args.backlog + 10_000).to_string();
+    let mongo = Mongo::start(&["--oplog-max-entries", &cap])?;
+    let mut es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("bench").collection::<Document>("items");
+    let n = args.docs;
+
+    // Ceilings of the stand-ins themselves, with the same documents.
+    let t = Instant::now();
+    insert_all(&coll, sample_docs(0, n)).await?;
+    let mongo_insert = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let raw = client.database("bench").collection::<RawDocumentBuf>("items");
+    let read: Vec<RawDocumentBuf> = raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?.try_collect().await?;
+    let mongo_read = read.len() as f64 / t.elapsed().as_secs_f64();
+    let es_bulk = es_ceiling(&esc, &read).await?;
+    drop(read);
+    println!("\n## Stand-in ceilings ({n} documents)");
+    println!("| stand-in | docs/s |");
+    println!("|---|---|");
+    println!("| SecantusDB insert (1000-doc batches) | {mongo_insert:.0} |");
+    println!("| SecantusDB sorted read (one cursor) | {mongo_read:.0} |");
+    println!("| noida-db bulk index (1000-doc bulks, 4 in flight) | {es_bulk:.0} |");
+
+    // Snapshot.
+    let state = TempDir::new("bench");
+    let yaml = pipeline_yaml("bench", &mongo.uri(), &es.url(), &["bench.items"], "");
+    let t = Instant::now();
+    let mut monsoon = Monsoon::start(&args.monsoon, &yaml, state.path())?;
+    let pid = monsoon_pid(&monsoon)?;
+    let done = wait_indexed(&monsoon, n as u64, Duration::from_secs(1800)).await?;
+    let snap_wall = done.duration_since(t).as_secs_f64();
+    let (snap_cpu, snap_rss) = proc_usage(pid).context("proc usage")?;
+    let ceiling = (n as f64 / mongo_read) .max(n as f64 / es_bulk);
+    println!("\n## Snapshot of {n} documents");
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| wall | {snap_wall:.1} s ({:.0} docs/s) |", n as f64 / snap_wall);
+    println!("| stand-ins' ceiling (slower of read and bulk) | {ceiling:.1} s; monsoon wall / ceiling = {:.2} |", snap_wall / ceiling);
+    println!("| monsoon CPU | {snap_cpu:.2} s total, {:.2} s per 100k docs |", snap_cpu * 100_000.0 / n as f64);
+    println!("| monsoon peak RSS | {:.1} MiB |", snap_rss as f64 / 1024.0);
+    println!("| vs Monstache 6.7.17 (figures quoted in the issue: 9.3–10.5 CPU s, ~420 MiB) | CPU {:.3}×, RSS {:.3}× |", snap_cpu / 9.3, snap_rss as f64 / 1024.0 / 420.0);
+
+    // Streaming.
+    let m = args.stream;
+    let (cpu0, _) = proc_usage(pid).context("proc usage")?;
+    let t = Instant::now();
+    insert_all(&coll, sample_docs(10_000_000, m)).await?;
+    let last_insert = Instant::now();
+    let insert_wall = last_insert.duration_since(t).as_secs_f64();
+    let done = wait_indexed(&monsoon, (n + m) as u64, Duration::from_secs(1800)).await?;
+    let lag = done.duration_since(last_insert).as_secs_f64();
+    let (cpu1, rss1) = proc_usage(pid).context("proc usage")?;
+    println!("\n## Streaming {m} inserts (1000-doc insert_many batches)");
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| inserts took (MongoDB with an open stream) | {insert_wall:.1} s ({:.0} docs/s) |", m as f64 / insert_wall);
+    println!("| last insert → last document indexed | {lag:.2} s |");
+    println!("| monsoon CPU | {:.2} s per 100k events |", (cpu1 - cpu0) * 100_000.0 / m as f64);
+    println!("| monsoon peak RSS (whole run so far) | {:.1} MiB |", rss1 as f64 / 1024.0);
+    println!("| vs Monstache (quoted: 5.5–8.7 CPU s, 57–101 MiB) | CPU {:.3}× |", (cpu1 - cpu0) * 100_000.0 / m as f64 / 5.5);
+
+    // Backlog while Elasticsearch is down: memory must stay bounded.
+    if args.backlog > 0 {
+        monsoon.kill();
+        // A fresh process so its peak RSS is the backlog's alone.
+        monsoon.restart()?;
+        let pid = monsoon_pid(&monsoon)?;
+        monsoon.wait_stats(Duration::from_secs(60), |s| s["phase"] == "Streaming")?;
+        es.stop();
+        let k = args.backlog;
+        let t = Instant::now();
+        insert_all(&coll, sample_docs(20_000_000, k)).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (_, rss) = proc_usage(pid).context("proc usage")?;
+        let stats = monsoon.stats().unwrap_or_default();
+        println!("\n## Backlog: {k} inserts while Elasticsearch is down ({:.0} s to insert)", t.elapsed().as_secs_f64());
+        println!("| figure | value |");
+        println!("|---|---|");
+        println!("| monsoon peak RSS | {:.1} MiB |", rss as f64 / 1024.0);
+        println!("| writes held in memory (in flight) | {} |", stats["inFlight"]);
+        println!("| ready while sink down | {} |", stats["ready"]);
+    }
+    Ok(())
+}
+
+fn monsoon_pid(m: &Monsoon) -> anyhow::Result<u32> {
+    m.pid().context("monsoon not running")
+}
+
+/// noida-db's bulk rate with the bodies monsoon would send, 4 requests in flight.
+async fn es_ceiling(esc: &elasticsearch::Elasticsearch, docs: &[RawDocumentBuf]) -> anyhow::Result<f64> {
+    let index: Arc<str> = Arc::from("ceiling");
+    let mut bodies = Vec::new();
+    let mut stats = ConvertStats::default();
+    for chunk in docs.chunks(1000) {
+        let mut body = Vec::new();
+        for d in chunk {
+            let id = d.get("_id").ok().flatten().context("_id")?;
+            let mut id_buf = Vec::new();
+            convert::write_es_id(id, &mut id_buf)?;
+            let mut src = Vec::new();
+            convert::write_document(d, true, &mut src, &mut stats)?;
+            let w = Write::new(index.clone(), index.clone(), String::from_utf8_lossy(&id_buf).into(), 1, Op::Index(Bytes::from(src)));
+            request::encode(&w, &mut body);
+        }
+        bodies.push(body);
+    }
+    let t = Instant::now();
+    let mut pending = futures_util::stream::iter(bodies.into_iter().map(|b| {
+        let esc = esc.clone();
+        async move {
+            let r = esc
+                .transport()
+                .send(
+                    elasticsearch::http::Method::Post,
+                    "/_bulk",
+                    elasticsearch::http::headers::HeaderMap::new(),
+                    Option::<&()>::None,
+                    Some(Bytes::from(b)),
+                    None,
+                )
+                .await?;
+            anyhow::ensure!(r.status_code().is_success(), "bulk failed");
+            Ok::<_, anyhow::Error>(())
+        }
+    }))
+    .buffer_unordered(4);
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok(docs.len() as f64 / t.elapsed().as_secs_f64())
+}
