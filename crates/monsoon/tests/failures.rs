@@ -329,3 +329,37 @@ async fn bad_input_is_refused_with_one_clear_line() -> anyhow::Result<()> {
     assert!(error_line.contains("failed to reach MongoDB"), "{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_change_event_is_read_without_update_lookup() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    // A real document near 12 MB goes through the whole path.
+    let big = "x".repeat(12 << 20);
+    coll.insert_one(doc! {"_id": "big", "blob": &big}).await?;
+    coll.update_one(doc! {"_id": "big"}, doc! {"$set": {"blob": format!("y{big}")}}).await?;
+    // SecantusDB does not enforce MongoDB's 16 MB limit on change events, so the server's
+    // BSONObjectTooLarge (10334) on getMore is injected with a failpoint.
+    client
+        .database("admin")
+        .run_command(doc! {"configureFailPoint": "failCommand", "mode": {"times": 1},
+            "data": {"failCommands": ["getMore"], "errorCode": 10334}})
+        .await?;
+    insert_all(&coll, sample_docs(0, 100)).await?;
+    coll.update_one(doc! {"_id": 5}, doc! {"$set": {"status": "after oversize"}}).await?;
+    coll.delete_one(doc! {"_id": 6}).await?;
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
+    let log = monsoon.log();
+    assert!(log.contains("too large for MongoDB"), "the failpoint never hit:\n{}", tail(&log, 30));
+    let metrics = monsoon.get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("monsoon_change_events_total{op=\"lookup\""), "no document was looked up:\n{metrics}");
+    Ok(())
+}

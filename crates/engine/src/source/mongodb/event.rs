@@ -32,6 +32,18 @@ pub enum Action<'a> {
         /// Cluster time of the change.
         time: Timestamp,
     },
+    /// The change carries no document (the stream runs without `updateLookup` after an
+    /// event too large for MongoDB's 16 MB limit): read the document by `_id` now.
+    Lookup {
+        /// Database.
+        db: &'a str,
+        /// Collection.
+        coll: &'a str,
+        /// The document's `_id`.
+        id: RawBsonRef<'a>,
+        /// Cluster time of the change.
+        time: Timestamp,
+    },
     /// The collection was dropped.
     Drop {
         /// Database.
@@ -120,7 +132,8 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             let time = time_field(event)?;
             let full = event.get("fullDocument").ok().flatten();
             match (op, full) {
-                ("delete", _) | (_, None | Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time }),
+                ("delete", _) | (_, Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time }),
+                (_, None) => Ok(Action::Lookup { db, coll, id, time }),
                 (_, Some(RawBsonRef::Document(doc))) => Ok(Action::Upsert { db, coll, id, doc, time }),
                 _ => Err(Malformed {
                     field: "fullDocument",
@@ -190,6 +203,16 @@ mod tests {
         assert_eq!(
             parse(&e).expect("parse"),
             Action::Delete { db: "d", coll: "c", id: RawBsonRef::String("x"), time: T }
+        );
+    }
+
+    #[test]
+    fn change_without_a_full_document_asks_for_a_lookup() {
+        let e = raw(doc! {"operationType": "update", "clusterTime": T, "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": "x"}});
+        assert_eq!(
+            parse(&e).expect("parse"),
+            Action::Lookup { db: "d", coll: "c", id: RawBsonRef::String("x"), time: T }
         );
     }
 

@@ -44,6 +44,11 @@ const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
 const CHANGE_STREAM_FATAL: i32 = 280;
 /// MongoDB error code: capped collection position lost (4.0 oplog rollover).
 const CAPPED_POSITION_LOST: i32 = 136;
+/// MongoDB error code: a result over 16 MB, here a change event with its looked-up document.
+const BSON_OBJECT_TOO_LARGE: i32 = 10334;
+/// After an oversize event, how many events to read without `updateLookup` (looking each
+/// document up separately) before returning to the normal stream.
+const LEAN_EVENTS: u64 = 1000;
 
 /// How often (in events) the stream records its position while busy. Positions are cheap,
 /// but one per event would clone a token per event for nothing.
@@ -371,15 +376,27 @@ impl Source<'_> {
     async fn open_stream(
         &self,
         start: &StreamStart,
+        lean: bool,
     ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
         let dbs = self.routing.databases();
-        let pipeline = vec![doc! {"$match": {"$or": [
-            {"ns.db": {"$in": dbs.clone()}},
-            {"to.db": {"$in": dbs.clone()}},
-            {"operationType": "invalidate"},
-        ]}}];
+        // `updateDescription` is never used (the full document is indexed): dropping it
+        // server-side halves big update events and keeps them under 16 MB. In lean mode the
+        // document itself is dropped too and looked up by `_id` instead.
+        let project = if lean {
+            doc! {"$project": {"updateDescription": 0, "fullDocument": 0}}
+        } else {
+            doc! {"$project": {"updateDescription": 0}}
+        };
+        let pipeline = vec![
+            doc! {"$match": {"$or": [
+                {"ns.db": {"$in": dbs.clone()}},
+                {"to.db": {"$in": dbs.clone()}},
+                {"operationType": "invalidate"},
+            ]}},
+            project,
+        ];
         let mut options = ChangeStreamOptions::builder()
-            .full_document(Some(FullDocumentType::UpdateLookup))
+            .full_document((!lean).then_some(FullDocumentType::UpdateLookup))
             .max_await_time(Some(Duration::from_millis(500)))
             .batch_size(Some(1000))
             .build();
@@ -415,8 +432,11 @@ impl Source<'_> {
         let mut backoff = Backoff::default();
         let mut stats = ConvertStats::default();
         self.health.set_phase(Phase::Streaming);
+        // Events left to read without updateLookup after an oversize event.
+        let mut lean_left = 0u64;
         loop {
-            let mut stream = match self.open_stream(&start).await {
+            let lean = lean_left > 0;
+            let mut stream = match self.open_stream(&start, lean).await {
                 Ok(s) => s,
                 Err(e) => {
                     if let Some(code) = history_lost_code(&e) {
@@ -431,7 +451,7 @@ impl Source<'_> {
                     continue;
                 }
             };
-            info!("change stream open");
+            info!(lean, "change stream open");
             let mut since_position = 0u64;
             let mut last_recorded: Option<ResumeToken> = None;
             loop {
@@ -450,6 +470,9 @@ impl Source<'_> {
                         backoff.reset();
                         self.health.source_beat(true);
                         let token = stream.resume_token();
+                        // Past the oversize event: handle this one, then re-open with updateLookup.
+                        let back_to_lookup = lean && lean_left == 1;
+                        lean_left = lean_left.saturating_sub(1);
                         match self.handle_event(&raw, &mut stats).await? {
                             Next::Continue => {}
                             Next::Reopen => {
@@ -470,6 +493,10 @@ impl Source<'_> {
                                 self.sink.record(Position::Stream(token));
                             }
                         }
+                        if back_to_lookup {
+                            info!("past the oversize event; returning to updateLookup");
+                            break;
+                        }
                     }
                     Ok(None) => {
                         // Batch exhausted: the post-batch resume token moves on even when no
@@ -488,6 +515,14 @@ impl Source<'_> {
                         if let Some(code) = history_lost_code(&e) {
                             self.metrics.history_lost.inc();
                             return Err(Error::HistoryLost { code });
+                        }
+                        if is_too_large(&e) {
+                            // The next event plus its looked-up document exceeds 16 MB: read on
+                            // without updateLookup and fetch documents by `_id` for a while.
+                            warn!(error = %e, "change event too large for MongoDB; continuing without updateLookup for {LEAN_EVENTS} events");
+                            self.metrics.stream_reopens.inc();
+                            lean_left = LEAN_EVENTS;
+                            break;
                         }
                         // Re-open from the last token read (events before it are already in
                         // the pipeline), whatever the error's labels say: some servers omit
@@ -533,6 +568,14 @@ impl Source<'_> {
                     self.send(w).await?;
                 }
             }
+            Action::Lookup { db, coll, id, time } => {
+                self.metrics.events.with_label_values(&["lookup"]).inc();
+                if self.routing.includes(db, coll) {
+                    let doc = self.lookup(db, coll, id).await?;
+                    let w = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats);
+                    self.send(w).await?;
+                }
+            }
             Action::Drop { db, coll } => {
                 self.metrics.events.with_label_values(&["drop"]).inc();
                 if self.routing.includes(db, coll) {
@@ -564,6 +607,26 @@ impl Source<'_> {
             Action::Ignore { .. } => {}
         }
         Ok(Next::Continue)
+    }
+
+    /// Read one document by `_id` (lean mode), retrying until MongoDB answers. `None`: it
+    /// was deleted since the change, whose delete event follows.
+    async fn lookup(&self, db: &str, coll: &str, id: RawBsonRef<'_>) -> Result<Option<RawDocumentBuf>, Error> {
+        let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
+        let id: Bson = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
+        let mut backoff = Backoff::default();
+        loop {
+            match collection.find_one(doc! {"_id": id.clone()}).await {
+                Ok(doc) => return Ok(doc),
+                Err(e) => {
+                    warn!(error = %e, "document lookup failed; retrying");
+                    self.health.source_beat(false);
+                    if backoff.wait(&self.cancel).await.is_err() {
+                        return Err(Error::Cancelled);
+                    }
+                }
+            }
+        }
     }
 
     async fn drop_index(&self, db: &str, coll: &str) -> Result<(), Error> {
@@ -609,6 +672,10 @@ pub enum StreamStart {
     ResumeAfter(ResumeToken),
     /// After an invalidate event.
     StartAfter(ResumeToken),
+}
+
+fn is_too_large(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Command(c) if c.code == BSON_OBJECT_TOO_LARGE)
 }
 
 fn history_lost_code(e: &mongodb::error::Error) -> Option<i32> {
