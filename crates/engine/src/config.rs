@@ -132,13 +132,41 @@ pub struct NamespacePattern {
     pub collection: Option<String>,
 }
 
+impl fmt::Display for NamespacePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.collection {
+            Some(c) => write!(f, "{}.{c}", self.database),
+            None => write!(f, "{}.*", self.database),
+        }
+    }
+}
+
 impl NamespacePattern {
+    /// Read `db.collection` or `db.*` (as written by `Display`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (db, coll) = text.split_once('.')?;
+        Some(Self {
+            database: db.to_string(),
+            collection: (coll != "*").then(|| coll.to_string()),
+        })
+    }
+
     /// Whether collection `coll` of database `db` falls under this pattern.
     pub fn matches(&self, db: &str, coll: &str) -> bool {
         self.database == db
             && !coll.starts_with("system.")
             && self.collection.as_deref().is_none_or(|c| c == coll)
     }
+}
+
+/// The namespace patterns whose collections a checkpoint has fully synced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Coverage {
+    /// Included patterns (`db.collection`, `db.*`).
+    pub include: Vec<String>,
+    /// Excluded patterns.
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// Which namespaces are synced, and the index of each.
@@ -165,6 +193,23 @@ impl Routing {
         match self.indexes.get(&ns) {
             Some(index) => index.clone(),
             None => ns.to_lowercase(),
+        }
+    }
+
+    /// The include and exclude patterns as text, for the checkpoint's snapshot coverage.
+    pub fn coverage(&self) -> Coverage {
+        Coverage {
+            include: self.include.iter().map(ToString::to_string).collect(),
+            exclude: self.exclude.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Routing of a stored coverage (index names do not matter for coverage).
+    pub fn from_coverage(coverage: &Coverage) -> Self {
+        Self {
+            include: coverage.include.iter().filter_map(|p| NamespacePattern::parse(p)).collect(),
+            exclude: coverage.exclude.iter().filter_map(|p| NamespacePattern::parse(p)).collect(),
+            indexes: BTreeMap::new(),
         }
     }
 
@@ -201,6 +246,19 @@ mod tests {
         assert!(!routing.includes("Other", "Orders"));
         assert_eq!(routing.index_for("Shop", "Orders"), "shop.orders");
         assert_eq!(routing.index_for("Shop", "users"), "people");
+    }
+
+    #[test]
+    fn coverage_round_trips_through_text() {
+        let routing = Routing {
+            include: vec![pattern("shop", None), pattern("app", Some("users.v2"))],
+            exclude: vec![pattern("shop", Some("audit"))],
+            indexes: BTreeMap::new(),
+        };
+        let back = Routing::from_coverage(&routing.coverage());
+        assert_eq!(back.include, routing.include);
+        assert_eq!(back.exclude, routing.exclude);
+        assert_eq!(routing.coverage().include, vec!["shop.*", "app.users.v2"]);
     }
 
     #[test]

@@ -151,6 +151,8 @@ async fn run_inner<S: CheckpointStore>(
             if !config.snapshot {
                 cp.snapshot.done = true;
             }
+            // A pipeline that does not snapshot covers its namespaces from the stream start.
+            cp.snapshot.coverage = (!config.snapshot).then(|| config.routing.coverage());
             store.save(&cp).await?;
             info!(pipeline = %name, t = t0.t, i = t0.i, "new pipeline: stream start recorded");
             t0
@@ -206,9 +208,9 @@ async fn run_inner<S: CheckpointStore>(
         route_cache: std::sync::Mutex::new(None),
     };
     let result = async {
+        let current = config.routing.coverage();
         if !snapshot_progress.done {
             health.set_phase(Phase::Snapshotting);
-            let version = stream_start.version();
             let collections = mongo::list_collections(&source.client, &config.routing)
                 .await
                 .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
@@ -222,13 +224,39 @@ async fn run_inner<S: CheckpointStore>(
                 let resume = progress
                     .and_then(|p| p.last_id.as_ref())
                     .and_then(mongo::id_from_json);
-                if source.snapshot_collection(&db, &coll, resume, version).await? == Ended::Cancelled {
+                if source.snapshot_collection(&db, &coll, resume, stream_start.version()).await? == Ended::Cancelled {
                     return Ok(());
                 }
             }
             sink.record(Position::SnapshotDone);
             info!(pipeline = %name, "snapshot read complete; following the change stream");
+        } else if config.snapshot {
+            // Namespaces added to the pipeline since the checkpoint's coverage was recorded
+            // were never snapshotted: read them now, versioned at the current cluster time,
+            // before the stream resumes (its older events for them then lose as stale).
+            let covered = snapshot_progress
+                .coverage
+                .as_ref()
+                .map(config::Routing::from_coverage)
+                .unwrap_or_else(|| config.routing.clone());
+            let added: Vec<(String, String)> = mongo::list_collections(&source.client, &config.routing)
+                .await
+                .map_err(|e| mongo::Error::Unreachable(e.to_string()))?
+                .into_iter()
+                .filter(|(db, coll)| !covered.includes(db, coll))
+                .collect();
+            if !added.is_empty() {
+                health.set_phase(Phase::Snapshotting);
+                let version = mongo::cluster_time(&source.client).await?.version();
+                info!(pipeline = %name, collections = added.len(), "namespaces added to the pipeline; snapshotting them");
+                for (db, coll) in added {
+                    if source.snapshot_collection(&db, &coll, None, version).await? == Ended::Cancelled {
+                        return Ok(());
+                    }
+                }
+            }
         }
+        sink.record(Position::Coverage(current));
         let start = match resume_token {
             Some(token) => StreamStart::ResumeAfter(token),
             None => StreamStart::At(stream_start),

@@ -152,3 +152,42 @@ async fn renamed_collection_moves_to_its_new_index() -> anyhow::Result<()> {
     assert_eq!(count(&esc, "app.old").await?, 0, "old index still has documents");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_added_to_a_running_pipeline_is_snapshotted() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let db = client.database("shop");
+    insert_all(&db.collection("orders"), sample_docs(0, 300)).await?;
+    insert_all(&db.collection("users"), sample_docs(0, 120)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+    assert_eq!(count(&esc, "shop.users").await?, 0);
+    let (code, _) = monsoon.terminate()?;
+    assert_eq!(code, Some(0));
+
+    // The users existed all along; the pipeline now includes them.
+    db.collection::<Document>("users").update_one(doc! {"_id": 3}, doc! {"$set": {"status": "x"}}).await?;
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders", "shop.users"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "shop", "users", "shop.users", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
+    let stats = monsoon.stats().expect("stats");
+    assert_eq!(stats["snapshotDocuments"], 120, "only the added namespace is read: {stats}");
+    let want = serde_json::json!(["shop.orders", "shop.users"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cp = monsoon.checkpoint("shop").expect("checkpoint");
+        if cp["snapshot"]["coverage"]["include"] == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "coverage not checkpointed: {cp}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -16,6 +16,8 @@ use mongodb::bson::{Bson, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Coverage;
+
 /// Format version written into every checkpoint; bump on incompatible changes.
 pub const FORMAT: u32 = 1;
 
@@ -97,6 +99,11 @@ pub struct SnapshotProgress {
     /// Progress by namespace (`db.collection`).
     #[serde(default)]
     pub collections: BTreeMap<String, CollectionProgress>,
+    /// The namespace patterns this checkpoint covers: their collections were snapshotted (or
+    /// created later and streamed). A pattern added to the pipeline later is snapshotted on
+    /// the next start; one removed and added back again is snapshotted again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Coverage>,
 }
 
 /// Snapshot progress of one collection, read in `_id` order.
@@ -128,6 +135,8 @@ pub enum Position {
     },
     /// All collections are snapshotted.
     SnapshotDone,
+    /// The checkpoint covers exactly these namespace patterns from here on.
+    Coverage(Coverage),
     /// The change stream is acknowledged up to this token.
     Stream(ResumeToken),
 }
@@ -185,6 +194,7 @@ impl Checkpoint {
                 self.snapshot.collections.entry(ns.clone()).or_default().done = true;
             }
             Position::SnapshotDone => self.snapshot.done = true,
+            Position::Coverage(c) => self.snapshot.coverage = Some(c.clone()),
             Position::Stream(token) => {
                 if let Ok(bson) = mongodb::bson::to_bson(token) {
                     self.resume_token = Some(bson.into_canonical_extjson());
