@@ -47,7 +47,8 @@ pub struct SyncPipelineSpec {
     pub batch: BatchSpec,
     /// What to do when the stored resume point has fallen off the MongoDB oplog (error 286,
     /// ChangeStreamHistoryLost): `Fail` stops with a clear error and a status condition;
-    /// `Resnapshot` re-indexes from scratch (not implemented yet: rejected by validation).
+    /// `Resnapshot` reads every collection again and then deletes the indexed documents the
+    /// new snapshot did not see (deleted during the gap), then streams from the new start.
     #[serde(default)]
     pub on_history_lost: HistoryLostPolicy,
     /// What to do with the index when its collection (or database) is dropped in MongoDB:

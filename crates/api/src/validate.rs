@@ -184,12 +184,6 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     if !(1..=64).contains(&b.concurrency) {
         errs.push("spec.batch.concurrency", "must be between 1 and 64");
     }
-    if spec.on_history_lost == HistoryLostPolicy::Resnapshot {
-        errs.push(
-            "spec.onHistoryLost",
-            "`Resnapshot` is not implemented yet; use `Fail` and re-create the pipeline's checkpoint to re-snapshot",
-        );
-    }
     if let Err(m) = check_index_name(&spec.dead_letter.index) {
         errs.push("spec.deadLetter.index", m);
     }

@@ -97,6 +97,8 @@ impl fmt::Debug for Secret {
 pub enum HistoryLost {
     /// Stop with an error.
     Fail,
+    /// Snapshot again, then delete what the new snapshot did not see.
+    Resnapshot,
 }
 
 /// Bulk batching limits.

@@ -22,8 +22,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use crate::checkpoint::{Checkpoint, CheckpointStore, Position};
-use crate::config::EngineConfig;
+use crate::checkpoint::{Checkpoint, CheckpointStore, ClusterTime, Position};
+use crate::config::{EngineConfig, HistoryLost};
 use crate::metrics::{Health, Metrics, Phase};
 use crate::sink::elasticsearch::Elastic;
 use crate::sink::{Shared, Sink, SinkSettings};
@@ -176,6 +176,7 @@ async fn run_inner<S: CheckpointStore>(
     );
 
     let snapshot_progress = cp.snapshot.clone();
+    let sweep_below = cp.sweep_below;
     let stop_checkpointer = CancellationToken::new();
     let checkpointer = {
         let shared = shared.clone();
@@ -207,63 +208,35 @@ async fn run_inner<S: CheckpointStore>(
         delete_index_on_drop: config.delete_index_on_drop,
         route_cache: std::sync::Mutex::new(None),
     };
-    let result = async {
-        let current = config.routing.coverage();
-        if !snapshot_progress.done {
-            health.set_phase(Phase::Snapshotting);
-            let collections = mongo::list_collections(&source.client, &config.routing)
-                .await
-                .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
-            info!(pipeline = %name, collections = collections.len(), "snapshot started");
-            for (db, coll) in collections {
-                let ns = format!("{db}.{coll}");
-                let progress = snapshot_progress.collections.get(&ns);
-                if progress.is_some_and(|p| p.done) {
-                    continue;
+    let mut start = Start {
+        stream_start,
+        resume_token,
+        snapshot: snapshot_progress,
+        sweep_below,
+    };
+    let result = loop {
+        match run_source(config, &source, &sink, &start).await {
+            Err(mongo::Error::HistoryLost { code }) if config.on_history_lost == HistoryLost::Resnapshot => {
+                // Nothing is skipped silently: say so loudly, then rebuild.
+                error!(pipeline = %name, code, "change stream history lost; onHistoryLost=Resnapshot: snapshotting every collection again, then deleting what the new snapshot does not see");
+                if sink.barrier().await.is_err() {
+                    break Ok(());
                 }
-                let resume = progress
-                    .and_then(|p| p.last_id.as_ref())
-                    .and_then(mongo::id_from_json);
-                if source.snapshot_collection(&db, &coll, resume, stream_start.version()).await? == Ended::Cancelled {
-                    return Ok(());
-                }
+                let t1 = match mongo::cluster_time(&source.client).await {
+                    Ok(t) => t,
+                    Err(e) => break Err(e),
+                };
+                sink.record(Position::Reset { stream_start: t1 });
+                start = Start {
+                    stream_start: t1,
+                    resume_token: None,
+                    snapshot: checkpoint::SnapshotProgress::default(),
+                    sweep_below: Some(t1.version()),
+                };
             }
-            sink.record(Position::SnapshotDone);
-            info!(pipeline = %name, "snapshot read complete; following the change stream");
-        } else if config.snapshot {
-            // Namespaces added to the pipeline since the checkpoint's coverage was recorded
-            // were never snapshotted: read them now, versioned at the current cluster time,
-            // before the stream resumes (its older events for them then lose as stale).
-            let covered = snapshot_progress
-                .coverage
-                .as_ref()
-                .map(config::Routing::from_coverage)
-                .unwrap_or_else(|| config.routing.clone());
-            let added: Vec<(String, String)> = mongo::list_collections(&source.client, &config.routing)
-                .await
-                .map_err(|e| mongo::Error::Unreachable(e.to_string()))?
-                .into_iter()
-                .filter(|(db, coll)| !covered.includes(db, coll))
-                .collect();
-            if !added.is_empty() {
-                health.set_phase(Phase::Snapshotting);
-                let version = mongo::cluster_time(&source.client).await?.version();
-                info!(pipeline = %name, collections = added.len(), "namespaces added to the pipeline; snapshotting them");
-                for (db, coll) in added {
-                    if source.snapshot_collection(&db, &coll, None, version).await? == Ended::Cancelled {
-                        return Ok(());
-                    }
-                }
-            }
+            other => break other,
         }
-        sink.record(Position::Coverage(current));
-        let start = match resume_token {
-            Some(token) => StreamStart::ResumeAfter(token),
-            None => StreamStart::At(stream_start),
-        };
-        source.stream(start).await.map(|_| ())
-    }
-    .await;
+    };
     // Shutdown while waiting on the sink is a clean stop, not a failure.
     let result = match result {
         Err(mongo::Error::Cancelled) => Ok(()),
@@ -289,6 +262,131 @@ async fn run_inner<S: CheckpointStore>(
         info!(pipeline = %name, "final checkpoint written");
     }
     result.map_err(Error::from)
+}
+
+/// Where the source starts: from the checkpoint, or anew after lost history.
+struct Start {
+    stream_start: ClusterTime,
+    resume_token: Option<mongodb::change_stream::event::ResumeToken>,
+    snapshot: checkpoint::SnapshotProgress,
+    sweep_below: Option<u64>,
+}
+
+/// Snapshot what needs it, sweep after a re-snapshot, then follow the stream until
+/// cancelled or failed.
+async fn run_source(
+    config: &EngineConfig,
+    source: &Source<'_>,
+    sink: &Sink,
+    start: &Start,
+) -> Result<(), mongo::Error> {
+    let name = config.name.as_str();
+    let health = source.health;
+    let current = config.routing.coverage();
+    if !start.snapshot.done {
+        health.set_phase(Phase::Snapshotting);
+        let collections = mongo::list_collections(&source.client, &config.routing)
+            .await
+            .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
+        info!(pipeline = %name, collections = collections.len(), "snapshot started");
+        for (db, coll) in collections {
+            let ns = format!("{db}.{coll}");
+            let progress = start.snapshot.collections.get(&ns);
+            if progress.is_some_and(|p| p.done) {
+                continue;
+            }
+            let resume = progress
+                .and_then(|p| p.last_id.as_ref())
+                .and_then(mongo::id_from_json);
+            if source.snapshot_collection(&db, &coll, resume, start.stream_start.version()).await? == Ended::Cancelled {
+                return Ok(());
+            }
+        }
+        sink.record(Position::SnapshotDone);
+        info!(pipeline = %name, "snapshot read complete; following the change stream");
+    } else if config.snapshot {
+        // Namespaces added to the pipeline since the checkpoint's coverage was recorded
+        // were never snapshotted: read them now, versioned at the current cluster time,
+        // before the stream resumes (its older events for them then lose as stale).
+        let covered = start
+            .snapshot
+            .coverage
+            .as_ref()
+            .map(config::Routing::from_coverage)
+            .unwrap_or_else(|| config.routing.clone());
+        let added: Vec<(String, String)> = mongo::list_collections(&source.client, &config.routing)
+            .await
+            .map_err(|e| mongo::Error::Unreachable(e.to_string()))?
+            .into_iter()
+            .filter(|(db, coll)| !covered.includes(db, coll))
+            .collect();
+        if !added.is_empty() {
+            health.set_phase(Phase::Snapshotting);
+            let version = mongo::cluster_time(&source.client).await?.version();
+            info!(pipeline = %name, collections = added.len(), "namespaces added to the pipeline; snapshotting them");
+            for (db, coll) in added {
+                if source.snapshot_collection(&db, &coll, None, version).await? == Ended::Cancelled {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    sink.record(Position::Coverage(current));
+    if let Some(below) = start.sweep_below {
+        if sweep(config, source, sink, below).await == Ended::Cancelled {
+            return Ok(());
+        }
+    }
+    let stream_start = match &start.resume_token {
+        Some(token) => StreamStart::ResumeAfter(token.clone()),
+        None => StreamStart::At(start.stream_start),
+    };
+    source.stream(stream_start).await.map(|_| ())
+}
+
+/// After a re-snapshot: once every snapshot write is acknowledged, delete from each index the
+/// documents older than the new snapshot (they were deleted during the lost history).
+async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u64) -> Ended {
+    if sink.barrier().await.is_err() {
+        return Ended::Cancelled;
+    }
+    let mut backoff = retry::Backoff::default();
+    loop {
+        let mut indexes: Vec<String> = match mongo::list_collections(&source.client, &config.routing).await {
+            Ok(c) => c.iter().map(|(db, coll)| config.routing.index_for(db, coll)).collect(),
+            Err(e) => {
+                warn!(error = %e, "failed to list collections for the sweep; retrying");
+                if backoff.wait(&source.cancel).await.is_err() {
+                    return Ended::Cancelled;
+                }
+                continue;
+            }
+        };
+        // Collections dropped during the gap have no collection left, only their index.
+        indexes.extend(config.routing.include.iter().filter_map(|p| {
+            p.collection.as_ref().map(|c| config.routing.index_for(&p.database, c))
+        }));
+        indexes.sort();
+        indexes.dedup();
+        let mut failed = false;
+        for index in &indexes {
+            match sink.elastic().sweep(index, below).await {
+                Ok(n) => info!(pipeline = %config.name, index = %index, deleted = n, "swept documents deleted during the lost history"),
+                Err(e) => {
+                    warn!(index = %index, error = %error_chain(&e), "sweep failed; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed {
+            sink.record(Position::SweepDone);
+            return Ended::Complete;
+        }
+        if backoff.wait(&source.cancel).await.is_err() {
+            return Ended::Cancelled;
+        }
+    }
 }
 
 /// Fold committable positions into `cp` and store it. A failed write is logged and retried

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use monsoon_api::{DropPolicy, NamespacePattern as ApiPattern, ValidatedPipeline, ValueFrom};
+use monsoon_api::{
+    DropPolicy, HistoryLostPolicy, NamespacePattern as ApiPattern, ValidatedPipeline, ValueFrom,
+};
 use monsoon_engine::config::{
     BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig,
     NamespacePattern, Routing, Secret,
@@ -138,7 +140,10 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
             flush_interval: Duration::from_millis(spec.batch.flush_interval_ms),
             concurrency: spec.batch.concurrency as usize,
         },
-        on_history_lost: HistoryLost::Fail,
+        on_history_lost: match spec.on_history_lost {
+            HistoryLostPolicy::Fail => HistoryLost::Fail,
+            HistoryLostPolicy::Resnapshot => HistoryLost::Resnapshot,
+        },
         delete_index_on_drop: spec.on_drop == DropPolicy::DeleteIndex,
         dead_letter_index: spec.dead_letter.index.clone(),
         checkpoint_interval: Duration::from_secs(1),

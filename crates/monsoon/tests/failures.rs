@@ -363,3 +363,41 @@ async fn oversize_change_event_is_read_without_update_lookup() -> anyhow::Result
     assert!(metrics.contains("monsoon_change_events_total{op=\"lookup\""), "no document was looked up:\n{metrics}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_with_policy_resnapshot_rebuilds_and_removes_gap_deletes() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&["--oplog-max-entries", "1000"])?;
+    let es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let esc = es.client()?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(0, 200)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  onHistoryLost: Resnapshot\n");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+    let (code, _) = monsoon.terminate()?;
+    assert_eq!(code, Some(0));
+    // While monsoon is stopped: deletes and updates whose events will be lost, then enough
+    // writes to roll the oplog past the resume point.
+    coll.delete_many(doc! {"_id": {"$lt": 50}}).await?;
+    coll.update_many(doc! {"_id": {"$gte": 50, "$lt": 60}}, doc! {"$set": {"status": "changed in the gap"}}).await?;
+    insert_all(&coll, sample_docs(1000, 3000)).await?;
+    client.database("admin").run_command(doc! {"secantusAdmin.pruneOplog": 1}).await?;
+    monsoon.restart()?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "gap deletes must be swept: {r:?}\n{}", tail(&monsoon.log(), 30));
+    let log = monsoon.log();
+    assert!(log.contains("history lost"), "{}", tail(&log, 20));
+    let metrics = monsoon.get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("monsoon_history_lost_total{pipeline=\"shop\"} 1"), "{metrics}");
+    // And it keeps streaming afterwards.
+    coll.delete_one(doc! {"_id": 60}).await?;
+    coll.insert_one(doc! {"_id": "after", "ok": true}).await?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+    let cp = monsoon.checkpoint("shop").expect("checkpoint");
+    assert!(cp.get("sweepBelow").is_none(), "sweep must be marked done: {cp}");
+    Ok(())
+}

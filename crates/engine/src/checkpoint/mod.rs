@@ -39,6 +39,10 @@ pub struct Checkpoint {
     /// Snapshot progress.
     #[serde(default)]
     pub snapshot: SnapshotProgress,
+    /// After a re-snapshot (history lost): once the snapshot is acknowledged, documents with
+    /// a version below this are ones the new snapshot did not see, deleted during the gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep_below: Option<u64>,
 }
 
 /// 2020-01-01T00:00:00Z: versions count seconds from here.
@@ -139,6 +143,14 @@ pub enum Position {
     Coverage(Coverage),
     /// The change stream is acknowledged up to this token.
     Stream(ResumeToken),
+    /// History was lost: start over from a new stream start with a new snapshot, and sweep
+    /// what it does not see.
+    Reset {
+        /// The new stream start (also the new snapshot's version).
+        stream_start: ClusterTime,
+    },
+    /// The sweep after a re-snapshot is done.
+    SweepDone,
 }
 
 /// Why a checkpoint could not be read, written or understood.
@@ -195,6 +207,13 @@ impl Checkpoint {
             }
             Position::SnapshotDone => self.snapshot.done = true,
             Position::Coverage(c) => self.snapshot.coverage = Some(c.clone()),
+            Position::Reset { stream_start } => {
+                self.stream_start = Some(*stream_start);
+                self.resume_token = None;
+                self.snapshot = SnapshotProgress::default();
+                self.sweep_below = Some(stream_start.version());
+            }
+            Position::SweepDone => self.sweep_below = None,
             Position::Stream(token) => {
                 if let Ok(bson) = mongodb::bson::to_bson(token) {
                     self.resume_token = Some(bson.into_canonical_extjson());
@@ -290,6 +309,21 @@ mod tests {
         let id = back.snapshot.collections["shop.orders"].last_id.clone().expect("id");
         assert_eq!(Bson::try_from(id).expect("bson"), Bson::ObjectId(oid));
         assert!(back.snapshot.collections["shop.users"].done);
+    }
+
+    #[test]
+    fn reset_starts_over_and_sweep_done_clears_the_sweep() {
+        let mut cp = Checkpoint::new("shop");
+        cp.snapshot.done = true;
+        cp.resume_token = Some(serde_json::json!({"_data": "00"}));
+        let t1 = ClusterTime { t: 1_800_000_000, i: 1 };
+        cp.apply(&Position::Reset { stream_start: t1 });
+        assert_eq!(cp.stream_start, Some(t1));
+        assert_eq!(cp.resume_token, None);
+        assert!(!cp.snapshot.done);
+        assert_eq!(cp.sweep_below, Some(t1.version()));
+        cp.apply(&Position::SweepDone);
+        assert_eq!(cp.sweep_below, None);
     }
 
     #[test]

@@ -193,7 +193,7 @@ impl Elastic {
         body: &serde_json::Value,
     ) -> Result<(), Error> {
         let path = format!("/{}", encode_path(index));
-        let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let bytes = json_bytes(body);
         let (status, response) = self
             .request(Method::Put, &path, None, Some(bytes), None)
             .await?;
@@ -205,6 +205,100 @@ impl Elastic {
             _ => Err(status_error("PUT index", status, &response)),
         }
     }
+}
+
+impl Elastic {
+    /// Delete every document of `index` whose version is below `below`, with a delete that
+    /// itself carries version `below - 1` (`external_gte`): a document re-indexed meanwhile
+    /// with a newer version answers 409 and stays. Returns how many were deleted. A missing
+    /// index has nothing to sweep.
+    ///
+    /// # Errors
+    /// Transport failures and unexpected statuses; the sweep is idempotent, so the caller
+    /// retries it whole.
+    pub async fn sweep(&self, index: &str, below: u64) -> Result<u64, Error> {
+        if below == 0 {
+            return Ok(0);
+        }
+        let query = serde_json::json!({"size": 1000, "version": true, "_source": false, "sort": ["_doc"]});
+        let path = format!("/{}/_search", encode_path(index));
+        let (status, mut body) = self
+            .request(Method::Post, &path, Some(&[("scroll", "2m")]), Some(json_bytes(&query)), None)
+            .await?;
+        match status {
+            200 => {}
+            404 => return Ok(0),
+            _ => return Err(status_error("scroll search", status, &body)),
+        }
+        let mut deleted = 0;
+        let mut scroll_id = String::new();
+        loop {
+            let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if let Some(id) = page["_scroll_id"].as_str() {
+                scroll_id = id.to_string();
+            }
+            let hits = page["hits"]["hits"].as_array().cloned().unwrap_or_default();
+            if hits.is_empty() {
+                break;
+            }
+            let mut bulk = Vec::new();
+            let mut actions = 0;
+            for hit in &hits {
+                let (Some(id), Some(version)) = (hit["_id"].as_str(), hit["_version"].as_u64()) else {
+                    continue;
+                };
+                if version >= below {
+                    continue;
+                }
+                bulk.extend_from_slice(b"{\"delete\":{\"_index\":");
+                super::request::write_json_str(index, &mut bulk);
+                bulk.extend_from_slice(b",\"_id\":");
+                super::request::write_json_str(id, &mut bulk);
+                bulk.extend_from_slice(format!(",\"version\":{},\"version_type\":\"external_gte\"}}}}\n", below - 1).as_bytes());
+                actions += 1;
+            }
+            if actions > 0 {
+                let (status, response) = self.bulk(bulk).await?;
+                if status != 200 {
+                    return Err(status_error("sweep bulk", status, &response));
+                }
+                let outcomes = super::response::classify_response(&response, &vec![true; actions])
+                    .map_err(|e| Error::Status { operation: "sweep bulk", status, body: e.to_string() })?;
+                for outcome in outcomes {
+                    match outcome {
+                        super::response::ItemOutcome::Done => deleted += 1,
+                        o if o.is_success() => {}
+                        other => {
+                            return Err(Error::Status {
+                                operation: "sweep delete",
+                                status,
+                                body: format!("{other:?}"),
+                            })
+                        }
+                    }
+                }
+            }
+            let next = serde_json::json!({"scroll": "2m", "scroll_id": scroll_id});
+            let (status, next_body) = self
+                .request(Method::Post, "/_search/scroll", None, Some(json_bytes(&next)), None)
+                .await?;
+            if status != 200 {
+                return Err(status_error("scroll", status, &next_body));
+            }
+            body = next_body;
+        }
+        if !scroll_id.is_empty() {
+            let clear = serde_json::json!({"scroll_id": [scroll_id]});
+            let _ = self
+                .request(Method::Delete, "/_search/scroll", None, Some(json_bytes(&clear)), None)
+                .await;
+        }
+        Ok(deleted)
+    }
+}
+
+fn json_bytes(value: &serde_json::Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
 fn status_error(operation: &'static str, status: u16, body: &[u8]) -> Error {
