@@ -219,7 +219,11 @@ async fn run_inner<S: CheckpointStore>(
             Err(mongo::Error::HistoryLost { code }) if config.on_history_lost == HistoryLost::Resnapshot => {
                 // Nothing is skipped silently: say so loudly, then rebuild.
                 error!(pipeline = %name, code, "change stream history lost; onHistoryLost=Resnapshot: snapshotting every collection again, then deleting what the new snapshot does not see");
-                if sink.barrier().await.is_err() {
+                let drained = tokio::select! {
+                    r = sink.barrier() => r.is_ok(),
+                    () = shutdown.cancelled() => false,
+                };
+                if !drained {
                     break Ok(());
                 }
                 let t1 = match mongo::cluster_time(&source.client).await {
@@ -347,7 +351,11 @@ async fn run_source(
 /// After a re-snapshot: once every snapshot write is acknowledged, delete from each index the
 /// documents older than the new snapshot (they were deleted during the lost history).
 async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u64) -> Ended {
-    if sink.barrier().await.is_err() {
+    let drained = tokio::select! {
+        r = sink.barrier() => r.is_ok(),
+        () = source.cancel.cancelled() => false,
+    };
+    if !drained {
         return Ended::Cancelled;
     }
     let mut backoff = retry::Backoff::default();

@@ -401,3 +401,29 @@ async fn history_lost_with_policy_resnapshot_rebuilds_and_removes_gap_deletes() 
     assert!(cp.get("sweepBelow").is_none(), "sweep must be marked done: {cp}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_elasticsearch_is_down_exits_in_grace_and_loses_nothing() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let mut es = Elastic::start()?;
+    let client = mongo.client().await?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let mut monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &["--shutdown-grace-seconds", "2"])?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    es.stop();
+    insert_all(&coll, sample_docs(0, 500)).await?;
+    monsoon.wait_stats(CONVERGE, |s| s["inFlight"].as_i64() > Some(0) || s["ready"] == false)?;
+    let (code, took) = monsoon.terminate()?;
+    assert_eq!(code, Some(0), "{}", tail(&monsoon.log(), 20));
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?} with a 2 s grace period");
+    assert!(monsoon.log().contains("did not finish within the shutdown grace period"), "{}", tail(&monsoon.log(), 20));
+    // The unacknowledged changes were not checkpointed: they arrive after a restart.
+    es.restart()?;
+    let esc = es.client()?;
+    monsoon.restart()?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
+    Ok(())
+}

@@ -459,6 +459,11 @@ pub struct Monsoon {
 impl Monsoon {
     /// Run `bin run -f <state_dir>/pipeline.yaml --state-dir <state_dir>` with `yaml`.
     pub fn start(bin: &Path, yaml: &str, state_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bin, yaml, state_dir, &[])
+    }
+
+    /// [`Monsoon::start`] with extra arguments for `monsoon run`.
+    pub fn start_with(bin: &Path, yaml: &str, state_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(state_dir)?;
         let file = state_dir.join("pipeline.yaml");
         std::fs::write(&file, yaml)?;
@@ -477,7 +482,10 @@ impl Monsoon {
                 state_dir.display().to_string(),
                 "--http-addr".into(),
                 format!("127.0.0.1:{http_port}"),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect(),
         };
         m.spawn()?;
         Ok(m)

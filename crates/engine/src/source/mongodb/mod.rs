@@ -631,8 +631,11 @@ impl Source<'_> {
 
     async fn drop_index(&self, db: &str, coll: &str) -> Result<(), Error> {
         // Every earlier write to the index must land before it is deleted, or a late write
-        // would re-create it.
-        self.sink.barrier().await?;
+        // would re-create it. (Waiting gives way to shutdown: nothing is lost by stopping.)
+        tokio::select! {
+            r = self.sink.barrier() => r?,
+            () = self.cancel.cancelled() => return Err(Error::Cancelled),
+        }
         if !self.delete_index_on_drop {
             info!(namespace = %format!("{db}.{coll}"), "collection dropped; index kept (onDrop: Keep)");
             return Ok(());
