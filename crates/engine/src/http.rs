@@ -94,7 +94,7 @@ fn handle(req: &Request<Incoming>, e: &Endpoints) -> Response<Full<Bytes>> {
 /// The `/stats` document.
 pub fn stats(e: &Endpoints) -> serde_json::Value {
     let m = &e.metrics;
-    let item = |label: &str| m.items.with_label_values(&[label]).get();
+    let h = &m.hot;
     serde_json::json!({
         "pipeline": e.pipeline,
         "phase": e.health.phase().as_str(),
@@ -102,11 +102,11 @@ pub fn stats(e: &Endpoints) -> serde_json::Value {
         "live": e.health.live().is_ok(),
         "ready": e.health.ready().is_ok(),
         "snapshotDocuments": m.snapshot_docs.get(),
-        "indexed": item("indexed"),
-        "deleted": item("deleted"),
-        "stale": item("stale"),
-        "alreadyGone": item("already_gone"),
-        "deadLettered": item("dead_lettered"),
+        "indexed": h.indexed.get(),
+        "deleted": h.deleted.get(),
+        "stale": h.stale.get(),
+        "alreadyGone": h.already_gone.get(),
+        "deadLettered": h.dead_lettered.get(),
         "retriedItems": m.retried_items.get(),
         "inFlight": m.in_flight.get(),
         "checkpoints": m.checkpoints.get(),

@@ -48,6 +48,28 @@ pub struct Metrics {
     pub history_lost: IntCounter,
     /// Indexes deleted because their collection was dropped.
     pub indexes_dropped: IntCounter,
+    /// Series of `items` and `events` resolved once: the per-document paths increment these
+    /// without a label lookup.
+    pub hot: HotCounters,
+}
+
+/// Label values of the per-document counters, resolved once.
+#[derive(Clone)]
+pub struct HotCounters {
+    /// `bulk_items_total{outcome="indexed"}`.
+    pub indexed: IntCounter,
+    /// `bulk_items_total{outcome="deleted"}`.
+    pub deleted: IntCounter,
+    /// `bulk_items_total{outcome="stale"}`.
+    pub stale: IntCounter,
+    /// `bulk_items_total{outcome="already_gone"}`.
+    pub already_gone: IntCounter,
+    /// `bulk_items_total{outcome="dead_lettered"}`.
+    pub dead_lettered: IntCounter,
+    /// `change_events_total{op="upsert"}`.
+    pub upserts: IntCounter,
+    /// `change_events_total{op="delete"}`.
+    pub deletes: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -85,10 +107,22 @@ impl Metrics {
         registry
             .register(Box::new(bulk_seconds.clone()))
             .expect("unique metric");
+        let events = counter_vec(&registry, "change_events_total", "Change events read, by operation type", "op");
+        let items = counter_vec(&registry, "bulk_items_total", "Bulk items by final outcome", "outcome");
+        let hot = HotCounters {
+            indexed: items.with_label_values(&["indexed"]),
+            deleted: items.with_label_values(&["deleted"]),
+            stale: items.with_label_values(&["stale"]),
+            already_gone: items.with_label_values(&["already_gone"]),
+            dead_lettered: items.with_label_values(&["dead_lettered"]),
+            upserts: events.with_label_values(&["upsert"]),
+            deletes: events.with_label_values(&["delete"]),
+        };
         Self {
-            events: counter_vec(&registry, "change_events_total", "Change events read, by operation type", "op"),
+            hot,
+            events,
             snapshot_docs: counter(&registry, "snapshot_documents_total", "Documents read by the snapshot"),
-            items: counter_vec(&registry, "bulk_items_total", "Bulk items by final outcome", "outcome"),
+            items,
             bulk_requests: counter_vec(&registry, "bulk_requests_total", "Bulk requests by outcome", "outcome"),
             retried_items: counter(&registry, "bulk_items_retried_total", "Items sent again after a retriable failure"),
             dead_letters: counter_vec(&registry, "dead_letter_total", "Documents dead-lettered, by Elasticsearch error type", "error_type"),

@@ -16,9 +16,8 @@
 
 pub mod elasticsearch;
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -90,10 +89,34 @@ impl Write {
     }
 
     fn lane(&self, lanes: usize) -> usize {
-        let mut h = DefaultHasher::new();
+        let mut h = Fnv::default();
         self.index.hash(&mut h);
         self.id_json.hash(&mut h);
         (h.finish() % lanes as u64) as usize
+    }
+}
+
+/// FNV-1a: stable and far cheaper than SipHash for the short keys hashed per document
+/// (index, `_id`). Keys come from the database, not from an attacker choosing collisions.
+#[derive(Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
     }
 }
 
@@ -431,14 +454,13 @@ impl Lane {
                     };
                     let mut retry = Vec::new();
                     let mut retry_reason = String::new();
+                    // [indexed, deleted, stale, already gone], added to the metrics once.
+                    let mut counts = [0u64; 4];
                     for (w, outcome) in chunk.into_iter().zip(outcomes) {
                         match outcome {
-                            ItemOutcome::Done => {
-                                let label = if matches!(w.op, Op::Delete) { "deleted" } else { "indexed" };
-                                m.items.with_label_values(&[label]).inc();
-                            }
-                            ItemOutcome::Stale => m.items.with_label_values(&["stale"]).inc(),
-                            ItemOutcome::AlreadyGone => m.items.with_label_values(&["already_gone"]).inc(),
+                            ItemOutcome::Done => counts[usize::from(matches!(w.op, Op::Delete))] += 1,
+                            ItemOutcome::Stale => counts[2] += 1,
+                            ItemOutcome::AlreadyGone => counts[3] += 1,
                             ItemOutcome::Retry { reason, .. } => {
                                 retry_reason = reason;
                                 retry.push(w);
@@ -448,6 +470,10 @@ impl Lane {
                             }
                         }
                     }
+                    m.hot.indexed.inc_by(counts[0]);
+                    m.hot.deleted.inc_by(counts[1]);
+                    m.hot.stale.inc_by(counts[2]);
+                    m.hot.already_gone.inc_by(counts[3]);
                     if retry.is_empty() {
                         m.bulk_requests.with_label_values(&["ok"]).inc();
                         self.shared.health.sink_beat(true);
@@ -526,7 +552,7 @@ impl Lane {
                                         error!(namespace = %w.ns, id = %w.id_json, reason = %reason, "dead-letter index refused the record; the document is only in this log");
                                         m.dead_letter_failures.inc();
                                     }
-                                    _ => m.items.with_label_values(&["dead_lettered"]).inc(),
+                                    _ => m.hot.dead_lettered.inc(),
                                 }
                             }
                             retry
@@ -550,17 +576,26 @@ impl Lane {
 /// state and a version at least as high). Returns the writes to send, in arrival order of
 /// their last occurrence, and the sequence numbers of the superseded writes.
 pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
-    let mut last: HashMap<(Arc<str>, Box<str>), usize> = HashMap::with_capacity(batch.len());
-    for (i, w) in batch.iter().enumerate() {
-        last.insert((w.index.clone(), w.id_json.clone()), i);
-    }
-    if last.len() == batch.len() {
-        return (batch, Vec::new());
-    }
-    let mut keep = Vec::with_capacity(last.len());
+    // Borrowed keys: no allocation per document on this per-batch path.
+    let is_last: Vec<bool> = {
+        let mut last: HashMap<(&str, &str), usize, BuildHasherDefault<Fnv>> =
+            HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default());
+        for (i, w) in batch.iter().enumerate() {
+            last.insert((&w.index, &w.id_json), i);
+        }
+        if last.len() == batch.len() {
+            return (batch, Vec::new());
+        }
+        let mut is_last = vec![false; batch.len()];
+        for i in last.into_values() {
+            is_last[i] = true;
+        }
+        is_last
+    };
+    let mut keep = Vec::with_capacity(batch.len());
     let mut superseded = Vec::new();
-    for (i, w) in batch.into_iter().enumerate() {
-        if last.get(&(w.index.clone(), w.id_json.clone())) == Some(&i) {
+    for (w, last) in batch.into_iter().zip(is_last) {
+        if last {
             keep.push(w);
         } else {
             superseded.push(w.seq);

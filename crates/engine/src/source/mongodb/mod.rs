@@ -54,6 +54,10 @@ const LEAN_EVENTS: u64 = 1000;
 /// but one per event would clone a token per event for nothing.
 const POSITION_EVERY: u64 = 500;
 
+/// How often (in documents or events) a busy source beats its heartbeat: reading the clock
+/// per document shows up in profiles.
+const BEAT_EVERY: u64 = 128;
+
 /// Failures of the source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -211,6 +215,10 @@ impl Source<'_> {
     async fn send(&self, write: Write) -> Result<(), Error> {
         let send = self.sink.send(write);
         tokio::pin!(send);
+        // Fast path: most sends complete at once; only a wait needs the timer below.
+        if let Some(r) = futures_util::FutureExt::now_or_never(&mut send) {
+            return r.map_err(Error::from);
+        }
         loop {
             tokio::select! {
                 biased;
@@ -246,7 +254,7 @@ impl Source<'_> {
         stats: &mut ConvertStats,
     ) -> Write {
         let (ns, index) = self.route(db, coll);
-        let mut id_buf = Vec::with_capacity(32);
+        let mut id_buf = Vec::new();
         let mut source = Vec::new();
         let converted = doc.map(|doc| {
             source.reserve(doc.as_bytes().len() + 64);
@@ -262,7 +270,11 @@ impl Source<'_> {
                 document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
             });
         }
-        let id_json: Box<str> = String::from_utf8_lossy(&id_buf).into();
+        // One allocation of the exact size (the converter writes valid UTF-8).
+        let id_json: Box<str> = match String::from_utf8(id_buf) {
+            Ok(s) => s.into_boxed_str(),
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into(),
+        };
         let op = match converted {
             Some(Ok(())) => Op::Index(Bytes::from(source)),
             Some(Err(e)) => Op::Reject {
@@ -339,7 +351,9 @@ impl Source<'_> {
                     }
                 };
                 backoff.reset();
-                self.health.source_beat(true);
+                if since_position % BEAT_EVERY == 0 {
+                    self.health.source_beat(true);
+                }
                 let Ok(Some(id)) = raw.get("_id") else {
                     warn!(namespace = %ns, "document without _id skipped by the snapshot");
                     continue;
@@ -468,33 +482,34 @@ impl Source<'_> {
                 match next {
                     Ok(Some(raw)) => {
                         backoff.reset();
-                        self.health.source_beat(true);
-                        let token = stream.resume_token();
+                        since_position += 1;
+                        if since_position % BEAT_EVERY == 0 {
+                            self.health.source_beat(true);
+                        }
                         // Past the oversize event: handle this one, then re-open with updateLookup.
                         let back_to_lookup = lean && lean_left == 1;
                         lean_left = lean_left.saturating_sub(1);
-                        match self.handle_event(&raw, &mut stats).await? {
-                            Next::Continue => {}
-                            Next::Reopen => {
-                                // After an invalidate: continue after it.
-                                if let Some(token) = token {
-                                    self.sink.record(Position::Stream(token.clone()));
-                                    start = StreamStart::StartAfter(token);
-                                }
-                                break;
+                        if self.handle_event(&raw, &mut stats).await? == Next::Reopen {
+                            // After an invalidate: continue after it.
+                            if let Some(token) = stream.resume_token() {
+                                self.sink.record(Position::Stream(token.clone()));
+                                start = StreamStart::StartAfter(token);
                             }
+                            break;
                         }
-                        if let Some(token) = token {
-                            start = StreamStart::ResumeAfter(token.clone());
-                            since_position += 1;
-                            if since_position >= POSITION_EVERY {
-                                since_position = 0;
+                        // The token is cloned only when recorded, not per event.
+                        if since_position >= POSITION_EVERY {
+                            since_position = 0;
+                            if let Some(token) = stream.resume_token() {
                                 last_recorded = Some(token.clone());
                                 self.sink.record(Position::Stream(token));
                             }
                         }
                         if back_to_lookup {
                             info!("past the oversize event; returning to updateLookup");
+                            if let Some(token) = stream.resume_token() {
+                                start = StreamStart::ResumeAfter(token);
+                            }
                             break;
                         }
                     }
@@ -515,6 +530,11 @@ impl Source<'_> {
                         if let Some(code) = history_lost_code(&e) {
                             self.metrics.history_lost.inc();
                             return Err(Error::HistoryLost { code });
+                        }
+                        // Re-open after the last event read: the events before it are already
+                        // in the pipeline.
+                        if let Some(token) = stream.resume_token() {
+                            start = StreamStart::ResumeAfter(token);
                         }
                         if is_too_large(&e) {
                             // The next event plus its looked-up document exceeds 16 MB: read on
@@ -555,14 +575,14 @@ impl Source<'_> {
         };
         match action {
             Action::Upsert { db, coll, id, doc, time } => {
-                self.metrics.events.with_label_values(&["upsert"]).inc();
+                self.metrics.hot.upserts.inc();
                 if self.routing.includes(db, coll) {
                     let w = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats);
                     self.send(w).await?;
                 }
             }
             Action::Delete { db, coll, id, time } => {
-                self.metrics.events.with_label_values(&["delete"]).inc();
+                self.metrics.hot.deletes.inc();
                 if self.routing.includes(db, coll) {
                     let w = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats);
                     self.send(w).await?;
@@ -661,6 +681,7 @@ impl Source<'_> {
     }
 }
 
+#[derive(PartialEq, Eq)]
 enum Next {
     Continue,
     Reopen,
