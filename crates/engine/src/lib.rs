@@ -248,7 +248,11 @@ async fn run_inner<S: CheckpointStore>(
     };
     drop(source);
 
-    // Shutdown: the source has stopped reading; let the sink deliver what it holds.
+    // Shutdown: the source has stopped reading. Hand over what it staged, then let the sink
+    // deliver what it holds.
+    if tokio::time::timeout(options.shutdown_grace, sink.flush_staged()).await.is_err() {
+        warn!(pipeline = %name, "staged writes could not be handed over within the grace period; they are replayed on the next start");
+    }
     let closing = sink.close();
     tokio::pin!(closing);
     tokio::select! {

@@ -183,15 +183,22 @@ impl Shared {
 }
 
 enum LaneMsg {
-    Write(Write),
+    /// Writes for this lane, in order.
+    Writes(Vec<Write>),
     /// Send the partial batch now (a barrier is waiting).
     Flush,
 }
+
+/// Writes staged per lane before they are handed over in one message: one channel send and
+/// one wake-up of the lane per chunk instead of per document.
+const STAGE_CHUNK: usize = 64;
 
 /// The sink: lanes that deliver writes to Elasticsearch.
 pub struct Sink {
     es: Elastic,
     lanes: Vec<mpsc::Sender<LaneMsg>>,
+    /// Registered writes not yet handed to their lane, per lane.
+    staged: Mutex<Vec<Vec<Write>>>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
     budget: Arc<Semaphore>,
@@ -214,6 +221,12 @@ pub struct SinkSettings {
     pub pipeline: Arc<str>,
 }
 
+/// A full chunk of staged writes for one lane, to be handed over with [`Sink::send_chunk`].
+pub struct Chunk {
+    lane: usize,
+    writes: Vec<Write>,
+}
+
 impl Sink {
     /// Start `settings.batch.concurrency` lanes. `abort` makes lanes give up retrying (forced
     /// shutdown); unacknowledged writes are then simply not checkpointed.
@@ -227,9 +240,9 @@ impl Sink {
         let mut lanes = Vec::with_capacity(lanes_n);
         let mut tasks = JoinSet::new();
         for lane in 0..lanes_n {
-            // One batch waiting while another is in flight keeps the lane busy; more would
+            // Room for one full batch of chunks while another batch is in flight; more would
             // only hold memory.
-            let (tx, rx) = mpsc::channel(settings.batch.max_docs.max(1));
+            let (tx, rx) = mpsc::channel(settings.batch.max_docs.div_ceil(STAGE_CHUNK).max(2));
             lanes.push(tx);
             let worker = Lane {
                 es: es.clone(),
@@ -247,6 +260,7 @@ impl Sink {
         Self {
             es,
             lanes,
+            staged: Mutex::new((0..lanes_n).map(|_| Vec::new()).collect()),
             tasks,
             shared,
             budget: Arc::new(Semaphore::new(total)),
@@ -264,26 +278,80 @@ impl Sink {
         &self.shared
     }
 
-    /// Hand a write to its lane. Waits while the memory budget or the lane queue is full:
+    /// Number a write (its place in the checkpoint order) and stage it for its lane. Returns
+    /// a chunk when the lane's stage is full; the caller must hand it over with
+    /// [`Sink::send_chunk`] before staging more.
+    pub fn stage(&self, mut write: Write) -> Option<Chunk> {
+        write.seq = self.shared.tracker().register();
+        let lane = write.lane(self.lanes.len());
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        staged[lane].push(write);
+        (staged[lane].len() >= STAGE_CHUNK).then(|| Chunk {
+            lane,
+            writes: std::mem::take(&mut staged[lane]),
+        })
+    }
+
+    /// Hand a chunk to its lane. Waits while the memory budget or the lane queue is full:
     /// this is the back-pressure that stops the source when the sink is slow.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the chunk's writes unacknowledged: the checkpoint then stays
+    /// before them, so they are read again on the next start.
     ///
     /// # Errors
     /// [`Closed`] when the lanes have stopped.
-    pub async fn send(&self, mut write: Write) -> Result<(), Closed> {
-        let kib = (encoded_len(&write) / 1024 + 1).min(self.budget_total as usize) as u32;
-        let permit = self
+    pub async fn send_chunk(&self, chunk: Chunk) -> Result<(), Closed> {
+        let Chunk { lane, mut writes } = chunk;
+        let kibs: Vec<u32> = writes
+            .iter()
+            .map(|w| (encoded_len(w) / 1024 + 1).min(self.budget_total as usize) as u32)
+            .collect();
+        let total: u32 = kibs.iter().sum::<u32>().min(self.budget_total);
+        let mut permit = self
             .budget
             .clone()
-            .acquire_many_owned(kib)
+            .acquire_many_owned(total)
             .await
             .map_err(|_| Closed)?;
-        write.permit = Some(permit);
-        write.seq = self.shared.tracker().register();
-        let lane = write.lane(self.lanes.len());
+        // Each write carries its own share, released when it is acknowledged and dropped.
+        for (w, kib) in writes.iter_mut().zip(kibs) {
+            w.permit = permit.split(kib as usize);
+        }
         self.lanes[lane]
-            .send(LaneMsg::Write(write))
+            .send(LaneMsg::Writes(writes))
             .await
             .map_err(|_| Closed)
+    }
+
+    /// Hand every staged write to its lane (the source is about to wait on MongoDB, or a
+    /// barrier needs them).
+    ///
+    /// # Errors
+    /// [`Closed`] when the lanes have stopped.
+    pub async fn flush_staged(&self) -> Result<(), Closed> {
+        let chunks: Vec<Chunk> = {
+            let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+            staged
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(lane, s)| Chunk {
+                    lane,
+                    writes: std::mem::take(s),
+                })
+                .collect()
+        };
+        for chunk in chunks {
+            self.send_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether writes are staged and not yet handed to their lanes.
+    pub fn has_staged(&self) -> bool {
+        let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        staged.iter().any(|s| !s.is_empty())
     }
 
     /// Record a position covering every write sent so far.
@@ -296,6 +364,7 @@ impl Sink {
     /// # Errors
     /// [`Closed`] when the lanes stopped before draining.
     pub async fn barrier(&self) -> Result<(), Closed> {
+        self.flush_staged().await?;
         for lane in &self.lanes {
             lane.send(LaneMsg::Flush).await.map_err(|_| Closed)?;
         }
@@ -315,6 +384,8 @@ impl Sink {
     }
 
     /// Stop accepting writes, let the lanes deliver what they hold, and wait for them.
+    /// Writes still staged are dropped unacknowledged (the source stopped mid-chunk; they are
+    /// read again on the next start).
     pub async fn close(mut self) {
         self.lanes.clear();
         while let Some(res) = self.tasks.join_next().await {
@@ -336,30 +407,50 @@ struct Lane {
 impl Lane {
     async fn run(self, mut rx: mpsc::Receiver<LaneMsg>) {
         let batch_cfg = &self.settings.batch;
+        // Writes received but not yet in a batch (a chunk can overshoot a batch's limits).
+        let mut pending: VecDeque<Write> = VecDeque::new();
+        let mut closed = false;
         loop {
             self.shared.health.sink_beat(true);
-            let first = tokio::select! {
-                msg = rx.recv() => msg,
-                () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+            if pending.is_empty() {
+                if closed {
+                    return;
+                }
+                let first = tokio::select! {
+                    msg = rx.recv() => msg,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                };
+                match first {
+                    None => return,
+                    Some(LaneMsg::Flush) => continue,
+                    Some(LaneMsg::Writes(ws)) => pending.extend(ws),
+                }
+            }
+            let mut batch = Vec::with_capacity(batch_cfg.max_docs.min(pending.len().max(STAGE_CHUNK)));
+            let mut bytes = 0;
+            let fill = |batch: &mut Vec<Write>, pending: &mut VecDeque<Write>, bytes: &mut usize| {
+                while batch.len() < batch_cfg.max_docs && *bytes < batch_cfg.max_bytes {
+                    let Some(w) = pending.pop_front() else { break };
+                    *bytes += encoded_len(&w);
+                    batch.push(w);
+                }
             };
-            let mut batch = match first {
-                None => return,
-                Some(LaneMsg::Flush) => continue,
-                Some(LaneMsg::Write(w)) => vec![w],
-            };
-            let mut bytes = encoded_len(&batch[0]);
-            let deadline = tokio::time::Instant::now() + batch_cfg.flush_interval;
-            while batch.len() < batch_cfg.max_docs && bytes < batch_cfg.max_bytes {
+            fill(&mut batch, &mut pending, &mut bytes);
+            // One timer per batch, not per message.
+            let deadline = tokio::time::sleep(batch_cfg.flush_interval);
+            tokio::pin!(deadline);
+            while !closed && batch.len() < batch_cfg.max_docs && bytes < batch_cfg.max_bytes {
                 tokio::select! {
                     biased;
                     msg = rx.recv() => match msg {
-                        Some(LaneMsg::Write(w)) => {
-                            bytes += encoded_len(&w);
-                            batch.push(w);
+                        Some(LaneMsg::Writes(ws)) => {
+                            pending.extend(ws);
+                            fill(&mut batch, &mut pending, &mut bytes);
                         }
-                        Some(LaneMsg::Flush) | None => break,
+                        Some(LaneMsg::Flush) => break,
+                        None => closed = true,
                     },
-                    () = tokio::time::sleep_until(deadline) => break,
+                    () = &mut deadline => break,
                 }
             }
             let (writes, superseded) = coalesce(batch);

@@ -208,25 +208,51 @@ pub enum Ended {
 }
 
 impl Source<'_> {
-    /// Hand a write to the sink. While the sink applies back-pressure this waits, beating
-    /// the source's heartbeat (waiting on a slow sink is not being stuck) and giving way to
-    /// shutdown. A write abandoned at shutdown is never acknowledged, so the checkpoint stays
-    /// before it and it is read again on the next start.
+    /// Hand a write to the sink (staged, and sent with its lane's chunk). While the sink
+    /// applies back-pressure this waits, beating the source's heartbeat (waiting on a slow
+    /// sink is not being stuck) and giving way to shutdown. Writes abandoned at shutdown are
+    /// never acknowledged, so the checkpoint stays before them and they are read again on the
+    /// next start.
     async fn send(&self, write: Write) -> Result<(), Error> {
-        let send = self.sink.send(write);
-        tokio::pin!(send);
-        // Fast path: most sends complete at once; only a wait needs the timer below.
-        if let Some(r) = futures_util::FutureExt::now_or_never(&mut send) {
+        match self.sink.stage(write) {
+            None => Ok(()),
+            Some(chunk) => self.wait_on_sink(self.sink.send_chunk(chunk)).await,
+        }
+    }
+
+    /// Hand staged writes over before the source waits on MongoDB, so a pause in the source
+    /// never holds writes back.
+    async fn flush(&self) -> Result<(), Error> {
+        if self.sink.has_staged() {
+            self.wait_on_sink(self.sink.flush_staged()).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_on_sink(&self, fut: impl std::future::Future<Output = Result<(), Closed>>) -> Result<(), Error> {
+        tokio::pin!(fut);
+        // Fast path: most hand-overs complete at once; only a wait needs the timer below.
+        if let Some(r) = futures_util::FutureExt::now_or_never(&mut fut) {
             return r.map_err(Error::from);
         }
         loop {
             tokio::select! {
                 biased;
-                r = &mut send => return r.map_err(Error::from),
+                r = &mut fut => return r.map_err(Error::from),
                 () = self.cancel.cancelled() => return Err(Error::Cancelled),
                 () = tokio::time::sleep(Duration::from_secs(5)) => self.health.source_beat(true),
             }
         }
+    }
+
+    /// Await a MongoDB read; if it cannot complete at once, first hand staged writes over.
+    async fn read<T>(&self, fut: impl std::future::Future<Output = T>) -> Result<T, Error> {
+        tokio::pin!(fut);
+        if let Some(v) = futures_util::FutureExt::now_or_never(&mut fut) {
+            return Ok(v);
+        }
+        self.flush().await?;
+        Ok(fut.await)
     }
 
     /// Index and namespace names of `db.coll`, cached for the common case of consecutive
@@ -333,7 +359,11 @@ impl Source<'_> {
                         }
                         return Ok(Ended::Cancelled);
                     }
-                    next = cursor.try_next() => next,
+                    next = self.read(cursor.try_next()) => match next {
+                        Ok(n) => n,
+                        Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+                        Err(e) => return Err(e),
+                    },
                 };
                 let raw = match next {
                     Ok(Some(raw)) => raw,
@@ -383,6 +413,10 @@ impl Source<'_> {
             self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id });
         }
         self.sink.record(Position::SnapshotCollectionDone { ns: ns.clone() });
+        match self.flush().await {
+            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+            other => other?,
+        }
         info!(namespace = %ns, "snapshot of collection read; waiting for acknowledgement");
         Ok(Ended::Complete)
     }
@@ -477,7 +511,7 @@ impl Source<'_> {
                         }
                         return Ok(Ended::Cancelled);
                     }
-                    next = stream.next_if_any() => next,
+                    next = self.read(stream.next_if_any()) => next?,
                 };
                 match next {
                     Ok(Some(raw)) => {
