@@ -100,37 +100,56 @@ fn str_field<'a>(doc: &'a RawDocument, name: &'static str) -> Result<&'a str, Ma
     }
 }
 
-fn doc_field<'a>(doc: &'a RawDocument, name: &'static str) -> Result<&'a RawDocument, Malformed> {
-    match field(doc, name)? {
-        RawBsonRef::Document(d) => Ok(d),
-        _ => Err(Malformed { field: name }),
-    }
-}
-
-fn time_field(doc: &RawDocument) -> Result<Timestamp, Malformed> {
-    match field(doc, "clusterTime")? {
-        RawBsonRef::Timestamp(t) => Ok(t),
-        _ => Err(Malformed {
-            field: "clusterTime",
-        }),
-    }
-}
-
 /// Read one change event.
 ///
 /// # Errors
 /// [`Malformed`] naming the field that is missing or of the wrong type.
 pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
-    let op = str_field(event, "operationType")?;
+    // One pass over the event's top-level fields (looking each up by name would rescan the
+    // event, and re-validate its keys, once per field).
+    let mut op = None;
+    let mut ns = None;
+    let mut key = None;
+    let mut time = None;
+    let mut to = None;
+    let mut full: Option<RawBsonRef<'_>> = None;
+    for element in event.iter_elements() {
+        let element = element.map_err(|_| Malformed { field: "event" })?;
+        let slot = match element.key() {
+            "operationType" => 0,
+            "ns" => 1,
+            "documentKey" => 2,
+            "clusterTime" => 3,
+            "to" => 4,
+            "fullDocument" => 5,
+            _ => continue,
+        };
+        let value = element.value().map_err(|_| Malformed { field: "event" })?;
+        match (slot, value) {
+            (0, RawBsonRef::String(s)) => op = Some(s),
+            (1, RawBsonRef::Document(d)) => ns = Some(d),
+            (2, RawBsonRef::Document(d)) => key = Some(d),
+            (3, RawBsonRef::Timestamp(t)) => time = Some(t),
+            (4, RawBsonRef::Document(d)) => to = Some(d),
+            (5, v) => full = Some(v),
+            (0, _) => return Err(Malformed { field: "operationType" }),
+            (1, _) => return Err(Malformed { field: "ns" }),
+            (2, _) => return Err(Malformed { field: "documentKey" }),
+            (3, _) => return Err(Malformed { field: "clusterTime" }),
+            _ => return Err(Malformed { field: "to" }),
+        }
+    }
+    let op = op.ok_or(Malformed { field: "operationType" })?;
+    let ns = || ns.ok_or(Malformed { field: "ns" });
+    let time = || time.ok_or(Malformed { field: "clusterTime" });
     match op {
         "insert" | "update" | "replace" | "delete" => {
-            let ns = doc_field(event, "ns")?;
+            let ns = ns()?;
             let db = str_field(ns, "db")?;
             let coll = str_field(ns, "coll")?;
-            let key = doc_field(event, "documentKey")?;
+            let key = key.ok_or(Malformed { field: "documentKey" })?;
             let id = field(key, "_id")?;
-            let time = time_field(event)?;
-            let full = event.get("fullDocument").ok().flatten();
+            let time = time()?;
             match (op, full) {
                 ("delete", _) | (_, Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time }),
                 (_, None) => Ok(Action::Lookup { db, coll, id, time }),
@@ -141,29 +160,26 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             }
         }
         "drop" => {
-            let ns = doc_field(event, "ns")?;
+            let ns = ns()?;
             Ok(Action::Drop {
                 db: str_field(ns, "db")?,
                 coll: str_field(ns, "coll")?,
             })
         }
         "rename" => {
-            let ns = doc_field(event, "ns")?;
-            let to = doc_field(event, "to")?;
+            let ns = ns()?;
+            let to = to.ok_or(Malformed { field: "to" })?;
             Ok(Action::Rename {
                 db: str_field(ns, "db")?,
                 coll: str_field(ns, "coll")?,
                 to_db: str_field(to, "db")?,
                 to_coll: str_field(to, "coll")?,
-                time: time_field(event)?,
+                time: time()?,
             })
         }
-        "dropDatabase" => {
-            let ns = doc_field(event, "ns")?;
-            Ok(Action::DropDatabase {
-                db: str_field(ns, "db")?,
-            })
-        }
+        "dropDatabase" => Ok(Action::DropDatabase {
+            db: str_field(ns()?, "db")?,
+        }),
         "invalidate" => Ok(Action::Invalidate),
         other => Ok(Action::Ignore { op: other }),
     }
