@@ -35,10 +35,7 @@ fn spawn_writer(coll: mongodb::Collection<Document>, stop: Arc<AtomicBool>) -> t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_then_restart_converges() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     insert_all(&coll, sample_docs(0, 1000)).await?;
     let state = TempDir::new("state");
@@ -67,10 +64,7 @@ async fn sigkill_mid_stream_then_restart_converges() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_killed_midway_resumes_from_its_last_id() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("big").collection::<Document>("items");
     insert_all(&coll, sample_docs(0, 20_000)).await?;
     let state = TempDir::new("state");
@@ -106,10 +100,7 @@ async fn snapshot_killed_midway_resumes_from_its_last_id() -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_stores_the_final_checkpoint() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     let state = TempDir::new("state");
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  batch:\n    flushIntervalMs: 2000\n");
@@ -193,10 +184,7 @@ async fn mongodb_restart_on_same_storage_converges() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_getmore_reopens_the_stream_without_losing_events() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     let state = TempDir::new("state");
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
@@ -249,10 +237,7 @@ async fn history_lost_with_policy_fail_stops_with_a_clear_error() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_documents_are_dead_lettered_while_the_rest_lands() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     // The index says `quantity` is a number; some documents say otherwise.
     esc.indices()
         .create(elasticsearch::indices::IndicesCreateParts::Index("shop.orders"))
@@ -332,10 +317,7 @@ async fn bad_input_is_refused_with_one_clear_line() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_change_event_is_read_without_update_lookup() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     let state = TempDir::new("state");
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
@@ -366,10 +348,7 @@ async fn oversize_change_event_is_read_without_update_lookup() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_lost_with_policy_resnapshot_rebuilds_and_removes_gap_deletes() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&["--oplog-max-entries", "1000"])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&["--oplog-max-entries", "1000"]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     insert_all(&coll, sample_docs(0, 200)).await?;
     let state = TempDir::new("state");

@@ -15,10 +15,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_stream_converges_with_every_change_type() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let orders = client.database("shop").collection::<Document>("orders");
     insert_all(&orders, sample_docs(0, 3000)).await?;
 
@@ -65,10 +62,7 @@ async fn snapshot_then_stream_converges_with_every_change_type() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_writes_to_one_document_end_in_the_last_state() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("bank").collection::<Document>("accounts");
     coll.insert_one(doc! {"_id": "a", "balance": 0}).await?;
     let state = TempDir::new("state");
@@ -93,10 +87,7 @@ async fn transaction_writes_to_one_document_end_in_the_last_state() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_collection_deletes_its_index_and_new_collections_follow() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let db = client.database("app");
     insert_all(&db.collection("keep"), sample_docs(0, 50)).await?;
     insert_all(&db.collection("gone"), sample_docs(0, 50)).await?;
@@ -126,10 +117,7 @@ async fn dropping_a_collection_deletes_its_index_and_new_collections_follow() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renamed_collection_moves_to_its_new_index() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let db = client.database("app");
     insert_all(&db.collection("old"), sample_docs(0, 100)).await?;
     let state = TempDir::new("state");
@@ -155,10 +143,7 @@ async fn renamed_collection_moves_to_its_new_index() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_added_to_a_running_pipeline_is_snapshotted() -> anyhow::Result<()> {
-    let mongo = Mongo::start(&[])?;
-    let es = Elastic::start()?;
-    let client = mongo.client().await?;
-    let esc = es.client()?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let db = client.database("shop");
     insert_all(&db.collection("orders"), sample_docs(0, 300)).await?;
     insert_all(&db.collection("users"), sample_docs(0, 120)).await?;

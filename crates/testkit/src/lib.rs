@@ -616,3 +616,36 @@ pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// The usual test setup: both stand-ins and a client of each.
+pub struct Stack {
+    /// SecantusDB.
+    pub mongo: Mongo,
+    /// noida-db.
+    pub es: Elastic,
+    /// MongoDB client.
+    pub client: mongodb::Client,
+    /// Elasticsearch client.
+    pub esc: Elasticsearch,
+}
+
+impl Stack {
+    /// Start both stand-ins (`mongo_args` go to `secantusd-py`).
+    pub async fn start(mongo_args: &[&str]) -> anyhow::Result<Self> {
+        let mongo = Mongo::start(mongo_args)?;
+        let es = Elastic::start()?;
+        let client = mongo.client().await?;
+        let esc = es.client()?;
+        Ok(Self { mongo, es, client, esc })
+    }
+
+    /// A pipeline manifest pointing at these stand-ins.
+    pub fn pipeline(&self, name: &str, namespaces: &[&str], extra_spec: &str) -> String {
+        pipeline_yaml(name, &self.mongo.uri(), &self.es.url(), namespaces, extra_spec)
+    }
+
+    /// Wait (up to 90 s) until `db.coll` and `index` agree; the last report.
+    pub async fn converged(&self, db: &str, coll: &str, index: &str) -> anyhow::Result<Report> {
+        wait_converged(&self.client, &self.esc, db, coll, index, Duration::from_secs(90)).await
+    }
+}
