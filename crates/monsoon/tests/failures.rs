@@ -389,7 +389,7 @@ async fn sigterm_while_elasticsearch_is_down_exits_in_grace_and_loses_nothing() 
     let coll = client.database("shop").collection::<Document>("orders");
     let state = TempDir::new("state");
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
-    let mut monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &["--shutdown-grace-seconds", "2"])?;
+    let mut monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &["--shutdown-grace-seconds", "2"], &[])?;
     monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
     es.stop();
     insert_all(&coll, sample_docs(0, 500)).await?;
@@ -404,5 +404,70 @@ async fn sigterm_while_elasticsearch_is_down_exits_in_grace_and_loses_nothing() 
     monsoon.restart()?;
     let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
     assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_the_environment_and_never_reach_the_log() -> anyhow::Result<()> {
+    let Stack { mut mongo, es, client, esc } = Stack::start(&[]).await?;
+    client
+        .database("admin")
+        .run_command(doc! {"createUser": "syncer", "pwd": "s3cret-Pa55", "roles": ["root"]})
+        .await?;
+    insert_all(&client.database("shop").collection("orders"), sample_docs(0, 50)).await?;
+    drop(client);
+    mongo.restart_with(&["--auth"])?;
+    let uri = format!("mongodb://syncer:s3cret-Pa55@127.0.0.1:{}/?directConnection=true", mongo.port);
+    let spec = "  mongodb:\n    uriFrom: {env: TEST_MONGO_URI}\n";
+    let yaml = format!(
+        "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata: {{name: shop}}\nspec:\n{spec}  elasticsearch:\n    urls: [\"{}\"]\n  namespaces: [shop.orders]\n",
+        es.url()
+    );
+    let state = TempDir::new("state");
+    let monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &[], &[("TEST_MONGO_URI", &uri)])?;
+    let authed = mongodb::Client::with_uri_str(&uri).await?;
+    let r = wait_converged(&authed, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 20));
+    assert!(!monsoon.log().contains("s3cret-Pa55"), "password leaked into the log");
+    drop(monsoon);
+
+    // A wrong password: one clear line, no retry storm, no password in it.
+    let wrong = uri.replace("s3cret-Pa55", "wrong-Pa55");
+    let state = TempDir::new("state");
+    let mut m = Monsoon::start_with(bin(), &yaml, state.path(), &[], &[("TEST_MONGO_URI", &wrong)])?;
+    assert_eq!(m.wait_exit(Duration::from_secs(60))?, Some(1));
+    let log = m.log();
+    let error_line = log.lines().find(|l| l.starts_with("error: ")).unwrap_or("");
+    assert!(error_line.contains("refused the credentials"), "{log}");
+    assert!(!log.contains("wrong-Pa55"), "password leaked into the log:\n{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_stream_keeps_its_checkpoint_fresh() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, .. } = Stack::start(&[]).await?;
+    let db = client.database("shop");
+    db.collection::<Document>("orders").insert_one(doc! {"_id": 1}).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming" && s["indexed"] == 1)?;
+    // Activity elsewhere in the deployment, none in the synced collection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while monsoon.checkpoint("shop").map(|c| c["resumeToken"].is_object()) != Some(true) {
+        assert!(std::time::Instant::now() < deadline, "no resume token checkpointed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = monsoon.checkpoint("shop").expect("checkpoint")["resumeToken"].clone();
+    client.database("other").collection::<Document>("noise").insert_one(doc! {"x": 1}).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = monsoon.checkpoint("shop").expect("checkpoint")["resumeToken"].clone();
+        if now != first {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the checkpoint of an idle stream never moved");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }

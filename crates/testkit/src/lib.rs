@@ -182,6 +182,12 @@ impl Mongo {
         self.stop(false);
         self.spawn()
     }
+
+    /// Start again on the same port and storage with more server flags (e.g. `--auth`).
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.extra_args.extend(extra.iter().map(|s| s.to_string()));
+        self.restart()
+    }
 }
 
 impl Drop for Mongo {
@@ -454,16 +460,23 @@ pub struct Monsoon {
     log: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Monsoon {
     /// Run `bin run -f <state_dir>/pipeline.yaml --state-dir <state_dir>` with `yaml`.
     pub fn start(bin: &Path, yaml: &str, state_dir: &Path) -> anyhow::Result<Self> {
-        Self::start_with(bin, yaml, state_dir, &[])
+        Self::start_with(bin, yaml, state_dir, &[], &[])
     }
 
-    /// [`Monsoon::start`] with extra arguments for `monsoon run`.
-    pub fn start_with(bin: &Path, yaml: &str, state_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+    /// [`Monsoon::start`] with extra arguments for `monsoon run` and environment variables.
+    pub fn start_with(
+        bin: &Path,
+        yaml: &str,
+        state_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(state_dir)?;
         let file = state_dir.join("pipeline.yaml");
         std::fs::write(&file, yaml)?;
@@ -486,6 +499,7 @@ impl Monsoon {
             .into_iter()
             .chain(extra.iter().map(|a| a.to_string()))
             .collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         m.spawn()?;
         Ok(m)
@@ -496,6 +510,7 @@ impl Monsoon {
         let child = Command::new(&self.bin)
             .args(&self.args)
             .env("RUST_LOG", "info,monsoon_engine=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -428,24 +428,17 @@ impl Lane {
             }
             let mut batch = Vec::with_capacity(batch_cfg.max_docs.min(pending.len().max(STAGE_CHUNK)));
             let mut bytes = 0;
-            let fill = |batch: &mut Vec<Write>, pending: &mut VecDeque<Write>, bytes: &mut usize| {
-                while batch.len() < batch_cfg.max_docs && *bytes < batch_cfg.max_bytes {
-                    let Some(w) = pending.pop_front() else { break };
-                    *bytes += encoded_len(&w);
-                    batch.push(w);
-                }
-            };
-            fill(&mut batch, &mut pending, &mut bytes);
+            let mut full = fill(&mut batch, &mut bytes, &mut pending, batch_cfg);
             // One timer per batch, not per message.
             let deadline = tokio::time::sleep(batch_cfg.flush_interval);
             tokio::pin!(deadline);
-            while !closed && batch.len() < batch_cfg.max_docs && bytes < batch_cfg.max_bytes {
+            while !closed && !full {
                 tokio::select! {
                     biased;
                     msg = rx.recv() => match msg {
                         Some(LaneMsg::Writes(ws)) => {
                             pending.extend(ws);
-                            fill(&mut batch, &mut pending, &mut bytes);
+                            full = fill(&mut batch, &mut bytes, &mut pending, batch_cfg);
                         }
                         Some(LaneMsg::Flush) => break,
                         None => closed = true,
@@ -663,6 +656,26 @@ impl Lane {
     }
 }
 
+/// Move writes from `pending` into `batch` (in order) while the batch stays within
+/// `max_docs` and `max_bytes`; a single write over `max_bytes` still goes, alone. Returns
+/// whether the batch is full (the next write would break a limit).
+pub fn fill(batch: &mut Vec<Write>, bytes: &mut usize, pending: &mut VecDeque<Write>, limits: &BatchConfig) -> bool {
+    while batch.len() < limits.max_docs {
+        let Some(next) = pending.front() else {
+            return false;
+        };
+        let len = encoded_len(next);
+        if !batch.is_empty() && *bytes + len > limits.max_bytes {
+            return true;
+        }
+        *bytes += len;
+        if let Some(w) = pending.pop_front() {
+            batch.push(w);
+        }
+    }
+    true
+}
+
 /// Keep only the last write of each document in a batch (the later write has the newer
 /// state and a version at least as high). Returns the writes to send, in arrival order of
 /// their last occurrence, and the sequence numbers of the superseded writes.
@@ -723,6 +736,36 @@ mod tests {
         let kept: Vec<(Seq, u64)> = keep.iter().map(|w| (w.seq, w.version)).collect();
         assert_eq!(kept, vec![(1, 1), (3, 3)]);
         assert_eq!(superseded, vec![0, 2]);
+    }
+
+    proptest::proptest! {
+        /// Batches never break their limits (but for one oversize write alone), keep order,
+        /// and lose nothing: everything pending ends up in some batch.
+        #[test]
+        fn batches_respect_count_and_byte_limits(
+            sizes in proptest::collection::vec(0usize..3000, 0..300),
+            max_docs in 1usize..50,
+            max_bytes in 100usize..5000,
+        ) {
+            let limits = BatchConfig { max_docs, max_bytes, ..BatchConfig::default() };
+            let mut pending: VecDeque<Write> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| w(i as Seq, &i.to_string(), 1, Op::Index(Bytes::from(vec![b' '; *n]))))
+                .collect();
+            let mut seen = Vec::new();
+            while !pending.is_empty() {
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                fill(&mut batch, &mut bytes, &mut pending, &limits);
+                proptest::prop_assert!(!batch.is_empty());
+                proptest::prop_assert!(batch.len() <= max_docs);
+                proptest::prop_assert_eq!(bytes, batch.iter().map(encoded_len).sum::<usize>());
+                proptest::prop_assert!(bytes <= max_bytes || batch.len() == 1, "{} bytes in {} writes", bytes, batch.len());
+                seen.extend(batch.iter().map(|w| w.seq));
+            }
+            proptest::prop_assert_eq!(seen, (0..sizes.len() as Seq).collect::<Vec<_>>());
+        }
     }
 
     #[test]
