@@ -205,6 +205,20 @@ mod tests {
     }
 
     #[test]
+    fn every_example_is_a_valid_pipeline() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                config::load_pipeline(&path).unwrap_or_else(|e| panic!("{e:#}"));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "expected the examples in {}", dir.display());
+    }
+
+    #[test]
     fn crd_schema_is_structural_enough_for_the_api_server() {
         let yaml = print_crd().expect("crd renders");
         let crd: serde_json::Value = serde_saphyr::from_str(&yaml).expect("yaml");
