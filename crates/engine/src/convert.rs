@@ -4,10 +4,12 @@
 //! change-stream `fullDocument`s) into the JSON text that goes into Elasticsearch bulk requests,
 //! and turning a MongoDB `_id` into an Elasticsearch `_id`.
 //!
-//! It reads the raw bytes (`&RawDocument`) and appends JSON straight into a caller-owned
-//! `Vec<u8>`: no owned `Document`, no `serde_json::Value` tree and no per-field allocation.
-//! Integers go through `itoa`, doubles through `ryu`, and strings are copied in runs of
-//! safe bytes, with only `"`, `\` and control characters escaped.
+//! It walks the raw bytes of the document (`&RawDocument`) itself, without bson's element
+//! iterator, and appends JSON straight into a caller-owned `Vec<u8>`: no owned `Document`, no
+//! `serde_json::Value` tree and no per-field allocation. Every length is bounds-checked and
+//! every key and string is checked to be UTF-8. Integers go through `itoa`, doubles through
+//! `ryu`, and strings are copied eight bytes at a time, with only `"`, `\` and control
+//! characters escaped.
 //!
 //! # Type mapping (document values → `_source` JSON)
 //!
@@ -51,10 +53,7 @@
 
 use std::io::Write as _;
 
-use mongodb::bson::{
-    oid::ObjectId, spec::BinarySubtype, RawArray, RawBinaryRef, RawBsonRef, RawDbPointerRef,
-    RawDocument,
-};
+use mongodb::bson::{oid::ObjectId, Decimal128, RawBsonRef, RawDbPointerRef, RawDocument};
 
 /// Elasticsearch rejects `_id`s longer than this many bytes of UTF-8.
 pub const MAX_ES_ID_BYTES: usize = 512;
@@ -111,7 +110,7 @@ pub fn write_document(
     // The JSON is usually about as long as the BSON, so one up-front reservation avoids most
     // growth steps while we push small pieces.
     out.reserve(doc.as_bytes().len());
-    let result = write_doc_at(doc, skip_id, 0, out, stats);
+    let result = write_doc_at(doc.as_bytes(), skip_id, 0, out, stats);
     if result.is_err() {
         out.truncate(start);
         *stats = saved;
@@ -137,8 +136,319 @@ pub fn write_value(
     result
 }
 
+// The hot path walks the document bytes itself instead of using bson's `RawIter`/`RawElement`.
+// Those run `str::from_utf8` over every key and string, build a `RawBsonRef` per field and go
+// through an error-context closure per element, which together cost more than writing the JSON.
+// Here every length is still bounds-checked and every key and string must still be UTF-8 (the
+// walker accepts exactly the documents bson's iterator accepts), but the UTF-8 check rides on
+// the escape scan, and `from_utf8` runs only for text that is not pure ASCII.
+//
+// A document is `i32 total length, elements…, 0x00`. An element is `type byte, key (C string),
+// value`. The value layouts are in [`read_element`].
+
+/// A decoded element value. Strings are still raw bytes: their UTF-8 is checked when written.
+enum Element<'a> {
+    Double(f64),
+    /// String, JavaScript code, Symbol, and the code of JavaScript code with scope.
+    Str(&'a [u8]),
+    /// A whole embedded document, length prefix and trailing NUL included.
+    Document(&'a [u8]),
+    /// A whole array, in the same form as a document.
+    Array(&'a [u8]),
+    Binary(u8, &'a [u8]),
+    /// Null and Undefined.
+    Null,
+    ObjectId(&'a [u8; 12]),
+    Boolean(bool),
+    DateTime(i64),
+    Regex(&'a [u8], &'a [u8]),
+    DbPointer(&'a [u8], &'a [u8; 12]),
+    Int32(i32),
+    Timestamp {
+        time: u32,
+        increment: u32,
+    },
+    Int64(i64),
+    Decimal128(&'a [u8; 16]),
+    MinKey,
+    MaxKey,
+}
+
+/// `N` bytes at `pos`.
+#[inline(always)]
+fn fixed<const N: usize>(bytes: &[u8], pos: usize) -> Result<&[u8; N], &'static str> {
+    bytes
+        .get(pos..pos + N)
+        .and_then(|s| s.try_into().ok())
+        .ok_or("value runs past the end of its document")
+}
+
+/// A non-negative `i32` length prefix at `pos`.
+#[inline(always)]
+fn length_at(bytes: &[u8], pos: usize) -> Result<usize, &'static str> {
+    usize::try_from(i32::from_le_bytes(*fixed::<4>(bytes, pos)?)).map_err(|_| "negative length")
+}
+
+/// A BSON string (`i32` length including the NUL, bytes, NUL) at `pos`: its bytes without the
+/// NUL, and the position after it.
+#[inline(always)]
+fn string_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), &'static str> {
+    let len = length_at(bytes, pos)?;
+    let start = pos + 4;
+    let end = start + len;
+    match bytes.get(start..end) {
+        Some([s @ .., 0]) => Ok((s, end)),
+        Some(_) => Err("string is empty or not NUL-terminated"),
+        None => Err("string runs past the end of its document"),
+    }
+}
+
+/// A C string at `pos`: its bytes without the NUL, and the position after it.
+#[inline(always)]
+fn cstring_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), &'static str> {
+    let rest = bytes
+        .get(pos..)
+        .ok_or("value runs past the end of its document")?;
+    let len = find_nul(rest).ok_or("C string without a terminating NUL")?;
+    Ok((&rest[..len], pos + len + 1))
+}
+
+/// An embedded document or array at `pos`, as a whole (its header is checked when it is
+/// walked), and the position after it.
+#[inline(always)]
+fn document_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), &'static str> {
+    let len = length_at(bytes, pos)?;
+    let end = pos + len;
+    let doc = bytes
+        .get(pos..end)
+        .ok_or("embedded document runs past the end of its document")?;
+    Ok((doc, end))
+}
+
+/// The elements of a whole document (`i32` length, elements, NUL) after checking that the
+/// declared length is the slice's length and that the terminating NUL is there.
+#[inline(always)]
+fn document_body(doc: &[u8]) -> Result<&[u8], &'static str> {
+    match doc {
+        [a, b, c, d, body @ .., 0]
+            if usize::try_from(i32::from_le_bytes([*a, *b, *c, *d])) == Ok(doc.len()) =>
+        {
+            Ok(body)
+        }
+        _ => Err("document length does not match its contents or it is not NUL-terminated"),
+    }
+}
+
+/// Decode the value of type `tag` that starts at `pos` in `body` (the elements of the enclosing
+/// document, without its terminating NUL, so no value can run into or past that NUL). Returns
+/// the value and the position after it.
+#[inline(always)]
+fn read_element(tag: u8, body: &[u8], pos: usize) -> Result<(Element<'_>, usize), &'static str> {
+    Ok(match tag {
+        0x01 => (
+            Element::Double(f64::from_le_bytes(*fixed(body, pos)?)),
+            pos + 8,
+        ),
+        // String, JavaScript code, Symbol.
+        0x02 | 0x0d | 0x0e => {
+            let (s, next) = string_at(body, pos)?;
+            (Element::Str(s), next)
+        }
+        0x03 => {
+            let (d, next) = document_at(body, pos)?;
+            (Element::Document(d), next)
+        }
+        0x04 => {
+            let (d, next) = document_at(body, pos)?;
+            (Element::Array(d), next)
+        }
+        0x05 => {
+            let len = length_at(body, pos)?;
+            let subtype = *body
+                .get(pos + 4)
+                .ok_or("binary runs past the end of its document")?;
+            let start = pos + 5;
+            let next = start + len;
+            let data = body
+                .get(start..next)
+                .ok_or("binary runs past the end of its document")?;
+            let data = if subtype == 0x02 {
+                // Old binary subtype 2: the data repeats its own length first.
+                match data {
+                    [a, b, c, d, inner @ ..]
+                        if usize::try_from(i32::from_le_bytes([*a, *b, *c, *d]))
+                            == Ok(inner.len()) =>
+                    {
+                        inner
+                    }
+                    _ => return Err("old binary subtype 2 with a wrong inner length"),
+                }
+            } else {
+                data
+            };
+            (Element::Binary(subtype, data), next)
+        }
+        0x06 | 0x0a => (Element::Null, pos),
+        0x07 => (Element::ObjectId(fixed(body, pos)?), pos + 12),
+        0x08 => match fixed::<1>(body, pos)? {
+            [0] => (Element::Boolean(false), pos + 1),
+            [1] => (Element::Boolean(true), pos + 1),
+            _ => return Err("boolean that is neither 0 nor 1"),
+        },
+        0x09 => (
+            Element::DateTime(i64::from_le_bytes(*fixed(body, pos)?)),
+            pos + 8,
+        ),
+        0x0b => {
+            let (pattern, next) = cstring_at(body, pos)?;
+            let (options, next) = cstring_at(body, next)?;
+            (Element::Regex(pattern, options), next)
+        }
+        0x0c => {
+            let (namespace, next) = string_at(body, pos)?;
+            (Element::DbPointer(namespace, fixed(body, next)?), next + 12)
+        }
+        0x0f => {
+            // i32 total length, string (the code), document (the scope).
+            let len = length_at(body, pos)?;
+            let next = pos + len;
+            let all = body
+                .get(pos..next)
+                .ok_or("code with scope runs past the end of its document")?;
+            let (code, scope_at) = string_at(all, 4)?;
+            let scope = all.get(scope_at..).unwrap_or_default();
+            document_body(scope)?;
+            (Element::Str(code), next)
+        }
+        0x10 => (
+            Element::Int32(i32::from_le_bytes(*fixed(body, pos)?)),
+            pos + 4,
+        ),
+        0x11 => {
+            let [i0, i1, i2, i3, t0, t1, t2, t3] = *fixed(body, pos)?;
+            (
+                Element::Timestamp {
+                    increment: u32::from_le_bytes([i0, i1, i2, i3]),
+                    time: u32::from_le_bytes([t0, t1, t2, t3]),
+                },
+                pos + 8,
+            )
+        }
+        0x12 => (
+            Element::Int64(i64::from_le_bytes(*fixed(body, pos)?)),
+            pos + 8,
+        ),
+        0x13 => (Element::Decimal128(fixed(body, pos)?), pos + 16),
+        0xff => (Element::MinKey, pos),
+        0x7f => (Element::MaxKey, pos),
+        _ => return Err("unknown element type"),
+    })
+}
+
+/// The error for element `key` of a document.
+#[cold]
+#[inline(never)]
+fn bad_element(key: &[u8], what: &str) -> Error {
+    Error::Malformed(format!("field {:?}: {what}", String::from_utf8_lossy(key)))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_document(what: &str) -> Error {
+    Error::Malformed(what.to_owned())
+}
+
+/// The start of an element: type byte and key.
+struct Header<'a> {
+    tag: u8,
+    key: &'a [u8],
+    /// Where the value starts.
+    value_at: usize,
+    /// For a key shorter than 8 bytes: its bytes as the low lanes of a little-endian word,
+    /// the other lanes zero.
+    short_key: Option<u64>,
+}
+
+/// Read the element header at `pos` (which must be `< body.len()`).
+#[inline(always)]
+fn element_header(body: &[u8], pos: usize) -> Result<Header<'_>, Error> {
+    let tag = body[pos];
+    let key_at = pos + 1;
+    let rest = body.get(key_at..).unwrap_or_default();
+    // Most keys are short, and the element's value follows the key, so usually one 8-byte
+    // load finds the NUL and already holds the whole key.
+    if let Some(chunk) = rest.get(..8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let zero = w.wrapping_sub(LO) & !w & HI;
+        if zero != 0 {
+            let len = (zero.trailing_zeros() / 8) as usize;
+            return Ok(Header {
+                tag,
+                key: &rest[..len],
+                value_at: key_at + len + 1,
+                // `len < 8`, so the shift is in range.
+                short_key: Some(w & ((1 << (8 * len)) - 1)),
+            });
+        }
+    }
+    match find_nul(rest) {
+        Some(len) => Ok(Header {
+            tag,
+            key: &rest[..len],
+            value_at: key_at + len + 1,
+            short_key: None,
+        }),
+        None => Err(bad_document("element key without a terminating NUL")),
+    }
+}
+
+/// Write `"key":`. A short key that is plain ASCII with nothing to escape (the usual case) is
+/// stored in one go.
+#[inline(always)]
+fn write_key(key: &[u8], short_key: Option<u64>, out: &mut Vec<u8>) -> Result<(), Error> {
+    if let Some(w) = short_key {
+        let n = key.len();
+        // Spaces in the lanes above the key: they need no escaping.
+        let padded = w | (LO * 0x20) << (8 * n);
+        if (escape_lanes(padded) | (w & HI)) == 0 {
+            let quoted = u128::from(b'"')
+                | u128::from(w) << 8
+                | u128::from(u16::from_le_bytes(*b"\":")) << (8 * (n + 1));
+            let len = out.len() + n + 3;
+            out.extend_from_slice(&quoted.to_le_bytes());
+            out.truncate(len);
+            return Ok(());
+        }
+    }
+    write_utf8_str(key, out)?;
+    out.push(b':');
+    Ok(())
+}
+
+/// Position of the first NUL byte, looked for eight bytes at a time.
+#[inline(always)]
+fn find_nul(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        // High bit set in the lane of each zero byte; the lowest one is exact.
+        let zero = w.wrapping_sub(LO) & !w & HI;
+        if zero != 0 {
+            return Some(i + (zero.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    let rest = bytes.get(i..)?;
+    rest.iter().position(|&b| b == 0).map(|p| i + p)
+}
+
+/// `doc` is a whole document: length prefix, elements, NUL.
 fn write_doc_at(
-    doc: &RawDocument,
+    doc: &[u8],
     skip_id: bool,
     depth: usize,
     out: &mut Vec<u8>,
@@ -147,31 +457,33 @@ fn write_doc_at(
     if depth > MAX_DEPTH {
         return Err(too_deep());
     }
+    let body = document_body(doc).map_err(bad_document)?;
     out.push(b'{');
+    let mut pos = 0;
     let mut first = true;
-    // `iter_elements` gives us the key before the value is decoded, so a skipped `_id` is never
-    // decoded.
-    for element in doc.iter_elements() {
-        let element = element.map_err(malformed)?;
-        let key = element.key();
-        if skip_id && key == "_id" {
+    while pos < body.len() {
+        let h = element_header(body, pos)?;
+        let (value, next) =
+            read_element(h.tag, body, h.value_at).map_err(|e| bad_element(h.key, e))?;
+        pos = next;
+        // A skipped `_id` is checked like every other element, but not written.
+        if skip_id && h.key == b"_id" {
             continue;
         }
         if !first {
             out.push(b',');
         }
         first = false;
-        write_str(key, out);
-        out.push(b':');
-        let value = element.value().map_err(malformed)?;
-        write_value_at(value, depth, out, stats)?;
+        write_key(h.key, h.short_key, out)?;
+        write_element(value, depth, out, stats)?;
     }
     out.push(b'}');
     Ok(())
 }
 
+/// `array` is a whole array document. Its keys ("0", "1", …) are checked but not written.
 fn write_array_at(
-    array: &RawArray,
+    array: &[u8],
     depth: usize,
     out: &mut Vec<u8>,
     stats: &mut ConvertStats,
@@ -179,21 +491,73 @@ fn write_array_at(
     if depth > MAX_DEPTH {
         return Err(too_deep());
     }
+    let body = document_body(array).map_err(bad_document)?;
     out.push(b'[');
-    let mut first = true;
-    for value in array {
-        let value = value.map_err(malformed)?;
-        if !first {
+    let mut pos = 0;
+    while pos < body.len() {
+        let h = element_header(body, pos)?;
+        // The key is not written, but like any key it must be UTF-8. Index keys are short
+        // ASCII, which the word that found the NUL already shows.
+        if h.short_key.is_none_or(|w| w & HI != 0) {
+            check_utf8(h.key)?;
+        }
+        let (value, next) =
+            read_element(h.tag, body, h.value_at).map_err(|e| bad_element(h.key, e))?;
+        if pos > 0 {
             out.push(b',');
         }
-        first = false;
-        write_value_at(value, depth, out, stats)?;
+        pos = next;
+        write_element(value, depth, out, stats)?;
     }
     out.push(b']');
     Ok(())
 }
 
 /// `depth` is the nesting level of the container holding `value`.
+#[inline(always)]
+fn write_element(
+    value: Element<'_>,
+    depth: usize,
+    out: &mut Vec<u8>,
+    stats: &mut ConvertStats,
+) -> Result<(), Error> {
+    match value {
+        Element::Double(f) => write_double(f, out, stats),
+        Element::Str(s) => write_utf8_str(s, out)?,
+        Element::Document(d) => write_doc_at(d, false, depth + 1, out, stats)?,
+        Element::Array(a) => write_array_at(a, depth + 1, out, stats)?,
+        Element::Binary(subtype, bytes) => write_binary(subtype, bytes, out),
+        Element::Null => out.extend_from_slice(b"null"),
+        Element::ObjectId(oid) => write_oid_quoted(oid, out),
+        Element::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        Element::DateTime(millis) => write_datetime(millis, out),
+        Element::Regex(pattern, options) => {
+            out.push(b'"');
+            write_escaped(b"/", out);
+            let non_ascii = write_escaped(pattern, out) | write_escaped(b"/", out);
+            let non_ascii = non_ascii | write_escaped(options, out);
+            if non_ascii {
+                check_utf8(pattern)?;
+                check_utf8(options)?;
+            }
+            out.push(b'"');
+        }
+        Element::DbPointer(namespace, oid) => {
+            check_utf8(namespace)?;
+            write_db_pointer(namespace, oid, out);
+        }
+        Element::Int32(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+        Element::Timestamp { time, increment } => write_timestamp(time, increment, out),
+        Element::Int64(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+        Element::Decimal128(bytes) => write_decimal128(Decimal128::from_bytes(*bytes), out),
+        Element::MinKey => out.extend_from_slice(b"{\"$minKey\":1}"),
+        Element::MaxKey => out.extend_from_slice(b"{\"$maxKey\":1}"),
+    }
+    Ok(())
+}
+
+/// Write a single [`RawBsonRef`] (the entry point for values that bson has already split out).
+/// Containers are handed to the byte walker.
 fn write_value_at(
     value: RawBsonRef<'_>,
     depth: usize,
@@ -201,31 +565,18 @@ fn write_value_at(
     stats: &mut ConvertStats,
 ) -> Result<(), Error> {
     match value {
-        RawBsonRef::Double(f) => {
-            if f.is_finite() {
-                out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
-            } else {
-                stats.non_finite_nulled += 1;
-                out.extend_from_slice(b"null");
-            }
-        }
+        RawBsonRef::Double(f) => write_double(f, out, stats),
         RawBsonRef::String(s) => write_str(s, out),
-        RawBsonRef::Document(d) => write_doc_at(d, false, depth + 1, out, stats)?,
-        RawBsonRef::Array(a) => write_array_at(a, depth + 1, out, stats)?,
+        RawBsonRef::Document(d) => write_doc_at(d.as_bytes(), false, depth + 1, out, stats)?,
+        RawBsonRef::Array(a) => write_array_at(a.as_bytes(), depth + 1, out, stats)?,
         RawBsonRef::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
         RawBsonRef::Null | RawBsonRef::Undefined => out.extend_from_slice(b"null"),
         RawBsonRef::Int32(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
         RawBsonRef::Int64(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
-        RawBsonRef::ObjectId(oid) => write_oid_quoted(&oid, out),
+        RawBsonRef::ObjectId(oid) => write_oid_quoted(&oid.bytes(), out),
         RawBsonRef::DateTime(dt) => write_datetime(dt.timestamp_millis(), out),
-        RawBsonRef::Binary(bin) => write_binary(bin, out),
-        RawBsonRef::Timestamp(ts) => {
-            out.extend_from_slice(b"{\"t\":");
-            out.extend_from_slice(itoa::Buffer::new().format(ts.time).as_bytes());
-            out.extend_from_slice(b",\"i\":");
-            out.extend_from_slice(itoa::Buffer::new().format(ts.increment).as_bytes());
-            out.push(b'}');
-        }
+        RawBsonRef::Binary(bin) => write_binary(u8::from(bin.subtype), bin.bytes, out),
+        RawBsonRef::Timestamp(ts) => write_timestamp(ts.time, ts.increment, out),
         RawBsonRef::RegularExpression(re) => {
             out.push(b'"');
             write_escaped(b"/", out);
@@ -237,25 +588,50 @@ fn write_value_at(
         RawBsonRef::JavaScriptCode(code) => write_str(code, out),
         RawBsonRef::JavaScriptCodeWithScope(cws) => write_str(cws.code, out),
         RawBsonRef::Symbol(s) => write_str(s, out),
-        RawBsonRef::Decimal128(d) => {
-            out.push(b'"');
-            // The canonical text holds only digits, '.', 'E', '+', '-', "NaN" and "Infinity",
-            // so it needs no escaping. Writing into a Vec<u8> cannot fail.
-            let _ = write!(out, "{d}");
-            out.push(b'"');
-        }
+        RawBsonRef::Decimal128(d) => write_decimal128(d, out),
         RawBsonRef::MinKey => out.extend_from_slice(b"{\"$minKey\":1}"),
         RawBsonRef::MaxKey => out.extend_from_slice(b"{\"$maxKey\":1}"),
         RawBsonRef::DbPointer(p) => {
             let (namespace, oid) = db_pointer_parts(p)?;
-            out.extend_from_slice(b"{\"$ref\":");
-            write_str(&namespace, out);
-            out.extend_from_slice(b",\"$id\":");
-            write_oid_quoted(&oid, out);
-            out.push(b'}');
+            write_db_pointer(namespace.as_bytes(), &oid.bytes(), out);
         }
     }
     Ok(())
+}
+
+#[inline]
+fn write_double(f: f64, out: &mut Vec<u8>, stats: &mut ConvertStats) {
+    if f.is_finite() {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
+    } else {
+        stats.non_finite_nulled += 1;
+        out.extend_from_slice(b"null");
+    }
+}
+
+fn write_timestamp(time: u32, increment: u32, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"t\":");
+    out.extend_from_slice(itoa::Buffer::new().format(time).as_bytes());
+    out.extend_from_slice(b",\"i\":");
+    out.extend_from_slice(itoa::Buffer::new().format(increment).as_bytes());
+    out.push(b'}');
+}
+
+fn write_decimal128(d: Decimal128, out: &mut Vec<u8>) {
+    out.push(b'"');
+    // The canonical text holds only digits, '.', 'E', '+', '-', "NaN" and "Infinity", so it
+    // needs no escaping. Writing into a Vec<u8> cannot fail.
+    let _ = write!(out, "{d}");
+    out.push(b'"');
+}
+
+/// `namespace` must be valid UTF-8.
+fn write_db_pointer(namespace: &[u8], oid: &[u8; 12], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"$ref\":\"");
+    write_escaped(namespace, out);
+    out.extend_from_slice(b"\",\"$id\":");
+    write_oid_quoted(oid, out);
+    out.push(b'}');
 }
 
 /// bson 2.15 keeps `RawDbPointerRef`'s fields `pub(crate)` and offers no accessors. Its serde
@@ -281,9 +657,9 @@ fn db_pointer_parts(p: RawDbPointerRef<'_>) -> Result<(String, ObjectId), Error>
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn write_oid_quoted(oid: &ObjectId, out: &mut Vec<u8>) {
+fn write_oid_quoted(oid: &[u8; 12], out: &mut Vec<u8>) {
     let mut buf = [b'"'; 26];
-    hex_into(&oid.bytes(), &mut buf[1..25]);
+    hex_into(oid, &mut buf[1..25]);
     out.extend_from_slice(&buf);
 }
 
@@ -295,12 +671,13 @@ fn hex_into(bytes: &[u8], dst: &mut [u8]) {
     }
 }
 
-fn write_binary(bin: RawBinaryRef<'_>, out: &mut Vec<u8>) {
-    match bin.subtype {
-        BinarySubtype::Uuid | BinarySubtype::UuidOld if bin.bytes.len() == 16 => {
+/// `subtype` is the BSON binary subtype byte; 4 is UUID and 3 legacy UUID.
+fn write_binary(subtype: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    match subtype {
+        3 | 4 if bytes.len() == 16 => {
             // "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" with quotes: 36 + 2 bytes.
             let mut buf = [b'"'; 38];
-            let b = bin.bytes;
+            let b = bytes;
             hex_into(&b[0..4], &mut buf[1..9]);
             buf[9] = b'-';
             hex_into(&b[4..6], &mut buf[10..14]);
@@ -314,7 +691,7 @@ fn write_binary(bin: RawBinaryRef<'_>, out: &mut Vec<u8>) {
         }
         _ => {
             out.push(b'"');
-            write_base64(bin.bytes, out);
+            write_base64(bytes, out);
             out.push(b'"');
         }
     }
@@ -456,6 +833,33 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
+/// Write raw string bytes from a document as a quoted JSON string, or fail if they are not
+/// UTF-8. Text that is all ASCII (seen by the escape scan) skips the `from_utf8` pass.
+#[inline]
+fn write_utf8_str(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    if write_escaped(bytes, out) {
+        check_utf8(bytes)?;
+    }
+    out.push(b'"');
+    Ok(())
+}
+
+#[inline]
+fn check_utf8(bytes: &[u8]) -> Result<(), Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(invalid_utf8(e)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn invalid_utf8(e: std::str::Utf8Error) -> Error {
+    Error::Malformed(format!("invalid UTF-8 in a key or string: {e}"))
+}
+
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
@@ -471,39 +875,81 @@ fn escape_lanes(w: u64) -> u64 {
         & HI
 }
 
-/// Append the JSON-escaped body (no quotes) of UTF-8 `bytes`. Only ASCII bytes are escaped, so
-/// multi-byte UTF-8 sequences (all bytes ≥ 0x80) pass through intact.
-fn write_escaped(bytes: &[u8], out: &mut Vec<u8>) {
-    let mut run_start = 0;
+/// Append the JSON-escaped body (no quotes) of `bytes`. Only ASCII bytes are escaped, so
+/// multi-byte UTF-8 sequences (all bytes ≥ 0x80) pass through intact. Returns whether any
+/// byte is ≥ 0x80, i.e. whether the text needs a UTF-8 check (it is ASCII otherwise).
+fn write_escaped(bytes: &[u8], out: &mut Vec<u8>) -> bool {
     let mut i = 0;
-    // Eight bytes at a time: most text has no escapes at all, and this copies it in one run.
-    while let Some(chunk) = bytes.get(i..i + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let lanes = escape_lanes(u64::from_le_bytes(word));
-        if lanes == 0 {
-            i += 8;
+    // OR of every word looked at; every byte is in at least one.
+    let mut seen = 0;
+    // Eight bytes at a time: most text has no escapes at all. The last < 8 bytes are padded
+    // with spaces, which never need escaping. Clean bytes are appended as a whole word and the
+    // excess cut off again: a fixed-size store is much cheaper than a `memcpy` call for the
+    // short runs that keys and typical field values are made of.
+    while i < bytes.len() {
+        let (w, n) = match bytes.get(i..i + 8) {
+            Some(chunk) => {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(chunk);
+                (u64::from_le_bytes(word), 8)
+            }
+            None => {
+                let rest = bytes.get(i..).unwrap_or_default();
+                (tail_word(rest), rest.len())
+            }
+        };
+        seen |= w;
+        let lanes = escape_lanes(w);
+        // The lowest flagged lane is exact, and padding lanes are never flagged below it.
+        let clean = ((lanes.trailing_zeros() / 8) as usize).min(n);
+        push_word_prefix(w, clean, out);
+        if clean == n {
+            i += n;
             continue;
         }
-        let pos = i + (lanes.trailing_zeros() / 8) as usize;
-        let b = bytes[pos];
+        let b = (w >> (8 * clean)) as u8;
         if ESCAPE[usize::from(b)] != 0 {
-            out.extend_from_slice(&bytes[run_start..pos]);
             write_escape(b, out);
-            run_start = pos + 1;
+        } else {
+            out.push(b);
         }
-        i = pos + 1;
+        i += clean + 1;
     }
-    // The last < 8 bytes, one at a time.
-    while let Some(&b) = bytes.get(i) {
-        if ESCAPE[usize::from(b)] != 0 {
-            out.extend_from_slice(&bytes[run_start..i]);
-            write_escape(b, out);
-            run_start = i + 1;
+    seen & HI != 0
+}
+
+/// Append the low `n` (≤ 8) byte lanes of `w`.
+#[inline(always)]
+fn push_word_prefix(w: u64, n: usize, out: &mut Vec<u8>) {
+    let len = out.len() + n;
+    out.extend_from_slice(&w.to_le_bytes());
+    out.truncate(len);
+}
+
+/// The 1 to 7 bytes of `rest` as the low lanes of a little-endian word, the other lanes filled
+/// with spaces (which need no escaping). Built from two overlapping loads rather than a copy
+/// into a stack buffer, because reading a word back right after a variable-length byte copy
+/// stalls the CPU's store forwarding.
+#[inline]
+fn tail_word(rest: &[u8]) -> u64 {
+    const SPACES: u64 = LO * 0x20;
+    let n = rest.len();
+    let data = match *rest {
+        [] => 0,
+        [a] => u64::from(a),
+        [a, b] => u64::from(u16::from_le_bytes([a, b])),
+        [a, b, c] => u64::from(u16::from_le_bytes([a, b])) | u64::from(c) << 16,
+        [a, b, c, d, ..] if n < 8 => {
+            let [w, x, y, z] = rest
+                .get(n - 4..)
+                .and_then(|s| s.try_into().ok())
+                .unwrap_or([0; 4]);
+            u64::from(u32::from_le_bytes([a, b, c, d]))
+                | u64::from(u32::from_le_bytes([w, x, y, z])) << (8 * (n - 4))
         }
-        i += 1;
-    }
-    out.extend_from_slice(&bytes[run_start..]);
+        _ => return 0,
+    };
+    data | SPACES.checked_shl(8 * n as u32).unwrap_or(0)
 }
 
 #[cold]
@@ -534,7 +980,7 @@ pub fn write_es_id(id: RawBsonRef<'_>, out: &mut Vec<u8>) -> Result<(), Error> {
     match id {
         // The common id types, written without a temporary buffer. None of them can exceed
         // the limit, except a long string.
-        RawBsonRef::ObjectId(oid) => write_oid_quoted(&oid, out),
+        RawBsonRef::ObjectId(oid) => write_oid_quoted(&oid.bytes(), out),
         RawBsonRef::String(s) => {
             check_id_len(s.len())?;
             write_str(s, out);
@@ -674,7 +1120,7 @@ fn write_extjson_at(value: RawBsonRef<'_>, depth: usize, out: &mut Vec<u8>) -> R
         RawBsonRef::Int64(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
         RawBsonRef::ObjectId(oid) => {
             out.extend_from_slice(b"{\"$oid\":");
-            write_oid_quoted(&oid, out);
+            write_oid_quoted(&oid.bytes(), out);
             out.push(b'}');
         }
         RawBsonRef::DateTime(dt) => {
@@ -751,7 +1197,7 @@ fn write_extjson_at(value: RawBsonRef<'_>, depth: usize, out: &mut Vec<u8>) -> R
             out.extend_from_slice(b"{\"$dbPointer\":{\"$ref\":");
             write_str(&namespace, out);
             out.extend_from_slice(b",\"$id\":{\"$oid\":");
-            write_oid_quoted(&oid, out);
+            write_oid_quoted(&oid.bytes(), out);
             out.extend_from_slice(b"}}}");
         }
     }
@@ -1254,6 +1700,316 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    // ----- malformed input: the byte walker -----
+
+    /// Raw document bytes around an already encoded element list.
+    fn with_header(body: &[u8]) -> Vec<u8> {
+        let mut bytes = ((body.len() + 5) as i32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        bytes.push(0);
+        bytes
+    }
+
+    /// `bytes` has a sound top-level header, but the conversion must fail as malformed and
+    /// leave `out` and `stats` as they were, for both values of `skip_id`.
+    fn assert_malformed(bytes: &[u8]) {
+        let d = RawDocument::from_bytes(bytes).expect("header is fine");
+        for skip_id in [false, true] {
+            let mut out = b"keep".to_vec();
+            let mut stats = ConvertStats {
+                non_finite_nulled: 7,
+            };
+            let err = write_document(d, skip_id, &mut out, &mut stats);
+            assert!(
+                matches!(err, Err(Error::Malformed(_))),
+                "{err:?} for {bytes:?}"
+            );
+            assert_eq!(out, b"keep", "{bytes:?}");
+            assert_eq!(stats.non_finite_nulled, 7);
+        }
+    }
+
+    /// A document with a few good fields (one of them a NaN, to move the stats) before `bad`.
+    fn after_good_fields(bad: &[(u8, &str, Vec<u8>)]) -> Vec<u8> {
+        let mut elements = vec![
+            (0x10, "ok", 1_i32.to_le_bytes().to_vec()),
+            (0x01, "nan", f64::NAN.to_le_bytes().to_vec()),
+        ];
+        elements.extend(bad.iter().cloned());
+        handmade(&elements)
+    }
+
+    #[test]
+    fn truncated_fixed_size_values_are_malformed() {
+        for (tag, len) in [
+            (0x01, 8),
+            (0x07, 12),
+            (0x08, 1),
+            (0x09, 8),
+            (0x10, 4),
+            (0x11, 8),
+            (0x12, 8),
+            (0x13, 16),
+        ] {
+            assert_malformed(&after_good_fields(&[(tag, "v", vec![1; len - 1])]));
+        }
+    }
+
+    #[test]
+    fn truncated_length_prefixes_are_malformed() {
+        // Fewer than 4 bytes left for the i32 length of each length-prefixed type.
+        for tag in [0x02, 0x03, 0x04, 0x05, 0x0c, 0x0d, 0x0e, 0x0f] {
+            assert_malformed(&after_good_fields(&[(tag, "v", vec![9, 0, 0])]));
+            assert_malformed(&after_good_fields(&[(tag, "v", vec![])]));
+        }
+    }
+
+    #[test]
+    fn lengths_past_the_end_are_malformed() {
+        let past = |tag: u8, len: i32, rest: &[u8]| {
+            let mut v = len.to_le_bytes().to_vec();
+            v.extend_from_slice(rest);
+            after_good_fields(&[(tag, "v", v)])
+        };
+        for tag in [0x02, 0x0c, 0x0d, 0x0e] {
+            assert_malformed(&past(tag, 100, b"abc\0"));
+            assert_malformed(&past(tag, i32::MAX, b"abc\0"));
+            assert_malformed(&past(tag, -1, b"abc\0"));
+            // Zero covers not even the NUL.
+            assert_malformed(&past(tag, 0, b""));
+            // The right length, but the last byte is not a NUL.
+            assert_malformed(&past(tag, 4, b"abcd"));
+        }
+        // Binary: i32 length, subtype, data.
+        assert_malformed(&past(0x05, 100, b"\0abc"));
+        assert_malformed(&past(0x05, -1, b"\0abc"));
+        assert_malformed(&past(0x05, 4, b"\0abc"));
+        // Documents, arrays and code with scope.
+        assert_malformed(&past(0x03, 100, &[0; 8]));
+        assert_malformed(&past(0x04, 100, &[0; 8]));
+        assert_malformed(&past(0x0f, 100, &[0; 20]));
+        // A DbPointer missing part of its ObjectId.
+        let mut dbp = bson_string(b"db.c");
+        dbp.extend_from_slice(&[1; 11]);
+        assert_malformed(&after_good_fields(&[(0x0c, "v", dbp)]));
+    }
+
+    #[test]
+    fn a_value_may_not_use_the_documents_terminating_nul() {
+        // The string's length claims one more byte: its "NUL" would be the document's own.
+        let mut bytes = handmade(&[(0x02, "s", bson_string(b"abc"))]);
+        let at = bytes.len() - 1 - 4 - 4;
+        bytes[at..at + 4].copy_from_slice(&5_i32.to_le_bytes());
+        assert_malformed(&bytes);
+    }
+
+    #[test]
+    fn missing_key_nul_is_malformed() {
+        // The key runs into the end of the document: short (one-word path) and long keys.
+        for key in [
+            &b"k"[..],
+            b"abcdefg",
+            b"abcdefgh",
+            b"a_much_longer_key_name",
+        ] {
+            let mut body = vec![0x10];
+            body.extend_from_slice(key);
+            assert_malformed(&with_header(&body));
+            let mut body = 1_i32.to_le_bytes().to_vec();
+            body.splice(0..0, [0x10, b'a', 0]);
+            body.push(0x10);
+            body.extend_from_slice(key);
+            assert_malformed(&with_header(&body));
+        }
+        // A key inside an array.
+        let mut array_body = vec![0x10];
+        array_body.extend_from_slice(b"0123456789");
+        assert_malformed(&after_good_fields(&[(0x04, "a", with_header(&array_body))]));
+        // Regular expressions are two C strings.
+        assert_malformed(&after_good_fields(&[(0x0b, "re", b"abc".to_vec())]));
+        assert_malformed(&after_good_fields(&[(0x0b, "re", b"abc\0i".to_vec())]));
+    }
+
+    #[test]
+    fn bad_type_bytes_are_malformed() {
+        for tag in [0x00, 0x14, 0x15, 0x20, 0x7e, 0x80, 0xfe] {
+            assert_malformed(&after_good_fields(&[(tag, "x", vec![1, 2, 3, 4])]));
+            // Inside a nested document and an array.
+            let inner = handmade(&[(tag, "0", vec![])]);
+            assert_malformed(&after_good_fields(&[(0x03, "d", inner.clone())]));
+            assert_malformed(&after_good_fields(&[(0x04, "a", inner)]));
+        }
+    }
+
+    #[test]
+    fn nested_length_mismatches_are_malformed() {
+        let inner = handmade(&[(0x10, "x", 1_i32.to_le_bytes().to_vec())]);
+        for tag in [0x03, 0x04] {
+            for delta in [-1_i32, 1, -5, 3] {
+                let mut bad = inner.clone();
+                let len = inner.len() as i32 + delta;
+                bad[..4].copy_from_slice(&len.to_le_bytes());
+                // The outer document's length stays right for the bytes it holds.
+                assert_malformed(&after_good_fields(&[
+                    (tag, "d", bad),
+                    (0x10, "y", 2_i32.to_le_bytes().to_vec()),
+                ]));
+            }
+            // Shorter than the 5-byte minimum.
+            assert_malformed(&after_good_fields(&[(
+                tag,
+                "d",
+                4_i32.to_le_bytes().to_vec(),
+            )]));
+            // Right length, but no terminating NUL.
+            let mut bad = inner.clone();
+            *bad.last_mut().expect("non-empty") = 1;
+            assert_malformed(&after_good_fields(&[(tag, "d", bad)]));
+        }
+        // Code with scope whose parts do not add up to its total length.
+        let cws = |total_delta: i32, scope: &[u8]| {
+            let code = bson_string(b"f()");
+            let total = (4 + code.len() + scope.len()) as i32 + total_delta;
+            let mut v = total.to_le_bytes().to_vec();
+            v.extend_from_slice(&code);
+            v.extend_from_slice(scope);
+            after_good_fields(&[(0x0f, "c", v)])
+        };
+        let scope = handmade(&[(0x10, "x", 1_i32.to_le_bytes().to_vec())]);
+        assert!(RawDocument::from_bytes(&cws(0, &scope)).is_ok());
+        assert_malformed(&cws(-1, &scope));
+        assert_malformed(&cws(1, &scope));
+        let mut short_scope = scope.clone();
+        short_scope[..4].copy_from_slice(&(scope.len() as i32 - 1).to_le_bytes());
+        assert_malformed(&cws(0, &short_scope));
+    }
+
+    #[test]
+    fn bad_boolean_and_old_binary_are_malformed() {
+        assert_malformed(&after_good_fields(&[(0x08, "b", vec![2])]));
+        // Old binary subtype 2 whose inner length disagrees with the outer one.
+        let mut old = 7_i32.to_le_bytes().to_vec();
+        old.push(2);
+        old.extend_from_slice(&4_i32.to_le_bytes());
+        old.extend_from_slice(b"foo");
+        assert_malformed(&after_good_fields(&[(0x05, "v", old)]));
+        let mut old = 2_i32.to_le_bytes().to_vec();
+        old.extend_from_slice(&[2, 0, 0]);
+        assert_malformed(&after_good_fields(&[(0x05, "v", old)]));
+    }
+
+    #[test]
+    fn a_skipped_id_is_still_checked() {
+        let mut bytes = handmade(&[
+            (0x02, "_id", bson_string(b"abc")),
+            (0x10, "a", 1_i32.to_le_bytes().to_vec()),
+        ]);
+        let at = 4 + 1 + 4; // the string's length prefix
+        bytes[at..at + 4].copy_from_slice(&100_i32.to_le_bytes());
+        assert_malformed(&bytes);
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_in_a_string_or_key_is_malformed() {
+        // Bad bytes in the first word, in a later word, and in the padded tail.
+        for s in [
+            &b"\xff"[..],
+            b"abc\xc3",
+            b"abcdefgh\xff",
+            b"abcdefghijklmnop\xe2\x82",
+            b"abcdefg\xc3\x28hijklmnopqrstuvwxyz",
+            b"\"quoted\"\n\xed\xa0\x80",
+        ] {
+            assert_malformed(&after_good_fields(&[(0x02, "s", bson_string(s))]));
+            assert_malformed(&after_good_fields(&[(0x0d, "s", bson_string(s))]));
+            let mut key = vec![0x10];
+            key.extend_from_slice(s);
+            key.push(0);
+            key.extend_from_slice(&1_i32.to_le_bytes());
+            assert_malformed(&with_header(&key));
+            let mut regex = s.to_vec();
+            regex.extend_from_slice(b"\0i\0");
+            assert_malformed(&after_good_fields(&[(0x0b, "re", regex)]));
+            let mut dbp = bson_string(s);
+            dbp.extend_from_slice(&[1; 12]);
+            assert_malformed(&after_good_fields(&[(0x0c, "p", dbp)]));
+        }
+    }
+
+    #[test]
+    fn keys_of_every_length_and_escape_position() {
+        for n in 0..20 {
+            let plain = "k".repeat(n);
+            for key in [
+                plain.clone(),
+                format!("{plain}\""),
+                format!("\n{plain}"),
+                format!("{plain}é"),
+            ] {
+                let expected = format!("{{{}:1}}", serde_json::to_string(&key).expect("json"));
+                assert_eq!(json_of(&doc! { key.as_str(): 1 }), expected);
+            }
+        }
+        // Keys of an array are never written, whatever they are, but they must be UTF-8.
+        let array = handmade(&[
+            (0x10, "not\"an index", 1_i32.to_le_bytes().to_vec()),
+            (0x10, "", 2_i32.to_le_bytes().to_vec()),
+        ]);
+        let bytes = handmade(&[(0x04, "a", array)]);
+        let d = RawDocument::from_bytes(&bytes).expect("valid");
+        let mut out = Vec::new();
+        write_document(d, false, &mut out, &mut ConvertStats::default()).expect("ok");
+        assert_eq!(out, br#"{"a":[1,2]}"#);
+        for key in [&b"\xff"[..], b"0\xc3", b"0123456789\xff"] {
+            let mut element = vec![0x10];
+            element.extend_from_slice(key);
+            element.push(0);
+            element.extend_from_slice(&1_i32.to_le_bytes());
+            assert_malformed(&after_good_fields(&[(0x04, "a", with_header(&element))]));
+        }
+    }
+
+    #[test]
+    fn non_ascii_regex_and_db_pointer_via_write_value() {
+        let re = Regex {
+            pattern: "é+\u{1}".into(),
+            options: "i".into(),
+        };
+        assert_eq!(value_json(re), "\"/é+\\u0001/i\"");
+        let mut value = bson_string("db.ç".as_bytes());
+        value.extend_from_slice(&[0xab; 12]);
+        let bytes = handmade(&[(0x0c, "p", value)]);
+        let d = RawDocument::from_bytes(&bytes).expect("valid");
+        let expected = r#"{"$ref":"db.ç","$id":"abababababababababababab"}"#;
+        assert_eq!(json_of_raw(d), format!(r#"{{"p":{expected}}}"#));
+        // The same value through `write_value`, which takes bson's own decoding of it.
+        let p = d.get("p").expect("valid").expect("present");
+        assert_eq!(value_json_raw(p), expected);
+    }
+
+    fn json_of_raw(d: &RawDocument) -> String {
+        let mut out = Vec::new();
+        write_document(d, false, &mut out, &mut ConvertStats::default()).expect("ok");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    /// Whether bson's own iterator accepts every element of `d` and every value in it, at
+    /// every depth.
+    fn bson_accepts(d: &RawDocument) -> bool {
+        d.iter_elements().all(|e| {
+            let Ok(v) = e.and_then(|e| e.value()) else {
+                return false;
+            };
+            match v {
+                RawBsonRef::Document(d) => bson_accepts(d),
+                RawBsonRef::Array(a) => {
+                    RawDocument::from_bytes(a.as_bytes()).is_ok_and(bson_accepts)
+                }
+                _ => true,
+            }
+        })
+    }
+
     #[test]
     fn excessive_nesting_is_rejected_not_a_stack_overflow() {
         let mut d = doc! { "leaf": 1 };
@@ -1579,6 +2335,23 @@ mod tests {
                 } else {
                     prop_assert!(out.is_empty());
                 }
+            }
+        }
+
+        #[test]
+        fn walker_accepts_exactly_what_bson_accepts(
+            d in arb_document(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut bytes = raw(&d).into_bytes();
+            for (at, byte) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if let Ok(doc) = RawDocument::from_bytes(&bytes) {
+                let mut out = Vec::new();
+                let result = write_document(doc, false, &mut out, &mut ConvertStats::default());
+                prop_assert_eq!(result.is_ok(), bson_accepts(doc), "{:?}", result);
             }
         }
 
