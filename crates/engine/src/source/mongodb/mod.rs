@@ -54,6 +54,13 @@ const LEAN_EVENTS: u64 = 1000;
 /// but one per event would clone a token per event for nothing.
 const POSITION_EVERY: u64 = 500;
 
+/// Longest wait for one change stream `getMore` (each asks the server to answer within
+/// 500 ms, so this only fires on a silently dead connection).
+const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for one batch of a snapshot query (the first batch of a sorted query on a
+/// huge collection can take a while on some servers).
+const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How often (in documents or events) a busy source beats its heartbeat: reading the clock
 /// per document shows up in profiles.
 const BEAT_EVERY: u64 = 128;
@@ -245,14 +252,23 @@ impl Source<'_> {
         }
     }
 
-    /// Await a MongoDB read; if it cannot complete at once, first hand staged writes over.
-    async fn read<T>(&self, fut: impl std::future::Future<Output = T>) -> Result<T, Error> {
+    /// Await a MongoDB read; if it cannot complete at once, first hand staged writes over. A
+    /// read with no reply within `limit` (a silently dropped connection: the driver sets no
+    /// socket timeout) fails like any other read, so the caller re-opens.
+    async fn read<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+        limit: Duration,
+    ) -> Result<Result<T, ReadError>, Error> {
         tokio::pin!(fut);
         if let Some(v) = futures_util::FutureExt::now_or_never(&mut fut) {
-            return Ok(v);
+            return Ok(v.map_err(ReadError::Mongo));
         }
         self.flush().await?;
-        Ok(fut.await)
+        match tokio::time::timeout(limit, fut).await {
+            Ok(v) => Ok(v.map_err(ReadError::Mongo)),
+            Err(_) => Ok(Err(ReadError::Timeout(limit))),
+        }
     }
 
     /// Index and namespace names of `db.coll`, cached for the common case of consecutive
@@ -359,7 +375,7 @@ impl Source<'_> {
                         }
                         return Ok(Ended::Cancelled);
                     }
-                    next = self.read(cursor.try_next()) => match next {
+                    next = self.read(cursor.try_next(), SNAPSHOT_READ_TIMEOUT) => match next {
                         Ok(n) => n,
                         Err(Error::Cancelled) => return Ok(Ended::Cancelled),
                         Err(e) => return Err(e),
@@ -511,7 +527,7 @@ impl Source<'_> {
                         }
                         return Ok(Ended::Cancelled);
                     }
-                    next = self.read(stream.next_if_any()) => next?,
+                    next = self.read(stream.next_if_any(), STREAM_READ_TIMEOUT) => next?,
                 };
                 match next {
                     Ok(Some(raw)) => {
@@ -561,10 +577,18 @@ impl Source<'_> {
                         }
                     }
                     Err(e) => {
-                        if let Some(code) = history_lost_code(&e) {
+                        if let Some(code) = e.history_lost_code() {
                             self.metrics.history_lost.inc();
                             return Err(Error::HistoryLost { code });
                         }
+                        let ReadError::Mongo(_) = &e else {
+                            warn!(error = %e, "change stream read timed out; re-opening from the last token read");
+                            self.metrics.stream_reopens.inc();
+                            if let Some(token) = stream.resume_token() {
+                                start = StreamStart::ResumeAfter(token);
+                            }
+                            break;
+                        };
                         // Re-open after the last event read: the events before it are already
                         // in the pipeline.
                         if let Some(token) = stream.resume_token() {
@@ -732,8 +756,28 @@ pub enum StreamStart {
     StartAfter(ResumeToken),
 }
 
-fn is_too_large(e: &mongodb::error::Error) -> bool {
-    matches!(&*e.kind, ErrorKind::Command(c) if c.code == BSON_OBJECT_TOO_LARGE)
+fn is_too_large(e: &ReadError) -> bool {
+    matches!(e, ReadError::Mongo(e) if matches!(&*e.kind, ErrorKind::Command(c) if c.code == BSON_OBJECT_TOO_LARGE))
+}
+
+/// Why a read from MongoDB failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The server or driver reported an error.
+    #[error(transparent)]
+    Mongo(#[from] mongodb::error::Error),
+    /// No reply in time.
+    #[error("no reply from MongoDB within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ReadError {
+    fn history_lost_code(&self) -> Option<i32> {
+        match self {
+            Self::Mongo(e) => history_lost_code(e),
+            Self::Timeout(_) => None,
+        }
+    }
 }
 
 fn history_lost_code(e: &mongodb::error::Error) -> Option<i32> {
