@@ -318,6 +318,8 @@ impl Sink {
         for (w, kib) in writes.iter_mut().zip(kibs) {
             w.permit = permit.split(kib as usize);
         }
+        let in_flight = self.shared.tracker().in_flight();
+        self.shared.metrics.in_flight.set(in_flight as i64);
         self.lanes[lane]
             .send(LaneMsg::Writes(writes))
             .await
