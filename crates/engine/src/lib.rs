@@ -182,6 +182,7 @@ async fn run_inner<S: CheckpointStore>(
         let shared = shared.clone();
         let stop = stop_checkpointer.clone();
         let interval = config.checkpoint_interval;
+        let fence = shutdown.clone();
         tokio::spawn(
             async move {
                 loop {
@@ -189,10 +190,15 @@ async fn run_inner<S: CheckpointStore>(
                         () = tokio::time::sleep(interval) => {}
                         () = stop.cancelled() => break,
                     }
-                    commit(&shared, &mut cp, &store).await;
+                    if let Err(e) = commit(&shared, &mut cp, &store).await {
+                        // Fenced: stop the whole pipeline; never write again.
+                        error!(error = %error_chain(&e), "checkpoint lease lost; stopping");
+                        fence.cancel();
+                        return Some(e);
+                    }
                 }
                 // Final checkpoint: everything acknowledged before shutdown.
-                commit(&shared, &mut cp, &store).await;
+                commit(&shared, &mut cp, &store).await.err()
             }
             .instrument(tracing::info_span!("checkpointer", pipeline = %name.to_string())),
         )
@@ -264,10 +270,10 @@ async fn run_inner<S: CheckpointStore>(
         }
     }
     stop_checkpointer.cancel();
-    if let Err(e) = checkpointer.await {
-        error!(pipeline = %name, error = %e, "checkpointer task failed");
-    } else {
-        info!(pipeline = %name, "final checkpoint written");
+    match checkpointer.await {
+        Err(e) => error!(pipeline = %name, error = %e, "checkpointer task failed"),
+        Ok(Some(fenced)) => return Err(Error::Checkpoint(fenced)),
+        Ok(None) => info!(pipeline = %name, "final checkpoint written"),
     }
     result.map_err(Error::from)
 }
@@ -403,10 +409,13 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
 
 /// Fold committable positions into `cp` and store it. A failed write is logged and retried
 /// on the next tick (the positions stay applied in memory).
-async fn commit<S: CheckpointStore>(shared: &Shared, cp: &mut Checkpoint, store: &S) {
+///
+/// # Errors
+/// Only [`checkpoint::Error::Fenced`]: another worker holds the lease, so this one must stop.
+async fn commit<S: CheckpointStore>(shared: &Shared, cp: &mut Checkpoint, store: &S) -> Result<(), checkpoint::Error> {
     let positions = shared.take_committable();
     if positions.is_empty() {
-        return;
+        return Ok(());
     }
     for p in &positions {
         cp.apply(p);
@@ -415,7 +424,12 @@ async fn commit<S: CheckpointStore>(shared: &Shared, cp: &mut Checkpoint, store:
         Ok(()) => {
             shared.metrics.checkpoints.inc();
             shared.metrics.checkpoint_time.set(time::unix_seconds());
+            Ok(())
         }
-        Err(e) => error!(error = %error_chain(&e), "failed to store checkpoint; will retry"),
+        Err(e @ checkpoint::Error::Fenced { .. }) => Err(e),
+        Err(e) => {
+            error!(error = %error_chain(&e), "failed to store checkpoint; will retry");
+            Ok(())
+        }
     }
 }

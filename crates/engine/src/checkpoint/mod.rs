@@ -6,6 +6,7 @@
 //! Stores sit behind [`CheckpointStore`]: a local file for `monsoon run`, a ConfigMap lease
 //! for workers in a cluster.
 
+pub mod configmap;
 pub mod file;
 pub mod tracker;
 
@@ -174,6 +175,14 @@ pub enum Error {
         location: String,
         /// What is wrong.
         reason: String,
+    },
+    /// Another worker holds the lease now: this one must stop syncing.
+    #[error("checkpoint at {location} is now leased by {holder:?}; stopping so two workers never sync one shard")]
+    Fenced {
+        /// ConfigMap name.
+        location: String,
+        /// The new holder.
+        holder: String,
     },
     /// The stored checkpoint belongs to a newer format or another pipeline.
     #[error("checkpoint at {location} cannot be used: {reason}")]
