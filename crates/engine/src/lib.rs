@@ -213,6 +213,7 @@ async fn run_inner<S: CheckpointStore>(
         cancel: shutdown.clone(),
         delete_index_on_drop: config.delete_index_on_drop,
         route_cache: std::sync::Mutex::new(None),
+        id_scratch: std::sync::Mutex::new(Vec::with_capacity(64)),
     };
     let mut start = Start {
         stream_start,

@@ -13,7 +13,7 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_monsoon"))
 }
 
-const CONVERGE: Duration = Duration::from_secs(90);
+const CONVERGE: Duration = Duration::from_secs(120);
 
 /// Keep inserting, updating and deleting until `stop`; returns the number of operations.
 fn spawn_writer(coll: mongodb::Collection<Document>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<anyhow::Result<u64>> {

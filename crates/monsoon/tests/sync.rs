@@ -11,7 +11,8 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_monsoon"))
 }
 
-const CONVERGE: Duration = Duration::from_secs(60);
+/// Generous: noida-db occasionally stalls a request until the 60 s bulk timeout.
+const CONVERGE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_stream_converges_with_every_change_type() -> anyhow::Result<()> {

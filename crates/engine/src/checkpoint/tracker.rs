@@ -10,7 +10,7 @@
 //! - Positions come out in the order they were recorded, each once.
 //! - Memory is proportional to writes in flight, which the bounded queues limit.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 /// Sequence number of one write.
 pub type Seq = u64;
@@ -22,8 +22,12 @@ pub struct Tracker<P> {
     next: Seq,
     /// Every write with a sequence number below this is acknowledged.
     acked_below: Seq,
-    /// Acknowledged writes at or above `acked_below` (acknowledged out of order).
-    acked_ahead: BTreeSet<Seq>,
+    /// Acknowledgement flags of the writes from `acked_below` on (acknowledged out of
+    /// order): index 0 is `acked_below`. A flat ring, not a tree: several lanes acknowledge
+    /// out of order, so nearly every acknowledgement lands here first.
+    acked_ahead: VecDeque<bool>,
+    /// Number of `true` flags in `acked_ahead`.
+    ahead_count: u64,
     /// Recorded positions, each covering every write with a smaller sequence number.
     positions: VecDeque<(Seq, P)>,
 }
@@ -33,7 +37,8 @@ impl<P> Default for Tracker<P> {
         Self {
             next: 0,
             acked_below: 0,
-            acked_ahead: BTreeSet::new(),
+            acked_ahead: VecDeque::new(),
+            ahead_count: 0,
             positions: VecDeque::new(),
         }
     }
@@ -63,13 +68,19 @@ impl<P> Tracker<P> {
         if seq < self.acked_below || seq >= self.next {
             return;
         }
-        if seq == self.acked_below {
+        let idx = (seq - self.acked_below) as usize;
+        if idx >= self.acked_ahead.len() {
+            self.acked_ahead.resize(idx + 1, false);
+        }
+        if self.acked_ahead[idx] {
+            return;
+        }
+        self.acked_ahead[idx] = true;
+        self.ahead_count += 1;
+        while self.acked_ahead.front() == Some(&true) {
+            self.acked_ahead.pop_front();
+            self.ahead_count -= 1;
             self.acked_below += 1;
-            while self.acked_ahead.remove(&self.acked_below) {
-                self.acked_below += 1;
-            }
-        } else {
-            self.acked_ahead.insert(seq);
         }
     }
 
@@ -89,7 +100,7 @@ impl<P> Tracker<P> {
 
     /// Writes registered but not yet acknowledged.
     pub fn in_flight(&self) -> u64 {
-        self.next - self.acked_below - self.acked_ahead.len() as u64
+        self.next - self.acked_below - self.ahead_count
     }
 
     /// Whether every registered write is acknowledged.

@@ -72,6 +72,9 @@ pub struct Write {
     pub op: Op,
     /// Share of the memory budget, released when the write is dropped.
     permit: Option<OwnedSemaphorePermit>,
+    /// Read by a snapshot: a snapshot reads each document once, so a batch of only such
+    /// writes has nothing to coalesce.
+    pub from_snapshot: bool,
 }
 
 impl Write {
@@ -85,6 +88,7 @@ impl Write {
             version,
             op,
             permit: None,
+            from_snapshot: false,
         }
     }
 
@@ -682,6 +686,9 @@ pub fn fill(batch: &mut Vec<Write>, bytes: &mut usize, pending: &mut VecDeque<Wr
 /// state and a version at least as high). Returns the writes to send, in arrival order of
 /// their last occurrence, and the sequence numbers of the superseded writes.
 pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
+    if batch.iter().all(|w| w.from_snapshot) {
+        return (batch, Vec::new());
+    }
     // Borrowed keys: no allocation per document on this per-batch path.
     let is_last: Vec<bool> = {
         let mut last: HashMap<(&str, &str), usize, BuildHasherDefault<Fnv>> =

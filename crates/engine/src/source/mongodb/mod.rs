@@ -203,6 +203,8 @@ pub struct Source<'a> {
     pub delete_index_on_drop: bool,
     /// Last (db, collection, namespace, index) routed.
     pub route_cache: std::sync::Mutex<Option<(String, String, Arc<str>, Arc<str>)>>,
+    /// Reused buffer for Elasticsearch ids (each is then copied once into an exact-size box).
+    pub id_scratch: std::sync::Mutex<Vec<u8>>,
 }
 
 /// How a source phase ended.
@@ -296,13 +298,15 @@ impl Source<'_> {
         stats: &mut ConvertStats,
     ) -> Write {
         let (ns, index) = self.route(db, coll);
-        let mut id_buf = Vec::new();
+        let mut scratch = self.id_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        scratch.clear();
+        let id_buf = &mut *scratch;
         let mut source = Vec::new();
         let converted = doc.map(|doc| {
             source.reserve(doc.as_bytes().len() + 64);
             convert::write_document(doc, true, &mut source, stats)
         });
-        if let Err(e) = convert::write_es_id(id, &mut id_buf) {
+        if let Err(e) = convert::write_es_id(id, id_buf) {
             // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
             let shown = format!("{:?}", id.to_raw_bson());
             let shown: String = shown.chars().take(200).collect();
@@ -312,11 +316,8 @@ impl Source<'_> {
                 document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
             });
         }
-        // One allocation of the exact size (the converter writes valid UTF-8).
-        let id_json: Box<str> = match String::from_utf8(id_buf) {
-            Ok(s) => s.into_boxed_str(),
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into(),
-        };
+        // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
+        let id_json: Box<str> = String::from_utf8_lossy(id_buf).into();
         let op = match converted {
             Some(Ok(())) => Op::Index(Bytes::from(source)),
             Some(Err(e)) => Op::Reject {
@@ -405,7 +406,8 @@ impl Source<'_> {
                     continue;
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
-                let write = self.write_for(db, coll, id, Some(&raw), version, &mut stats);
+                let mut write = self.write_for(db, coll, id, Some(&raw), version, &mut stats);
+                write.from_snapshot = true;
                 match self.send(write).await {
                     Err(Error::Cancelled) => return Ok(Ended::Cancelled),
                     other => other?,
