@@ -15,6 +15,15 @@ fn bin() -> &'static Path {
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
+/// A `shop` pipeline on `shop.orders` (spec lines `extra` added), started and streaming.
+fn streaming_shop(mongo: &Mongo, es: &Elastic, extra: &str) -> anyhow::Result<(TempDir, Monsoon)> {
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], extra);
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    Ok((state, monsoon))
+}
+
 /// Keep inserting, updating and deleting until `stop`; returns the number of operations.
 fn spawn_writer(coll: mongodb::Collection<Document>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
     tokio::spawn(async move {
@@ -38,10 +47,7 @@ async fn sigkill_mid_stream_then_restart_converges() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     insert_all(&coll, sample_docs(0, 1000)).await?;
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
-    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (_state, mut monsoon) = streaming_shop(&mongo, &es, "")?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(coll.clone(), stop.clone());
@@ -102,10 +108,7 @@ async fn snapshot_killed_midway_resumes_from_its_last_id() -> anyhow::Result<()>
 async fn sigterm_flushes_and_stores_the_final_checkpoint() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  batch:\n    flushIntervalMs: 2000\n");
-    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (_state, mut monsoon) = streaming_shop(&mongo, &es, "  batch:\n    flushIntervalMs: 2000\n")?;
     insert_all(&coll, sample_docs(0, 300)).await?;
     // Wait until read but (with a 2 s flush interval) likely not yet flushed, then stop.
     monsoon.wait_stats(CONVERGE, |s| s["inFlight"].as_i64().unwrap_or(0) > 0 || s["indexed"].as_u64().unwrap_or(0) >= 300)?;
@@ -168,10 +171,7 @@ async fn mongodb_restart_on_same_storage_converges() -> anyhow::Result<()> {
         let client = mongo.client().await?;
         insert_all(&client.database("shop").collection("orders"), sample_docs(0, 300)).await?;
     }
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
-    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (_state, monsoon) = streaming_shop(&mongo, &es, "")?;
     mongo.restart()?;
     let client = mongo.client().await?;
     let coll = client.database("shop").collection::<Document>("orders");
@@ -186,10 +186,7 @@ async fn mongodb_restart_on_same_storage_converges() -> anyhow::Result<()> {
 async fn failed_getmore_reopens_the_stream_without_losing_events() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
-    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (_state, monsoon) = streaming_shop(&mongo, &es, "")?;
     // HostUnreachable without the ResumableChangeStreamError label: the driver does not
     // resume by itself, so the engine must re-open from its last token.
     client
@@ -319,10 +316,7 @@ async fn bad_input_is_refused_with_one_clear_line() -> anyhow::Result<()> {
 async fn oversize_change_event_is_read_without_update_lookup() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let coll = client.database("shop").collection::<Document>("orders");
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
-    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (_state, monsoon) = streaming_shop(&mongo, &es, "")?;
     // A real document near 12 MB goes through the whole path.
     let big = "x".repeat(12 << 20);
     coll.insert_one(doc! {"_id": "big", "blob": &big}).await?;
