@@ -317,12 +317,12 @@ mod tests {
         h.set_phase(Phase::Streaming);
         h.source_beat(true);
         h.sink_beat(false);
-        assert!(h.ready().unwrap_err().contains("Elasticsearch"));
+        assert!(h.ready().is_err_and(|e| e.contains("Elasticsearch")));
         h.sink_beat(true);
         assert!(h.ready().is_ok());
         assert!(h.live().is_ok());
         h.fail("history lost".into());
-        assert!(h.live().unwrap_err().contains("history lost"));
+        assert!(h.live().is_err_and(|e| e.contains("history lost")));
     }
 
     #[test]

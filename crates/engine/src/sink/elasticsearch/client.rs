@@ -126,7 +126,7 @@ impl Elastic {
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| Error::Transport(e.into()))?;
+            .map_err(Error::Transport)?;
         Ok((status, bytes))
     }
 

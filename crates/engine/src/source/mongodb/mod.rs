@@ -202,10 +202,13 @@ pub struct Source<'a> {
     /// Delete indexes of dropped collections.
     pub delete_index_on_drop: bool,
     /// Last (db, collection, namespace, index) routed.
-    pub route_cache: std::sync::Mutex<Option<(String, String, Arc<str>, Arc<str>)>>,
+    pub route_cache: std::sync::Mutex<Option<Route>>,
     /// Reused buffer for Elasticsearch ids (each is then copied once into an exact-size box).
     pub id_scratch: std::sync::Mutex<Vec<u8>>,
 }
+
+/// A routed collection: database, collection, namespace and index names.
+pub type Route = (String, String, Arc<str>, Arc<str>);
 
 /// How a source phase ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -398,7 +401,7 @@ impl Source<'_> {
                     }
                 };
                 backoff.reset();
-                if since_position % BEAT_EVERY == 0 {
+                if since_position.is_multiple_of(BEAT_EVERY) {
                     self.health.source_beat(true);
                 }
                 let Ok(Some(id)) = raw.get("_id") else {
@@ -535,7 +538,7 @@ impl Source<'_> {
                     Ok(Some(raw)) => {
                         backoff.reset();
                         since_position += 1;
-                        if since_position % BEAT_EVERY == 0 {
+                        if since_position.is_multiple_of(BEAT_EVERY) {
                             self.health.source_beat(true);
                         }
                         // Past the oversize event: handle this one, then re-open with updateLookup.
