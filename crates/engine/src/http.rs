@@ -102,6 +102,7 @@ pub fn stats(e: &Endpoints) -> serde_json::Value {
         "live": e.health.live().is_ok(),
         "ready": e.health.ready().is_ok(),
         "snapshotDocuments": m.snapshot_docs.get(),
+        "changesRead": h.upserts.get() + h.deletes.get(),
         "indexed": h.indexed.get(),
         "deleted": h.deleted.get(),
         "stale": h.stale.get(),
