@@ -5,20 +5,25 @@ PY := python3
 # Stand-ins for tests and the demo: third-party servers speaking the real protocols.
 SECANTUSDB := secantusdb==0.7.0b3
 NOIDA := noida-db==0.2.3
+# Install checks (tests/check_manifests.py, charts/render.py). kubernetes-validate ships the
+# Kubernetes API schemas (1.25 to 1.37), so validation needs no network once installed.
+KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
+PYYAML := PyYAML==6.0.3
 CARGO ?= cargo
 
-.PHONY: all build venv test unit integration demo bench crds check-crds lint e2e clean
+.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e clean
 
 all: build
 
 build:
 	$(CARGO) build --release -p monsoon
 
-# Project-local Python venv holding the stand-in servers (idempotent).
+# Project-local Python venv holding the stand-in servers and the install checks (idempotent;
+# reinstalls when this Makefile, and so a pin, changes).
 venv: $(VENV)/.installed
-$(VENV)/.installed:
+$(VENV)/.installed: Makefile
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)'
 	touch $@
 
 # Everything CI runs: unit, property and integration tests against the stand-ins.
@@ -30,6 +35,18 @@ unit:
 
 crds:
 	$(CARGO) run -q -p monsoon -- crd > crds/syncpipeline.yaml
+	$(MAKE) manifests
+
+# The plain-YAML install (manifests/) and the chart's CRD copy, generated from charts/monsoon
+# and crds/ by charts/render.py.
+manifests: venv
+	$(VENV)/bin/python charts/render.py
+
+# The chart, manifests/ and e2e objects: CRD copies, freshness, Kubernetes API schemas
+# (strict), and what the operator needs (RBAC, arguments, probes). MONSOON_RENDERED_DIR=dir
+# also checks every *.yaml under dir.
+check-manifests: venv
+	$(VENV)/bin/python tests/check_manifests.py
 
 # Starts the stand-ins, seeds a shop database, runs `monsoon run` on examples/shop.yaml,
 # shows the synced indexes, a search and live changes, then stops everything.
@@ -47,9 +64,12 @@ bench: venv
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Real cluster (kind + MongoDB + Elasticsearch); needs Docker.
+# Real servers and a real cluster; needs Docker (each script says SKIPPED, and passes
+# nothing, where its tools are missing). run.sh: `monsoon run` against MongoDB and
+# Elasticsearch containers. kind.sh: the image, manifests/ and a SyncPipeline on a kind cluster.
 e2e:
 	./e2e/run.sh
+	./e2e/kind.sh
 
 clean:
 	$(CARGO) clean

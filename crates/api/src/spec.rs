@@ -19,7 +19,12 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "SyncPipelineStatus",
     shortname = "sp",
-    category = "all"
+    category = "all",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Workers ready / workers wanted"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Lag","type":"string","jsonPath":".status.lag","description":"Largest replication lag of any shard"}"#,
+    printcolumn = r#"{"name":"Synced","type":"integer","jsonPath":".status.documentsSynced","description":"Documents indexed or deleted so far"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SyncPipelineSpec {
@@ -30,6 +35,7 @@ pub struct SyncPipelineSpec {
     /// MongoDB namespaces to sync: `db.collection`, or `db.*` for every collection of a
     /// database. Each namespace is indexed into the index of the same name, lower-cased,
     /// unless `indexes` names another.
+    #[schemars(length(min = 1))]
     pub namespaces: Vec<String>,
     /// Namespaces to leave out even when `namespaces` matches them (`db.collection` or `db.*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -59,6 +65,46 @@ pub struct SyncPipelineSpec {
     /// recorded, with the reason, instead of blocking the stream.
     #[serde(default)]
     pub dead_letter: DeadLetterSpec,
+    /// Number of worker pods (shards), 1–64. Every document belongs to exactly one shard (by a
+    /// stable hash of its `_id`); each shard has its own checkpoint and lease. Each worker
+    /// reads the whole change stream and keeps its share, so more workers divide the
+    /// conversion and indexing work, not the MongoDB reads. Changing it stops every worker,
+    /// merges their checkpoints and starts the new shards from the earliest position any old
+    /// shard had reached: nothing is skipped. Ignored by `monsoon run`.
+    #[serde(default = "default_workers")]
+    #[schemars(range(min = 1, max = 64))]
+    pub workers: u32,
+    /// Stop every worker and keep their checkpoints; set back to `false` to resume where they
+    /// stopped. Ignored by `monsoon run`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub paused: bool,
+    /// CPU and memory of each worker container. Defaults: requests 100m CPU / 64Mi, limit
+    /// 256Mi. Ignored by `monsoon run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// What deleting the pipeline does with its checkpoints (the synced indexes are always
+    /// kept): `Keep` leaves the checkpoint ConfigMaps, so a pipeline created again under the
+    /// same name resumes where this one stopped; `Delete` removes them.
+    #[serde(default)]
+    pub checkpoints_on_delete: CheckpointRetention,
+}
+
+fn default_workers() -> u32 {
+    1
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What happens to checkpoints when their pipeline is deleted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum CheckpointRetention {
+    /// Keep the checkpoint ConfigMaps.
+    #[default]
+    Keep,
+    /// Delete the checkpoint ConfigMaps after the workers have stopped.
+    Delete,
 }
 
 fn default_true() -> bool {
@@ -68,6 +114,7 @@ fn default_true() -> bool {
 /// A MongoDB deployment: replica set or sharded cluster (4.0 or later).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.uri) != has(self.uriFrom)", "message": "set exactly one of `uri` and `uriFrom`"}]))]
 pub struct MongoSource {
     /// Connection string without credentials, e.g.
     /// `mongodb://db-0.db:27017,db-1.db:27017/?replicaSet=rs0`. Use `uriFrom` when the string
@@ -86,9 +133,15 @@ pub struct MongoSource {
 /// An Elasticsearch 7.x/8.x/9.x or OpenSearch 2.x cluster.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.username) == has(self.passwordFrom)", "message": "`username` and `passwordFrom` go together"},
+    {"rule": "!(has(self.apiKeyFrom) && has(self.username))", "message": "set either `apiKeyFrom` or `username`/`passwordFrom`, not both"},
+    {"rule": "self.urls.all(u, u.startsWith('http://') || u.startsWith('https://'))", "message": "every URL must start with `http://` or `https://`"}
+]))]
 pub struct ElasticsearchSink {
     /// Base URLs of the cluster, e.g. `["https://es.example:9200"]`. Requests are spread over
     /// them round-robin.
+    #[schemars(length(min = 1))]
     pub urls: Vec<String>,
     /// User name for basic authentication (the password comes from `passwordFrom`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,9 +159,10 @@ pub struct ElasticsearchSink {
 }
 
 /// Where a secret value comes from. Exactly one field must be set. `env` and `file` are for
-/// `monsoon run`; in a cluster use `secretKeyRef`.
+/// `monsoon run`; in a cluster use `secretKeyRef` (or `configMapKeyRef` for a CA bundle).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "[has(self.env), has(self.file), has(self.secretKeyRef), has(self.configMapKeyRef)].filter(x, x).size() == 1", "message": "set exactly one of `env`, `file`, `secretKeyRef` and `configMapKeyRef`"}]))]
 pub struct ValueFrom {
     /// Name of an environment variable holding the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,14 +173,20 @@ pub struct ValueFrom {
     /// A key of a Secret in the pipeline's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<SecretKeyRef>,
+    /// A key of a ConfigMap in the pipeline's namespace (for CA bundles, which are not
+    /// secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<SecretKeyRef>,
 }
 
-/// A key of a Secret in the pipeline's namespace.
+/// A key of a Secret (or ConfigMap) in the pipeline's namespace.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
-    /// Name of the Secret.
+    /// Name of the Secret or ConfigMap.
+    #[schemars(length(min = 1))]
     pub name: String,
-    /// Key within the Secret's data.
+    /// Key within its data.
+    #[schemars(length(min = 1))]
     pub key: String,
 }
 
@@ -137,17 +197,21 @@ pub struct SecretKeyRef {
 pub struct BatchSpec {
     /// Most documents in one bulk request (1–100000).
     #[serde(default = "default_max_docs")]
+    #[schemars(range(min = 1, max = 100000))]
     pub max_docs: u32,
     /// Most bytes in one bulk request body (64 KiB–100 MiB). Elasticsearch refuses requests
     /// over `http.max_content_length` (100 MiB by default).
     #[serde(default = "default_max_bytes")]
+    #[schemars(range(min = 65536, max = 104857600))]
     pub max_bytes: u64,
     /// Longest time a change waits in a partial batch, in milliseconds (1–60000).
     #[serde(default = "default_flush_interval_ms")]
+    #[schemars(range(min = 1, max = 60000))]
     pub flush_interval_ms: u64,
     /// Bulk requests in flight at once (1–64). Each document always goes through the same
     /// ordered lane, so a document never has two writes in flight.
     #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 64))]
     pub concurrency: u32,
 }
 
@@ -217,22 +281,70 @@ impl Default for DeadLetterSpec {
     }
 }
 
-/// Observed state of a pipeline, written by the operator and its workers.
+/// Observed state of a pipeline, written by the operator from its workers' reports.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncPipelineStatus {
-    /// `Snapshotting`, `Streaming`, `Paused` or `Failed`.
+    /// `Pending`, `Snapshotting`, `Streaming`, `Paused` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Documents written to the index so far.
+    /// Workers ready out of workers wanted, e.g. `2/2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Largest lag of any shard, e.g. `1.2s` (see `shards[].lagSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<String>,
+    /// Documents indexed or deleted by the current workers since they started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub documents_synced: Option<u64>,
-    /// Standard conditions (`Ready`, `Progressing`, `Degraded`, ...).
+    /// Number of shards the checkpoints are laid out for. Differs from `spec.workers` only
+    /// while a re-shard is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_count: Option<u32>,
+    /// Progress of each shard, as its worker last reported it in its checkpoint ConfigMap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    /// Standard conditions: `Ready`, `Progressing`, `Degraded`, and the specific failures
+    /// `InvalidSpec`, `CredentialsMissing`, `SourceUnavailable`, `SinkUnavailable`,
+    /// `HistoryLost`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Progress of one shard.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// Shard number, `0..workers`.
+    pub shard: u32,
+    /// Worker holding the shard's lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// `Starting`, `Snapshotting`, `Streaming`, `Failed` or `Stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Share of the snapshot read so far (estimated from collection sizes), 0–100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_percent: Option<u32>,
+    /// Cluster time of the last acknowledged change (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<String>,
+    /// Seconds between the last acknowledged change and now; 0 when the worker has read
+    /// everything and has nothing in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// Seconds since the checkpoint was last written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_age_seconds: Option<u64>,
+    /// Documents indexed or deleted by this worker since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents_synced: Option<u64>,
+    /// Why the worker stopped, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// A status condition, shaped like Kubernetes' own `metav1.Condition`.

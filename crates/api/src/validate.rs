@@ -187,6 +187,9 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     if let Err(m) = check_index_name(&spec.dead_letter.index) {
         errs.push("spec.deadLetter.index", m);
     }
+    if !(1..=64).contains(&spec.workers) {
+        errs.push("spec.workers", "must be between 1 and 64");
+    }
 
     if errs.0.is_empty() {
         Ok(ValidatedPipeline {
@@ -196,6 +199,47 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     } else {
         Err(errs.0)
     }
+}
+
+/// The rules a pipeline must also follow in a cluster, beyond [`validate`]: values come from
+/// Secrets (or, for CA bundles, ConfigMaps) in the pipeline's namespace, never from the
+/// operator's environment or files.
+///
+/// # Errors
+/// Every [`FieldError`] found.
+pub fn validate_for_cluster(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldError>> {
+    let validated = validate(pipeline);
+    let mut errs = match &validated {
+        Ok(_) => Errors::default(),
+        Err(e) => Errors(e.clone()),
+    };
+    for (field, from) in value_sources(&pipeline.spec) {
+        if from.env.is_some() || from.file.is_some() {
+            errs.push(
+                field,
+                "`env` and `file` only work with `monsoon run`; in a cluster use `secretKeyRef` (a Secret in the pipeline's namespace)",
+            );
+        }
+    }
+    if errs.0.is_empty() {
+        validated
+    } else {
+        Err(errs.0)
+    }
+}
+
+/// Every `*From` field of a spec that is set, with its path.
+pub fn value_sources(spec: &SyncPipelineSpec) -> Vec<(&'static str, &ValueFrom)> {
+    [
+        ("spec.mongodb.uriFrom", spec.mongodb.uri_from.as_ref()),
+        ("spec.mongodb.caFrom", spec.mongodb.ca_from.as_ref()),
+        ("spec.elasticsearch.passwordFrom", spec.elasticsearch.password_from.as_ref()),
+        ("spec.elasticsearch.apiKeyFrom", spec.elasticsearch.api_key_from.as_ref()),
+        ("spec.elasticsearch.caFrom", spec.elasticsearch.ca_from.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(f, v)| v.map(|v| (f, v)))
+    .collect()
 }
 
 #[derive(Default)]
@@ -302,14 +346,25 @@ fn url_has_userinfo(url: &str) -> bool {
 }
 
 fn validate_value_from(v: &ValueFrom, field: &str, errs: &mut Errors) {
-    let set = [v.env.is_some(), v.file.is_some(), v.secret_key_ref.is_some()]
-        .iter()
-        .filter(|s| **s)
-        .count();
+    let set = [
+        v.env.is_some(),
+        v.file.is_some(),
+        v.secret_key_ref.is_some(),
+        v.config_map_key_ref.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
     if set != 1 {
         errs.push(
             field,
-            "set exactly one of `env`, `file` and `secretKeyRef`",
+            "set exactly one of `env`, `file`, `secretKeyRef` and `configMapKeyRef`",
+        );
+    }
+    if v.config_map_key_ref.is_some() && !field.ends_with("caFrom") {
+        errs.push(
+            format!("{field}.configMapKeyRef"),
+            "is only for CA bundles (`caFrom`); keep credentials in a Secret (`secretKeyRef`)",
         );
     }
     if let Some(env) = &v.env {
@@ -317,12 +372,11 @@ fn validate_value_from(v: &ValueFrom, field: &str, errs: &mut Errors) {
             errs.push(format!("{field}.env"), "must be an environment variable name");
         }
     }
-    if let Some(r) = &v.secret_key_ref {
-        if r.name.is_empty() || r.key.is_empty() {
-            errs.push(
-                format!("{field}.secretKeyRef"),
-                "needs both `name` and `key`",
-            );
+    for (name, r) in [("secretKeyRef", &v.secret_key_ref), ("configMapKeyRef", &v.config_map_key_ref)] {
+        if let Some(r) = r {
+            if r.name.is_empty() || r.key.is_empty() {
+                errs.push(format!("{field}.{name}"), "needs both `name` and `key`");
+            }
         }
     }
 }

@@ -30,6 +30,56 @@ pub struct EngineConfig {
     pub dead_letter_index: String,
     /// How often the acknowledged position is written to the checkpoint store.
     pub checkpoint_interval: Duration,
+    /// Which documents this worker owns (all of them unless the pipeline is sharded).
+    pub shard: Shard,
+}
+
+/// One shard of a pipeline split over `count` workers. Every document belongs to exactly one
+/// shard, chosen by a stable hash of its Elasticsearch `_id` (so MongoDB `_id`s that map to the
+/// same Elasticsearch document, such as `1` and `1.0`, always share a shard).
+///
+/// Each shard reads the whole change stream and snapshot and keeps only its own documents: the
+/// MongoDB read cost grows with the shard count, the conversion and indexing cost is divided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shard {
+    /// This shard, `0..count`.
+    pub index: u32,
+    /// Number of shards.
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-of-{}", self.index, self.count)
+    }
+}
+
+impl Shard {
+    /// Whether the pipeline is split at all.
+    pub fn is_split(self) -> bool {
+        self.count > 1
+    }
+
+    /// Whether the document with Elasticsearch `_id` `es_id` (unescaped text) belongs here.
+    /// The hash is 64-bit FNV-1a over the UTF-8 bytes, modulo the shard count: stable across
+    /// versions and platforms, because checkpoints depend on it.
+    pub fn owns(self, es_id: &str) -> bool {
+        if self.count <= 1 {
+            return true;
+        }
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in es_id.as_bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        hash % u64::from(self.count) == u64::from(self.index)
+    }
 }
 
 /// MongoDB connection settings.
@@ -233,6 +283,27 @@ mod tests {
             database: db.into(),
             collection: coll.map(Into::into),
         }
+    }
+
+    #[test]
+    fn every_id_has_exactly_one_shard_and_the_split_is_even() {
+        for count in [1u32, 2, 3, 7] {
+            let mut per_shard = vec![0u32; count as usize];
+            for n in 0..7000 {
+                let id = format!("{n:024x}");
+                let owners: Vec<u32> = (0..count).filter(|&index| Shard { index, count }.owns(&id)).collect();
+                assert_eq!(owners.len(), 1, "id {id} with {count} shards: owners {owners:?}");
+                per_shard[owners[0] as usize] += 1;
+            }
+            let even = 7000 / count;
+            for n in per_shard {
+                assert!(n.abs_diff(even) < even / 5 + 10, "uneven split for {count} shards: {n} vs {even}");
+            }
+        }
+        // Pinned values: checkpoints depend on this hash never changing.
+        assert!(Shard { index: 0, count: 2 }.owns("a"));
+        assert!(Shard { index: 1, count: 2 }.owns("b"));
+        assert_eq!((0..5).find(|&index| Shard { index, count: 5 }.owns("507f1f77bcf86cd799439011")), Some(4));
     }
 
     #[test]

@@ -64,12 +64,16 @@ pub struct RunOptions {
     /// After shutdown is requested, how long in-flight bulks may take before they are
     /// abandoned (they are then replayed on the next start).
     pub shutdown_grace: Duration,
+    /// Abandons in-flight bulk requests at once when cancelled (a worker that lost its lease
+    /// must not write anything more); cancel `shutdown` too.
+    pub hard_stop: CancellationToken,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(20),
+            hard_stop: CancellationToken::new(),
         }
     }
 }
@@ -136,11 +140,14 @@ async fn run_inner<S: CheckpointStore>(
     let location = store.location();
     let mut cp = match store.load().await? {
         Some(cp) => {
-            cp.check(name, &location)?;
+            cp.check(name, config.shard, &location)?;
             info!(pipeline = %name, checkpoint = %location, snapshot_done = cp.snapshot.done, has_token = cp.resume_token.is_some(), "checkpoint loaded");
             cp
         }
-        None => Checkpoint::new(name),
+        None => Checkpoint {
+            shard: config.shard.is_split().then_some(config.shard),
+            ..Checkpoint::new(name)
+        },
     };
     let stream_start = match cp.stream_start {
         Some(t) => t,
@@ -163,7 +170,7 @@ async fn run_inner<S: CheckpointStore>(
         .await?;
 
     let shared = Shared::new(metrics.clone(), health.clone());
-    let abort = CancellationToken::new();
+    let abort = options.hard_stop.child_token();
     let sink = Sink::start(
         es,
         SinkSettings {
@@ -214,6 +221,7 @@ async fn run_inner<S: CheckpointStore>(
         delete_index_on_drop: config.delete_index_on_drop,
         route_cache: std::sync::Mutex::new(None),
         id_scratch: std::sync::Mutex::new(Vec::with_capacity(64)),
+        shard: config.shard,
     };
     let mut start = Start {
         stream_start,
@@ -304,6 +312,8 @@ async fn run_source(
             .await
             .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
         info!(pipeline = %name, collections = collections.len(), "snapshot started");
+        let estimate = mongo::estimate_documents(&source.client, &collections).await / u64::from(config.shard.count.max(1));
+        source.metrics.snapshot_estimate.set(i64::try_from(estimate).unwrap_or(i64::MAX));
         for (db, coll) in collections {
             let ns = format!("{db}.{coll}");
             let progress = start.snapshot.collections.get(&ns);
@@ -389,7 +399,8 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
         indexes.dedup();
         let mut failed = false;
         for index in &indexes {
-            match sink.elastic().sweep(index, below).await {
+            let shard = config.shard;
+            match sink.elastic().sweep(index, below, |id| shard.owns(id)).await {
                 Ok(n) => info!(pipeline = %config.name, index = %index, deleted = n, "swept documents deleted during the lost history"),
                 Err(e) => {
                     warn!(index = %index, error = %error_chain(&e), "sweep failed; retrying");
@@ -425,6 +436,9 @@ async fn commit<S: CheckpointStore>(shared: &Shared, cp: &mut Checkpoint, store:
         Ok(()) => {
             shared.metrics.checkpoints.inc();
             shared.metrics.checkpoint_time.set(time::unix_seconds());
+            if let Some(t) = cp.stream_time {
+                shared.metrics.checkpoint_event_time.set(i64::from(t.t));
+            }
             Ok(())
         }
         Err(e @ checkpoint::Error::Fenced { .. }) => Err(e),

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub checkpoint_time: IntGauge,
     /// Checkpoint writes.
     pub checkpoints: IntCounter,
+    /// Unix time of the cluster time of the last change in the committed checkpoint.
+    pub checkpoint_event_time: IntGauge,
+    /// Documents this worker's snapshot expects to read (estimated from collection sizes).
+    pub snapshot_estimate: IntGauge,
     /// Seconds between a change's cluster time and its acknowledgement (last batch).
     pub lag_seconds: IntGauge,
     /// Double NaN/±Infinity values written as null (Elasticsearch rejects them).
@@ -131,6 +135,8 @@ impl Metrics {
             in_flight: gauge(&registry, "writes_in_flight", "Writes read but not yet acknowledged"),
             checkpoint_time: gauge(&registry, "checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint"),
             checkpoints: counter(&registry, "checkpoints_total", "Checkpoint writes"),
+            checkpoint_event_time: gauge(&registry, "checkpoint_event_timestamp_seconds", "Cluster time (Unix seconds) of the last change in the committed checkpoint"),
+            snapshot_estimate: gauge(&registry, "snapshot_documents_estimated", "Documents the snapshot expects to read (from collection size estimates)"),
             lag_seconds: gauge(&registry, "lag_seconds", "Seconds from a change's cluster time to its acknowledgement"),
             non_finite_nulled: counter(&registry, "non_finite_values_nulled_total", "NaN/Infinity values written as null"),
             stream_reopens: counter(&registry, "change_stream_reopens_total", "Change stream re-opened after an error"),
@@ -202,6 +208,8 @@ pub struct Health {
     /// Millis since `started` of the last acknowledgement, and whether work is waiting.
     last_progress: AtomicU64,
     failure: Mutex<Option<String>>,
+    /// The last change-stream read found nothing new.
+    caught_up: AtomicBool,
     /// How long a loop may go without a heartbeat before `/healthz` fails.
     stuck_after: Duration,
 }
@@ -218,6 +226,7 @@ impl Health {
             sink_beat: AtomicU64::new(0),
             last_progress: AtomicU64::new(0),
             failure: Mutex::new(None),
+            caught_up: AtomicBool::new(false),
             stuck_after,
         }
     }
@@ -246,6 +255,16 @@ impl Health {
     pub fn sink_beat(&self, ok: bool) {
         self.sink_ok.store(ok, Ordering::Relaxed);
         self.sink_beat.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the last change-stream read found nothing new (the source is caught up).
+    pub fn set_caught_up(&self, caught_up: bool) {
+        self.caught_up.store(caught_up, Ordering::Relaxed);
+    }
+
+    /// See [`Health::set_caught_up`].
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
     }
 
     /// Writes were acknowledged.

@@ -147,6 +147,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         delete_index_on_drop: spec.on_drop == DropPolicy::DeleteIndex,
         dead_letter_index: spec.dead_letter.index.clone(),
         checkpoint_interval: Duration::from_secs(1),
+        shard: monsoon_engine::config::Shard::default(),
     })
 }
 

@@ -153,6 +153,7 @@ fn run(
             shutdown,
             RunOptions {
                 shutdown_grace: grace,
+                ..RunOptions::default()
             },
         )
         .await;

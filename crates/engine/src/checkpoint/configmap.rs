@@ -28,6 +28,9 @@ pub const KEY_HOLDER: &str = "holder";
 pub const KEY_RENEW_TIME: &str = "renewTimeMillis";
 /// ConfigMap key of the lease duration in seconds.
 pub const KEY_DURATION: &str = "leaseDurationSeconds";
+/// ConfigMap key of the worker's progress report (JSON), refreshed on every renewal; the
+/// operator reads it into the pipeline's status.
+pub const KEY_STATUS: &str = "status";
 
 /// Failures of the ConfigMap lease.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +242,24 @@ impl ConfigMapLease {
         self.write(|_| {}).await
     }
 
+    /// Renew the lease and store the worker's progress report beside it.
+    ///
+    /// # Errors
+    /// As [`ConfigMapLease::renew`].
+    pub async fn renew_with_status(&self, status: &str) -> Result<(), Error> {
+        self.write(|cm| {
+            cm.data
+                .get_or_insert_with(BTreeMap::new)
+                .insert(KEY_STATUS.into(), status.to_string());
+        })
+        .await
+    }
+
+    /// Lease duration.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
     /// Give the lease up (after the final checkpoint), so a successor need not wait for it to
     /// expire.
     ///
@@ -270,6 +291,20 @@ fn stamp(cm: &mut ConfigMap, holder: &str, now: u64, duration: Duration) {
     data.insert(KEY_HOLDER.into(), holder.to_string());
     data.insert(KEY_RENEW_TIME.into(), now.to_string());
     data.insert(KEY_DURATION.into(), duration.as_secs().to_string());
+}
+
+impl CheckpointStore for std::sync::Arc<ConfigMapLease> {
+    fn location(&self) -> String {
+        self.as_ref().location()
+    }
+
+    async fn load(&self) -> Result<Option<Checkpoint>, super::Error> {
+        self.as_ref().load().await
+    }
+
+    async fn save(&self, checkpoint: &Checkpoint) -> Result<(), super::Error> {
+        self.as_ref().save(checkpoint).await
+    }
 }
 
 impl CheckpointStore for ConfigMapLease {

@@ -37,6 +37,14 @@ pub struct Checkpoint {
     /// Resume token (canonical extended JSON) after the last acknowledged change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_token: Option<serde_json::Value>,
+    /// Cluster time of the last change read before `resumeToken` (at or before the token's
+    /// own position). Resume tokens cannot be compared, cluster times can: re-sharding
+    /// starts the new shards at the earliest of the old shards' times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_time: Option<ClusterTime>,
+    /// The shard this checkpoint belongs to, when the pipeline is split over several workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::config::Shard>,
     /// Snapshot progress.
     #[serde(default)]
     pub snapshot: SnapshotProgress,
@@ -143,7 +151,12 @@ pub enum Position {
     /// The checkpoint covers exactly these namespace patterns from here on.
     Coverage(Coverage),
     /// The change stream is acknowledged up to this token.
-    Stream(ResumeToken),
+    Stream {
+        /// Resume token.
+        token: ResumeToken,
+        /// Cluster time of the last change read before the token, if any was.
+        time: Option<ClusterTime>,
+    },
     /// History was lost: start over from a new stream start with a new snapshot, and sweep
     /// what it does not see.
     Reset {
@@ -219,13 +232,17 @@ impl Checkpoint {
             Position::Reset { stream_start } => {
                 self.stream_start = Some(*stream_start);
                 self.resume_token = None;
+                self.stream_time = None;
                 self.snapshot = SnapshotProgress::default();
                 self.sweep_below = Some(stream_start.version());
             }
             Position::SweepDone => self.sweep_below = None,
-            Position::Stream(token) => {
+            Position::Stream { token, time } => {
                 if let Ok(bson) = mongodb::bson::to_bson(token) {
                     self.resume_token = Some(bson.into_canonical_extjson());
+                }
+                if time.is_some() {
+                    self.stream_time = *time;
                 }
             }
         }
@@ -253,7 +270,7 @@ impl Checkpoint {
     ///
     /// # Errors
     /// [`Error::Incompatible`] naming the mismatch.
-    pub fn check(&self, pipeline: &str, location: &str) -> Result<(), Error> {
+    pub fn check(&self, pipeline: &str, shard: crate::config::Shard, location: &str) -> Result<(), Error> {
         if self.format != FORMAT {
             return Err(Error::Incompatible {
                 location: location.into(),
@@ -266,7 +283,65 @@ impl Checkpoint {
                 reason: format!("it belongs to pipeline `{}`, not `{pipeline}`", self.pipeline),
             });
         }
+        let stored = self.shard.unwrap_or_default();
+        if stored != shard {
+            return Err(Error::Incompatible {
+                location: location.into(),
+                reason: format!("it belongs to shard {stored}, not {shard}"),
+            });
+        }
         Ok(())
+    }
+}
+
+impl Checkpoint {
+    /// The checkpoint a new shard starts from when a pipeline is re-sharded (its worker count
+    /// changed), given the checkpoints of every old shard, all stopped.
+    ///
+    /// Old and new shards own different documents, so no old position can be taken over as
+    /// it is. The merged checkpoint is at or before every old one: the stream restarts at the
+    /// earliest cluster time any old shard had reached (replayed changes are harmless: their
+    /// versions make them no-ops), a collection counts as snapshotted only when every old
+    /// shard finished it, and a pending sweep keeps the lowest bound (it never deletes more
+    /// than any old shard would have). When an old shard had not started at all, the new
+    /// shards start afresh, snapshot included.
+    pub fn merge_for_reshard(pipeline: &str, old: &[Checkpoint], shard: crate::config::Shard) -> Checkpoint {
+        let mut merged = Checkpoint {
+            shard: shard.is_split().then_some(shard),
+            ..Checkpoint::new(pipeline)
+        };
+        let positions: Option<Vec<ClusterTime>> = old
+            .iter()
+            .map(|cp| cp.stream_start.map(|start| cp.stream_time.unwrap_or(start).max(start)))
+            .collect();
+        let Some(start) = positions.and_then(|p| p.into_iter().min()) else {
+            return merged;
+        };
+        merged.stream_start = Some(start);
+        merged.sweep_below = old.iter().filter_map(|cp| cp.sweep_below).min();
+        let coverage = old.first().and_then(|cp| cp.snapshot.coverage.clone());
+        if old.iter().any(|cp| cp.snapshot.coverage != coverage) {
+            // The old shards disagree on what they cover: snapshot everything again.
+            return merged;
+        }
+        merged.snapshot.coverage = coverage;
+        merged.snapshot.done = old.iter().all(|cp| cp.snapshot.done);
+        if !merged.snapshot.done {
+            if let Some(first) = old.first() {
+                for ns in first.snapshot.collections.keys() {
+                    if old.iter().all(|cp| cp.snapshot.done || cp.snapshot.collections.get(ns).is_some_and(|c| c.done)) {
+                        merged.snapshot.collections.insert(
+                            ns.clone(),
+                            CollectionProgress {
+                                done: true,
+                                last_id: None,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        merged
     }
 }
 
@@ -285,6 +360,53 @@ pub trait CheckpointStore: Send + Sync + 'static {
 mod tests {
     use super::*;
     use mongodb::bson::{doc, oid::ObjectId};
+
+    fn at(t: u32) -> ClusterTime {
+        ClusterTime { t, i: 1 }
+    }
+
+    #[test]
+    fn resharding_starts_at_the_earliest_old_position_and_keeps_only_common_snapshot_progress() {
+        let two = crate::config::Shard { index: 0, count: 3 };
+        let mut a = Checkpoint::new("p");
+        a.stream_start = Some(at(100));
+        a.stream_time = Some(at(180));
+        a.snapshot.done = true;
+        let mut b = Checkpoint::new("p");
+        b.stream_start = Some(at(100));
+        b.stream_time = Some(at(150));
+        b.snapshot.done = true;
+        let merged = Checkpoint::merge_for_reshard("p", &[a.clone(), b.clone()], two);
+        assert_eq!(merged.stream_start, Some(at(150)), "the earliest position reached");
+        assert_eq!(merged.resume_token, None);
+        assert!(merged.snapshot.done);
+        assert_eq!(merged.shard, Some(two));
+
+        // A shard with a token but no event time yet is at least at its stream start.
+        b.stream_time = None;
+        b.snapshot.done = false;
+        b.snapshot.collections.insert("d.x".into(), CollectionProgress { done: true, last_id: None });
+        b.snapshot.collections.insert(
+            "d.y".into(),
+            CollectionProgress { done: false, last_id: Some(serde_json::json!(5)) },
+        );
+        let merged = Checkpoint::merge_for_reshard("p", &[b.clone(), a.clone()], two);
+        assert_eq!(merged.stream_start, Some(at(100)));
+        assert!(!merged.snapshot.done);
+        assert!(merged.snapshot.collections["d.x"].done);
+        assert!(!merged.snapshot.collections.contains_key("d.y"), "a half-read collection is read again from its start");
+
+        // An old shard that never started: everything starts afresh.
+        let merged = Checkpoint::merge_for_reshard("p", &[a.clone(), Checkpoint::new("p")], two);
+        assert_eq!(merged.stream_start, None);
+        assert!(!merged.snapshot.done);
+
+        // A pending sweep keeps its lowest bound.
+        let mut c = a.clone();
+        c.sweep_below = Some(90);
+        a.sweep_below = Some(70);
+        assert_eq!(Checkpoint::merge_for_reshard("p", &[c, a], two).sweep_below, Some(70));
+    }
 
     #[test]
     fn versions_grow_with_cluster_time() {
@@ -310,7 +432,7 @@ mod tests {
         });
         let token: ResumeToken =
             mongodb::bson::from_bson(Bson::Document(doc! {"_data": "8263AB"})).expect("token");
-        cp.apply(&Position::Stream(token.clone()));
+        cp.apply(&Position::Stream { token: token.clone(), time: None });
         let text = serde_json::to_string(&cp).expect("json");
         let back: Checkpoint = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, cp);
@@ -338,7 +460,9 @@ mod tests {
     #[test]
     fn checkpoint_of_another_pipeline_is_refused() {
         let cp = Checkpoint::new("a");
-        assert!(cp.check("a", "x").is_ok());
-        assert!(matches!(cp.check("b", "x"), Err(Error::Incompatible { .. })));
+        assert!(cp.check("a", crate::config::Shard::default(), "x").is_ok());
+        let two = crate::config::Shard { index: 1, count: 2 };
+        assert!(matches!(cp.check("a", two, "x"), Err(Error::Incompatible { .. })));
+        assert!(matches!(cp.check("b", crate::config::Shard::default(), "x"), Err(Error::Incompatible { .. })));
     }
 }

@@ -216,7 +216,7 @@ impl Elastic {
     /// # Errors
     /// Transport failures and unexpected statuses; the sweep is idempotent, so the caller
     /// retries it whole.
-    pub async fn sweep(&self, index: &str, below: u64) -> Result<u64, Error> {
+    pub async fn sweep(&self, index: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, Error> {
         if below == 0 {
             return Ok(0);
         }
@@ -247,7 +247,7 @@ impl Elastic {
                 let (Some(id), Some(version)) = (hit["_id"].as_str(), hit["_version"].as_u64()) else {
                     continue;
                 };
-                if version >= below {
+                if version >= below || !owns(id) {
                     continue;
                 }
                 bulk.extend_from_slice(b"{\"delete\":{\"_index\":");

@@ -50,6 +50,8 @@ pub enum Action<'a> {
         db: &'a str,
         /// Collection.
         coll: &'a str,
+        /// Cluster time of the drop.
+        time: Option<Timestamp>,
     },
     /// The collection was renamed to `to_db.to_coll`.
     Rename {
@@ -97,6 +99,20 @@ fn str_field<'a>(doc: &'a RawDocument, name: &'static str) -> Result<&'a str, Ma
     match field(doc, name)? {
         RawBsonRef::String(s) => Ok(s),
         _ => Err(Malformed { field: name }),
+    }
+}
+
+impl Action<'_> {
+    /// Cluster time of the change, when the event carries one.
+    pub fn time(&self) -> Option<Timestamp> {
+        match self {
+            Action::Upsert { time, .. }
+            | Action::Delete { time, .. }
+            | Action::Lookup { time, .. }
+            | Action::Rename { time, .. } => Some(*time),
+            Action::Drop { time, .. } => *time,
+            _ => None,
+        }
     }
 }
 
@@ -164,6 +180,7 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             Ok(Action::Drop {
                 db: str_field(ns, "db")?,
                 coll: str_field(ns, "coll")?,
+                time: time().ok(),
             })
         }
         "rename" => {
@@ -237,7 +254,7 @@ mod tests {
         let e = raw(doc! {"operationType": "delete", "clusterTime": T, "ns": {"db": "d", "coll": "c"}, "documentKey": {"_id": 1}});
         assert!(matches!(parse(&e), Ok(Action::Delete { .. })));
         let e = raw(doc! {"operationType": "drop", "clusterTime": T, "ns": {"db": "d", "coll": "c"}});
-        assert_eq!(parse(&e), Ok(Action::Drop { db: "d", coll: "c" }));
+        assert!(matches!(parse(&e), Ok(Action::Drop { db: "d", coll: "c", .. })));
         let e = raw(doc! {"operationType": "rename", "clusterTime": T, "ns": {"db": "d", "coll": "a"}, "to": {"db": "d", "coll": "b"}});
         assert_eq!(
             parse(&e),

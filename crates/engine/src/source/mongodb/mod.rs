@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 
 use self::event::Action;
 use crate::checkpoint::{ClusterTime, Position};
-use crate::config::{MongoConfig, Routing};
+use crate::config::{MongoConfig, Routing, Shard};
 use crate::convert::{self, ConvertStats};
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
@@ -167,6 +167,17 @@ pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
 ///
 /// # Errors
 /// [`Error::Unreachable`] when the listing fails.
+/// Estimated number of documents in the given collections (from collection metadata, not a
+/// scan); collections that cannot be counted count as empty.
+pub async fn estimate_documents(client: &Client, collections: &[(String, String)]) -> u64 {
+    let mut total = 0;
+    for (db, coll) in collections {
+        let c = client.database(db).collection::<RawDocumentBuf>(coll);
+        total += c.estimated_document_count().await.unwrap_or(0);
+    }
+    total
+}
+
 pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<(String, String)>, mongodb::error::Error> {
     let mut out = Vec::new();
     for db in routing.databases() {
@@ -205,6 +216,8 @@ pub struct Source<'a> {
     pub route_cache: std::sync::Mutex<Option<Route>>,
     /// Reused buffer for Elasticsearch ids (each is then copied once into an exact-size box).
     pub id_scratch: std::sync::Mutex<Vec<u8>>,
+    /// The documents this worker owns.
+    pub shard: Shard,
 }
 
 /// A routed collection: database, collection, namespace and index names.
@@ -289,6 +302,18 @@ impl Source<'_> {
         let index: Arc<str> = Arc::from(self.routing.index_for(db, coll));
         *cache = Some((db.to_string(), coll.to_string(), ns.clone(), index.clone()));
         (ns, index)
+    }
+
+    /// Whether this worker's shard owns the document with MongoDB `_id` `id`. An `_id` with
+    /// no Elasticsearch form (too long) belongs to shard 0, which dead-letters it.
+    fn owns(&self, id: RawBsonRef<'_>) -> bool {
+        if !self.shard.is_split() {
+            return true;
+        }
+        match convert::es_id_string(id) {
+            Ok(es_id) => self.shard.owns(&es_id),
+            Err(_) => self.shard.index == 0,
+        }
     }
 
     fn write_for(
@@ -409,13 +434,15 @@ impl Source<'_> {
                     continue;
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
-                let mut write = self.write_for(db, coll, id, Some(&raw), version, &mut stats);
-                write.from_snapshot = true;
-                match self.send(write).await {
-                    Err(Error::Cancelled) => return Ok(Ended::Cancelled),
-                    other => other?,
+                if self.owns(id) {
+                    let mut write = self.write_for(db, coll, id, Some(&raw), version, &mut stats);
+                    write.from_snapshot = true;
+                    match self.send(write).await {
+                        Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+                        other => other?,
+                    }
+                    self.metrics.snapshot_docs.inc();
                 }
-                self.metrics.snapshot_docs.inc();
                 resume_after = Some(owned_id);
                 since_position += 1;
                 if since_position >= POSITION_EVERY {
@@ -503,6 +530,8 @@ impl Source<'_> {
         self.health.set_phase(Phase::Streaming);
         // Events left to read without updateLookup after an oversize event.
         let mut lean_left = 0u64;
+        // Cluster time of the last event read (stored beside the token, for re-sharding).
+        let mut last_time: Option<Timestamp> = None;
         loop {
             let lean = lean_left > 0;
             let mut stream = match self.open_stream(&start, lean).await {
@@ -528,7 +557,7 @@ impl Source<'_> {
                     biased;
                     () = self.cancel.cancelled() => {
                         if let Some(token) = stream.resume_token() {
-                            self.sink.record(Position::Stream(token));
+                            self.sink.record(Position::Stream { token: token, time: last_time.map(ClusterTime::from) });
                         }
                         return Ok(Ended::Cancelled);
                     }
@@ -537,6 +566,9 @@ impl Source<'_> {
                 match next {
                     Ok(Some(raw)) => {
                         backoff.reset();
+                        if since_position == 0 {
+                            self.health.set_caught_up(false);
+                        }
                         since_position += 1;
                         if since_position.is_multiple_of(BEAT_EVERY) {
                             self.health.source_beat(true);
@@ -544,10 +576,10 @@ impl Source<'_> {
                         // Past the oversize event: handle this one, then re-open with updateLookup.
                         let back_to_lookup = lean && lean_left == 1;
                         lean_left = lean_left.saturating_sub(1);
-                        if self.handle_event(&raw, &mut stats).await? == Next::Reopen {
+                        if self.handle_event(&raw, &mut stats, &mut last_time).await? == Next::Reopen {
                             // After an invalidate: continue after it.
                             if let Some(token) = stream.resume_token() {
-                                self.sink.record(Position::Stream(token.clone()));
+                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from) });
                                 start = StreamStart::StartAfter(token);
                             }
                             break;
@@ -557,7 +589,7 @@ impl Source<'_> {
                             since_position = 0;
                             if let Some(token) = stream.resume_token() {
                                 last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream(token));
+                                self.sink.record(Position::Stream { token: token, time: last_time.map(ClusterTime::from) });
                             }
                         }
                         if back_to_lookup {
@@ -572,11 +604,12 @@ impl Source<'_> {
                         // Batch exhausted: the post-batch resume token moves on even when no
                         // event matched, so a quiet stream keeps its checkpoint fresh.
                         self.health.source_beat(true);
+                        self.health.set_caught_up(true);
                         if let Some(token) = stream.resume_token() {
                             if last_recorded.as_ref() != Some(&token) {
                                 since_position = 0;
                                 last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream(token.clone()));
+                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from) });
                                 start = StreamStart::ResumeAfter(token);
                             }
                         }
@@ -627,7 +660,12 @@ impl Source<'_> {
         }
     }
 
-    async fn handle_event(&self, raw: &RawDocument, stats: &mut ConvertStats) -> Result<Next, Error> {
+    async fn handle_event(
+        &self,
+        raw: &RawDocument,
+        stats: &mut ConvertStats,
+        last_time: &mut Option<Timestamp>,
+    ) -> Result<Next, Error> {
         let action = match event::parse(raw) {
             Ok(a) => a,
             Err(e) => {
@@ -636,39 +674,42 @@ impl Source<'_> {
                 return Ok(Next::Continue);
             }
         };
+        if let Some(time) = action.time() {
+            *last_time = Some(time);
+        }
         match action {
             Action::Upsert { db, coll, id, doc, time } => {
                 self.metrics.hot.upserts.inc();
-                if self.routing.includes(db, coll) {
+                if self.routing.includes(db, coll) && self.owns(id) {
                     let w = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats);
                     self.send(w).await?;
                 }
             }
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
-                if self.routing.includes(db, coll) {
+                if self.routing.includes(db, coll) && self.owns(id) {
                     let w = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats);
                     self.send(w).await?;
                 }
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
-                if self.routing.includes(db, coll) {
+                if self.routing.includes(db, coll) && self.owns(id) {
                     let doc = self.lookup(db, coll, id).await?;
                     let w = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats);
                     self.send(w).await?;
                 }
             }
-            Action::Drop { db, coll } => {
+            Action::Drop { db, coll, time } => {
                 self.metrics.events.with_label_values(&["drop"]).inc();
                 if self.routing.includes(db, coll) {
-                    self.drop_index(db, coll).await?;
+                    self.drop_index(db, coll, time).await?;
                 }
             }
             Action::Rename { db, coll, to_db, to_coll, time } => {
                 self.metrics.events.with_label_values(&["rename"]).inc();
                 if self.routing.includes(db, coll) {
-                    self.drop_index(db, coll).await?;
+                    self.drop_index(db, coll, Some(time)).await?;
                 }
                 if self.routing.includes(to_db, to_coll) {
                     // The renamed collection's documents never appear as inserts: read them
@@ -712,7 +753,7 @@ impl Source<'_> {
         }
     }
 
-    async fn drop_index(&self, db: &str, coll: &str) -> Result<(), Error> {
+    async fn drop_index(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
         // Every earlier write to the index must land before it is deleted, or a late write
         // would re-create it. (Waiting gives way to shutdown: nothing is lost by stopping.)
         tokio::select! {
@@ -726,6 +767,32 @@ impl Source<'_> {
         let index = self.routing.index_for(db, coll);
         let es = self.sink.elastic();
         let mut backoff = Backoff::default();
+        if self.shard.is_split() {
+            // Other shards may still be writing this index's older changes, or already its
+            // newer ones: deleting the index would race them. Each shard instead deletes its
+            // own documents older than the drop, with versioned deletes that lose against
+            // anything written after it.
+            let Some(time) = time else {
+                warn!(namespace = %format!("{db}.{coll}"), "drop event without a cluster time; index kept");
+                return Ok(());
+            };
+            let below = ClusterTime::from(time).version().saturating_add(1);
+            let shard = self.shard;
+            loop {
+                match es.sweep(&index, below, |id| shard.owns(id)).await {
+                    Ok(deleted) => {
+                        info!(namespace = %format!("{db}.{coll}"), index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        warn!(index = %index, error = %crate::error_chain(&e), "failed to delete documents of dropped collection; retrying");
+                        if backoff.wait(&self.cancel).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
         loop {
             match es.delete_index(&index).await {
                 Ok(()) => {
