@@ -26,8 +26,16 @@ $(VENV)/.installed: Makefile
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)'
 	touch $@
 
-# Everything CI runs: unit, property and integration tests against the stand-ins.
+# Everything CI runs: the install checks (chart, manifests/, examples and the objects the
+# operator renders for the cluster examples, against the Kubernetes API schemas), then unit,
+# property and integration tests against the stand-ins.
+RENDERED := target/rendered
+CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
 test: venv
+	$(CARGO) build -q -p monsoon
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	for f in $(CLUSTER_EXAMPLES); do target/debug/monsoon render -f examples/$$f.yaml --namespace shop > $(RENDERED)/$$f.yaml || exit 1; done
+	MONSOON_RENDERED_DIR=$(RENDERED) $(VENV)/bin/python tests/check_manifests.py
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 unit:

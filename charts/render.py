@@ -27,8 +27,8 @@ Anything else is an error rather than a guess. Two differences from Helm, both s
     value name in a template fails the tests instead of silently rendering an empty string;
   - printing a number of a million or more, or a fraction, is an error (Helm would print
     `1e+06`).
-toYaml output is the same YAML as Helm's (keys sorted, two-space indent, lists not indented
-under their key); the quoting style of strings can differ (`'9464'` here, `"9464"` in Helm).
+toYaml writes what Helm's does (keys sorted, two-space indent, lists not indented under their
+key, `"1"` double-quoted); rare strings may be quoted in another, equivalent style.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import argparse
 import copy
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -351,10 +351,29 @@ def truthy(value: Any) -> bool:
     return True
 
 
+class _HelmDumper(yaml.SafeDumper):
+    """Quotes strings as Helm's YAML library (go-yaml v2) does: double quotes for a string
+    that would read back as another type (`"1"`, `"true"`, `""`), a literal block for several
+    lines; otherwise PyYAML's choice (plain where it can)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, s: str) -> yaml.ScalarNode:
+    tag = "tag:yaml.org,2002:str"
+    if "\n" in s:
+        return dumper.represent_scalar(tag, s, style="|")
+    # go-yaml v2 also reads y/Y/n/N as booleans (YAML 1.1); PyYAML does not.
+    if dumper.resolve(yaml.ScalarNode, s, (True, False)) != tag or s in ("y", "Y", "n", "N"):
+        return dumper.represent_scalar(tag, s, style='"')
+    return dumper.represent_scalar(tag, s)
+
+
+_HelmDumper.add_representer(str, _represent_str)
+
+
 def to_yaml(value: Any) -> str:
     """Helm's toYaml: the YAML of a value without the final newline."""
-    text = yaml.safe_dump(value, default_flow_style=False, sort_keys=True, width=1 << 30,
-                          allow_unicode=True)
+    text = yaml.dump(value, Dumper=_HelmDumper, default_flow_style=False, sort_keys=True,
+                     width=1 << 30, allow_unicode=True)
     if text.endswith("\n...\n"):  # a bare scalar
         text = text[: -len("...\n")]
     return text.rstrip("\n") if text.endswith("\n") else text
@@ -601,6 +620,8 @@ class _Exec:
                 raise TemplateError(f"{where}: wrong arguments to {head.name}: {e}") from e
         if args or piped:
             raise TemplateError(f"{where}: arguments given to a non-function")
+        if isinstance(head, Literal) and head.value is None:
+            raise TemplateError(f"{where}: nil is not a command")  # as in Go
         return self._operand(head, dot, scopes, line)
 
     def _operand(self, operand: Any, dot: Any, scopes: list, line: int) -> Any:

@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import jsonschema
@@ -362,7 +363,8 @@ def check_chart_variant(report: Report, name: str, objs: list, values: dict, rel
         selector = deploy["spec"]["selector"]["matchLabels"]
         c(selector.items() <= pod_labels.items(), f"{v}: the Deployment selects its pods",
           f"selector {selector}, pod labels {pod_labels}")
-        c(deploy["spec"]["replicas"] == values.get("replicaCount", 1), f"{v}: replicas")
+        c(deploy["spec"]["replicas"] == values.get("replicaCount", 1), f"{v}: replicas",
+          f"replicas {deploy['spec']['replicas']!r}, replicaCount {values.get('replicaCount')!r}")
         c(spec.get("serviceAccountName") == sa_name, f"{v}: the pod runs as {sa_name}",
           f"serviceAccountName {spec.get('serviceAccountName')}")
         containers = spec["containers"]
@@ -535,8 +537,29 @@ def main() -> int:
             objs = [d.obj for d in rendered.documents]
             for doc in rendered.documents:
                 validator.validate(doc.obj, f"chart[{name}] {doc.source.split('/', 1)[1]}")
-            check_chart_variant(report, name, objs, render.merge_values(chart.values, values),
-                                "monsoon", "monsoon-system", chart.meta)
+            try:
+                check_chart_variant(report, name, objs, render.merge_values(chart.values, values),
+                                    "monsoon", "monsoon-system", chart.meta)
+            except (KeyError, TypeError, AttributeError, IndexError) as e:
+                # A shape the checks did not expect (a field missing or of another type).
+                report.fail(f"chart[{name}]: objects have the expected shape",
+                            f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-1)}")
+
+    report.begin("charts/README.md documents every value")
+    if chart is not None:
+        readme = (root / "charts" / "README.md").read_text()
+        documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
+
+        def covered(path: str, value) -> bool:
+            # A value is documented by its own row, or (a map) by rows for all its keys.
+            if path in documented:
+                return True
+            return isinstance(value, dict) and bool(value) and all(
+                covered(f"{path}.{k}", v) for k, v in value.items())
+
+        for key, value in chart.values.items():
+            report.check(covered(key, value), f"charts/README.md values table has `{key}`",
+                         "add a row for it (or for each of its keys)")
 
     report.begin("e2e/kind/*.yaml against the API schemas")
     e2e_files = sorted((root / "e2e" / "kind").glob("*.yaml"))
@@ -544,6 +567,13 @@ def main() -> int:
     for path in e2e_files:
         for obj in objects_of(path):
             validator.validate(obj, f"e2e/kind/{path.name}")
+
+    report.begin("examples/*.yaml against the CRD schema")
+    example_files = sorted((root / "examples").glob("*.yaml"))
+    report.check(bool(example_files), "examples/ has pipelines")
+    for path in example_files:
+        for obj in objects_of(path):
+            validator.validate(obj, f"examples/{path.name}", namespaced_check=False)
 
     rendered_dir = os.environ.get("MONSOON_RENDERED_DIR")
     if rendered_dir:

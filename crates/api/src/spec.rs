@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "SyncPipelineStatus",
     shortname = "sp",
+    derive = "Default",
     category = "all",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Workers ready / workers wanted"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,

@@ -217,7 +217,7 @@ pub fn validate_for_cluster(pipeline: &SyncPipeline) -> Result<ValidatedPipeline
         if from.env.is_some() || from.file.is_some() {
             errs.push(
                 field,
-                "`env` and `file` only work with `monsoon run`; in a cluster use `secretKeyRef` (a Secret in the pipeline's namespace)",
+                "`env` and `file` only work with `monsoon run`; in a cluster use `secretKeyRef` (a Secret in the pipeline's namespace; `configMapKeyRef` also works for a CA bundle)",
             );
         }
     }

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+pub use hyper::StatusCode;
+use hyper::Response;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +39,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// A set of plain-text or JSON endpoints: the pipeline's, or the operator's.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Status, content type and body for `path`.
+    fn handle(&self, path: &str) -> (StatusCode, &'static str, String);
+}
+
+impl Handler for Endpoints {
+    fn handle(&self, path: &str) -> (StatusCode, &'static str, String) {
+        route(path, self)
+    }
+}
+
 /// Serve until `shutdown` fires.
-pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: CancellationToken) {
+pub async fn serve<H: Handler>(listener: TcpListener, endpoints: H, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -52,7 +64,10 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: Cancel
             async move {
                 let service = service_fn(move |req| {
                     let endpoints = endpoints.clone();
-                    async move { Ok::<_, Infallible>(handle(&req, &endpoints)) }
+                    async move {
+                        let (status, content_type, body) = endpoints.handle(req.uri().path());
+                        Ok::<_, Infallible>(respond(status, content_type, body))
+                    }
                 });
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -74,20 +89,24 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     r
 }
 
-fn check(result: Result<(), String>) -> Response<Full<Bytes>> {
+/// A probe answer: 200 `ok`, or 503 with the reason.
+pub fn check(result: Result<(), String>) -> (StatusCode, &'static str, String) {
     match result {
-        Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-        Err(reason) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{reason}\n")),
+        Ok(()) => (StatusCode::OK, "text/plain", "ok\n".into()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{reason}\n")),
     }
 }
 
-fn handle(req: &Request<Incoming>, e: &Endpoints) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+/// Content type of the Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+fn route(path: &str, e: &Endpoints) -> (StatusCode, &'static str, String) {
+    match path {
         "/healthz" => check(e.health.live()),
         "/readyz" => check(e.health.ready()),
-        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", e.metrics.render()),
-        "/stats" => respond(StatusCode::OK, "application/json", stats(e).to_string()),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        "/metrics" => (StatusCode::OK, PROMETHEUS_TEXT, e.metrics.render()),
+        "/stats" => (StatusCode::OK, "application/json", stats(e).to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
 

@@ -267,6 +267,16 @@ impl Health {
         self.caught_up.load(Ordering::Relaxed)
     }
 
+    /// Whether MongoDB answered the source's last request.
+    pub fn source_ok(&self) -> bool {
+        self.source_ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether Elasticsearch accepted the sink's last request.
+    pub fn sink_ok(&self) -> bool {
+        self.sink_ok.load(Ordering::Relaxed)
+    }
+
     /// Writes were acknowledged.
     pub fn progressed(&self) {
         self.last_progress.store(self.now_ms(), Ordering::Relaxed);

@@ -37,7 +37,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Secret references need a cluster.
-    #[error("{field}: `secretKeyRef` is only available in a cluster (monsoon worker); use `env` or `file` with `monsoon run`")]
+    #[error("{field}: `secretKeyRef` and `configMapKeyRef` are only available in a cluster (the operator wires them into worker pods); use `env` or `file` with `monsoon run`")]
     SecretRefStandalone {
         /// Field path.
         field: &'static str,

@@ -1,6 +1,7 @@
-//! The `monsoon` binary: `run` (standalone engine), `validate`, `crd`.
+//! The `monsoon` binary: `run` (standalone engine), `operator`, `worker`, `validate`, `crd`.
 
 mod config;
+mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,49 @@ enum Command {
         /// Seconds in-flight bulks may take to finish after SIGTERM.
         #[arg(long, default_value_t = 20)]
         shutdown_grace_seconds: u64,
+    },
+    /// Run the Kubernetes operator: reconcile every SyncPipeline into its workers.
+    Operator {
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        http_addr: SocketAddr,
+        /// Image of the worker pods (normally the operator's own).
+        #[arg(long, env = "MONSOON_WORKER_IMAGE")]
+        worker_image: String,
+        /// Namespaces to watch, comma-separated; every namespace when empty.
+        #[arg(long, env = "MONSOON_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+        watch_namespaces: Vec<String>,
+        /// This replica's identity for leader election (its pod name).
+        #[arg(long, env = "POD_NAME")]
+        identity: String,
+        /// Namespace of the leader-election Lease (the operator's own).
+        #[arg(long, env = "POD_NAMESPACE")]
+        leader_election_namespace: String,
+        /// Seconds a worker has to deliver what it read after SIGTERM.
+        #[arg(long, default_value_t = 20)]
+        worker_shutdown_grace_seconds: u32,
+    },
+    /// Run one shard of a pipeline (inside a worker pod created by the operator).
+    Worker {
+        /// Address of /healthz, /readyz, /metrics and /stats.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        http_addr: SocketAddr,
+        /// Seconds in-flight bulks may take to finish after SIGTERM.
+        #[arg(long, default_value_t = 20)]
+        shutdown_grace_seconds: u64,
+    },
+    /// Print the objects the operator would apply for a SyncPipeline (for review and GitOps
+    /// diffs; the operator applies them itself).
+    Render {
+        /// The SyncPipeline manifest (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Namespace of the pipeline.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Image of the worker pods.
+        #[arg(long, default_value = "ghcr.io/monsoon-dev/monsoon:0.1.0")]
+        worker_image: String,
     },
     /// Check a SyncPipeline manifest and print what is wrong with it.
     Validate {
@@ -104,6 +148,38 @@ fn main() -> std::process::ExitCode {
             http_addr,
             shutdown_grace_seconds,
         } => run(file, state_dir, http_addr, Duration::from_secs(shutdown_grace_seconds)),
+        Command::Render {
+            file,
+            namespace,
+            worker_image,
+        } => render(&file, &namespace, &worker_image).map(|yaml| print!("{yaml}")),
+        Command::Worker {
+            http_addr,
+            shutdown_grace_seconds,
+        } => worker::worker(http_addr, Duration::from_secs(shutdown_grace_seconds)),
+        Command::Operator {
+            http_addr,
+            worker_image,
+            watch_namespaces,
+            identity,
+            leader_election_namespace,
+            worker_shutdown_grace_seconds,
+        } => operator(
+            http_addr,
+            monsoon_operator::OperatorOptions {
+                watch_namespaces: watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+                identity,
+                lease_namespace: leader_election_namespace,
+                settings: monsoon_operator::workload::WorkerSettings {
+                    image: worker_image,
+                    log_format: match cli.log_format {
+                        LogFormat::Text => "text".into(),
+                        LogFormat::Json => "json".into(),
+                    },
+                    shutdown_grace_seconds: worker_shutdown_grace_seconds,
+                },
+            },
+        ),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -171,9 +247,75 @@ fn run(
     })
 }
 
+fn render(file: &std::path::Path, namespace: &str, image: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("failed to read {}", file.display()))?;
+    let validated = monsoon_api::parse_manifest(&text).with_context(|| format!("{}", file.display()))?;
+    let mut pipeline = monsoon_api::SyncPipeline::new(&validated.name, validated.spec);
+    pipeline.metadata.namespace = Some(namespace.to_string());
+    monsoon_api::validate_for_cluster(&pipeline).map_err(|errors| {
+        anyhow::anyhow!(
+            "{} cannot run in a cluster: {}",
+            file.display(),
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        )
+    })?;
+    let shards = pipeline.spec.workers.max(1);
+    let replicas = if pipeline.spec.paused { 0 } else { shards };
+    let settings = monsoon_operator::workload::WorkerSettings {
+        image: image.to_string(),
+        log_format: "json".into(),
+        shutdown_grace_seconds: 20,
+    };
+    let w = monsoon_operator::workload::build(&pipeline, shards, replicas, &settings);
+    let mut out = format!("# Objects the operator applies for SyncPipeline {namespace}/{} (owner uid assigned by the API server).\n", validated.name);
+    let docs = [
+        with_type(&w.service_account, "v1", "ServiceAccount")?,
+        with_type(&w.role, "rbac.authorization.k8s.io/v1", "Role")?,
+        with_type(&w.role_binding, "rbac.authorization.k8s.io/v1", "RoleBinding")?,
+        with_type(&w.service, "v1", "Service")?,
+        with_type(&w.stateful_set, "apps/v1", "StatefulSet")?,
+    ];
+    for doc in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&doc)?);
+    }
+    Ok(out)
+}
+
+fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(obj)?;
+    value["apiVersion"] = api_version.into();
+    value["kind"] = kind.into();
+    Ok(value)
+}
+
+fn operator(http_addr: SocketAddr, options: monsoon_operator::OperatorOptions) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(async move {
+        let endpoints = monsoon_operator::OperatorEndpoints::new(monsoon_operator::OperatorMetrics::default());
+        let listener = http::bind(http_addr)
+            .await
+            .with_context(|| format!("failed to listen on --http-addr {http_addr}"))?;
+        let http_stop = CancellationToken::new();
+        tokio::spawn(http::serve(listener, endpoints.clone(), http_stop.clone()));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        let client = kube::Client::try_default()
+            .await
+            .context("failed to configure the Kubernetes client (in-cluster service account or kubeconfig)")?;
+        info!(identity = %options.identity, namespaces = ?options.watch_namespaces, "operator starting");
+        let result = monsoon_operator::run(client, options, endpoints, shutdown).await;
+        http_stop.cancel();
+        result.map_err(anyhow::Error::from)
+    })
+}
+
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (the checkpoint on disk is
 /// always a safe place to resume from).
-async fn watch_signals(shutdown: CancellationToken) {
+pub(crate) async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         warn!("cannot install signal handlers; stop with SIGKILL");
