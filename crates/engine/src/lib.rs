@@ -190,6 +190,7 @@ async fn run_inner<S: CheckpointStore>(
         let stop = stop_checkpointer.clone();
         let interval = config.checkpoint_interval;
         let fence = shutdown.clone();
+        let fence_abort = abort.clone();
         tokio::spawn(
             async move {
                 loop {
@@ -198,8 +199,10 @@ async fn run_inner<S: CheckpointStore>(
                         () = stop.cancelled() => break,
                     }
                     if let Err(e) = commit(&shared, &mut cp, &store).await {
-                        // Fenced: stop the whole pipeline; never write again.
-                        error!(error = %error_chain(&e), "checkpoint lease lost; stopping");
+                        // Fenced: stop the whole pipeline at once (in-flight bulks abandoned);
+                        // never write again.
+                        error!(error = %error_chain(&e), "checkpoint lease lost; stopping at once");
+                        fence_abort.cancel();
                         fence.cancel();
                         return Some(e);
                     }

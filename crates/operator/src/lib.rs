@@ -5,11 +5,13 @@
 //! - [`workload`]: the objects, built as plain values.
 //! - [`leader`]: leader election, so several replicas can run safely.
 //! - [`report`]: what each worker writes beside its checkpoint for the operator to read.
+//! - [`worker`]: one shard's worker (`monsoon worker`): lease, engine, renewals, fencing.
 //! - [`run`]: the controller loop (thin wiring over `kube::runtime::Controller`).
 
 pub mod leader;
 pub mod reconcile;
 pub mod report;
+pub mod worker;
 pub mod workload;
 
 use std::sync::atomic::{AtomicBool, Ordering};

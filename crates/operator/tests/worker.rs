@@ -1,0 +1,248 @@
+//! Workers against the real stand-ins (SecantusDB, noida-db) with their checkpoint leases in
+//! kube-fake-client: sharding, re-sharding from merged checkpoints, and fencing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube_fake_client::ClientBuilder;
+use mongodb::bson::{doc, Document};
+use monsoon_engine::checkpoint::configmap::{KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME};
+use monsoon_engine::checkpoint::Checkpoint;
+use monsoon_engine::config::{
+    BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig, NamespacePattern, Routing, Secret,
+    Shard,
+};
+use monsoon_engine::metrics::{Health, Metrics};
+use monsoon_operator::worker::{self, Error};
+use monsoon_testkit::{insert_all, sample_docs, Stack};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const NAME: &str = "orders";
+
+fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
+    EngineConfig {
+        name: NAME.into(),
+        mongodb: MongoConfig {
+            uri: Secret(stack.mongo.uri()),
+            ca_file: None,
+            connect_timeout: Duration::from_secs(10),
+        },
+        elasticsearch: ElasticConfig {
+            urls: vec![stack.es.url()],
+            auth: ElasticAuth::None,
+            ca_pem: None,
+            request_timeout: Duration::from_secs(30),
+        },
+        routing: Routing {
+            include: vec![NamespacePattern {
+                database: "shop".into(),
+                collection: Some("orders".into()),
+            }],
+            exclude: Vec::new(),
+            indexes: BTreeMap::new(),
+        },
+        snapshot: true,
+        batch: BatchConfig::default(),
+        on_history_lost: HistoryLost::Fail,
+        delete_index_on_drop: true,
+        dead_letter_index: "monsoon-deadletter".into(),
+        checkpoint_interval: Duration::from_millis(300),
+        shard,
+    }
+}
+
+struct Running {
+    metrics: Metrics,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+fn start(stack: &Stack, api: &Api<ConfigMap>, shard: Shard, identity: &str, lease: Duration) -> Running {
+    let metrics = Metrics::new(NAME);
+    let health = Arc::new(Health::new(Duration::from_secs(120)));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker::run(
+        api.clone(),
+        worker::Shard {
+            engine: engine(stack, shard),
+            configmap: monsoon_operator::workload::checkpoint_name(NAME, shard.index, shard.count),
+            identity: identity.into(),
+            lease,
+            grace: Duration::from_secs(5),
+        },
+        metrics.clone(),
+        health,
+        stop.clone(),
+    ));
+    Running { metrics, stop, task }
+}
+
+impl Running {
+    async fn stop(self) -> Result<(), Error> {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("worker stops within 30 s")
+            .expect("worker task")
+    }
+
+    fn indexed(&self) -> u64 {
+        self.metrics.hot.indexed.get()
+    }
+}
+
+async fn kube_api() -> Api<ConfigMap> {
+    monsoon_testkit::init_crypto();
+    let client = ClientBuilder::new().build().await.expect("fake client");
+    Api::namespaced(client, "shop")
+}
+
+async fn checkpoint_of(api: &Api<ConfigMap>, name: &str) -> (BTreeMap<String, String>, Checkpoint) {
+    let data = api.get(name).await.expect("configmap").data.unwrap_or_default();
+    let cp = serde_json::from_str(data.get(KEY_CHECKPOINT).expect("checkpoint written")).expect("checkpoint json");
+    (data, cp)
+}
+
+async fn converge(stack: &Stack) {
+    let report = stack.converged("shop", "orders", "shop.orders").await.expect("compare");
+    assert!(report.converged(), "not converged: {report:?}");
+}
+
+#[tokio::test]
+async fn shards_split_the_documents_converge_and_reshard_from_merged_checkpoints() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 1500)).await.expect("seed");
+    let api = kube_api().await;
+    let lease = Duration::from_secs(3);
+
+    // Two shards: every document lands exactly once, split between them.
+    let two: Vec<Running> = (0..2)
+        .map(|index| start(&stack, &api, Shard { index, count: 2 }, &format!("w2-{index}"), lease))
+        .collect();
+    insert_all(&orders, sample_docs(1500, 500)).await.expect("insert while running");
+    orders.update_many(doc! {"_id": {"$lt": 300}}, doc! {"$set": {"status": "refunded"}}).await.expect("update");
+    orders.delete_many(doc! {"_id": {"$gte": 1900}}).await.expect("delete");
+    converge(&stack).await;
+    let shares: Vec<u64> = two.iter().map(Running::indexed).collect();
+    assert!(shares.iter().all(|&n| n > 400), "each shard indexes its share: {shares:?}");
+    let total: u64 = shares.iter().sum();
+    // 2000 inserts and 300 updates; a document indexed by both shards would double it.
+    assert!((1900..=2350).contains(&total), "each document written by one shard only: {shares:?}");
+    for w in two {
+        w.stop().await.expect("clean stop");
+    }
+    let mut old = Vec::new();
+    for index in 0..2 {
+        let (data, cp) = checkpoint_of(&api, &format!("{NAME}-checkpoint-{index}-of-2")).await;
+        assert_eq!(data.get(KEY_HOLDER).map(String::as_str), Some(""), "released on stop");
+        assert_eq!(cp.shard, Some(Shard { index, count: 2 }));
+        assert!(cp.snapshot.done);
+        old.push(cp);
+    }
+
+    // Changes while no worker runs, then three shards from the merged checkpoints.
+    insert_all(&orders, sample_docs(5000, 300)).await.expect("insert while stopped");
+    orders.delete_many(doc! {"_id": {"$lt": 100}}).await.expect("delete while stopped");
+    for index in 0..3 {
+        let merged = Checkpoint::merge_for_reshard(NAME, &old, Shard { index, count: 3 });
+        assert!(merged.snapshot.done, "no re-snapshot after a clean stop");
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(format!("{NAME}-checkpoint-{index}-of-3")),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(KEY_CHECKPOINT.to_string(), serde_json::to_string(&merged).expect("json"))])),
+            ..ConfigMap::default()
+        };
+        api.create(&PostParams::default(), &cm).await.expect("seed new layout");
+    }
+    let three: Vec<Running> = (0..3)
+        .map(|index| start(&stack, &api, Shard { index, count: 3 }, &format!("w3-{index}"), lease))
+        .collect();
+    orders.update_many(doc! {"_id": {"$gte": 5000}}, doc! {"$set": {"status": "late"}}).await.expect("update");
+    converge(&stack).await;
+    for w in three {
+        let indexed = w.indexed();
+        w.stop().await.expect("clean stop");
+        assert!(indexed < 1000, "a new shard replays only the changes since the old positions, not a snapshot: {indexed}");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_waits_for_a_held_lease_and_stops_at_once_when_it_is_taken_over() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 300)).await.expect("seed");
+    let api = kube_api().await;
+    let cm_name = format!("{NAME}-checkpoint-0-of-1");
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+            .to_string()
+    };
+    // A previous pod still holds the lease for another ~2 s.
+    let held = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(cm_name.clone()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (KEY_HOLDER.to_string(), "old-pod".to_string()),
+            (KEY_RENEW_TIME.to_string(), now_ms()),
+            ("leaseDurationSeconds".to_string(), "2".to_string()),
+        ])),
+        ..ConfigMap::default()
+    };
+    api.create(&PostParams::default(), &held).await.expect("held lease");
+    let started = Instant::now();
+    let w = start(&stack, &api, Shard::default(), "new-pod", Duration::from_secs(3));
+    converge(&stack).await;
+    assert!(started.elapsed() >= Duration::from_secs(1), "must wait for the old holder's lease to run out");
+    let (data, _) = checkpoint_of(&api, &cm_name).await;
+    assert_eq!(data[KEY_HOLDER], "new-pod");
+
+    // Another worker takes the lease over (this one was partitioned, say).
+    let mut cm = api.get(&cm_name).await.expect("cm");
+    let data = cm.data.get_or_insert_with(BTreeMap::new);
+    data.insert(KEY_HOLDER.into(), "intruder".into());
+    data.insert(KEY_RENEW_TIME.into(), now_ms());
+    data.insert("leaseDurationSeconds".into(), "60".into());
+    let taken = api.replace(&cm_name, &PostParams::default(), &cm).await.expect("takeover");
+    let fenced_at = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), w.task).await.expect("stops within 10 s").expect("task");
+    assert!(matches!(result, Err(Error::LeaseLost(_))), "{result:?}");
+    assert!(fenced_at.elapsed() < Duration::from_secs(3), "stops within one renewal period");
+    let after = api.get(&cm_name).await.expect("cm");
+    assert_eq!(
+        after.metadata.resource_version, taken.metadata.resource_version,
+        "the fenced worker must not write anything after losing the lease"
+    );
+}
+
+#[tokio::test]
+async fn with_shards_a_drop_removes_each_shards_documents_but_not_newer_ones() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 400)).await.expect("seed");
+    let api = kube_api().await;
+    let two: Vec<Running> = (0..2)
+        .map(|index| start(&stack, &api, Shard { index, count: 2 }, &format!("w-{index}"), Duration::from_secs(3)))
+        .collect();
+    converge(&stack).await;
+    // Drop, then re-create the collection with new documents at once: one shard may still
+    // be before the drop while the other already writes the new documents.
+    orders.drop().await.expect("drop");
+    insert_all(&orders, sample_docs(10_000, 50)).await.expect("re-create");
+    converge(&stack).await;
+    assert_eq!(monsoon_testkit::count(&stack.esc, "shop.orders").await.expect("count"), 50);
+    for w in two {
+        w.stop().await.expect("clean stop");
+    }
+}
