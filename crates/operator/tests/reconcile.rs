@@ -432,13 +432,15 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
         data.insert(KEY_STATUS.into(), serde_json::to_string(r).expect("json"));
         cm
     };
-    let mut sts = StatefulSet::default();
-    sts.status = Some(k8s_openapi::api::apps::v1::StatefulSetStatus {
-        replicas: 2,
-        ready_replicas: Some(2),
-        updated_replicas: Some(2),
-        ..Default::default()
-    });
+    let sts = StatefulSet {
+        status: Some(k8s_openapi::api::apps::v1::StatefulSetStatus {
+            replicas: 2,
+            ready_replicas: Some(2),
+            updated_replicas: Some(2),
+            ..Default::default()
+        }),
+        ..StatefulSet::default()
+    };
 
     let mut s = SyncPipelineStatus::default();
     summarize(&mut s, &p, &sts, &[cm(0, &report("Streaming", 0.0, true)), cm(1, &report("Streaming", 1.5, true))], 2, now);

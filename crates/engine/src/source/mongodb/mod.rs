@@ -557,7 +557,7 @@ impl Source<'_> {
                     biased;
                     () = self.cancel.cancelled() => {
                         if let Some(token) = stream.resume_token() {
-                            self.sink.record(Position::Stream { token: token, time: last_time.map(ClusterTime::from) });
+                            self.sink.record(Position::Stream { token, time: last_time.map(ClusterTime::from) });
                         }
                         return Ok(Ended::Cancelled);
                     }
@@ -589,7 +589,7 @@ impl Source<'_> {
                             since_position = 0;
                             if let Some(token) = stream.resume_token() {
                                 last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream { token: token, time: last_time.map(ClusterTime::from) });
+                                self.sink.record(Position::Stream { token, time: last_time.map(ClusterTime::from) });
                             }
                         }
                         if back_to_lookup {
