@@ -36,14 +36,16 @@ pub struct SyncPipelineSpec {
     /// MongoDB namespaces to sync: `db.collection`, or `db.*` for every collection of a
     /// database. Each namespace is indexed into the index of the same name, lower-cased,
     /// unless `indexes` names another.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
     pub namespaces: Vec<String>,
     /// Namespaces to leave out even when `namespaces` matches them (`db.collection` or `db.*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
     pub exclude_namespaces: Vec<String>,
     /// Target index per namespace, overriding the default (the namespace, lower-cased).
     /// Example: `{"shop.orders": "orders"}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("additionalProperties" = {"type": "string", "pattern": r#"^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]{0,254}$"#}))]
     pub indexes: BTreeMap<String, String>,
     /// Index the documents that already exist before following changes. When false, only
     /// changes made after the pipeline first starts are synced.
@@ -136,13 +138,12 @@ pub struct MongoSource {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.username) == has(self.passwordFrom)", "message": "`username` and `passwordFrom` go together"},
-    {"rule": "!(has(self.apiKeyFrom) && has(self.username))", "message": "set either `apiKeyFrom` or `username`/`passwordFrom`, not both"},
-    {"rule": "self.urls.all(u, u.startsWith('http://') || u.startsWith('https://'))", "message": "every URL must start with `http://` or `https://`"}
+    {"rule": "!(has(self.apiKeyFrom) && has(self.username))", "message": "set either `apiKeyFrom` or `username`/`passwordFrom`, not both"}
 ]))]
 pub struct ElasticsearchSink {
     /// Base URLs of the cluster, e.g. `["https://es.example:9200"]`. Requests are spread over
     /// them round-robin.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 32), inner(regex(pattern = r"^https?://[^@/?#\s]+(/[^\s]*)?$")))]
     pub urls: Vec<String>,
     /// User name for basic authentication (the password comes from `passwordFrom`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -267,6 +268,7 @@ pub struct DeadLetterSpec {
     /// Index that receives one record per refused document: its namespace, `_id`, target
     /// index, the error type and reason, the time, and the document itself as a string.
     #[serde(default = "default_dead_letter_index")]
+    #[schemars(regex(pattern = r#"^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]{0,254}$"#))]
     pub index: String,
 }
 

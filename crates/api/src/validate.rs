@@ -625,4 +625,31 @@ spec:
         assert!(check_index_name("A").is_err());
         assert!(check_index_name(&"a".repeat(256)).is_err());
     }
+
+    /// The CRD's schema patterns must refuse what validation refuses (so `kubectl apply`
+    /// fails early) and never refuse what it accepts.
+    #[test]
+    fn crd_patterns_agree_with_validation() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(SyncPipeline::crd()).expect("crd json");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let pattern = |v: &serde_json::Value| regex::Regex::new(v.as_str().expect("pattern")).expect("valid regex");
+        let namespaces = pattern(&spec["namespaces"]["items"]["pattern"]);
+        for ns in ["shop.orders", "shop.*", "a.b.c", "Shop.Orders", "db.coll-1", "x.y z", "", "shop", ".orders", "shop.", "sh op.x", "sh$op.x", "shop.ord$ers", "shop.o*", "a/b.c"] {
+            // The system databases and `system.` collections are refused by validation only.
+            let valid = NamespacePattern::parse(ns).is_ok();
+            assert_eq!(namespaces.is_match(ns), valid, "namespace {ns:?}: schema and validation disagree");
+        }
+        let index = pattern(&spec["deadLetter"]["properties"]["index"]["pattern"]);
+        let mapped = pattern(&spec["indexes"]["additionalProperties"]["pattern"]);
+        for name in ["orders", "monsoon-deadletter", "a.b", "Orders", "-x", "_x", "+x", "a b", "a,b", "a#b", "a:b", "a*b", "a?b", "a\\b", "a/b", "a|b", "", "x1"] {
+            let valid = check_index_name(name).is_ok();
+            assert_eq!(index.is_match(name), valid, "index {name:?}: schema and validation disagree");
+            assert_eq!(mapped.is_match(name), valid, "mapped index {name:?}");
+        }
+        let urls = pattern(&spec["elasticsearch"]["properties"]["urls"]["items"]["pattern"]);
+        for (url, ok) in [("http://es:9200", true), ("https://es.example:9200/prefix", true), ("ftp://es", false), ("http://user:pw@es:9200", false), ("es:9200", false)] {
+            assert_eq!(urls.is_match(url), ok, "url {url:?}");
+        }
+    }
 }

@@ -347,6 +347,42 @@ mod tests {
         assert!(stored == fresh, "crds/syncpipeline.yaml is stale: run `make crds` and commit the result");
     }
 
+    /// The operator Deployment in `manifests/` (rendered from the chart) and the worker pods
+    /// the operator builds must call this binary with arguments it accepts.
+    #[test]
+    fn the_chart_and_the_worker_pods_pass_arguments_this_binary_accepts() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/02-operator.yaml");
+        let text = std::fs::read_to_string(&path).expect("manifests/02-operator.yaml");
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("yaml");
+        let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment");
+        let args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_string())
+            .collect();
+        // POD_NAME / POD_NAMESPACE come from the downward API in the pod.
+        let mut argv = vec!["monsoon".to_string()];
+        argv.extend(args);
+        argv.extend(["--identity=pod-0".to_string(), "--leader-election-namespace=monsoon-system".to_string()]);
+        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        assert!(matches!(cli.command, Command::Operator { .. }));
+
+        let mut p = monsoon_api::SyncPipeline::new("p", monsoon_api::SyncPipelineSpec::default());
+        p.metadata.namespace = Some("ns".into());
+        let settings = monsoon_operator::workload::WorkerSettings {
+            image: "i".into(),
+            log_format: "json".into(),
+            shutdown_grace_seconds: 20,
+        };
+        let sts = monsoon_operator::workload::build(&p, 1, 1, &settings).stateful_set;
+        let container = &sts.spec.expect("spec").template.spec.expect("pod").containers[0];
+        let mut argv = vec!["monsoon".to_string()];
+        argv.extend(container.args.clone().expect("args"));
+        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        assert!(matches!(cli.command, Command::Worker { .. }));
+    }
+
     #[test]
     fn every_example_is_a_valid_pipeline() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
