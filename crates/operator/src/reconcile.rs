@@ -182,6 +182,15 @@ pub async fn reconcile(p: Arc<SyncPipeline>, ctx: Arc<Context>) -> Result<Action
         .map_err(api_err("list checkpoint ConfigMaps"))?
         .items;
     summarize(&mut status, &p, &sts, &configmaps_now, want, now_unix());
+    for (type_, event_type, reason) in transitions(p.status.as_ref(), &status) {
+        let message = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        event(&ctx, &p, event_type, reason, &message).await;
+    }
     write_status(&pipelines, &p, &status).await?;
     Ok(Action::requeue(STATUS_REFRESH))
 }
@@ -447,6 +456,25 @@ async fn finalize(p: &SyncPipeline, ns: &str, pipelines: &Api<SyncPipeline>, ctx
     update_finalizers(pipelines, &name, |f| f.retain(|x| x != FINALIZER)).await?;
     info!(pipeline = %name, checkpoints = ?p.spec.checkpoints_on_delete, "pipeline deleted: workers stopped");
     Ok(Action::await_change())
+}
+
+/// Conditions that just turned on and deserve an Event: problems as warnings, readiness as
+/// normal news. Returns (condition type, event type, event reason).
+pub fn transitions(before: Option<&SyncPipelineStatus>, after: &SyncPipelineStatus) -> Vec<(&'static str, EventType, &'static str)> {
+    let was_on = |t: &str| {
+        before.is_some_and(|b| b.conditions.iter().any(|c| c.type_ == t && c.status == "True"))
+    };
+    let is_on = |t: &str| after.conditions.iter().any(|c| c.type_ == t && c.status == "True");
+    [
+        ("SourceUnavailable", EventType::Warning, "SourceUnavailable"),
+        ("SinkUnavailable", EventType::Warning, "SinkUnavailable"),
+        ("HistoryLost", EventType::Warning, "HistoryLost"),
+        ("Degraded", EventType::Warning, "Degraded"),
+        ("Ready", EventType::Normal, "Ready"),
+    ]
+    .into_iter()
+    .filter(|(t, _, _)| is_on(t) && !was_on(t))
+    .collect()
 }
 
 /// Set a condition, keeping its `lastTransitionTime` unless its status changes.

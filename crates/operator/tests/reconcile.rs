@@ -444,6 +444,11 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
 
     let mut s = SyncPipelineStatus::default();
     summarize(&mut s, &p, &sts, &[cm(0, &report("Streaming", 0.0, true)), cm(1, &report("Streaming", 1.5, true))], 2, now);
+    let became = |before: &SyncPipelineStatus, after: &SyncPipelineStatus| -> Vec<&'static str> {
+        monsoon_operator::reconcile::transitions(Some(before), after).into_iter().map(|(t, _, _)| t).collect()
+    };
+    assert_eq!(became(&SyncPipelineStatus::default(), &s), vec!["Ready"], "becoming ready is an Event");
+    let ready = s.clone();
     assert_eq!(s.phase.as_deref(), Some("Streaming"));
     assert_eq!(s.lag.as_deref(), Some("1.5s"));
     assert_eq!(s.documents_synced, Some(20));
@@ -458,6 +463,8 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     assert!(condition(&s, "SinkUnavailable").message.contains("shards 1"));
     assert_eq!(condition(&s, "Degraded").status, "True");
     assert_eq!(condition(&s, "Ready").status, "False");
+    assert_eq!(became(&ready, &s), vec!["SinkUnavailable", "Degraded"], "problems are warning Events, once");
+    assert!(became(&s.clone(), &s).is_empty());
 
     // History lost on shard 0 (policy Fail): Failed with the HistoryLost condition, and the
     // failure stays visible after the worker released its lease.
