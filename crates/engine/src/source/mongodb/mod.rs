@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
@@ -404,15 +403,17 @@ impl Source<'_> {
                         }
                         return Ok(Ended::Cancelled);
                     }
-                    next = self.read(cursor.try_next(), SNAPSHOT_READ_TIMEOUT) => match next {
+                    // `advance` + `current` read each document in place in the server's
+                    // batch: no owned copy (and allocation) per document.
+                    next = self.read(cursor.advance(), SNAPSHOT_READ_TIMEOUT) => match next {
                         Ok(n) => n,
                         Err(Error::Cancelled) => return Ok(Ended::Cancelled),
                         Err(e) => return Err(e),
                     },
                 };
                 let raw = match next {
-                    Ok(Some(raw)) => raw,
-                    Ok(None) => break 'read,
+                    Ok(true) => cursor.current(),
+                    Ok(false) => break 'read,
                     Err(e) => {
                         warn!(namespace = %ns, error = %e, "snapshot read failed; resuming after the last _id read");
                         self.health.source_beat(false);
@@ -435,7 +436,7 @@ impl Source<'_> {
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
                 if self.owns(id) {
-                    let mut write = self.write_for(db, coll, id, Some(&raw), version, &mut stats);
+                    let mut write = self.write_for(db, coll, id, Some(raw), version, &mut stats);
                     write.from_snapshot = true;
                     match self.send(write).await {
                         Err(Error::Cancelled) => return Ok(Ended::Cancelled),
