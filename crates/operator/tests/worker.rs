@@ -131,8 +131,11 @@ async fn shards_split_the_documents_converge_and_reshard_from_merged_checkpoints
     let shares: Vec<u64> = two.iter().map(Running::indexed).collect();
     assert!(shares.iter().all(|&n| n > 400), "each shard indexes its share: {shares:?}");
     let total: u64 = shares.iter().sum();
-    // 2000 inserts and 300 updates; a document indexed by both shards would double it.
-    assert!((1900..=2350).contains(&total), "each document written by one shard only: {shares:?}");
+    // 2000 inserts and 300 updates. A document inserted or updated while the snapshot runs
+    // can be written twice by its own shard (snapshot, then the newer stream version), so at
+    // most 1500 + 2 × 500 + 2 × 300 = 3100; both shards writing every document would give at
+    // least 2 × 2300 = 4600.
+    assert!((1900..=3100).contains(&total), "each document written by one shard only: {shares:?}");
     for w in two {
         w.stop().await.expect("clean stop");
     }
