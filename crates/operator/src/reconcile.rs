@@ -339,21 +339,9 @@ async fn reshard(
 ) -> Result<Option<Duration>, Error> {
     let name = p.name_any();
     // Stop every worker of the old layout.
-    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
-    if sts.get_opt(&workload::worker_name(&name)).await.map_err(api_err("read the worker StatefulSet"))?.is_some() {
-        let stop = serde_json::json!({"spec": {"replicas": 0}});
-        sts.patch(&workload::worker_name(&name), &PatchParams::default(), &Patch::Merge(&stop))
-            .await
-            .map_err(api_err("scale the workers to zero"))?;
-    }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let running = pods
-        .list(&ListParams::default().labels(&workload::pod_selector(&name)))
-        .await
-        .map_err(api_err("list worker pods"))?
-        .items;
-    if !running.is_empty() {
-        info!(pipeline = %name, pods = running.len(), want, "re-shard: waiting for the old workers to stop");
+    let running = stop_workers(&ctx.client, ns, &name).await?;
+    if running > 0 {
+        info!(pipeline = %name, pods = running, want, "re-shard: waiting for the old workers to stop");
         return Ok(Some(WAIT_FOR_STOP));
     }
     // The old layout: the most common shard count among the old ConfigMaps (normally the only
@@ -400,14 +388,42 @@ async fn reshard(
         }
     }
     for cm in old {
-        match configmaps.delete(&cm.name_any(), &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(api_err(format!("delete old checkpoint ConfigMap {}", cm.name_any()))(e)),
-        }
+        delete_if_present(&configmaps, &cm.name_any(), "delete an old checkpoint ConfigMap").await?;
     }
     info!(pipeline = %name, from = old_count, to = want, "re-shard: checkpoints merged");
     Ok(None)
+}
+
+/// Scale a pipeline's workers to zero (when its StatefulSet exists); returns how many worker
+/// pods still run. Re-sharding and deletion both wait for zero before going on.
+async fn stop_workers(client: &kube::Client, ns: &str, pipeline: &str) -> Result<usize, Error> {
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let worker = workload::worker_name(pipeline);
+    if sts.get_opt(&worker).await.map_err(api_err("read the worker StatefulSet"))?.is_some() {
+        let stop = serde_json::json!({"spec": {"replicas": 0}});
+        sts.patch(&worker, &PatchParams::default(), &Patch::Merge(&stop))
+            .await
+            .map_err(api_err("scale the workers to zero"))?;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let running = pods
+        .list(&ListParams::default().labels(&workload::pod_selector(pipeline)))
+        .await
+        .map_err(api_err("list worker pods"))?
+        .items;
+    Ok(running.len())
+}
+
+/// Delete `name`; one already gone is fine.
+async fn delete_if_present<K>(api: &Api<K>, name: &str, op: &str) -> Result<(), Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(api_err(format!("{op} ({name})"))(e)),
+    }
 }
 
 /// Deletion: stop the workers, then keep or remove the checkpoints, then let go.
@@ -416,29 +432,13 @@ async fn finalize(p: &SyncPipeline, ns: &str, pipelines: &Api<SyncPipeline>, ctx
     if !p.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
-    let worker = workload::worker_name(&name);
-    if sts.get_opt(&worker).await.map_err(api_err("read the worker StatefulSet"))?.is_some() {
-        let stop = serde_json::json!({"spec": {"replicas": 0}});
-        sts.patch(&worker, &PatchParams::default(), &Patch::Merge(&stop))
-            .await
-            .map_err(api_err("scale the workers to zero"))?;
-    }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let running = pods
-        .list(&ListParams::default().labels(&workload::pod_selector(&name)))
-        .await
-        .map_err(api_err("list worker pods"))?
-        .items;
-    if !running.is_empty() {
-        info!(pipeline = %name, pods = running.len(), "deleting: waiting for the workers to stop");
+    let running = stop_workers(&ctx.client, ns, &name).await?;
+    if running > 0 {
+        info!(pipeline = %name, pods = running, "deleting: waiting for the workers to stop");
         return Ok(Action::requeue(WAIT_FOR_STOP));
     }
-    match sts.delete(&worker, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(api_err("delete the worker StatefulSet")(e)),
-    }
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    delete_if_present(&sts, &workload::worker_name(&name), "delete the worker StatefulSet").await?;
     if p.spec.checkpoints_on_delete == CheckpointRetention::Delete {
         let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
         let list = configmaps
@@ -446,11 +446,7 @@ async fn finalize(p: &SyncPipeline, ns: &str, pipelines: &Api<SyncPipeline>, ctx
             .await
             .map_err(api_err("list checkpoint ConfigMaps"))?;
         for cm in list.items {
-            match configmaps.delete(&cm.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(api_err(format!("delete checkpoint ConfigMap {}", cm.name_any()))(e)),
-            }
+            delete_if_present(&configmaps, &cm.name_any(), "delete a checkpoint ConfigMap").await?;
         }
     }
     update_finalizers(pipelines, &name, |f| f.retain(|x| x != FINALIZER)).await?;
