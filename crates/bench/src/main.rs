@@ -159,20 +159,17 @@ fn hot_path() {
     println!("(bytes out: raw {raw_bytes}, monsoon {our_bytes} incl. action lines)");
 }
 
-/// Resident memory right now, split as the kernel counts it (KiB): anonymous (heap, stacks)
-/// and file-backed (the binary's pages that were touched), from /proc.
+/// A `Key: value kB` line of /proc/<pid>/status, in KiB.
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory right now, split as the kernel counts it: anonymous (heap, stacks) and
+/// file-backed (the binary's pages that were touched), from /proc.
 fn rss_split(pid: u32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    format!("now: {:.1} MiB anonymous + {:.1} MiB of the binary's pages", kib("RssAnon:"), kib("RssFile:"))
+    let mib = |key| status_kib(&status, key).unwrap_or(0) as f64 / 1024.0;
+    format!("now: {:.1} MiB anonymous + {:.1} MiB of the binary's pages", mib("RssAnon:"), mib("RssFile:"))
 }
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
@@ -183,13 +180,7 @@ fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     // Fields after the command: state is index 0, utime 11, stime 12 (fields 14/15 of stat).
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let hwm = status_kib(&status, "VmHWM:")?;
     Some((ticks / clock_ticks(), hwm))
 }
 
