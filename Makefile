@@ -6,9 +6,11 @@ PY := python3
 SECANTUSDB := secantusdb==0.7.0b3
 NOIDA := noida-db==0.2.3
 # Install checks (tests/check_manifests.py, charts/render.py). kubernetes-validate ships the
-# Kubernetes API schemas (1.25 to 1.37), so validation needs no network once installed.
+# Kubernetes API schemas (1.25 to 1.37), so validation needs no network once installed;
+# cel-python evaluates the CRD's CEL rules (x-kubernetes-validations) as the API server would.
 KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
 PYYAML := PyYAML==6.0.3
+CEL_PYTHON := cel-python==0.5.0
 CARGO ?= cargo
 
 .PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e clean
@@ -23,7 +25,7 @@ build:
 venv: $(VENV)/.installed
 $(VENV)/.installed: Makefile
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)'
 	touch $@
 
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the

@@ -10,9 +10,13 @@ and PyYAML. It checks that
      e2e/kind/ and, when the environment variable MONSOON_RENDERED_DIR names a directory, of
      every *.yaml under it, validates against the Kubernetes API schemas of KUBERNETES_VERSION
      in strict mode (unknown fields are errors, as `kubectl apply` reports them); SyncPipelines
-     validate against the CRD's own schema; ServiceMonitors are skipped (kubernetes-validate
-     has no schema for the Prometheus Operator's CRDs) and said so;
-  4. the rendered chart does what the operator needs: the RBAC rules, the Deployment's
+     validate against the CRD's own schema and its CEL rules (x-kubernetes-validations,
+     evaluated with cel-python); ServiceMonitors are skipped (kubernetes-validate has no schema
+     for the Prometheus Operator's CRDs) and said so;
+  4. every pipeline of tests/crd-cases.yaml under `refused` is refused by the CRD with the
+     message the case names, and every one under `operatorOnly` is accepted (the operator
+     refuses those itself; crates/api/tests/crd_cases.rs checks the operator's side);
+  5. the rendered chart does what the operator needs: the RBAC rules, the Deployment's
      arguments, environment, probes, ports, security settings, and the selectors lining up;
 and prints `check-manifests: N passed, N failed, N skipped`, exiting 1 on any failure.
 
@@ -32,6 +36,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -65,6 +70,9 @@ LEADER_PERMISSIONS = {("coordination.k8s.io", "leases"): {"get", "create", "upda
 HTTP_PORT = 9464
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+# Examples written for `monsoon run` only: they read credentials from the environment or files,
+# which the CRD refuses. The CRD must refuse them for exactly that reason.
+STANDALONE_EXAMPLES = {"with-credentials.yaml": "only work with `monsoon run`"}
 # Kinds kubernetes-validate has no schema for, and why they are let through.
 SKIPPED_KINDS = {
     ("monitoring.coreos.com", "ServiceMonitor"):
@@ -107,6 +115,19 @@ class Report:
     def check(self, condition: bool, what: str, detail: str = "") -> bool:
         (self.ok(what) if condition else self.fail(what, detail))
         return condition
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, returning a new value."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def load_render(root: Path):
@@ -182,42 +203,89 @@ def structural_to_jsonschema(s: dict, notes: set, root: bool = False) -> dict:
         out["additionalProperties"] = extra
     elif "object" in (out.get("type") or []) and not s.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
-    if "x-kubernetes-validations" in s:
-        notes.add("the CRD's CEL rules (x-kubernetes-validations) are not evaluated here")
     return out
+
+
+class CelRules:
+    """The CRD's CEL rules (x-kubernetes-validations), evaluated as the API server does: each
+    rule of a schema node with `self` bound to the value there, wherever the value is present.
+    Only rules on `self` are supported (no `oldSelf` transition rules: the CRD has none)."""
+
+    def __init__(self):
+        self.env = celpy.Environment()
+        self.programs: dict = {}
+
+    def program(self, rule: str):
+        if rule not in self.programs:
+            if "oldSelf" in rule:
+                raise ValueError(f"transition rule not supported here: {rule}")
+            self.programs[rule] = self.env.program(self.env.compile(rule))
+        return self.programs[rule]
+
+    def problems(self, schema: dict, value, path: str = "") -> list:
+        out = []
+        for v in schema.get("x-kubernetes-validations") or []:
+            try:
+                result = self.program(v["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+                passed = isinstance(result, celpy.celtypes.BoolType) and bool(result)
+            except celpy.CELEvalError as e:
+                passed, result = False, e
+            if not passed:
+                message = v.get("message") or f"failed rule: {v['rule']}"
+                out.append(f"{path or '(root)'}: {message} (CEL rule of crds/syncpipeline.yaml)")
+        if isinstance(value, dict):
+            props = schema.get("properties") or {}
+            extra = schema.get("additionalProperties")
+            for key, item in value.items():
+                sub = props.get(key, extra if isinstance(extra, dict) else None)
+                if sub is not None:
+                    out += self.problems(sub, item, f"{path}.{key}" if path else key)
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                out += self.problems(schema["items"], item, f"{path}[{i}]")
+        return out
 
 
 class Validator:
     """Validates objects: Kubernetes kinds with kubernetes-validate, SyncPipelines with the
-    schema of crds/syncpipeline.yaml."""
+    schema and CEL rules of crds/syncpipeline.yaml."""
 
     def __init__(self, crd_path: Path, report: Report):
         self.report = report
         self.notes: set = set()
-        self.custom: dict = {}  # (apiVersion, kind) -> JSON Schema
+        self.custom: dict = {}  # (apiVersion, kind) -> (JSON Schema, structural schema)
+        self.cel = CelRules()
         for crd in objects_of(crd_path):
             spec = crd["spec"]
             for version in spec["versions"]:
                 schema = version["schema"]["openAPIV3Schema"]
                 key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
-                self.custom[key] = structural_to_jsonschema(schema, self.notes, root=True)
+                self.custom[key] = (structural_to_jsonschema(schema, self.notes, root=True), schema)
 
     def validate(self, obj: dict, where: str, namespaced_check: bool = True) -> None:
         what = f"{where}: {label(obj)}"
-        if not isinstance(obj, dict) or "apiVersion" not in obj or "kind" not in obj:
-            self.report.fail(what, "not a Kubernetes object (apiVersion and kind needed)")
-            return
-        group = obj["apiVersion"].rpartition("/")[0]
-        if (group, obj["kind"]) in SKIPPED_KINDS:
+        group = obj.get("apiVersion", "").rpartition("/")[0] if isinstance(obj, dict) else ""
+        if isinstance(obj, dict) and (group, obj.get("kind")) in SKIPPED_KINDS:
             self.report.skip(what, SKIPPED_KINDS[(group, obj["kind"])])
             return
+        problems = self.problems(obj, namespaced_check)
+        self.report.check(not problems, what, "\n".join(problems))
+
+    def problems(self, obj: dict, namespaced_check: bool = True) -> list:
+        """Everything the API server would refuse in obj (empty: it would be accepted)."""
+        if not isinstance(obj, dict) or "apiVersion" not in obj or "kind" not in obj:
+            return ["not a Kubernetes object (apiVersion and kind needed)"]
         problems = self.metadata_problems(obj, namespaced_check)
         key = (obj["apiVersion"], obj["kind"])
         if key in self.custom:
-            validator = jsonschema.Draft202012Validator(self.custom[key])
+            json_schema, structural = self.custom[key]
+            validator = jsonschema.Draft202012Validator(json_schema)
             for error in sorted(validator.iter_errors(obj), key=lambda e: list(e.path)):
                 path = ".".join(str(p) for p in error.path) or "(root)"
                 problems.append(f"{path}: {error.message} (schema of crds/syncpipeline.yaml)")
+            if not problems:
+                # The API server evaluates CEL rules only on objects that pass the schema.
+                problems += self.cel.problems(structural, obj)
         elif obj["apiVersion"].startswith("monsoon.dev/"):
             problems.append(f"{obj['apiVersion']} {obj['kind']} is not in crds/syncpipeline.yaml")
         else:
@@ -228,7 +296,7 @@ class Validator:
                 problems.append(f"{path}: {e.message} (Kubernetes {e.version} schema, strict)")
             except SchemaNotFoundError as e:
                 problems.append(e.message)
-        self.report.check(not problems, what, "\n".join(problems))
+        return problems
 
     @staticmethod
     def metadata_problems(obj: dict, namespaced_check: bool) -> list:
@@ -573,7 +641,30 @@ def main() -> int:
     report.check(bool(example_files), "examples/ has pipelines")
     for path in example_files:
         for obj in objects_of(path):
-            validator.validate(obj, f"examples/{path.name}", namespaced_check=False)
+            if path.name not in STANDALONE_EXAMPLES:
+                validator.validate(obj, f"examples/{path.name}", namespaced_check=False)
+                continue
+            why = STANDALONE_EXAMPLES[path.name]
+            problems = validator.problems(obj, namespaced_check=False)
+            report.check(bool(problems) and all(why in p for p in problems),
+                         f"examples/{path.name} (for `monsoon run`): the CRD refuses it only "
+                         f"because its values {why}", "\n".join(problems) or "accepted")
+
+    report.begin("tests/crd-cases.yaml: what the CRD refuses")
+    cases = yaml.safe_load((root / "tests" / "crd-cases.yaml").read_text())
+    report.check(len(cases.get("refused") or []) >= 20, "tests/crd-cases.yaml lists refused cases")
+    for case in cases.get("refused") or []:
+        obj = merge_patch(cases["base"], case["patch"])
+        problems = validator.problems(obj, namespaced_check=False)
+        report.check(any(case["crd"] in p for p in problems),
+                     f"refused: {case['name']}",
+                     f"expected a problem containing {case['crd']!r}, got:\n"
+                     + ("\n".join(problems) or "accepted"))
+    for case in [{"name": "the base pipeline", "patch": {}}] + (cases.get("operatorOnly") or []):
+        obj = merge_patch(cases["base"], case["patch"])
+        problems = validator.problems(obj, namespaced_check=False)
+        report.check(not problems, f"accepted by the CRD (the operator refuses it): {case['name']}"
+                     if case["patch"] else f"accepted: {case['name']}", "\n".join(problems))
 
     rendered_dir = os.environ.get("MONSOON_RENDERED_DIR")
     if rendered_dir:

@@ -117,12 +117,16 @@ fn default_true() -> bool {
 /// A MongoDB deployment: replica set or sharded cluster (4.0 or later).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.uri) != has(self.uriFrom)", "message": "set exactly one of `uri` and `uriFrom`"}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.uri) != has(self.uriFrom)", "message": "set exactly one of `uri` and `uriFrom`"},
+    {"rule": "!has(self.uriFrom) || !has(self.uriFrom.configMapKeyRef)", "message": "`uriFrom.configMapKeyRef` is only for CA bundles; keep the connection string in a Secret (`secretKeyRef`)"}
+]))]
 pub struct MongoSource {
     /// Connection string without credentials, e.g.
     /// `mongodb://db-0.db:27017,db-1.db:27017/?replicaSet=rs0`. Use `uriFrom` when the string
     /// holds a user name and password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^mongodb(\+srv)?://([^/?@]*|[^/?:]*@[^/?@]*)([/?].*)?$"))]
     pub uri: Option<String>,
     /// Read the whole connection string (credentials included) from an environment variable,
     /// a file or a Secret. Exactly one of `uri` and `uriFrom` must be set.
@@ -138,7 +142,9 @@ pub struct MongoSource {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.username) == has(self.passwordFrom)", "message": "`username` and `passwordFrom` go together"},
-    {"rule": "!(has(self.apiKeyFrom) && has(self.username))", "message": "set either `apiKeyFrom` or `username`/`passwordFrom`, not both"}
+    {"rule": "!(has(self.apiKeyFrom) && has(self.username))", "message": "set either `apiKeyFrom` or `username`/`passwordFrom`, not both"},
+    {"rule": "!has(self.passwordFrom) || !has(self.passwordFrom.configMapKeyRef)", "message": "`passwordFrom.configMapKeyRef` is only for CA bundles; keep the password in a Secret (`secretKeyRef`)"},
+    {"rule": "!has(self.apiKeyFrom) || !has(self.apiKeyFrom.configMapKeyRef)", "message": "`apiKeyFrom.configMapKeyRef` is only for CA bundles; keep the API key in a Secret (`secretKeyRef`)"}
 ]))]
 pub struct ElasticsearchSink {
     /// Base URLs of the cluster, e.g. `["https://es.example:9200"]`. Requests are spread over
@@ -161,15 +167,20 @@ pub struct ElasticsearchSink {
 }
 
 /// Where a secret value comes from. Exactly one field must be set. `env` and `file` are for
-/// `monsoon run`; in a cluster use `secretKeyRef` (or `configMapKeyRef` for a CA bundle).
+/// `monsoon run`; in a cluster use `secretKeyRef` (or `configMapKeyRef` for a CA bundle): the
+/// CRD refuses `env` and `file`, since `monsoon run` reads its manifest without the CRD's rules.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "[has(self.env), has(self.file), has(self.secretKeyRef), has(self.configMapKeyRef)].filter(x, x).size() == 1", "message": "set exactly one of `env`, `file`, `secretKeyRef` and `configMapKeyRef`"}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.env), has(self.file), has(self.secretKeyRef), has(self.configMapKeyRef)].filter(x, x).size() == 1", "message": "set exactly one of `env`, `file`, `secretKeyRef` and `configMapKeyRef`"},
+    {"rule": "!has(self.env) && !has(self.file)", "message": "`env` and `file` only work with `monsoon run`; in a cluster use `secretKeyRef` (a Secret in the pipeline's namespace; `configMapKeyRef` also works for a CA bundle)"}
+]))]
 pub struct ValueFrom {
-    /// Name of an environment variable holding the value.
+    /// Name of an environment variable holding the value (`monsoon run` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[^=]+$"))]
     pub env: Option<String>,
-    /// Path of a file holding the value (trailing newlines are trimmed).
+    /// Path of a file holding the value, trailing newlines trimmed (`monsoon run` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     /// A key of a Secret in the pipeline's namespace.
