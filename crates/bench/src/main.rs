@@ -6,7 +6,8 @@
 //! 2. Snapshot of N documents through the stand-ins: wall time, monsoon's CPU seconds per
 //!    100k documents, peak RSS; against the stand-ins' own ceilings (MongoDB insert and read
 //!    rates, noida-db bulk rate with the same documents).
-//! 3. Streaming of M inserts: CPU per 100k events, peak RSS, last-insert-to-indexed lag.
+//! 3. Streaming of M inserts: CPU per 100k events, peak RSS, last-insert-to-indexed lag;
+//!    against the stand-in's own stream lag (a bare change stream under the same inserts).
 //! 4. Backlog: peak RSS while Elasticsearch is down and MongoDB keeps changing.
 //!
 //! Usage: `monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K] [--only hot]`
@@ -288,6 +289,9 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let m = args.stream;
+    // The stand-in's own delivery of monsoon's change stream under the same inserts, before
+    // monsoon runs: SecantusDB builds events in the process that takes the inserts.
+    let (watch_rate, watch_lag) = stream_ceiling(&client, m).await?;
     let events = client.database("bench").collection::<Document>("events");
     events.insert_one(doc! {"_id": -1}).await?;
     let stream_state = TempDir::new("bench-stream");
@@ -310,7 +314,10 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     println!("| inserts took (MongoDB with an open stream) | {insert_wall:.1} s ({:.0} docs/s) |", m as f64 / insert_wall);
     println!("| first insert → last document indexed | {index_wall:.1} s ({:.0} docs/s; noida-db bulk ceiling above: {es_bulk:.0} docs/s) |", m as f64 / index_wall);
     println!("| last insert → last document indexed | {lag:.2} s |");
+    println!("| the stand-in alone: monsoon's change stream opened by the bench, same inserts, last insert → last event read | {watch_lag:.2} s ({watch_rate:.0} events/s); monsoon's lag beyond it: {:.2} s |", lag - watch_lag);
     println!("| monsoon CPU | {:.2} s per 100k events |", (cpu1 - cpu0) * 100_000.0 / m as f64);
+    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+    println!("| bulk requests, checkpoint writes (whole run) | {}, {} |", metric_sum(&metrics, "monsoon_bulk_requests_total"), metric_sum(&metrics, "monsoon_checkpoints_total"));
     println!("| monsoon peak RSS | {:.1} MiB ({}) |", rss1 as f64 / 1024.0, rss_split(pid));
     println!("| vs Monstache (quoted, not measured here: 5.5–8.7 CPU s per 100k, 57–101 MiB) | CPU {:.3}×, RSS {:.3}× of its best case |", (cpu1 - cpu0) * 100_000.0 / m as f64 / 5.5, rss1 as f64 / 1024.0 / 57.0);
     let coll = events;
@@ -339,12 +346,49 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SecantusDB's change-stream ceiling: the bench opens the stream monsoon opens (database
+/// level, the same pipeline and options, raw events) and inserts `m` documents. Returns
+/// (events/s from the first insert, seconds from the last insert to the last event read).
+async fn stream_ceiling(client: &mongodb::Client, m: i64) -> anyhow::Result<(f64, f64)> {
+    use monsoon_engine::source::mongodb::{stream_options, stream_pipeline};
+    let coll = client.database("bench").collection::<Document>("watched");
+    let mut stream = client
+        .database("bench")
+        .watch()
+        .pipeline(stream_pipeline(&["bench".to_string()], false))
+        .with_options(stream_options(false))
+        .await?
+        .with_type::<RawDocumentBuf>();
+    let reader = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < m {
+            stream.next().await.context("change stream ended")??;
+            seen += 1;
+        }
+        Ok::<_, anyhow::Error>(Instant::now())
+    });
+    let t = Instant::now();
+    insert_all(&coll, sample_docs(30_000_000, m)).await?;
+    let last_insert = Instant::now();
+    let done = tokio::time::timeout(Duration::from_secs(1800), reader).await???;
+    coll.drop().await?;
+    Ok((m as f64 / done.duration_since(t).as_secs_f64(), done.duration_since(last_insert).as_secs_f64()))
+}
+
 async fn delete_index(esc: &elasticsearch::Elasticsearch, index: &str) -> anyhow::Result<()> {
     esc.indices()
         .delete(elasticsearch::indices::IndicesDeleteParts::Index(&[index]))
         .send()
         .await?;
     Ok(())
+}
+
+/// The sum of a metric's series in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn monsoon_pid(m: &Monsoon) -> anyhow::Result<u32> {

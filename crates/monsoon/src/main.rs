@@ -131,8 +131,38 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The glibc malloc settings the engine runs with (see [`reexec_with_malloc_tunables`]).
+const MALLOC_TUNABLES: &str =
+    "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=8388608:glibc.malloc.arena_max=1";
+
+/// glibc's malloc gives every allocation over 128 KiB (a change-stream reply, a bulk body) its
+/// own mmap, and hands freed heap back to the kernel at once, so each batch pays page faults
+/// and page zeroing again. With the thresholds at 4 and 8 MiB those buffers are reused from
+/// the heap; one arena (instead of one per thread) keeps the free space in one place. Measured
+/// with `make bench`, streaming 30k inserts, alternating runs: about 15 % less CPU per event,
+/// and peak RSS 16.2 MiB against 16.9–17.1 MiB with the defaults (mimalloc, tried instead,
+/// grew to 67 MiB). glibc reads tunables only when a process starts, and `unsafe` (mallopt) is
+/// forbidden here, so the engine's commands re-execute the binary once with `GLIBC_TUNABLES`
+/// set: same pid, same arguments. A `GLIBC_TUNABLES` already set is left as it is.
+fn reexec_with_malloc_tunables() {
+    use std::os::unix::process::CommandExt;
+    const KEY: &str = "GLIBC_TUNABLES";
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os(KEY).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    // `exec` returns only when it failed; the engine then runs with glibc's defaults.
+    let error = std::process::Command::new(&exe).arg0(arg0).args(args).env(KEY, MALLOC_TUNABLES).exec();
+    eprintln!("note: could not re-execute {} with {KEY} set ({error}); running with glibc's malloc defaults", exe.display());
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. } | Command::Worker { .. }) {
+        reexec_with_malloc_tunables();
+    }
     init_logging(cli.log_format);
     // Both rustls providers are compiled in (the MongoDB and HTTP stacks each pull one);
     // pick one explicitly so TLS never fails with "no process-level provider".

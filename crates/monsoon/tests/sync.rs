@@ -59,6 +59,15 @@ async fn snapshot_then_stream_converges_with_every_change_type() -> anyhow::Resu
     assert_eq!(monsoon.get("/healthz").map(|r| r.0), Some(200));
     let metrics = monsoon.get("/metrics").expect("metrics").1;
     assert!(metrics.contains("monsoon_bulk_items_total{outcome=\"indexed\",pipeline=\"shop\"}"), "{metrics}");
+    // The engine re-executed itself once with its malloc tunables: the process the test
+    // started (same pid) now has them in its environment.
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        let environ = std::fs::read(format!("/proc/{}/environ", monsoon.pid().expect("pid")))?;
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v.starts_with(b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=")),
+            "no malloc tunables in the engine's environment"
+        );
+    }
     Ok(())
 }
 

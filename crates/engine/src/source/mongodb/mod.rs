@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mongodb::bson::{doc, Bson, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
+use mongodb::bson::{doc, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::ErrorKind;
@@ -476,27 +476,8 @@ impl Source<'_> {
         lean: bool,
     ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
         let dbs = self.routing.databases();
-        // `updateDescription` is never used (the full document is indexed): dropping it
-        // server-side halves big update events and keeps them under 16 MB. In lean mode the
-        // document itself is dropped too and looked up by `_id` instead.
-        let project = if lean {
-            doc! {"$project": {"updateDescription": 0, "fullDocument": 0}}
-        } else {
-            doc! {"$project": {"updateDescription": 0}}
-        };
-        let pipeline = vec![
-            doc! {"$match": {"$or": [
-                {"ns.db": {"$in": dbs.clone()}},
-                {"to.db": {"$in": dbs.clone()}},
-                {"operationType": "invalidate"},
-            ]}},
-            project,
-        ];
-        let mut options = ChangeStreamOptions::builder()
-            .full_document((!lean).then_some(FullDocumentType::UpdateLookup))
-            .max_await_time(Some(Duration::from_millis(500)))
-            .batch_size(Some(1000))
-            .build();
+        let pipeline = stream_pipeline(&dbs, lean);
+        let mut options = stream_options(lean);
         match start {
             StreamStart::At(t) => options.start_at_operation_time = Some(Timestamp::from(*t)),
             StreamStart::ResumeAfter(token) => options.resume_after = Some(token.clone()),
@@ -867,6 +848,35 @@ fn history_lost_code(e: &mongodb::error::Error) -> Option<i32> {
 /// Decode a stored `_id` back to BSON (for resuming a snapshot).
 pub fn id_from_json(json: &serde_json::Value) -> Option<Bson> {
     Bson::try_from(json.clone()).ok()
+}
+
+/// The change stream's pipeline for a pipeline reading databases `dbs`: their events, renames
+/// into them, and invalidations. `updateDescription` is never used (the full document is
+/// indexed): dropping it server-side halves big update events and keeps them under 16 MB. In
+/// lean mode the document itself is dropped too and looked up by `_id` instead.
+pub fn stream_pipeline(dbs: &[String], lean: bool) -> Vec<Document> {
+    let project = if lean {
+        doc! {"$project": {"updateDescription": 0, "fullDocument": 0}}
+    } else {
+        doc! {"$project": {"updateDescription": 0}}
+    };
+    vec![
+        doc! {"$match": {"$or": [
+            {"ns.db": {"$in": dbs}},
+            {"to.db": {"$in": dbs}},
+            {"operationType": "invalidate"},
+        ]}},
+        project,
+    ]
+}
+
+/// The change stream's options, without its start point.
+pub fn stream_options(lean: bool) -> ChangeStreamOptions {
+    ChangeStreamOptions::builder()
+        .full_document((!lean).then_some(FullDocumentType::UpdateLookup))
+        .max_await_time(Some(Duration::from_millis(500)))
+        .batch_size(Some(1000))
+        .build()
 }
 
 #[cfg(test)]
