@@ -276,6 +276,8 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     println!("| stand-ins' ceiling (both at once, above) | {ceiling:.1} s; monsoon wall / ceiling = {:.2} |", snap_wall / ceiling);
     println!("| monsoon CPU | {snap_cpu:.2} s total, {:.2} s per 100k docs |", snap_cpu * 100_000.0 / n as f64);
     println!("| monsoon peak RSS | {:.1} MiB ({}) |", snap_rss as f64 / 1024.0, rss_split(pid));
+    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+    println!("| bulk requests, checkpoint writes | {}, {} |", metric_sum(&metrics, "monsoon_bulk_requests_total"), metric_sum(&metrics, "monsoon_checkpoints_total"));
     // Monstache 6.7.17 on this machine kind, as quoted in the issue (not measured here):
     // 9.3 CPU s and ~420 MiB for a 200k snapshot, i.e. 4.65 CPU s per 100k documents.
     println!("| vs Monstache (quoted, not measured here: 4.65 CPU s per 100k, ~420 MiB) | CPU {:.3}×, RSS {:.3}× |", snap_cpu * 100_000.0 / n as f64 / 4.65, snap_rss as f64 / 1024.0 / 420.0);

@@ -371,8 +371,17 @@ async fn history_lost_with_policy_resnapshot_rebuilds_and_removes_gap_deletes() 
     coll.insert_one(doc! {"_id": "after", "ok": true}).await?;
     let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
     assert!(r.converged(), "{r:?}");
-    let cp = monsoon.checkpoint("shop").expect("checkpoint");
-    assert!(cp.get("sweepBelow").is_none(), "sweep must be marked done: {cp}");
+    // The checkpoint is written once per checkpoint interval (1 s): the sweep's end reaches
+    // the file within a few of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let cp = monsoon.checkpoint("shop").expect("checkpoint");
+        if cp.get("sweepBelow").is_none() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "sweep must be marked done: {cp}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 

@@ -193,6 +193,9 @@ enum LaneMsg {
     Flush,
 }
 
+/// How many flush intervals a batch of snapshot writes may wait to fill.
+const SNAPSHOT_FLUSH_FACTOR: u32 = 10;
+
 /// Writes staged per lane before they are handed over in one message: one channel send and
 /// one wake-up of the lane per chunk instead of per document.
 const STAGE_CHUNK: usize = 64;
@@ -354,6 +357,19 @@ impl Sink {
         Ok(())
     }
 
+    /// Hand every staged write to its lane, and have every lane send its partial batch now
+    /// instead of waiting for its flush interval (the end of a snapshot's collection).
+    ///
+    /// # Errors
+    /// [`Closed`] when the lanes have stopped.
+    pub async fn flush_lanes(&self) -> Result<(), Closed> {
+        self.flush_staged().await?;
+        for lane in &self.lanes {
+            lane.send(LaneMsg::Flush).await.map_err(|_| Closed)?;
+        }
+        Ok(())
+    }
+
     /// Whether writes are staged and not yet handed to their lanes.
     pub fn has_staged(&self) -> bool {
         let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
@@ -370,10 +386,7 @@ impl Sink {
     /// # Errors
     /// [`Closed`] when the lanes stopped before draining.
     pub async fn barrier(&self) -> Result<(), Closed> {
-        self.flush_staged().await?;
-        for lane in &self.lanes {
-            lane.send(LaneMsg::Flush).await.map_err(|_| Closed)?;
-        }
+        self.flush_lanes().await?;
         loop {
             let notified = self.shared.acked.notified();
             if self.shared.is_drained() {
@@ -435,14 +448,30 @@ impl Lane {
             let mut batch = Vec::with_capacity(batch_cfg.max_docs.min(pending.len().max(STAGE_CHUNK)));
             let mut bytes = 0;
             let mut full = fill(&mut batch, &mut bytes, &mut pending, batch_cfg);
-            // One timer per batch, not per message.
-            let deadline = tokio::time::sleep(batch_cfg.flush_interval);
+            // One timer per batch, not per message. A snapshot batch waits longer: its reader
+            // feeds every lane from one cursor, so while it waits on one full lane the others
+            // would otherwise time out and send small batches (and a snapshot has no change
+            // to show quickly). The end of each collection flushes the lanes (`flush_lanes`).
+            // A change streamed meanwhile (a namespace added to a running pipeline is
+            // snapshotted beside the stream) brings the normal interval back.
+            let started = tokio::time::Instant::now();
+            let mut snapshot_only = !batch.is_empty() && batch.iter().all(|w| w.from_snapshot);
+            let wait = if snapshot_only {
+                batch_cfg.flush_interval * SNAPSHOT_FLUSH_FACTOR
+            } else {
+                batch_cfg.flush_interval
+            };
+            let deadline = tokio::time::sleep(wait);
             tokio::pin!(deadline);
             while !closed && !full {
                 tokio::select! {
                     biased;
                     msg = rx.recv() => match msg {
                         Some(LaneMsg::Writes(ws)) => {
+                            if snapshot_only && ws.iter().any(|w| !w.from_snapshot) {
+                                snapshot_only = false;
+                                deadline.as_mut().reset(started + batch_cfg.flush_interval);
+                            }
                             pending.extend(ws);
                             full = fill(&mut batch, &mut bytes, &mut pending, batch_cfg);
                         }

@@ -462,7 +462,8 @@ impl Source<'_> {
             self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id });
         }
         self.sink.record(Position::SnapshotCollectionDone { ns: ns.clone() });
-        match self.flush().await {
+        // Partial snapshot batches wait longer than stream batches to fill: send them now.
+        match self.wait_on_sink(self.sink.flush_lanes()).await {
             Err(Error::Cancelled) => return Ok(Ended::Cancelled),
             other => other?,
         }
