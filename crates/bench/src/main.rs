@@ -7,7 +7,8 @@
 //!    100k documents, peak RSS; against the stand-ins' own ceilings (MongoDB insert and read
 //!    rates, noida-db bulk rate with the same documents).
 //! 3. Streaming of M inserts: CPU per 100k events, peak RSS, last-insert-to-indexed lag;
-//!    against the stand-in's own stream lag (a bare change stream under the same inserts).
+//!    against the stand-in's own stream lag (monsoon's change stream, opened by the bench,
+//!    under the same inserts).
 //! 4. Backlog: peak RSS while Elasticsearch is down and MongoDB keeps changing.
 //!
 //! Usage: `monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K] [--only hot]`
@@ -276,8 +277,7 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     println!("| stand-ins' ceiling (both at once, above) | {ceiling:.1} s; monsoon wall / ceiling = {:.2} |", snap_wall / ceiling);
     println!("| monsoon CPU | {snap_cpu:.2} s total, {:.2} s per 100k docs |", snap_cpu * 100_000.0 / n as f64);
     println!("| monsoon peak RSS | {:.1} MiB ({}) |", snap_rss as f64 / 1024.0, rss_split(pid));
-    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
-    println!("| bulk requests, checkpoint writes | {}, {} |", metric_sum(&metrics, "monsoon_bulk_requests_total"), metric_sum(&metrics, "monsoon_checkpoints_total"));
+    println!("| bulk requests, checkpoint writes | {} |", request_counts(&monsoon));
     // Monstache 6.7.17 on this machine kind, as quoted in the issue (not measured here):
     // 9.3 CPU s and ~420 MiB for a 200k snapshot, i.e. 4.65 CPU s per 100k documents.
     println!("| vs Monstache (quoted, not measured here: 4.65 CPU s per 100k, ~420 MiB) | CPU {:.3}×, RSS {:.3}× |", snap_cpu * 100_000.0 / n as f64 / 4.65, snap_rss as f64 / 1024.0 / 420.0);
@@ -318,8 +318,7 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     println!("| last insert → last document indexed | {lag:.2} s |");
     println!("| the stand-in alone: monsoon's change stream opened by the bench, same inserts, last insert → last event read | {watch_lag:.2} s ({watch_rate:.0} events/s); monsoon's lag beyond it: {:.2} s |", lag - watch_lag);
     println!("| monsoon CPU | {:.2} s per 100k events |", (cpu1 - cpu0) * 100_000.0 / m as f64);
-    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
-    println!("| bulk requests, checkpoint writes (whole run) | {}, {} |", metric_sum(&metrics, "monsoon_bulk_requests_total"), metric_sum(&metrics, "monsoon_checkpoints_total"));
+    println!("| bulk requests, checkpoint writes (whole run) | {} |", request_counts(&monsoon));
     println!("| monsoon peak RSS | {:.1} MiB ({}) |", rss1 as f64 / 1024.0, rss_split(pid));
     println!("| vs Monstache (quoted, not measured here: 5.5–8.7 CPU s per 100k, 57–101 MiB) | CPU {:.3}×, RSS {:.3}× of its best case |", (cpu1 - cpu0) * 100_000.0 / m as f64 / 5.5, rss1 as f64 / 1024.0 / 57.0);
     let coll = events;
@@ -383,6 +382,12 @@ async fn delete_index(esc: &elasticsearch::Elasticsearch, index: &str) -> anyhow
         .send()
         .await?;
     Ok(())
+}
+
+/// "bulk requests, checkpoint writes" so far, from monsoon's `/metrics`.
+fn request_counts(m: &Monsoon) -> String {
+    let metrics = m.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+    format!("{}, {}", metric_sum(&metrics, "monsoon_bulk_requests_total"), metric_sum(&metrics, "monsoon_checkpoints_total"))
 }
 
 /// The sum of a metric's series in a Prometheus text exposition.
