@@ -204,7 +204,8 @@ pub struct SecretKeyRef {
 }
 
 /// Batching and concurrency of bulk requests. A batch is sent when it reaches `maxDocs`
-/// documents or `maxBytes` bytes, or `flushIntervalMs` after its first document arrived.
+/// documents or `maxBytes` bytes, or `flushIntervalMs` after its first document arrived while
+/// no other partial batch is in flight.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchSpec {
@@ -217,12 +218,13 @@ pub struct BatchSpec {
     #[serde(default = "default_max_bytes")]
     #[schemars(range(min = 65536, max = 104857600))]
     pub max_bytes: u64,
-    /// Longest time a change waits in a partial batch, in milliseconds (1–60000).
+    /// Longest time a change waits in a partial batch while no other partial batch is in
+    /// flight, in milliseconds (1–60000).
     #[serde(default = "default_flush_interval_ms")]
     #[schemars(range(min = 1, max = 60000))]
     pub flush_interval_ms: u64,
-    /// Bulk requests in flight at once (1–64). Each document always goes through the same
-    /// ordered lane, so a document never has two writes in flight.
+    /// Bulk requests in flight at once (1–64). A document is never in two of them: its next
+    /// write waits until the request holding it returns.
     #[serde(default = "default_concurrency")]
     #[schemars(range(min = 1, max = 64))]
     pub concurrency: u32,

@@ -166,7 +166,7 @@ pub struct BatchConfig {
     pub max_bytes: usize,
     /// Longest wait of a partial batch.
     pub flush_interval: Duration,
-    /// Ordered lanes, each with at most one bulk request in flight.
+    /// Bulk requests in flight at once.
     pub concurrency: usize,
 }
 

@@ -128,6 +128,7 @@ pub fn stats(e: &Endpoints) -> serde_json::Value {
         "alreadyGone": h.already_gone.get(),
         "deadLettered": h.dead_lettered.get(),
         "retriedItems": m.retried_items.get(),
+        "heldWrites": m.held_writes.get(),
         "inFlight": m.in_flight.get(),
         "checkpoints": m.checkpoints.get(),
         "lastCheckpointUnixSeconds": m.checkpoint_time.get(),

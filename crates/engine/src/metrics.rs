@@ -26,6 +26,8 @@ pub struct Metrics {
     pub bulk_requests: IntCounterVec,
     /// Items sent again after a retriable failure.
     pub retried_items: IntCounter,
+    /// Writes held back because their document was in a bulk request in flight.
+    pub held_writes: IntCounter,
     /// Documents sent to the dead-letter index, by Elasticsearch error type.
     pub dead_letters: IntCounterVec,
     /// Dead-letter records Elasticsearch refused too (logged at ERROR with the document id).
@@ -129,6 +131,7 @@ impl Metrics {
             items,
             bulk_requests: counter_vec(&registry, "bulk_requests_total", "Bulk requests by outcome", "outcome"),
             retried_items: counter(&registry, "bulk_items_retried_total", "Items sent again after a retriable failure"),
+            held_writes: counter(&registry, "writes_held_total", "Writes held back because their document was in a bulk request in flight"),
             dead_letters: counter_vec(&registry, "dead_letter_total", "Documents dead-lettered, by Elasticsearch error type", "error_type"),
             dead_letter_failures: counter(&registry, "dead_letter_failures_total", "Dead-letter records Elasticsearch refused"),
             bulk_seconds,
@@ -254,6 +257,11 @@ impl Health {
     /// The sink loop is alive; `ok` says whether Elasticsearch accepts writes.
     pub fn sink_beat(&self, ok: bool) {
         self.sink_ok.store(ok, Ordering::Relaxed);
+        self.sink_beat.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The sink loop is alive (whether Elasticsearch accepts writes is left as it was).
+    pub fn sink_alive(&self) {
         self.sink_beat.store(self.now_ms(), Ordering::Relaxed);
     }
 

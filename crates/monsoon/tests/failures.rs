@@ -74,7 +74,7 @@ async fn snapshot_killed_midway_resumes_from_its_last_id() -> anyhow::Result<()>
     let coll = client.database("big").collection::<Document>("items");
     insert_all(&coll, sample_docs(0, 20_000)).await?;
     let state = TempDir::new("state");
-    // Small batches and one lane slow the snapshot down enough to kill it midway.
+    // Small batches and one request in flight slow the snapshot down enough to kill it midway.
     let yaml = pipeline_yaml("big", &mongo.uri(), &es.url(), &["big.items"], "  batch:\n    maxDocs: 200\n    concurrency: 1\n");
     let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
     let deadline = std::time::Instant::now() + CONVERGE;

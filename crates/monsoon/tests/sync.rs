@@ -97,6 +97,51 @@ async fn transaction_writes_to_one_document_end_in_the_last_state() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_documents_under_many_concurrent_bulks_end_in_their_last_state() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let coll = client.database("hot").collection::<Document>("docs");
+    let state = TempDir::new("state");
+    // Tiny batches and four requests in flight: a document changed again while its previous
+    // write is in flight must wait for it (held), and the last write must win.
+    let batch = "  batch:\n    maxDocs: 3\n    flushIntervalMs: 1\n    concurrency: 4\n";
+    let yaml = pipeline_yaml("hot", &mongo.uri(), &es.url(), &["hot.docs"], batch);
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    // Six documents, each inserted, updated twice and deleted, interleaved. Every other four
+    // rounds run in one transaction, whose events arrive together: several writes of each
+    // document in one reply.
+    let mut session = client.start_session().await?;
+    for round in 0..40 {
+        if round % 8 == 4 {
+            session.start_transaction().await?;
+        }
+        for id in 0..6 {
+            let filter = doc! {"_id": id};
+            match round % 4 {
+                0 => {
+                    coll.insert_one(doc! {"_id": id, "round": round}).session(&mut session).await?;
+                }
+                1 | 2 => {
+                    coll.update_one(filter, doc! {"$set": {"round": round}}).session(&mut session).await?;
+                }
+                _ => {
+                    coll.delete_one(filter).session(&mut session).await?;
+                }
+            }
+        }
+        if round % 8 == 7 {
+            session.commit_transaction().await?;
+        }
+    }
+    coll.insert_one(doc! {"_id": 99, "last": true}).await?;
+    let report = wait_converged(&client, &esc, "hot", "docs", "hot.docs", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 40));
+    let stats = monsoon.stats().expect("stats");
+    assert!(stats["heldWrites"].as_u64() > Some(0), "no write waited for its document: {stats}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_collection_deletes_its_index_and_new_collections_follow() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let db = client.database("app");

@@ -1,7 +1,7 @@
 //! Ordered acknowledgement: which position may be checkpointed.
 //!
 //! Every write that enters the pipeline gets a sequence number, in source order. Writes are
-//! acknowledged out of order (several lanes, several bulk requests). A *position* (resume
+//! acknowledged out of order (several bulk requests in flight). A *position* (resume
 //! token, snapshot `_id`) is recorded after the writes it covers; it becomes committable only
 //! when every write registered before it has been acknowledged.
 //!
@@ -23,8 +23,8 @@ pub struct Tracker<P> {
     /// Every write with a sequence number below this is acknowledged.
     acked_below: Seq,
     /// Acknowledgement flags of the writes from `acked_below` on (acknowledged out of
-    /// order): index 0 is `acked_below`. A flat ring, not a tree: several lanes acknowledge
-    /// out of order, so nearly every acknowledgement lands here first.
+    /// order): index 0 is `acked_below`. A flat ring, not a tree: bulk requests in flight
+    /// acknowledge out of order, so nearly every acknowledgement lands here first.
     acked_ahead: VecDeque<bool>,
     /// Number of `true` flags in `acked_ahead`.
     ahead_count: u64,

@@ -1,18 +1,21 @@
-//! The sink side of the engine: ordered lanes, batching, bulk delivery, acknowledgement.
+//! The sink side of the engine: batching, bulk delivery, acknowledgement.
 //!
 //! Flow: the source hands each [`Write`] to the [`Sink`], which numbers it (the tracker's
-//! sequence) and routes it to a lane by a hash of its index and `_id`. A lane gathers a batch
-//! (count, bytes, time), keeps only the last write of each document in it, sends one bulk
-//! request, retries only the items that failed retriably, dead-letters what Elasticsearch
-//! refuses, and then acknowledges every write of the batch.
+//! sequence) and queues it for one batcher. The batcher takes a batch (count, bytes, time),
+//! keeps only the last write of each document in it, and hands it to a delivery task: up to
+//! `concurrency` bulk requests are in flight at once. A delivery retries only the items that
+//! failed retriably, dead-letters what Elasticsearch refuses, and then acknowledges every
+//! write of its batch.
 //!
 //! # Invariants
-//! - A document always goes through the same lane, and a lane has one bulk in flight, so a
-//!   document never has two writes in flight (Elasticsearch may keep no delete tombstones).
+//! - A document never has two writes in flight (Elasticsearch may keep no delete tombstones):
+//!   a write whose document is in a bulk request in flight waits, ahead of that document's
+//!   later writes, until the request is done ([`Batcher`]).
 //! - A write is acknowledged only once it has a final outcome: indexed, deleted, stale (409),
-//!   already gone (404 on delete) or dead-lettered.
+//!   already gone (404 on delete) or dead-lettered; or once a later write of its document in
+//!   the same batch supersedes it.
 //! - Memory is bounded: each write holds permits of a byte budget until it is acknowledged,
-//!   and the lane queues are bounded, so a dead sink stops the source.
+//!   and the batcher's queue is bounded, so a dead sink stops the source.
 
 pub mod elasticsearch;
 
@@ -72,6 +75,8 @@ pub struct Write {
     pub op: Op,
     /// Share of the memory budget, released when the write is dropped.
     permit: Option<OwnedSemaphorePermit>,
+    /// Hash of index and `_id` (set by [`Sink::stage`]): which document this is.
+    key: u64,
     /// Read by a snapshot: a snapshot reads each document once, so a batch of only such
     /// writes has nothing to coalesce.
     pub from_snapshot: bool,
@@ -88,15 +93,16 @@ impl Write {
             version,
             op,
             permit: None,
+            key: 0,
             from_snapshot: false,
         }
     }
 
-    fn lane(&self, lanes: usize) -> usize {
+    fn document_key(&self) -> u64 {
         let mut h = Fnv::default();
         self.index.hash(&mut h);
         self.id_json.hash(&mut h);
-        (h.finish() % lanes as u64) as usize
+        h.finish()
     }
 }
 
@@ -125,13 +131,13 @@ impl Hasher for Fnv {
 }
 
 /// Memory budget of writes in flight: 1 permit = 1 KiB. At least 64 MiB, and room for
-/// two full batches per lane, so batching is never starved by the budget.
+/// two full batches per request slot, so batching is never starved by the budget.
 fn budget_kib(batch: &BatchConfig) -> usize {
     let bytes = (batch.max_bytes * batch.concurrency * 2).max(64 << 20);
     bytes / 1024
 }
 
-/// State shared by the sink's lanes and the checkpointer.
+/// State shared by the sink's delivery tasks and the checkpointer.
 pub struct Shared {
     tracker: Mutex<Tracker<Position>>,
     acked: Notify,
@@ -186,41 +192,41 @@ impl Shared {
     }
 }
 
-enum LaneMsg {
-    /// Writes for this lane, in order.
+enum Msg {
+    /// Writes, in order.
     Writes(Vec<Write>),
-    /// Send the partial batch now (a barrier is waiting).
+    /// Send partial batches now (a barrier or the end of a snapshot collection is waiting).
     Flush,
 }
 
 /// How many flush intervals a batch of snapshot writes may wait to fill.
 const SNAPSHOT_FLUSH_FACTOR: u32 = 10;
 
-/// Writes staged per lane before they are handed over in one message: one channel send and
-/// one wake-up of the lane per chunk instead of per document.
+/// Writes staged before they are handed to the batcher in one message: one channel send and
+/// one wake-up per chunk instead of per document.
 const STAGE_CHUNK: usize = 64;
 
-/// The sink: lanes that deliver writes to Elasticsearch.
+/// The sink: one batcher that delivers bulk requests to Elasticsearch.
 pub struct Sink {
     es: Elastic,
-    lanes: Vec<mpsc::Sender<LaneMsg>>,
-    /// Registered writes not yet handed to their lane, per lane.
-    staged: Mutex<Vec<Vec<Write>>>,
+    tx: Option<mpsc::Sender<Msg>>,
+    /// Registered writes not yet handed to the batcher.
+    staged: Mutex<Vec<Write>>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
     budget: Arc<Semaphore>,
     budget_total: u32,
 }
 
-/// The sink's lanes have stopped (shutdown was forced).
+/// The sink has stopped (shutdown was forced, or a delivery task failed).
 #[derive(Debug, thiserror::Error)]
-#[error("sink lanes stopped")]
+#[error("sink stopped")]
 pub struct Closed;
 
-/// Settings of the lanes.
+/// Settings of the sink.
 #[derive(Clone)]
 pub struct SinkSettings {
-    /// Batch limits and lane count.
+    /// Batch limits and bulk requests in flight.
     pub batch: BatchConfig,
     /// Index of dead-letter records.
     pub dead_letter_index: Arc<str>,
@@ -228,46 +234,40 @@ pub struct SinkSettings {
     pub pipeline: Arc<str>,
 }
 
-/// A full chunk of staged writes for one lane, to be handed over with [`Sink::send_chunk`].
+/// A full chunk of staged writes, to be handed over with [`Sink::send_chunk`].
 pub struct Chunk {
-    lane: usize,
     writes: Vec<Write>,
 }
 
 impl Sink {
-    /// Start `settings.batch.concurrency` lanes. `abort` makes lanes give up retrying (forced
-    /// shutdown); unacknowledged writes are then simply not checkpointed.
+    /// Start the batcher. `abort` makes deliveries give up retrying (forced shutdown);
+    /// unacknowledged writes are then simply not checkpointed.
     pub fn start(
         es: Elastic,
         settings: SinkSettings,
         shared: Arc<Shared>,
         abort: CancellationToken,
     ) -> Self {
-        let lanes_n = settings.batch.concurrency.max(1);
-        let mut lanes = Vec::with_capacity(lanes_n);
-        let mut tasks = JoinSet::new();
-        for lane in 0..lanes_n {
-            // Room for one full batch of chunks while another batch is in flight; more would
-            // only hold memory.
-            let (tx, rx) = mpsc::channel(settings.batch.max_docs.div_ceil(STAGE_CHUNK).max(2));
-            lanes.push(tx);
-            let worker = Lane {
-                es: es.clone(),
-                settings: settings.clone(),
-                shared: shared.clone(),
-                abort: abort.clone(),
-            };
-            tasks.spawn(
-                worker
-                    .run(rx)
-                    .instrument(tracing::info_span!("lane", pipeline = %settings.pipeline, lane)),
-            );
-        }
+        // Room for one full batch of chunks while the batcher waits for a free request slot;
+        // more would only hold memory.
+        let (tx, rx) = mpsc::channel(settings.batch.max_docs.div_ceil(STAGE_CHUNK).max(2));
         let total = budget_kib(&settings.batch);
+        let deliverer = Arc::new(Deliverer {
+            es: es.clone(),
+            settings: settings.clone(),
+            shared: shared.clone(),
+            abort,
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            deliverer
+                .run(rx)
+                .instrument(tracing::info_span!("sink", pipeline = %settings.pipeline)),
+        );
         Self {
             es,
-            lanes,
-            staged: Mutex::new((0..lanes_n).map(|_| Vec::new()).collect()),
+            tx: Some(tx),
+            staged: Mutex::new(Vec::new()),
             tasks,
             shared,
             budget: Arc::new(Semaphore::new(total)),
@@ -275,7 +275,7 @@ impl Sink {
         }
     }
 
-    /// The Elasticsearch connection the lanes use.
+    /// The Elasticsearch connection the sink uses.
     pub fn elastic(&self) -> &Elastic {
         &self.es
     }
@@ -285,31 +285,34 @@ impl Sink {
         &self.shared
     }
 
-    /// Number a write (its place in the checkpoint order) and stage it for its lane. Returns
-    /// a chunk when the lane's stage is full; the caller must hand it over with
-    /// [`Sink::send_chunk`] before staging more.
+    /// Number a write (its place in the checkpoint order) and stage it. Returns a chunk when
+    /// the stage is full; the caller must hand it over with [`Sink::send_chunk`] before
+    /// staging more.
     pub fn stage(&self, mut write: Write) -> Option<Chunk> {
         write.seq = self.shared.tracker().register();
-        let lane = write.lane(self.lanes.len());
+        write.key = write.document_key();
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        staged[lane].push(write);
-        (staged[lane].len() >= STAGE_CHUNK).then(|| Chunk {
-            lane,
-            writes: std::mem::take(&mut staged[lane]),
+        staged.push(write);
+        (staged.len() >= STAGE_CHUNK).then(|| Chunk {
+            writes: std::mem::take(&mut *staged),
         })
     }
 
-    /// Hand a chunk to its lane. Waits while the memory budget or the lane queue is full:
-    /// this is the back-pressure that stops the source when the sink is slow.
+    fn sender(&self) -> Result<&mpsc::Sender<Msg>, Closed> {
+        self.tx.as_ref().ok_or(Closed)
+    }
+
+    /// Hand a chunk to the batcher. Waits while the memory budget or the queue is full: this
+    /// is the back-pressure that stops the source when the sink is slow.
     ///
     /// # Cancel safety
     /// Dropping the future drops the chunk's writes unacknowledged: the checkpoint then stays
     /// before them, so they are read again on the next start.
     ///
     /// # Errors
-    /// [`Closed`] when the lanes have stopped.
+    /// [`Closed`] when the sink has stopped.
     pub async fn send_chunk(&self, chunk: Chunk) -> Result<(), Closed> {
-        let Chunk { lane, mut writes } = chunk;
+        let Chunk { mut writes } = chunk;
         let kibs: Vec<u32> = writes
             .iter()
             .map(|w| (encoded_len(w) / 1024 + 1).min(self.budget_total as usize) as u32)
@@ -327,53 +330,42 @@ impl Sink {
         }
         let in_flight = self.shared.tracker().in_flight();
         self.shared.metrics.in_flight.set(in_flight as i64);
-        self.lanes[lane]
-            .send(LaneMsg::Writes(writes))
+        self.sender()?
+            .send(Msg::Writes(writes))
             .await
             .map_err(|_| Closed)
     }
 
-    /// Hand every staged write to its lane (the source is about to wait on MongoDB, or a
+    /// Hand every staged write to the batcher (the source is about to wait on MongoDB, or a
     /// barrier needs them).
     ///
     /// # Errors
-    /// [`Closed`] when the lanes have stopped.
+    /// [`Closed`] when the sink has stopped.
     pub async fn flush_staged(&self) -> Result<(), Closed> {
-        let chunks: Vec<Chunk> = {
+        let writes = {
             let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-            staged
-                .iter_mut()
-                .enumerate()
-                .filter(|(_, s)| !s.is_empty())
-                .map(|(lane, s)| Chunk {
-                    lane,
-                    writes: std::mem::take(s),
-                })
-                .collect()
+            std::mem::take(&mut *staged)
         };
-        for chunk in chunks {
-            self.send_chunk(chunk).await?;
+        if writes.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.send_chunk(Chunk { writes }).await
     }
 
-    /// Hand every staged write to its lane, and have every lane send its partial batch now
-    /// instead of waiting for its flush interval (the end of a snapshot's collection).
+    /// Hand every staged write to the batcher and have it send its partial batch now instead
+    /// of waiting for the flush interval (the end of a snapshot's collection, a barrier).
     ///
     /// # Errors
-    /// [`Closed`] when the lanes have stopped.
-    pub async fn flush_lanes(&self) -> Result<(), Closed> {
+    /// [`Closed`] when the sink has stopped.
+    pub async fn flush_batches(&self) -> Result<(), Closed> {
         self.flush_staged().await?;
-        for lane in &self.lanes {
-            lane.send(LaneMsg::Flush).await.map_err(|_| Closed)?;
-        }
-        Ok(())
+        self.sender()?.send(Msg::Flush).await.map_err(|_| Closed)
     }
 
-    /// Whether writes are staged and not yet handed to their lanes.
+    /// Whether writes are staged and not yet handed to the batcher.
     pub fn has_staged(&self) -> bool {
         let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        staged.iter().any(|s| !s.is_empty())
+        !staged.is_empty()
     }
 
     /// Record a position covering every write sent so far.
@@ -381,18 +373,18 @@ impl Sink {
         self.shared.record(position);
     }
 
-    /// Wait until every write sent so far is acknowledged (lanes flush partial batches).
+    /// Wait until every write sent so far is acknowledged (partial batches are flushed).
     ///
     /// # Errors
-    /// [`Closed`] when the lanes stopped before draining.
+    /// [`Closed`] when the sink stopped before draining.
     pub async fn barrier(&self) -> Result<(), Closed> {
-        self.flush_lanes().await?;
+        self.flush_batches().await?;
         loop {
             let notified = self.shared.acked.notified();
             if self.shared.is_drained() {
                 return Ok(());
             }
-            if self.lanes.iter().all(|l| l.is_closed()) {
+            if self.sender()?.is_closed() {
                 return Err(Closed);
             }
             tokio::select! {
@@ -402,99 +394,266 @@ impl Sink {
         }
     }
 
-    /// Stop accepting writes, let the lanes deliver what they hold, and wait for them.
+    /// Stop accepting writes, let the batcher deliver what it holds, and wait for it.
     /// Writes still staged are dropped unacknowledged (the source stopped mid-chunk; they are
     /// read again on the next start).
     pub async fn close(mut self) {
-        self.lanes.clear();
+        self.tx = None;
         while let Some(res) = self.tasks.join_next().await {
             if let Err(e) = res {
-                error!(error = %e, "sink lane panicked");
+                error!(error = %e, "sink batcher panicked");
             }
         }
     }
 }
 
-/// One ordered lane: batch, deliver, acknowledge, repeat.
-struct Lane {
+/// The pure part of batching: pending writes in arrival order, and the documents in bulk
+/// requests in flight.
+///
+/// A batch is taken from the front of the queue within the count and byte limits and keeps
+/// only the last write of each document; a write whose document is in a bulk request still
+/// in flight goes back to the front of the queue (ahead of that document's later writes), so
+/// a document never has two writes in flight and its writes reach Elasticsearch in order.
+pub struct Batcher {
+    limits: BatchConfig,
+    pending: VecDeque<Write>,
+    pending_bytes: usize,
+    /// Keys of documents in flight (hash of index and `_id`) and how many in-flight writes
+    /// share each. A hash collision only holds a write back until the other one is done.
+    in_flight: HashMap<u64, u32, BuildHasherDefault<Fnv>>,
+    snapshot_only: bool,
+}
+
+/// A batch taken by [`Batcher::take`].
+pub struct Taken {
+    /// Writes to send, one per document.
+    pub send: Vec<Write>,
+    /// Writes superseded by a later write of their document in the same batch: done.
+    pub superseded: Vec<Seq>,
+    /// Writes held back because their document is in flight.
+    pub deferred: usize,
+}
+
+impl Batcher {
+    /// An empty batcher.
+    pub fn new(limits: BatchConfig) -> Self {
+        Self {
+            limits,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            in_flight: HashMap::default(),
+            snapshot_only: true,
+        }
+    }
+
+    /// Queue writes (in order).
+    pub fn push(&mut self, writes: Vec<Write>) {
+        if self.pending.is_empty() {
+            self.snapshot_only = true;
+        }
+        for w in writes {
+            self.snapshot_only &= w.from_snapshot;
+            self.pending_bytes += encoded_len(&w);
+            self.pending.push_back(w);
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Whether the queue holds at least a full batch.
+    pub fn is_full(&self) -> bool {
+        self.pending.len() >= self.limits.max_docs || self.pending_bytes >= self.limits.max_bytes
+    }
+
+    /// Whether everything queued was read by a snapshot.
+    pub fn snapshot_only(&self) -> bool {
+        !self.pending.is_empty() && self.snapshot_only
+    }
+
+    /// Take the next batch (see the type's documentation) and mark its documents in flight.
+    pub fn take(&mut self) -> Taken {
+        let mut batch = Vec::with_capacity(self.limits.max_docs.min(self.pending.len()));
+        let mut bytes = 0;
+        fill(&mut batch, &mut bytes, &mut self.pending, &self.limits);
+        self.pending_bytes -= bytes;
+        let (writes, superseded) = coalesce(batch);
+        let mut send = writes;
+        let mut deferred = Vec::new();
+        if !self.in_flight.is_empty() {
+            let (held, free): (Vec<Write>, Vec<Write>) =
+                send.into_iter().partition(|w| self.in_flight.contains_key(&w.key));
+            send = free;
+            deferred = held;
+        }
+        let n_deferred = deferred.len();
+        for w in deferred.into_iter().rev() {
+            self.pending_bytes += encoded_len(&w);
+            self.pending.push_front(w);
+        }
+        if !self.pending.is_empty() {
+            self.snapshot_only = self.pending.iter().all(|w| w.from_snapshot);
+        }
+        for w in &send {
+            *self.in_flight.entry(w.key).or_default() += 1;
+        }
+        Taken {
+            send,
+            superseded,
+            deferred: n_deferred,
+        }
+    }
+
+    /// The writes with these keys are acknowledged: their documents are free again.
+    pub fn done(&mut self, keys: &[u64]) {
+        for k in keys {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.in_flight.entry(*k) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
+/// What a finished delivery hands back to the batcher.
+struct Delivered {
+    seqs: Vec<Seq>,
+    keys: Vec<u64>,
+    newest: u64,
+    partial: bool,
+    /// False when a forced shutdown cut the delivery short.
+    complete: bool,
+}
+
+/// Sends bulk requests: the batcher loop and the delivery of one batch.
+struct Deliverer {
     es: Elastic,
     settings: SinkSettings,
     shared: Arc<Shared>,
     abort: CancellationToken,
 }
 
-impl Lane {
-    async fn run(self, mut rx: mpsc::Receiver<LaneMsg>) {
-        let batch_cfg = &self.settings.batch;
-        // Writes received but not yet in a batch (a chunk can overshoot a batch's limits).
-        let mut pending: VecDeque<Write> = VecDeque::new();
+impl Deliverer {
+    /// The batcher: gather writes, send a full batch whenever a request slot is free, and a
+    /// partial one after the flush interval. Partial batches go one at a time: while one is in
+    /// flight the next keeps filling, so under load the batch size follows Elasticsearch's
+    /// latency (fewer, fuller requests) and at a low rate a change waits one interval.
+    async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Msg>) {
+        let limits = self.settings.batch.clone();
+        let slots = limits.concurrency.max(1);
+        let mut batcher = Batcher::new(limits.clone());
+        let mut tasks: JoinSet<Delivered> = JoinSet::new();
         let mut closed = false;
+        let mut aborted = false;
+        let mut flush = false;
+        // Every queued write is in flight or held back for one: wait for a delivery.
+        let mut blocked = false;
+        let mut partials = 0usize;
+        let mut since = tokio::time::Instant::now();
+        // The pipeline starts only once Elasticsearch answered; deliveries report from here on.
+        self.shared.health.sink_beat(true);
         loop {
-            self.shared.health.sink_beat(true);
-            if pending.is_empty() {
-                if closed {
-                    return;
-                }
-                let first = tokio::select! {
-                    msg = rx.recv() => msg,
-                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                };
-                match first {
-                    None => return,
-                    Some(LaneMsg::Flush) => continue,
-                    Some(LaneMsg::Writes(ws)) => pending.extend(ws),
-                }
-            }
-            let mut batch = Vec::with_capacity(batch_cfg.max_docs.min(pending.len().max(STAGE_CHUNK)));
-            let mut bytes = 0;
-            let mut full = fill(&mut batch, &mut bytes, &mut pending, batch_cfg);
-            // One timer per batch, not per message. A snapshot batch waits longer: its reader
-            // feeds every lane from one cursor, so while it waits on one full lane the others
-            // would otherwise time out and send small batches (and a snapshot has no change
-            // to show quickly). The end of each collection flushes the lanes (`flush_lanes`).
-            // A change streamed meanwhile (a namespace added to a running pipeline is
-            // snapshotted beside the stream) brings the normal interval back.
-            let started = tokio::time::Instant::now();
-            let mut snapshot_only = !batch.is_empty() && batch.iter().all(|w| w.from_snapshot);
-            let wait = if snapshot_only {
-                batch_cfg.flush_interval * SNAPSHOT_FLUSH_FACTOR
+            self.shared.health.sink_alive();
+            let now = tokio::time::Instant::now();
+            let wait = if batcher.snapshot_only() {
+                limits.flush_interval * SNAPSHOT_FLUSH_FACTOR
             } else {
-                batch_cfg.flush_interval
+                limits.flush_interval
             };
-            let deadline = tokio::time::sleep(wait);
-            tokio::pin!(deadline);
-            while !closed && !full {
-                tokio::select! {
-                    biased;
-                    msg = rx.recv() => match msg {
-                        Some(LaneMsg::Writes(ws)) => {
-                            if snapshot_only && ws.iter().any(|w| !w.from_snapshot) {
-                                snapshot_only = false;
-                                deadline.as_mut().reset(started + batch_cfg.flush_interval);
-                            }
-                            pending.extend(ws);
-                            full = fill(&mut batch, &mut bytes, &mut pending, batch_cfg);
-                        }
-                        Some(LaneMsg::Flush) => break,
-                        None => closed = true,
-                    },
-                    () = &mut deadline => break,
+            let due = since + wait;
+            while !aborted && !blocked && !batcher.is_empty() && tasks.len() < slots {
+                let full = batcher.is_full();
+                if !(full || flush || closed || (now >= due && partials == 0)) {
+                    break;
                 }
+                let taken = batcher.take();
+                if taken.deferred > 0 {
+                    self.shared.metrics.held_writes.inc_by(taken.deferred as u64);
+                }
+                if !taken.superseded.is_empty() {
+                    // Safe before the superseding write is acknowledged: a checkpoint between
+                    // them replays that later write, which carries the newer state.
+                    self.shared.ack(&taken.superseded);
+                }
+                if taken.send.is_empty() {
+                    blocked = true;
+                    break;
+                }
+                since = now;
+                let partial = !full;
+                partials += usize::from(partial);
+                let this = self.clone();
+                tasks.spawn(async move { this.deliver_batch(taken.send, partial).await });
             }
-            let (writes, superseded) = coalesce(batch);
-            let mut seqs: Vec<Seq> = writes.iter().map(|w| w.seq).collect();
-            seqs.extend(superseded);
-            let newest = writes.iter().map(|w| w.version).max().unwrap_or(0);
-            if self.deliver(writes).await.is_err() {
-                // Forced shutdown: these writes stay unacknowledged, so the checkpoint stays
-                // before them and they are replayed on the next start.
+            if batcher.is_empty() {
+                flush = false;
+            }
+            if tasks.is_empty() && (aborted || (closed && batcher.is_empty())) {
                 return;
             }
-            self.shared.ack(&seqs);
-            if newest > 0 {
-                let lag = crate::time::unix_seconds() - crate::checkpoint::ClusterTime::from_version(newest).t as i64;
-                self.shared.metrics.lag_seconds.set(lag.max(0));
+            let receive = !closed && !aborted && !(batcher.is_full() && (tasks.len() >= slots || blocked));
+            let timer = !batcher.is_empty() && now < due;
+            tokio::select! {
+                biased;
+                res = tasks.join_next(), if !tasks.is_empty() => match res {
+                    Some(Ok(d)) => {
+                        batcher.done(&d.keys);
+                        blocked = false;
+                        partials -= usize::from(d.partial);
+                        if d.complete {
+                            self.shared.ack(&d.seqs);
+                            if d.newest > 0 {
+                                let lag = crate::time::unix_seconds() - crate::checkpoint::ClusterTime::from_version(d.newest).t as i64;
+                                self.shared.metrics.lag_seconds.set(lag.max(0));
+                            }
+                        } else {
+                            // Forced shutdown: these writes stay unacknowledged, so the
+                            // checkpoint stays before them and they are replayed on the next
+                            // start.
+                            aborted = true;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        // A bug, not an outage: stop the sink so the pipeline restarts from its
+                        // checkpoint rather than holding these documents back forever.
+                        error!(error = %e, "bulk delivery task failed; stopping the sink");
+                        return;
+                    }
+                    None => {}
+                },
+                msg = rx.recv(), if receive => match msg {
+                    Some(Msg::Writes(ws)) => {
+                        if batcher.is_empty() {
+                            since = tokio::time::Instant::now();
+                        }
+                        batcher.push(ws);
+                        blocked = false;
+                    }
+                    Some(Msg::Flush) => flush = true,
+                    None => closed = true,
+                },
+                () = tokio::time::sleep_until(due), if timer => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
+        }
+    }
+
+    /// Deliver one batch and report what to acknowledge.
+    async fn deliver_batch(&self, writes: Vec<Write>, partial: bool) -> Delivered {
+        let seqs: Vec<Seq> = writes.iter().map(|w| w.seq).collect();
+        let keys: Vec<u64> = writes.iter().map(|w| w.key).collect();
+        let newest = writes.iter().map(|w| w.version).max().unwrap_or(0);
+        let complete = self.deliver(writes).await.is_ok();
+        Delivered {
+            seqs,
+            keys,
+            newest,
+            partial,
+            complete,
         }
     }
 
@@ -806,18 +965,109 @@ mod tests {
         }
     }
 
+    fn keyed(seq: Seq, id: &str) -> Write {
+        let mut w = w(seq, id, seq + 1, Op::Index(Bytes::from_static(b"{}")));
+        w.key = w.document_key();
+        w
+    }
+
     #[test]
-    fn a_document_always_maps_to_the_same_lane() {
-        let a1 = w(0, "a", 1, Op::Delete);
-        let a2 = w(9, "a", 7, Op::Index(Bytes::new()));
-        for lanes in 1..9 {
-            assert_eq!(a1.lane(lanes), a2.lane(lanes));
-            assert!(a1.lane(lanes) < lanes);
+    fn a_document_in_flight_waits_ahead_of_its_later_writes() {
+        let mut b = Batcher::new(BatchConfig { max_docs: 2, ..BatchConfig::default() });
+        b.push(vec![keyed(0, "a"), keyed(1, "b"), keyed(2, "a"), keyed(3, "c")]);
+        let first = b.take();
+        assert_eq!(first.send.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![0, 1]);
+        // "a" is in flight: its next write is held back, "c" goes.
+        let second = b.take();
+        assert_eq!(second.send.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(second.deferred, 1);
+        // Still in flight: nothing to send.
+        let third = b.take();
+        assert!(third.send.is_empty());
+        b.done(&first.send.iter().map(|w| w.key).collect::<Vec<_>>());
+        let fourth = b.take();
+        assert_eq!(fourth.send.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![2]);
+        assert!(b.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Whatever the arrivals, batch limits and completion order: no document is in two
+        /// bulk requests in flight, each document's writes are sent in arrival order, every
+        /// write is sent or superseded exactly once, and each document's last write is the
+        /// last one sent for it.
+        #[test]
+        fn batcher_keeps_documents_out_of_two_requests_and_in_order(
+            steps in proptest::collection::vec((0u8..3, 0usize..6, 0usize..8), 1..200),
+            max_docs in 1usize..6,
+        ) {
+            let mut b = Batcher::new(BatchConfig { max_docs, ..BatchConfig::default() });
+            let mut next: Seq = 0;
+            let mut ids: Vec<String> = Vec::new();
+            let mut outstanding: Vec<Vec<Write>> = Vec::new();
+            let mut fate: Vec<u8> = Vec::new(); // 0 queued, 1 sent, 2 superseded
+            let mut last_sent: HashMap<String, Seq> = HashMap::new();
+            let mut check_take = |b: &mut Batcher, outstanding: &mut Vec<Vec<Write>>, fate: &mut Vec<u8>, ids: &Vec<String>| -> Result<(), proptest::test_runner::TestCaseError> {
+                let t = b.take();
+                for s in &t.superseded {
+                    proptest::prop_assert_eq!(fate[*s as usize], 0);
+                    fate[*s as usize] = 2;
+                }
+                for w in &t.send {
+                    let id = &ids[w.seq as usize];
+                    for other in outstanding.iter().flatten() {
+                        proptest::prop_assert_ne!(&ids[other.seq as usize], id, "document in two requests");
+                    }
+                    if let Some(prev) = last_sent.get(id) {
+                        proptest::prop_assert!(*prev < w.seq, "document sent out of order");
+                    }
+                    last_sent.insert(id.clone(), w.seq);
+                    proptest::prop_assert_eq!(fate[w.seq as usize], 0);
+                    fate[w.seq as usize] = 1;
+                }
+                if !t.send.is_empty() {
+                    outstanding.push(t.send);
+                }
+                Ok(())
+            };
+            for (op, a, c) in steps {
+                match op {
+                    0 => {
+                        let mut ws = Vec::new();
+                        for j in 0..=c {
+                            let id = ((a + j * 7) % 5).to_string();
+                            ws.push(keyed(next, &id));
+                            ids.push(id);
+                            fate.push(0);
+                            next += 1;
+                        }
+                        b.push(ws);
+                    }
+                    1 => check_take(&mut b, &mut outstanding, &mut fate, &ids)?,
+                    _ => {
+                        if !outstanding.is_empty() {
+                            let done = outstanding.remove(a % outstanding.len());
+                            b.done(&done.iter().map(|w| w.key).collect::<Vec<_>>());
+                        }
+                    }
+                }
+            }
+            // Drain: complete everything, take until empty.
+            while !b.is_empty() || !outstanding.is_empty() {
+                for done in outstanding.drain(..) {
+                    b.done(&done.iter().map(|w| w.key).collect::<Vec<_>>());
+                }
+                check_take(&mut b, &mut outstanding, &mut fate, &ids)?;
+            }
+            proptest::prop_assert!(fate.iter().all(|f| *f != 0), "a write was neither sent nor superseded");
+            for (id, sent) in &last_sent {
+                let last = ids.iter().rposition(|i| i == id).map(|p| p as Seq);
+                proptest::prop_assert_eq!(Some(*sent), last, "document {} ends on a stale write", id);
+            }
         }
     }
 
     #[test]
-    fn budget_covers_two_full_batches_per_lane() {
+    fn budget_covers_two_full_batches_per_request_slot() {
         let cfg = BatchConfig {
             max_bytes: 50 << 20,
             concurrency: 4,

@@ -14,7 +14,7 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
     let action: &[u8] = match write.op {
         Op::Index(_) => b"{\"index\":{\"_index\":",
         Op::Delete => b"{\"delete\":{\"_index\":",
-        // Never sent: the lane dead-letters these before building a body.
+        // Never sent: the sink dead-letters these before building a body.
         Op::Reject { .. } => return,
     };
     body.extend_from_slice(action);

@@ -202,6 +202,44 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
     }
 }
 
+/// What can still be read from an event [`parse`] refused: enough to dead-letter it beside
+/// its document, when the event names one.
+#[derive(Debug, Default, PartialEq)]
+pub struct Salvaged<'a> {
+    /// `ns.db`, when readable.
+    pub db: Option<&'a str>,
+    /// `ns.coll`, when readable.
+    pub coll: Option<&'a str>,
+    /// `documentKey._id`, when readable.
+    pub id: Option<RawBsonRef<'a>>,
+    /// `clusterTime`, when readable.
+    pub time: Option<Timestamp>,
+}
+
+/// Read what is readable of an event, field by field, ignoring what is not.
+pub fn salvage(event: &RawDocument) -> Salvaged<'_> {
+    fn text<'a>(d: Option<&'a RawDocument>, name: &str) -> Option<&'a str> {
+        match d.map(|d| d.get(name)) {
+            Some(Ok(Some(RawBsonRef::String(s)))) => Some(s),
+            _ => None,
+        }
+    }
+    let sub = |name| match event.get(name) {
+        Ok(Some(RawBsonRef::Document(d))) => Some(d),
+        _ => None,
+    };
+    let ns = sub("ns");
+    Salvaged {
+        db: text(ns, "db"),
+        coll: text(ns, "coll"),
+        id: sub("documentKey").and_then(|k| k.get("_id").ok().flatten()),
+        time: match event.get("clusterTime") {
+            Ok(Some(RawBsonRef::Timestamp(t))) => Some(t),
+            _ => None,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +265,21 @@ mod tests {
                 other => panic!("{op}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_unreadable_event_keeps_what_can_be_read() {
+        // `fullDocument` of the wrong type: `parse` refuses it, the rest is still readable.
+        let e = raw(doc! {"operationType": "insert", "clusterTime": T, "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 5}, "fullDocument": "not a document"});
+        assert_eq!(parse(&e), Err(Malformed { field: "fullDocument" }));
+        assert_eq!(
+            salvage(&e),
+            Salvaged { db: Some("d"), coll: Some("c"), id: Some(RawBsonRef::Int32(5)), time: Some(T) }
+        );
+        let e = raw(doc! {"operationType": 3, "ns": "d.c"});
+        assert!(parse(&e).is_err());
+        assert_eq!(salvage(&e), Salvaged::default());
     }
 
     #[test]

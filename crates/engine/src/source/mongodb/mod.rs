@@ -232,7 +232,7 @@ pub enum Ended {
 }
 
 impl Source<'_> {
-    /// Hand a write to the sink (staged, and sent with its lane's chunk). While the sink
+    /// Hand a write to the sink (staged, and sent with its chunk). While the sink
     /// applies back-pressure this waits, beating the source's heartbeat (waiting on a slow
     /// sink is not being stuck) and giving way to shutdown. Writes abandoned at shutdown are
     /// never acknowledged, so the checkpoint stays before them and they are read again on the
@@ -357,6 +357,36 @@ impl Source<'_> {
         Write::new(ns, index, id_json, version, op)
     }
 
+    /// A dead-letter write for a change event that [`event::parse`] refused, carrying the
+    /// whole event as JSON and, where readable, its namespace, document and cluster time.
+    fn unreadable_event(
+        &self,
+        raw: &RawDocument,
+        seen: &event::Salvaged<'_>,
+        why: &event::Malformed,
+        stats: &mut ConvertStats,
+    ) -> Write {
+        let (ns, index) = match (seen.db, seen.coll) {
+            (Some(db), Some(coll)) => self.route(db, coll),
+            _ => (Arc::from("unknown"), Arc::from("")),
+        };
+        let mut id_json = Vec::new();
+        let id_json: Box<str> = match seen.id.map(|id| convert::write_es_id(id, &mut id_json)) {
+            Some(Ok(())) => String::from_utf8_lossy(&id_json).into(),
+            _ => "null".into(),
+        };
+        let mut document = Vec::new();
+        let document = convert::write_document(raw, false, &mut document, stats)
+            .is_ok()
+            .then(|| Bytes::from(document));
+        let version = seen.time.map_or(0, |t| ClusterTime::from(t).version());
+        Write::new(ns, index, id_json, version, Op::Reject {
+            error_type: "malformed_event",
+            reason: why.to_string(),
+            document,
+        })
+    }
+
     /// Read every document of `db.coll` in `_id` order, after `resume_after` if given, as
     /// writes with version `version`. Records snapshot positions as it goes.
     ///
@@ -463,7 +493,7 @@ impl Source<'_> {
         }
         self.sink.record(Position::SnapshotCollectionDone { ns: ns.clone() });
         // Partial snapshot batches wait longer than stream batches to fill: send them now.
-        match self.wait_on_sink(self.sink.flush_lanes()).await {
+        match self.wait_on_sink(self.sink.flush_batches()).await {
             Err(Error::Cancelled) => return Ok(Ended::Cancelled),
             other => other?,
         }
@@ -652,8 +682,16 @@ impl Source<'_> {
         let action = match event::parse(raw) {
             Ok(a) => a,
             Err(e) => {
-                error!(error = %e, "unreadable change event; skipped");
+                // Never skipped: the whole event is dead-lettered, in order with the rest, so
+                // the change it carries can be applied by hand.
                 self.metrics.events.with_label_values(&["malformed"]).inc();
+                let seen = event::salvage(raw);
+                if seen.id.is_some_and(|id| !self.owns(id)) {
+                    return Ok(Next::Continue);
+                }
+                let w = self.unreadable_event(raw, &seen, &e, stats);
+                error!(namespace = %w.ns, id = %w.id_json, error = %e, "unreadable change event; dead-lettered");
+                self.send(w).await?;
                 return Ok(Next::Continue);
             }
         };
