@@ -482,7 +482,7 @@ impl Batcher {
         let (writes, superseded) = coalesce(batch);
         let mut send = writes;
         let mut deferred = Vec::new();
-        if !self.in_flight.is_empty() {
+        if !self.in_flight.is_empty() && send.iter().any(|w| self.in_flight.contains_key(&w.key)) {
             let (held, free): (Vec<Write>, Vec<Write>) =
                 send.into_iter().partition(|w| self.in_flight.contains_key(&w.key));
             send = free;
