@@ -557,7 +557,11 @@ impl Deliverer {
         // The pipeline starts only once Elasticsearch answered; deliveries report from here on.
         self.shared.health.sink_beat(true);
         loop {
-            self.shared.health.sink_alive();
+            // Deliveries in flight beat for themselves (every response, and every retry:
+            // requests time out), so a delivery that hangs still shows as a stuck sink.
+            if tasks.is_empty() {
+                self.shared.health.sink_alive();
+            }
             let now = tokio::time::Instant::now();
             let wait = if batcher.snapshot_only() {
                 limits.flush_interval * SNAPSHOT_FLUSH_FACTOR
