@@ -622,8 +622,10 @@ impl Deliverer {
                         }
                     }
                     Some(Err(e)) => {
-                        // A bug, not an outage: stop the sink so the pipeline restarts from its
-                        // checkpoint rather than holding these documents back forever.
+                        // A bug, not an outage: stop the sink rather than hold this batch's
+                        // documents back forever. The source's next hand-over fails (and with
+                        // no hand-over the sink's heartbeat stops, failing `/healthz`), so the
+                        // pipeline stops and a restart resumes from its checkpoint.
                         error!(error = %e, "bulk delivery task failed; stopping the sink");
                         return;
                     }
