@@ -591,7 +591,8 @@ impl Deliverer {
                 let partial = !full;
                 partials += usize::from(partial);
                 let this = self.clone();
-                tasks.spawn(async move { this.deliver_batch(taken.send, partial).await });
+                // In the batcher's span: delivery logs carry the pipeline.
+                tasks.spawn(async move { this.deliver_batch(taken.send, partial).await }.in_current_span());
             }
             if batcher.is_empty() {
                 flush = false;
