@@ -5,7 +5,7 @@
 //! keeps only the last write of each document in it, and hands it to a delivery task: up to
 //! `concurrency` bulk requests are in flight at once. A delivery retries only the items that
 //! failed retriably, dead-letters what Elasticsearch refuses, and then acknowledges every
-//! write of its batch.
+//! write of its batch. A forced stop abandons the deliveries in flight unacknowledged.
 //!
 //! # Invariants
 //! - A document never has two writes in flight (Elasticsearch may keep no delete tombstones):
@@ -130,8 +130,10 @@ impl Hasher for Fnv {
     }
 }
 
-/// Memory budget of writes in flight: 1 permit = 1 KiB. At least 64 MiB, and room for
-/// two full batches per request slot, so batching is never starved by the budget.
+/// Memory budget of writes in flight: 1 permit = 1 KiB. At least 64 MiB, and room for two
+/// batches of `max_bytes` per request slot. A write under 1 KiB still takes a whole permit,
+/// so with a very large `max_docs` of small documents the budget, not the batch limits, caps
+/// what is in flight (slower, never stuck).
 fn budget_kib(batch: &BatchConfig) -> usize {
     let bytes = (batch.max_bytes * batch.concurrency * 2).max(64 << 20);
     bytes / 1024
@@ -548,7 +550,6 @@ impl Deliverer {
         let mut batcher = Batcher::new(limits.clone());
         let mut tasks: JoinSet<Delivered> = JoinSet::new();
         let mut closed = false;
-        let mut aborted = false;
         let mut flush = false;
         // Every queued write is in flight or held back for one: wait for a delivery.
         let mut blocked = false;
@@ -557,8 +558,9 @@ impl Deliverer {
         // The pipeline starts only once Elasticsearch answered; deliveries report from here on.
         self.shared.health.sink_beat(true);
         loop {
-            // Deliveries in flight beat for themselves (every response, and every retry:
-            // requests time out), so a delivery that hangs still shows as a stuck sink.
+            // Deliveries in flight beat for themselves, on every response and every retry
+            // (requests time out, so none is silent for long); a beat here would hide a sink
+            // that makes no progress at all.
             if tasks.is_empty() {
                 self.shared.health.sink_alive();
             }
@@ -569,7 +571,13 @@ impl Deliverer {
                 limits.flush_interval
             };
             let due = since + wait;
-            while !aborted && !blocked && !batcher.is_empty() && tasks.len() < slots {
+            if self.abort.is_cancelled() {
+                // Forced stop (grace period over, or the worker's lease is lost): abandon the
+                // requests in flight (dropping the set aborts them) and send nothing more. What
+                // they held stays unacknowledged and is replayed on the next start.
+                return;
+            }
+            while !blocked && !batcher.is_empty() && tasks.len() < slots {
                 let full = batcher.is_full();
                 if !(full || flush || closed || (now >= due && partials == 0)) {
                     break;
@@ -597,10 +605,10 @@ impl Deliverer {
             if batcher.is_empty() {
                 flush = false;
             }
-            if tasks.is_empty() && (aborted || (closed && batcher.is_empty())) {
+            if tasks.is_empty() && closed && batcher.is_empty() {
                 return;
             }
-            let receive = !closed && !aborted && !(batcher.is_full() && (tasks.len() >= slots || blocked));
+            let receive = !closed && !(batcher.is_full() && (tasks.len() >= slots || blocked));
             let timer = !batcher.is_empty() && now < due;
             tokio::select! {
                 biased;
@@ -609,17 +617,14 @@ impl Deliverer {
                         batcher.done(&d.keys);
                         blocked = false;
                         partials -= usize::from(d.partial);
+                        // Not complete: cut short by a forced stop, which the loop's next turn
+                        // carries out; these writes stay unacknowledged.
                         if d.complete {
                             self.shared.ack(&d.seqs);
                             if d.newest > 0 {
                                 let lag = crate::time::unix_seconds() - crate::checkpoint::ClusterTime::from_version(d.newest).t as i64;
                                 self.shared.metrics.lag_seconds.set(lag.max(0));
                             }
-                        } else {
-                            // Forced shutdown: these writes stay unacknowledged, so the
-                            // checkpoint stays before them and they are replayed on the next
-                            // start.
-                            aborted = true;
                         }
                     }
                     Some(Err(e)) => {
@@ -644,6 +649,7 @@ impl Deliverer {
                     None => closed = true,
                 },
                 () = tokio::time::sleep_until(due), if timer => {}
+                () = self.abort.cancelled() => {}
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
@@ -853,6 +859,7 @@ impl Deliverer {
                 backoff.wait(&self.abort).await?;
             }
         }
+        self.shared.health.sink_beat(true);
         Ok(())
     }
 }
@@ -877,24 +884,34 @@ pub fn fill(batch: &mut Vec<Write>, bytes: &mut usize, pending: &mut VecDeque<Wr
     true
 }
 
-/// Keep only the last write of each document in a batch (the later write has the newer
-/// state and a version at least as high). Returns the writes to send, in arrival order of
-/// their last occurrence, and the sequence numbers of the superseded writes.
+/// Keep only the last write of each document in a batch (the later write carries the newer
+/// state). Returns the writes to send, in arrival order of their last occurrence, and the
+/// sequence numbers of the superseded writes.
+///
+/// A [`Op::Reject`] takes no part: it writes nothing to its document, so it must not make an
+/// earlier write of it vanish, and its own dead-letter record is never dropped (unreadable
+/// changes without a readable `_id` all share one key).
 pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
     if batch.iter().all(|w| w.from_snapshot) {
         return (batch, Vec::new());
     }
+    let is_reject = |w: &Write| matches!(w.op, Op::Reject { .. });
     // Borrowed keys: no allocation per document on this per-batch path.
     let is_last: Vec<bool> = {
         let mut last: HashMap<(&str, &str), usize, BuildHasherDefault<Fnv>> =
             HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default());
+        let mut rejects = 0;
         for (i, w) in batch.iter().enumerate() {
-            last.insert((&w.index, &w.id_json), i);
+            if is_reject(w) {
+                rejects += 1;
+            } else {
+                last.insert((&w.index, &w.id_json), i);
+            }
         }
-        if last.len() == batch.len() {
+        if last.len() + rejects == batch.len() {
             return (batch, Vec::new());
         }
-        let mut is_last = vec![false; batch.len()];
+        let mut is_last: Vec<bool> = batch.iter().map(is_reject).collect();
         for i in last.into_values() {
             is_last[i] = true;
         }
@@ -940,6 +957,20 @@ mod tests {
         let kept: Vec<(Seq, u64)> = keep.iter().map(|w| (w.seq, w.version)).collect();
         assert_eq!(kept, vec![(1, 1), (3, 3)]);
         assert_eq!(superseded, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_rejected_change_neither_supersedes_nor_is_superseded() {
+        let reject = |seq| w(seq, "a", 1, Op::Reject { error_type: "malformed_event", reason: String::new(), document: None });
+        let seqs = |(keep, superseded): (Vec<Write>, Vec<Seq>)| (keep.iter().map(|w| w.seq).collect::<Vec<_>>(), superseded);
+        // The earlier real write of the document still goes; the refused one is dead-lettered.
+        let batch = vec![w(0, "a", 1, Op::Index(Bytes::from_static(b"{}"))), reject(1)];
+        assert_eq!(seqs(coalesce(batch)), (vec![0, 1], vec![]));
+        // Unreadable changes sharing a key are each dead-lettered.
+        assert_eq!(seqs(coalesce(vec![reject(0), reject(1)])), (vec![0, 1], vec![]));
+        // Real writes still coalesce around it.
+        let batch = vec![w(0, "a", 1, Op::Index(Bytes::from_static(b"{}"))), reject(1), w(2, "a", 2, Op::Delete)];
+        assert_eq!(seqs(coalesce(batch)), (vec![1, 2], vec![0]));
     }
 
     proptest::proptest! {
