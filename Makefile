@@ -11,6 +11,8 @@ NOIDA := noida-db==0.2.3
 KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
 PYYAML := PyYAML==6.0.3
 CEL_PYTHON := cel-python==0.5.0
+# A DNS server serving SRV and TXT records, for the `mongodb+srv://` tests (crates/testkit/py/srv_dns.py).
+DNSLIB := dnslib==0.9.26
 CARGO ?= cargo
 
 .PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e clean
@@ -25,7 +27,7 @@ build:
 venv: $(VENV)/.installed
 $(VENV)/.installed: Makefile
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)' '$(DNSLIB)'
 	touch $@
 
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the

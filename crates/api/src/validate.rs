@@ -4,6 +4,7 @@
 //! the path of every type error. [`validate`] applies every rule the engine relies on and
 //! returns all violations at once, each naming the field and the fix.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::spec::*;
@@ -168,6 +169,8 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
         }
     }
 
+    check_shared_indexes(spec, &patterns, &mut errs);
+
     let b = &spec.batch;
     if !(1..=100_000).contains(&b.max_docs) {
         errs.push("spec.batch.maxDocs", "must be between 1 and 100000");
@@ -275,12 +278,73 @@ fn validate_mongodb(m: &MongoSource, errs: &mut Errors) {
                     "spec.mongodb.uri",
                     "holds a password; move the whole connection string to a Secret or file and reference it with `uriFrom`",
                 );
+            } else if let Err(e) = check_connection_string(uri) {
+                errs.push("spec.mongodb.uri", e);
             }
         }
         (None, Some(from)) => validate_value_from(from, "spec.mongodb.uriFrom", errs),
     }
     if let Some(ca) = &m.ca_from {
         validate_value_from(ca, "spec.mongodb.caFrom", errs);
+    }
+}
+
+/// Two namespaces must never write one index: dropping either (which deletes its index) would
+/// take the other's documents with it. Refuses overrides naming one index twice, and
+/// overrides naming the index another included namespace gets by default.
+fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
+    // index -> the namespace known to write it (exact names only).
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let exact = patterns.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
+    let defaults = exact.filter(|ns| !spec.indexes.contains_key(ns)).map(|ns| (ns.to_lowercase(), ns));
+    for (index, ns) in defaults.chain(spec.indexes.iter().map(|(ns, i)| (i.clone(), ns.clone()))) {
+        match owner.get(&index) {
+            Some(first) if *first != ns => errs.push(
+                format!("spec.indexes[{ns:?}]"),
+                format!("index `{index}` is also written by `{first}`: dropping one collection would delete the other's documents; give each namespace its own index"),
+            ),
+            _ => {
+                owner.insert(index.clone(), ns.clone());
+            }
+        }
+    }
+    // A wildcard's collections get `db.collection` lower-cased: an override naming such an index
+    // collides with the collection of that name, whenever it exists.
+    for (ns, index) in &spec.indexes {
+        let wild = patterns.iter().find(|p| p.collection.is_none() && index.starts_with(&format!("{}.", p.database.to_lowercase())));
+        if let Some(p) = wild {
+            if *index != ns.to_lowercase() {
+                errs.push(
+                    format!("spec.indexes[{ns:?}]"),
+                    format!("index `{index}` is the default index of a collection `{}.*` includes: the two would share it; pick another index name", p.database),
+                );
+            }
+        }
+    }
+}
+
+/// Parse a connection string exactly as `monsoon run` and the workers will (the MongoDB
+/// driver's own parser: options, their values, auth mechanisms and the credentials each
+/// needs), without resolving `mongodb+srv` names or connecting.
+///
+/// # Errors
+/// What the driver refuses, with the fix where one is known. The message never repeats the
+/// connection string (it may hold credentials when it came from a Secret or file).
+pub fn check_connection_string(uri: &str) -> Result<(), String> {
+    match mongodb::options::ConnectionString::parse(uri) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let why = match &*e.kind {
+                mongodb::error::ErrorKind::InvalidArgument { message, .. } => message.clone(),
+                _ => e.to_string(),
+            };
+            let why = why.replace(uri, "<connection string>");
+            if why.contains("feature") {
+                // Kerberos (GSSAPI) needs system libraries the image does not carry.
+                return Err(format!("monsoon does not support what this connection string asks for: {why}; use SCRAM, X.509, MONGODB-AWS or OIDC authentication"));
+            }
+            Err(format!("the MongoDB driver refuses this connection string: {why}"))
+        }
     }
 }
 
@@ -563,6 +627,59 @@ spec:
         assert_eq!(errs[0].field, "spec.mongodb.uri");
         assert!(errs[0].message.contains("uriFrom"));
         assert!(!errs[0].message.contains("secret@"), "message must not echo credentials");
+    }
+
+    #[test]
+    fn srv_and_aws_connection_strings_are_accepted_as_run_accepts_them() {
+        for uri in [
+            "mongodb+srv://cluster0.example.mongodb.net/?retryWrites=true&w=majority",
+            "mongodb+srv://cluster0.example.mongodb.net/?authMechanism=MONGODB-AWS&authSource=%24external",
+            "mongodb://db-0.db:27017/?replicaSet=rs0&tls=true&tlsCertificateKeyFile=/etc/tls/client.pem&authMechanism=MONGODB-X509",
+        ] {
+            let yaml = MINIMAL.replace("mongodb://127.0.0.1:27017/?directConnection=true", uri);
+            assert!(parse_manifest(&yaml).is_ok(), "{uri}: {:?}", parse_manifest(&yaml).err());
+        }
+    }
+
+    #[test]
+    fn a_connection_string_the_driver_refuses_is_refused_naming_the_field() {
+        for (uri, says) in [
+            ("mongodb://h:27017/?authMechanism=GSSAPI", "GSSAPI"),
+            ("mongodb://h:27017/?replicaSet=rs0&wtimeoutMS=x", "wtimeoutms"),
+            ("mongodb+srv://h.example.com:27017/", "port"),
+        ] {
+            let yaml = MINIMAL.replace("mongodb://127.0.0.1:27017/?directConnection=true", uri);
+            let errs = errors_of(&yaml);
+            assert_eq!(errs.len(), 1, "{uri}: {errs:?}");
+            assert_eq!(errs[0].field, "spec.mongodb.uri");
+            assert!(errs[0].message.to_lowercase().contains(&says.to_lowercase()), "{uri}: {}", errs[0].message);
+        }
+    }
+
+    #[test]
+    fn two_namespaces_writing_one_index_are_refused_naming_the_index() {
+        let yaml = MINIMAL.replace("- shop.orders ", "- shop.orders\n    - shop.archive ")
+            .replace("snapshot: true", "snapshot: true\n  indexes:\n    shop.orders: merged\n    shop.archive: merged");
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].field.starts_with("spec.indexes["), "{errs:?}");
+        assert!(errs[0].message.contains("`merged`"), "{}", errs[0].message);
+        // An override onto another included namespace's default index.
+        let yaml = MINIMAL.replace("- shop.orders ", "- shop.orders\n    - shop.archive ")
+            .replace("snapshot: true", "snapshot: true\n  indexes:\n    shop.archive: shop.orders");
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("shop.orders"), "{}", errs[0].message);
+        // An override onto a name a wildcard gives.
+        let yaml = MINIMAL.replace("- shop.orders ", "- shop.orders\n    - logs.* ")
+            .replace("snapshot: true", "snapshot: true\n  indexes:\n    shop.orders: logs.app");
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("logs.*"), "{}", errs[0].message);
+        // Distinct indexes are fine.
+        let yaml = MINIMAL.replace("- shop.orders ", "- shop.orders\n    - shop.archive ")
+            .replace("snapshot: true", "snapshot: true\n  indexes:\n    shop.archive: archive");
+        assert!(parse_manifest(&yaml).is_ok(), "{:?}", parse_manifest(&yaml).err());
     }
 
     #[test]

@@ -78,29 +78,6 @@ impl Default for RunOptions {
     }
 }
 
-/// Mapping of the dead-letter index: records are kept whole but only the routing fields are
-/// indexed, so no refused document can make its own record fail on a mapping conflict.
-fn dead_letter_index_body() -> serde_json::Value {
-    serde_json::json!({
-        "settings": {"index": {"number_of_shards": 1}},
-        "mappings": {
-            "dynamic": false,
-            "properties": {
-                "pipeline": {"type": "keyword"},
-                "namespace": {"type": "keyword"},
-                "index": {"type": "keyword"},
-                "id": {"type": "keyword"},
-                "op": {"type": "keyword"},
-                "status": {"type": "integer"},
-                "errorType": {"type": "keyword"},
-                "reason": {"type": "text"},
-                "failedAt": {"type": "date"},
-                "document": {"type": "text", "index": false}
-            }
-        }
-    })
-}
-
 /// Run one pipeline until `shutdown` fires or it fails.
 ///
 /// # Errors
@@ -166,7 +143,7 @@ async fn run_inner<S: CheckpointStore>(
         }
     };
     let resume_token = cp.resume_token(&location)?;
-    es.create_index_if_missing(&config.dead_letter_index, &dead_letter_index_body())
+    es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body())
         .await?;
 
     let shared = Shared::new(metrics.clone(), health.clone());
@@ -184,33 +161,29 @@ async fn run_inner<S: CheckpointStore>(
 
     let snapshot_progress = cp.snapshot.clone();
     let sweep_below = cp.sweep_below;
+    let written = cp.written.clone();
+    let resume = resume_token.map(|token| {
+        if cp.resume_after_invalidate {
+            StreamStart::StartAfter(token)
+        } else {
+            StreamStart::ResumeAfter(token)
+        }
+    });
     let stop_checkpointer = CancellationToken::new();
     let checkpointer = {
-        let shared = shared.clone();
+        let committer = Committer::new(cp, store, shared.clone());
         let stop = stop_checkpointer.clone();
         let interval = config.checkpoint_interval;
+        let final_deadline = options.shutdown_grace;
         let fence = shutdown.clone();
         let fence_abort = abort.clone();
         tokio::spawn(
-            async move {
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(interval) => {}
-                        () = stop.cancelled() => break,
-                    }
-                    if let Err(e) = commit(&shared, &mut cp, &store).await {
-                        // Fenced: stop the whole pipeline at once (in-flight bulks abandoned);
-                        // never write again.
-                        error!(error = %error_chain(&e), "checkpoint lease lost; stopping at once");
-                        fence_abort.cancel();
-                        fence.cancel();
-                        return Some(e);
-                    }
-                }
-                // Final checkpoint: everything acknowledged before shutdown.
-                commit(&shared, &mut cp, &store).await.err()
-            }
-            .instrument(tracing::info_span!("checkpointer", pipeline = %name.to_string())),
+            committer
+                .run(interval, stop, final_deadline, move || {
+                    fence_abort.cancel();
+                    fence.cancel();
+                })
+                .instrument(tracing::info_span!("checkpointer", pipeline = %name.to_string())),
         )
     };
 
@@ -225,10 +198,11 @@ async fn run_inner<S: CheckpointStore>(
         route_cache: std::sync::Mutex::new(None),
         id_scratch: std::sync::Mutex::new(Vec::with_capacity(64)),
         shard: config.shard,
+        written: std::sync::Mutex::new(written),
     };
     let mut start = Start {
         stream_start,
-        resume_token,
+        resume,
         snapshot: snapshot_progress,
         sweep_below,
     };
@@ -251,7 +225,7 @@ async fn run_inner<S: CheckpointStore>(
                 sink.record(Position::Reset { stream_start: t1 });
                 start = Start {
                     stream_start: t1,
-                    resume_token: None,
+                    resume: None,
                     snapshot: checkpoint::SnapshotProgress::default(),
                     sweep_below: Some(t1.version()),
                 };
@@ -283,9 +257,9 @@ async fn run_inner<S: CheckpointStore>(
     }
     stop_checkpointer.cancel();
     match checkpointer.await {
-        Err(e) => error!(pipeline = %name, error = %e, "checkpointer task failed"),
-        Ok(Some(fenced)) => return Err(Error::Checkpoint(fenced)),
-        Ok(None) => info!(pipeline = %name, "final checkpoint written"),
+        Err(e) => error!(pipeline = %name, error = %e, "checkpointer task failed; the next start resumes from the last checkpoint stored"),
+        Ok(Err(e)) => return Err(Error::Checkpoint(e)),
+        Ok(Ok(())) => info!(pipeline = %name, "final checkpoint written"),
     }
     result.map_err(Error::from)
 }
@@ -293,7 +267,8 @@ async fn run_inner<S: CheckpointStore>(
 /// Where the source starts: from the checkpoint, or anew after lost history.
 struct Start {
     stream_start: ClusterTime,
-    resume_token: Option<mongodb::change_stream::event::ResumeToken>,
+    /// After the last acknowledged change, when the checkpoint has one.
+    resume: Option<StreamStart>,
     snapshot: checkpoint::SnapshotProgress,
     sweep_below: Option<u64>,
 }
@@ -361,43 +336,65 @@ async fn run_source(
     }
     sink.record(Position::Coverage(current));
     if let Some(below) = start.sweep_below {
-        if sweep(config, source, sink, below).await == Ended::Cancelled {
+        if sweep(config, source, sink, below).await? == Ended::Cancelled {
             return Ok(());
         }
     }
-    let stream_start = match &start.resume_token {
-        Some(token) => StreamStart::ResumeAfter(token.clone()),
-        None => StreamStart::At(start.stream_start),
-    };
+    let stream_start = start.resume.clone().unwrap_or(StreamStart::At(start.stream_start));
     source.stream(stream_start).await.map(|_| ())
 }
 
-/// After a re-snapshot: once every snapshot write is acknowledged, delete from each index the
-/// documents older than the new snapshot (they were deleted during the lost history).
-async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u64) -> Ended {
+/// After a re-snapshot: once every snapshot write is acknowledged, apply the drops of the
+/// collections that disappeared during the lost history, then delete from each remaining
+/// index the documents older than the new snapshot (they were deleted during the gap).
+///
+/// # Errors
+/// Only when the sink closed.
+async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u64) -> Result<Ended, mongo::Error> {
     let drained = tokio::select! {
         r = sink.barrier() => r.is_ok(),
         () = source.cancel.cancelled() => false,
     };
     if !drained {
-        return Ended::Cancelled;
+        return Ok(Ended::Cancelled);
     }
     let mut backoff = retry::Backoff::default();
     loop {
-        let mut indexes: Vec<String> = match mongo::list_collections(&source.client, &config.routing).await {
-            Ok(c) => c.iter().map(|(db, coll)| config.routing.index_for(db, coll)).collect(),
+        let existing = match mongo::list_collections(&source.client, &config.routing).await {
+            Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "failed to list collections for the sweep; retrying");
+                warn!(pipeline = %config.name, error = %error_chain(&e), "failed to list collections for the sweep; retrying");
                 if backoff.wait(&source.cancel).await.is_err() {
-                    return Ended::Cancelled;
+                    return Ok(Ended::Cancelled);
                 }
                 continue;
             }
         };
-        // Collections dropped during the gap have no collection left, only their index.
-        indexes.extend(config.routing.include.iter().filter_map(|p| {
-            p.collection.as_ref().map(|c| config.routing.index_for(&p.database, c))
-        }));
+        // Dropped during the gap: written before (or named exactly by the pipeline), gone now.
+        // Their drop events were lost with the history: apply them as the events would have.
+        let known: Vec<String> = {
+            let written = source.written.lock().unwrap_or_else(|p| p.into_inner());
+            written.keys().cloned().collect()
+        };
+        let named = config.routing.include.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
+        let mut gone: Vec<(String, String)> = known
+            .into_iter()
+            .chain(named)
+            .filter_map(|ns| ns.split_once('.').map(|(d, c)| (d.to_string(), c.to_string())))
+            .filter(|(db, coll)| config.routing.includes(db, coll) && !existing.contains(&(db.clone(), coll.clone())))
+            .collect();
+        gone.sort();
+        gone.dedup();
+        let at = mongodb::bson::Timestamp::from(ClusterTime::from_version(below));
+        for (db, coll) in &gone {
+            info!(pipeline = %config.name, namespace = %format!("{db}.{coll}"), "collection dropped during the lost history; applying its drop");
+            match source.drop_index(db, coll, Some(at)).await {
+                Ok(()) => {}
+                Err(mongo::Error::Cancelled) => return Ok(Ended::Cancelled),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut indexes: Vec<String> = existing.iter().map(|(db, coll)| config.routing.index_for(db, coll)).collect();
         indexes.sort();
         indexes.dedup();
         let mut failed = false;
@@ -406,7 +403,7 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
             match sink.elastic().sweep(index, below, |id| shard.owns(id)).await {
                 Ok(n) => info!(pipeline = %config.name, index = %index, deleted = n, "swept documents deleted during the lost history"),
                 Err(e) => {
-                    warn!(index = %index, error = %error_chain(&e), "sweep failed; retrying");
+                    warn!(pipeline = %config.name, index = %index, error = %error_chain(&e), "sweep failed; retrying");
                     failed = true;
                     break;
                 }
@@ -414,40 +411,181 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
         }
         if !failed {
             sink.record(Position::SweepDone);
-            return Ended::Complete;
+            return Ok(Ended::Complete);
         }
         if backoff.wait(&source.cancel).await.is_err() {
-            return Ended::Cancelled;
+            return Ok(Ended::Cancelled);
         }
     }
 }
 
-/// Fold committable positions into `cp` and store it. A failed write is logged and retried
-/// on the next tick (the positions stay applied in memory).
+/// The checkpointer's side of the checkpoint: the latest state with every committable
+/// position folded in, and whether the store is behind it.
 ///
-/// # Errors
-/// Only [`checkpoint::Error::Fenced`]: another worker holds the lease, so this one must stop.
-async fn commit<S: CheckpointStore>(shared: &Shared, cp: &mut Checkpoint, store: &S) -> Result<(), checkpoint::Error> {
-    let positions = shared.take_committable();
-    if positions.is_empty() {
-        return Ok(());
+/// # Invariants
+/// A failed write leaves `unsaved` set, so the next tick writes again even when no new
+/// position arrived; "final checkpoint written" is reported only after a write succeeded.
+struct Committer<S> {
+    cp: Checkpoint,
+    store: S,
+    shared: Arc<Shared>,
+    unsaved: bool,
+}
+
+impl<S: CheckpointStore> Committer<S> {
+    fn new(cp: Checkpoint, store: S, shared: Arc<Shared>) -> Self {
+        Self { cp, store, shared, unsaved: false }
     }
-    for p in &positions {
-        cp.apply(p);
+
+    /// Fold committable positions in and, when the stored copy is behind, store it.
+    ///
+    /// # Errors
+    /// The store's error; `unsaved` stays set so the next call writes again.
+    async fn commit(&mut self) -> Result<(), checkpoint::Error> {
+        let positions = self.shared.take_committable();
+        for p in &positions {
+            self.cp.apply(p);
+        }
+        self.unsaved |= !positions.is_empty();
+        if !self.unsaved {
+            return Ok(());
+        }
+        self.store.save(&self.cp).await?;
+        self.unsaved = false;
+        let m = &self.shared.metrics;
+        m.checkpoints.inc();
+        m.checkpoint_time.set(time::unix_seconds());
+        if let Some(t) = self.cp.stream_time {
+            m.checkpoint_event_time.set(i64::from(t.t));
+        }
+        Ok(())
     }
-    match store.save(cp).await {
-        Ok(()) => {
-            shared.metrics.checkpoints.inc();
-            shared.metrics.checkpoint_time.set(time::unix_seconds());
-            if let Some(t) = cp.stream_time {
-                shared.metrics.checkpoint_event_time.set(i64::from(t.t));
+
+    /// Commit every `interval` until `stop`, then write the final checkpoint, retrying a failed
+    /// write for up to `final_limit`. A fenced store (another worker holds the lease) calls
+    /// `fence` at once and never writes again.
+    ///
+    /// # Errors
+    /// Fenced, or the final checkpoint could not be stored within `final_limit` (the next
+    /// start then resumes from the last one stored, replaying what came after it).
+    async fn run(
+        mut self,
+        interval: Duration,
+        stop: CancellationToken,
+        final_limit: Duration,
+        fence: impl FnOnce(),
+    ) -> Result<(), checkpoint::Error> {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = stop.cancelled() => break,
             }
+            match self.commit().await {
+                Ok(()) => {}
+                Err(e @ checkpoint::Error::Fenced { .. }) => {
+                    error!(error = %error_chain(&e), "checkpoint lease lost; stopping at once");
+                    fence();
+                    return Err(e);
+                }
+                Err(e) => error!(error = %error_chain(&e), "failed to store checkpoint; retrying at the next tick"),
+            }
+        }
+        // Final checkpoint: everything acknowledged before shutdown.
+        let deadline = tokio::time::Instant::now() + final_limit;
+        let mut backoff = retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            match self.commit().await {
+                Ok(()) => return Ok(()),
+                Err(e @ checkpoint::Error::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if tokio::time::Instant::now() + delay >= deadline {
+                        return Err(e);
+                    }
+                    warn!(error = %error_chain(&e), "failed to store the final checkpoint; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store whose first `fail` writes fail, then succeed; counts successful writes.
+    #[derive(Default)]
+    struct Flaky {
+        fail: AtomicUsize,
+        saved: std::sync::Mutex<Vec<Checkpoint>>,
+    }
+
+    impl CheckpointStore for Arc<Flaky> {
+        fn location(&self) -> String {
+            "flaky".into()
+        }
+        async fn load(&self) -> Result<Option<Checkpoint>, checkpoint::Error> {
+            Ok(None)
+        }
+        async fn save(&self, cp: &Checkpoint) -> Result<(), checkpoint::Error> {
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                self.fail.fetch_sub(1, Ordering::SeqCst);
+                return Err(checkpoint::Error::Io {
+                    op: "write",
+                    location: "flaky".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            self.saved.lock().unwrap_or_else(|p| p.into_inner()).push(cp.clone());
             Ok(())
         }
-        Err(e @ checkpoint::Error::Fenced { .. }) => Err(e),
-        Err(e) => {
-            error!(error = %error_chain(&e), "failed to store checkpoint; will retry");
-            Ok(())
-        }
+    }
+
+    fn shared() -> Arc<Shared> {
+        Shared::new(Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))))
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkpoint_write_is_retried_without_new_positions() {
+        let store = Arc::new(Flaky { fail: AtomicUsize::new(1), ..Flaky::default() });
+        let shared = shared();
+        let mut committer = Committer::new(Checkpoint::new("p"), store.clone(), shared.clone());
+        shared.record(Position::SnapshotDone);
+        assert!(committer.commit().await.is_err(), "the first write fails");
+        // No new position arrives; the next tick must still store the snapshot's end.
+        committer.commit().await.expect("second write");
+        let saved = store.saved.lock().expect("lock").clone();
+        assert_eq!(saved.len(), 1, "the failed write is retried");
+        assert!(saved[0].snapshot.done);
+        // Nothing new and nothing unsaved: no needless write.
+        committer.commit().await.expect("idle");
+        assert_eq!(store.saved.lock().expect("lock").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_final_checkpoint_is_reported_failed_when_it_cannot_be_stored() {
+        let store = Arc::new(Flaky { fail: AtomicUsize::new(usize::MAX), ..Flaky::default() });
+        let shared = shared();
+        shared.record(Position::SnapshotDone);
+        let committer = Committer::new(Checkpoint::new("p"), store.clone(), shared);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let result = committer.run(Duration::from_secs(60), stop, Duration::from_millis(500), || {}).await;
+        assert!(matches!(result, Err(checkpoint::Error::Io { .. })), "{result:?}");
+        assert!(store.saved.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_final_checkpoint_write_is_retried_within_the_grace_period() {
+        let store = Arc::new(Flaky { fail: AtomicUsize::new(2), ..Flaky::default() });
+        let shared = shared();
+        shared.record(Position::SnapshotDone);
+        let committer = Committer::new(Checkpoint::new("p"), store.clone(), shared);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        committer.run(Duration::from_secs(60), stop, Duration::from_secs(10), || {}).await.expect("stored after retries");
+        assert!(store.saved.lock().expect("lock")[0].snapshot.done);
     }
 }

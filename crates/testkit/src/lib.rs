@@ -5,6 +5,9 @@
 //! (Elasticsearch REST API). They are driven here with the real `mongodb` and
 //! `elasticsearch` crates. A missing stand-in makes the test fail loudly, never skip.
 
+pub mod dns;
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -37,6 +37,10 @@ pub struct Checkpoint {
     /// Resume token (canonical extended JSON) after the last acknowledged change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_token: Option<serde_json::Value>,
+    /// `resumeToken` is an invalidate event's (after a `dropDatabase`): the stream re-opens
+    /// with `startAfter`, since MongoDB refuses `resumeAfter` an invalidate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_after_invalidate: bool,
     /// Cluster time of the last change read before `resumeToken` (at or before the token's
     /// own position). Resume tokens cannot be compared, cluster times can: re-sharding
     /// starts the new shards at the earliest of the old shards' times.
@@ -48,6 +52,11 @@ pub struct Checkpoint {
     /// Snapshot progress.
     #[serde(default)]
     pub snapshot: SnapshotProgress,
+    /// Every namespace this pipeline has written, with its index (until the namespace is
+    /// dropped and its index dealt with). After lost history this is how the sweep finds the
+    /// collections dropped during the gap: they are no longer listed by MongoDB.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub written: BTreeMap<String, String>,
     /// After a re-snapshot (history lost): once the snapshot is acknowledged, documents with
     /// a version below this are ones the new snapshot did not see, deleted during the gap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +165,9 @@ pub enum Position {
         token: ResumeToken,
         /// Cluster time of the last change read before the token, if any was.
         time: Option<ClusterTime>,
+        /// The token is an invalidate event's: MongoDB refuses `resumeAfter` it, so the stream
+        /// must re-open with `startAfter`.
+        after_invalidate: bool,
     },
     /// History was lost: start over from a new stream start with a new snapshot, and sweep
     /// what it does not see.
@@ -165,6 +177,18 @@ pub enum Position {
     },
     /// The sweep after a re-snapshot is done.
     SweepDone,
+    /// Namespace `ns` is written into `index` (recorded before its first write).
+    Written {
+        /// Namespace.
+        ns: String,
+        /// Its index.
+        index: String,
+    },
+    /// Namespace `ns` was dropped (or renamed away) and its index dealt with per `onDrop`.
+    Forgotten {
+        /// Namespace.
+        ns: String,
+    },
 }
 
 /// Why a checkpoint could not be read, written or understood.
@@ -232,14 +256,22 @@ impl Checkpoint {
             Position::Reset { stream_start } => {
                 self.stream_start = Some(*stream_start);
                 self.resume_token = None;
+                self.resume_after_invalidate = false;
                 self.stream_time = None;
                 self.snapshot = SnapshotProgress::default();
                 self.sweep_below = Some(stream_start.version());
             }
             Position::SweepDone => self.sweep_below = None,
-            Position::Stream { token, time } => {
+            Position::Written { ns, index } => {
+                self.written.insert(ns.clone(), index.clone());
+            }
+            Position::Forgotten { ns } => {
+                self.written.remove(ns);
+            }
+            Position::Stream { token, time, after_invalidate } => {
                 if let Ok(bson) = mongodb::bson::to_bson(token) {
                     self.resume_token = Some(bson.into_canonical_extjson());
+                    self.resume_after_invalidate = *after_invalidate;
                 }
                 if time.is_some() {
                     self.stream_time = *time;
@@ -308,6 +340,8 @@ impl Checkpoint {
     pub fn merge_for_reshard(pipeline: &str, old: &[Checkpoint], shard: crate::config::Shard) -> Checkpoint {
         let mut merged = Checkpoint {
             shard: shard.is_split().then_some(shard),
+            // Any old shard's record of a namespace may be the only one (it wrote it first).
+            written: old.iter().flat_map(|cp| cp.written.clone()).collect(),
             ..Checkpoint::new(pipeline)
         };
         let positions: Option<Vec<ClusterTime>> = old
@@ -420,6 +454,19 @@ mod tests {
     }
 
     #[test]
+    fn an_invalidate_token_is_stored_as_one_to_start_after() {
+        let token = |d: &str| -> ResumeToken { mongodb::bson::from_bson(Bson::Document(doc! {"_data": d})).expect("token") };
+        let mut cp = Checkpoint::new("shop");
+        cp.apply(&Position::Stream { token: token("01"), time: None, after_invalidate: true });
+        let back: Checkpoint = serde_json::from_str(&serde_json::to_string(&cp).expect("json")).expect("parse");
+        assert!(back.resume_after_invalidate, "{}", serde_json::to_string(&cp).expect("json"));
+        // The next acknowledged event's token is an ordinary one again.
+        cp.apply(&Position::Stream { token: token("02"), time: None, after_invalidate: false });
+        assert!(!cp.resume_after_invalidate);
+        assert!(!serde_json::to_string(&cp).expect("json").contains("resumeAfterInvalidate"));
+    }
+
+    #[test]
     fn positions_fold_into_a_checkpoint_that_round_trips_through_json() {
         let mut cp = Checkpoint::new("shop");
         let oid = ObjectId::new();
@@ -432,7 +479,7 @@ mod tests {
         });
         let token: ResumeToken =
             mongodb::bson::from_bson(Bson::Document(doc! {"_data": "8263AB"})).expect("token");
-        cp.apply(&Position::Stream { token: token.clone(), time: None });
+        cp.apply(&Position::Stream { token: token.clone(), time: None, after_invalidate: false });
         let text = serde_json::to_string(&cp).expect("json");
         let back: Checkpoint = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, cp);

@@ -17,6 +17,7 @@
 //! - Memory is bounded: each write holds permits of a byte budget until it is acknowledged,
 //!   and the batcher's queue is bounded, so a dead sink stops the source.
 
+pub mod dead_letter;
 pub mod elasticsearch;
 
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +33,7 @@ use tracing::{error, warn, Instrument};
 
 use self::elasticsearch::request::{body_for, encoded_len};
 use self::elasticsearch::response::{classify_response, classify_status, ItemOutcome, RequestOutcome};
+use self::dead_letter::{Embed, Refusal};
 use self::elasticsearch::Elastic;
 use crate::checkpoint::tracker::{Seq, Tracker};
 use crate::checkpoint::Position;
@@ -675,14 +677,14 @@ impl Deliverer {
         let m = &self.shared.metrics;
         let mut backoff = Backoff::default();
         let mut queue: VecDeque<Vec<Write>> = VecDeque::from([writes]);
-        let mut rejected: Vec<(Write, u16, String, String)> = Vec::new();
+        let mut rejected: Vec<(Write, Refusal)> = Vec::new();
         if let Some(first) = queue.pop_front() {
             let (refused, sendable): (Vec<Write>, Vec<Write>) =
                 first.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
             for w in refused {
                 if let Op::Reject { error_type, reason, .. } = &w.op {
-                    let (t, r) = (error_type.to_string(), reason.clone());
-                    rejected.push((w, 0, t, r));
+                    let why = Refusal { status: 0, error_type: error_type.to_string(), reason: reason.clone() };
+                    rejected.push((w, why));
                 }
             }
             queue.push_back(sendable);
@@ -722,7 +724,7 @@ impl Deliverer {
                     if chunk.len() == 1 {
                         let reason = String::from_utf8_lossy(&response[..response.len().min(1000)]).into_owned();
                         for w in chunk {
-                            rejected.push((w, status, format!("http_{status}"), reason.clone()));
+                            rejected.push((w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() }));
                         }
                     } else {
                         let mut left = chunk;
@@ -757,7 +759,7 @@ impl Deliverer {
                                 retry.push(w);
                             }
                             ItemOutcome::Reject { status, error_type, reason } => {
-                                rejected.push((w, status, error_type, reason));
+                                rejected.push((w, Refusal { status, error_type, reason }));
                             }
                         }
                     }
@@ -786,75 +788,96 @@ impl Deliverer {
         Ok(())
     }
 
-    /// Record refused documents in the dead-letter index, retrying until Elasticsearch has
-    /// them (or refuses the record itself, which is logged at ERROR with the document id).
-    async fn dead_letter(
-        &self,
-        rejected: Vec<(Write, u16, String, String)>,
-    ) -> Result<(), crate::retry::Cancelled> {
+    /// Record refused documents in the dead-letter index (see [`dead_letter`] for what a record
+    /// holds and when one is given up on).
+    async fn dead_letter(&self, rejected: Vec<(Write, Refusal)>) -> Result<(), crate::retry::Cancelled> {
         let m = &self.shared.metrics;
         let now = crate::time::now_rfc3339();
-        let mut records: Vec<(usize, Vec<u8>)> = Vec::with_capacity(rejected.len());
-        for (i, (w, status, error_type, reason)) in rejected.iter().enumerate() {
-            error!(namespace = %w.ns, index = %w.index, id = %w.id_json, status, error_type = %error_type, reason = %reason, "document refused by Elasticsearch; dead-lettered");
-            m.dead_letters.with_label_values(&[error_type.as_str()]).inc();
-            let document = match &w.op {
-                Op::Index(src) | Op::Reject { document: Some(src), .. } => {
-                    serde_json::Value::String(String::from_utf8_lossy(src).into_owned())
-                }
-                Op::Delete | Op::Reject { document: None, .. } => serde_json::Value::Null,
-            };
-            let id: serde_json::Value = serde_json::from_str(&w.id_json).unwrap_or_default();
-            let record = serde_json::json!({
-                "pipeline": &*self.settings.pipeline,
-                "namespace": &*w.ns,
-                "index": &*w.index,
-                "id": id,
-                "version": w.version,
-                "op": match w.op { Op::Delete => "delete", Op::Index(_) => "index", Op::Reject { .. } => "unconvertible" },
-                "status": status,
-                "errorType": error_type,
-                "reason": reason,
-                "failedAt": now,
-                "document": document,
-            });
-            let mut line = Vec::new();
-            line.extend_from_slice(b"{\"index\":{\"_index\":");
-            elasticsearch::request::write_json_str(&self.settings.dead_letter_index, &mut line);
-            line.extend_from_slice(b"}}\n");
-            if serde_json::to_writer(&mut line, &record).is_ok() {
-                line.push(b'\n');
-                records.push((i, line));
-            }
+        let line = |i: usize, embed: Embed| {
+            let (w, why) = &rejected[i];
+            dead_letter::record_lines(&self.settings.dead_letter_index, &self.settings.pipeline, w, why, &now, embed)
+        };
+        for (w, why) in &rejected {
+            error!(namespace = %w.ns, index = %w.index, id = %w.id_json, status = why.status, error_type = %why.error_type, reason = %dead_letter::truncated(&why.reason, 300), "document refused; dead-lettered");
+            m.dead_letters.with_label_values(&[why.error_type.as_str()]).inc();
         }
+        // Requests of records, each within the batch byte limit.
+        let mut queue: VecDeque<Vec<(usize, Embed, Vec<u8>)>> = VecDeque::new();
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        for i in 0..rejected.len() {
+            let l = line(i, Embed::Prefix);
+            if !group.is_empty() && bytes + l.len() > self.settings.batch.max_bytes {
+                queue.push_back(std::mem::take(&mut group));
+                bytes = 0;
+            }
+            bytes += l.len();
+            group.push((i, Embed::Prefix, l));
+        }
+        queue.push_back(group);
+        // A record refused for good: resend it without its document, or give up on it.
+        let refused = |queue: &mut VecDeque<Vec<(usize, Embed, Vec<u8>)>>, i: usize, embed: Embed, reason: &str| {
+            let (w, _) = &rejected[i];
+            if embed == Embed::Prefix {
+                warn!(namespace = %w.ns, id = %w.id_json, reason = %dead_letter::truncated(reason, 300), "dead-letter record refused; sending it again without the document");
+                queue.push_back(vec![(i, Embed::Nothing, line(i, Embed::Nothing))]);
+            } else {
+                error!(namespace = %w.ns, index = %w.index, id = %w.id_json, reason = %dead_letter::truncated(reason, 300), "dead-letter index refused the record; the document is only in this log");
+                m.dead_letter_failures.inc();
+            }
+        };
         let mut backoff = Backoff::default();
-        while !records.is_empty() {
-            let body: Vec<u8> = records.iter().flat_map(|(_, l)| l.iter().copied()).collect();
-            let retry = match self.es.bulk(body).await {
-                Ok((status, response)) if classify_status(status) == RequestOutcome::ReadItems => {
-                    match classify_response(&response, &vec![false; records.len()]) {
-                        Ok(outcomes) => {
-                            let mut retry = Vec::new();
-                            for ((i, line), outcome) in records.into_iter().zip(outcomes) {
-                                match outcome {
-                                    ItemOutcome::Retry { .. } => retry.push((i, line)),
-                                    ItemOutcome::Reject { reason, .. } => {
-                                        let (w, ..) = &rejected[i];
-                                        error!(namespace = %w.ns, id = %w.id_json, reason = %reason, "dead-letter index refused the record; the document is only in this log");
-                                        m.dead_letter_failures.inc();
-                                    }
-                                    _ => m.hot.dead_lettered.inc(),
-                                }
-                            }
-                            retry
-                        }
-                        Err(_) => records,
+        while let Some(group) = queue.pop_front() {
+            if group.is_empty() {
+                continue;
+            }
+            let body: Vec<u8> = group.iter().flat_map(|(_, _, l)| l.iter().copied()).collect();
+            let (status, response) = match self.es.bulk(body).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), records = group.len(), "dead-letter request failed; retrying");
+                    queue.push_front(group);
+                    self.shared.health.sink_beat(false);
+                    backoff.wait(&self.abort).await?;
+                    continue;
+                }
+            };
+            let mut retry = Vec::new();
+            match classify_status(status) {
+                RequestOutcome::Retry => retry = group,
+                RequestOutcome::Split if group.len() > 1 => {
+                    let mut left = group;
+                    let right = left.split_off(left.len() / 2);
+                    queue.push_front(right);
+                    queue.push_front(left);
+                }
+                RequestOutcome::Split => {
+                    let reason = format!("status {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)]));
+                    for (i, embed, _) in group {
+                        refused(&mut queue, i, embed, &reason);
                     }
                 }
-                Ok(_) | Err(_) => records,
-            };
-            records = retry;
-            if !records.is_empty() {
+                RequestOutcome::ReadItems => match classify_response(&response, &vec![false; group.len()]) {
+                    Ok(outcomes) => {
+                        for ((i, embed, l), outcome) in group.into_iter().zip(outcomes) {
+                            match outcome {
+                                ItemOutcome::Retry { .. } => retry.push((i, embed, l)),
+                                ItemOutcome::Reject { reason, .. } => refused(&mut queue, i, embed, &reason),
+                                ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone => m.hot.dead_lettered.inc(),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %crate::error_chain(&e), "unreadable dead-letter response; retrying");
+                        retry = group;
+                    }
+                },
+            }
+            if retry.is_empty() {
+                backoff.reset();
+            } else {
+                warn!(status, records = retry.len(), "dead-letter records failed retriably; retrying");
+                queue.push_front(retry);
                 self.shared.health.sink_beat(false);
                 backoff.wait(&self.abort).await?;
             }

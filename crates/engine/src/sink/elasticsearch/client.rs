@@ -233,11 +233,18 @@ impl Elastic {
         let mut deleted = 0;
         let mut scroll_id = String::new();
         loop {
-            let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            // A page that does not read as one is an error, never "no more hits": ending the
+            // sweep early would leave the documents deleted during the gap in the index.
+            let unreadable = |why: &str| Error::Status {
+                operation: "read sweep page",
+                status: 200,
+                body: format!("{why}: {}", String::from_utf8_lossy(&body[..body.len().min(300)])),
+            };
+            let page: serde_json::Value = serde_json::from_slice(&body).map_err(|_| unreadable("not JSON"))?;
             if let Some(id) = page["_scroll_id"].as_str() {
                 scroll_id = id.to_string();
             }
-            let hits = page["hits"]["hits"].as_array().cloned().unwrap_or_default();
+            let hits = page["hits"]["hits"].as_array().cloned().ok_or_else(|| unreadable("no hits.hits array"))?;
             if hits.is_empty() {
                 break;
             }

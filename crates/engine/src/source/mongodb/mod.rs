@@ -89,6 +89,17 @@ pub enum Error {
     /// Shutdown was requested while waiting on the sink.
     #[error("cancelled")]
     Cancelled,
+    /// Two live namespaces would write one index: dropping either would delete the other's
+    /// documents with it.
+    #[error("namespaces `{first}` and `{second}` both write to index `{index}`: dropping one would delete the other's documents; give one of them its own index with `spec.indexes`")]
+    SharedIndex {
+        /// The index.
+        index: String,
+        /// The namespace already writing it.
+        first: String,
+        /// The namespace that would write it too.
+        second: String,
+    },
 }
 
 /// Open a client and check the server answers and accepts the credentials.
@@ -217,6 +228,8 @@ pub struct Source<'a> {
     pub id_scratch: std::sync::Mutex<Vec<u8>>,
     /// The documents this worker owns.
     pub shard: Shard,
+    /// Namespaces written so far and their indexes (the checkpoint's `written`, kept current).
+    pub written: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// A routed collection: database, collection, namespace and index names.
@@ -289,18 +302,45 @@ impl Source<'_> {
     }
 
     /// Index and namespace names of `db.coll`, cached for the common case of consecutive
-    /// changes to one collection.
-    fn route(&self, db: &str, coll: &str) -> (Arc<str>, Arc<str>) {
+    /// changes to one collection. A namespace's first route records it as written (before its
+    /// first write, so a checkpoint past that write always knows the index).
+    ///
+    /// # Errors
+    /// [`Error::SharedIndex`] when another live namespace already writes the same index.
+    fn route(&self, db: &str, coll: &str) -> Result<(Arc<str>, Arc<str>), Error> {
         let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((d, c, ns, index)) = cache.as_ref() {
             if d == db && c == coll {
-                return (ns.clone(), index.clone());
+                return Ok((ns.clone(), index.clone()));
             }
         }
-        let ns: Arc<str> = Arc::from(format!("{db}.{coll}"));
-        let index: Arc<str> = Arc::from(self.routing.index_for(db, coll));
+        let ns = format!("{db}.{coll}");
+        let index = self.routing.index_for(db, coll);
+        {
+            let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            if !written.contains_key(&ns) {
+                if let Some((other, _)) = written.iter().find(|(_, i)| **i == index) {
+                    return Err(Error::SharedIndex { index, first: other.clone(), second: ns });
+                }
+                written.insert(ns.clone(), index.clone());
+                self.sink.record(Position::Written { ns: ns.clone(), index: index.clone() });
+            }
+        }
+        let ns: Arc<str> = Arc::from(ns);
+        let index: Arc<str> = Arc::from(index);
         *cache = Some((db.to_string(), coll.to_string(), ns.clone(), index.clone()));
-        (ns, index)
+        Ok((ns, index))
+    }
+
+    /// Forget `db.coll` after its drop was applied: its index is no longer this pipeline's to
+    /// sweep, and a new collection of that name starts afresh.
+    fn forget(&self, db: &str, coll: &str) {
+        let ns = format!("{db}.{coll}");
+        *self.route_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let removed = self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&ns).is_some();
+        if removed {
+            self.sink.record(Position::Forgotten { ns });
+        }
     }
 
     /// Whether this worker's shard owns the document with MongoDB `_id` `id`. An `_id` with
@@ -323,8 +363,8 @@ impl Source<'_> {
         doc: Option<&RawDocument>,
         version: u64,
         stats: &mut ConvertStats,
-    ) -> Write {
-        let (ns, index) = self.route(db, coll);
+    ) -> Result<Write, Error> {
+        let (ns, index) = self.route(db, coll)?;
         let mut scratch = self.id_scratch.lock().unwrap_or_else(|p| p.into_inner());
         scratch.clear();
         let id_buf = &mut *scratch;
@@ -337,11 +377,11 @@ impl Source<'_> {
             // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
             let shown = format!("{:?}", id.to_raw_bson());
             let shown: String = shown.chars().take(200).collect();
-            return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
+            return Ok(Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
                 error_type: "invalid_id",
                 reason: e.to_string(),
                 document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
-            });
+            }));
         }
         // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
         let id_json: Box<str> = String::from_utf8_lossy(id_buf).into();
@@ -354,7 +394,7 @@ impl Source<'_> {
             },
             None => Op::Delete,
         };
-        Write::new(ns, index, id_json, version, op)
+        Ok(Write::new(ns, index, id_json, version, op))
     }
 
     /// A dead-letter write for a change event that [`event::parse`] refused, carrying the
@@ -367,7 +407,9 @@ impl Source<'_> {
         stats: &mut ConvertStats,
     ) -> Write {
         let (ns, index) = match (seen.db, seen.coll) {
-            (Some(db), Some(coll)) => self.route(db, coll),
+            // Not routed: the record names the index for reading only, and an unreadable event
+            // must not register a namespace as written.
+            (Some(db), Some(coll)) => (Arc::from(format!("{db}.{coll}")), Arc::from(self.routing.index_for(db, coll))),
             _ => (Arc::from("unknown"), Arc::from("")),
         };
         let mut id_json = Vec::new();
@@ -466,7 +508,7 @@ impl Source<'_> {
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
                 if self.owns(id) {
-                    let mut write = self.write_for(db, coll, id, Some(raw), version, &mut stats);
+                    let mut write = self.write_for(db, coll, id, Some(raw), version, &mut stats)?;
                     write.from_snapshot = true;
                     match self.send(write).await {
                         Err(Error::Cancelled) => return Ok(Ended::Cancelled),
@@ -570,7 +612,7 @@ impl Source<'_> {
                     biased;
                     () = self.cancel.cancelled() => {
                         if let Some(token) = stream.resume_token() {
-                            self.sink.record(Position::Stream { token, time: last_time.map(ClusterTime::from) });
+                            self.sink.record(Position::Stream { after_invalidate: start.is_start_after(&token), token, time: last_time.map(ClusterTime::from) });
                         }
                         return Ok(Ended::Cancelled);
                     }
@@ -592,7 +634,7 @@ impl Source<'_> {
                         if self.handle_event(&raw, &mut stats, &mut last_time).await? == Next::Reopen {
                             // After an invalidate: continue after it.
                             if let Some(token) = stream.resume_token() {
-                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from) });
+                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from), after_invalidate: true });
                                 start = StreamStart::StartAfter(token);
                             }
                             break;
@@ -602,13 +644,13 @@ impl Source<'_> {
                             since_position = 0;
                             if let Some(token) = stream.resume_token() {
                                 last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream { token, time: last_time.map(ClusterTime::from) });
+                                self.sink.record(Position::Stream { after_invalidate: start.is_start_after(&token), token, time: last_time.map(ClusterTime::from) });
                             }
                         }
                         if back_to_lookup {
                             info!("past the oversize event; returning to updateLookup");
                             if let Some(token) = stream.resume_token() {
-                                start = StreamStart::ResumeAfter(token);
+                                start = start.continue_after(token);
                             }
                             break;
                         }
@@ -622,8 +664,8 @@ impl Source<'_> {
                             if last_recorded.as_ref() != Some(&token) {
                                 since_position = 0;
                                 last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from) });
-                                start = StreamStart::ResumeAfter(token);
+                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from), after_invalidate: start.is_start_after(&token) });
+                                start = start.continue_after(token);
                             }
                         }
                     }
@@ -636,14 +678,14 @@ impl Source<'_> {
                             warn!(error = %e, "change stream read timed out; re-opening from the last token read");
                             self.metrics.stream_reopens.inc();
                             if let Some(token) = stream.resume_token() {
-                                start = StreamStart::ResumeAfter(token);
+                                start = start.continue_after(token);
                             }
                             break;
                         };
                         // Re-open after the last event read: the events before it are already
                         // in the pipeline.
                         if let Some(token) = stream.resume_token() {
-                            start = StreamStart::ResumeAfter(token);
+                            start = start.continue_after(token);
                         }
                         if is_too_large(&e) {
                             // The next event plus its looked-up document exceeds 16 MB: read on
@@ -702,14 +744,14 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time } => {
                 self.metrics.hot.upserts.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    let w = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats);
+                    let w = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats)?;
                     self.send(w).await?;
                 }
             }
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    let w = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats);
+                    let w = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats)?;
                     self.send(w).await?;
                 }
             }
@@ -717,7 +759,7 @@ impl Source<'_> {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    let w = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats);
+                    let w = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats)?;
                     self.send(w).await?;
                 }
             }
@@ -737,7 +779,10 @@ impl Source<'_> {
                     // as a snapshot, versioned at the rename, before later events.
                     info!(from = %format!("{db}.{coll}"), to = %format!("{to_db}.{to_coll}"), "collection renamed into the pipeline; snapshotting it");
                     if self.snapshot_collection(to_db, to_coll, None, ClusterTime::from(time).version()).await? == Ended::Cancelled {
-                        return Ok(Next::Continue);
+                        // Part of the collection was never read: no position past the rename
+                        // may be recorded, so the next start reads the rename (and all of it)
+                        // again.
+                        return Err(Error::Cancelled);
                     }
                 }
             }
@@ -774,7 +819,19 @@ impl Source<'_> {
         }
     }
 
-    async fn drop_index(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
+    /// Apply the drop of `db.coll` (at cluster time `time`) per `onDrop`, then forget the
+    /// namespace.
+    ///
+    /// # Errors
+    /// [`Error::Cancelled`] when shutdown came first: the drop is not done, and no position
+    /// past it may be recorded (the next start reads the drop again).
+    pub async fn drop_index(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
+        self.apply_drop(db, coll, time).await?;
+        self.forget(db, coll);
+        Ok(())
+    }
+
+    async fn apply_drop(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
         // Every earlier write to the index must land before it is deleted, or a late write
         // would re-create it. (Waiting gives way to shutdown: nothing is lost by stopping.)
         tokio::select! {
@@ -808,7 +865,8 @@ impl Source<'_> {
                     Err(e) => {
                         warn!(index = %index, error = %crate::error_chain(&e), "failed to delete documents of dropped collection; retrying");
                         if backoff.wait(&self.cancel).await.is_err() {
-                            return Ok(());
+                            // Not done: the drop event must be read again after a restart.
+                            return Err(Error::Cancelled);
                         }
                     }
                 }
@@ -824,7 +882,8 @@ impl Source<'_> {
                 Err(e) => {
                     warn!(index = %index, error = %crate::error_chain(&e), "failed to delete index of dropped collection; retrying");
                     if backoff.wait(&self.cancel).await.is_err() {
-                        return Ok(());
+                        // Not done: the drop event must be read again after a restart.
+                        return Err(Error::Cancelled);
                     }
                 }
             }
@@ -847,6 +906,24 @@ pub enum StreamStart {
     ResumeAfter(ResumeToken),
     /// After an invalidate event.
     StartAfter(ResumeToken),
+}
+
+impl StreamStart {
+    /// Where to re-open after reading up to `token` on a stream opened at `self`. A stream that
+    /// read nothing since it started after an invalidate reports that invalidate's token, which
+    /// only `startAfter` accepts.
+    fn continue_after(&self, token: ResumeToken) -> StreamStart {
+        if self.is_start_after(&token) {
+            StreamStart::StartAfter(token)
+        } else {
+            StreamStart::ResumeAfter(token)
+        }
+    }
+
+    /// Whether `token` is the invalidate this stream was opened after.
+    fn is_start_after(&self, token: &ResumeToken) -> bool {
+        matches!(self, StreamStart::StartAfter(t) if t == token)
+    }
 }
 
 fn is_too_large(e: &ReadError) -> bool {
