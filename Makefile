@@ -14,6 +14,9 @@ CEL_PYTHON := cel-python==0.5.0
 # A DNS server serving SRV and TXT records, for the `mongodb+srv://` tests (crates/testkit/py/srv_dns.py).
 DNSLIB := dnslib==0.9.26
 CARGO ?= cargo
+# Where cargo puts what it builds: honours CARGO_TARGET_DIR and build.target-dir in a cargo
+# config, as cargo itself does (many developers share one target directory).
+TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 .PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e clean
 
@@ -33,12 +36,12 @@ $(VENV)/.installed: Makefile
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the
 # operator renders for the cluster examples, against the Kubernetes API schemas), then unit,
 # property and integration tests against the stand-ins.
-RENDERED := target/rendered
+RENDERED = $(TARGET_DIR)/rendered
 CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
 test: venv
 	$(CARGO) build -q -p monsoon
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
-	for f in $(CLUSTER_EXAMPLES); do target/debug/monsoon render -f examples/$$f.yaml --namespace shop > $(RENDERED)/$$f.yaml || exit 1; done
+	for f in $(CLUSTER_EXAMPLES); do $(TARGET_DIR)/debug/monsoon render -f examples/$$f.yaml --namespace shop > $(RENDERED)/$$f.yaml || exit 1; done
 	MONSOON_RENDERED_DIR=$(RENDERED) $(VENV)/bin/python tests/check_manifests.py
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
@@ -64,14 +67,14 @@ check-manifests: venv
 # shows the synced indexes, a search and live changes, then stops everything.
 demo: venv
 	$(CARGO) build -p monsoon -p monsoon-testkit --bins
-	target/debug/monsoon-demo target/debug/monsoon
+	$(TARGET_DIR)/debug/monsoon-demo $(TARGET_DIR)/debug/monsoon
 
 # Figures as ratios against baselines measured in the same run (see crates/bench).
 # BENCH_ARGS="--docs 200000 --stream 100000 --backlog 1000000" by default.
 BENCH_ARGS ?=
 bench: venv
 	$(CARGO) build --release -p monsoon -p monsoon-bench
-	target/release/monsoon-bench target/release/monsoon $(BENCH_ARGS)
+	$(TARGET_DIR)/release/monsoon-bench $(TARGET_DIR)/release/monsoon $(BENCH_ARGS)
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -37,6 +37,7 @@ for _ in $(seq 120); do curl -sf "http://127.0.0.1:$ES_PORT" >/dev/null && break
 mongosh 'const d=db.getSiblingDB("shop"); const docs=[]; for (let i=0;i<5000;i++) docs.push({_id:i, n:i, s:"x"+i}); d.orders.insertMany(docs)' >/dev/null
 
 cargo build -q -p monsoon
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cat > "$WORK/pipeline.yaml" <<YAML
 apiVersion: monsoon.dev/v1alpha1
 kind: SyncPipeline
@@ -46,7 +47,7 @@ spec:
   elasticsearch: {urls: ["http://127.0.0.1:$ES_PORT"]}
   namespaces: [shop.orders]
 YAML
-target/debug/monsoon run -f "$WORK/pipeline.yaml" --state-dir "$WORK/state" --http-addr 127.0.0.1:0 >"$WORK/monsoon.log" 2>&1 &
+"$TARGET_DIR/debug/monsoon" run -f "$WORK/pipeline.yaml" --state-dir "$WORK/state" --http-addr 127.0.0.1:0 >"$WORK/monsoon.log" 2>&1 &
 MONSOON_PID=$!
 
 mongosh 'const d=db.getSiblingDB("shop"); d.orders.deleteMany({_id:{$lt:100}}); d.orders.updateMany({_id:{$gte:100,$lt:200}},{$set:{s:"changed"}}); d.orders.insertOne({_id:"new"})' >/dev/null

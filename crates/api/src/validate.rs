@@ -56,7 +56,8 @@ pub struct ValidatedPipeline {
 /// Read a `SyncPipeline` manifest from YAML and validate it.
 ///
 /// # Errors
-/// [`ManifestError`] naming the first unknown or mistyped field, or every rule broken.
+/// [`ManifestError::Invalid`] listing every unknown or mistyped field and every rule broken
+/// (a required field that cannot be read at all is a [`ManifestError::Shape`]).
 pub fn parse_manifest(yaml: &str) -> Result<ValidatedPipeline, ManifestError> {
     let value: serde_json::Value =
         serde_saphyr::from_str(yaml).map_err(|e| ManifestError::Yaml(e.to_string()))?;
@@ -74,23 +75,91 @@ pub fn parse_manifest(yaml: &str) -> Result<ValidatedPipeline, ManifestError> {
             message: format!("must be `{KIND}` (found {kind:?})"),
         });
     }
-    let mut unknown = Vec::new();
-    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
-    let ignoring = serde_ignored::Deserializer::new(&value, &mut note_unknown);
-    let pipeline: SyncPipeline = serde_path_to_error::deserialize(ignoring).map_err(|e| {
-        ManifestError::Shape {
-            field: e.path().to_string(),
-            message: e.inner().to_string(),
+    let (pipeline, mut problems) = deserialize_leniently(value)?;
+    match validate(&pipeline) {
+        Ok(valid) if problems.is_empty() => Ok(valid),
+        Ok(_) => Err(ManifestError::Invalid(problems)),
+        Err(errors) => {
+            problems.extend(errors);
+            Err(ManifestError::Invalid(problems))
         }
-    })?;
-    if let Some(path) = unknown.into_iter().find(|p| !(p == "apiVersion" || p == "kind" || p.starts_with("metadata"))) {
-        return Err(ManifestError::Shape {
-            field: path,
-            message: "unknown field; check its spelling against `monsoon crd` or the README"
-                .into(),
-        });
     }
-    validate(&pipeline).map_err(ManifestError::Invalid)
+}
+
+/// Most fields set aside while reading one manifest: far more than any real manifest has,
+/// and a bound on the work a hostile one can cause.
+const MAX_SHAPE_PROBLEMS: usize = 64;
+
+/// Deserialize a manifest, reporting every unknown field and every value of the wrong type
+/// or outside its enum, not only the first: each offending field is noted, set aside, and the
+/// rest read again, so the rules can then be checked on what remains.
+///
+/// # Errors
+/// [`ManifestError::Shape`] when a required field itself is unusable (nothing sensible is
+/// left to check).
+fn deserialize_leniently(mut value: serde_json::Value) -> Result<(SyncPipeline, Vec<FieldError>), ManifestError> {
+    let mut problems = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    loop {
+        let mut unknown = Vec::new();
+        let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let ignoring = serde_ignored::Deserializer::new(&value, &mut note_unknown);
+        match serde_path_to_error::deserialize::<_, SyncPipeline>(ignoring) {
+            Ok(pipeline) => {
+                problems.extend(
+                    unknown
+                        .into_iter()
+                        .filter(|p| !(p == "apiVersion" || p == "kind" || p.starts_with("metadata")))
+                        .map(|field| FieldError {
+                            field,
+                            message: "unknown field; check its spelling against `monsoon crd` or the README".into(),
+                        }),
+                );
+                problems.sort_by(|a, b| a.field.cmp(&b.field));
+                return Ok((pipeline, problems));
+            }
+            Err(e) => {
+                let field = e.path().to_string();
+                let message = e.inner().to_string();
+                // A required field set aside above now reads as missing: already reported.
+                if removed.iter().any(|r| message == format!("missing field `{}`", r.rsplit('.').next().unwrap_or(r))) {
+                    return Err(ManifestError::Invalid(problems));
+                }
+                let usable = problems.len() < MAX_SHAPE_PROBLEMS && remove_path(&mut value, &field);
+                let problem = FieldError { field: field.clone(), message };
+                if !usable {
+                    // Nothing more can be read: report this with what came before.
+                    if problems.is_empty() {
+                        return Err(ManifestError::Shape { field, message: problem.message });
+                    }
+                    problems.push(problem);
+                    return Err(ManifestError::Invalid(problems));
+                }
+                problems.push(problem);
+                removed.push(field);
+            }
+        }
+    }
+}
+
+/// Remove the object field at a `serde_path_to_error` path (`spec.batch.maxDocs`); whether
+/// one was removed. List elements (`spec.namespaces[2]`) are never removed, since that would
+/// shift the positions of the problems reported after them: a problem inside a list ends the
+/// lenient reading.
+fn remove_path(value: &mut serde_json::Value, path: &str) -> bool {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return false };
+    if last.contains('[') || path.is_empty() || path == "?" {
+        return false;
+    }
+    let mut node = value;
+    for part in parts {
+        match node.get_mut(part) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    node.as_object_mut().is_some_and(|o| o.remove(last).is_some())
 }
 
 /// Check every rule of a pipeline; return all violations.
@@ -339,9 +408,9 @@ pub fn check_connection_string(uri: &str) -> Result<(), String> {
                 _ => e.to_string(),
             };
             let why = why.replace(uri, "<connection string>");
-            if why.contains("feature") {
-                // Kerberos (GSSAPI) needs system libraries the image does not carry.
-                return Err(format!("monsoon does not support what this connection string asks for: {why}; use SCRAM, X.509, MONGODB-AWS or OIDC authentication"));
+            if why.contains("GSSAPI") {
+                // Kerberos needs system libraries (libgssapi) the image does not carry.
+                return Err("monsoon does not support Kerberos (`authMechanism=GSSAPI`); use SCRAM, X.509 (MONGODB-X509), MONGODB-AWS or MONGODB-OIDC".into());
             }
             Err(format!("the MongoDB driver refuses this connection string: {why}"))
         }
@@ -583,19 +652,38 @@ spec:
     #[test]
     fn unknown_field_is_named() {
         let yaml = MINIMAL.replace("snapshot: true", "snapshott: true");
-        match parse_manifest(&yaml) {
-            Err(ManifestError::Shape { field, .. }) => assert_eq!(field, "spec.snapshott"),
-            other => panic!("expected Shape error, got {other:?}"),
-        }
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.snapshott");
     }
 
     #[test]
     fn mistyped_field_is_named_with_its_path() {
         let yaml = MINIMAL.replace("snapshot: true", "batch:\n    maxDocs: lots");
-        match parse_manifest(&yaml) {
-            Err(ManifestError::Shape { field, .. }) => assert_eq!(field, "spec.batch.maxDocs"),
-            other => panic!("expected Shape error, got {other:?}"),
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.batch.maxDocs");
+    }
+
+    #[test]
+    fn unknown_fields_bad_values_and_broken_rules_are_reported_together() {
+        let yaml = MINIMAL
+            .replace("snapshot: true", "snapshott: true\n  onDrop: Delete\n  batch:\n    maxDocs: 0\n    concurency: 2\n  onHistoryLost: Later")
+            .replace("http://127.0.0.1:9200", "127.0.0.1:9200");
+        let fields: Vec<String> = errors_of(&yaml).into_iter().map(|e| e.field).collect();
+        for want in ["spec.snapshott", "spec.onDrop", "spec.batch.concurency", "spec.onHistoryLost", "spec.batch.maxDocs", "spec.elasticsearch.urls[0]"] {
+            assert!(fields.iter().any(|f| f == want), "{want} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn a_required_field_of_the_wrong_type_is_reported_once() {
+        let yaml = MINIMAL
+            .replace("  namespaces:\n    - shop.orders        # \"db.collection\"; \"db.*\" for every collection of a database\n", "  namespaces: 5\n");
+        let errs = errors_of(&yaml);
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.namespaces"], "{errs:?}");
+        assert!(!errs.iter().any(|e| e.message.contains("missing field")), "{errs:?}");
     }
 
     #[test]
