@@ -93,7 +93,7 @@ pub fn worker(http_addr: SocketAddr, grace: Duration) -> anyhow::Result<()> {
             monsoon_operator::worker::Shard {
                 engine: engine_config,
                 configmap,
-                identity: pod,
+                pod,
                 lease: LEASE,
                 grace,
             },

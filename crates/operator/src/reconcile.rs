@@ -27,7 +27,7 @@ use monsoon_api::{
     validate_for_cluster, value_sources, CheckpointRetention, Condition, ShardStatus, SyncPipeline,
     SyncPipelineStatus,
 };
-use monsoon_engine::checkpoint::configmap::{KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME, KEY_STATUS};
+use monsoon_engine::checkpoint::configmap::{holder_pod, KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME, KEY_STATUS};
 use monsoon_engine::checkpoint::Checkpoint;
 use monsoon_engine::config::Shard;
 use serde::Serialize;
@@ -498,7 +498,8 @@ pub fn set(status: &mut SyncPipelineStatus, generation: Option<i64>, type_: &str
 /// One shard's lease and report, read from its ConfigMap.
 fn shard_status(cm: &ConfigMap, index: u32, now: i64) -> (ShardStatus, Option<WorkerReport>) {
     let data = cm.data.clone().unwrap_or_default();
-    let holder = data.get(KEY_HOLDER).filter(|h| !h.is_empty()).cloned();
+    // The pod, not the incarnation nonce after it: what `kubectl get pods` shows.
+    let holder = data.get(KEY_HOLDER).filter(|h| !h.is_empty()).map(|h| holder_pod(h).to_string());
     let renewed = data.get(KEY_RENEW_TIME).and_then(|t| t.parse::<i64>().ok()).unwrap_or(0) / 1000;
     let report: Option<WorkerReport> = data
         .get(KEY_STATUS)

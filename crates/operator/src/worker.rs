@@ -1,12 +1,16 @@
 //! One shard's worker: the engine, checkpointing into a ConfigMap that is also its lease.
 //!
-//! 1. Take the lease on the shard's checkpoint ConfigMap, waiting while another worker holds
-//!    it (a rollout's old pod still finishing, or a partitioned one whose lease has not run
-//!    out yet).
+//! 1. Take the lease on the shard's checkpoint ConfigMap as this process's
+//!    [incarnation](configmap::incarnation) (pod name plus a nonce, so a replacement pod and a
+//!    zombie of the same name are told apart), waiting while another worker holds it: a
+//!    rollout's old pod still finishing, or a partitioned one. A held lease counts as abandoned
+//!    only once this worker has seen it unchanged for its whole duration, on its own clock.
 //! 2. Run the engine with that ConfigMap as its checkpoint store.
 //! 3. Renew the lease every third of its duration, writing a [`WorkerReport`] beside it.
 //! 4. Stop syncing at once (in-flight bulks abandoned, nothing more written) when the lease
-//!    is taken over, or cannot be renewed before it would run out.
+//!    is taken over, or when no renewal has succeeded by its local deadline: a monotonic
+//!    deadline watched beside the renewal, so a renewal that hangs cannot keep a zombie
+//!    writing past its lease.
 //! 5. On shutdown: deliver what was read, write the final checkpoint and report, release
 //!    the lease so a successor starts without waiting.
 //!
@@ -14,16 +18,16 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
-use monsoon_engine::checkpoint::configmap::{ConfigMapLease, Error as LeaseError};
+use monsoon_engine::checkpoint::configmap::{self, Candidate, ConfigMapLease, Error as LeaseError};
 use monsoon_engine::config::EngineConfig;
 use monsoon_engine::metrics::{Health, Metrics};
 use monsoon_engine::RunOptions;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::report::WorkerReport;
 
@@ -44,8 +48,9 @@ pub struct Shard {
     pub engine: EngineConfig,
     /// Checkpoint ConfigMap (and lease) of the shard.
     pub configmap: String,
-    /// This worker's identity (its pod name).
-    pub identity: String,
+    /// The pod's name. The lease holder is this plus a nonce drawn by [`run`], so each call
+    /// (each process start) is a holder of its own.
+    pub pod: String,
     /// Lease duration; renewed every third of it.
     pub lease: Duration,
     /// Time to deliver what was read after shutdown.
@@ -66,16 +71,20 @@ pub async fn run(
     let Shard {
         engine,
         configmap,
-        identity,
+        pod,
         lease: duration,
         grace,
     } = shard;
+    let identity = configmap::incarnation(&pod);
+    let mut candidate = Candidate::new(api, &configmap, &identity, duration);
     let lease = loop {
-        match ConfigMapLease::acquire(api.clone(), &configmap, &identity, duration).await {
+        match candidate.try_acquire().await {
             Ok(lease) => break Arc::new(lease),
             Err(LeaseError::Held { holder, remaining, .. }) => {
-                info!(configmap = %configmap, %holder, ?remaining, "shard leased by another worker; waiting");
-                let wait = remaining.clamp(Duration::from_millis(200), Duration::from_secs(5));
+                info!(configmap = %configmap, %holder, ?remaining, "shard leased by another worker; waiting until it is released or left unrenewed for its duration");
+                // Look again at least every third of a duration: a renewal seen late only
+                // delays the takeover, never hastens it.
+                let wait = remaining.clamp(Duration::from_millis(200), (duration / 3).max(Duration::from_millis(200)));
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(wait) => {}
@@ -90,45 +99,23 @@ pub async fn run(
             }
         }
     };
-    info!(pipeline = %engine.name, shard = %engine.shard, configmap = %configmap, "lease held; starting");
+    info!(pipeline = %engine.name, shard = %engine.shard, configmap = %configmap, holder = %identity, "lease held; starting");
 
     let hard_stop = CancellationToken::new();
     let fenced = Arc::new(AtomicBool::new(false));
     let stop_renewing = CancellationToken::new();
     let renewer = {
-        let (lease, metrics, health) = (lease.clone(), metrics.clone(), health.clone());
-        let (shutdown, hard_stop, fenced, stop) = (shutdown.clone(), hard_stop.clone(), fenced.clone(), stop_renewing.clone());
-        tokio::spawn(async move {
-            let every = duration / 3;
-            let mut last_ok = Instant::now();
-            let fence = |why: &str| {
+        let span = info_span!("lease", pipeline = %engine.name, shard = %engine.shard, configmap = %configmap);
+        let fence = {
+            let (fenced, hard_stop, shutdown) = (fenced.clone(), hard_stop.clone(), shutdown.clone());
+            move |why: &str| {
                 error!(why, "stopping at once: the lease is no longer ours");
                 fenced.store(true, Ordering::SeqCst);
                 hard_stop.cancel();
                 shutdown.cancel();
-            };
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(every) => {}
-                }
-                let report = WorkerReport::from_engine(&metrics, &health, monsoon_engine::time::unix_seconds());
-                match lease.renew_with_status(&serde_json::to_string(&report).unwrap_or_default()).await {
-                    Ok(()) => last_ok = Instant::now(),
-                    Err(LeaseError::LeaseLost { holder, .. }) => {
-                        fence(&format!("lease taken over by `{holder}`"));
-                        return;
-                    }
-                    Err(e) => {
-                        warn!(error = %monsoon_engine::error_chain(&e), "lease renewal failed");
-                        if last_ok.elapsed() + every >= duration {
-                            fence("the lease could not be renewed before running out");
-                            return;
-                        }
-                    }
-                }
             }
-        })
+        };
+        tokio::spawn(renew(lease.clone(), metrics.clone(), health.clone(), stop_renewing.clone(), fence).instrument(span))
     };
 
     let result = monsoon_engine::run(
@@ -145,7 +132,8 @@ pub async fn run(
     .await;
     stop_renewing.cancel();
     let _ = renewer.await;
-    // The checkpointer can be the first to find the lease taken (its write is refused).
+    // The checkpointer can be the first to find the lease taken (its write is refused) or run
+    // out (its write is not sent).
     if matches!(&result, Err(monsoon_engine::Error::Checkpoint(monsoon_engine::checkpoint::Error::Fenced { .. }))) {
         fenced.store(true, Ordering::SeqCst);
     }
@@ -161,4 +149,52 @@ pub async fn run(
         warn!(error = %monsoon_engine::error_chain(&e), "failed to release the lease; the next worker waits for it to expire");
     }
     result.map_err(Error::from)
+}
+
+/// Renew the lease every third of its duration until `stop`, calling `fence` when it is taken
+/// over or runs out.
+///
+/// The local deadline ([`ConfigMapLease::expired`]) is watched beside the renewal, not checked
+/// after it returns: a renewal that hangs (API server stalled, network path black-holed) is
+/// abandoned and the worker fenced when the deadline passes, before a standby that saw the last
+/// renewal may take the lease. A renewal that fails or takes longer than a renewal period is
+/// retried sooner, so one lost request does not cost the lease.
+async fn renew(lease: Arc<ConfigMapLease>, metrics: Metrics, health: Arc<Health>, stop: CancellationToken, fence: impl Fn(&str)) {
+    let every = lease.duration() / 3;
+    // After a failure: several more tries before the deadline (4/5 of the duration).
+    let retry = every / 4;
+    let mut wait = every;
+    loop {
+        let attempt = async {
+            tokio::time::sleep(wait).await;
+            let report = WorkerReport::from_engine(&metrics, &health, monsoon_engine::time::unix_seconds());
+            tokio::time::timeout(every, lease.renew_with_status(&serde_json::to_string(&report).unwrap_or_default())).await
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = lease.expired() => {
+                fence("no renewal succeeded within the lease duration (on this worker's clock); a standby may take it over");
+                return;
+            }
+            outcome = attempt => match outcome {
+                Ok(Ok(())) => wait = every,
+                Ok(Err(LeaseError::LeaseLost { holder, .. })) => {
+                    fence(&format!("lease taken over by `{holder}`"));
+                    return;
+                }
+                Ok(Err(LeaseError::Expired { .. })) => {
+                    fence("no renewal succeeded within the lease duration (on this worker's clock); a standby may take it over");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %monsoon_engine::error_chain(&e), "lease renewal failed; retrying");
+                    wait = retry;
+                }
+                Err(_) => {
+                    warn!(timeout = ?every, "lease renewal did not answer in time; retrying");
+                    wait = retry;
+                }
+            },
+        }
+    }
 }

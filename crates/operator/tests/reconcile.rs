@@ -427,7 +427,7 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     let cm = |index: u32, r: &WorkerReport| {
         let mut cm = checkpoint_cm(index, 2, &Checkpoint::new("orders"));
         let data = cm.data.get_or_insert_with(BTreeMap::new);
-        data.insert(KEY_HOLDER.into(), format!("orders-worker-{index}"));
+        data.insert(KEY_HOLDER.into(), format!("orders-worker-{index}/5eed{index}"));
         data.insert(KEY_RENEW_TIME.into(), ((now - 1) * 1000).to_string());
         data.insert(KEY_STATUS.into(), serde_json::to_string(r).expect("json"));
         cm
@@ -456,6 +456,7 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     assert_eq!(condition(&s, "Ready").status, "True");
     assert_eq!(condition(&s, "Ready").observed_generation, Some(4));
     assert_eq!(s.shards[1].checkpoint_age_seconds, Some(2));
+    assert_eq!(s.shards[1].holder.as_deref(), Some("orders-worker-1"), "the holder's pod, without its incarnation nonce");
 
     // Elasticsearch refuses shard 1's writes: SinkUnavailable and Degraded, not Ready.
     summarize(&mut s, &p, &sts, &[cm(0, &report("Streaming", 0.0, true)), cm(1, &report("Streaming", 9.0, false))], 2, now);

@@ -1,7 +1,9 @@
 //! Workers against the real stand-ins (SecantusDB, noida-db) with their checkpoint leases in
-//! kube-fake-client: sharding, re-sharding from merged checkpoints, and fencing.
+//! kube-fake-client: sharding, re-sharding from merged checkpoints, and fencing (a zombie of the
+//! same pod name, a hung API server, a holder whose clock is behind).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube_fake_client::ClientBuilder;
 use mongodb::bson::{doc, Document};
-use monsoon_engine::checkpoint::configmap::{KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME};
+use monsoon_engine::checkpoint::configmap::{holder_pod, KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME};
 use monsoon_engine::checkpoint::Checkpoint;
 use monsoon_engine::config::{
     BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig, NamespacePattern, Routing, Secret,
@@ -61,7 +63,7 @@ struct Running {
     task: JoinHandle<Result<(), Error>>,
 }
 
-fn start(stack: &Stack, api: &Api<ConfigMap>, shard: Shard, identity: &str, lease: Duration) -> Running {
+fn start(stack: &Stack, api: &Api<ConfigMap>, shard: Shard, pod: &str, lease: Duration) -> Running {
     let metrics = Metrics::new(NAME);
     let health = Arc::new(Health::new(Duration::from_secs(120)));
     let stop = CancellationToken::new();
@@ -70,7 +72,7 @@ fn start(stack: &Stack, api: &Api<ConfigMap>, shard: Shard, identity: &str, leas
         worker::Shard {
             engine: engine(stack, shard),
             configmap: monsoon_operator::workload::checkpoint_name(NAME, shard.index, shard.count),
-            identity: identity.into(),
+            pod: pod.into(),
             lease,
             grace: Duration::from_secs(5),
         },
@@ -209,7 +211,7 @@ async fn a_worker_waits_for_a_held_lease_and_stops_at_once_when_it_is_taken_over
     converge(&stack).await;
     assert!(started.elapsed() >= Duration::from_secs(1), "must wait for the old holder's lease to run out");
     let (data, _) = checkpoint_of(&api, &cm_name).await;
-    assert_eq!(data[KEY_HOLDER], "new-pod");
+    assert_eq!(holder_pod(&data[KEY_HOLDER]), "new-pod");
 
     // Another worker takes the lease over (this one was partitioned, say).
     let mut cm = api.get(&cm_name).await.expect("cm");
@@ -248,4 +250,152 @@ async fn with_shards_a_drop_removes_each_shards_documents_but_not_newer_ones() {
     for w in two {
         w.stop().await.expect("clean stop");
     }
+}
+
+/// A client over the fake API server whose calls hang (no answer, no error) once `hang` is set,
+/// as when the API server or the network path to it stalls. `raw` still answers, for the test.
+fn stalling_api(raw: &kube::Client, hang: &Arc<AtomicBool>) -> Api<ConfigMap> {
+    let (raw, hang) = (raw.clone(), hang.clone());
+    let service = tower::service_fn(move |request| {
+        let (raw, hang) = (raw.clone(), hang.clone());
+        async move {
+            if hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            raw.send(request).await
+        }
+    });
+    Api::namespaced(kube::Client::new(service, "shop"), "shop")
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// A StatefulSet pod replaced while the old process still runs (its node partitioned, the pod
+/// force-deleted) has the same name. The replacement must wait for the old process's lease
+/// instead of taking it as its own, so the two never sync the shard side by side.
+#[tokio::test]
+async fn a_replacement_pod_with_the_same_name_waits_for_the_old_processs_lease() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 200)).await.expect("seed");
+    let api = kube_api().await;
+    let lease = Duration::from_secs(2);
+    let old = start(&stack, &api, Shard::default(), "orders-worker-0", lease);
+    converge(&stack).await;
+
+    let replacement = start(&stack, &api, Shard::default(), "orders-worker-0", lease);
+    insert_all(&orders, sample_docs(1000, 100)).await.expect("insert while both run");
+    converge(&stack).await;
+    // Several of the old process's renewals, and longer than its lease.
+    tokio::time::sleep(2 * lease).await;
+    assert_eq!(
+        replacement.indexed(),
+        0,
+        "the replacement synced while the old process of the same pod name held the lease"
+    );
+    assert!(!replacement.task.is_finished(), "the replacement keeps waiting");
+
+    // The old process stops (releasing its lease): the replacement takes over and syncs.
+    old.stop().await.expect("clean stop");
+    insert_all(&orders, sample_docs(2000, 100)).await.expect("insert after the handover");
+    converge(&stack).await;
+    assert!(replacement.indexed() >= 100, "the replacement syncs once the lease is free");
+    replacement.stop().await.expect("clean stop");
+}
+
+/// The API server stops answering while a worker holds its lease: the renewal hangs instead
+/// of failing. The worker must stop on its own clock before the lease could run out for a
+/// standby, not wait for an answer that never comes while it keeps writing.
+#[tokio::test]
+async fn a_worker_whose_api_calls_hang_stops_within_its_lease() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 200)).await.expect("seed");
+    monsoon_testkit::init_crypto();
+    let raw = ClientBuilder::new().build().await.expect("fake client");
+    let hang = Arc::new(AtomicBool::new(false));
+    let api = stalling_api(&raw, &hang);
+    let lease = Duration::from_secs(3);
+    let w = start(&stack, &api, Shard::default(), "orders-worker-0", lease);
+    converge(&stack).await;
+
+    hang.store(true, Ordering::SeqCst);
+    let hung_at = Instant::now();
+    let result = tokio::time::timeout(lease + Duration::from_secs(5), w.task)
+        .await
+        .expect("the worker kept running with its API calls hung, past its lease")
+        .expect("task");
+    assert!(matches!(result, Err(Error::LeaseLost(_))), "{result:?}");
+    assert!(
+        hung_at.elapsed() < lease,
+        "stopped {:?} after the API hung; a standby may take the lease {lease:?} after the last renewal",
+        hung_at.elapsed()
+    );
+}
+
+/// The holder's clock is a minute behind this worker's: by the wall clock its `renewTime` is
+/// always long past, yet it renews. The lease is live as long as its record keeps changing;
+/// only when it stops changing for a full lease duration may the worker take it over.
+#[tokio::test]
+async fn a_renewed_lease_is_not_taken_over_whatever_the_holders_clock_says() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 100)).await.expect("seed");
+    let api = kube_api().await;
+    let cm_name = format!("{NAME}-checkpoint-0-of-1");
+    let behind = || (now_millis() - 60_000).to_string();
+    let held = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(cm_name.clone()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (KEY_HOLDER.to_string(), "old-pod".to_string()),
+            (KEY_RENEW_TIME.to_string(), behind()),
+            ("leaseDurationSeconds".to_string(), "2".to_string()),
+        ])),
+        ..ConfigMap::default()
+    };
+    api.create(&PostParams::default(), &held).await.expect("held lease");
+    let renewing = CancellationToken::new();
+    let holder = {
+        let (api, cm_name, renewing) = (api.clone(), cm_name.clone(), renewing.clone());
+        tokio::spawn(async move {
+            while !renewing.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Ok(mut cm) = api.get(&cm_name).await {
+                    if cm.data.as_ref().and_then(|d| d.get(KEY_HOLDER)).map(String::as_str) != Some("old-pod") {
+                        return;
+                    }
+                    cm.data.get_or_insert_with(BTreeMap::new).insert(KEY_RENEW_TIME.into(), behind());
+                    let _ = api.replace(&cm_name, &PostParams::default(), &cm).await;
+                }
+            }
+        })
+    };
+    let w = start(&stack, &api, Shard::default(), "new-pod", Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(w.indexed(), 0, "a live lease was taken over because its holder's clock is behind");
+    let data = api.get(&cm_name).await.expect("cm").data.unwrap_or_default();
+    assert_eq!(data[KEY_HOLDER], "old-pod");
+
+    // The holder dies: its record stops changing, and a lease duration later the worker takes over.
+    renewing.cancel();
+    holder.await.expect("holder task");
+    // The last renewal was at most 500 ms before this.
+    let silent = Instant::now();
+    converge(&stack).await;
+    assert!(
+        silent.elapsed() >= Duration::from_millis(1500),
+        "took over {:?} after the holder stopped renewing a 2 s lease",
+        silent.elapsed()
+    );
+    let (data, _) = checkpoint_of(&api, &cm_name).await;
+    assert_eq!(holder_pod(&data[KEY_HOLDER]), "new-pod");
+    w.stop().await.expect("clean stop");
 }
