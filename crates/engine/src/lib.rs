@@ -286,9 +286,7 @@ async fn run_source(
     let current = config.routing.coverage();
     if !start.snapshot.done {
         health.set_phase(Phase::Snapshotting);
-        let collections = mongo::list_collections(&source.client, &config.routing)
-            .await
-            .map_err(|e| mongo::Error::Unreachable(e.to_string()))?;
+        let collections = source.collections().await?;
         info!(pipeline = %name, collections = collections.len(), "snapshot started");
         let estimate = mongo::estimate_documents(&source.client, &collections).await / u64::from(config.shard.count.max(1));
         source.metrics.snapshot_estimate.set(i64::try_from(estimate).unwrap_or(i64::MAX));
@@ -317,9 +315,9 @@ async fn run_source(
             .as_ref()
             .map(config::Routing::from_coverage)
             .unwrap_or_else(|| config.routing.clone());
-        let added: Vec<(String, String)> = mongo::list_collections(&source.client, &config.routing)
-            .await
-            .map_err(|e| mongo::Error::Unreachable(e.to_string()))?
+        let added: Vec<(String, String)> = source
+            .collections()
+            .await?
             .into_iter()
             .filter(|(db, coll)| !covered.includes(db, coll))
             .collect();
@@ -360,15 +358,10 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
     }
     let mut backoff = retry::Backoff::default();
     loop {
-        let existing = match mongo::list_collections(&source.client, &config.routing).await {
+        let existing = match source.collections().await {
             Ok(c) => c,
-            Err(e) => {
-                warn!(pipeline = %config.name, error = %error_chain(&e), "failed to list collections for the sweep; retrying");
-                if backoff.wait(&source.cancel).await.is_err() {
-                    return Ok(Ended::Cancelled);
-                }
-                continue;
-            }
+            Err(mongo::Error::Cancelled) => return Ok(Ended::Cancelled),
+            Err(e) => return Err(e),
         };
         // Dropped during the gap: written before (or named exactly by the pipeline), gone now.
         // Their drop events were lost with the history: apply them as the events would have.

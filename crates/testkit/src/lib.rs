@@ -7,6 +7,7 @@
 
 pub mod dns;
 pub mod proxy;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -72,11 +72,20 @@ pub enum Error {
     #[error("failed to parse the MongoDB connection string: {0}")]
     Uri(String),
     /// The server refused the credentials.
-    #[error("MongoDB refused the credentials: {0}")]
-    Auth(String),
-    /// No server answered in time.
-    #[error("failed to reach MongoDB: {0}")]
-    Unreachable(String),
+    #[error("MongoDB refused the credentials")]
+    Auth(#[source] mongodb::error::Error),
+    /// No server answered in time, or a command monsoon needs failed.
+    #[error("failed to {op} on MongoDB")]
+    Unreachable {
+        /// What was attempted.
+        op: &'static str,
+        /// The driver's error (it names hosts, never credentials).
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// The server answers but keeps no cluster time: it is a standalone server.
+    #[error("the server reports no cluster time: monsoon needs a replica set or sharded cluster (change streams)")]
+    NoClusterTime,
     /// The resume point fell off the oplog.
     #[error("the change stream's resume point is no longer in the MongoDB oplog (ChangeStreamHistoryLost, code {code}): changes were lost from the source's history; with onHistoryLost=Fail the pipeline stops. Remove the checkpoint to re-snapshot")]
     HistoryLost {
@@ -113,9 +122,17 @@ pub async fn connect(config: &MongoConfig) -> Result<Client, Error> {
     options.app_name = Some("monsoon".into());
     options.server_selection_timeout = Some(config.connect_timeout);
     if let Some(ca) = &config.ca_file {
-        options.tls = Some(Tls::Enabled(
-            TlsOptions::builder().ca_file_path(Some(ca.into())).build(),
-        ));
+        // The CA adds to the connection string's TLS options (a client certificate, relaxed
+        // host checks), never replaces them.
+        match &mut options.tls {
+            Some(Tls::Enabled(tls)) => tls.ca_file_path = Some(ca.into()),
+            Some(Tls::Disabled) => {
+                return Err(Error::Uri(
+                    "`caFrom` is set but the connection string turns TLS off (`tls=false`); remove one of the two".into(),
+                ))
+            }
+            None => options.tls = Some(Tls::Enabled(TlsOptions::builder().ca_file_path(Some(ca.into())).build())),
+        }
     }
     let client = Client::with_options(options)
         .map_err(|e| Error::Uri(redact(&e.to_string(), &config.uri.0)))?;
@@ -123,16 +140,15 @@ pub async fn connect(config: &MongoConfig) -> Result<Client, Error> {
         .database("admin")
         .run_command(doc! {"ping": 1})
         .await
-        .map_err(|e| classify_connect_error(&e, &config.uri.0))?;
+        .map_err(classify_connect_error)?;
     Ok(client)
 }
 
-fn classify_connect_error(e: &mongodb::error::Error, uri: &str) -> Error {
-    let text = redact(&e.to_string(), uri);
+fn classify_connect_error(e: mongodb::error::Error) -> Error {
     match &*e.kind {
-        ErrorKind::Authentication { .. } => Error::Auth(text),
-        ErrorKind::Command(c) if c.code == 18 || c.code == 13 => Error::Auth(text),
-        _ => Error::Unreachable(text),
+        ErrorKind::Authentication { .. } => Error::Auth(e),
+        ErrorKind::Command(c) if c.code == 18 || c.code == 13 => Error::Auth(e),
+        _ => Error::Unreachable { op: "ping the server", source: e },
     }
 }
 
@@ -150,13 +166,13 @@ pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
     let mut session = client
         .start_session()
         .await
-        .map_err(|e| Error::Unreachable(e.to_string()))?;
+        .map_err(|source| Error::Unreachable { op: "start a session", source })?;
     let reply = client
         .database("admin")
         .run_command(doc! {"ping": 1})
         .session(&mut session)
         .await
-        .map_err(|e| Error::Unreachable(e.to_string()))?;
+        .map_err(|source| Error::Unreachable { op: "read the cluster time", source })?;
     let from_session = session.operation_time().or_else(|| {
         session
             .cluster_time()
@@ -165,18 +181,10 @@ pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
     });
     let ts = from_session
         .or_else(|| reply.get_timestamp("operationTime").ok())
-        .ok_or_else(|| {
-            Error::Unreachable(
-                "the server reports no cluster time: monsoon needs a replica set or sharded cluster (change streams)".into(),
-            )
-        })?;
+        .ok_or(Error::NoClusterTime)?;
     Ok(ts.into())
 }
 
-/// The synced collections of the routed databases, sorted.
-///
-/// # Errors
-/// [`Error::Unreachable`] when the listing fails.
 /// Estimated number of documents in the given collections (from collection metadata, not a
 /// scan); collections that cannot be counted count as empty.
 pub async fn estimate_documents(client: &Client, collections: &[(String, String)]) -> u64 {
@@ -188,6 +196,33 @@ pub async fn estimate_documents(client: &Client, collections: &[(String, String)
     total
 }
 
+impl Source<'_> {
+    /// [`list_collections`], retried with back-off until MongoDB answers (a transient failure
+    /// must not end the pipeline).
+    ///
+    /// # Errors
+    /// [`Error::Cancelled`] when shutdown came first.
+    pub async fn collections(&self) -> Result<Vec<(String, String)>, Error> {
+        let mut backoff = Backoff::default();
+        loop {
+            match list_collections(&self.client, self.routing).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "failed to list collections; retrying");
+                    self.health.source_beat(false);
+                    if backoff.wait(&self.cancel).await.is_err() {
+                        return Err(Error::Cancelled);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The synced collections of the routed databases, sorted.
+///
+/// # Errors
+/// The driver's error when a listing fails.
 pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<(String, String)>, mongodb::error::Error> {
     let mut out = Vec::new();
     for db in routing.databases() {
