@@ -207,7 +207,9 @@ async fn run_inner<S: CheckpointStore>(
         sweep_below,
     };
     let result = loop {
-        match run_source(config, &source, &sink, &start).await {
+        // Every log line of the source carries the pipeline's name.
+        let span = tracing::info_span!("source", pipeline = %name);
+        match run_source(config, &source, &sink, &start).instrument(span).await {
             Err(mongo::Error::HistoryLost { code }) if config.on_history_lost == HistoryLost::Resnapshot => {
                 // Nothing is skipped silently: say so loudly, then rebuild.
                 error!(pipeline = %name, code, "change stream history lost; onHistoryLost=Resnapshot: snapshotting every collection again, then deleting what the new snapshot does not see");

@@ -16,7 +16,7 @@ use monsoon_engine::http::{self, Endpoints};
 use monsoon_engine::metrics::{Health, Metrics};
 use monsoon_engine::RunOptions;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 /// Keep Elasticsearch/OpenSearch indexes in sync with MongoDB.
 #[derive(Parser)]
@@ -248,8 +248,8 @@ fn run(
             health: health.clone(),
         };
         let http_stop = CancellationToken::new();
-        tokio::spawn(http::serve(listener, endpoints, http_stop.clone()));
-        tokio::spawn(watch_signals(shutdown.clone()));
+        tokio::spawn(http::serve(listener, endpoints, http_stop.clone()).instrument(tracing::info_span!("http")));
+        tokio::spawn(watch_signals(shutdown.clone()).instrument(tracing::info_span!("signals")));
         info!(pipeline = %pipeline.name, checkpoint = %store.path().display(), "pipeline starting");
         let result = monsoon_engine::run(
             engine_config,
@@ -330,9 +330,9 @@ fn operator(http_addr: SocketAddr, options: monsoon_operator::OperatorOptions) -
             .await
             .with_context(|| format!("failed to listen on --http-addr {http_addr}"))?;
         let http_stop = CancellationToken::new();
-        tokio::spawn(http::serve(listener, endpoints.clone(), http_stop.clone()));
+        tokio::spawn(http::serve(listener, endpoints.clone(), http_stop.clone()).instrument(tracing::info_span!("http")));
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        tokio::spawn(watch_signals(shutdown.clone()).instrument(tracing::info_span!("signals")));
         let client = kube::Client::try_default()
             .await
             .context("failed to configure the Kubernetes client (in-cluster service account or kubeconfig)")?;

@@ -19,7 +19,7 @@ use monsoon_engine::http::{self, Endpoints};
 use monsoon_engine::metrics::{Health, Metrics};
 use monsoon_operator::workload::{checkpoint_name, ENV_PIPELINE, ENV_SHARD_COUNT};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, Instrument};
 
 /// How long a worker's lease lasts without renewal.
 const LEASE: Duration = Duration::from_secs(15);
@@ -81,8 +81,9 @@ pub fn worker(http_addr: SocketAddr, grace: Duration) -> anyhow::Result<()> {
                 health: health.clone(),
             },
             http_stop.clone(),
-        ));
-        tokio::spawn(crate::watch_signals(shutdown.clone()));
+        )
+        .instrument(tracing::info_span!("http", pipeline = %name)));
+        tokio::spawn(crate::watch_signals(shutdown.clone()).instrument(tracing::info_span!("signals", pipeline = %name)));
         let client = kube::Client::try_default()
             .await
             .context("failed to configure the Kubernetes client (in-cluster service account)")?;

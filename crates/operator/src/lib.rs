@@ -141,6 +141,50 @@ pub enum Error {
     LostLeadership(Duration),
 }
 
+/// Renew leadership every third of the lease until `shutdown` (`Ok`) or until it cannot be
+/// renewed in time (`Err`), reporting each attempt to `beat`.
+///
+/// Leadership is counted on this process's monotonic clock from when its last successful write
+/// was *sent* (the Lease may have been stored at any moment after), less one renewal period of
+/// safety margin: past that, another replica may already lead. The deadline is watched beside
+/// each renewal call, so a call that hangs ends leadership in time too.
+///
+/// # Errors
+/// [`Error::LostLeadership`].
+pub async fn keep_leading(
+    elector: &LeaderElector,
+    mut deadline: tokio::time::Instant,
+    shutdown: &CancellationToken,
+    beat: impl Fn(bool),
+) -> Result<(), Error> {
+    let renew_every = elector.duration() / 3;
+    let lead_for = elector.duration() - renew_every;
+    let lost = || Error::LostLeadership(elector.duration());
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(renew_every) => {}
+            () = tokio::time::sleep_until(deadline) => return Err(lost()),
+        }
+        let sent = tokio::time::Instant::now();
+        let renewed = tokio::select! {
+            r = elector.try_acquire_or_renew() => r,
+            () = tokio::time::sleep_until(deadline) => return Err(lost()),
+        };
+        match renewed {
+            Ok(true) => {
+                deadline = sent + lead_for;
+                beat(true);
+            }
+            Ok(false) => return Err(lost()),
+            Err(e) => {
+                warn!(error = %e, "leader election: renewal failed; retrying until the lease would run out");
+                beat(false);
+            }
+        }
+    }
+}
+
 /// Run the operator until `shutdown`: wait to lead, then reconcile every `SyncPipeline`.
 ///
 /// # Errors
@@ -159,10 +203,16 @@ pub async fn run(
         Duration::from_secs(15),
     );
     let renew_every = elector.duration() / 3;
+    let lead_for = elector.duration() - renew_every;
     // Follow until leading.
+    let deadline;
     loop {
+        let sent = tokio::time::Instant::now();
         match elector.try_acquire_or_renew().await {
-            Ok(true) => break,
+            Ok(true) => {
+                deadline = sent + lead_for;
+                break;
+            }
             Ok(false) => endpoints.beat(true),
             Err(e) => {
                 warn!(error = %e, "leader election: cannot reach the Lease; retrying");
@@ -219,28 +269,7 @@ pub async fn run(
         }));
     }
 
-    // Keep leading; stop everything the moment leadership cannot be renewed in time.
-    let mut last_renewed = Instant::now();
-    let result = loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            () = tokio::time::sleep(renew_every) => {}
-        }
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => {
-                last_renewed = Instant::now();
-                endpoints.beat(true);
-            }
-            Ok(false) => break Err(Error::LostLeadership(elector.duration())),
-            Err(e) => {
-                warn!(error = %e, "leader election: renewal failed");
-                endpoints.beat(false);
-                if last_renewed.elapsed() >= elector.duration() - renew_every {
-                    break Err(Error::LostLeadership(elector.duration()));
-                }
-            }
-        }
-    };
+    let result = keep_leading(&elector, deadline, &shutdown, |ok| endpoints.beat(ok)).await;
     stop.cancel();
     for c in controllers {
         if let Err(e) = c.await {
@@ -254,4 +283,46 @@ pub async fn run(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod leading_tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// The API server stops answering while this replica leads: the renewal hangs instead of
+    /// failing. Leadership must end on this process's own clock within the lease, not wait for
+    /// an answer that never comes while it keeps reconciling.
+    #[tokio::test]
+    async fn a_leader_whose_renewal_hangs_steps_down_within_its_lease() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let raw = kube_fake_client::ClientBuilder::new().build().await.expect("fake client");
+        let hang = Arc::new(AtomicBool::new(false));
+        let service = {
+            let (raw, hang) = (raw.clone(), hang.clone());
+            tower::service_fn(move |request| {
+                let (raw, hang) = (raw.clone(), hang.clone());
+                async move {
+                    if hang.load(Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
+                    raw.send(request).await
+                }
+            })
+        };
+        let api = Api::<Lease>::namespaced(kube::Client::new(service, "monsoon-system"), "monsoon-system");
+        let lease = Duration::from_secs(3);
+        let elector = LeaderElector::new(api, LEADER_LEASE, "a", lease);
+        let sent = tokio::time::Instant::now();
+        assert!(elector.try_acquire_or_renew().await.expect("acquire"), "leads");
+        let deadline = sent + lease - lease / 3;
+        hang.store(true, Ordering::SeqCst);
+        let hung_at = Instant::now();
+        let shutdown = CancellationToken::new();
+        let result = tokio::time::timeout(lease + Duration::from_secs(5), keep_leading(&elector, deadline, &shutdown, |_| {}))
+            .await
+            .expect("kept leading with its renewals hung, past its lease");
+        assert!(matches!(result, Err(Error::LostLeadership(_))), "{result:?}");
+        assert!(hung_at.elapsed() < lease, "stepped down {:?} after the API hung; the lease is {lease:?}", hung_at.elapsed());
+    }
 }
