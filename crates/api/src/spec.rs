@@ -119,7 +119,9 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.uri) != has(self.uriFrom)", "message": "set exactly one of `uri` and `uriFrom`"},
-    {"rule": "!has(self.uriFrom) || !has(self.uriFrom.configMapKeyRef)", "message": "`uriFrom.configMapKeyRef` is only for CA bundles; keep the connection string in a Secret (`secretKeyRef`)"}
+    {"rule": "!has(self.uriFrom) || !has(self.uriFrom.configMapKeyRef)", "message": "`uriFrom.configMapKeyRef` is only for CA bundles; keep the connection string in a Secret (`secretKeyRef`)"},
+    {"rule": "has(self.clientCertFrom) == has(self.clientKeyFrom)", "message": "`clientCertFrom` and `clientKeyFrom` go together"},
+    {"rule": "!has(self.clientKeyFrom) || !has(self.clientKeyFrom.configMapKeyRef)", "message": "`clientKeyFrom.configMapKeyRef` is only for CA bundles; keep the private key in a Secret (`secretKeyRef`)"}
 ]))]
 pub struct MongoSource {
     /// Connection string without credentials, e.g.
@@ -132,9 +134,20 @@ pub struct MongoSource {
     /// a file or a Secret. Exactly one of `uri` and `uriFrom` must be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri_from: Option<ValueFrom>,
-    /// PEM bundle of certificate authorities to trust for TLS connections to MongoDB.
+    /// PEM bundle of certificate authorities to trust for TLS connections to MongoDB. It adds
+    /// to the connection string's TLS options (and turns TLS on when the string does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_from: Option<ValueFrom>,
+    /// PEM client certificate for TLS connections to MongoDB (mutual TLS, and X.509
+    /// authentication with `authMechanism=MONGODB-X509`), with `clientKeyFrom`. For a Secret of
+    /// type `kubernetes.io/tls`: key `tls.crt`. The connection string's own
+    /// `tlsCertificateKeyFile` works too (a path the worker can read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_from: Option<ValueFrom>,
+    /// PEM private key of `clientCertFrom` (unencrypted; key `tls.key` of a `kubernetes.io/tls`
+    /// Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_from: Option<ValueFrom>,
 }
 
 /// An Elasticsearch 7.x/8.x/9.x or OpenSearch 2.x cluster.
@@ -144,7 +157,9 @@ pub struct MongoSource {
     {"rule": "has(self.username) == has(self.passwordFrom)", "message": "`username` and `passwordFrom` go together"},
     {"rule": "!(has(self.apiKeyFrom) && has(self.username))", "message": "set either `apiKeyFrom` or `username`/`passwordFrom`, not both"},
     {"rule": "!has(self.passwordFrom) || !has(self.passwordFrom.configMapKeyRef)", "message": "`passwordFrom.configMapKeyRef` is only for CA bundles; keep the password in a Secret (`secretKeyRef`)"},
-    {"rule": "!has(self.apiKeyFrom) || !has(self.apiKeyFrom.configMapKeyRef)", "message": "`apiKeyFrom.configMapKeyRef` is only for CA bundles; keep the API key in a Secret (`secretKeyRef`)"}
+    {"rule": "!has(self.apiKeyFrom) || !has(self.apiKeyFrom.configMapKeyRef)", "message": "`apiKeyFrom.configMapKeyRef` is only for CA bundles; keep the API key in a Secret (`secretKeyRef`)"},
+    {"rule": "has(self.clientCertFrom) == has(self.clientKeyFrom)", "message": "`clientCertFrom` and `clientKeyFrom` go together"},
+    {"rule": "!has(self.clientKeyFrom) || !has(self.clientKeyFrom.configMapKeyRef)", "message": "`clientKeyFrom.configMapKeyRef` is only for CA bundles; keep the private key in a Secret (`secretKeyRef`)"}
 ]))]
 pub struct ElasticsearchSink {
     /// Base URLs of the cluster, e.g. `["https://es.example:9200"]`. Requests are spread over
@@ -164,6 +179,17 @@ pub struct ElasticsearchSink {
     /// PEM bundle of certificate authorities to trust for HTTPS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_from: Option<ValueFrom>,
+    /// PEM client certificate for HTTPS (mutual TLS, Elasticsearch's PKI realm), with
+    /// `clientKeyFrom`. It can be combined with `username`/`passwordFrom` or `apiKeyFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_from: Option<ValueFrom>,
+    /// PEM private key of `clientCertFrom` (unencrypted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_from: Option<ValueFrom>,
+    /// Compress bulk request bodies with gzip (`Content-Encoding: gzip`): less network for a
+    /// little CPU, worth it when Elasticsearch is across a slow or metered link.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gzip: bool,
 }
 
 /// Where a secret value comes from. Exactly one field must be set. `env` and `file` are for

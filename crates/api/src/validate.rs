@@ -305,9 +305,13 @@ pub fn value_sources(spec: &SyncPipelineSpec) -> Vec<(&'static str, &ValueFrom)>
     [
         ("spec.mongodb.uriFrom", spec.mongodb.uri_from.as_ref()),
         ("spec.mongodb.caFrom", spec.mongodb.ca_from.as_ref()),
+        ("spec.mongodb.clientCertFrom", spec.mongodb.client_cert_from.as_ref()),
+        ("spec.mongodb.clientKeyFrom", spec.mongodb.client_key_from.as_ref()),
         ("spec.elasticsearch.passwordFrom", spec.elasticsearch.password_from.as_ref()),
         ("spec.elasticsearch.apiKeyFrom", spec.elasticsearch.api_key_from.as_ref()),
         ("spec.elasticsearch.caFrom", spec.elasticsearch.ca_from.as_ref()),
+        ("spec.elasticsearch.clientCertFrom", spec.elasticsearch.client_cert_from.as_ref()),
+        ("spec.elasticsearch.clientKeyFrom", spec.elasticsearch.client_key_from.as_ref()),
     ]
     .into_iter()
     .filter_map(|(f, v)| v.map(|v| (f, v)))
@@ -355,6 +359,21 @@ fn validate_mongodb(m: &MongoSource, errs: &mut Errors) {
     }
     if let Some(ca) = &m.ca_from {
         validate_value_from(ca, "spec.mongodb.caFrom", errs);
+    }
+    validate_client_certificate("spec.mongodb", &m.client_cert_from, &m.client_key_from, errs);
+}
+
+/// A client certificate and its key: both or neither, each from a valid source.
+fn validate_client_certificate(parent: &str, cert: &Option<ValueFrom>, key: &Option<ValueFrom>, errs: &mut Errors) {
+    match (cert, key) {
+        (Some(_), None) => errs.push(format!("{parent}.clientKeyFrom"), "is required when `clientCertFrom` is set"),
+        (None, Some(_)) => errs.push(format!("{parent}.clientCertFrom"), "is required when `clientKeyFrom` is set"),
+        _ => {}
+    }
+    for (name, from) in [("clientCertFrom", cert), ("clientKeyFrom", key)] {
+        if let Some(from) = from {
+            validate_value_from(from, &format!("{parent}.{name}"), errs);
+        }
     }
 }
 
@@ -471,6 +490,7 @@ fn validate_elasticsearch(e: &ElasticsearchSink, errs: &mut Errors) {
             validate_value_from(from, field, errs);
         }
     }
+    validate_client_certificate("spec.elasticsearch", &e.client_cert_from, &e.client_key_from, errs);
 }
 
 fn url_has_userinfo(url: &str) -> bool {
@@ -494,10 +514,11 @@ fn validate_value_from(v: &ValueFrom, field: &str, errs: &mut Errors) {
             "set exactly one of `env`, `file`, `secretKeyRef` and `configMapKeyRef`",
         );
     }
-    if v.config_map_key_ref.is_some() && !field.ends_with("caFrom") {
+    // Certificates are public; credentials and private keys are not.
+    if v.config_map_key_ref.is_some() && !(field.ends_with("caFrom") || field.ends_with("clientCertFrom")) {
         errs.push(
             format!("{field}.configMapKeyRef"),
-            "is only for CA bundles (`caFrom`); keep credentials in a Secret (`secretKeyRef`)",
+            "is only for CA bundles and certificates; keep credentials and private keys in a Secret (`secretKeyRef`)",
         );
     }
     if let Some(env) = &v.env {

@@ -95,6 +95,8 @@ pub struct MongoConfig {
     pub uri: Secret,
     /// Path of a PEM CA bundle, if any.
     pub ca_file: Option<String>,
+    /// Path of a PEM file holding a client certificate and its key, if any.
+    pub client_cert_key_file: Option<String>,
     /// How long to wait for a server at start-up before giving up with a clear error.
     pub connect_timeout: Duration,
 }
@@ -104,6 +106,7 @@ impl fmt::Debug for MongoConfig {
         f.debug_struct("MongoConfig")
             .field("uri", &"<redacted>")
             .field("ca_file", &self.ca_file)
+            .field("client_cert_key_file", &self.client_cert_key_file)
             .finish()
     }
 }
@@ -117,6 +120,10 @@ pub struct ElasticConfig {
     pub auth: ElasticAuth,
     /// PEM CA bundle contents, if any.
     pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate followed by its private key, if any (never logged).
+    pub client_identity: Option<Secret>,
+    /// Compress request bodies with gzip.
+    pub gzip: bool,
     /// Timeout of one bulk request.
     pub request_timeout: Duration,
 }
@@ -348,6 +355,7 @@ mod tests {
         let m = MongoConfig {
             uri: Secret("mongodb://u:hunter2@h".into()),
             ca_file: None,
+            client_cert_key_file: None,
             connect_timeout: Duration::from_secs(1),
         };
         assert!(!format!("{m:?}").contains("hunter2"));

@@ -76,6 +76,36 @@ fn pattern(text: &str) -> NamespacePattern {
     }
 }
 
+/// A client certificate followed by its key, as one PEM (what both the MongoDB driver and the
+/// HTTP client read). Validation guarantees both or neither are set.
+fn client_identity(
+    cert: &Option<ValueFrom>,
+    key: &Option<ValueFrom>,
+    (field_cert, field_key): (&'static str, &'static str),
+) -> Result<Option<Secret>, Error> {
+    let (Some(cert), Some(key)) = (cert, key) else { return Ok(None) };
+    let mut pem = resolve(cert, field_cert)?;
+    pem.push('\n');
+    pem.push_str(&resolve(key, field_key)?);
+    pem.push('\n');
+    Ok(Some(Secret(pem)))
+}
+
+/// Write `contents` to a new file in the temporary directory readable only by this user.
+fn private_file(name: &str, contents: &str, field: &'static str) -> Result<String, Error> {
+    use std::io::Write as _;
+    let path = std::env::temp_dir().join(name);
+    let io = |source| Error::File { field, path: path.display().to_string(), source };
+    let _ = std::fs::remove_file(&path);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&path).map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    Ok(path.display().to_string())
+}
+
 /// Build the engine configuration for `monsoon run`.
 ///
 /// # Errors
@@ -102,6 +132,16 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         }
         None => None,
     };
+    let mongo_client_pem = client_identity(
+        &spec.mongodb.client_cert_from,
+        &spec.mongodb.client_key_from,
+        ("spec.mongodb.clientCertFrom", "spec.mongodb.clientKeyFrom"),
+    )?;
+    let mongo_client_file = match mongo_client_pem {
+        // The driver reads a path: write the pair to a file only this user can read.
+        Some(pem) => Some(private_file(&format!("monsoon-{}-mongo-client.pem", p.name), &pem.0, "spec.mongodb.clientCertFrom")?),
+        None => None,
+    };
     let es = &spec.elasticsearch;
     let auth = match (&es.username, &es.password_from, &es.api_key_from) {
         (Some(user), Some(pw), _) => ElasticAuth::Basic {
@@ -120,12 +160,19 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         mongodb: MongoConfig {
             uri: Secret(uri),
             ca_file: mongo_ca,
+            client_cert_key_file: mongo_client_file,
             connect_timeout: Duration::from_secs(15),
         },
         elasticsearch: ElasticConfig {
             urls: es.urls.clone(),
             auth,
             ca_pem,
+            client_identity: client_identity(
+                &es.client_cert_from,
+                &es.client_key_from,
+                ("spec.elasticsearch.clientCertFrom", "spec.elasticsearch.clientKeyFrom"),
+            )?,
+            gzip: es.gzip,
             request_timeout: Duration::from_secs(60),
         },
         routing: Routing {

@@ -464,12 +464,13 @@ async fn two_collections_whose_index_names_collide_stop_the_pipeline_naming_both
     Ok(())
 }
 
-/// Issue 10, connectivity: an X.509 client certificate from the connection string
-/// (`tlsCertificateKeyFile`) with the CA from `caFrom`, against a server that requires client
-/// certificates (mutual TLS). Seen on the old code: `caFrom` replaced the connection string's
-/// TLS options, dropping the client certificate, so the server refused the handshake.
+/// Issue 10, connectivity: X.509 client certificates for MongoDB against a server that
+/// requires them (mutual TLS), first from the connection string (`tlsCertificateKeyFile`) with
+/// the CA from `caFrom`, then from `clientCertFrom`/`clientKeyFrom`. Seen on the old code:
+/// `caFrom` replaced the connection string's TLS options, dropping the client certificate, so
+/// the server refused the handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_certificate_in_the_uri_is_kept_beside_the_ca_from_ca_from() -> anyhow::Result<()> {
+async fn mongodb_client_certificates_from_the_uri_or_the_spec_work_beside_ca_from() -> anyhow::Result<()> {
     use monsoon_testkit::tls::Certs;
     let dir = TempDir::new("certs");
     let certs = Certs::generate(dir.path())?;
@@ -477,22 +478,66 @@ async fn a_client_certificate_in_the_uri_is_kept_beside_the_ca_from_ca_from() ->
     let mongo = Mongo::start(&["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-ca-file", &ca, "--tls-require-client-cert"])?;
     let es = Elastic::start()?;
     init_crypto();
-    let tls_uri = |with_ca: bool| {
-        let mut u = format!("mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCertificateKeyFile={}", mongo.port, certs.client_pem.display());
-        if with_ca {
-            u.push_str(&format!("&tlsCAFile={ca}"));
-        }
-        u
-    };
-    let client = mongodb::Client::with_uri_str(tls_uri(true)).await?;
+    let base = format!("mongodb://127.0.0.1:{}/?directConnection=true&tls=true", mongo.port);
+    let with_cert = format!("{base}&tlsCertificateKeyFile={}", certs.client_pem.display());
+    let client = mongodb::Client::with_uri_str(format!("{with_cert}&tlsCAFile={ca}")).await?;
     let coll = client.database("shop").collection::<Document>("orders");
     insert_all(&coll, sample_docs(0, 50)).await?;
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &tls_uri(false), &es.url(), &["shop.orders"], "")
-        .replace("  elasticsearch:", &format!("    caFrom: {{file: \"{ca}\"}}\n  elasticsearch:"));
-    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
     let esc = es.client()?;
+    let ca_from = format!("    caFrom: {{file: \"{ca}\"}}\n");
+    let spec_cert = format!(
+        "{ca_from}    clientCertFrom: {{file: \"{}\"}}\n    clientKeyFrom: {{file: \"{}\"}}\n",
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    for (label, uri, mongo_extra) in [("uri", &with_cert, &ca_from), ("spec", &base, &spec_cert)] {
+        let state = TempDir::new(label);
+        let yaml = pipeline_yaml("shop", uri, &es.url(), &["shop.orders"], "").replace("  elasticsearch:", &format!("{mongo_extra}  elasticsearch:"));
+        let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+        coll.insert_one(doc! {"_id": label}).await?;
+        let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+        assert!(r.converged(), "{label}: {r:?}\n{}", tail(&monsoon.log(), 30));
+        let (code, _) = monsoon.terminate()?;
+        assert_eq!(code, Some(0));
+    }
+    Ok(())
+}
+
+/// Issue 10, connectivity: an Elasticsearch client certificate (PKI) through a gateway that
+/// requires one, together with basic authentication, and gzip request bodies. Without the
+/// certificate the handshake fails and monsoon cannot start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_client_certificates_and_gzip_bodies_work() -> anyhow::Result<()> {
+    use monsoon_testkit::proxy::MutualTls;
+    use monsoon_testkit::tls::Certs;
+    let dir = TempDir::new("certs");
+    let certs = Certs::generate(dir.path())?;
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let gateway = LimitProxy::start_with(
+        &es.url(),
+        100 * 1024 * 1024,
+        Some(MutualTls { cert: &certs.server_cert, key: &certs.server_key, client_ca: &certs.ca }),
+    )?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(0, 300)).await?;
+    let es_tls = format!(
+        "    caFrom: {{file: \"{}\"}}\n    clientCertFrom: {{file: \"{}\"}}\n    clientKeyFrom: {{file: \"{}\"}}\n    username: elastic\n    passwordFrom: {{env: ES_PASSWORD}}\n    gzip: true\n",
+        certs.ca.display(),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &gateway.url(), &["shop.orders"], "").replace("  namespaces:", &format!("{es_tls}  namespaces:"));
+    let state = TempDir::new("state");
+    let monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &[], &[("ES_PASSWORD", "changeme")])?;
     let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
     assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
+    assert!(gateway.gzipped() > 0, "no request came gzip-compressed");
+    assert!(!monsoon.log().contains("changeme"));
+    // Without the client certificate the gateway refuses the handshake.
+    let without = yaml.replace("    clientCertFrom", "    #clientCertFrom").replace("    clientKeyFrom", "    #clientKeyFrom");
+    let state = TempDir::new("state-nocert");
+    let mut refused = Monsoon::start_with(bin(), &without, state.path(), &[], &[("ES_PASSWORD", "changeme")])?;
+    let code = refused.wait_exit(CONVERGE)?;
+    assert_eq!(code, Some(1), "{}", tail(&refused.log(), 20));
     Ok(())
 }

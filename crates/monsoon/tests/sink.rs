@@ -28,6 +28,8 @@ async fn a_forced_stop_abandons_the_backlog_while_elasticsearch_is_healthy() -> 
         urls: vec![es.url()],
         auth: ElasticAuth::None,
         ca_pem: None,
+        client_identity: None,
+        gzip: false,
         request_timeout: Duration::from_secs(30),
     })?;
     let shared = Shared::new(Metrics::new("forced"), Arc::new(Health::new(Duration::from_secs(120))));

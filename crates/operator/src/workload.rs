@@ -126,19 +126,32 @@ struct Wiring {
     mounts: Vec<VolumeMount>,
 }
 
-/// Rewrite one `*From` of the worker's copy of the spec to an env var or a file, and add what
-/// the pod needs to fill it.
-fn wire(from: &mut Option<ValueFrom>, env_name: &str, ca_slot: Option<&str>, w: &mut Wiring) {
+/// Where a `*From` reaches the worker as a file: its volume, directory and file name.
+struct FileSlot {
+    volume: &'static str,
+    dir: &'static str,
+    name: &'static str,
+}
+
+/// CA bundles and client certificates are files (the MongoDB driver reads paths).
+const MONGODB_CA: FileSlot = FileSlot { volume: "ca-mongodb", dir: "/etc/monsoon/ca/mongodb", name: "ca.pem" };
+const ELASTICSEARCH_CA: FileSlot = FileSlot { volume: "ca-elasticsearch", dir: "/etc/monsoon/ca/elasticsearch", name: "ca.pem" };
+const MONGODB_CERT: FileSlot = FileSlot { volume: "tls-mongodb-crt", dir: "/etc/monsoon/tls/mongodb/crt", name: "tls.crt" };
+const MONGODB_KEY: FileSlot = FileSlot { volume: "tls-mongodb-key", dir: "/etc/monsoon/tls/mongodb/key", name: "tls.key" };
+const ELASTICSEARCH_CERT: FileSlot = FileSlot { volume: "tls-elasticsearch-crt", dir: "/etc/monsoon/tls/elasticsearch/crt", name: "tls.crt" };
+const ELASTICSEARCH_KEY: FileSlot = FileSlot { volume: "tls-elasticsearch-key", dir: "/etc/monsoon/tls/elasticsearch/key", name: "tls.key" };
+
+/// Rewrite one `*From` of the worker's copy of the spec to an env var or (with `file`) a
+/// mounted file, and add what the pod needs to fill it.
+fn wire(from: &mut Option<ValueFrom>, env_name: &str, file: Option<FileSlot>, w: &mut Wiring) {
     let Some(v) = from.as_mut() else { return };
-    if let Some(slot) = ca_slot {
-        // CA bundles are files (the MongoDB driver reads a path).
+    if let Some(slot) = file {
         let (secret, config_map) = (v.secret_key_ref.clone(), v.config_map_key_ref.clone());
-        let volume = format!("ca-{slot}");
-        let dir = format!("/etc/monsoon/ca/{slot}");
+        let volume = slot.volume.to_string();
         let item = |key: String| {
             Some(vec![KeyToPath {
                 key,
-                path: "ca.pem".into(),
+                path: slot.name.into(),
                 mode: None,
             }])
         };
@@ -167,12 +180,12 @@ fn wire(from: &mut Option<ValueFrom>, env_name: &str, ca_slot: Option<&str>, w: 
             w.volumes.push(source);
             w.mounts.push(VolumeMount {
                 name: volume,
-                mount_path: dir.clone(),
+                mount_path: slot.dir.into(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             });
             *v = ValueFrom {
-                file: Some(format!("{dir}/ca.pem")),
+                file: Some(format!("{}/{}", slot.dir, slot.name)),
                 ..ValueFrom::default()
             };
         }
@@ -203,10 +216,14 @@ fn wire(from: &mut Option<ValueFrom>, env_name: &str, ca_slot: Option<&str>, w: 
 fn worker_pipeline(p: &SyncPipeline, w: &mut Wiring) -> serde_json::Value {
     let mut spec: SyncPipelineSpec = p.spec.clone();
     wire(&mut spec.mongodb.uri_from, "MONSOON_MONGODB_URI", None, w);
-    wire(&mut spec.mongodb.ca_from, "", Some("mongodb"), w);
+    wire(&mut spec.mongodb.ca_from, "", Some(MONGODB_CA), w);
+    wire(&mut spec.mongodb.client_cert_from, "", Some(MONGODB_CERT), w);
+    wire(&mut spec.mongodb.client_key_from, "", Some(MONGODB_KEY), w);
     wire(&mut spec.elasticsearch.password_from, "MONSOON_ES_PASSWORD", None, w);
     wire(&mut spec.elasticsearch.api_key_from, "MONSOON_ES_API_KEY", None, w);
-    wire(&mut spec.elasticsearch.ca_from, "", Some("elasticsearch"), w);
+    wire(&mut spec.elasticsearch.ca_from, "", Some(ELASTICSEARCH_CA), w);
+    wire(&mut spec.elasticsearch.client_cert_from, "", Some(ELASTICSEARCH_CERT), w);
+    wire(&mut spec.elasticsearch.client_key_from, "", Some(ELASTICSEARCH_KEY), w);
     spec.paused = false;
     spec.workers = 1;
     spec.resources = None;
@@ -482,6 +499,34 @@ mod tests {
             log_format: "json".into(),
             shutdown_grace_seconds: 20,
         }
+    }
+
+    #[test]
+    fn client_certificates_reach_the_pod_as_mounted_secret_files() {
+        let mut p = pipeline();
+        let tls = |key: &str| ValueFrom {
+            secret_key_ref: Some(SecretKeyRef { name: "es-client".into(), key: key.into() }),
+            ..ValueFrom::default()
+        };
+        p.spec.elasticsearch.client_cert_from = Some(tls("tls.crt"));
+        p.spec.elasticsearch.client_key_from = Some(tls("tls.key"));
+        let w = build(&p, 2, 2, &settings());
+        let pod = w.stateful_set.spec.expect("spec").template.spec.expect("pod");
+        let env = pod.containers[0].env.as_ref().expect("env");
+        let json: serde_json::Value = serde_json::from_str(
+            env.iter().find(|e| e.name == ENV_PIPELINE).and_then(|e| e.value.as_deref()).expect("pipeline env"),
+        )
+        .expect("json");
+        assert_eq!(json["spec"]["elasticsearch"]["clientCertFrom"], serde_json::json!({"file": "/etc/monsoon/tls/elasticsearch/crt/tls.crt"}));
+        assert_eq!(json["spec"]["elasticsearch"]["clientKeyFrom"], serde_json::json!({"file": "/etc/monsoon/tls/elasticsearch/key/tls.key"}));
+        let volumes = pod.volumes.as_ref().expect("volumes");
+        for (name, key) in [("tls-elasticsearch-crt", "tls.crt"), ("tls-elasticsearch-key", "tls.key")] {
+            let secret = volumes.iter().find(|v| v.name == name).and_then(|v| v.secret.as_ref()).expect(name);
+            assert_eq!(secret.secret_name.as_deref(), Some("es-client"));
+            assert_eq!(secret.items.as_ref().expect("items")[0].key, key);
+        }
+        let mounts = pod.containers[0].volume_mounts.as_ref().expect("mounts");
+        assert!(mounts.iter().any(|m| m.name == "tls-elasticsearch-key" && m.read_only == Some(true)));
     }
 
     #[test]

@@ -31,12 +31,15 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         mongodb: MongoConfig {
             uri: Secret(stack.mongo.uri()),
             ca_file: None,
+            client_cert_key_file: None,
             connect_timeout: Duration::from_secs(10),
         },
         elasticsearch: ElasticConfig {
             urls: vec![stack.es.url()],
             auth: ElasticAuth::None,
             ca_pem: None,
+            client_identity: None,
+            gzip: false,
             request_timeout: Duration::from_secs(30),
         },
         routing: Routing {

@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use elasticsearch::auth::Credentials;
+use elasticsearch::auth::{ClientCertificate, Credentials};
 use elasticsearch::cert::{Certificate, CertificateValidation};
-use elasticsearch::http::headers::HeaderMap;
+use elasticsearch::http::headers::{HeaderMap, HeaderValue, AUTHORIZATION};
 use elasticsearch::http::transport::{
     MultiNodeConnectionPool, SingleNodeConnectionPool, Transport, TransportBuilder,
 };
@@ -30,6 +30,9 @@ pub enum Error {
         /// Why it does not parse.
         reason: String,
     },
+    /// A credential cannot be sent in an HTTP header.
+    #[error("the Elasticsearch credentials hold characters an HTTP header cannot carry (check passwordFrom or apiKeyFrom for stray newlines or control characters)")]
+    Credentials,
     /// The client could not be built (TLS settings, CA bundle).
     #[error("failed to build the Elasticsearch client")]
     Build(#[source] elasticsearch::Error),
@@ -52,6 +55,25 @@ pub enum Error {
         /// Start of the response body.
         body: String,
     },
+}
+
+/// The `Authorization` header for basic or API key authentication, marked sensitive (kept out
+/// of debug output).
+///
+/// # Errors
+/// [`Error::Credentials`] when a credential holds characters no header may carry.
+fn authorization(auth: &ElasticAuth) -> Result<Option<HeaderValue>, Error> {
+    use base64::Engine as _;
+    let text = match auth {
+        ElasticAuth::None => return Ok(None),
+        ElasticAuth::Basic { username, password } => {
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{username}:{}", password.0)))
+        }
+        ElasticAuth::ApiKey(key) => format!("ApiKey {}", key.0),
+    };
+    let mut value = HeaderValue::from_str(&text).map_err(|_| Error::Credentials)?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// What the cluster says about itself on `GET /`.
@@ -94,12 +116,24 @@ impl Elastic {
             .timeout(config.request_timeout)
             .enable_meta_header(false)
             .disable_proxy();
-        builder = match &config.auth {
-            ElasticAuth::None => builder,
-            ElasticAuth::Basic { username, password } => {
-                builder.auth(Credentials::Basic(username.clone(), password.0.clone()))
+        builder = builder.request_body_compression(config.gzip);
+        builder = match &config.client_identity {
+            // The transport holds one credential: the certificate takes it, and basic or API
+            // key authentication goes into every request's `Authorization` header instead.
+            Some(pem) => {
+                let builder = builder.auth(Credentials::Certificate(ClientCertificate::Pem(pem.0.clone().into_bytes())));
+                match authorization(&config.auth)? {
+                    Some(value) => builder.header(AUTHORIZATION, value),
+                    None => builder,
+                }
             }
-            ElasticAuth::ApiKey(key) => builder.auth(Credentials::EncodedApiKey(key.0.clone())),
+            None => match &config.auth {
+                ElasticAuth::None => builder,
+                ElasticAuth::Basic { username, password } => {
+                    builder.auth(Credentials::Basic(username.clone(), password.0.clone()))
+                }
+                ElasticAuth::ApiKey(key) => builder.auth(Credentials::EncodedApiKey(key.0.clone())),
+            },
         };
         if let Some(pem) = &config.ca_pem {
             let cert = Certificate::from_pem(pem).map_err(Error::Build)?;

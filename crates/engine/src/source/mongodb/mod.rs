@@ -121,19 +121,7 @@ pub async fn connect(config: &MongoConfig) -> Result<Client, Error> {
         .map_err(|e| Error::Uri(redact(&e.to_string(), &config.uri.0)))?;
     options.app_name = Some("monsoon".into());
     options.server_selection_timeout = Some(config.connect_timeout);
-    if let Some(ca) = &config.ca_file {
-        // The CA adds to the connection string's TLS options (a client certificate, relaxed
-        // host checks), never replaces them.
-        match &mut options.tls {
-            Some(Tls::Enabled(tls)) => tls.ca_file_path = Some(ca.into()),
-            Some(Tls::Disabled) => {
-                return Err(Error::Uri(
-                    "`caFrom` is set but the connection string turns TLS off (`tls=false`); remove one of the two".into(),
-                ))
-            }
-            None => options.tls = Some(Tls::Enabled(TlsOptions::builder().ca_file_path(Some(ca.into())).build())),
-        }
-    }
+    add_tls_files(&mut options, config)?;
     let client = Client::with_options(options)
         .map_err(|e| Error::Uri(redact(&e.to_string(), &config.uri.0)))?;
     client
@@ -142,6 +130,33 @@ pub async fn connect(config: &MongoConfig) -> Result<Client, Error> {
         .await
         .map_err(classify_connect_error)?;
     Ok(client)
+}
+
+/// Add the pipeline's CA bundle and client certificate to the connection string's TLS options
+/// (relaxed host checks, a `tlsCertificateKeyFile` of its own), never replacing them; either
+/// turns TLS on when the string leaves it unset.
+///
+/// # Errors
+/// [`Error::Uri`] when the string turns TLS off (`tls=false`) yet a CA or certificate is set.
+fn add_tls_files(options: &mut ClientOptions, config: &MongoConfig) -> Result<(), Error> {
+    if config.ca_file.is_none() && config.client_cert_key_file.is_none() {
+        return Ok(());
+    }
+    let tls = match options.tls.get_or_insert_with(|| Tls::Enabled(TlsOptions::default())) {
+        Tls::Enabled(tls) => tls,
+        Tls::Disabled => {
+            return Err(Error::Uri(
+                "`caFrom` or `clientCertFrom` is set but the connection string turns TLS off (`tls=false`); remove one of them".into(),
+            ))
+        }
+    };
+    if let Some(ca) = &config.ca_file {
+        tls.ca_file_path = Some(ca.into());
+    }
+    if let Some(pem) = &config.client_cert_key_file {
+        tls.cert_key_file_path = Some(pem.into());
+    }
+    Ok(())
 }
 
 fn classify_connect_error(e: mongodb::error::Error) -> Error {
