@@ -646,6 +646,13 @@ impl Source<'_> {
                         self.metrics.history_lost.inc();
                         return Err(Error::HistoryLost { code });
                     }
+                    if let (StreamStart::ResumeAfter(token), true) = (&start, refuses_resume_after_invalidate(&e)) {
+                        // A checkpoint written before invalidate tokens were marked: MongoDB
+                        // accepts this token only with `startAfter`.
+                        warn!("the stored resume token is an invalidate's; re-opening with startAfter");
+                        start = StreamStart::StartAfter(token.clone());
+                        continue;
+                    }
                     warn!(error = %e, "failed to open the change stream; retrying");
                     self.health.source_beat(false);
                     if backoff.wait(&self.cancel).await.is_err() {
@@ -976,6 +983,14 @@ impl StreamStart {
     }
 }
 
+/// MongoDB error code: the resume token cannot be used (here: `resumeAfter` an invalidate).
+const INVALID_RESUME_TOKEN: i32 = 260;
+
+/// Whether MongoDB refused `resumeAfter` because the token is an invalidate event's.
+fn refuses_resume_after_invalidate(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Command(c) if c.code == INVALID_RESUME_TOKEN && c.message.contains("invalidate"))
+}
+
 fn is_too_large(e: &ReadError) -> bool {
     matches!(e, ReadError::Mongo(e) if matches!(&*e.kind, ErrorKind::Command(c) if c.code == BSON_OBJECT_TOO_LARGE))
 }
@@ -1048,6 +1063,31 @@ pub fn stream_options(lean: bool) -> ChangeStreamOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn command_error(code: i32, message: &str) -> mongodb::error::Error {
+        let e: mongodb::error::CommandError =
+            mongodb::bson::from_document(doc! {"code": code, "codeName": "X", "errmsg": message}).expect("command error");
+        mongodb::error::Error::from(ErrorKind::Command(e))
+    }
+
+    #[test]
+    fn a_refused_resume_after_an_invalidate_is_recognised() {
+        let refused = command_error(260, "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.");
+        assert!(refuses_resume_after_invalidate(&refused));
+        assert!(!refuses_resume_after_invalidate(&command_error(260, "cannot resume: token is malformed")));
+        assert!(!refuses_resume_after_invalidate(&command_error(286, "history lost after invalidate")));
+    }
+
+    #[test]
+    fn a_stream_opened_after_an_invalidate_continues_after_it_until_it_reads_more() {
+        let token = |d: &str| -> ResumeToken { mongodb::bson::from_bson(Bson::Document(doc! {"_data": d})).expect("token") };
+        let start = StreamStart::StartAfter(token("inv"));
+        assert!(start.is_start_after(&token("inv")));
+        assert!(matches!(start.continue_after(token("inv")), StreamStart::StartAfter(_)));
+        assert!(!start.is_start_after(&token("next")));
+        assert!(matches!(start.continue_after(token("next")), StreamStart::ResumeAfter(_)));
+        assert!(!StreamStart::ResumeAfter(token("inv")).is_start_after(&token("inv")));
+    }
 
     #[test]
     fn credentials_are_redacted_from_messages() {
