@@ -368,8 +368,15 @@ impl Source<'_> {
         let index = self.routing.index_for(db, coll);
         {
             let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-            if !written.contains_key(&ns) {
-                if let Some((other, _)) = written.iter().find(|(_, i)| **i == index) {
+            if written.get(&ns) != Some(&index) {
+                // Another namespace the pipeline still syncs into this same index: a drop of
+                // either would delete the other's documents. (One removed from the spec, or
+                // moved to another index, no longer writes here.)
+                let shares = |other: &str| {
+                    other != ns
+                        && other.split_once('.').is_some_and(|(d, c)| self.routing.includes(d, c) && self.routing.index_for(d, c) == index)
+                };
+                if let Some(other) = written.keys().find(|other| shares(other)) {
                     return Err(Error::SharedIndex { index, first: other.clone(), second: ns });
                 }
                 written.insert(ns.clone(), index.clone());
