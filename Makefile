@@ -38,8 +38,11 @@ $(VENV)/.installed: Makefile
 # property and integration tests against the stand-ins.
 RENDERED = $(TARGET_DIR)/rendered
 CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
+# One build for everything: `--workspace` with the tests' feature set, which also builds the
+# monsoon binary the render step uses. (A `-p monsoon` build unifies features differently and
+# compiles every dependency a second time.)
 test: venv
-	$(CARGO) build -q -p monsoon
+	$(CARGO) test --workspace --no-run -q
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
 	for f in $(CLUSTER_EXAMPLES); do $(TARGET_DIR)/debug/monsoon render -f examples/$$f.yaml --namespace shop > $(RENDERED)/$$f.yaml || exit 1; done
 	MONSOON_RENDERED_DIR=$(RENDERED) $(VENV)/bin/python tests/check_manifests.py
@@ -49,7 +52,8 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 crds:
-	$(CARGO) run -q -p monsoon -- crd > crds/syncpipeline.yaml
+	$(CARGO) build -q --workspace --bins
+	$(TARGET_DIR)/debug/monsoon crd > crds/syncpipeline.yaml
 	$(MAKE) manifests
 
 # The plain-YAML install (manifests/) and the chart's CRD copy, generated from charts/monsoon
@@ -66,7 +70,7 @@ check-manifests: venv
 # Starts the stand-ins, seeds a shop database, runs `monsoon run` on examples/shop.yaml,
 # shows the synced indexes, a search and live changes, then stops everything.
 demo: venv
-	$(CARGO) build -p monsoon -p monsoon-testkit --bins
+	$(CARGO) build --workspace --bins
 	$(TARGET_DIR)/debug/monsoon-demo $(TARGET_DIR)/debug/monsoon
 
 # Figures as ratios against baselines measured in the same run (see crates/bench).
