@@ -22,6 +22,21 @@ async fn index_exists(es: &Elasticsearch, index: &str) -> anyhow::Result<bool> {
     Ok(r.status_code().is_success())
 }
 
+/// Wait until `index` is gone (a drop applied); on timeout, fail with `what` and the log.
+async fn wait_index_gone(es: &Elasticsearch, index: &str, monsoon: &Monsoon, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE;
+    while index_exists(es, index).await? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what}: index {index} is still there ({} documents):\n{}",
+            count(es, index).await.unwrap_or(0),
+            tail(&monsoon.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 /// Wait until `log` contains `text`.
 fn wait_log(monsoon: &Monsoon, text: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
@@ -132,12 +147,7 @@ async fn stop_during_a_drop(stop: Stop) -> anyhow::Result<()> {
     let esc = es.client()?;
     assert!(index_exists(&esc, "shop.orders").await?, "the index must still exist before the restart");
     monsoon.restart()?;
-    let deadline = Instant::now() + CONVERGE;
-    while index_exists(&esc, "shop.orders").await? {
-        anyhow::ensure!(Instant::now() < deadline, "{stop:?}: the dropped collection's index is still there:\n{}", tail(&monsoon.log(), 30));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
+    wait_index_gone(&esc, "shop.orders", &monsoon, &format!("{stop:?}: the collection was dropped")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,8 +250,11 @@ async fn fault_matrix_elasticsearch_outage_phase() -> anyhow::Result<()> {
     stop_during_an_outage(Stop::Kill).await
 }
 
-/// Fault matrix, re-snapshot and sweep after lost history: stopped once the re-snapshot is
-/// under way; the restart must finish it, sweep the gap's deletes and apply the gap's drop.
+/// Fault matrix, re-snapshot and sweep after lost history (issue 10, item 4): stopped once the
+/// re-snapshot is under way; the restart must finish it, sweep the gap's deletes and apply the
+/// gap's drop. Seen on the old code (without the stop): with `shop.*`, the collection dropped
+/// while monsoon was stopped kept all 200 of its documents searchable, since only exactly named
+/// namespaces were swept.
 async fn stop_during_a_resnapshot(stop: Stop) -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&["--oplog-max-entries", "1000"]).await?;
     let db = client.database("shop");
@@ -273,12 +286,7 @@ async fn stop_during_a_resnapshot(stop: Stop) -> anyhow::Result<()> {
     monsoon.restart()?;
     let r = wait_converged(&client, &esc, "shop", "a", "shop.a", CONVERGE).await?;
     assert!(r.converged(), "{stop:?}: gap deletes must be swept: {r:?}\n{}", tail(&monsoon.log(), 30));
-    let deadline = Instant::now() + CONVERGE;
-    while index_exists(&esc, "shop.b").await? {
-        anyhow::ensure!(Instant::now() < deadline, "{stop:?}: shop.b was dropped during the lost history; its index stayed:\n{}", tail(&monsoon.log(), 30));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    Ok(())
+    wait_index_gone(&esc, "shop.b", &monsoon, &format!("{stop:?}: shop.b was dropped during the lost history")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,47 +351,6 @@ async fn mongodb_aws_authentication_reaches_the_server() -> anyhow::Result<()> {
     assert!(!log.contains("feature"), "{}", tail(&log, 20));
     assert!(log.contains("error: "), "{}", tail(&log, 20));
     assert!(!log.contains("wJalrXUtnFEMI"), "the secret key must never be logged");
-    Ok(())
-}
-
-/// Issue 10, item 4. Seen on the old code: with `shop.*` and `onHistoryLost: Resnapshot`, a
-/// collection dropped while monsoon was stopped (its drop event lost with the history) kept
-/// all its documents searchable: only exactly named namespaces were swept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_collection_dropped_during_lost_history_under_a_pattern_is_dropped_too() -> anyhow::Result<()> {
-    let Stack { mongo, es, client, esc } = Stack::start(&["--oplog-max-entries", "1000"]).await?;
-    let db = client.database("shop");
-    let a = db.collection::<Document>("a");
-    let b = db.collection::<Document>("b");
-    insert_all(&a, sample_docs(0, 100)).await?;
-    insert_all(&b, sample_docs(0, 200)).await?;
-    let state = TempDir::new("state");
-    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.*"], "  onHistoryLost: Resnapshot\n");
-    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    for coll in ["a", "b"] {
-        let r = wait_converged(&client, &esc, "shop", coll, &format!("shop.{coll}"), CONVERGE).await?;
-        assert!(r.converged(), "{r:?}");
-    }
-    let (code, _) = monsoon.terminate()?;
-    assert_eq!(code, Some(0));
-    b.drop().await?;
-    a.delete_many(doc! {"_id": {"$lt": 10}}).await?;
-    insert_all(&a, sample_docs(1000, 3000)).await?;
-    client.database("admin").run_command(doc! {"secantusAdmin.pruneOplog": 1}).await?;
-    monsoon.restart()?;
-    let r = wait_converged(&client, &esc, "shop", "a", "shop.a", CONVERGE).await?;
-    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 30));
-    let deadline = Instant::now() + CONVERGE;
-    while index_exists(&esc, "shop.b").await? {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "shop.b was dropped during the lost history but its index is still there ({} documents):\n{}",
-            count(&esc, "shop.b").await.unwrap_or(0),
-            tail(&monsoon.log(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert!(monsoon.log().contains("history lost"));
     Ok(())
 }
 

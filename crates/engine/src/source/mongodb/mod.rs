@@ -75,7 +75,7 @@ pub enum Error {
     #[error("MongoDB refused the credentials")]
     Auth(#[source] mongodb::error::Error),
     /// No server answered in time, or a command monsoon needs failed.
-    #[error("failed to {op} on MongoDB")]
+    #[error("failed to reach MongoDB: could not {op}")]
     Unreachable {
         /// What was attempted.
         op: &'static str,
