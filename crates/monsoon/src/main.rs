@@ -1,6 +1,7 @@
 //! The `monsoon` binary: `run` (standalone engine), `operator`, `worker`, `validate`, `crd`.
 
 mod config;
+mod convert;
 mod worker;
 
 use std::net::SocketAddr;
@@ -103,6 +104,15 @@ enum Command {
     },
     /// Print the SyncPipeline CustomResourceDefinition (YAML).
     Crd,
+    /// Turn a Monstache TOML configuration into a SyncPipeline (YAML on standard output; each
+    /// option not carried over, and why, on standard error).
+    Convert {
+        /// The Monstache configuration file.
+        file: PathBuf,
+        /// Name of the pipeline (default: from the file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 mod kube_crd {
@@ -169,6 +179,7 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Crd => print_crd().map(|yaml| print!("{yaml}")),
+        Command::Convert { file, name } => convert_file(&file, name.as_deref()).map(|yaml| print!("{yaml}")),
         Command::Validate { file } => config::load_pipeline(&file).map(|p| {
             println!("{}: pipeline `{}` is valid", file.display(), p.name);
         }),
@@ -275,6 +286,21 @@ fn run(
             }
         }
     })
+}
+
+/// `monsoon convert`: the pipeline as YAML; notes go to standard error as they are found.
+fn convert_file(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("failed to read {}", file.display()))?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => convert::pipeline_name(&file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+    };
+    let c = convert::convert(&text, &name).with_context(|| format!("{}", file.display()))?;
+    for n in &c.notes {
+        eprintln!("note: {}: {}", n.option, n.reason);
+    }
+    let yaml = serde_saphyr::to_string(&c.pipeline)?;
+    Ok(format!("# Converted from {} by `monsoon convert`.\n{yaml}", file.display()))
 }
 
 fn render(file: &std::path::Path, namespace: &str, image: &str) -> anyhow::Result<String> {

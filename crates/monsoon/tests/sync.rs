@@ -232,3 +232,44 @@ async fn namespace_added_to_a_running_pipeline_is_snapshotted() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// `monsoon convert` on a Monstache configuration: the YAML it prints passes `monsoon
+/// validate`, every option left out is on standard error with its reason, and the pipeline,
+/// given the password it asked for, syncs. An unreadable file is one clear line and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converted_monstache_config_validates_and_syncs() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let orders = client.database("shop").collection::<Document>("orders");
+    insert_all(&orders, sample_docs(0, 200)).await?;
+    let state = TempDir::new("state");
+    std::fs::create_dir_all(state.path())?;
+    let toml = state.path().join("monstache.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "mongo-url = \"{}\"\nelasticsearch-urls = [\"{}\"]\ndirect-read-namespaces = [\"shop.orders\"]\nchange-stream-namespaces = [\"shop.orders\"]\nresume = true\n\n[[mapping]]\nnamespace = \"shop.orders\"\nindex = \"orders\"\ntype = \"order\"\n",
+            mongo.uri(),
+            es.url()
+        ),
+    )?;
+    let out = std::process::Command::new(bin()).arg("convert").arg(&toml).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let notes = String::from_utf8_lossy(&out.stderr);
+    assert!(notes.contains("note: resume: not needed"), "{notes}");
+    assert!(notes.contains("note: [[mapping]].type"), "{notes}");
+    let yaml = String::from_utf8(out.stdout)?;
+    let file = state.path().join("pipeline.yaml");
+    std::fs::write(&file, &yaml)?;
+    let validate = std::process::Command::new(bin()).args(["validate", "-f"]).arg(&file).output()?;
+    assert!(validate.status.success(), "{}\n{yaml}", String::from_utf8_lossy(&validate.stderr));
+    let monsoon = Monsoon::start(bin(), &yaml, &state.path().join("run"))?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 20));
+
+    let missing = std::process::Command::new(bin()).args(["convert", "/nonexistent/monstache.toml"]).output()?;
+    assert_eq!(missing.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: failed to read /nonexistent/monstache.toml"), "{err}");
+    Ok(())
+}
