@@ -41,6 +41,18 @@ pub enum Error {
     /// The checkpoint could not be read or written.
     #[error("checkpoint failed")]
     Checkpoint(#[from] checkpoint::Error),
+    /// A target index holds documents with external versions far beyond monsoon's for the
+    /// current time: another tool (Monstache versions `oplog seconds << 32 | increment`) built it,
+    /// and every monsoon write to those documents would lose as stale.
+    #[error("index `{index}` holds documents versioned {found}, far beyond what monsoon writes now ({ours}): another tool (Monstache?) built it with larger external versions, so monsoon's writes to those documents would be refused as stale and they would freeze. Sync into a new index (`spec.indexes`) and move readers with an alias, or delete the index to rebuild it")]
+    ForeignVersions {
+        /// The index.
+        index: String,
+        /// The largest version seen there.
+        found: u64,
+        /// monsoon's version for the current cluster time.
+        ours: u64,
+    },
 }
 
 /// A whole error chain on one line: `outer: cause: root cause`.
@@ -142,6 +154,7 @@ async fn run_inner<S: CheckpointStore>(
             t0
         }
     };
+    check_target_versions(&es, config, mongo::cluster_time(&client).await?).await?;
     let resume_token = cp.resume_token(&location)?;
     es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body())
         .await?;
@@ -264,6 +277,35 @@ async fn run_inner<S: CheckpointStore>(
         Ok(Ok(())) => info!(pipeline = %name, "final checkpoint written"),
     }
     result.map_err(Error::from)
+}
+
+/// Versions more than this far ahead of the current cluster time cannot be monsoon's (its
+/// versions are cluster times; a day covers any clock skew between MongoDB members).
+const FOREIGN_VERSION_MARGIN: u64 = 86_400 << 32;
+
+/// Refuse to start on target indexes another tool versioned beyond monsoon's scale (see
+/// [`Error::ForeignVersions`]); a sample of their documents is enough, since such a tool
+/// versions every document it writes that way.
+async fn check_target_versions(es: &Elastic, config: &EngineConfig, now: ClusterTime) -> Result<(), Error> {
+    let mut targets: Vec<String> = config
+        .routing
+        .include
+        .iter()
+        .map(|p| match &p.collection {
+            Some(c) => config.routing.index_for(&p.database, c),
+            None => format!("{}.*", p.database.to_lowercase()),
+        })
+        .chain(config.routing.indexes.values().cloned())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let ours = now.version();
+    if let Some((index, found)) = es.largest_version(&targets.join(","), 20).await? {
+        if found > ours.saturating_add(FOREIGN_VERSION_MARGIN) {
+            return Err(Error::ForeignVersions { index, found, ours });
+        }
+    }
+    Ok(())
 }
 
 /// Where the source starts: from the checkpoint, or anew after lost history.

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 /// Pipeline metrics. Cloning is cheap (handles to the same series).
@@ -48,6 +48,8 @@ pub struct Metrics {
     pub lag_seconds: IntGauge,
     /// Double NaN/±Infinity values written as null (Elasticsearch rejects them).
     pub non_finite_nulled: IntCounter,
+    /// Share of the last 1000 answered writes that came back stale (409).
+    pub stale_share: Gauge,
     /// Change stream re-opened after an error.
     pub stream_reopens: IntCounter,
     /// Resume point lost from the oplog (ChangeStreamHistoryLost).
@@ -142,6 +144,11 @@ impl Metrics {
             snapshot_estimate: gauge(&registry, "snapshot_documents_estimated", "Documents the snapshot expects to read (from collection size estimates)"),
             lag_seconds: gauge(&registry, "lag_seconds", "Seconds from a change's cluster time to its acknowledgement"),
             non_finite_nulled: counter(&registry, "non_finite_values_nulled_total", "NaN/Infinity values written as null"),
+            stale_share: {
+                let g = Gauge::new("stale_write_share", "Share of the last 1000 answered writes that came back stale (409); lasting near 1, another writer versions the documents higher").expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             stream_reopens: counter(&registry, "change_stream_reopens_total", "Change stream re-opened after an error"),
             history_lost: counter(&registry, "history_lost_total", "Resume point lost from the oplog"),
             indexes_dropped: counter(&registry, "indexes_dropped_total", "Indexes deleted after their collection was dropped"),

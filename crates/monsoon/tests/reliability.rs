@@ -508,3 +508,41 @@ async fn elasticsearch_client_certificates_and_gzip_bodies_work() -> anyhow::Res
     assert_eq!(code, Some(1), "{}", tail(&refused.log(), 20));
     Ok(())
 }
+
+/// Issue 12, taking over from Monstache: an index whose documents carry external versions far
+/// beyond monsoon's (Monstache writes `oplog seconds << 32 | increment`) would make every
+/// monsoon write to them lose as stale, freezing them silently. monsoon refuses to start on it,
+/// naming the index and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_versioned_by_another_tool_is_refused_at_start() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    client.database("shop").collection::<Document>("orders").insert_one(doc! {"_id": 1, "n": 1}).await?;
+    // As Monstache would have written it in late 2026.
+    let monstache_version = (1_796_000_000u64 << 32) | 7;
+    let r = esc
+        .index(elasticsearch::IndexParts::IndexId("shop.orders", "1"))
+        .version(monstache_version as i64)
+        .version_type(elasticsearch::params::VersionType::External)
+        .refresh(elasticsearch::params::Refresh::True)
+        .body(json!({"n": 1}))
+        .send()
+        .await?;
+    assert!(r.status_code().is_success(), "{:?}", r.text().await);
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    assert_eq!(monsoon.wait_exit(CONVERGE)?, Some(1), "{}", tail(&monsoon.log(), 20));
+    let log = monsoon.log();
+    let error = log.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    assert!(error.contains("index `shop.orders` holds documents versioned") && error.contains("spec.indexes"), "{log}");
+    // Its own documents do not trip it: a pipeline into a fresh index syncs, restarts, syncs.
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "  indexes:\n    shop.orders: orders-v2\n");
+    let state = TempDir::new("state2");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "orders-v2", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+    monsoon.terminate()?;
+    monsoon.restart()?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    Ok(())
+}

@@ -145,18 +145,56 @@ fn budget_kib(batch: &BatchConfig) -> usize {
 pub struct Shared {
     tracker: Mutex<Tracker<Position>>,
     acked: Notify,
+    stale: Mutex<StaleWindow>,
     /// Metrics of the pipeline.
     pub metrics: Metrics,
     /// Health of the pipeline.
     pub health: Arc<Health>,
 }
 
+/// Writes answered since the last look, to tell when most come back stale.
+#[derive(Default)]
+struct StaleWindow {
+    applied: u64,
+    stale: u64,
+    warned: Option<Instant>,
+}
+
+/// Writes per look at the stale share: large enough that a few replayed changes never warn.
+const STALE_WINDOW: u64 = 1000;
+/// Share of stale writes in a window that warns.
+const STALE_WARN_SHARE: f64 = 0.5;
+/// At most one warning per this long.
+const STALE_WARN_EVERY: Duration = Duration::from_secs(300);
+
 impl Shared {
+    /// Count answered writes; once per [`STALE_WINDOW`] of them, publish the stale share and warn
+    /// when most were stale. Briefly that is a replay after a restart; lasting, it means another
+    /// writer versions these documents higher (an index Monstache built), and they freeze.
+    fn note_outcomes(&self, applied: u64, stale: u64) {
+        let mut w = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        w.applied += applied;
+        w.stale += stale;
+        let total = w.applied + w.stale;
+        if total < STALE_WINDOW {
+            return;
+        }
+        let share = w.stale as f64 / total as f64;
+        self.metrics.stale_share.set(share);
+        if share > STALE_WARN_SHARE && w.warned.is_none_or(|t| t.elapsed() >= STALE_WARN_EVERY) {
+            w.warned = Some(Instant::now());
+            warn!(share = format!("{:.0}%", share * 100.0), writes = total, "most writes came back stale (409: the index holds a newer version); expected for a while after a restart (changes are replayed), but if it lasts another writer versions these documents higher (an index built by Monstache?) and they no longer change");
+        }
+        w.applied = 0;
+        w.stale = 0;
+    }
+
     /// Shared state for a new pipeline run.
     pub fn new(metrics: Metrics, health: Arc<Health>) -> Arc<Self> {
         Arc::new(Self {
             tracker: Mutex::new(Tracker::new()),
             acked: Notify::new(),
+            stale: Mutex::new(StaleWindow::default()),
             metrics,
             health,
         })
@@ -767,6 +805,7 @@ impl Deliverer {
                     m.hot.deleted.inc_by(counts[1]);
                     m.hot.stale.inc_by(counts[2]);
                     m.hot.already_gone.inc_by(counts[3]);
+                    self.shared.note_outcomes(counts[0] + counts[1] + counts[3], counts[2]);
                     if retry.is_empty() {
                         m.bulk_requests.with_label_values(&["ok"]).inc();
                         self.shared.health.sink_beat(true);
@@ -1125,6 +1164,17 @@ mod tests {
                 proptest::prop_assert_eq!(Some(*sent), last, "document {} ends on a stale write", id);
             }
         }
+    }
+
+    #[test]
+    fn the_stale_share_is_published_per_window_of_answered_writes() {
+        let shared = Shared::new(Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))));
+        shared.note_outcomes(300, 200);
+        assert_eq!(shared.metrics.stale_share.get(), 0.0, "published only once a window is full");
+        shared.note_outcomes(100, 400);
+        assert!((shared.metrics.stale_share.get() - 0.6).abs() < 1e-9, "{}", shared.metrics.stale_share.get());
+        shared.note_outcomes(990, 10);
+        assert!((shared.metrics.stale_share.get() - 0.01).abs() < 1e-9, "a new window starts empty");
     }
 
     #[test]

@@ -217,6 +217,31 @@ impl Elastic {
         }
     }
 
+    /// The largest `_version` among up to `sample` documents of the indexes `expression`
+    /// matches (`a,b,shop.*`), and the index holding it; `None` when they hold no document.
+    ///
+    /// # Errors
+    /// Transport failures, unexpected statuses, or a reply that does not read as a search.
+    pub async fn largest_version(&self, expression: &str, sample: usize) -> Result<Option<(String, u64)>, Error> {
+        let query = serde_json::json!({"size": sample, "version": true, "_source": false, "query": {"match_all": {}}});
+        // Each name encoded, the list and wildcards kept as Elasticsearch reads them.
+        let names: Vec<String> = expression.split(',').map(|n| encode_path(n).replace("%2A", "*")).collect();
+        let path = format!("/{}/_search", names.join(","));
+        let params = [("ignore_unavailable", "true"), ("allow_no_indices", "true")];
+        let (status, body) = self.request(Method::Post, &path, Some(&params), Some(json_bytes(&query)), None).await?;
+        match status {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(status_error("sample versions", status, &body)),
+        }
+        let page: serde_json::Value = serde_json::from_slice(&body).map_err(|_| status_error("read sampled versions", status, &body))?;
+        let hits = page["hits"]["hits"].as_array().ok_or_else(|| status_error("read sampled versions", status, &body))?;
+        Ok(hits
+            .iter()
+            .filter_map(|h| Some((h["_index"].as_str()?.to_string(), h["_version"].as_u64()?)))
+            .max_by_key(|(_, v)| *v))
+    }
+
     /// Create `index` with `body` (settings/mappings) unless it exists.
     ///
     /// # Errors
