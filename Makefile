@@ -18,7 +18,7 @@ CARGO ?= cargo
 # config, as cargo itself does (many developers share one target directory).
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e clean
+.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e opensearch clean
 
 all: build
 
@@ -35,18 +35,24 @@ $(VENV)/.installed: Makefile
 
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the
 # operator renders for the cluster examples, against the Kubernetes API schemas), then unit,
-# property and integration tests against the stand-ins.
+# property and integration tests against the stand-ins and a real OpenSearch node.
 RENDERED = $(TARGET_DIR)/rendered
 CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
 # One build for everything: `--workspace` with the tests' feature set, which also builds the
 # monsoon binary the render step uses. (A `-p monsoon` build unifies features differently and
 # compiles every dependency a second time.)
-test: venv
+test: venv opensearch
 	$(CARGO) test --workspace --no-run -q
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
 	for f in $(CLUSTER_EXAMPLES); do $(TARGET_DIR)/debug/monsoon render -f examples/$$f.yaml --namespace shop > $(RENDERED)/$$f.yaml || exit 1; done
 	MONSOON_RENDERED_DIR=$(RENDERED) $(VENV)/bin/python tests/check_manifests.py
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+
+# A real OpenSearch node for the tests (tools/opensearch): the server and its modules from Maven
+# Central, started in-process by a small Java main; built once per version into
+# ${MONSOON_OPENSEARCH_CACHE:-~/.cache/monsoon/opensearch}/<version>, skipped when present.
+opensearch:
+	./tools/opensearch/build.sh
 
 unit:
 	$(CARGO) test --workspace --lib --bins

@@ -6,6 +6,7 @@
 //! `elasticsearch` crates. A missing stand-in makes the test fail loudly, never skip.
 
 pub mod dns;
+pub mod opensearch;
 pub mod proxy;
 pub mod tls;
 
