@@ -81,9 +81,11 @@ async fn dead_letters(es: &Elasticsearch) -> anyhow::Result<Vec<Value>> {
     Ok(body["hits"]["hits"].as_array().cloned().unwrap_or_default().into_iter().map(|h| h["_source"].clone()).collect())
 }
 
-/// Issue 10, item 1. Seen on the old code: behind a proxy that refuses bodies over 1 MiB with
-/// 413, a 3 MiB document's dead-letter record (embedding the whole document) was refused too
-/// and retried forever: none of the 300 later documents arrived.
+/// Issue 10, item 1: behind a proxy that refuses bodies over 1 MiB with 413 (as
+/// `http.max_content_length` does), a 3 MiB document's dead-letter record embedded the whole
+/// document, was refused too and retried forever, holding its batch and the checkpoint. Seen on
+/// the old code here: the 300 later documents arrived (other request slots), but no dead-letter
+/// record was ever stored; the issue's run also saw 290 of them never arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_document_is_dead_lettered_and_the_stream_goes_on() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
@@ -295,8 +297,8 @@ async fn fault_matrix_resnapshot_and_sweep_phase() -> anyhow::Result<()> {
     stop_during_a_resnapshot(Stop::Kill).await
 }
 
-/// Issue 10, item 2. Seen on the old code: `monsoon run` failed with "mongodb+srv connection
-/// strings cannot be used when the 'dns-resolver' feature is disabled". Here the SRV and TXT
+/// Issue 10, item 2. Seen on the old code (driver built without the feature): "mongodb+srv
+/// connection strings cannot be used when the 'dns-resolver' feature is disabled". Here the SRV and TXT
 /// records come from a DNS server of the test's own, which only the monsoon process sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mongodb_srv_connection_string_is_resolved_and_synced() -> anyhow::Result<()> {
@@ -433,9 +435,9 @@ async fn two_collections_whose_index_names_collide_stop_the_pipeline_naming_both
 
 /// Issue 10, connectivity: X.509 client certificates for MongoDB against a server that
 /// requires them (mutual TLS), first from the connection string (`tlsCertificateKeyFile`) with
-/// the CA from `caFrom`, then from `clientCertFrom`/`clientKeyFrom`. Seen on the old code:
-/// `caFrom` replaced the connection string's TLS options, dropping the client certificate, so
-/// the server refused the handshake.
+/// the CA from `caFrom`, then from `clientCertFrom`/`clientKeyFrom`. The old code's `caFrom`
+/// replaced the connection string's TLS options, dropping the client certificate (found by
+/// reading; this test was not run against it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_client_certificates_from_the_uri_or_the_spec_work_beside_ca_from() -> anyhow::Result<()> {
     use monsoon_testkit::tls::Certs;
