@@ -12,7 +12,7 @@ mod validate;
 
 pub use spec::*;
 pub use validate::{
-    check_connection_string, check_index_name, parse_manifest, validate, validate_for_cluster, value_sources, FieldError, ManifestError, NamespacePattern,
+    check_connection_string, check_index_name, namespace_regex, parse_manifest, validate, validate_for_cluster, value_sources, FieldError, ManifestError, NamespacePattern,
     ValidatedPipeline,
 };
 

@@ -28,6 +28,9 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.namespaces) && size(self.namespaces) > 0) || has(self.namespaceRegex)", "message": "set `namespaces` (at least one) or `namespaceRegex`"}
+]))]
 pub struct SyncPipelineSpec {
     /// Where the data comes from.
     pub mongodb: MongoSource,
@@ -35,9 +38,22 @@ pub struct SyncPipelineSpec {
     pub elasticsearch: ElasticsearchSink,
     /// MongoDB namespaces to sync: `db.collection`, or `db.*` for every collection of a
     /// database. Each namespace is indexed into the index of the same name, lower-cased,
-    /// unless `indexes` names another.
-    #[schemars(length(min = 1, max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
+    /// unless `indexes` names another. At least one namespace or a `namespaceRegex` is needed.
+    #[serde(default)]
+    #[schemars(length(max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
     pub namespaces: Vec<String>,
+    /// Also sync every namespace (`db.collection`) this regular expression matches, in any
+    /// database but `admin`, `local` and `config` (Monstache's `namespace-regex`; RE2 syntax,
+    /// unanchored: `^shop\.` for every collection of `shop`, `.*` for every database). System
+    /// collections and GridFS chunks (`*.chunks`) are left out unless named in `namespaces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub namespace_regex: Option<String>,
+    /// Leave out every namespace this regular expression matches (Monstache's
+    /// `namespace-exclude-regex`), whichever way it was selected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub exclude_namespace_regex: Option<String>,
     /// Namespaces to leave out even when `namespaces` matches them (`db.collection` or `db.*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]

@@ -179,11 +179,16 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     validate_mongodb(&spec.mongodb, &mut errs);
     validate_elasticsearch(&spec.elasticsearch, &mut errs);
 
-    if spec.namespaces.is_empty() {
+    if spec.namespaces.is_empty() && spec.namespace_regex.is_none() {
         errs.push(
             "spec.namespaces",
-            "must list at least one namespace, e.g. `shop.orders` or `shop.*`",
+            "must list at least one namespace, e.g. `shop.orders` or `shop.*` (or set `namespaceRegex`)",
         );
+    }
+    for (field, regex) in [("spec.namespaceRegex", &spec.namespace_regex), ("spec.excludeNamespaceRegex", &spec.exclude_namespace_regex)] {
+        if let Some(Err(e)) = regex.as_deref().map(namespace_regex) {
+            errs.push(field, format!("is not a regular expression monsoon reads (RE2 syntax): {e}"));
+        }
     }
     for (i, ns) in spec.namespaces.iter().enumerate() {
         if let Err(m) = NamespacePattern::parse(ns) {
@@ -375,6 +380,15 @@ fn validate_client_certificate(parent: &str, cert: &Option<ValueFrom>, key: &Opt
             validate_value_from(from, &format!("{parent}.{name}"), errs);
         }
     }
+}
+
+/// Compile a namespace regular expression as the engine will (RE2 syntax, unanchored, matched
+/// against `db.collection`); the size limit keeps a hostile pattern from costing much.
+///
+/// # Errors
+/// The parser's message.
+pub fn namespace_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(pattern).size_limit(1 << 20).build()
 }
 
 /// Two namespaces must never write one index: dropping either (which deletes its index) would
@@ -789,6 +803,19 @@ spec:
         let yaml = MINIMAL.replace("- shop.orders ", "- shop.orders\n    - shop.archive ")
             .replace("snapshot: true", "snapshot: true\n  indexes:\n    shop.archive: archive");
         assert!(parse_manifest(&yaml).is_ok(), "{:?}", parse_manifest(&yaml).err());
+    }
+
+    #[test]
+    fn a_namespace_regex_can_stand_in_for_namespaces_and_must_compile() {
+        let only_regex = MINIMAL
+            .replace("  namespaces:\n    - shop.orders        # \"db.collection\"; \"db.*\" for every collection of a database\n", "  namespaceRegex: '^shop\\.'\n");
+        let p = parse_manifest(&only_regex).unwrap_or_else(|e| panic!("{e}\n{only_regex}"));
+        assert!(p.spec.namespaces.is_empty());
+        let bad = only_regex.replace("'^shop\\.'", "'^(shop'").replace("snapshot: true", "snapshot: true\n  excludeNamespaceRegex: '[z-a]'");
+        let fields: Vec<String> = errors_of(&bad).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["spec.namespaceRegex", "spec.excludeNamespaceRegex"]);
+        let neither = MINIMAL.replace("  namespaces:\n    - shop.orders        # \"db.collection\"; \"db.*\" for every collection of a database\n", "");
+        assert_eq!(errors_of(&neither)[0].field, "spec.namespaces");
     }
 
     #[test]

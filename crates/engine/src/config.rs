@@ -216,13 +216,23 @@ impl NamespacePattern {
         })
     }
 
-    /// Whether collection `coll` of database `db` falls under this pattern.
+    /// Whether collection `coll` of database `db` falls under this pattern. `db.*` leaves out
+    /// system collections and GridFS chunks (`fs.chunks`: binary pieces, not documents to
+    /// search); naming one exactly still syncs it.
     pub fn matches(&self, db: &str, coll: &str) -> bool {
         self.database == db
             && !coll.starts_with("system.")
-            && self.collection.as_deref().is_none_or(|c| c == coll)
+            && self.collection.as_deref().map_or(!is_gridfs_chunks(coll), |c| c == coll)
     }
 }
+
+/// GridFS keeps a file's binary pieces in `<bucket>.chunks`.
+fn is_gridfs_chunks(coll: &str) -> bool {
+    coll.ends_with(".chunks")
+}
+
+/// Databases MongoDB keeps for itself: never synced.
+pub const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
 
 /// The namespace patterns whose collections a checkpoint has fully synced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -232,6 +242,12 @@ pub struct Coverage {
     /// Excluded patterns.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Included regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_regex: Option<String>,
+    /// Excluded regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_regex: Option<String>,
 }
 
 /// Which namespaces are synced, and the index of each.
@@ -241,15 +257,27 @@ pub struct Routing {
     pub include: Vec<NamespacePattern>,
     /// Namespaces to leave out.
     pub exclude: Vec<NamespacePattern>,
+    /// Also sync the namespaces (`db.collection`) this matches, in any database.
+    pub include_regex: Option<regex::Regex>,
+    /// Leave out the namespaces this matches.
+    pub exclude_regex: Option<regex::Regex>,
     /// Index overrides by `db.collection`.
     pub indexes: BTreeMap<String, String>,
 }
 
 impl Routing {
-    /// Whether `db.coll` is synced.
+    /// Whether `db.coll` is synced. Without regular expressions this allocates nothing (it runs
+    /// for every change event).
     pub fn includes(&self, db: &str, coll: &str) -> bool {
-        self.include.iter().any(|p| p.matches(db, coll))
+        if SYSTEM_DATABASES.contains(&db) || coll.starts_with("system.") {
+            return false;
+        }
+        let ns = || format!("{db}.{coll}");
+        let included = self.include.iter().any(|p| p.matches(db, coll))
+            || self.include_regex.as_ref().is_some_and(|r| !is_gridfs_chunks(coll) && r.is_match(&ns()));
+        included
             && !self.exclude.iter().any(|p| p.matches(db, coll))
+            && !self.exclude_regex.as_ref().is_some_and(|r| r.is_match(&ns()))
     }
 
     /// The index of `db.coll`: the override, or the namespace lower-cased.
@@ -266,24 +294,34 @@ impl Routing {
         Coverage {
             include: self.include.iter().map(ToString::to_string).collect(),
             exclude: self.exclude.iter().map(ToString::to_string).collect(),
+            include_regex: self.include_regex.as_ref().map(|r| r.as_str().to_string()),
+            exclude_regex: self.exclude_regex.as_ref().map(|r| r.as_str().to_string()),
         }
     }
 
-    /// Routing of a stored coverage (index names do not matter for coverage).
+    /// Routing of a stored coverage (index names do not matter for coverage). A stored
+    /// expression that no longer compiles covers nothing (its namespaces are snapshotted again).
     pub fn from_coverage(coverage: &Coverage) -> Self {
+        let regex = |r: &Option<String>| r.as_deref().and_then(|r| regex::Regex::new(r).ok());
         Self {
             include: coverage.include.iter().filter_map(|p| NamespacePattern::parse(p)).collect(),
             exclude: coverage.exclude.iter().filter_map(|p| NamespacePattern::parse(p)).collect(),
+            include_regex: regex(&coverage.include_regex),
+            exclude_regex: regex(&coverage.exclude_regex),
             indexes: BTreeMap::new(),
         }
     }
 
-    /// The databases any include pattern names, sorted and without repeats.
-    pub fn databases(&self) -> Vec<String> {
+    /// The databases the pipeline reads, sorted and without repeats; `None` when a regular
+    /// expression may select any database (every one but the system databases is read).
+    pub fn databases(&self) -> Option<Vec<String>> {
+        if self.include_regex.is_some() {
+            return None;
+        }
         let mut dbs: Vec<String> = self.include.iter().map(|p| p.database.clone()).collect();
         dbs.sort();
         dbs.dedup();
-        dbs
+        Some(dbs)
     }
 }
 
@@ -326,6 +364,7 @@ mod tests {
             include: vec![pattern("Shop", None)],
             exclude: vec![pattern("Shop", Some("audit"))],
             indexes: [("Shop.users".to_string(), "people".to_string())].into(),
+            ..Routing::default()
         };
         assert!(routing.includes("Shop", "Orders"));
         assert!(!routing.includes("Shop", "audit"));
@@ -340,12 +379,43 @@ mod tests {
         let routing = Routing {
             include: vec![pattern("shop", None), pattern("app", Some("users.v2"))],
             exclude: vec![pattern("shop", Some("audit"))],
+            include_regex: regex::Regex::new(r"^logs\.").ok(),
+            exclude_regex: regex::Regex::new(r"\.tmp$").ok(),
             indexes: BTreeMap::new(),
         };
         let back = Routing::from_coverage(&routing.coverage());
         assert_eq!(back.include, routing.include);
         assert_eq!(back.exclude, routing.exclude);
+        assert_eq!(back.coverage(), routing.coverage());
         assert_eq!(routing.coverage().include, vec!["shop.*", "app.users.v2"]);
+        // A coverage stored before regular expressions existed reads as none.
+        let old: Coverage = serde_json::from_str(r#"{"include":["shop.*"],"exclude":[]}"#).expect("old coverage");
+        assert!(Routing::from_coverage(&old).include_regex.is_none());
+    }
+
+    #[test]
+    fn regular_expressions_select_any_database_but_system_ones_and_gridfs_chunks() {
+        let routing = Routing {
+            include: vec![pattern("shop", None), pattern("media", Some("fs.chunks"))],
+            include_regex: regex::Regex::new(r"^(logs|metrics)\.").ok(),
+            exclude_regex: regex::Regex::new(r"\.tmp_").ok(),
+            ..Routing::default()
+        };
+        assert!(routing.includes("logs", "app"));
+        assert!(routing.includes("metrics", "cpu"));
+        assert!(!routing.includes("logs", "a.tmp_1"), "the exclude expression wins");
+        assert!(!routing.includes("other", "app"));
+        assert!(!routing.includes("logs", "system.profile"));
+        assert!(!routing.includes("logs", "fs.chunks"), "GridFS chunks are left out of wide matches");
+        assert!(!routing.includes("shop", "fs.chunks"), "... and of db.*");
+        assert!(routing.includes("shop", "fs.files"));
+        assert!(routing.includes("media", "fs.chunks"), "unless named exactly");
+        let any = Routing { include_regex: regex::Regex::new(".*").ok(), ..Routing::default() };
+        assert!(any.includes("anything", "at.all"));
+        assert!(!any.includes("admin", "users") && !any.includes("local", "oplog.rs") && !any.includes("config", "x"));
+        assert_eq!(any.databases(), None);
+        let named = Routing { include: vec![pattern("b", None), pattern("a", Some("x"))], ..Routing::default() };
+        assert_eq!(named.databases(), Some(vec!["a".to_string(), "b".to_string()]));
     }
 
     #[test]

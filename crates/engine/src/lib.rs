@@ -299,6 +299,11 @@ async fn check_target_versions(es: &Elastic, config: &EngineConfig, now: Cluster
         .collect();
     targets.sort();
     targets.dedup();
+    // Indexes a regular expression selects are not known before the collections are listed;
+    // they are not sampled (an empty list would search every index).
+    if targets.is_empty() {
+        return Ok(());
+    }
     let ours = now.version();
     if let Some((index, found)) = es.largest_version(&targets.join(","), 20).await? {
         if found > ours.saturating_add(FOREIGN_VERSION_MARGIN) {

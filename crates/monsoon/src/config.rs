@@ -178,6 +178,9 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         routing: Routing {
             include: spec.namespaces.iter().map(|n| pattern(n)).collect(),
             exclude: spec.exclude_namespaces.iter().map(|n| pattern(n)).collect(),
+            // Validation compiled both already.
+            include_regex: spec.namespace_regex.as_deref().and_then(|r| monsoon_api::namespace_regex(r).ok()),
+            exclude_regex: spec.exclude_namespace_regex.as_deref().and_then(|r| monsoon_api::namespace_regex(r).ok()),
             indexes: spec.indexes.clone(),
         },
         snapshot: spec.snapshot,

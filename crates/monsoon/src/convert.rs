@@ -96,8 +96,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
 
 /// Options monsoon does not support yet.
 const NOT_YET: &[&str] = &[
-    "namespace-regex",
-    "namespace-exclude-regex",
     "namespace-drop-exclude-regex",
     "index-as-update",
     "index-oplog-time",
@@ -291,7 +289,12 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
             }
         }
     }
-    if namespaces.is_empty() {
+    spec.namespace_regex = string(&table, "namespace-regex")?;
+    spec.exclude_namespace_regex = string(&table, "namespace-exclude-regex")?;
+    if spec.namespace_regex.is_some() && !direct.is_empty() {
+        note("namespace-regex", "monsoon snapshots every namespace it syncs, those the expression selects included, not only the direct-read ones".into());
+    }
+    if namespaces.is_empty() && spec.namespace_regex.is_none() {
         return Err(Error::NoNamespaces);
     }
     namespaces.sort();
@@ -338,6 +341,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
         "elasticsearch-password", "elasticsearch-pem-file", "elasticsearch-validate-pem-file", "gzip",
         "elasticsearch-max-docs", "elasticsearch-max-bytes", "elasticsearch-max-seconds", "elasticsearch-max-conns",
         "direct-read-namespaces", "change-stream-namespaces", "dropped-collections", "mapping",
+        "namespace-regex", "namespace-exclude-regex",
     ];
     for key in table.keys().filter(|k| !HANDLED.contains(&k.as_str())) {
         let reason = if let Some((_, why)) = NOT_NEEDED.iter().find(|(k, _)| k == key) {
@@ -431,7 +435,6 @@ direct-read-namespaces = ["shop.orders", "shop.users"]
 resume = true
 workers = ["a", "b"]
 index-as-update = true
-namespace-regex = "^shop\\."
 no-such-option = 1
 
 [[script]]
@@ -442,12 +445,25 @@ script = "module.exports = function(doc) { return doc; }"
         assert!(noted(&c, "resume").is_some_and(|r| r.starts_with("not needed")));
         assert!(noted(&c, "workers").is_some_and(|r| r.contains("spec.workers")));
         assert_eq!(noted(&c, "index-as-update"), Some("not supported yet"));
-        assert_eq!(noted(&c, "namespace-regex"), Some("not supported yet"));
         assert_eq!(noted(&c, "script"), Some("not supported yet"));
         assert!(noted(&c, "no-such-option").is_some_and(|r| r.contains("ignored")));
         // A direct-read namespace outside the change streams is synced anyway, and said so.
         assert!(c.pipeline.spec.namespaces.contains(&"shop.users".to_string()));
         assert!(noted(&c, "direct-read-namespaces").is_some_and(|r| r.contains("shop.users")));
+    }
+
+    #[test]
+    fn namespace_regular_expressions_carry_over() {
+        let c = converted(
+            r#"
+namespace-regex = "^(shop|logs)\\."
+namespace-exclude-regex = "\\.tmp$"
+"#,
+        );
+        assert!(c.pipeline.spec.namespaces.is_empty());
+        assert_eq!(c.pipeline.spec.namespace_regex.as_deref(), Some(r"^(shop|logs)\."));
+        assert_eq!(c.pipeline.spec.exclude_namespace_regex.as_deref(), Some(r"\.tmp$"));
+        assert!(!c.pipeline.spec.snapshot);
     }
 
     #[test]

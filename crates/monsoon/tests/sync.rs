@@ -273,3 +273,33 @@ async fn a_converted_monstache_config_validates_and_syncs() -> anyhow::Result<()
     assert!(err.starts_with("error: failed to read /nonexistent/monstache.toml"), "{err}");
     Ok(())
 }
+
+/// `namespaceRegex` (Monstache's `namespace-regex`) selects collections in any database,
+/// snapshot and stream alike, a collection created later included; `excludeNamespaceRegex`
+/// leaves some out, and GridFS chunks and other databases stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_regex_selects_collections_across_databases() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let coll = |db: &str, c: &str| client.database(db).collection::<Document>(c);
+    insert_all(&coll("shop", "orders"), sample_docs(0, 50)).await?;
+    insert_all(&coll("logs", "app"), sample_docs(0, 30)).await?;
+    insert_all(&coll("logs", "tmp_x"), sample_docs(0, 5)).await?;
+    insert_all(&coll("media", "fs.chunks"), sample_docs(0, 5)).await?;
+    insert_all(&coll("other", "stuff"), sample_docs(0, 5)).await?;
+    let yaml = pipeline_yaml("wide", &mongo.uri(), &es.url(), &[], "")
+        .replace("  namespaces:\n\n", "  namespaceRegex: '^(shop|logs|media)\\.'\n  excludeNamespaceRegex: '\\.tmp_'\n");
+    let state = TempDir::new("state");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    for (db, c) in [("shop", "orders"), ("logs", "app")] {
+        let r = wait_converged(&client, &esc, db, c, &format!("{db}.{c}"), CONVERGE).await?;
+        assert!(r.converged(), "{db}.{c}: {r:?}\n{}", tail(&monsoon.log(), 20));
+    }
+    // Created after the snapshot: the stream picks it up.
+    insert_all(&coll("logs", "audit"), sample_docs(0, 10)).await?;
+    let r = wait_converged(&client, &esc, "logs", "audit", "logs.audit", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}\n{}", tail(&monsoon.log(), 20));
+    for index in ["logs.tmp_x", "media.fs.chunks", "other.stuff"] {
+        assert_eq!(count(&esc, index).await?, 0, "{index} must not be synced");
+    }
+    Ok(())
+}

@@ -49,6 +49,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
             }],
             exclude: Vec::new(),
             indexes: BTreeMap::new(),
+            ..Routing::default()
         },
         snapshot: true,
         batch: BatchConfig::default(),

@@ -240,7 +240,16 @@ impl Source<'_> {
 /// The driver's error when a listing fails.
 pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<(String, String)>, mongodb::error::Error> {
     let mut out = Vec::new();
-    for db in routing.databases() {
+    let dbs = match routing.databases() {
+        Some(dbs) => dbs,
+        None => client
+            .list_database_names()
+            .await?
+            .into_iter()
+            .filter(|d| !crate::config::SYSTEM_DATABASES.contains(&d.as_str()))
+            .collect(),
+    };
+    for db in dbs {
         let names = client
             .database(&db)
             .list_collection_names()
@@ -606,7 +615,7 @@ impl Source<'_> {
         lean: bool,
     ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
         let dbs = self.routing.databases();
-        let pipeline = stream_pipeline(&dbs, lean);
+        let pipeline = stream_pipeline(dbs.as_deref(), lean);
         let mut options = stream_options(lean);
         match start {
             StreamStart::At(t) => options.start_at_operation_time = Some(Timestamp::from(*t)),
@@ -615,9 +624,9 @@ impl Source<'_> {
         }
         // One stream per pipeline: database-level when every namespace is in one database,
         // deployment-level otherwise (filtered to the routed databases above).
-        let stream = if dbs.len() == 1 {
+        let stream = if let Some([db]) = dbs.as_deref() {
             self.client
-                .database(&dbs[0])
+                .database(db)
                 .watch()
                 .pipeline(pipeline)
                 .with_options(options)
@@ -1042,16 +1051,22 @@ pub fn id_from_json(json: &serde_json::Value) -> Option<Bson> {
 /// into them, and invalidations. `updateDescription` is never used (the full document is
 /// indexed): dropping it server-side halves big update events and keeps them under 16 MB. In
 /// lean mode the document itself is dropped too and looked up by `_id` instead.
-pub fn stream_pipeline(dbs: &[String], lean: bool) -> Vec<Document> {
+/// With `dbs` `None` (a namespace regular expression may select any database) every database
+/// but the system ones is read, and each event is matched against the routing as it arrives.
+pub fn stream_pipeline(dbs: Option<&[String]>, lean: bool) -> Vec<Document> {
     let project = if lean {
         doc! {"$project": {"updateDescription": 0, "fullDocument": 0}}
     } else {
         doc! {"$project": {"updateDescription": 0}}
     };
+    let select = match dbs {
+        Some(dbs) => doc! {"$in": dbs},
+        None => doc! {"$nin": crate::config::SYSTEM_DATABASES.to_vec()},
+    };
     vec![
         doc! {"$match": {"$or": [
-            {"ns.db": {"$in": dbs}},
-            {"to.db": {"$in": dbs}},
+            {"ns.db": select.clone()},
+            {"to.db": select},
             {"operationType": "invalidate"},
         ]}},
         project,
