@@ -18,7 +18,7 @@ CARGO ?= cargo
 # config, as cargo itself does (many developers share one target directory).
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e opensearch clean
+.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e opensearch k8s-bins clean
 
 all: build
 
@@ -35,13 +35,14 @@ $(VENV)/.installed: Makefile
 
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the
 # operator renders for the cluster examples, against the Kubernetes API schemas), then unit,
-# property and integration tests against the stand-ins and a real OpenSearch node.
+# property and integration tests against the stand-ins, a real OpenSearch node and a real
+# Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager built from Go modules).
 RENDERED = $(TARGET_DIR)/rendered
 CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
 # One build for everything: `--workspace` with the tests' feature set, which also builds the
 # monsoon binary the render step uses. (A `-p monsoon` build unifies features differently and
 # compiles every dependency a second time.)
-test: venv opensearch
+test: venv opensearch k8s-bins
 	$(CARGO) test --workspace --no-run -q
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
 	for f in $(CLUSTER_EXAMPLES); do $(TARGET_DIR)/debug/monsoon render -f examples/$$f.yaml --namespace shop > $(RENDERED)/$$f.yaml || exit 1; done
@@ -85,6 +86,12 @@ BENCH_ARGS ?=
 bench: venv
 	$(CARGO) build --release -p monsoon -p monsoon-bench
 	$(TARGET_DIR)/release/monsoon-bench $(TARGET_DIR)/release/monsoon $(BENCH_ARGS)
+
+# The test control plane's binaries (etcd, kube-apiserver, kube-controller-manager for
+# crates/testkit/src/control_plane.rs), built from Go modules (tools/k8s) into a cache keyed by
+# version, ${MONSOON_K8S_CACHE:-~/.cache/monsoon/k8s}; does nothing when they are there.
+k8s-bins:
+	tools/k8s/build.sh
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -206,6 +207,33 @@ def structural_to_jsonschema(s: dict, notes: set, root: bool = False) -> dict:
     return out
 
 
+def api_server_message(error: jsonschema.ValidationError) -> str:
+    """A JSON Schema error worded as kube-apiserver words it for a custom resource (checked
+    against a real one by crates/operator/tests/control_plane.rs), so tests/crd-cases.yaml
+    names one message for both checks."""
+    path = ".".join(str(p) for p in error.path)
+    v, arg = error.validator, error.validator_value
+    if v == "pattern":
+        return f"{path} in body should match '{arg}'"
+    if v == "minimum":
+        return f"{path} in body should be greater than or equal to {arg}"
+    if v == "maximum":
+        return f"{path} in body should be less than or equal to {arg}"
+    if v == "minItems":
+        return f"{path} in body should have at least {arg} items"
+    if v == "enum":
+        supported = ", ".join(json.dumps(x) for x in arg if x is not None)
+        return f"Unsupported value: {json.dumps(error.instance)}: supported values: {supported}"
+    if v == "additionalProperties" and arg is False and isinstance(error.instance, dict):
+        # Strict field validation (kubectl's default) refuses the whole object while decoding.
+        known = error.schema.get("properties") or {}
+        return "; ".join(f'strict decoding error: unknown field "{path + "." if path else ""}{key}"'
+                         for key in error.instance if key not in known)
+    if v == "required":
+        return f"Required value ({error.message})"
+    return error.message
+
+
 class CelRules:
     """The CRD's CEL rules (x-kubernetes-validations), evaluated as the API server does: each
     rule of a schema node with `self` bound to the value there, wherever the value is present.
@@ -282,7 +310,7 @@ class Validator:
             validator = jsonschema.Draft202012Validator(json_schema)
             for error in sorted(validator.iter_errors(obj), key=lambda e: list(e.path)):
                 path = ".".join(str(p) for p in error.path) or "(root)"
-                problems.append(f"{path}: {error.message} (schema of crds/syncpipeline.yaml)")
+                problems.append(f"{path}: {api_server_message(error)} (schema of crds/syncpipeline.yaml)")
             if not problems:
                 # The API server evaluates CEL rules only on objects that pass the schema.
                 problems += self.cel.problems(structural, obj)

@@ -5,6 +5,7 @@
 //! (Elasticsearch REST API). They are driven here with the real `mongodb` and
 //! `elasticsearch` crates. A missing stand-in makes the test fail loudly, never skip.
 
+pub mod control_plane;
 pub mod dns;
 pub mod opensearch;
 pub mod proxy;

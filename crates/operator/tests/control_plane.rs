@@ -1,0 +1,311 @@
+//! Against a real API server (etcd, kube-apiserver and kube-controller-manager built from
+//! `tools/k8s`, `make k8s-bins`; `monsoon_testkit::control_plane`): the CRD installs with
+//! server-side apply, its structural schema and CEL rules refuse what `tests/crd-cases.yaml`
+//! says they refuse with the message it names and accept the rest, RBAC is enforced on a
+//! ServiceAccount's minted token, and the controller manager does what the operator relies on
+//! (StatefulSet → Pods, garbage collection, namespace deletion).
+//!
+//! One control plane serves the whole file ([`ControlPlane::shared`]); each test works in its
+//! own namespace.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{GroupVersionKind, Request};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::Resource;
+use monsoon_testkit::control_plane::ControlPlane;
+use serde_json::{json, Value};
+
+const CRD: &str = include_str!("../../../crds/syncpipeline.yaml");
+const CASES: &str = include_str!("../../../tests/crd-cases.yaml");
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+/// Examples written for `monsoon run` only (credentials from the environment or files): the
+/// CRD must refuse them, for this reason (as tests/check_manifests.py's STANDALONE_EXAMPLES).
+const STANDALONE_EXAMPLES: [(&str, &str); 1] = [("with-credentials.yaml", "only work with `monsoon run`")];
+const MANAGER: &str = "monsoon-tests";
+
+/// Apply the CRD (server-side apply, as `kubectl apply --server-side`) and wait until it is
+/// Established. Idempotent: every test calls it.
+async fn install_crd(client: &kube::Client) -> ApiResource {
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(CRD).expect("crds/syncpipeline.yaml parses");
+    let name = crd.metadata.name.clone().expect("the CRD has a name");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+        .await
+        .expect("the API server takes the CRD");
+    tokio::time::timeout(Duration::from_secs(30), await_condition(crds, &name, conditions::is_crd_established()))
+        .await
+        .expect("the CRD is Established within 30 s")
+        .expect("watching the CRD");
+    let version = crd.spec.versions.iter().find(|v| v.served).expect("a served version");
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&crd.spec.group, &version.name, &crd.spec.names.kind),
+        &crd.spec.names.plural,
+    )
+}
+
+async fn namespace(client: &kube::Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&ns))
+        .await
+        .expect("namespace created");
+}
+
+/// `kubectl create --dry-run=server --validate=strict`: a create the API server validates in
+/// full (schema, CEL, admission) and does not store; unknown fields are errors, as with
+/// `kubectl apply`. kube's `PostParams` has no `fieldValidation`, hence the raw request.
+async fn dry_run_create(client: &kube::Client, ar: &ApiResource, ns: &str, object: &Value) -> Result<(), String> {
+    let url = DynamicObject::url_path(ar, Some(ns));
+    let body = serde_json::to_vec(object).expect("json");
+    let pp = PostParams { dry_run: true, field_manager: Some(MANAGER.into()) };
+    let mut request = Request::new(url).create(&pp, body).expect("request");
+    *request.uri_mut() = format!("{}&fieldValidation=Strict", request.uri()).parse().expect("uri");
+    match client.request::<DynamicObject>(request).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) => Err(format!("{} {}", status.code, status.message)),
+        Err(e) => panic!("dry-run create failed for another reason than validation: {e}"),
+    }
+}
+
+/// RFC 7386 JSON merge patch (the cases' format).
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    let target = target.as_object_mut().expect("object");
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// (name, manifest, the `crd` fragment if any) of every case in `list`.
+fn cases(list: &str) -> Vec<(String, Value, Option<String>)> {
+    let doc: Value = serde_saphyr::from_str(CASES).expect("tests/crd-cases.yaml parses");
+    doc[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{list}` is a list"))
+        .iter()
+        .map(|case| {
+            let mut manifest = doc["base"].clone();
+            merge_patch(&mut manifest, &case["patch"]);
+            let name = case["name"].as_str().expect("name").to_string();
+            (name, manifest, case["crd"].as_str().map(str::to_string))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_every_refused_case_with_its_message() {
+    let cp = ControlPlane::shared();
+    let client = cp.admin_client().await.expect("admin client");
+    let ar = install_crd(&client).await;
+    namespace(&client, "refused").await;
+    let refused = cases("refused");
+    assert!(refused.len() >= 20, "the refused list lost its cases");
+    let mut wrong = Vec::new();
+    for (name, manifest, fragment) in refused {
+        let fragment = fragment.unwrap_or_else(|| panic!("{name}: `crd` fragment"));
+        match dry_run_create(&client, &ar, "refused", &manifest).await {
+            Ok(()) => wrong.push(format!("{name}: accepted (expected a refusal containing {fragment:?})")),
+            Err(message) if !message.contains(&fragment) => {
+                wrong.push(format!("{name}: expected {fragment:?} in the refusal, got: {message}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "the real API server disagrees with tests/crd-cases.yaml:\n{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn the_api_server_accepts_operator_only_cases_and_the_examples() {
+    let cp = ControlPlane::shared();
+    let client = cp.admin_client().await.expect("admin client");
+    let ar = install_crd(&client).await;
+    namespace(&client, "accepted").await;
+    let mut wrong = Vec::new();
+    for (name, manifest, _) in cases("operatorOnly") {
+        if let Err(message) = dry_run_create(&client, &ar, "accepted", &manifest).await {
+            wrong.push(format!("operatorOnly / {name}: refused: {message}"));
+        }
+    }
+    let standalone: BTreeMap<&str, &str> = STANDALONE_EXAMPLES.into_iter().collect();
+    let mut examples = 0;
+    for entry in std::fs::read_dir(EXAMPLES).expect("examples/") {
+        let path = entry.expect("examples/ entry").path();
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_string();
+        if !file.ends_with(".yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("example readable");
+        let mut manifest: Value = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        if manifest["kind"] != "SyncPipeline" {
+            continue;
+        }
+        examples += 1;
+        // Examples name their own namespace (`shop`); the test's stands in for it.
+        if let Some(meta) = manifest["metadata"].as_object_mut() {
+            meta.remove("namespace");
+        }
+        match (dry_run_create(&client, &ar, "accepted", &manifest).await, standalone.get(file.as_str())) {
+            (Ok(()), None) => {}
+            (Err(message), None) => wrong.push(format!("examples/{file}: refused: {message}")),
+            (Err(message), Some(fragment)) if message.contains(fragment) => {}
+            (result, Some(fragment)) => {
+                wrong.push(format!("examples/{file}: expected a refusal containing {fragment:?}, got {result:?}"))
+            }
+        }
+    }
+    assert!(examples >= 3, "examples/ lost its SyncPipelines ({examples})");
+    assert!(wrong.is_empty(), "the real API server disagrees:\n{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn a_service_account_gets_only_what_rbac_grants_it() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.expect("admin client");
+    let ns = "rbac";
+    namespace(&admin, ns).await;
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "nobody"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .patch("nobody", &PatchParams::apply(MANAGER), &Patch::Apply(&account))
+        .await
+        .expect("ServiceAccount created");
+
+    let client = cp.service_account_client(ns, "nobody").await.expect("minted token");
+    let config_maps: Api<ConfigMap> = Api::default_namespaced(client);
+    match config_maps.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            // Authenticated as the ServiceAccount (not anonymous), and refused by RBAC.
+            assert!(
+                status.message.contains(r#"User "system:serviceaccount:rbac:nobody" cannot list resource "configmaps""#),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("a ServiceAccount without RBAC listed ConfigMaps: {other:?}"),
+    }
+
+    // A Role and RoleBinding grant it; the authorizer sees them within moments.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "read-config"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}],
+    }))
+    .expect("role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "nobody-reads-config"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-config"},
+        "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": ns}],
+    }))
+    .expect("binding");
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .patch("read-config", &PatchParams::apply(MANAGER), &Patch::Apply(&role))
+        .await
+        .expect("Role");
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .patch("nobody-reads-config", &PatchParams::apply(MANAGER), &Patch::Apply(&binding))
+        .await
+        .expect("RoleBinding");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match config_maps.list(&ListParams::default()).await {
+            Ok(list) => {
+                assert!(list.items.iter().all(|cm| cm.metadata.namespace.as_deref() == Some(ns)));
+                break;
+            }
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("the RoleBinding did not grant list within 10 s: {e}"),
+        }
+    }
+    // Still nothing it was not granted.
+    let pods: Api<Pod> = Api::default_namespaced(cp.service_account_client(ns, "nobody").await.expect("token"));
+    assert!(matches!(pods.list(&ListParams::default()).await, Err(kube::Error::Api(s)) if s.code == 403));
+}
+
+/// Poll `check` every 100 ms until it holds or `timeout` passes.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_controller_manager_creates_pods_collects_garbage_and_deletes_namespaces() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.expect("admin client");
+    let ns = "controllers";
+    namespace(&admin, ns).await;
+
+    // StatefulSet → Pod (Pending: there is no kubelet or scheduler).
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "serviceName": "web",
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "registry.invalid/web:1"}]},
+            },
+        },
+    }))
+    .expect("statefulset");
+    Api::<StatefulSet>::namespaced(admin.clone(), ns)
+        .patch("web", &PatchParams::apply(MANAGER), &Patch::Apply(&sts))
+        .await
+        .expect("StatefulSet");
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    eventually("the StatefulSet controller creates web-0", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move { pods.get_opt("web-0").await.ok().flatten().is_some() }
+    })
+    .await;
+
+    // An owner reference: deleting the owner deletes the dependent (garbage collector).
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), ns);
+    let owner = config_maps
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "owner"}})).expect("cm"))
+        .await
+        .expect("owner");
+    let dependent: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "dependent", "ownerReferences": [owner.controller_owner_ref(&()).expect("owner ref")]},
+    }))
+    .expect("cm");
+    config_maps.create(&PostParams::default(), &dependent).await.expect("dependent");
+    config_maps.delete("owner", &DeleteParams::background()).await.expect("delete owner");
+    eventually("the garbage collector deletes the dependent", Duration::from_secs(30), || {
+        let config_maps = config_maps.clone();
+        async move { matches!(config_maps.get_opt("dependent").await, Ok(None)) }
+    })
+    .await;
+
+    // The namespace controller empties and removes a deleted namespace.
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    namespaces.delete(ns, &DeleteParams::default()).await.expect("delete namespace");
+    eventually("the namespace controller removes the namespace", Duration::from_secs(60), || {
+        let namespaces = namespaces.clone();
+        async move { matches!(namespaces.get_opt(ns).await, Ok(None)) }
+    })
+    .await;
+}
