@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use elasticsearch::{Elasticsearch, SearchParts};
+use elasticsearch::Elasticsearch;
 use mongodb::bson::{doc, Document};
 use monsoon_testkit::opensearch::OpenSearch;
 use monsoon_testkit::*;
@@ -63,17 +63,6 @@ impl Servers {
     }
 }
 
-/// The dead-letter records in the default dead-letter index.
-async fn dead_letters(es: &Elasticsearch) -> anyhow::Result<Vec<Value>> {
-    let _ = es.indices().refresh(elasticsearch::indices::IndicesRefreshParts::Index(&["monsoon-deadletter"])).send().await;
-    let r = es
-        .search(SearchParts::Index(&["monsoon-deadletter"]))
-        .body(json!({"size": 100, "query": {"match_all": {}}}))
-        .send()
-        .await?;
-    let body: Value = r.json().await?;
-    Ok(body["hits"]["hits"].as_array().cloned().unwrap_or_default().into_iter().map(|h| h["_source"].clone()).collect())
-}
 
 /// A `/metrics` sample's value (0 when absent).
 fn metric(text: &str, line_start: &str) -> f64 {

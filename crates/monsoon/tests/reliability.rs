@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use elasticsearch::indices::IndicesExistsParts;
-use elasticsearch::{Elasticsearch, SearchParts};
+use elasticsearch::Elasticsearch;
 use mongodb::bson::{doc, Document};
 use monsoon_testkit::proxy::LimitProxy;
 use monsoon_testkit::*;
@@ -69,17 +69,6 @@ impl Stop {
     }
 }
 
-/// The dead-letter records of `pipeline`'s default dead-letter index.
-async fn dead_letters(es: &Elasticsearch) -> anyhow::Result<Vec<Value>> {
-    let _ = es.indices().refresh(elasticsearch::indices::IndicesRefreshParts::Index(&["monsoon-deadletter"])).send().await;
-    let r = es
-        .search(SearchParts::Index(&["monsoon-deadletter"]))
-        .body(json!({"size": 100, "query": {"match_all": {}}}))
-        .send()
-        .await?;
-    let body: Value = r.json().await?;
-    Ok(body["hits"]["hits"].as_array().cloned().unwrap_or_default().into_iter().map(|h| h["_source"].clone()).collect())
-}
 
 /// Issue 10, item 1: behind a proxy that refuses bodies over 1 MiB with 413 (as
 /// `http.max_content_length` does), a 3 MiB document's dead-letter record embedded the whole

@@ -20,10 +20,10 @@ use kube::core::{GroupVersionKind, Request};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::Resource;
 use monsoon_testkit::control_plane::ControlPlane;
+use monsoon_testkit::crd_cases::{cases, Case};
 use serde_json::{json, Value};
 
 const CRD: &str = include_str!("../../../crds/syncpipeline.yaml");
-const CASES: &str = include_str!("../../../tests/crd-cases.yaml");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
 /// Examples written for `monsoon run` only (credentials from the environment or files): the
 /// CRD must refuse them, for this reason (as tests/check_manifests.py's STANDALONE_EXAMPLES).
@@ -74,41 +74,6 @@ async fn dry_run_create(client: &kube::Client, ar: &ApiResource, ns: &str, objec
     }
 }
 
-/// RFC 7386 JSON merge patch (the cases' format).
-fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(serde_json::Map::new());
-    }
-    let target = target.as_object_mut().expect("object");
-    for (key, value) in patch {
-        if value.is_null() {
-            target.remove(key);
-        } else {
-            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
-        }
-    }
-}
-
-/// (name, manifest, the `crd` fragment if any) of every case in `list`.
-fn cases(list: &str) -> Vec<(String, Value, Option<String>)> {
-    let doc: Value = serde_saphyr::from_str(CASES).expect("tests/crd-cases.yaml parses");
-    doc[list]
-        .as_array()
-        .unwrap_or_else(|| panic!("`{list}` is a list"))
-        .iter()
-        .map(|case| {
-            let mut manifest = doc["base"].clone();
-            merge_patch(&mut manifest, &case["patch"]);
-            let name = case["name"].as_str().expect("name").to_string();
-            (name, manifest, case["crd"].as_str().map(str::to_string))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn the_api_server_refuses_every_refused_case_with_its_message() {
     let cp = ControlPlane::shared();
@@ -118,8 +83,8 @@ async fn the_api_server_refuses_every_refused_case_with_its_message() {
     let refused = cases("refused");
     assert!(refused.len() >= 20, "the refused list lost its cases");
     let mut wrong = Vec::new();
-    for (name, manifest, fragment) in refused {
-        let fragment = fragment.unwrap_or_else(|| panic!("{name}: `crd` fragment"));
+    for Case { name, manifest, crd, .. } in refused {
+        let fragment = crd.unwrap_or_else(|| panic!("{name}: `crd` fragment"));
         match dry_run_create(&client, &ar, "refused", &manifest).await {
             Ok(()) => wrong.push(format!("{name}: accepted (expected a refusal containing {fragment:?})")),
             Err(message) if !message.contains(&fragment) => {
@@ -138,7 +103,7 @@ async fn the_api_server_accepts_operator_only_cases_and_the_examples() {
     let ar = install_crd(&client).await;
     namespace(&client, "accepted").await;
     let mut wrong = Vec::new();
-    for (name, manifest, _) in cases("operatorOnly") {
+    for Case { name, manifest, .. } in cases("operatorOnly") {
         if let Err(message) = dry_run_create(&client, &ar, "accepted", &manifest).await {
             wrong.push(format!("operatorOnly / {name}: refused: {message}"));
         }

@@ -6,6 +6,7 @@
 //! `elasticsearch` crates. A missing stand-in makes the test fail loudly, never skip.
 
 pub mod control_plane;
+pub mod crd_cases;
 pub mod dns;
 pub mod opensearch;
 pub mod proxy;
@@ -393,6 +394,18 @@ pub async fn count(es: &Elasticsearch, index: &str) -> anyhow::Result<usize> {
     }
     let body: Value = response.json().await?;
     Ok(body["count"].as_u64().unwrap_or(0) as usize)
+}
+
+/// The records of the default dead-letter index (`monsoon-deadletter`), refreshed first.
+pub async fn dead_letters(es: &Elasticsearch) -> anyhow::Result<Vec<Value>> {
+    let _ = es.indices().refresh(IndicesRefreshParts::Index(&["monsoon-deadletter"])).send().await;
+    let r = es
+        .search(elasticsearch::SearchParts::Index(&["monsoon-deadletter"]))
+        .body(json!({"size": 100, "query": {"match_all": {}}}))
+        .send()
+        .await?;
+    let body: Value = r.json().await?;
+    Ok(body["hits"]["hits"].as_array().cloned().unwrap_or_default().into_iter().map(|h| h["_source"].clone()).collect())
 }
 
 /// Poll [`compare`] until converged or `timeout`; returns the last report.
