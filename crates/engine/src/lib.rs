@@ -442,7 +442,7 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
         let mut failed = false;
         for index in &indexes {
             let shard = config.shard;
-            match sink.elastic().sweep(index, below, |id| shard.owns(id)).await {
+            match sink.delete_older(index, below, |id| shard.owns(id)).await {
                 Ok(n) => info!(pipeline = %config.name, index = %index, deleted = n, "swept documents deleted during the lost history"),
                 Err(e) => {
                     warn!(pipeline = %config.name, index = %index, error = %error_chain(&e), "sweep failed; retrying");

@@ -317,9 +317,25 @@ impl Sink {
         }
     }
 
-    /// The Elasticsearch connection the sink uses.
-    pub fn elastic(&self) -> &Elastic {
-        &self.es
+    /// Delete `index` (its collection was dropped). Call after [`Sink::barrier`], so no earlier
+    /// write re-creates it. The sink is the only part that talks to Elasticsearch: the source
+    /// decides, the sink carries it out.
+    ///
+    /// # Errors
+    /// Transport failures and unexpected statuses; the caller retries.
+    pub async fn delete_index(&self, index: &str) -> Result<(), elasticsearch::Error> {
+        self.es.delete_index(index).await
+    }
+
+    /// Delete the documents of `index` versioned below `below` that `owns` accepts, each with a
+    /// versioned delete that loses against anything written since (the sweep after lost
+    /// history; a sharded pipeline's drop). Returns how many were deleted.
+    ///
+    /// # Errors
+    /// Transport failures and unexpected statuses; the operation is idempotent, so the caller
+    /// retries it whole.
+    pub async fn delete_older(&self, index: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, elasticsearch::Error> {
+        self.es.sweep(index, below, owns).await
     }
 
     /// Shared state (tracker, metrics, health).

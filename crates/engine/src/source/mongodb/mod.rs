@@ -916,7 +916,6 @@ impl Source<'_> {
             return Ok(());
         }
         let index = self.routing.index_for(db, coll);
-        let es = self.sink.elastic();
         let mut backoff = Backoff::default();
         if self.shard.is_split() {
             // Other shards may still be writing this index's older changes, or already its
@@ -930,7 +929,7 @@ impl Source<'_> {
             let below = ClusterTime::from(time).version().saturating_add(1);
             let shard = self.shard;
             loop {
-                match es.sweep(&index, below, |id| shard.owns(id)).await {
+                match self.sink.delete_older(&index, below, |id| shard.owns(id)).await {
                     Ok(deleted) => {
                         info!(namespace = %format!("{db}.{coll}"), index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
                         return Ok(());
@@ -946,7 +945,7 @@ impl Source<'_> {
             }
         }
         loop {
-            match es.delete_index(&index).await {
+            match self.sink.delete_index(&index).await {
                 Ok(()) => {
                     info!(namespace = %format!("{db}.{coll}"), index = %index, "collection dropped; index deleted");
                     self.metrics.indexes_dropped.inc();
