@@ -80,7 +80,10 @@ pub fn parse_manifest(yaml: &str) -> Result<ValidatedPipeline, ManifestError> {
         Ok(valid) if problems.is_empty() => Ok(valid),
         Ok(_) => Err(ManifestError::Invalid(problems)),
         Err(errors) => {
-            problems.extend(errors);
+            // A field set aside as unreadable may then break a rule (a required list now
+            // empty): its shape problem already says what is wrong.
+            let fresh: Vec<FieldError> = errors.into_iter().filter(|e| !problems.iter().any(|p| p.field == e.field)).collect();
+            problems.extend(fresh);
             Err(ManifestError::Invalid(problems))
         }
     }
