@@ -89,5 +89,8 @@ done
 rm -rf "$bin"
 mv "$staging" "$bin"
 trap - EXIT
+if [[ -n "$private_gocache" ]]; then
+  rm -rf "$private_gocache"
+fi
 echo "build.sh: built in $(($(date +%s) - started)) s" >&2
 echo "$bin"
