@@ -85,7 +85,9 @@ done
   -o "$staging/etcd" go.etcd.io/etcd/server/v3)
 
 "$staging/kube-apiserver" --version >&2
-"$staging/etcd" --version | head -1 >&2
+# sed reads all of it: `head -1` could close the pipe early, and with pipefail the
+# SIGPIPE etcd then gets would fail the build.
+"$staging/etcd" --version | sed -n 1p >&2
 rm -rf "$bin"
 mv "$staging" "$bin"
 trap - EXIT
