@@ -16,7 +16,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-version=$(sed -n 's:.*<opensearch.version>\(.*\)</opensearch.version>.*:\1:p' "$here/pom.xml" | head -1)
+version=$(sed -n 's:.*<opensearch.version>\(.*\)</opensearch.version>.*:\1:p' "$here/pom.xml" | sed -n 1p)
 [ -n "$version" ] || { echo "build.sh: no <opensearch.version> in $here/pom.xml" >&2; exit 1; }
 cache=${MONSOON_OPENSEARCH_CACHE:-$HOME/.cache/monsoon/opensearch}
 dest=$cache/$version
