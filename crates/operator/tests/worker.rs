@@ -189,26 +189,9 @@ async fn a_worker_waits_for_a_held_lease_and_stops_at_once_when_it_is_taken_over
     insert_all(&orders, sample_docs(0, 300)).await.expect("seed");
     let api = kube_api().await;
     let cm_name = format!("{NAME}-checkpoint-0-of-1");
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
-            .to_string()
-    };
+    let now_ms = || now_millis().to_string();
     // A previous pod still holds the lease for another ~2 s.
-    let held = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(cm_name.clone()),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([
-            (KEY_HOLDER.to_string(), "old-pod".to_string()),
-            (KEY_RENEW_TIME.to_string(), now_ms()),
-            ("leaseDurationSeconds".to_string(), "2".to_string()),
-        ])),
-        ..ConfigMap::default()
-    };
+    let held = lease_held_by_old_pod(&cm_name, now_ms());
     api.create(&PostParams::default(), &held).await.expect("held lease");
     let started = Instant::now();
     let w = start(&stack, &api, Shard::default(), "new-pod", Duration::from_secs(3));
@@ -270,6 +253,22 @@ fn stalling_api(raw: &kube::Client, hang: &Arc<AtomicBool>) -> Api<ConfigMap> {
         }
     });
     Api::namespaced(kube::Client::new(service, "shop"), "shop")
+}
+
+/// Checkpoint ConfigMap `name` leased for 2 s by `old-pod`, last renewed at `renew_millis`.
+fn lease_held_by_old_pod(name: &str, renew_millis: String) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (KEY_HOLDER.to_string(), "old-pod".to_string()),
+            (KEY_RENEW_TIME.to_string(), renew_millis),
+            ("leaseDurationSeconds".to_string(), "2".to_string()),
+        ])),
+        ..ConfigMap::default()
+    }
 }
 
 fn now_millis() -> u128 {
@@ -353,18 +352,7 @@ async fn a_renewed_lease_is_not_taken_over_whatever_the_holders_clock_says() {
     let api = kube_api().await;
     let cm_name = format!("{NAME}-checkpoint-0-of-1");
     let behind = || (now_millis() - 60_000).to_string();
-    let held = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(cm_name.clone()),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([
-            (KEY_HOLDER.to_string(), "old-pod".to_string()),
-            (KEY_RENEW_TIME.to_string(), behind()),
-            ("leaseDurationSeconds".to_string(), "2".to_string()),
-        ])),
-        ..ConfigMap::default()
-    };
+    let held = lease_held_by_old_pod(&cm_name, behind());
     api.create(&PostParams::default(), &held).await.expect("held lease");
     let renewing = CancellationToken::new();
     let holder = {
