@@ -479,6 +479,19 @@ impl ControlPlane {
     }
 }
 
+/// GET `path` as a `meta.k8s.io/v1` Table, the way `kubectl get` asks for a list: the API
+/// server fills the columns from the resource's `additionalPrinterColumns` (for a custom
+/// resource) and answers `{"columnDefinitions": [...], "rows": [{"cells": [...]}]}`.
+///
+/// # Errors
+/// When the request fails.
+pub async fn table(client: &kube::Client, path: &str) -> anyhow::Result<serde_json::Value> {
+    let request = http::Request::get(path)
+        .header(http::header::ACCEPT, "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())?;
+    Ok(client.request::<serde_json::Value>(request).await?)
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         if std::thread::panicking() {
