@@ -63,6 +63,14 @@ pub struct SyncPipelineSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("additionalProperties" = {"type": "string", "pattern": r#"^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]{0,254}$"#}))]
     pub indexes: BTreeMap<String, String>,
+    /// How documents of a namespace are shaped and where they go, beyond the defaults
+    /// (Monstache's `[[mapping]]` and more): index (static or from document fields), `_id`
+    /// and routing from fields, an ingest pipeline, fields to include, exclude or rename, a
+    /// keep-filter, soft deletes and partial updates. The first entry whose `namespace`
+    /// matches applies; entries for namespaces the pipeline does not sync are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub mappings: Vec<Mapping>,
     /// Index the documents that already exist before following changes. When false, only
     /// changes made after the pipeline first starts are synced.
     #[serde(default = "default_true")]
@@ -106,6 +114,107 @@ pub struct SyncPipelineSpec {
     /// same name resumes where this one stopped; `Delete` removes them.
     #[serde(default)]
     pub checkpoints_on_delete: CheckpointRetention,
+}
+
+/// How the documents of one namespace (or `db.*`) are shaped and where they go. Every field
+/// is optional. Field paths are dotted (`author.name`) and do not reach into arrays.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Mapping {
+    /// `db.collection`, or `db.*` for every collection of a database it syncs.
+    #[schemars(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#))]
+    pub namespace: String,
+    /// Target index. Text in braces is taken from the document: `orders-{region}` indexes a
+    /// document with `region: "eu"` into `orders-eu` (values are lower-cased; a document
+    /// without the field is dead-lettered). Without braces, a fixed name (like `spec.indexes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub index: Option<String>,
+    /// Take the Elasticsearch `_id` from this field instead of `_id` (a document without it
+    /// is dead-lettered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub id: Option<String>,
+    /// Route each document by the value of this field (parent/child joins, shard locality). A
+    /// document without the field is indexed without routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub routing: Option<String>,
+    /// Name of an Elasticsearch ingest pipeline every document of the namespace goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub ingest_pipeline: Option<String>,
+    /// Index only these fields (and their sub-fields), plus any renamed ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub include: Vec<String>,
+    /// Leave these fields (and their sub-fields) out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub exclude: Vec<String>,
+    /// Index a field under another name: `{"user.mail": "email"}` moves `user.mail` to a
+    /// top-level `email`, replacing any field already there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rename: BTreeMap<String, String>,
+    /// Sync only the documents matching this MongoDB query (`{"status": "published"}`,
+    /// `{"score": {"$gte": 10}}`); changes to other documents are ignored, nothing is deleted
+    /// (Monstache's `[[filter]]`). Operators: `$eq $ne $gt $gte $lt $lte $in $nin $exists
+    /// $not $and $or $nor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("type" = "object", "x-kubernetes-preserve-unknown-fields" = true))]
+    pub keep: Option<serde_json::Value>,
+    /// Soft deletes: a document matching this MongoDB query (`{"deletedAt": {"$exists":
+    /// true}}`) is removed from the index, and indexed again when it stops matching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("type" = "object", "x-kubernetes-preserve-unknown-fields" = true))]
+    pub delete_when: Option<serde_json::Value>,
+    /// `Index` (default) replaces the whole indexed document at each change; `Update` merges
+    /// the document into what is indexed (partial update with upsert, Monstache's
+    /// `index-as-update`), keeping fields other writers added. Updates carry no version, so
+    /// stale-write protection rests on monsoon's per-document ordering alone.
+    #[serde(default)]
+    pub write_mode: WriteMode,
+    /// Add the change's time to each document (Monstache's `index-oplog-time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oplog_time: Option<OplogTime>,
+}
+
+/// How a document is written.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum WriteMode {
+    /// Replace the indexed document (external versions: stale writes lose).
+    #[default]
+    Index,
+    /// Merge into the indexed document, creating it when missing.
+    Update,
+}
+
+/// Fields receiving the time of the change that produced each document version.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OplogTime {
+    /// Field receiving the cluster time as `{"T": seconds, "I": increment}`.
+    #[serde(default = "default_oplog_ts_field")]
+    #[schemars(length(min = 1))]
+    pub ts_field: String,
+    /// Field receiving the time as text `yyyy/MM/dd HH:mm:ss` (UTC).
+    #[serde(default = "default_oplog_date_field")]
+    #[schemars(length(min = 1))]
+    pub date_field: String,
+}
+
+fn default_oplog_ts_field() -> String {
+    "oplog_ts".to_string()
+}
+
+fn default_oplog_date_field() -> String {
+    "oplog_date".to_string()
+}
+
+impl Default for OplogTime {
+    fn default() -> Self {
+        Self { ts_field: default_oplog_ts_field(), date_field: default_oplog_date_field() }
+    }
 }
 
 fn default_workers() -> u32 {

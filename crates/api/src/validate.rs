@@ -247,6 +247,7 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     }
 
     check_shared_indexes(spec, &patterns, &mut errs);
+    validate_mappings(spec, &patterns, &mut errs);
 
     let b = &spec.batch;
     if !(1..=100_000).contains(&b.max_docs) {
@@ -392,6 +393,94 @@ fn validate_client_certificate(parent: &str, cert: &Option<ValueFrom>, key: &Opt
 /// The parser's message.
 pub fn namespace_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(pattern).size_limit(1 << 20).build()
+}
+
+/// `spec.mappings`: each entry names a namespace the pipeline syncs, once, and every field
+/// parses (templates, paths, queries), with combinations that cannot work refused.
+fn validate_mappings(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
+    use crate::shape::{FieldPath, IndexTemplate, Query};
+    let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in spec.mappings.iter().enumerate() {
+        let at = |field: &str| format!("spec.mappings[{i}].{field}");
+        match NamespacePattern::parse(&m.namespace) {
+            Ok(p) => {
+                let synced = match &p.collection {
+                    Some(c) => patterns.iter().any(|q| q.matches(&p.database, c)) || regex.as_ref().is_some_and(|r| r.is_match(&m.namespace)),
+                    None => patterns.iter().any(|q| q.database == p.database) || regex.is_some(),
+                };
+                if !synced {
+                    errs.push(at("namespace"), format!("`{}` is not synced by this pipeline; add it to `spec.namespaces` or remove this mapping", m.namespace));
+                }
+                if p.collection.is_some() && m.index.is_some() && spec.indexes.contains_key(&m.namespace) {
+                    errs.push(at("index"), format!("`spec.indexes` also names an index for `{}`; keep one of the two", m.namespace));
+                }
+                if p.collection.is_none() && m.index.as_deref().is_some_and(|t| IndexTemplate::parse(t).ok().is_some_and(|t| t.fixed().is_some())) {
+                    errs.push(at("index"), "a fixed index for every collection of a database would mix their documents in one index; use a template with a field, e.g. `{category}`, or one mapping per collection");
+                }
+            }
+            Err(msg) => errs.push(at("namespace"), msg),
+        }
+        if !seen.insert(m.namespace.clone()) {
+            errs.push(at("namespace"), format!("`{}` has another mapping before this one; merge the two", m.namespace));
+        }
+        if let Some(t) = &m.index {
+            if let Err(msg) = IndexTemplate::parse(t) {
+                errs.push(at("index"), msg);
+            }
+        }
+        for (field, path) in [("id", &m.id), ("routing", &m.routing)] {
+            if let Some(Err(msg)) = path.as_deref().map(FieldPath::parse) {
+                errs.push(at(field), msg);
+            }
+        }
+        if let Some(p) = &m.ingest_pipeline {
+            if p.starts_with('_') || p.contains(['/', ' ', '*', ',', '?', '#']) {
+                errs.push(at("ingestPipeline"), format!("`{p}` is not an ingest pipeline name (no leading `_`, no `/ * , ? #` or spaces)"));
+            }
+            if m.write_mode == crate::WriteMode::Update {
+                errs.push(at("ingestPipeline"), "partial updates (`writeMode: Update`) do not run ingest pipelines in Elasticsearch; use `writeMode: Index`, or drop the pipeline");
+            }
+        }
+        for (j, f) in m.include.iter().enumerate() {
+            if let Err(msg) = FieldPath::parse(f) {
+                errs.push(at(&format!("include[{j}]")), msg);
+            }
+        }
+        for (j, f) in m.exclude.iter().enumerate() {
+            if let Err(msg) = FieldPath::parse(f) {
+                errs.push(at(&format!("exclude[{j}]")), msg);
+            }
+        }
+        let mut targets = std::collections::BTreeSet::new();
+        for (from, to) in &m.rename {
+            let field = at(&format!("rename[{from:?}]"));
+            if let Err(msg) = FieldPath::parse(from).and_then(|_| FieldPath::parse(to)) {
+                errs.push(field.clone(), msg);
+            }
+            if to == "_id" || to.starts_with("_id.") {
+                errs.push(field.clone(), "`_id` is Elasticsearch's metadata field; to choose the document id use `id`");
+            }
+            if !targets.insert(to.clone()) {
+                errs.push(field, format!("another field is renamed to `{to}` too"));
+            }
+        }
+        for (field, q) in [("keep", &m.keep), ("deleteWhen", &m.delete_when)] {
+            if let Some(Err(msg)) = q.as_ref().map(Query::parse) {
+                errs.push(at(field), msg);
+            }
+        }
+        if let Some(t) = &m.oplog_time {
+            for (field, name) in [("oplogTime.tsField", &t.ts_field), ("oplogTime.dateField", &t.date_field)] {
+                if name.is_empty() || name.contains('.') || name.starts_with('_') {
+                    errs.push(at(field), format!("`{name}` must be a top-level field name (no dots, not starting with `_`)"));
+                }
+            }
+        }
+        if m.id.is_some() && spec.workers > 1 {
+            errs.push(at("id"), "a sharded pipeline (`workers` > 1) splits documents by their MongoDB `_id`, which a custom `id` hides from the re-snapshot sweep; use `workers: 1` with a custom `id`");
+        }
+    }
 }
 
 /// Two namespaces must never write one index: dropping either (which deletes its index) would

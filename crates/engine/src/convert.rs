@@ -60,7 +60,7 @@ pub const MAX_ES_ID_BYTES: usize = 512;
 
 /// Maximum nesting of documents/arrays we follow. MongoDB itself stores at most 100 levels. The
 /// bound keeps a hostile or corrupt buffer from overflowing the stack through recursion.
-const MAX_DEPTH: usize = 200;
+pub(crate) const MAX_DEPTH: usize = 200;
 
 /// Counters of lossy conversions, so the engine can expose them as metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ fn malformed(e: impl std::fmt::Display) -> Error {
     Error::Malformed(e.to_string())
 }
 
-fn too_deep() -> Error {
+pub(crate) fn too_deep() -> Error {
     Error::Malformed(format!("nesting deeper than {MAX_DEPTH} levels"))
 }
 
@@ -147,7 +147,7 @@ pub fn write_value(
 // value`. The value layouts are in [`read_element`].
 
 /// A decoded element value. Strings are still raw bytes: their UTF-8 is checked when written.
-enum Element<'a> {
+pub(crate) enum Element<'a> {
     Double(f64),
     /// String, JavaScript code, Symbol, and the code of JavaScript code with scope.
     Str(&'a [u8]),
@@ -228,7 +228,7 @@ fn document_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), &'static str>
 /// The elements of a whole document (`i32` length, elements, NUL) after checking that the
 /// declared length is the slice's length and that the terminating NUL is there.
 #[inline(always)]
-fn document_body(doc: &[u8]) -> Result<&[u8], &'static str> {
+pub(crate) fn document_body(doc: &[u8]) -> Result<&[u8], &'static str> {
     match doc {
         [a, b, c, d, body @ .., 0]
             if usize::try_from(i32::from_le_bytes([*a, *b, *c, *d])) == Ok(doc.len()) =>
@@ -243,7 +243,7 @@ fn document_body(doc: &[u8]) -> Result<&[u8], &'static str> {
 /// document, without its terminating NUL, so no value can run into or past that NUL). Returns
 /// the value and the position after it.
 #[inline(always)]
-fn read_element(tag: u8, body: &[u8], pos: usize) -> Result<(Element<'_>, usize), &'static str> {
+pub(crate) fn read_element(tag: u8, body: &[u8], pos: usize) -> Result<(Element<'_>, usize), &'static str> {
     Ok(match tag {
         0x01 => (
             Element::Double(f64::from_le_bytes(*fixed(body, pos)?)),
@@ -348,30 +348,30 @@ fn read_element(tag: u8, body: &[u8], pos: usize) -> Result<(Element<'_>, usize)
 /// The error for element `key` of a document.
 #[cold]
 #[inline(never)]
-fn bad_element(key: &[u8], what: &str) -> Error {
+pub(crate) fn bad_element(key: &[u8], what: &str) -> Error {
     Error::Malformed(format!("field {:?}: {what}", String::from_utf8_lossy(key)))
 }
 
 #[cold]
 #[inline(never)]
-fn bad_document(what: &str) -> Error {
+pub(crate) fn bad_document(what: &str) -> Error {
     Error::Malformed(what.to_owned())
 }
 
 /// The start of an element: type byte and key.
-struct Header<'a> {
-    tag: u8,
-    key: &'a [u8],
+pub(crate) struct Header<'a> {
+    pub(crate) tag: u8,
+    pub(crate) key: &'a [u8],
     /// Where the value starts.
-    value_at: usize,
+    pub(crate) value_at: usize,
     /// For a key shorter than 8 bytes: its bytes as the low lanes of a little-endian word,
     /// the other lanes zero.
-    short_key: Option<u64>,
+    pub(crate) short_key: Option<u64>,
 }
 
 /// Read the element header at `pos` (which must be `< body.len()`).
 #[inline(always)]
-fn element_header(body: &[u8], pos: usize) -> Result<Header<'_>, Error> {
+pub(crate) fn element_header(body: &[u8], pos: usize) -> Result<Header<'_>, Error> {
     let tag = body[pos];
     let key_at = pos + 1;
     let rest = body.get(key_at..).unwrap_or_default();
@@ -407,7 +407,7 @@ fn element_header(body: &[u8], pos: usize) -> Result<Header<'_>, Error> {
 /// Write `"key":`. A short key that is plain ASCII with nothing to escape (the usual case) is
 /// stored in one go.
 #[inline(always)]
-fn write_key(key: &[u8], short_key: Option<u64>, out: &mut Vec<u8>) -> Result<(), Error> {
+pub(crate) fn write_key(key: &[u8], short_key: Option<u64>, out: &mut Vec<u8>) -> Result<(), Error> {
     if let Some(w) = short_key {
         let n = key.len();
         // Spaces in the lanes above the key: they need no escaping.
@@ -515,7 +515,7 @@ fn write_array_at(
 
 /// `depth` is the nesting level of the container holding `value`.
 #[inline(always)]
-fn write_element(
+pub(crate) fn write_element(
     value: Element<'_>,
     depth: usize,
     out: &mut Vec<u8>,

@@ -15,6 +15,7 @@ pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod time;
+pub mod transform;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,304 @@
+//! The small languages of `spec.mappings`: dotted field paths, index templates
+//! (`orders-{region}`) and MongoDB-style queries (`keep`, `deleteWhen`).
+//!
+//! Parsed here, once, for validation and for the engine: validation reports what is wrong
+//! with the field named, and the engine evaluates the parsed forms per document.
+
+use mongodb::bson::Bson;
+use serde_json::Value;
+
+/// A dotted path into a document, e.g. `author.name`. It does not reach into arrays (except
+/// in queries, which look into arrays of documents as MongoDB does).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FieldPath(Vec<String>);
+
+impl FieldPath {
+    /// Parse `a.b.c`.
+    ///
+    /// # Errors
+    /// An empty path or segment, or a segment starting with `$`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("must name a field, e.g. `author.name`".into());
+        }
+        let parts: Vec<String> = text.split('.').map(str::to_owned).collect();
+        if parts.iter().any(String::is_empty) {
+            return Err(format!("`{text}` has an empty segment; write fields as `a.b.c`"));
+        }
+        if parts.iter().any(|p| p.starts_with('$')) {
+            return Err(format!("`{text}`: field names starting with `$` are operators, not fields"));
+        }
+        Ok(Self(parts))
+    }
+
+    /// The segments, outermost first.
+    pub fn segments(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// One piece of an index template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IndexPart {
+    /// Literal text.
+    Text(String),
+    /// The (lower-cased) value of a document field.
+    Field(FieldPath),
+}
+
+/// An index name, fixed or built from document fields: `orders-{region}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexTemplate(pub Vec<IndexPart>);
+
+impl IndexTemplate {
+    /// Parse a template. Text in braces names a field.
+    ///
+    /// # Errors
+    /// Unbalanced braces, an empty or invalid field, or literal text Elasticsearch refuses
+    /// in index names.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                None => {
+                    parts.push(IndexPart::Text(rest.to_owned()));
+                    break;
+                }
+                Some(i) if rest.as_bytes()[i] == b'}' => return Err(format!("`{text}` has a `}}` without its `{{`")),
+                Some(i) => {
+                    if i > 0 {
+                        parts.push(IndexPart::Text(rest[..i].to_owned()));
+                    }
+                    let after = &rest[i + 1..];
+                    let end = after.find('}').ok_or_else(|| format!("`{text}` has a `{{` without its `}}`"))?;
+                    let field = FieldPath::parse(&after[..end]).map_err(|m| format!("`{text}`: {m}"))?;
+                    parts.push(IndexPart::Field(field));
+                    rest = &after[end + 1..];
+                }
+            }
+        }
+        let template = Self(parts);
+        // Literal text must be valid where it stands; a field value is checked per document.
+        let sample: String = template
+            .0
+            .iter()
+            .map(|p| match p {
+                IndexPart::Text(t) => t.as_str(),
+                IndexPart::Field(_) => "x",
+            })
+            .collect();
+        crate::check_index_name(&sample).map_err(|m| format!("`{text}` {m}"))?;
+        Ok(template)
+    }
+
+    /// The name when the template has no fields.
+    pub fn fixed(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [IndexPart::Text(t)] => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// A MongoDB query, as `keep` and `deleteWhen` hold it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Query {
+    /// Every one matches (`$and`, and the fields of one query object).
+    And(Vec<Query>),
+    /// At least one matches.
+    Or(Vec<Query>),
+    /// None matches.
+    Nor(Vec<Query>),
+    /// A condition on a field.
+    Field(FieldPath, Cond),
+}
+
+/// A condition on one field's value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cond {
+    /// Equal (an array field matches when an element is equal, or the array itself).
+    Eq(Bson),
+    /// Not equal.
+    Ne(Bson),
+    /// Greater than (same type class only, as MongoDB).
+    Gt(Bson),
+    /// Greater or equal.
+    Gte(Bson),
+    /// Less than.
+    Lt(Bson),
+    /// Less or equal.
+    Lte(Bson),
+    /// Equal to one of these.
+    In(Vec<Bson>),
+    /// Equal to none of these.
+    Nin(Vec<Bson>),
+    /// The field is present (`true`) or absent (`false`).
+    Exists(bool),
+    /// The inner condition does not hold.
+    Not(Box<Cond>),
+    /// Every condition holds (`{"$gte": 1, "$lt": 5}`).
+    All(Vec<Cond>),
+}
+
+/// The operators [`Query::parse`] reads, for messages.
+pub const QUERY_OPERATORS: &str = "$eq $ne $gt $gte $lt $lte $in $nin $exists $not $and $or $nor";
+
+impl Query {
+    /// Parse a query object. Values may use MongoDB Extended JSON (`{"$date": "2024-01-01T00:00:00Z"}`,
+    /// `{"$oid": "…"}`).
+    ///
+    /// # Errors
+    /// What is not a query, naming the path inside it.
+    pub fn parse(value: &Value) -> Result<Self, String> {
+        let Value::Object(map) = value else {
+            return Err("must be a query object, e.g. `{\"status\": \"published\"}`".into());
+        };
+        let mut all = Vec::new();
+        for (key, v) in map {
+            all.push(match key.as_str() {
+                "$and" | "$or" | "$nor" => {
+                    let Value::Array(items) = v else {
+                        return Err(format!("`{key}` takes a list of queries"));
+                    };
+                    if items.is_empty() {
+                        return Err(format!("`{key}` takes a non-empty list of queries"));
+                    }
+                    let qs = items.iter().map(Self::parse).collect::<Result<Vec<_>, _>>().map_err(|m| format!("in `{key}`: {m}"))?;
+                    match key.as_str() {
+                        "$and" => Query::And(qs),
+                        "$or" => Query::Or(qs),
+                        _ => Query::Nor(qs),
+                    }
+                }
+                op if op.starts_with('$') => return Err(format!("`{op}` is not supported at the top of a query; monsoon reads {QUERY_OPERATORS}")),
+                field => {
+                    let path = FieldPath::parse(field)?;
+                    let cond = Cond::parse(v).map_err(|m| format!("`{field}`: {m}"))?;
+                    Query::Field(path, cond)
+                }
+            });
+        }
+        Ok(if all.len() == 1 { all.remove(0) } else { Query::And(all) })
+    }
+}
+
+fn bson(value: &Value) -> Result<Bson, String> {
+    Bson::try_from(value.clone()).map_err(|e| format!("value {value} is not MongoDB Extended JSON: {e}"))
+}
+
+fn is_operator_object(v: &Value) -> Option<&serde_json::Map<String, Value>> {
+    match v {
+        Value::Object(m) if !m.is_empty() && m.keys().all(|k| k.starts_with('$')) => {
+            // Extended JSON values (`{"$date": …}`) are values, not operators.
+            let ext = ["$date", "$oid", "$numberLong", "$numberDecimal", "$numberDouble", "$numberInt", "$binary", "$timestamp", "$regularExpression", "$minKey", "$maxKey", "$symbol", "$code"];
+            (!m.keys().any(|k| ext.contains(&k.as_str()))).then_some(m)
+        }
+        _ => None,
+    }
+}
+
+impl Cond {
+    fn parse(v: &Value) -> Result<Self, String> {
+        let Some(ops) = is_operator_object(v) else {
+            if let Value::Object(m) = v {
+                if m.keys().any(|k| k.starts_with('$')) && m.keys().any(|k| !k.starts_with('$')) {
+                    return Err("mixes operators and fields; write `{\"$eq\": {…}}` to match a whole sub-document".into());
+                }
+            }
+            return Ok(Cond::Eq(bson(v)?));
+        };
+        let mut conds = Vec::new();
+        for (op, arg) in ops {
+            let list = |arg: &Value| match arg {
+                Value::Array(items) => items.iter().map(bson).collect::<Result<Vec<_>, _>>(),
+                _ => Err(format!("`{op}` takes a list of values")),
+            };
+            conds.push(match op.as_str() {
+                "$eq" => Cond::Eq(bson(arg)?),
+                "$ne" => Cond::Ne(bson(arg)?),
+                "$gt" => Cond::Gt(bson(arg)?),
+                "$gte" => Cond::Gte(bson(arg)?),
+                "$lt" => Cond::Lt(bson(arg)?),
+                "$lte" => Cond::Lte(bson(arg)?),
+                "$in" => Cond::In(list(arg)?),
+                "$nin" => Cond::Nin(list(arg)?),
+                "$exists" => match arg {
+                    Value::Bool(b) => Cond::Exists(*b),
+                    Value::Number(n) => Cond::Exists(n.as_f64() != Some(0.0)),
+                    _ => return Err("`$exists` takes true or false".into()),
+                },
+                "$not" => {
+                    if is_operator_object(arg).is_none() {
+                        return Err("`$not` takes an operator object, e.g. `{\"$not\": {\"$gt\": 5}}`".into());
+                    }
+                    Cond::Not(Box::new(Cond::parse(arg)?))
+                }
+                other => return Err(format!("`{other}` is not supported; monsoon reads {QUERY_OPERATORS}")),
+            });
+        }
+        Ok(if conds.len() == 1 { conds.remove(0) } else { Cond::All(conds) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn field_paths() {
+        assert_eq!(FieldPath::parse("a.b").expect("ok").segments(), ["a", "b"]);
+        assert!(FieldPath::parse("").is_err());
+        assert!(FieldPath::parse("a..b").is_err());
+        assert!(FieldPath::parse("$where").is_err());
+    }
+
+    #[test]
+    fn index_templates() {
+        let t = IndexTemplate::parse("orders-{region}").expect("ok");
+        assert_eq!(t.0, vec![IndexPart::Text("orders-".into()), IndexPart::Field(FieldPath::parse("region").expect("p"))]);
+        assert_eq!(t.fixed(), None);
+        assert_eq!(IndexTemplate::parse("orders").expect("ok").fixed(), Some("orders"));
+        assert_eq!(IndexTemplate::parse("{tenant.id}").expect("ok").0.len(), 1);
+        for bad in ["orders-{region", "orders-}", "Orders-{x}", "a{}", "_x{y}", "a b{c}"] {
+            assert!(IndexTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queries_parse_fields_operators_and_logic() {
+        let q = Query::parse(&json!({"status": "published", "score": {"$gte": 10, "$lt": 20}})).expect("ok");
+        let Query::And(parts) = q else { panic!("and") };
+        assert_eq!(parts[0], Query::Field(FieldPath::parse("status").expect("p"), Cond::Eq(Bson::String("published".into()))));
+        assert!(matches!(&parts[1], Query::Field(_, Cond::All(c)) if c.len() == 2));
+        let q = Query::parse(&json!({"$or": [{"a": 1}, {"b": {"$exists": false}}]})).expect("ok");
+        assert!(matches!(q, Query::Or(v) if v.len() == 2));
+        let q = Query::parse(&json!({"at": {"$gt": {"$date": "2024-01-01T00:00:00Z"}}})).expect("ok");
+        assert!(matches!(q, Query::Field(_, Cond::Gt(Bson::DateTime(_)))));
+        let q = Query::parse(&json!({"sub": {"x": 1}})).expect("ok");
+        assert!(matches!(q, Query::Field(_, Cond::Eq(Bson::Document(_)))));
+    }
+
+    #[test]
+    fn queries_refuse_what_they_cannot_evaluate_with_the_reason() {
+        for (q, says) in [
+            (json!({"a": {"$regex": "x"}}), "`$regex` is not supported"),
+            (json!({"$where": "1"}), "not supported at the top"),
+            (json!({"a": {"$in": 3}}), "takes a list"),
+            (json!({"a": {"$gt": 1, "b": 2}}), "mixes operators and fields"),
+            (json!({"$or": []}), "non-empty list"),
+            (json!("x"), "must be a query object"),
+            (json!({"a": {"$not": 5}}), "`$not` takes an operator object"),
+        ] {
+            let e = Query::parse(&q).expect_err("refused");
+            assert!(e.contains(says), "{q}: {e}");
+        }
+    }
+}
