@@ -489,9 +489,16 @@ fn validate_mappings(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], err
 fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
     // index -> the namespace known to write it (exact names only).
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    // `spec.indexes` and the fixed indexes of `spec.mappings` together.
+    let mut indexes = spec.indexes.clone();
+    for m in &spec.mappings {
+        if let Some(fixed) = m.index.as_deref().and_then(|t| crate::shape::IndexTemplate::parse(t).ok()).and_then(|t| t.fixed().map(str::to_owned)) {
+            indexes.entry(m.namespace.clone()).or_insert(fixed);
+        }
+    }
     let exact = patterns.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
-    let defaults = exact.filter(|ns| !spec.indexes.contains_key(ns)).map(|ns| (ns.to_lowercase(), ns));
-    for (index, ns) in defaults.chain(spec.indexes.iter().map(|(ns, i)| (i.clone(), ns.clone()))) {
+    let defaults = exact.filter(|ns| !indexes.contains_key(ns)).map(|ns| (ns.to_lowercase(), ns));
+    for (index, ns) in defaults.chain(indexes.iter().map(|(ns, i)| (i.clone(), ns.clone()))) {
         match owner.get(&index) {
             Some(first) if *first != ns => errs.push(
                 format!("spec.indexes[{ns:?}]"),
@@ -504,7 +511,7 @@ fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], 
     }
     // A wildcard's collections get `db.collection` lower-cased: an override naming such an index
     // collides with the collection of that name, whenever it exists.
-    for (ns, index) in &spec.indexes {
+    for (ns, index) in &indexes {
         let wild = patterns.iter().find(|p| p.collection.is_none() && index.starts_with(&format!("{}.", p.database.to_lowercase())));
         if let Some(p) = wild {
             if *index != ns.to_lowercase() {
@@ -938,6 +945,73 @@ spec:
         assert!(!all.matches("other", "orders"));
         let one = NamespacePattern::parse("shop.a.b").expect("dotted collection");
         assert_eq!(one.collection.as_deref(), Some("a.b"));
+    }
+
+    #[test]
+    fn a_full_mapping_is_accepted() {
+        let yaml = MINIMAL.replace(
+            "snapshot: true",
+            r#"mappings:
+    - namespace: shop.orders
+      index: "orders-{region}"
+      id: ref
+      routing: customer.id
+      ingestPipeline: enrich
+      include: [a, b.c]
+      exclude: [b.c.secret]
+      rename: {a: alpha}
+      keep: {status: {$in: [paid, shipped]}}
+      deleteWhen: {deletedAt: {$exists: true}}
+      oplogTime: {}"#,
+        );
+        let p = parse_manifest(&yaml).expect("valid");
+        let m = &p.spec.mappings[0];
+        assert_eq!(m.oplog_time.as_ref().map(|t| t.ts_field.as_str()), Some("oplog_ts"));
+        assert_eq!(m.write_mode, crate::WriteMode::Index);
+    }
+
+    #[test]
+    fn mappings_name_each_problem_with_its_field() {
+        let yaml = MINIMAL.replace(
+            "snapshot: true",
+            r#"workers: 2
+  indexes:
+    shop.orders: orders
+  mappings:
+    - namespace: shop.users
+    - namespace: shop.orders
+      index: "Orders-{x"
+      id: "a..b"
+      writeMode: Update
+      ingestPipeline: p
+      rename: {a: _id, b: _id}
+      keep: {a: {$regex: x}}
+      deleteWhen: [1]
+      oplogTime: {tsField: a.b}
+    - namespace: shop.orders"#,
+        );
+        let errs = errors_of(&yaml);
+        let has = |field: &str, says: &str| errs.iter().any(|e| e.field == field && e.message.contains(says));
+        assert!(has("spec.mappings[0].namespace", "not synced"), "{errs:#?}");
+        assert!(has("spec.mappings[1].index", "`spec.indexes` also names"), "{errs:#?}");
+        assert!(has("spec.mappings[1].index", "without its"), "{errs:#?}");
+        assert!(has("spec.mappings[1].id", "empty segment"), "{errs:#?}");
+        assert!(has("spec.mappings[1].id", "workers"), "{errs:#?}");
+        assert!(has("spec.mappings[1].ingestPipeline", "writeMode: Index"), "{errs:#?}");
+        assert!(has("spec.mappings[1].rename[\"a\"]", "use `id`"), "{errs:#?}");
+        assert!(has("spec.mappings[1].rename[\"b\"]", "renamed to `_id` too"), "{errs:#?}");
+        assert!(has("spec.mappings[1].keep", "`$regex` is not supported"), "{errs:#?}");
+        assert!(has("spec.mappings[1].oplogTime.tsField", "top-level"), "{errs:#?}");
+        assert!(has("spec.mappings[2].namespace", "another mapping"), "{errs:#?}");
+    }
+
+    #[test]
+    fn a_mapped_fixed_index_counts_as_an_index_override() {
+        let yaml = MINIMAL
+            .replace("    - shop.orders        #", "    - shop.users\n    - shop.orders        #")
+            .replace("snapshot: true", "mappings:\n    - namespace: shop.users\n      index: shop.orders");
+        let errs = errors_of(&yaml);
+        assert!(errs.iter().any(|e| e.message.contains("also written by")), "{errs:#?}");
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Which documents this worker owns (all of them unless the pipeline is sharded).
     pub shard: Shard,
+    /// How documents are shaped per namespace (`spec.mappings`, validated).
+    pub mappings: Vec<monsoon_api::Mapping>,
+    /// Index of location records, used when a mapping takes the index, `_id` or routing from
+    /// the document ([`crate::sink::locations`]).
+    pub locations_index: String,
 }
 
 /// One shard of a pipeline split over `count` workers. Every document belongs to exactly one

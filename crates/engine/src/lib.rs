@@ -39,6 +39,9 @@ pub enum Error {
     /// MongoDB could not be used, or the stream cannot continue.
     #[error("MongoDB source failed")]
     Source(#[from] mongo::Error),
+    /// A mapping does not compile (validation refuses these first).
+    #[error("invalid mapping: {0}")]
+    Mapping(String),
     /// The checkpoint could not be read or written.
     #[error("checkpoint failed")]
     Checkpoint(#[from] checkpoint::Error),
@@ -159,6 +162,10 @@ async fn run_inner<S: CheckpointStore>(
     let resume_token = cp.resume_token(&location)?;
     es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body())
         .await?;
+    let shapes = transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?;
+    if shapes.tracks_any() {
+        es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
+    }
 
     let shared = Shared::new(metrics.clone(), health.clone());
     let abort = options.hard_stop.child_token();
@@ -168,6 +175,7 @@ async fn run_inner<S: CheckpointStore>(
             batch: config.batch.clone(),
             dead_letter_index: Arc::from(config.dead_letter_index.as_str()),
             pipeline: Arc::from(name),
+            locations: shapes.tracks_any().then(|| Arc::from(config.locations_index.as_str())),
         },
         shared.clone(),
         abort.clone(),
@@ -213,6 +221,8 @@ async fn run_inner<S: CheckpointStore>(
         id_scratch: std::sync::Mutex::new(Vec::with_capacity(64)),
         shard: config.shard,
         written: std::sync::Mutex::new(written),
+        shapes: &shapes,
+        pipeline: name,
     };
     let mut start = Start {
         stream_start,
@@ -437,7 +447,7 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
                 Err(e) => return Err(e),
             }
         }
-        let mut indexes: Vec<String> = existing.iter().map(|(db, coll)| config.routing.index_for(db, coll)).collect();
+        let mut indexes: Vec<String> = existing.iter().flat_map(|(db, coll)| source.indexes_of(db, coll)).collect();
         indexes.sort();
         indexes.dedup();
         let mut failed = false;

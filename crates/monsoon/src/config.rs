@@ -181,7 +181,16 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
             // Validation compiled both already.
             include_regex: spec.namespace_regex.as_deref().and_then(|r| monsoon_api::namespace_regex(r).ok()),
             exclude_regex: spec.exclude_namespace_regex.as_deref().and_then(|r| monsoon_api::namespace_regex(r).ok()),
-            indexes: spec.indexes.clone(),
+            // A mapping's fixed index is the namespace's index, as in `spec.indexes`.
+            indexes: spec
+                .indexes
+                .clone()
+                .into_iter()
+                .chain(spec.mappings.iter().filter_map(|m| {
+                    let fixed = monsoon_api::shape::IndexTemplate::parse(m.index.as_deref()?).ok()?;
+                    Some((m.namespace.clone(), fixed.fixed()?.to_owned()))
+                }))
+                .collect(),
         },
         snapshot: spec.snapshot,
         batch: BatchConfig {
@@ -198,6 +207,8 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         dead_letter_index: spec.dead_letter.index.clone(),
         checkpoint_interval: Duration::from_secs(1),
         shard: monsoon_engine::config::Shard::default(),
+        mappings: spec.mappings.clone(),
+        locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
     })
 }
 

@@ -38,6 +38,7 @@ async fn a_forced_stop_abandons_the_backlog_while_elasticsearch_is_healthy() -> 
         batch: BatchConfig { max_docs: 50, concurrency: 1, ..BatchConfig::default() },
         dead_letter_index: Arc::from("monsoon-deadletter"),
         pipeline: Arc::from("forced"),
+        locations: None,
     };
     let sink = Sink::start(client, settings, shared.clone(), abort.clone());
     let (ns, index): (Arc<str>, Arc<str>) = (Arc::from("db.c"), Arc::from("forced"));

@@ -58,6 +58,8 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         dead_letter_index: "monsoon-deadletter".into(),
         checkpoint_interval: Duration::from_millis(300),
         shard,
+        mappings: Vec::new(),
+        locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
     }
 }
 

@@ -340,8 +340,20 @@ impl Checkpoint {
     pub fn merge_for_reshard(pipeline: &str, old: &[Checkpoint], shard: crate::config::Shard) -> Checkpoint {
         let mut merged = Checkpoint {
             shard: shard.is_split().then_some(shard),
-            // Any old shard's record of a namespace may be the only one (it wrote it first).
-            written: old.iter().flat_map(|cp| cp.written.clone()).collect(),
+            // Any old shard's record of a namespace may be the only one (it wrote it first),
+            // and shards of a namespace whose documents choose their index list different ones.
+            written: old.iter().flat_map(|cp| cp.written.iter()).fold(BTreeMap::new(), |mut all: BTreeMap<String, String>, (ns, list)| {
+                let entry = all.entry(ns.clone()).or_default();
+                for index in list.split(',') {
+                    if !entry.split(',').any(|i| i == index) {
+                        if !entry.is_empty() {
+                            entry.push(',');
+                        }
+                        entry.push_str(index);
+                    }
+                }
+                all
+            }),
             ..Checkpoint::new(pipeline)
         };
         let positions: Option<Vec<ClusterTime>> = old

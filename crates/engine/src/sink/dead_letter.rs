@@ -50,7 +50,7 @@ pub enum Embed {
 /// The source bytes of the refused document, if the write carried one.
 fn document_of(w: &Write) -> Option<&[u8]> {
     match &w.op {
-        Op::Index(src) | Op::Reject { document: Some(src), .. } => Some(src),
+        Op::Index(src) | Op::Update(src) | Op::Reject { document: Some(src), .. } => Some(src),
         Op::Delete | Op::Reject { document: None, .. } => None,
     }
 }
@@ -85,7 +85,8 @@ pub fn record_lines(index: &str, pipeline: &str, w: &Write, why: &Refusal, faile
         "index": &*w.index,
         "id": serde_json::from_str::<Value>(&w.id_json).unwrap_or(Value::Null),
         "version": w.version,
-        "op": match w.op { Op::Delete => "delete", Op::Index(_) => "index", Op::Reject { .. } => "unconvertible" },
+        "routing": w.routing.as_deref(),
+        "op": match w.op { Op::Delete => "delete", Op::Index(_) => "index", Op::Update(_) => "update", Op::Reject { .. } => "unconvertible" },
         "status": why.status,
         "errorType": why.error_type,
         "reason": truncated(&why.reason, REASON_LIMIT),

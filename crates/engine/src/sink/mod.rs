@@ -19,6 +19,7 @@
 
 pub mod dead_letter;
 pub mod elasticsearch;
+pub mod locations;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -46,6 +47,9 @@ use crate::retry::Backoff;
 pub enum Op {
     /// Index this `_source` (JSON object, `_id` left out).
     Index(Bytes),
+    /// Merge this JSON object into the indexed document, creating it when missing (partial
+    /// update with `doc_as_upsert`; unversioned).
+    Update(Bytes),
     /// Delete the document.
     Delete,
     /// The source could not turn the change into a write (an `_id` over Elasticsearch's 512
@@ -82,6 +86,17 @@ pub struct Write {
     /// Read by a snapshot: a snapshot reads each document once, so a batch of only such
     /// writes has nothing to coalesce.
     pub from_snapshot: bool,
+    /// Routing value.
+    pub routing: Option<Box<str>>,
+    /// Ingest pipeline.
+    pub pipeline: Option<Arc<str>>,
+    /// The id of this document's location record, when where it goes depends on its content
+    /// ([`locations`]): the sink then reads where it went before, deletes a copy left
+    /// elsewhere, and aims deletes at it. It is also the document's identity for ordering.
+    pub origin: Option<Arc<str>>,
+    /// Written on behalf of another write of the batch (a moved document's old copy, a
+    /// location record): not counted, acknowledged with that write.
+    pub aux: bool,
 }
 
 impl Write {
@@ -97,13 +112,26 @@ impl Write {
             permit: None,
             key: 0,
             from_snapshot: false,
+            routing: None,
+            pipeline: None,
+            origin: None,
+            aux: false,
+        }
+    }
+
+    /// Which document this is, for ordering and coalescing: its index and `_id`, or, when
+    /// its location depends on its content, its namespace and MongoDB `_id` (the location
+    /// record's id), since its index and `_id` may change from one write to the next.
+    pub fn identity(&self) -> (&str, &str) {
+        match &self.origin {
+            Some(origin) => ("", origin),
+            None => (&self.index, &self.id_json),
         }
     }
 
     fn document_key(&self) -> u64 {
         let mut h = Fnv::default();
-        self.index.hash(&mut h);
-        self.id_json.hash(&mut h);
+        self.identity().hash(&mut h);
         h.finish()
     }
 }
@@ -274,6 +302,9 @@ pub struct SinkSettings {
     pub dead_letter_index: Arc<str>,
     /// Pipeline name, written into dead-letter records.
     pub pipeline: Arc<str>,
+    /// Index of location records, when some namespace's documents need them
+    /// ([`locations`]).
+    pub locations: Option<Arc<str>>,
 }
 
 /// A full chunk of staged writes, to be handed over with [`Sink::send_chunk`].
@@ -726,23 +757,58 @@ impl Deliverer {
         }
     }
 
-    /// Deliver `writes` until each has a final outcome.
+    /// Deliver `writes` until each has a final outcome: writes the source could not convert
+    /// go to the dead-letter index; tracked writes are first aimed with their location
+    /// records ([`locations`]), whose own writes follow once the documents' are final.
     async fn deliver(&self, writes: Vec<Write>) -> Result<(), crate::retry::Cancelled> {
+        let (refused, sendable): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
+        let mut rejected: Vec<(Write, Refusal)> = Vec::new();
+        for w in refused {
+            if let Op::Reject { error_type, reason, .. } = &w.op {
+                let why = Refusal { status: 0, error_type: error_type.to_string(), reason: reason.clone() };
+                rejected.push((w, why));
+            }
+        }
+        let (sendable, records) = match &self.settings.locations {
+            Some(index) if sendable.iter().any(|w| w.origin.is_some()) => {
+                let plan = self.locate(sendable, index).await?;
+                self.shared.metrics.hot.stale.inc_by(plan.stale);
+                (plan.writes, plan.records)
+            }
+            _ => (sendable, Vec::new()),
+        };
+        self.send_until_final(sendable, &mut rejected).await?;
+        self.send_until_final(records, &mut rejected).await?;
+        if !rejected.is_empty() {
+            self.dead_letter(rejected).await?;
+        }
+        Ok(())
+    }
+
+    /// Read the location records of the batch's tracked writes (one multi-get, retried until
+    /// it answers) and plan the batch with them.
+    async fn locate(&self, writes: Vec<Write>, index: &Arc<str>) -> Result<locations::Plan, crate::retry::Cancelled> {
+        let mut backoff = Backoff::default();
+        let found = loop {
+            let ids: Vec<&str> = writes.iter().filter_map(|w| w.origin.as_deref()).collect();
+            match self.es.location_records(index, &ids).await {
+                Ok(found) => break found,
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), records = ids.len(), "reading location records failed; retrying");
+                    self.shared.health.sink_beat(false);
+                    backoff.wait(&self.abort).await?;
+                }
+            }
+        };
+        Ok(locations::plan(writes, &found, index))
+    }
+
+    /// Send `writes` in bulk requests until each is done or refused (refusals are added to
+    /// `rejected`): retriable failures are retried, oversize requests split.
+    async fn send_until_final(&self, writes: Vec<Write>, rejected: &mut Vec<(Write, Refusal)>) -> Result<(), crate::retry::Cancelled> {
         let m = &self.shared.metrics;
         let mut backoff = Backoff::default();
         let mut queue: VecDeque<Vec<Write>> = VecDeque::from([writes]);
-        let mut rejected: Vec<(Write, Refusal)> = Vec::new();
-        if let Some(first) = queue.pop_front() {
-            let (refused, sendable): (Vec<Write>, Vec<Write>) =
-                first.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
-            for w in refused {
-                if let Op::Reject { error_type, reason, .. } = &w.op {
-                    let why = Refusal { status: 0, error_type: error_type.to_string(), reason: reason.clone() };
-                    rejected.push((w, why));
-                }
-            }
-            queue.push_back(sendable);
-        }
         while let Some(chunk) = queue.pop_front() {
             if chunk.is_empty() {
                 continue;
@@ -805,6 +871,8 @@ impl Deliverer {
                     let mut counts = [0u64; 4];
                     for (w, outcome) in chunk.into_iter().zip(outcomes) {
                         match outcome {
+                            // Writes on another's behalf count as that one's.
+                            ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone if w.aux => {}
                             ItemOutcome::Done => counts[usize::from(matches!(w.op, Op::Delete))] += 1,
                             ItemOutcome::Stale => counts[2] += 1,
                             ItemOutcome::AlreadyGone => counts[3] += 1,
@@ -836,9 +904,6 @@ impl Deliverer {
                     }
                 }
             }
-        }
-        if !rejected.is_empty() {
-            self.dead_letter(rejected).await?;
         }
         Ok(())
     }
@@ -983,7 +1048,7 @@ pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
             if is_reject(w) {
                 rejects += 1;
             } else {
-                last.insert((&w.index, &w.id_json), i);
+                last.insert(w.identity(), i);
             }
         }
         if last.len() + rejects == batch.len() {

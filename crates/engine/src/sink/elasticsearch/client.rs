@@ -242,6 +242,44 @@ impl Elastic {
             .max_by_key(|(_, v)| *v))
     }
 
+    /// The location records with these ids (`GET /{index}/_mget`, real-time: it sees writes
+    /// not yet refreshed). Records not found are absent from the map.
+    ///
+    /// # Errors
+    /// Transport failures, unexpected statuses, or a reply that does not read as a multi-get
+    /// (the caller retries: guessing "not found" would leave copies behind).
+    pub async fn location_records(&self, index: &str, ids: &[&str]) -> Result<std::collections::HashMap<String, crate::sink::locations::Found>, Error> {
+        use crate::sink::locations::{Found, Record};
+        let mut out = std::collections::HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let path = format!("/{}/_mget", encode_path(index));
+        let body = serde_json::json!({ "ids": ids });
+        let params = [("filter_path", "docs._id,docs._version,docs.found,docs._source,docs.error")];
+        let (status, response) = self.request(Method::Post, &path, Some(&params), Some(json_bytes(&body)), None).await?;
+        if status != 200 {
+            return Err(status_error("read location records", status, &response));
+        }
+        let unreadable = || status_error("read location records", status, &response);
+        let page: serde_json::Value = serde_json::from_slice(&response).map_err(|_| unreadable())?;
+        let docs = page["docs"].as_array().ok_or_else(unreadable)?;
+        for doc in docs {
+            if doc.get("error").is_some() {
+                return Err(status_error("read a location record", status, doc.to_string().as_bytes()));
+            }
+            if doc["found"].as_bool() != Some(true) {
+                continue;
+            }
+            let (Some(id), Some(version)) = (doc["_id"].as_str(), doc["_version"].as_u64()) else {
+                return Err(unreadable());
+            };
+            let record: Record = serde_json::from_value(doc["_source"].clone()).map_err(|_| unreadable())?;
+            out.insert(id.to_string(), Found { version, record });
+        }
+        Ok(out)
+    }
+
     /// Create `index` with `body` (settings/mappings) unless it exists.
     ///
     /// # Errors
@@ -320,6 +358,10 @@ impl Elastic {
                 super::request::write_json_str(index, &mut bulk);
                 bulk.extend_from_slice(b",\"_id\":");
                 super::request::write_json_str(id, &mut bulk);
+                if let Some(routing) = hit["_routing"].as_str() {
+                    bulk.extend_from_slice(b",\"routing\":");
+                    super::request::write_json_str(routing, &mut bulk);
+                }
                 bulk.extend_from_slice(format!(",\"version\":{},\"version_type\":\"external_gte\"}}}}\n", below - 1).as_bytes());
                 actions += 1;
             }

@@ -13,6 +13,7 @@ use crate::sink::{Op, Write};
 pub fn encode(write: &Write, body: &mut Vec<u8>) {
     let action: &[u8] = match write.op {
         Op::Index(_) => b"{\"index\":{\"_index\":",
+        Op::Update(_) => b"{\"update\":{\"_index\":",
         Op::Delete => b"{\"delete\":{\"_index\":",
         // Never sent: the sink dead-letters these before building a body.
         Op::Reject { .. } => return,
@@ -21,6 +22,27 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
     write_json_str(&write.index, body);
     body.extend_from_slice(b",\"_id\":");
     body.extend_from_slice(write.id_json.as_bytes());
+    if let Some(routing) = &write.routing {
+        body.extend_from_slice(b",\"routing\":");
+        write_json_str(routing, body);
+    }
+    match &write.op {
+        Op::Update(source) => {
+            // Partial updates cannot carry external versions; the sink's per-document order
+            // is what keeps them in sequence. A concurrent writer's conflict is retried.
+            body.extend_from_slice(b",\"retry_on_conflict\":3}}\n{\"doc\":");
+            body.extend_from_slice(source);
+            body.extend_from_slice(b",\"doc_as_upsert\":true}\n");
+            return;
+        }
+        Op::Index(_) => {
+            if let Some(pipeline) = &write.pipeline {
+                body.extend_from_slice(b",\"pipeline\":");
+                write_json_str(pipeline, body);
+            }
+        }
+        _ => {}
+    }
     body.extend_from_slice(b",\"version\":");
     body.extend_from_slice(itoa::Buffer::new().format(write.version).as_bytes());
     body.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
@@ -35,8 +57,12 @@ pub fn encoded_len(write: &Write) -> usize {
     // Action line overhead: at most 93 bytes of keys and punctuation with a 20-digit version (a
     // cluster-time version has 19), plus the index and the `_id` literal.
     let fixed = 93 + write.index.len() + write.id_json.len();
+    // `,"routing":` / `,"pipeline":` and a string that may need escaping (at most 6 bytes per
+    // byte, for control characters).
+    let fixed = fixed + write.routing.as_ref().map_or(0, |r| 13 + 6 * r.len()) + write.pipeline.as_ref().map_or(0, |p| 14 + 6 * p.len());
     match &write.op {
         Op::Index(source) => fixed + source.len() + 1,
+        Op::Update(source) => fixed + source.len() + 28,
         Op::Delete => fixed,
         Op::Reject { document, reason, .. } => {
             fixed + reason.len() + document.as_ref().map_or(0, Bytes::len)
@@ -118,15 +144,39 @@ mod tests {
         assert!(text.ends_with('\n'));
     }
 
+    #[test]
+    fn routing_pipeline_and_partial_updates() {
+        let mut indexed = write(Op::Index(Bytes::from_static(b"{\"x\":1}")));
+        indexed.routing = Some("post\"1".into());
+        indexed.pipeline = Some(Arc::from("enrich"));
+        let mut updated = write(Op::Update(Bytes::from_static(b"{\"x\":2}")));
+        updated.routing = Some("r".into());
+        let mut deleted = write(Op::Delete);
+        deleted.routing = Some("r".into());
+        let text = String::from_utf8(body_for(&[indexed, updated, deleted], 0)).expect("utf8");
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        assert_eq!(lines[0]["index"]["routing"], "post\"1");
+        assert_eq!(lines[0]["index"]["pipeline"], "enrich");
+        assert_eq!(lines[0]["index"]["version_type"], "external_gte");
+        assert_eq!(lines[2]["update"]["routing"], "r");
+        assert_eq!(lines[2]["update"]["retry_on_conflict"], 3);
+        assert!(lines[2]["update"].get("version").is_none(), "updates cannot carry external versions");
+        assert_eq!(lines[3], serde_json::json!({"doc": {"x": 2}, "doc_as_upsert": true}));
+        assert_eq!(lines[4]["delete"]["routing"], "r");
+        assert_eq!(lines.len(), 5);
+    }
+
     /// A body built with `encoded_len` as its capacity never grows (a realloc doubles a
     /// large buffer and copies it).
     #[test]
     fn encoded_len_is_an_upper_bound() {
         // A 2026 cluster time as a version (seconds << 32 | increment) has 19 digits.
         for version in [0, 42, (1_795_000_000u64 << 32) | 7, u64::MAX] {
-            for op in [Op::Index(Bytes::from_static(b"{}")), Op::Delete] {
+            for op in [Op::Index(Bytes::from_static(b"{}")), Op::Update(Bytes::from_static(b"{}")), Op::Delete] {
                 let mut w = write(op);
                 w.version = version;
+                w.routing = Some("\u{1}\"".into());
+                w.pipeline = Some(Arc::from("p\n"));
                 let mut body = Vec::new();
                 encode(&w, &mut body);
                 assert!(body.len() <= encoded_len(&w), "version {version}: {} > {}", body.len(), encoded_len(&w));

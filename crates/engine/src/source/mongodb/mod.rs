@@ -35,7 +35,8 @@ use crate::config::{MongoConfig, Routing, Shard};
 use crate::convert::{self, ConvertStats};
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
-use crate::sink::{Closed, Op, Sink, Write};
+use crate::sink::{locations, Closed, Op, Sink, Write};
+use crate::transform::{Outcome, Shape, Shapes};
 
 /// MongoDB error code: the resume point is no longer in the oplog.
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
@@ -287,12 +288,22 @@ pub struct Source<'a> {
     pub id_scratch: std::sync::Mutex<Vec<u8>>,
     /// The documents this worker owns.
     pub shard: Shard,
-    /// Namespaces written so far and their indexes (the checkpoint's `written`, kept current).
+    /// Namespaces written so far and their indexes (the checkpoint's `written`, kept current;
+    /// a namespace whose index comes from its documents lists each, comma-separated).
     pub written: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// How each namespace's documents are shaped.
+    pub shapes: &'a Shapes,
+    /// Pipeline name (location record ids).
+    pub pipeline: &'a str,
 }
 
-/// A routed collection: database, collection, namespace and index names.
-pub type Route = (String, String, Arc<str>, Arc<str>);
+/// A routed collection: database, collection, namespace and index names, and its shape.
+pub type Route = (String, String, Arc<str>, Arc<str>, Arc<Shape>);
+
+/// Whether the `written` entry `list` (comma-separated index names) holds `index`.
+pub fn lists(list: &str, index: &str) -> bool {
+    list.split(',').any(|i| i == index)
+}
 
 /// How a source phase ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -366,36 +377,58 @@ impl Source<'_> {
     ///
     /// # Errors
     /// [`Error::SharedIndex`] when another live namespace already writes the same index.
-    fn route(&self, db: &str, coll: &str) -> Result<(Arc<str>, Arc<str>), Error> {
+    fn route(&self, db: &str, coll: &str) -> Result<(Arc<str>, Arc<str>, Arc<Shape>), Error> {
         let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((d, c, ns, index)) = cache.as_ref() {
+        if let Some((d, c, ns, index, shape)) = cache.as_ref() {
             if d == db && c == coll {
-                return Ok((ns.clone(), index.clone()));
+                return Ok((ns.clone(), index.clone(), shape.clone()));
             }
         }
         let ns = format!("{db}.{coll}");
         let index = self.routing.index_for(db, coll);
-        {
-            let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-            if written.get(&ns) != Some(&index) {
-                // Another namespace the pipeline still syncs into this same index: a drop of
-                // either would delete the other's documents. (One removed from the spec, or
-                // moved to another index, no longer writes here.)
-                let shares = |other: &str| {
-                    other != ns
-                        && other.split_once('.').is_some_and(|(d, c)| self.routing.includes(d, c) && self.routing.index_for(d, c) == index)
-                };
-                if let Some(other) = written.keys().find(|other| shares(other)) {
-                    return Err(Error::SharedIndex { index, first: other.clone(), second: ns });
-                }
-                written.insert(ns.clone(), index.clone());
-                self.sink.record(Position::Written { ns: ns.clone(), index: index.clone() });
-            }
+        if let Some(first) = self.note_index(&ns, &index) {
+            return Err(Error::SharedIndex { index, first, second: ns });
         }
+        let shape = self.shapes.for_ns(db, coll);
         let ns: Arc<str> = Arc::from(ns);
         let index: Arc<str> = Arc::from(index);
-        *cache = Some((db.to_string(), coll.to_string(), ns.clone(), index.clone()));
-        Ok((ns, index))
+        *cache = Some((db.to_string(), coll.to_string(), ns.clone(), index.clone(), shape.clone()));
+        Ok((ns, index, shape))
+    }
+
+    /// Record that `ns` writes `index` (before the first such write, so a checkpoint past it
+    /// always knows the index). Returns the other namespace already writing it, if one does:
+    /// a drop of either would delete the other's documents. (A namespace removed from the spec
+    /// no longer writes anywhere.)
+    fn note_index(&self, ns: &str, index: &str) -> Option<String> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if written.get(ns).is_some_and(|list| lists(list, index)) {
+            return None;
+        }
+        let shares = |(other, list): (&String, &String)| {
+            other != ns && lists(list, index) && other.split_once('.').is_some_and(|(d, c)| self.routing.includes(d, c))
+        };
+        if let Some((other, _)) = written.iter().find(|e| shares(*e)) {
+            return Some(other.clone());
+        }
+        let list = match written.get(ns) {
+            Some(list) => format!("{list},{index}"),
+            None => index.to_owned(),
+        };
+        written.insert(ns.to_owned(), list.clone());
+        self.sink.record(Position::Written { ns: ns.to_owned(), index: list });
+        None
+    }
+
+    /// Every index `db.coll` writes or has written: its default and those its documents chose.
+    pub fn indexes_of(&self, db: &str, coll: &str) -> Vec<String> {
+        let mut out = vec![self.routing.index_for(db, coll)];
+        if let Some(list) = self.written.lock().unwrap_or_else(|p| p.into_inner()).get(&format!("{db}.{coll}")) {
+            out.extend(list.split(',').map(str::to_owned));
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Forget `db.coll` after its drop was applied: its index is no longer this pipeline's to
@@ -421,6 +454,8 @@ impl Source<'_> {
         }
     }
 
+    /// The write a change of `db.coll` becomes (`doc` is `None` for a delete), or `None` when
+    /// the namespace's keep-filter ignores it.
     fn write_for(
         &self,
         db: &str,
@@ -429,8 +464,85 @@ impl Source<'_> {
         doc: Option<&RawDocument>,
         version: u64,
         stats: &mut ConvertStats,
-    ) -> Result<Write, Error> {
-        let (ns, index) = self.route(db, coll)?;
+    ) -> Result<Option<Write>, Error> {
+        let (ns, index, shape) = self.route(db, coll)?;
+        if shape.is_plain() {
+            return Ok(Some(self.plain_write(ns, index, id, doc, version, stats)));
+        }
+        Ok(self.shaped_write(ns, index, &shape, id, doc, version, stats))
+    }
+
+    /// A change through its namespace's mapping ([`crate::transform`]).
+    #[allow(clippy::too_many_arguments)]
+    fn shaped_write(
+        &self,
+        ns: Arc<str>,
+        index: Arc<str>,
+        shape: &Shape,
+        id: RawBsonRef<'_>,
+        doc: Option<&RawDocument>,
+        version: u64,
+        stats: &mut ConvertStats,
+    ) -> Option<Write> {
+        let outcome = match doc {
+            None => Ok(Outcome::Delete),
+            Some(d) => shape.shape(d, Timestamp::from(ClusterTime::from_version(version)), stats),
+        };
+        // The MongoDB `_id` in Elasticsearch form: the default `_id`, and the document's
+        // identity in its location record.
+        let mongo_id = match convert::es_id_string(id) {
+            Ok(text) => text,
+            Err(_) => return Some(self.plain_write(ns, index, id, doc, version, stats)),
+        };
+        let mut default_id = Vec::with_capacity(mongo_id.len() + 2);
+        crate::sink::elasticsearch::request::write_json_str(&mongo_id, &mut default_id);
+        let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
+        let origin = shape.tracks_location().then(|| Arc::from(locations::record_id(self.pipeline, &ns, &mongo_id)));
+        let refuse = |ns: Arc<str>, index: Arc<str>, error_type: &'static str, reason: String, stats: &mut ConvertStats| {
+            let mut document = Vec::new();
+            let document = doc.and_then(|d| convert::write_document(d, false, &mut document, stats).ok()).map(|()| Bytes::from(document));
+            Write::new(ns, index, default_id.clone(), version, Op::Reject { error_type, reason, document })
+        };
+        let mut write = match outcome {
+            Ok(Outcome::Ignore) => {
+                self.metrics.events.with_label_values(&["ignored"]).inc();
+                return None;
+            }
+            Ok(Outcome::Delete) => Write::new(ns, index, default_id.clone(), version, Op::Delete),
+            Ok(Outcome::Write(shaped)) => {
+                let index = match shaped.index {
+                    None => index,
+                    Some(chosen) => match self.note_index(&ns, &chosen) {
+                        None => Arc::from(chosen),
+                        Some(other) => {
+                            let reason = format!("the document chose index `{chosen}`, which namespace `{other}` writes too: a drop of either would delete the other's documents");
+                            return Some(refuse(ns, Arc::from(chosen), "shared_index", reason, stats));
+                        }
+                    },
+                };
+                let source = Bytes::from(shaped.source);
+                let op = if shape.update { Op::Update(source) } else { Op::Index(source) };
+                let mut w = Write::new(ns, index, shaped.id_json.unwrap_or_else(|| default_id.clone()), version, op);
+                w.routing = shaped.routing;
+                w.pipeline = shape.ingest_pipeline.clone();
+                w
+            }
+            Err(e) => return Some(refuse(ns, index, e.error_type(), e.to_string(), stats)),
+        };
+        write.origin = origin;
+        Some(write)
+    }
+
+    /// A change of a namespace without a mapping: the document as it is, at its `_id`.
+    fn plain_write(
+        &self,
+        ns: Arc<str>,
+        index: Arc<str>,
+        id: RawBsonRef<'_>,
+        doc: Option<&RawDocument>,
+        version: u64,
+        stats: &mut ConvertStats,
+    ) -> Write {
         let mut scratch = self.id_scratch.lock().unwrap_or_else(|p| p.into_inner());
         scratch.clear();
         let id_buf = &mut *scratch;
@@ -443,11 +555,11 @@ impl Source<'_> {
             // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
             let shown = format!("{:?}", id.to_raw_bson());
             let shown: String = shown.chars().take(200).collect();
-            return Ok(Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
+            return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
                 error_type: "invalid_id",
                 reason: e.to_string(),
                 document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
-            }));
+            });
         }
         // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
         let id_json: Box<str> = String::from_utf8_lossy(id_buf).into();
@@ -460,7 +572,7 @@ impl Source<'_> {
             },
             None => Op::Delete,
         };
-        Ok(Write::new(ns, index, id_json, version, op))
+        Write::new(ns, index, id_json, version, op)
     }
 
     /// A dead-letter write for a change event that [`event::parse`] refused, carrying the
@@ -574,11 +686,12 @@ impl Source<'_> {
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
                 if self.owns(id) {
-                    let mut write = self.write_for(db, coll, id, Some(raw), version, &mut stats)?;
-                    write.from_snapshot = true;
-                    match self.send(write).await {
-                        Err(Error::Cancelled) => return Ok(Ended::Cancelled),
-                        other => other?,
+                    if let Some(mut write) = self.write_for(db, coll, id, Some(raw), version, &mut stats)? {
+                        write.from_snapshot = true;
+                        match self.send(write).await {
+                            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+                            other => other?,
+                        }
                     }
                     self.metrics.snapshot_docs.inc();
                 }
@@ -817,23 +930,26 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time } => {
                 self.metrics.hot.upserts.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    let w = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats)?;
-                    self.send(w).await?;
+                    if let Some(w) = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats)? {
+                        self.send(w).await?;
+                    }
                 }
             }
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    let w = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats)?;
-                    self.send(w).await?;
+                    if let Some(w) = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats)? {
+                        self.send(w).await?;
+                    }
                 }
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    let w = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats)?;
-                    self.send(w).await?;
+                    if let Some(w) = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats)? {
+                        self.send(w).await?;
+                    }
                 }
             }
             Action::Drop { db, coll, time } => {
@@ -915,8 +1031,14 @@ impl Source<'_> {
             info!(namespace = %format!("{db}.{coll}"), "collection dropped; index kept (onDrop: Keep)");
             return Ok(());
         }
-        let index = self.routing.index_for(db, coll);
         let mut backoff = Backoff::default();
+        for index in self.indexes_of(db, coll) {
+            self.drop_one_index(db, coll, &index, time, &mut backoff).await?;
+        }
+        Ok(())
+    }
+
+    async fn drop_one_index(&self, db: &str, coll: &str, index: &str, time: Option<Timestamp>, backoff: &mut Backoff) -> Result<(), Error> {
         if self.shard.is_split() {
             // Other shards may still be writing this index's older changes, or already its
             // newer ones: deleting the index would race them. Each shard instead deletes its
@@ -929,7 +1051,7 @@ impl Source<'_> {
             let below = ClusterTime::from(time).version().saturating_add(1);
             let shard = self.shard;
             loop {
-                match self.sink.delete_older(&index, below, |id| shard.owns(id)).await {
+                match self.sink.delete_older(index, below, |id| shard.owns(id)).await {
                     Ok(deleted) => {
                         info!(namespace = %format!("{db}.{coll}"), index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
                         return Ok(());
@@ -945,7 +1067,7 @@ impl Source<'_> {
             }
         }
         loop {
-            match self.sink.delete_index(&index).await {
+            match self.sink.delete_index(index).await {
                 Ok(()) => {
                     info!(namespace = %format!("{db}.{coll}"), index = %index, "collection dropped; index deleted");
                     self.metrics.indexes_dropped.inc();
