@@ -1,0 +1,256 @@
+//! The worker pool: N threads, each owning a [`JsRuntime`] with every script compiled in it,
+//! pulling calls from one shared queue. No lock is held while a script runs: the queue's mutex
+//! covers a push or a pop only, so N documents run at once on N cores, and a worker held up by a
+//! slow lookup leaves the others pulling work.
+//!
+//! Results come back through [`Pending`], a one-shot slot that is both a [`Future`] (await it
+//! from tokio without `spawn_blocking`: the worker wakes the task) and blocking ([`Pending::wait`]).
+//!
+//! # Bounds
+//! The queue holds what callers submitted and have not collected; callers bound it by how many
+//! results they keep pending (the engine awaits each batch, whose size its batcher bounds).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::thread::JoinHandle;
+
+use crate::lookup::Lookup;
+use crate::runtime::JsRuntime;
+use crate::{Config, MapOutcome, ScriptError};
+
+/// Native stack of a worker thread: well above the JavaScript stack limit (1 MiB by default),
+/// so deep recursion hits QuickJS's own check first.
+const WORKER_STACK_BYTES: usize = 8 << 20;
+
+pub(crate) enum Job {
+    Map { ns: String, doc: String, update_desc: Option<String>, reply: Completer<MapOutcome> },
+    Filter { ns: String, doc: String, update_desc: Option<String>, reply: Completer<bool> },
+    Pipeline { ns: String, change_stream: bool, reply: Completer<Vec<serde_json::Value>> },
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+pub(crate) struct Pool {
+    shared: Arc<(Mutex<Queue>, Condvar)>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic never happens while the queue is held (push/pop only), so a poisoned lock still
+    // guards a consistent queue.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    /// Starts `workers` threads; each compiles every script before the pool is returned, so a
+    /// script that fails to compile fails here.
+    pub(crate) fn start(config: Arc<Config>, lookup: Arc<dyn Lookup>, workers: usize) -> Result<Pool, ScriptError> {
+        let shared = Arc::new((Mutex::new(Queue { jobs: VecDeque::new(), closed: false }), Condvar::new()));
+        let mut pool = Pool { shared: Arc::clone(&shared), threads: Vec::with_capacity(workers) };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ScriptError>>();
+        for i in 0..workers {
+            let shared = Arc::clone(&shared);
+            let config = Arc::clone(&config);
+            let lookup = Arc::clone(&lookup);
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("monsoon-script-{i}"))
+                .stack_size(WORKER_STACK_BYTES)
+                .spawn(move || {
+                    let runtime = match JsRuntime::new(config, lookup) {
+                        Ok(r) => {
+                            let _ = ready.send(Ok(()));
+                            r
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    drop(ready);
+                    work(runtime, &shared);
+                })
+                .map_err(|e| ScriptError::Internal(format!("failed to start a script worker: {e}")))?;
+            pool.threads.push(handle);
+        }
+        drop(ready_tx);
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e), // dropping `pool` stops the others
+                Err(_) => return Err(ScriptError::Internal("a script worker died while compiling".to_owned())),
+            }
+        }
+        Ok(pool)
+    }
+
+    pub(crate) fn submit(&self, job: Job) {
+        let (queue, ready) = &*self.shared;
+        let mut q = lock(queue);
+        if q.closed {
+            drop(q);
+            drop(job); // its completer answers Stopped
+            return;
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        ready.notify_one();
+    }
+
+    pub(crate) fn submit_all(&self, jobs: impl IntoIterator<Item = Job>) {
+        let (queue, ready) = &*self.shared;
+        let mut q = lock(queue);
+        if q.closed {
+            return;
+        }
+        q.jobs.extend(jobs);
+        drop(q);
+        ready.notify_all();
+    }
+
+    pub(crate) fn workers(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let (queue, ready) = &*self.shared;
+        {
+            let mut q = lock(queue);
+            q.closed = true;
+            q.jobs.clear(); // their completers answer Stopped
+        }
+        ready.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn work(mut runtime: JsRuntime, shared: &(Mutex<Queue>, Condvar)) {
+    let (queue, ready) = shared;
+    loop {
+        let job = {
+            let mut q = lock(queue);
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                q = ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        match job {
+            Job::Map { ns, doc, update_desc, reply } => reply.complete(runtime.map(&ns, &doc, update_desc.as_deref())),
+            Job::Filter { ns, doc, update_desc, reply } => reply.complete(runtime.filter(&ns, &doc, update_desc.as_deref())),
+            Job::Pipeline { ns, change_stream, reply } => reply.complete(runtime.pipeline(&ns, change_stream)),
+        }
+    }
+}
+
+/// A one-shot slot shared by a [`Completer`] (the worker side) and a [`Pending`] (the caller's).
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    filled: Condvar,
+}
+
+struct SlotState<T> {
+    value: Option<Result<T, ScriptError>>,
+    waker: Option<Waker>,
+}
+
+/// The result of one submitted call, available once a worker has run it.
+///
+/// Await it (`Future`, woken by the worker: no `spawn_blocking` needed) or block on it with
+/// [`Pending::wait`]. Dropping it is fine: the call still runs, its result is discarded.
+#[must_use = "a Pending does nothing unless awaited or waited on"]
+pub struct Pending<T> {
+    slot: Arc<Slot<T>>,
+}
+
+/// The worker's end of a [`Pending`]. If it is dropped without a result (pool shutting down),
+/// the caller gets [`ScriptError::Stopped`].
+pub(crate) struct Completer<T> {
+    slot: Option<Arc<Slot<T>>>,
+}
+
+pub(crate) fn oneshot<T>() -> (Completer<T>, Pending<T>) {
+    let slot = Arc::new(Slot { state: Mutex::new(SlotState { value: None, waker: None }), filled: Condvar::new() });
+    (Completer { slot: Some(Arc::clone(&slot)) }, Pending { slot })
+}
+
+impl<T> Completer<T> {
+    pub(crate) fn complete(mut self, value: Result<T, ScriptError>) {
+        if let Some(slot) = self.slot.take() {
+            fill(&slot, value);
+        }
+    }
+}
+
+impl<T> Drop for Completer<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            fill(&slot, Err(ScriptError::Stopped));
+        }
+    }
+}
+
+fn fill<T>(slot: &Slot<T>, value: Result<T, ScriptError>) {
+    let waker = {
+        let mut s = lock(&slot.state);
+        s.value = Some(value);
+        s.waker.take()
+    };
+    slot.filled.notify_all();
+    if let Some(w) = waker {
+        w.wake();
+    }
+}
+
+impl<T> Pending<T> {
+    /// A `Pending` that already holds its result.
+    pub fn ready(value: Result<T, ScriptError>) -> Pending<T> {
+        let (completer, pending) = oneshot();
+        completer.complete(value);
+        pending
+    }
+
+    /// Blocks the current thread until the result is there. Don't call it on an async
+    /// runtime's thread; await the `Pending` instead.
+    pub fn wait(self) -> Result<T, ScriptError> {
+        let mut s = lock(&self.slot.state);
+        loop {
+            if let Some(v) = s.value.take() {
+                return v;
+            }
+            s = self.slot.filled.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T, ScriptError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let mut s = lock(&self.slot.state);
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                match &s.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => s.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
