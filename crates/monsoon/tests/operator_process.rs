@@ -250,9 +250,9 @@ impl Drop for Process {
         if std::thread::panicking() {
             eprintln!("--- {} ({}), last 40 lines:\n{}", self.what, self.log.display(), tail(&self.log(), 40));
         }
-        if let Some(child) = self.child.as_mut() {
-            // SIGCONT first: a stopped process ignores SIGKILL's reaping until it runs.
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        if let Some(child) = self.child.as_mut().filter(|c| matches!(c.try_wait(), Ok(None))) {
+            // A stopped zombie is resumed first, so that it dies now rather than when resumed.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).stderr(Stdio::null()).status();
         }
         self.kill();
     }
@@ -346,6 +346,7 @@ impl Kubelet {
     }
 
     async fn logs(&self) -> String {
+        assert!(!self.task.is_finished(), "the test kubelet stopped (its panic is above)");
         let state = self.state.lock().await;
         state.containers.iter().map(|(pod, c)| format!("--- {pod}:\n{}", tail(&c.process.log(), 30))).collect()
     }
@@ -419,8 +420,14 @@ async fn run_worker(cp: &ControlPlane, admin: &kube::Client, pod: &Pod, dir: &Pa
     let account = spec.service_account_name.as_deref().expect("serviceAccountName");
     let kubeconfig = cp.service_account_kubeconfig(&ns, account).await.expect("worker token");
     let container = &spec.containers[0];
+    // The ServiceAccount admission plugin adds the projected token volume
+    // (`kube-api-access-*`): the minted token given through KUBECONFIG stands for it.
     for mount in container.volume_mounts.iter().flatten() {
-        assert_eq!(mount.name, "tmp", "the test kubelet mounts no volumes but /tmp (an emptyDir); {name} wants {}", mount.name);
+        assert!(
+            mount.name == "tmp" || mount.name.starts_with("kube-api-access-"),
+            "the test kubelet mounts no volumes but /tmp (an emptyDir) and the token; {name} wants {}",
+            mount.name
+        );
     }
     let port = free_port();
     let args: Vec<String> = container
