@@ -250,9 +250,11 @@ impl Drop for Process {
         if std::thread::panicking() {
             eprintln!("--- {} ({}), last 40 lines:\n{}", self.what, self.log.display(), tail(&self.log(), 40));
         }
-        if let Some(child) = self.child.as_mut().filter(|c| matches!(c.try_wait(), Ok(None))) {
-            // A stopped zombie is resumed first, so that it dies now rather than when resumed.
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).stderr(Stdio::null()).status();
+        if let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                // A stopped zombie is resumed first, so that it dies now rather than when resumed.
+                let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).stderr(Stdio::null()).status();
+            }
         }
         self.kill();
     }
@@ -464,6 +466,14 @@ async fn run_worker(cp: &ControlPlane, admin: &kube::Client, pod: &Pod, dir: &Pa
     Process::spawn(&format!("worker {name}"), &args, &env, log, port)
 }
 
+/// Nothing went wrong on the operator's side: no reconcile failed or was retried, no
+/// permission was missing (it logs those as WARN or ERROR).
+fn assert_quiet(operator: &Process) {
+    let log = operator.log();
+    let complaints: Vec<&str> = log.lines().filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\"")).collect();
+    assert!(complaints.is_empty(), "{} complained:\n{}", operator.what, complaints.join("\n"));
+}
+
 fn condition<'a>(status: &'a SyncPipelineStatus, type_: &str) -> Option<&'a monsoon_api::Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
 }
@@ -575,7 +585,7 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     let cp = ControlPlane::shared();
     let admin = cp.admin_client().await.expect("admin client");
     let release = install(cp, "life").await;
-    let _operator = release.start_operator(cp, "life-op-0").await;
+    let operator = release.start_operator(cp, "life-op-0").await;
     let ns = release.watched.as_str();
     let pipelines: Api<SyncPipeline> = Api::namespaced(admin.clone(), ns);
     let sets: Api<StatefulSet> = Api::namespaced(admin.clone(), ns);
@@ -753,6 +763,8 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     })
     .await;
     eprintln!("life of a pipeline: {:.1?}", started.elapsed());
+    assert_quiet(&operator);
+
 }
 
 /// Two operator processes: exactly one leads (holds the Lease, reconciles); SIGKILL the leader
@@ -819,6 +831,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     wait_status(&pipelines, "first", "first's workload", Duration::from_secs(60), |p| status_of(p).shard_count == Some(1)).await;
     assert!(Api::<StatefulSet>::namespaced(admin.clone(), ns).get_opt("second-worker").await.expect("get").is_some());
     assert_eq!(leader_gauge(&b).as_deref(), Some("1"));
+    assert_quiet(&b);
 }
 
 /// Workers as the pods run them, with their pipeline's token: leases and checkpoints in real
@@ -834,7 +847,7 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     insert_all(&orders, sample_docs(0, 300)).await.expect("seed");
     let release = install(cp, "sync").await;
     let ns = release.watched.clone();
-    let _operator = release.start_operator(cp, "sync-op-0").await;
+    let operator = release.start_operator(cp, "sync-op-0").await;
     let kubelet = Kubelet::start(cp, admin.clone(), &ns, release.dir.path());
     let pipelines: Api<SyncPipeline> = Api::namespaced(admin.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
@@ -958,6 +971,7 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 409, "{s:?}"),
         other => panic!("the zombie's stale write was not refused: {other:?}"),
     }
+    assert_quiet(&operator);
     drop(kubelet);
     eprintln!("whole worker story: {:.1?}", started.elapsed());
 }

@@ -28,7 +28,7 @@ use monsoon_api::SyncPipeline;
 use monsoon_engine::http::{check, Handler, StatusCode, PROMETHEUS_TEXT};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::leader::LeaderElector;
 use crate::reconcile::Context;
@@ -261,8 +261,14 @@ pub async fn run(
                 .graceful_shutdown_on(async move { stop.cancelled().await })
                 .run(reconcile::reconcile, reconcile::error_policy, ctx)
                 .for_each(|result| async move {
-                    if let Err(e) = result {
-                        warn!(error = %monsoon_engine::error_chain(&e), "controller");
+                    match result {
+                        Ok(_) => {}
+                        // A change of an owned StatefulSet (the garbage collector deleting it)
+                        // arriving after its pipeline left the cache: nothing to do.
+                        Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                            debug!(%object, "pipeline gone before its reconcile; nothing to do");
+                        }
+                        Err(e) => warn!(error = %monsoon_engine::error_chain(&e), "controller"),
                     }
                 })
                 .await;

@@ -42,6 +42,11 @@ pub const FINALIZER: &str = "monsoon.dev/stop-workers";
 pub const MANAGER: &str = "monsoon-operator";
 /// How often a healthy pipeline's status is refreshed from its workers' reports.
 pub const STATUS_REFRESH: Duration = Duration::from_secs(15);
+/// How often to look again for a missing Secret or ConfigMap. The operator may only `get`
+/// Secrets (the chart grants no `list` or `watch` on them), so nothing tells it when one
+/// appears: it asks again. Measured against a real API server, this is the delay between
+/// creating the Secret and the workers' StatefulSet (it was 30 s).
+const RECHECK_REFERENCES: Duration = Duration::from_secs(10);
 /// How often to look again while waiting for workers to stop.
 const WAIT_FOR_STOP: Duration = Duration::from_secs(3);
 /// How long a worker report stays current.
@@ -134,7 +139,7 @@ pub async fn reconcile(p: Arc<SyncPipeline>, ctx: Arc<Context>) -> Result<Action
         }
         event(&ctx, &p, EventType::Warning, "CredentialsMissing", &message).await;
         write_status(&pipelines, &p, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
+        return Ok(Action::requeue(RECHECK_REFERENCES));
     }
     set(&mut status, generation, "CredentialsMissing", false, "Found", "every referenced Secret and key exists");
 
@@ -213,7 +218,11 @@ fn shard_index_of(cm: &ConfigMap) -> Option<u32> {
     head.rsplit_once('-')?.1.parse().ok()
 }
 
-/// Read-modify-replace of the finalizer list, retried on conflicts.
+/// Read-modify-replace of the finalizer list, retried on conflicts. A pipeline that is gone
+/// needs no change: against a real API server the controller can run a deleted pipeline's
+/// finalizer a second time from its cache (a watch event of the objects it owned, which the
+/// garbage collector is removing, arrives after the first run let it go), and that run must not
+/// fail on the 404.
 async fn update_finalizers(
     api: &Api<SyncPipeline>,
     name: &str,
@@ -221,7 +230,9 @@ async fn update_finalizers(
 ) -> Result<(), Error> {
     let mut attempts = 0;
     loop {
-        let mut current = api.get(name).await.map_err(api_err("read the SyncPipeline"))?;
+        let Some(mut current) = api.get_opt(name).await.map_err(api_err("read the SyncPipeline"))? else {
+            return Ok(());
+        };
         let mut finalizers = current.metadata.finalizers.clone().unwrap_or_default();
         let before = finalizers.clone();
         change(&mut finalizers);
@@ -235,6 +246,7 @@ async fn update_finalizers(
                 attempts += 1;
                 continue;
             }
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
             Err(e) => return Err(api_err("update the SyncPipeline's finalizers")(e)),
         }
     }
