@@ -93,9 +93,9 @@ pub use config::{Config, Limits, ScriptSource};
 pub use error::ScriptError;
 pub use lookup::{Lookup, LookupKind, LookupRequest, NoLookup};
 pub use meta::Meta;
-pub use pool::Pending;
+pub use pool::{Pending, PendingBatch};
 
-use pool::{oneshot, Job, Pool};
+use pool::{oneshot, BatchSlot, Job, Pool};
 
 /// What the mapping scripts decided for one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,21 +238,48 @@ impl Scripts {
         pending
     }
 
-    /// Runs the mapping scripts on every item across the pool; results in the items' order.
+    /// Runs the mapping scripts on every item across the pool and blocks until all are done;
+    /// results in the items' order.
     pub fn map_batch(&self, items: Vec<Item>) -> Vec<Result<MapOutcome, ScriptError>> {
-        let mut pendings = Vec::with_capacity(items.len());
+        self.submit_map_batch(items).wait()
+    }
+
+    /// Queues every item for the mapping scripts; the workers share them out. Await the result
+    /// (one wake-up for the whole batch, no `spawn_blocking`) or [`PendingBatch::wait`].
+    pub fn submit_map_batch(&self, items: Vec<Item>) -> PendingBatch<MapOutcome> {
+        let batch = BatchSlot::new(items.len());
         let mut jobs = Vec::with_capacity(items.len());
-        for item in items {
+        for (index, item) in items.into_iter().enumerate() {
             if self.has_map(&item.namespace) {
-                let (reply, pending) = oneshot();
+                let reply = batch.completer(index);
                 jobs.push(Job::Map { ns: item.namespace, doc: item.doc, update_desc: item.update_desc, reply });
-                pendings.push(pending);
             } else {
-                pendings.push(Pending::ready(Ok(MapOutcome::Keep)));
+                batch.set(index, Ok(MapOutcome::Keep));
             }
         }
         self.pool.submit_all(jobs);
-        pendings.into_iter().map(Pending::wait).collect()
+        PendingBatch::new(batch)
+    }
+
+    /// Runs the filters on every item across the pool, as [`Scripts::map_batch`].
+    pub fn filter_batch(&self, items: Vec<Item>) -> Vec<Result<bool, ScriptError>> {
+        self.submit_filter_batch(items).wait()
+    }
+
+    /// Queues every item for the filters, as [`Scripts::submit_map_batch`].
+    pub fn submit_filter_batch(&self, items: Vec<Item>) -> PendingBatch<bool> {
+        let batch = BatchSlot::new(items.len());
+        let mut jobs = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            if self.has_filter(&item.namespace) {
+                let reply = batch.completer(index);
+                jobs.push(Job::Filter { ns: item.namespace, doc: item.doc, update_desc: item.update_desc, reply });
+            } else {
+                batch.set(index, Ok(true));
+            }
+        }
+        self.pool.submit_all(jobs);
+        PendingBatch::new(batch)
     }
 
     /// Runs the filters for `ns` (global first) on `doc`: `true` keeps the change.

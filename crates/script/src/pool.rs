@@ -166,6 +166,85 @@ struct Slot<T> {
 struct SlotState<T> {
     value: Option<Result<T, ScriptError>>,
     waker: Option<Waker>,
+    /// A thread is blocked in [`Pending::wait`]: only then is the condvar signalled (a signal
+    /// is a system call; most results are collected after they are there).
+    blocked: bool,
+}
+
+/// The results of one batch: one slot per item and a count of those still running, so the
+/// caller wakes once per batch rather than once per item.
+pub(crate) struct BatchSlot<T> {
+    state: Mutex<BatchState<T>>,
+    done: Condvar,
+}
+
+struct BatchState<T> {
+    results: Vec<Option<Result<T, ScriptError>>>,
+    remaining: usize,
+    waker: Option<Waker>,
+}
+
+impl<T> BatchSlot<T> {
+    pub(crate) fn new(len: usize) -> Arc<BatchSlot<T>> {
+        let mut results = Vec::with_capacity(len);
+        results.resize_with(len, || None);
+        Arc::new(BatchSlot { state: Mutex::new(BatchState { results, remaining: 0, waker: None }), done: Condvar::new() })
+    }
+
+    /// Sets the result of item `index` now (no worker involved).
+    pub(crate) fn set(&self, index: usize, value: Result<T, ScriptError>) {
+        lock(&self.state).results[index] = Some(value);
+    }
+
+    /// The completer for item `index`, which a worker will fill.
+    pub(crate) fn completer(self: &Arc<Self>, index: usize) -> Completer<T> {
+        lock(&self.state).remaining += 1;
+        Completer { target: Some(Target::Batch(Arc::clone(self), index)) }
+    }
+
+}
+
+/// The results of a submitted batch, in the items' order, available once every item has run.
+/// Like [`Pending`]: await it (one wake-up for the whole batch) or [`PendingBatch::wait`].
+#[must_use = "a PendingBatch does nothing unless awaited or waited on"]
+pub struct PendingBatch<T> {
+    batch: Arc<BatchSlot<T>>,
+}
+
+impl<T> PendingBatch<T> {
+    pub(crate) fn new(batch: Arc<BatchSlot<T>>) -> Self {
+        PendingBatch { batch }
+    }
+
+    /// Blocks the current thread until every item has its result. Don't call it on an async
+    /// runtime's thread; await the `PendingBatch` instead.
+    pub fn wait(self) -> Vec<Result<T, ScriptError>> {
+        let mut s = lock(&self.batch.state);
+        while s.remaining > 0 {
+            s = self.batch.done.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        take_results(&mut s)
+    }
+}
+
+fn take_results<T>(s: &mut BatchState<T>) -> Vec<Result<T, ScriptError>> {
+    std::mem::take(&mut s.results).into_iter().map(|r| r.unwrap_or(Err(ScriptError::Stopped))).collect()
+}
+
+impl<T> Future for PendingBatch<T> {
+    type Output = Vec<Result<T, ScriptError>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let mut s = lock(&self.batch.state);
+        if s.remaining == 0 {
+            return Poll::Ready(take_results(&mut s));
+        }
+        match &s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
 }
 
 /// The result of one submitted call, available once a worker has run it.
@@ -177,42 +256,71 @@ pub struct Pending<T> {
     slot: Arc<Slot<T>>,
 }
 
-/// The worker's end of a [`Pending`]. If it is dropped without a result (pool shutting down),
-/// the caller gets [`ScriptError::Stopped`].
+enum Target<T> {
+    One(Arc<Slot<T>>),
+    Batch(Arc<BatchSlot<T>>, usize),
+}
+
+/// The worker's end of a [`Pending`] or of one item of a batch. If it is dropped without a
+/// result (pool shutting down), the caller gets [`ScriptError::Stopped`].
 pub(crate) struct Completer<T> {
-    slot: Option<Arc<Slot<T>>>,
+    target: Option<Target<T>>,
 }
 
 pub(crate) fn oneshot<T>() -> (Completer<T>, Pending<T>) {
-    let slot = Arc::new(Slot { state: Mutex::new(SlotState { value: None, waker: None }), filled: Condvar::new() });
-    (Completer { slot: Some(Arc::clone(&slot)) }, Pending { slot })
+    let slot = Arc::new(Slot {
+        state: Mutex::new(SlotState { value: None, waker: None, blocked: false }),
+        filled: Condvar::new(),
+    });
+    (Completer { target: Some(Target::One(Arc::clone(&slot))) }, Pending { slot })
 }
 
 impl<T> Completer<T> {
     pub(crate) fn complete(mut self, value: Result<T, ScriptError>) {
-        if let Some(slot) = self.slot.take() {
-            fill(&slot, value);
+        if let Some(target) = self.target.take() {
+            fill(target, value);
         }
     }
 }
 
 impl<T> Drop for Completer<T> {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            fill(&slot, Err(ScriptError::Stopped));
+        if let Some(target) = self.target.take() {
+            fill(target, Err(ScriptError::Stopped));
         }
     }
 }
 
-fn fill<T>(slot: &Slot<T>, value: Result<T, ScriptError>) {
-    let waker = {
-        let mut s = lock(&slot.state);
-        s.value = Some(value);
-        s.waker.take()
-    };
-    slot.filled.notify_all();
-    if let Some(w) = waker {
-        w.wake();
+fn fill<T>(target: Target<T>, value: Result<T, ScriptError>) {
+    match target {
+        Target::One(slot) => {
+            let (waker, blocked) = {
+                let mut s = lock(&slot.state);
+                s.value = Some(value);
+                (s.waker.take(), s.blocked)
+            };
+            if blocked {
+                slot.filled.notify_all();
+            }
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+        Target::Batch(batch, index) => {
+            let (finished, waker) = {
+                let mut s = lock(&batch.state);
+                s.results[index] = Some(value);
+                s.remaining -= 1;
+                let finished = s.remaining == 0;
+                (finished, if finished { s.waker.take() } else { None })
+            };
+            if finished {
+                batch.done.notify_all();
+            }
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -232,6 +340,7 @@ impl<T> Pending<T> {
             if let Some(v) = s.value.take() {
                 return v;
             }
+            s.blocked = true;
             s = self.slot.filled.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
     }

@@ -154,64 +154,65 @@ impl JsRuntime {
 
     /// Runs the `[[script]]`s for `ns` on one document.
     pub(crate) fn map(&mut self, ns: &str, doc: &str, update_desc: Option<&str>) -> Result<MapOutcome, ScriptError> {
-        let (raw, script) = self.run("map", ns, |f| f.call((ns, doc, update_desc)))?;
+        let raw = self.run("map", ns, |f| f.call((ns, doc, update_desc)))?;
         match raw {
             Raw::Drop => Ok(MapOutcome::Drop),
             Raw::Keep => Ok(MapOutcome::Keep),
             Raw::Replace(doc, meta) => {
                 let meta = match meta {
-                    Some(text) => Meta::from_json(&text).map_err(|reason| ScriptError::Meta { script, reason })?,
+                    Some(text) => Meta::from_json(&text).map_err(|reason| ScriptError::Meta { script: self.script_name(), reason })?,
                     None => Meta::default(),
                 };
                 Ok(MapOutcome::Replace { doc, meta })
             }
             Raw::Bad(got) => Err(ScriptError::BadReturn {
-                script,
+                script: self.script_name(),
                 got,
                 expected: "expected a document object, true (index the original) or false/null/undefined (drop it)",
             }),
-            Raw::Input(message) => Err(ScriptError::Input { script, message }),
+            Raw::Input(message) => Err(ScriptError::Input { script: self.script_name(), message }),
         }
     }
 
     /// Runs the `[[filter]]`s for `ns` on one document.
     pub(crate) fn filter(&mut self, ns: &str, doc: &str, update_desc: Option<&str>) -> Result<bool, ScriptError> {
-        let (raw, script) = self.run("filter", ns, |f| f.call((ns, doc, update_desc)))?;
+        let raw = self.run("filter", ns, |f| f.call((ns, doc, update_desc)))?;
         match raw {
             Raw::Drop => Ok(false),
             Raw::Keep => Ok(true),
-            Raw::Input(message) => Err(ScriptError::Input { script, message }),
-            Raw::Replace(..) | Raw::Bad(_) => Err(ScriptError::Internal(format!("{script}: unexpected filter result"))),
+            Raw::Input(message) => Err(ScriptError::Input { script: self.script_name(), message }),
+            Raw::Replace(..) | Raw::Bad(_) => Err(ScriptError::Internal(format!("{}: unexpected filter result", self.script_name()))),
         }
     }
 
     /// Runs the `[[pipeline]]`s for `ns`: the global one's stages, then the namespace's.
     pub(crate) fn pipeline(&mut self, ns: &str, change_stream: bool) -> Result<Vec<serde_json::Value>, ScriptError> {
-        let (raw, script) = self.run("pipeline", ns, |f| f.call((ns, change_stream)))?;
+        let raw = self.run("pipeline", ns, |f| f.call((ns, change_stream)))?;
         match raw {
             Raw::Replace(stages, _) => serde_json::from_str(&stages)
-                .map_err(|e| ScriptError::Internal(format!("{script}: failed to read the stages back: {e}"))),
-            Raw::Bad(got) => Err(ScriptError::BadReturn { script, got, expected: "expected an array of aggregation stage objects" }),
-            Raw::Drop | Raw::Keep | Raw::Input(_) => Err(ScriptError::Internal(format!("{script}: unexpected pipeline result"))),
+                .map_err(|e| ScriptError::Internal(format!("{}: failed to read the stages back: {e}", self.script_name()))),
+            Raw::Bad(got) => Err(ScriptError::BadReturn {
+                script: self.script_name(),
+                got,
+                expected: "expected an array of aggregation stage objects",
+            }),
+            Raw::Drop | Raw::Keep | Raw::Input(_) => Err(ScriptError::Internal(format!("{}: unexpected pipeline result", self.script_name()))),
         }
     }
 
     /// Calls driver function `which` under the call's limits and decodes its `[code, a, b]`.
-    /// Returns the decoded result and the name of the script that produced it.
     fn run<'a>(
         &mut self,
         which: &str,
         ns: &str,
         invoke: impl for<'js> FnOnce(Function<'js>) -> rquickjs::Result<Value<'js>> + 'a,
-    ) -> Result<(Raw, String), ScriptError> {
+    ) -> Result<Raw, ScriptError> {
         self.begin(ns);
         let result = self.ctx.with(|ctx| {
             let f = get_driver_fn(&ctx, which)?;
-            let out = invoke(f);
-            let script = current_script(&ctx);
-            match out {
-                Ok(v) => decode(&v).map(|raw| (raw, script.clone())).map_err(|e| ScriptError::Internal(format!("{script}: {e}"))),
-                Err(e) => Err(self.failure(&ctx, &script, e)),
+            match invoke(f) {
+                Ok(v) => decode(&v).map_err(|e| ScriptError::Internal(format!("{}: {e}", current_script(&ctx)))),
+                Err(e) => Err(self.failure(&ctx, &current_script(&ctx), e)),
             }
         });
         self.end();
@@ -219,6 +220,12 @@ impl JsRuntime {
             self.rebuild()?;
         }
         result
+    }
+
+    /// The script that ran last (the driver keeps its name until the next call): read only
+    /// when a problem is reported.
+    fn script_name(&self) -> String {
+        self.ctx.with(|ctx| current_script(&ctx))
     }
 
     /// Classifies a failed call: deadline, memory, lookup, or a plain exception.

@@ -772,6 +772,61 @@ fn pending_results_can_be_awaited_without_blocking_a_thread() {
 }
 
 #[test]
+fn a_submitted_batch_can_be_awaited_once_for_all_its_items() {
+    use std::future::Future;
+    use std::task::{Context as TaskContext, Poll, Wake, Waker};
+
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let s = Scripts::new(Config {
+        scripts: vec![ScriptSource::for_namespace("a.b", "module.exports = function(doc) { return {x: doc.x + 1}; }")],
+        workers: 2,
+        ..Config::default()
+    })
+    .expect("compiles");
+    let items: Vec<Item> = (0..50)
+        .map(|x| Item { namespace: if x == 7 { "no.script".into() } else { "a.b".into() }, doc: format!(r#"{{"x":{x}}}"#), update_desc: None })
+        .collect();
+    let mut pending = s.submit_map_batch(items);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = TaskContext::from_waker(&waker);
+    let results = loop {
+        match std::pin::Pin::new(&mut pending).poll(&mut cx) {
+            Poll::Ready(r) => break r,
+            Poll::Pending => std::thread::park(),
+        }
+    };
+    assert_eq!(results.len(), 50);
+    for (x, r) in results.into_iter().enumerate() {
+        if x == 7 {
+            assert_eq!(r, Ok(MapOutcome::Keep), "no script for that namespace");
+        } else {
+            assert_eq!(replaced(r.expect("maps")).0, json!({"x": x + 1}));
+        }
+    }
+}
+
+#[test]
+fn filter_batch_keeps_order_and_namespaces() {
+    let s = Scripts::new(Config {
+        filters: vec![ScriptSource::for_namespace("a.b", "module.exports = function(doc) { return doc.x % 2 === 0; }")],
+        workers: 2,
+        ..Config::default()
+    })
+    .expect("compiles");
+    let items: Vec<Item> = (0..20)
+        .map(|x| Item { namespace: if x < 10 { "a.b".into() } else { "c.d".into() }, doc: format!(r#"{{"x":{x}}}"#), update_desc: None })
+        .collect();
+    let kept: Vec<bool> = s.filter_batch(items).into_iter().map(|r| r.expect("filters")).collect();
+    let expected: Vec<bool> = (0..20).map(|x| x >= 10 || x % 2 == 0).collect();
+    assert_eq!(kept, expected);
+}
+
+#[test]
 fn dropping_scripts_stops_the_workers() {
     let s = Scripts::new(Config { scripts: vec![ScriptSource::global("module.exports = function(d) { return true; }")], workers: 2, ..Config::default() })
         .expect("compiles");

@@ -63,7 +63,15 @@ var _ = (function () {
     }
     return out;
   }
-  function restArgs(args, from) { return flat(Array.prototype.slice.call(args, from), false, false, []); }
+  // The keys of pick/omit: strings (or numbers) as given, arrays flattened.
+  function keyArgs(args, from) {
+    var ks = [];
+    for (var i = from; i < args.length; i++) {
+      var a = args[i];
+      if (Array.isArray(a)) flat(a, undefined, false, ks); else ks.push(a);
+    }
+    return ks;
+  }
 
   // ---- objects ----
   _.keys = function (o) { return (o !== null && (typeof o === 'object' || typeof o === 'function')) ? Object.keys(o) : []; };
@@ -113,7 +121,7 @@ var _ = (function () {
       for (var k in o) { if (f(o[k], k, o)) r[k] = o[k]; }
       return r;
     }
-    var ks = restArgs(arguments, 1);
+    var ks = keyArgs(arguments, 1);
     for (var i = 0; i < ks.length; i++) { if (ks[i] in o) r[ks[i]] = o[ks[i]]; }
     return r;
   };
@@ -127,7 +135,7 @@ var _ = (function () {
       for (k in o) { if (!f(o[k], k, o)) r[k] = o[k]; }
       return r;
     }
-    var drop = Object.create(null), ks = restArgs(arguments, 1);
+    var drop = Object.create(null), ks = keyArgs(arguments, 1);
     for (var i = 0; i < ks.length; i++) drop[ks[i]] = true;
     for (k in o) { if (drop[k] !== true) r[k] = o[k]; }
     return r;
@@ -286,7 +294,7 @@ var _ = (function () {
   _.pluck = function (list, key) { return _.map(list, property(key)); };
   function extreme(list, f, ctx, better, start) {
     var best = start, bestScore = start;
-    if (f == null || (typeof f === 'number' && typeof list[0] !== 'object' && list != null)) {
+    if (f == null || (typeof f === 'number' && list != null && typeof list[0] !== 'object')) {
       var vs = isArrayLike(list) ? list : _.values(list);
       for (var i = 0; i < vs.length; i++) { if (vs[i] != null && better(vs[i], best)) best = vs[i]; }
       return best;
@@ -359,7 +367,7 @@ var _ = (function () {
   };
   _.compact = function (arr) { return _.filter(arr, Boolean); };
   _.flatten = function (arr, depth) {
-    if (depth === true) depth = 1; else if (depth === false || depth == null || depth === Infinity) depth = undefined;
+    if (depth === true) depth = 0; else if (depth === false || depth == null || depth === Infinity) depth = undefined;
     else if (depth <= 0) return Array.prototype.slice.call(arr);
     else depth = depth - 1;
     return flat(arr || [], depth, false, []);
@@ -377,10 +385,10 @@ var _ = (function () {
   };
   _.without = function (arr) { var vs = Array.prototype.slice.call(arguments, 1); return _.difference(arr, vs); };
   _.difference = function (arr) {
-    var rest = flat(Array.prototype.slice.call(arguments, 1), 1, true, []);
+    var rest = flat(Array.prototype.slice.call(arguments, 1), 0, true, []);
     return _.filter(arr, function (v) { return !_.contains(rest, v); });
   };
-  _.union = function () { return _.uniq(flat(Array.prototype.slice.call(arguments), 1, true, [])); };
+  _.union = function () { return _.uniq(flat(Array.prototype.slice.call(arguments), 0, true, [])); };
   _.intersection = function (arr) {
     var others = Array.prototype.slice.call(arguments, 1), r = [];
     for (var i = 0; arr && i < arr.length; i++) {
