@@ -1,0 +1,344 @@
+//! `spec.mappings` end to end, SecantusDB into a real OpenSearch node: routing by a field
+//! (Monstache's comments example, the question/answer join), index and `_id` from fields,
+//! documents that move, deletes that reach them, keep-filters and soft deletes, field
+//! shaping, partial updates, and a crash among moves.
+//!
+//! OpenSearch, not noida-db: noida-db keeps no shards, so it ignores routing (a delete
+//! without the routing a document was indexed with still deletes it) and returns no
+//! `_routing` in hits; a routing mistake would pass there unseen. Routed indexes are created
+//! with several shards first, so a write or delete aimed without the right routing lands on
+//! another shard, as it would in production.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use elasticsearch::indices::IndicesRefreshParts;
+use elasticsearch::{Elasticsearch, SearchParts};
+use monsoon_testkit::opensearch::OpenSearch;
+use monsoon_testkit::*;
+use mongodb::bson::{doc, Document};
+use serde_json::{json, Value};
+
+/// SecantusDB, a real OpenSearch node, and a client of each.
+struct Stack {
+    mongo: Mongo,
+    _os: OpenSearch,
+    os_url: String,
+    client: mongodb::Client,
+    esc: Elasticsearch,
+}
+
+impl Stack {
+    async fn start(_mongo_args: &[&str]) -> anyhow::Result<Self> {
+        let os = OpenSearch::start()?;
+        let mongo = Mongo::start(&[])?;
+        let client = mongo.client().await?;
+        let esc = os.client()?;
+        Ok(Self { os_url: os.url(), mongo, _os: os, client, esc })
+    }
+
+    fn pipeline(&self, name: &str, namespaces: &[&str], extra_spec: &str) -> String {
+        pipeline_yaml(name, &self.mongo.uri(), &self.os_url, namespaces, extra_spec)
+    }
+
+    /// Create `index` with four primary shards, so routing decides where documents live.
+    async fn sharded_index(&self, index: &str) -> anyhow::Result<()> {
+        let r = self
+            .esc
+            .indices()
+            .create(elasticsearch::indices::IndicesCreateParts::Index(index))
+            .body(json!({"settings": {"number_of_shards": 4, "number_of_replicas": 0}}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status_code().is_success(), "creating {index}: {}", r.text().await?);
+        Ok(())
+    }
+}
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_monsoon"))
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One indexed copy: index, `_id`, routing and source.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Copy {
+    index: String,
+    id: String,
+    routing: Option<String>,
+    source: String,
+}
+
+fn copy(index: &str, id: &str, routing: Option<&str>, source: Value) -> Copy {
+    Copy { index: index.into(), id: id.into(), routing: routing.map(Into::into), source: source.to_string() }
+}
+
+/// Every document of the indexes `pattern` matches (the locations and dead-letter indexes
+/// left out), after a refresh.
+async fn copies(es: &Elasticsearch, pattern: &str) -> anyhow::Result<BTreeSet<Copy>> {
+    let _ = es.indices().refresh(IndicesRefreshParts::Index(&[pattern])).send().await?;
+    let r = es
+        .search(SearchParts::Index(&[pattern]))
+        .body(json!({"size": 1000, "query": {"match_all": {}}}))
+        .send()
+        .await?;
+    if r.status_code().as_u16() == 404 {
+        return Ok(BTreeSet::new());
+    }
+    let body: Value = r.json().await?;
+    let hits = body["hits"]["hits"].as_array().cloned().unwrap_or_default();
+    Ok(hits
+        .iter()
+        .filter(|h| !h["_index"].as_str().unwrap_or("").starts_with("monsoon-"))
+        .map(|h| Copy {
+            index: h["_index"].as_str().unwrap_or("").into(),
+            id: h["_id"].as_str().unwrap_or("").into(),
+            routing: h["_routing"].as_str().map(Into::into),
+            source: h["_source"].to_string(),
+        })
+        .collect())
+}
+
+/// Wait until the indexes `pattern` matches hold exactly `want`.
+async fn wait_copies(es: &Elasticsearch, pattern: &str, want: &BTreeSet<Copy>, log: impl Fn() -> String) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = copies(es, pattern).await?;
+        if got == *want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("indexes {pattern} never held what was expected\nwant: {want:#?}\ngot:  {got:#?}\n{}", tail(&log(), 40));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn set(items: impl IntoIterator<Item = Copy>) -> BTreeSet<Copy> {
+    items.into_iter().collect()
+}
+
+/// Monstache's "Routing" example: comments routed by `post_id`. A comment moved to another
+/// post leaves no copy under the old routing, and deletes (which carry only the `_id`) reach
+/// routed documents, including right after they were written (before any refresh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comments_routed_by_post_id_move_and_delete_without_leftovers() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    stack.sharded_index("blog.comments").await?;
+    let comments = stack.client.database("blog").collection::<Document>("comments");
+    comments.insert_many([doc! {"_id": 1, "title": "Did you read this?", "post_id": "123"}, doc! {"_id": 2, "title": "Yeah, it's good", "post_id": "123"}]).await?;
+    let state = TempDir::new("state");
+    let yaml = stack.pipeline("blog", &["blog.comments"], "  mappings:\n    - namespace: blog.comments\n      routing: post_id\n");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let log = || monsoon.log();
+    wait_copies(
+        &stack.esc,
+        "blog.comments",
+        &set([
+            copy("blog.comments", "1", Some("123"), json!({"title": "Did you read this?", "post_id": "123"})),
+            copy("blog.comments", "2", Some("123"), json!({"title": "Yeah, it's good", "post_id": "123"})),
+        ]),
+        log,
+    )
+    .await?;
+
+    // Moved to another post, a new comment deleted straight after its insert, and a delete.
+    comments.update_one(doc! {"_id": 1}, doc! {"$set": {"post_id": "456"}}).await?;
+    comments.insert_one(doc! {"_id": 3, "title": "brief", "post_id": "789"}).await?;
+    comments.delete_one(doc! {"_id": 3}).await?;
+    comments.delete_one(doc! {"_id": 2}).await?;
+    wait_copies(&stack.esc, "blog.comments", &set([copy("blog.comments", "1", Some("456"), json!({"title": "Did you read this?", "post_id": "456"}))]), log).await?;
+    Ok(())
+}
+
+/// Monstache's "Joins" example, declaratively: answers are routed by their question's `_id`
+/// (a question has no `question` field, so it keeps the default routing, which is its own
+/// `_id`), so both live on one shard, as a join field requires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_routed_to_their_questions() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    stack.sharded_index("test.test").await?;
+    let test = stack.client.database("test").collection::<Document>("test");
+    let state = TempDir::new("state");
+    let mapping = "  mappings:\n    - namespace: test.test\n      routing: question\n      exclude: [type]\n";
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("join", &["test.test"], mapping), state.path())?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    test.insert_one(doc! {"_id": "q1", "type": "question", "text": "This is a question", "my_join_field": {"name": "question"}}).await?;
+    test.insert_one(doc! {"_id": "a1", "type": "answer", "text": "This is an answer", "question": "q1", "my_join_field": {"name": "answer", "parent": "q1"}}).await?;
+    wait_copies(
+        &stack.esc,
+        "test.test",
+        &set([
+            copy("test.test", "q1", None, json!({"text": "This is a question", "my_join_field": {"name": "question"}})),
+            copy("test.test", "a1", Some("q1"), json!({"text": "This is an answer", "question": "q1", "my_join_field": {"name": "answer", "parent": "q1"}})),
+        ]),
+        || monsoon.log(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Index and `_id` from document fields: a document whose region changes moves to the other
+/// index (its old copy deleted), deletes find it, a document missing the field is
+/// dead-lettered with the reason, and dropping the collection deletes every index it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_and_id_from_fields_follow_the_document_and_drops_clean_every_index() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let events = stack.client.database("shop").collection::<Document>("events");
+    events.insert_many([doc! {"_id": 1, "ref": "e-1", "region": "EU", "n": 1}, doc! {"_id": 2, "ref": "e-2", "region": "us", "n": 2}]).await?;
+    let state = TempDir::new("state");
+    let mapping = "  mappings:\n    - namespace: shop.events\n      index: \"events-{region}\"\n      id: ref\n";
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("ev", &["shop.events"], mapping), state.path())?;
+    let log = || monsoon.log();
+    wait_copies(
+        &stack.esc,
+        "events-*",
+        &set([
+            copy("events-eu", "e-1", None, json!({"ref": "e-1", "region": "EU", "n": 1})),
+            copy("events-us", "e-2", None, json!({"ref": "e-2", "region": "us", "n": 2})),
+        ]),
+        log,
+    )
+    .await?;
+
+    events.update_one(doc! {"_id": 1}, doc! {"$set": {"region": "us", "ref": "e-1b"}}).await?;
+    events.delete_one(doc! {"_id": 2}).await?;
+    events.insert_one(doc! {"_id": 3, "ref": "e-3"}).await?;
+    wait_copies(&stack.esc, "events-*", &set([copy("events-us", "e-1b", None, json!({"ref": "e-1b", "region": "us", "n": 1}))]), log).await?;
+    let deadline = Instant::now() + WAIT;
+    let letter = loop {
+        let letters = dead_letters(&stack.esc).await?;
+        if let Some(l) = letters.into_iter().find(|l| l["namespace"] == "shop.events") {
+            break l;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no dead letter for the document without a region\n{}", tail(&log(), 40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(letter["errorType"], "mapping_failed", "{letter}");
+    assert!(letter["reason"].as_str().unwrap_or("").contains("field `region`"), "{letter}");
+
+    events.drop().await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let eu = stack.esc.indices().exists(elasticsearch::indices::IndicesExistsParts::Index(&["events-eu"])).send().await?;
+        let us = stack.esc.indices().exists(elasticsearch::indices::IndicesExistsParts::Index(&["events-us"])).send().await?;
+        if eu.status_code().as_u16() == 404 && us.status_code().as_u16() == 404 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the drop left an index behind\n{}", tail(&log(), 40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+/// A keep-filter ignores what it refuses (no delete: Monstache's `[[filter]]`), and soft
+/// deletes remove a document while it matches `deleteWhen` and bring it back after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_filter_ignores_and_soft_deletes_come_and_go() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let posts = stack.client.database("db").collection::<Document>("posts");
+    posts.insert_many([doc! {"_id": 1, "interesting": true}, doc! {"_id": 2, "interesting": false}]).await?;
+    let state = TempDir::new("state");
+    let mapping = "  mappings:\n    - namespace: db.posts\n      keep: {interesting: true}\n      deleteWhen: {deletedAt: {$exists: true}}\n";
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("soft", &["db.posts"], mapping), state.path())?;
+    let log = || monsoon.log();
+    wait_copies(&stack.esc, "db.posts", &set([copy("db.posts", "1", None, json!({"interesting": true}))]), log).await?;
+
+    posts.update_one(doc! {"_id": 1}, doc! {"$set": {"deletedAt": 1}}).await?;
+    posts.insert_one(doc! {"_id": 3, "interesting": true}).await?;
+    wait_copies(&stack.esc, "db.posts", &set([copy("db.posts", "3", None, json!({"interesting": true}))]), log).await?;
+    posts.update_one(doc! {"_id": 1}, doc! {"$unset": {"deletedAt": ""}}).await?;
+    // No longer kept: ignored, so its indexed copy stays as it was (a filter never deletes).
+    posts.update_one(doc! {"_id": 3}, doc! {"$set": {"interesting": false}}).await?;
+    wait_copies(
+        &stack.esc,
+        "db.posts",
+        &set([copy("db.posts", "1", None, json!({"interesting": true})), copy("db.posts", "3", None, json!({"interesting": true}))]),
+        log,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Fields included, excluded and renamed while converting, the change's time added as
+/// Monstache's `index-oplog-time` adds it, and partial updates that keep what another writer
+/// added to the indexed document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_are_shaped_and_partial_updates_keep_other_writers_fields() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let users = stack.client.database("app").collection::<Document>("users");
+    users.insert_one(doc! {"_id": 1, "name": "ann", "password": "x", "profile": {"mail": "a@x", "secret": "s"}}).await?;
+    let state = TempDir::new("state");
+    let mapping = "  mappings:\n    - namespace: app.users\n      exclude: [password, profile.secret]\n      rename: {profile.mail: email}\n      writeMode: Update\n      oplogTime: {}\n";
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("users", &["app.users"], mapping), state.path())?;
+    let log = || monsoon.log();
+    let deadline = Instant::now() + WAIT;
+    let source = loop {
+        let got = copies(&stack.esc, "app.users").await?;
+        if let Some(c) = got.into_iter().next() {
+            break serde_json::from_str::<Value>(&c.source)?;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not indexed\n{}", tail(&log(), 40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(source["name"], "ann");
+    assert_eq!(source["email"], "a@x");
+    assert_eq!(source["profile"], json!({}));
+    assert!(source.get("password").is_none(), "{source}");
+    assert!(source["oplog_ts"]["T"].as_u64().is_some_and(|t| t > 1_700_000_000), "{source}");
+    assert!(source["oplog_date"].as_str().is_some_and(|d| d.len() == 19 && &d[4..5] == "/"), "{source}");
+
+    // Another writer adds a field; a partial update keeps it.
+    stack.esc.update(elasticsearch::UpdateParts::IndexId("app.users", "1")).body(json!({"doc": {"score": 7}})).send().await?;
+    users.update_one(doc! {"_id": 1}, doc! {"$set": {"name": "anna"}}).await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = copies(&stack.esc, "app.users").await?;
+        let source: Value = serde_json::from_str(&got.iter().next().map(|c| c.source.clone()).unwrap_or_default()).unwrap_or_default();
+        if source["name"] == "anna" {
+            assert_eq!(source["score"], 7, "{source}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "update not applied: {source}\n{}", tail(&log(), 40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+/// Killed (SIGKILL) while documents move between routings and get deleted, then restarted:
+/// the replay leaves exactly one copy of each live document, where its routing says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_among_moves_leaves_one_copy_per_document() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    stack.sharded_index("crash.items").await?;
+    let items = stack.client.database("crash").collection::<Document>("items");
+    let state = TempDir::new("state");
+    let mapping = "  mappings:\n    - namespace: crash.items\n      routing: group\n  batch:\n    maxDocs: 20\n    flushIntervalMs: 5\n";
+    let mut monsoon = Monsoon::start(bin(), &stack.pipeline("crash", &["crash.items"], mapping), state.path())?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    insert_all(&items, (0..300).map(|i| doc! {"_id": i, "group": format!("g{}", i % 7)}).collect()).await?;
+    for round in 0..3 {
+        for i in (0..300).step_by(3) {
+            items.update_one(doc! {"_id": i}, doc! {"$set": {"group": format!("g{}", (i + round + 1) % 7)}}).await?;
+        }
+        if round == 1 {
+            monsoon.kill();
+        }
+    }
+    items.delete_many(doc! {"_id": {"$gte": 250}}).await?;
+    monsoon.restart()?;
+    let want = {
+        use monsoon_testkit::futures_util_shim::TryStreamExt;
+        let docs: Vec<Document> = items.find(doc! {}).await?.try_collect().await?;
+        set(docs.iter().map(|d| {
+            let id = d.get_i32("_id").map(i64::from).or_else(|_| d.get_i64("_id")).unwrap_or(-1).to_string();
+            let group = d.get_str("group").unwrap_or("");
+            copy("crash.items", &id, Some(group), json!({"group": group}))
+        }))
+    };
+    assert_eq!(want.len(), 250);
+    wait_copies(&stack.esc, "crash.items", &want, || monsoon.log()).await?;
+    Ok(())
+}
