@@ -7,13 +7,15 @@
 //!   `watchNamespaces: [<test>]`, so tests running at once never share a pipeline or a leader
 //!   Lease) and runs the Deployment's container arguments and environment as a local process,
 //!   with a token minted for the chart's ServiceAccount.
-//! - There is no kubelet, so [`Kubelet`] stands in for one: for every worker pod the
-//!   StatefulSet controller creates it runs `monsoon worker` with the pod's own arguments and
-//!   environment (Secrets resolved as a kubelet does) and a token minted for the pod's
-//!   ServiceAccount, so the Role the operator made is all a worker gets; it reports the pod
-//!   Running, Ready as the worker's `/readyz` answers, restarts a worker that exits, and stops
-//!   (SIGTERM) the process of a pod that is gone. The image in the pod spec is ignored: the
-//!   image is this build's `monsoon`.
+//! - There is no kubelet or scheduler, so [`Kubelet`] stands in for both: it registers a Node
+//!   (heartbeats included), binds each worker pod the StatefulSet controller creates to it, and
+//!   runs `monsoon worker` with the pod's own arguments and environment (Secrets resolved as a
+//!   kubelet does) and a token minted for the pod's ServiceAccount, so the Role the operator
+//!   made is all a worker gets. It reports the pod Running, Ready as the worker's `/readyz`
+//!   answers, restarts a worker that exits, and on a pod's graceful deletion sends SIGTERM
+//!   (SIGKILL after the grace period) and lets the pod go only once the worker has exited, as
+//!   a kubelet does: so "no worker pod left" means what it means in a cluster. The image in the
+//!   pod spec is ignored: the image is this build's `monsoon`.
 //! - MongoDB and Elasticsearch are the stand-ins (SecantusDB, noida-db).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -298,6 +300,8 @@ struct Container {
     process: Process,
     restarts: u32,
     ready: Option<bool>,
+    /// When the pod's deletion was seen and its worker sent SIGTERM.
+    terminating: Option<Instant>,
 }
 
 /// Stands in for the kubelet of the worker pods of one namespace (see the module docs).
@@ -314,12 +318,19 @@ struct KubeletState {
 }
 
 impl Kubelet {
-    fn start(cp: &'static ControlPlane, admin: kube::Client, namespace: &str, dir: &Path) -> Self {
+    /// Registers a Node `<namespace>-node` and runs the worker pods of `namespace` on it.
+    async fn start(cp: &'static ControlPlane, admin: kube::Client, namespace: &str, dir: &Path) -> Self {
+        let node = format!("{namespace}-node");
+        apply_object(&admin, &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})).await;
         let state = Arc::new(tokio::sync::Mutex::new(KubeletState::default()));
         let (ns, dir, st) = (namespace.to_string(), dir.to_path_buf(), state.clone());
         let task = tokio::spawn(async move {
+            let mut heartbeat = Instant::now() - Duration::from_secs(60);
             loop {
-                sync_pods(cp, &admin, &ns, &dir, &st).await;
+                if heartbeat.elapsed() > Duration::from_secs(10) && node_heartbeat(&admin, &node).await {
+                    heartbeat = Instant::now();
+                }
+                sync_pods(cp, &admin, &ns, &node, &dir, &st).await;
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
@@ -360,13 +371,62 @@ impl Drop for Kubelet {
     }
 }
 
+/// The Node's Ready condition, as a kubelet posts it (else the node lifecycle controller
+/// marks the node unreachable and its pods not ready).
+async fn node_heartbeat(admin: &kube::Client, node: &str) -> bool {
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let status = json!({"status": {"conditions": [{
+        "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test's kubelet",
+        "lastHeartbeatTime": now, "lastTransitionTime": now,
+    }]}});
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    nodes.patch_status(node, &PatchParams::default(), &Patch::Merge(&status)).await.is_ok()
+}
+
 /// One pass of the stand-in kubelet.
-async fn sync_pods(cp: &ControlPlane, admin: &kube::Client, ns: &str, dir: &Path, state: &tokio::sync::Mutex<KubeletState>) {
+async fn sync_pods(cp: &ControlPlane, admin: &kube::Client, ns: &str, node: &str, dir: &Path, state: &tokio::sync::Mutex<KubeletState>) {
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let Ok(list) = pods.list(&ListParams::default().labels(WORKER_PODS)).await else { return };
     let live: BTreeMap<String, Pod> = list.items.into_iter().map(|p| (p.name_any(), p)).collect();
+    // Scheduling: every new worker pod goes to this node. A pod on a node is deleted
+    // gracefully: it stays, marked, until its kubelet has stopped its container.
+    for (name, pod) in &live {
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none() && pod.metadata.deletion_timestamp.is_none() {
+            let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+            let _ = pods.create_subresource::<_, Value>("binding", name, &PostParams::default(), &binding).await;
+        }
+    }
     let mut state = state.lock().await;
-    // Pods gone (or replaced by a new pod of the same name): stop their containers.
+    // Pods being deleted: SIGTERM, SIGKILL after their grace period, and once the worker has
+    // exited, the pod is let go (deleted at once, as a kubelet does).
+    let gone_now = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+    for (name, pod) in &live {
+        if pod.metadata.deletion_timestamp.is_none() {
+            continue;
+        }
+        let Some(c) = state.containers.get_mut(name) else {
+            // Never started here: nothing to stop.
+            if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node) {
+                let _ = pods.delete(name, &gone_now).await;
+            }
+            continue;
+        };
+        let grace = Duration::from_secs(u64::try_from(pod.metadata.deletion_grace_period_seconds.unwrap_or(30)).unwrap_or(30));
+        match c.terminating {
+            _ if c.process.exited().is_some() => {
+                if pods.delete(name, &gone_now).await.is_ok() {
+                    state.containers.remove(name);
+                }
+            }
+            None => {
+                c.process.signal("-TERM");
+                c.terminating = Some(Instant::now());
+            }
+            Some(since) if since.elapsed() > grace => c.process.signal("-KILL"),
+            Some(_) => {}
+        }
+    }
+    // Pods gone (force-deleted, or replaced by a new pod of the same name): stop their containers.
     let gone: Vec<String> = state
         .containers
         .iter()
@@ -386,7 +446,8 @@ async fn sync_pods(cp: &ControlPlane, admin: &kube::Client, ns: &str, dir: &Path
     }
     for (name, pod) in &live {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        if pod.metadata.deletion_timestamp.is_some() || state.partitioned.contains(&uid) {
+        let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+        if !bound || pod.metadata.deletion_timestamp.is_some() || state.partitioned.contains(&uid) {
             continue;
         }
         let restart = match state.containers.get_mut(name) {
@@ -395,7 +456,7 @@ async fn sync_pods(cp: &ControlPlane, admin: &kube::Client, ns: &str, dir: &Path
         };
         if let Some(restarts) = restart {
             let process = run_worker(cp, admin, pod, dir).await;
-            state.containers.insert(name.clone(), Container { uid: uid.clone(), process, restarts, ready: None });
+            state.containers.insert(name.clone(), Container { uid: uid.clone(), process, restarts, ready: None, terminating: None });
         }
         let Some(c) = state.containers.get_mut(name) else { continue };
         let ready = c.process.exited().is_none() && c.process.get("/readyz").is_some_and(|(code, _)| code == 200);
@@ -837,7 +898,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
 /// Workers as the pods run them, with their pipeline's token: leases and checkpoints in real
 /// ConfigMaps, the stand-ins synced, the status and `kubectl get sp` showing it; a worker killed
 /// and restarted; a partitioned worker (the zombie) that comes back after its replacement took
-/// the lease and writes nothing more.
+/// the lease and writes nothing more; a re-shard while the workers run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     let cp = ControlPlane::shared();
@@ -848,7 +909,7 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     let release = install(cp, "sync").await;
     let ns = release.watched.clone();
     let operator = release.start_operator(cp, "sync-op-0").await;
-    let kubelet = Kubelet::start(cp, admin.clone(), &ns, release.dir.path());
+    let kubelet = Kubelet::start(cp, admin.clone(), &ns, release.dir.path()).await;
     let pipelines: Api<SyncPipeline> = Api::namespaced(admin.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
     create_secret(&admin, &ns, &stack.mongo.uri()).await;
@@ -971,6 +1032,39 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 409, "{s:?}"),
         other => panic!("the zombie's stale write was not refused: {other:?}"),
     }
+
+    // Re-shard with the workers running: the operator stops the old worker and waits until its
+    // pod is gone (the kubelet lets it go once the worker has written its final checkpoint and
+    // exited), merges the checkpoints, and the two new workers resume from them.
+    pipelines.patch("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"workers": 2}}))).await.expect("re-shard");
+    let resharding = Instant::now();
+    insert_all(&orders, sample_docs(500, 100)).await.expect("insert");
+    let shards = ["orders-checkpoint-0-of-2", "orders-checkpoint-1-of-2"];
+    wait_for("both new shards leased", Duration::from_secs(90), || {
+        let cms = cms.clone();
+        async move {
+            if checkpoint_names(&cms, "orders").await != names(&shards) {
+                return None;
+            }
+            for (i, shard) in shards.iter().enumerate() {
+                let holder = cms.get(shard).await.ok()?.data?.get("holder").cloned()?;
+                if !holder.starts_with(&format!("orders-worker-{i}/")) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let report = stack.converged("shop", "orders", "shop.orders").await.expect("compare");
+    assert!(report.converged(), "after the re-shard: {report:?}\n{}", kubelet.logs().await);
+    wait_event(&admin, &ns, "orders", "Resharded").await;
+    wait_status(&pipelines, "orders", "2/2 Streaming", Duration::from_secs(60), |p| {
+        let s = status_of(p);
+        s.ready.as_deref() == Some("2/2") && s.phase.as_deref() == Some("Streaming")
+    })
+    .await;
+    eprintln!("re-shard 1 → 2 with live workers, converged and 2/2 Streaming in {:.1?}", resharding.elapsed());
     assert_quiet(&operator);
     drop(kubelet);
     eprintln!("whole worker story: {:.1?}", started.elapsed());
