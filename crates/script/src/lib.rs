@@ -81,6 +81,7 @@
 
 mod config;
 mod error;
+mod json_out;
 mod lookup;
 mod meta;
 mod pool;

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use rquickjs::context::EvalOptions;
 use rquickjs::convert::List;
-use rquickjs::{Context, Ctx, Function, Object, Value};
+use rquickjs::{Context, Ctx, Function, Object, Persistent, Value};
 
 use crate::config::script_name;
+use crate::json_out;
 use crate::lookup::{parse_request, Lookup};
 use crate::meta::Meta;
 use crate::{Config, MapOutcome, ScriptError};
@@ -50,8 +51,24 @@ enum Raw {
     Input(String),
 }
 
+/// The driver's entry points, kept across calls (looking them up by name costs atom hashing).
+struct Entry {
+    map: Persistent<Function<'static>>,
+    filter: Persistent<Function<'static>>,
+    pipeline: Persistent<Function<'static>>,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Map,
+    Filter,
+    Pipeline,
+}
+
 pub(crate) struct JsRuntime {
-    // Field order matters: the context must go before the runtime.
+    // Field order matters: values held from the context go first, then the context, then the
+    // runtime.
+    entry: Entry,
     ctx: Context,
     rt: rquickjs::Runtime,
     guard: Rc<Guard>,
@@ -77,29 +94,19 @@ impl JsRuntime {
             _ => false,
         })));
         let ctx = Context::full(&rt).map_err(internal)?;
-        let runtime = JsRuntime { ctx, rt, guard, call: Rc::new(CallState::default()), config, lookup };
-        runtime.load()?;
+        let call = Rc::new(CallState::default());
+        load(&ctx, &call, &lookup, config.limits.timeout)?;
+        let entry = ctx.with(|ctx| {
+            let get = |name| get_driver_fn(&ctx, name).map(|f| Persistent::save(&ctx, f));
+            Ok::<_, ScriptError>(Entry { map: get("map")?, filter: get("filter")?, pipeline: get("pipeline")? })
+        })?;
+        let runtime = JsRuntime { entry, ctx, rt, guard, call, config, lookup };
+        runtime.compile_all()?;
         Ok(runtime)
     }
 
-    /// Loads `_`, the native lookup, the driver, then every script.
-    fn load(&self) -> Result<(), ScriptError> {
-        let timeout = self.config.limits.timeout;
-        self.ctx.with(|ctx| {
-            let call = Rc::clone(&self.call);
-            let lookup = Arc::clone(&self.lookup);
-            let native = Function::new(ctx.clone(), move |kind: String, query: String, options: Option<String>| {
-                List(native_lookup(&call, lookup.as_ref(), &kind, &query, options.as_deref(), timeout))
-            })
-            .map_err(|e| ScriptError::Internal(format!("failed to define the lookup functions: {e}")))?;
-            ctx.globals()
-                .set("__monsoon_lookup", native)
-                .map_err(|e| ScriptError::Internal(format!("failed to define the lookup functions: {e}")))?;
-            for (name, src) in [("underscore.js", UNDERSCORE_JS), ("driver.js", DRIVER_JS)] {
-                eval(&ctx, src, name).map_err(|e| ScriptError::Internal(format!("failed to load {name}: {}", exception_text(&ctx, e).0)))?;
-            }
-            Ok::<_, ScriptError>(())
-        })?;
+    /// Compiles every script of the configuration.
+    fn compile_all(&self) -> Result<(), ScriptError> {
         for (kind, list) in [("script", &self.config.scripts), ("filter", &self.config.filters), ("pipeline", &self.config.pipelines)] {
             for source in list {
                 let name = script_name(kind, source);
@@ -154,7 +161,7 @@ impl JsRuntime {
 
     /// Runs the `[[script]]`s for `ns` on one document.
     pub(crate) fn map(&mut self, ns: &str, doc: &str, update_desc: Option<&str>) -> Result<MapOutcome, ScriptError> {
-        let raw = self.run("map", ns, |f| f.call((ns, doc, update_desc)))?;
+        let raw = self.run(Which::Map, ns, |f| f.call((ns, doc, update_desc)))?;
         match raw {
             Raw::Drop => Ok(MapOutcome::Drop),
             Raw::Keep => Ok(MapOutcome::Keep),
@@ -176,7 +183,7 @@ impl JsRuntime {
 
     /// Runs the `[[filter]]`s for `ns` on one document.
     pub(crate) fn filter(&mut self, ns: &str, doc: &str, update_desc: Option<&str>) -> Result<bool, ScriptError> {
-        let raw = self.run("filter", ns, |f| f.call((ns, doc, update_desc)))?;
+        let raw = self.run(Which::Filter, ns, |f| f.call((ns, doc, update_desc)))?;
         match raw {
             Raw::Drop => Ok(false),
             Raw::Keep => Ok(true),
@@ -187,7 +194,7 @@ impl JsRuntime {
 
     /// Runs the `[[pipeline]]`s for `ns`: the global one's stages, then the namespace's.
     pub(crate) fn pipeline(&mut self, ns: &str, change_stream: bool) -> Result<Vec<serde_json::Value>, ScriptError> {
-        let raw = self.run("pipeline", ns, |f| f.call((ns, change_stream)))?;
+        let raw = self.run(Which::Pipeline, ns, |f| f.call((ns, change_stream)))?;
         match raw {
             Raw::Replace(stages, _) => serde_json::from_str(&stages)
                 .map_err(|e| ScriptError::Internal(format!("{}: failed to read the stages back: {e}", self.script_name()))),
@@ -203,15 +210,20 @@ impl JsRuntime {
     /// Calls driver function `which` under the call's limits and decodes its `[code, a, b]`.
     fn run<'a>(
         &mut self,
-        which: &str,
+        which: Which,
         ns: &str,
         invoke: impl for<'js> FnOnce(Function<'js>) -> rquickjs::Result<Value<'js>> + 'a,
     ) -> Result<Raw, ScriptError> {
         self.begin(ns);
         let result = self.ctx.with(|ctx| {
-            let f = get_driver_fn(&ctx, which)?;
-            match invoke(f) {
-                Ok(v) => decode(&v).map_err(|e| ScriptError::Internal(format!("{}: {e}", current_script(&ctx)))),
+            let entry = match which {
+                Which::Map => &self.entry.map,
+                Which::Filter => &self.entry.filter,
+                Which::Pipeline => &self.entry.pipeline,
+            };
+            let f = entry.clone().restore(&ctx).map_err(|e| ScriptError::Internal(format!("the driver is gone: {e}")))?;
+            match invoke(f).and_then(|v| decode(&ctx, &v)) {
+                Ok(raw) => Ok(raw),
                 Err(e) => Err(self.failure(&ctx, &current_script(&ctx), e)),
             }
         });
@@ -260,6 +272,25 @@ impl JsRuntime {
     }
 }
 
+/// Loads the native lookup, `_` and the driver into a fresh context.
+fn load(ctx: &Context, call: &Rc<CallState>, lookup: &Arc<dyn Lookup>, timeout: Duration) -> Result<(), ScriptError> {
+    ctx.with(|ctx| {
+        let call = Rc::clone(call);
+        let lookup = Arc::clone(lookup);
+        let native = Function::new(ctx.clone(), move |kind: String, query: String, options: Option<String>| {
+            List(native_lookup(&call, lookup.as_ref(), &kind, &query, options.as_deref(), timeout))
+        })
+        .map_err(|e| ScriptError::Internal(format!("failed to define the lookup functions: {e}")))?;
+        ctx.globals()
+            .set("__monsoon_lookup", native)
+            .map_err(|e| ScriptError::Internal(format!("failed to define the lookup functions: {e}")))?;
+        for (name, src) in [("underscore.js", UNDERSCORE_JS), ("driver.js", DRIVER_JS)] {
+            eval(&ctx, src, name).map_err(|e| ScriptError::Internal(format!("failed to load {name}: {}", exception_text(&ctx, e).0)))?;
+        }
+        Ok(())
+    })
+}
+
 fn eval<'js>(ctx: &Ctx<'js>, source: &str, filename: &str) -> rquickjs::Result<Value<'js>> {
     let mut options = EvalOptions::default();
     // Monstache's scripts are sloppy-mode ES5 (otto); our own files opt into strict mode.
@@ -285,18 +316,32 @@ fn current_script(ctx: &Ctx<'_>) -> String {
     name().unwrap_or_else(|_| "script".to_owned())
 }
 
-fn decode(v: &Value<'_>) -> Result<Raw, String> {
-    let arr = v.as_array().ok_or("the driver returned a non-array")?;
-    let code: i32 = arr.get(0).map_err(|e| e.to_string())?;
-    let a: Option<String> = arr.get(1).map_err(|e| e.to_string())?;
-    let b: Option<String> = arr.get(2).map_err(|e| e.to_string())?;
-    Ok(match (code, a) {
-        (0, _) => Raw::Drop,
-        (1, _) => Raw::Keep,
-        (2, Some(a)) => Raw::Replace(a, b),
-        (3, Some(a)) => Raw::Bad(a),
-        (4, Some(a)) => Raw::Input(a),
-        (code, _) => return Err(format!("the driver returned code {code}")),
+/// Decodes the driver's `[code, a, b]`. For a replaced document `a` is the document itself,
+/// written as JSON here ([`json_out`]), or by `JSON.stringify` when it holds unusual values.
+fn decode<'js>(ctx: &Ctx<'js>, v: &Value<'js>) -> Result<Raw, rquickjs::Error> {
+    let arr = v.as_array().ok_or_else(|| rquickjs::Error::new_from_js("value", "array"))?;
+    let code: i32 = arr.get(0)?;
+    let a: Value = arr.get(1)?;
+    let text = |a: Value<'js>| -> Result<String, rquickjs::Error> {
+        if let Some(s) = a.as_string() {
+            return s.to_string();
+        }
+        let mut out = String::with_capacity(1024);
+        if json_out::write_document(&mut out, &a).is_ok() {
+            return Ok(out);
+        }
+        match ctx.json_stringify(a)? {
+            Some(s) => s.to_string(),
+            None => Ok("null".to_owned()),
+        }
+    };
+    Ok(match code {
+        0 => Raw::Drop,
+        1 => Raw::Keep,
+        2 => Raw::Replace(text(a)?, arr.get::<Option<String>>(2)?),
+        3 => Raw::Bad(text(a)?),
+        4 => Raw::Input(text(a)?),
+        code => return Err(rquickjs::Error::new_from_js_message("value", "result", format!("the driver returned code {code}"))),
     })
 }
 
