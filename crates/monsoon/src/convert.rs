@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use monsoon_api::{
-    DropPolicy, ElasticsearchSink, MongoSource, SyncPipeline, SyncPipelineSpec, ValueFrom,
+    DropPolicy, ElasticsearchSink, Mapping, MongoSource, OplogTime, SyncPipeline, SyncPipelineSpec, ValueFrom, WriteMode,
 };
 use toml::{Table, Value};
 
@@ -92,13 +92,14 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ("graylog-addr", "logs go to stderr (text or JSON with --log-format)"),
     ("logs", "logs go to stderr (text or JSON with --log-format)"),
     ("dropped-databases", "a dropped database drops each of its synced collections, per `onDrop`"),
+    ("routing-namespaces", "a namespace is routed when its mapping sets `routing` (or an index or `_id` from a field); monsoon then records where each document went"),
+    ("delete-strategy", "deletes of routed or re-indexed documents go where monsoon recorded them (index `monsoon-locations`): precise, with no search per delete and no state in MongoDB"),
+    ("delete-index-pattern", "deletes go where monsoon recorded each routed document; no index pattern is searched"),
 ];
 
 /// Options monsoon does not support yet.
 const NOT_YET: &[&str] = &[
     "namespace-drop-exclude-regex",
-    "index-as-update",
-    "index-oplog-time",
     "index-files",
     "file-namespaces",
     "file-highlighting",
@@ -108,9 +109,6 @@ const NOT_YET: &[&str] = &[
     "relate",
     "relate-threads",
     "relate-buffer",
-    "routing-namespaces",
-    "delete-strategy",
-    "delete-index-pattern",
     "merge-patch-namespaces",
     "time-machine-namespaces",
     "time-machine-index-prefix",
@@ -309,7 +307,8 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
         spec.on_drop = DropPolicy::Keep;
     }
 
-    // [[mapping]]: index overrides.
+    // [[mapping]]: index overrides and ingest pipelines.
+    let mut mappings_out: BTreeMap<String, Mapping> = BTreeMap::new();
     if let Some(mappings) = table.get("mapping") {
         let Value::Array(mappings) = mappings else {
             return Err(Error::Type { option: "mapping".into(), expected: "an array of tables ([[mapping]])" });
@@ -324,16 +323,66 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
             if m.contains_key("type") {
                 note("[[mapping]].type", format!("`{ns}`: Elasticsearch 7+ has no mapping types; documents go to `_doc`"));
             }
+            if !namespaces.iter().any(|p| p == &ns || p.strip_suffix(".*").is_some_and(|db| ns.split('.').next() == Some(db))) {
+                note("[[mapping]]", format!("`{ns}` is not synced by this configuration; its mapping is left out"));
+                continue;
+            }
             if let Some(index) = string(m, "index")? {
-                if namespaces.iter().any(|p| p == &ns || p.strip_suffix(".*").is_some_and(|db| ns.split('.').next() == Some(db))) {
-                    indexes.insert(ns, index);
-                } else {
-                    note("[[mapping]]", format!("`{ns}` is not synced by this configuration; its mapping is left out"));
-                }
+                indexes.insert(ns.clone(), index);
+            }
+            if let Some(pipeline) = string(m, "pipeline")? {
+                mappings_out.entry(ns.clone()).or_insert_with(|| Mapping { namespace: ns.clone(), ..Mapping::default() }).ingest_pipeline = Some(pipeline);
             }
         }
         spec.indexes = indexes;
     }
+
+    // Options of every document: `index-as-update`, `index-oplog-time`.
+    let as_update = boolean(&table, "index-as-update")? == Some(true);
+    let oplog_time = if boolean(&table, "index-oplog-time")? == Some(true) {
+        let mut t = OplogTime::default();
+        if let Some(f) = string(&table, "oplog-ts-field-name")? {
+            t.ts_field = f;
+        }
+        if let Some(f) = string(&table, "oplog-date-field-name")? {
+            t.date_field = f;
+        }
+        if let Some(format) = string(&table, "oplog-date-field-format")? {
+            if format != "2006/01/02 15:04:05" {
+                note("oplog-date-field-format", format!("`{format}` is not carried: monsoon writes the date as `yyyy/MM/dd HH:mm:ss` (Monstache's default); map `{}` as a date with that format, or use the `T` seconds of `{}`", t.date_field, t.ts_field));
+            }
+        }
+        Some(t)
+    } else {
+        for key in ["oplog-ts-field-name", "oplog-date-field-name", "oplog-date-field-format"] {
+            if table.contains_key(key) {
+                note(key, "ignored: `index-oplog-time` is not on".into());
+            }
+        }
+        None
+    };
+    if as_update || oplog_time.is_some() {
+        if spec.namespace_regex.is_some() {
+            note(
+                if as_update { "index-as-update" } else { "index-oplog-time" },
+                "applies to the listed namespaces only: monsoon's mappings name namespaces, not the ones `namespace-regex` selects; add a mapping per database (`db.*`) for those".into(),
+            );
+        }
+        for ns in &namespaces {
+            mappings_out.entry(ns.clone()).or_insert_with(|| Mapping { namespace: ns.clone(), ..Mapping::default() });
+        }
+        for m in mappings_out.values_mut() {
+            if as_update {
+                if m.ingest_pipeline.is_some() {
+                    note("index-as-update", format!("`{}` has an ingest pipeline, which partial updates do not run: its documents are indexed whole (as Monstache does)", m.namespace));
+                } else {
+                    m.write_mode = WriteMode::Update;
+                }
+            }
+            m.oplog_time = oplog_time.clone();
+        }
+    }
+    spec.mappings = mappings_out.into_values().collect();
 
     // Everything else: not needed, not yet supported, or unknown.
     const HANDLED: &[&str] = &[
@@ -341,7 +390,8 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
         "elasticsearch-password", "elasticsearch-pem-file", "elasticsearch-validate-pem-file", "gzip",
         "elasticsearch-max-docs", "elasticsearch-max-bytes", "elasticsearch-max-seconds", "elasticsearch-max-conns",
         "direct-read-namespaces", "change-stream-namespaces", "dropped-collections", "mapping",
-        "namespace-regex", "namespace-exclude-regex",
+        "namespace-regex", "namespace-exclude-regex", "index-as-update", "index-oplog-time", "oplog-ts-field-name",
+        "oplog-date-field-name", "oplog-date-field-format",
     ];
     for key in table.keys().filter(|k| !HANDLED.contains(&k.as_str())) {
         let reason = if let Some((_, why)) = NOT_NEEDED.iter().find(|(k, _)| k == key) {
@@ -434,7 +484,7 @@ change-stream-namespaces = ["shop.orders"]
 direct-read-namespaces = ["shop.orders", "shop.users"]
 resume = true
 workers = ["a", "b"]
-index-as-update = true
+time-machine-namespaces = ["shop.orders"]
 no-such-option = 1
 
 [[script]]
@@ -444,12 +494,46 @@ script = "module.exports = function(doc) { return doc; }"
         );
         assert!(noted(&c, "resume").is_some_and(|r| r.starts_with("not needed")));
         assert!(noted(&c, "workers").is_some_and(|r| r.contains("spec.workers")));
-        assert_eq!(noted(&c, "index-as-update"), Some("not supported yet"));
+        assert_eq!(noted(&c, "time-machine-namespaces"), Some("not supported yet"));
         assert_eq!(noted(&c, "script"), Some("not supported yet"));
         assert!(noted(&c, "no-such-option").is_some_and(|r| r.contains("ignored")));
         // A direct-read namespace outside the change streams is synced anyway, and said so.
         assert!(c.pipeline.spec.namespaces.contains(&"shop.users".to_string()));
         assert!(noted(&c, "direct-read-namespaces").is_some_and(|r| r.contains("shop.users")));
+    }
+
+    #[test]
+    fn index_as_update_oplog_time_and_mapping_pipelines_become_mappings() {
+        let c = converted(
+            r#"
+change-stream-namespaces = ["shop.orders", "logs"]
+index-as-update = true
+index-oplog-time = true
+oplog-ts-field-name = "ts"
+oplog-date-field-format = "2006-01-02"
+routing-namespaces = ["shop.orders"]
+delete-strategy = 1
+
+[[mapping]]
+namespace = "logs.app"
+index = "app-logs"
+pipeline = "parse-logs"
+"#,
+        );
+        let m = &c.pipeline.spec.mappings;
+        let by_ns = |ns: &str| m.iter().find(|m| m.namespace == ns).unwrap_or_else(|| panic!("{ns}: {m:?}"));
+        let orders = by_ns("shop.orders");
+        assert_eq!(orders.write_mode, WriteMode::Update);
+        assert_eq!(orders.oplog_time.as_ref().map(|t| (t.ts_field.as_str(), t.date_field.as_str())), Some(("ts", "oplog_date")));
+        assert_eq!(by_ns("logs.*").write_mode, WriteMode::Update);
+        // Partial updates run no ingest pipeline: indexed whole, as Monstache does, and said so.
+        let app = by_ns("logs.app");
+        assert_eq!((app.ingest_pipeline.as_deref(), app.write_mode), (Some("parse-logs"), WriteMode::Index));
+        assert!(noted(&c, "index-as-update").is_some_and(|r| r.contains("logs.app")));
+        assert_eq!(c.pipeline.spec.indexes.get("logs.app").map(String::as_str), Some("app-logs"));
+        assert!(noted(&c, "oplog-date-field-format").is_some_and(|r| r.contains("yyyy/MM/dd")));
+        assert!(noted(&c, "routing-namespaces").is_some_and(|r| r.starts_with("not needed")));
+        assert!(noted(&c, "delete-strategy").is_some_and(|r| r.contains("monsoon-locations")));
     }
 
     #[test]
