@@ -71,7 +71,9 @@ fn worker_cpu_seconds() -> Option<f64> {
 }
 
 fn run(label: &str, source: &str, workers: usize, events: usize) -> anyhow::Result<()> {
+    let t = Instant::now();
     let scripts = Scripts::new(Config { scripts: vec![ScriptSource::global(source)], workers, ..Config::default() })?;
+    let start = t.elapsed();
     let docs: Vec<String> = (0..1000).map(document).collect();
     let batch = 1000;
     // Warm up (JIT-free, but caches and allocator).
@@ -106,9 +108,10 @@ fn run(label: &str, source: &str, workers: usize, events: usize) -> anyhow::Resu
         _ => "n/a".to_owned(),
     };
     println!(
-        "{label:<20} workers={workers} {:>7.0} events/s wall  {cpu}  {wcpu}  ({events} events of {} B, {replaced} routed)",
+        "{label:<20} workers={workers} {:>7.0} events/s wall  {cpu}  {wcpu}  ({events} events of {} B, {replaced} routed; started in {:.1} ms)",
         events as f64 / wall,
-        docs[0].len()
+        docs[0].len(),
+        start.as_secs_f64() * 1e3
     );
     Ok(())
 }

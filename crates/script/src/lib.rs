@@ -10,21 +10,26 @@
 //! read or a change stream is opened.
 //!
 //! # Engine: QuickJS (quickjs-ng through `rquickjs`), chosen by measurement
-//! The issue's typical script (`_.omit` two fields, add one computed field, set
-//! `_meta_monstache.routing`) on a 1,012-byte document, JSON text in and out, one thread, release
-//! build, measured in CPU time of the calling thread on this 2-core machine while other builds ran:
+//! A throwaway benchmark (outside the repository) ran the issue's typical script — `_.omit` two
+//! fields, add one computed field, set `_meta_monstache.routing` — on a 1,012-byte document, JSON
+//! text in and out (`JSON.parse`, the script, `JSON.stringify`, into a Rust `String`), release
+//! build, CPU time of the running thread, on this 2-core machine while other builds ran:
 //!
-//! | engine | events/s per core | 2 threads, total | script compile (cold) | time bound | memory limit | release build of the engine crate |
+//! | engine | events per CPU-second | 2 threads, events/s | compile `_` + script | time bound | memory limit | release build, crates |
 //! |---|---|---|---|---|---|---|
-//! | QuickJS, `rquickjs` 0.14 | ~50,000 | ~99,000 | ~0.45 ms | interrupt handler | per runtime | ~27 s, 3 crates (+`cc`) |
-//! | Boa, `boa_engine` 0.22 | ~7,500 | ~14,800 | ~1.3 ms | loop-iteration and recursion counts only | none | ~80 s, ~100 crates |
+//! | QuickJS, `rquickjs` 0.14 | ~51,000 | ~99,000 | ~0.45 ms | interrupt handler | per runtime | ~27 s, 10 |
+//! | Boa, `boa_engine` 0.22 | ~7,500 | ~14,800 | ~1.3 ms | loop-iteration and recursion counts only | none | ~167 s, 159 |
 //!
-//! Of the ~20 µs per event with QuickJS, ~15 µs is `JSON.parse` + `JSON.stringify` of the
-//! document (the same document with `return doc` runs ~65,000/s); the script itself is the rest.
-//! QuickJS wins on speed (6–7×), on both bounds the issue requires (a deadline through the
-//! interrupt handler, a heap limit per runtime), and on build weight. `rquickjs` is used with
-//! `default-features = false, features = ["std"]`, and only through its safe API. Figures for
-//! this crate end to end (pool dispatch included) come from `examples/throughput.rs`.
+//! QuickJS wins on speed (~7×), on both bounds the issue requires (a deadline through the
+//! interrupt handler, a heap limit per runtime) and on build weight. `rquickjs` is used with
+//! `default-features = false, features = ["std"]` and only through its safe API.
+//!
+//! This crate end to end (`examples/throughput.rs`: pool dispatch, the driver, `_meta_monstache`
+//! parsed, the same document): **~58,000 events per worker CPU-second** for the typical script,
+//! ~100,000 events/s on 2 workers (1.7–1.8×; the machine was shared), ~85,000/s for `return doc`
+//! and ~160,000/s for `return true` (JSON in only). A pool with its scripts starts in ~2–3 ms.
+//! Half of a call used to be `JSON.stringify`; the returned document is now written from Rust
+//! (`json_out.rs`, same output byte for byte), which took the typical script from ~46k to ~58k.
 //!
 //! # Parallel, bounded
 //! A pool of worker threads (one per core by default), each with its own QuickJS runtime holding
@@ -36,6 +41,41 @@
 //! [`ScriptError`] saying so (with the JavaScript stack where there is one), and the worker goes
 //! on with the next document. After running out of memory the worker's runtime is rebuilt from
 //! the sources (its closures start afresh), because what filled the heap may still be reachable.
+//!
+//! # Calling it
+//! ```
+//! use monsoon_script::{Config, Item, MapOutcome, ScriptSource, Scripts};
+//!
+//! let scripts = Scripts::new(Config {
+//!     scripts: vec![ScriptSource::for_namespace(
+//!         "blog.comments",
+//!         "module.exports = function(doc) { doc._meta_monstache = { routing: doc.post_id }; return doc; }",
+//!     )],
+//!     ..Config::default()
+//! })?;
+//! match scripts.map("blog.comments", r#"{"_id":"c1","post_id":"123"}"#, None)? {
+//!     MapOutcome::Replace { doc, meta } => {
+//!         assert_eq!(doc, r#"{"_id":"c1","post_id":"123"}"#);
+//!         assert_eq!(meta.routing.as_deref(), Some("123"));
+//!     }
+//!     other => panic!("{other:?}"),
+//! }
+//! // From async code, one wake-up per batch and no `spawn_blocking`:
+//! // let results = scripts.submit_map_batch(items).await;
+//! let results = scripts.submit_map_batch(vec![Item {
+//!     namespace: "blog.comments".into(),
+//!     doc: r#"{"_id":"c2","post_id":"7"}"#.into(),
+//!     update_desc: None,
+//! }])
+//! .wait();
+//! assert_eq!(results.len(), 1);
+//! # Ok::<(), monsoon_script::ScriptError>(())
+//! ```
+//! The blocking methods (`map`, `map_batch`, `filter`, `pipeline`) suit synchronous callers; on
+//! an async runtime's thread use the `submit_*` forms and await their [`Pending`] /
+//! [`PendingBatch`]: the worker that finishes wakes the task (this crate needs no async runtime).
+//! The queue holds what callers submitted and have not collected; the caller bounds it by how
+//! much it keeps pending (the engine: one batch per in-flight bulk).
 //!
 //! # How values cross into JavaScript
 //! The engine hands each document in as the JSON text it would index (relaxed, as in the
@@ -105,7 +145,8 @@ pub enum MapOutcome {
     /// a falsy value.
     Drop,
     /// Index the document exactly as it was handed in (every script returned `true`, or no
-    /// script applies to the namespace).
+    /// script applies to the namespace). Carries nothing: the caller still has the original
+    /// bytes, which stay exact (no round trip through JavaScript numbers).
     Keep,
     /// Index `doc` (JSON text of an object, `_meta_monstache` removed; `_id` is left as the
     /// script returned it) with `meta`.

@@ -149,10 +149,47 @@ fn work(mut runtime: JsRuntime, shared: &(Mutex<Queue>, Condvar)) {
                 q = ready.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
         };
-        match job {
-            Job::Map { ns, doc, update_desc, reply } => reply.complete(runtime.map(&ns, &doc, update_desc.as_deref())),
-            Job::Filter { ns, doc, update_desc, reply } => reply.complete(runtime.filter(&ns, &doc, update_desc.as_deref())),
-            Job::Pipeline { ns, change_stream, reply } => reply.complete(runtime.pipeline(&ns, change_stream)),
+        let healthy = match job {
+            Job::Map { ns, doc, update_desc, reply } => {
+                guarded(&mut runtime, reply, |rt| rt.map(&ns, &doc, update_desc.as_deref()))
+            }
+            Job::Filter { ns, doc, update_desc, reply } => {
+                guarded(&mut runtime, reply, |rt| rt.filter(&ns, &doc, update_desc.as_deref()))
+            }
+            Job::Pipeline { ns, change_stream, reply } => guarded(&mut runtime, reply, |rt| rt.pipeline(&ns, change_stream)),
+        };
+        if !healthy {
+            // A panic (a bug in this crate or the bindings) may have left the runtime in any
+            // state: start afresh, or stop this worker if even that fails.
+            match runtime.fresh() {
+                Ok(r) => runtime = r,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Runs one call, answering `reply` even if it panics (with an error that is not retriable, so
+/// the document is dead-lettered rather than retried into the same panic). Returns false after
+/// a panic.
+fn guarded<T>(
+    runtime: &mut JsRuntime,
+    reply: Completer<T>,
+    call: impl FnOnce(&mut JsRuntime) -> Result<T, ScriptError>,
+) -> bool {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(runtime))) {
+        Ok(result) => {
+            reply.complete(result);
+            true
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            reply.complete(Err(ScriptError::Internal(format!("a script worker panicked: {what}"))));
+            false
         }
     }
 }

@@ -258,10 +258,14 @@ impl JsRuntime {
         ScriptError::Threw { script, message, stack }
     }
 
-    /// Replaces this runtime with a fresh one compiled from the same sources.
+    /// A new runtime compiled from the same sources (closures start afresh).
+    pub(crate) fn fresh(&self) -> Result<JsRuntime, ScriptError> {
+        JsRuntime::new(Arc::clone(&self.config), Arc::clone(&self.lookup))
+    }
+
+    /// Replaces this runtime with a fresh one.
     fn rebuild(&mut self) -> Result<(), ScriptError> {
-        let fresh = JsRuntime::new(Arc::clone(&self.config), Arc::clone(&self.lookup))?;
-        *self = fresh;
+        *self = self.fresh()?;
         Ok(())
     }
 

@@ -571,6 +571,10 @@ impl Lookup for MemoryLookup {
 }
 
 fn with_lookup(lookup: Arc<MemoryLookup>, scripts: Vec<ScriptSource>) -> Scripts {
+    with_lookup_dyn(lookup, scripts)
+}
+
+fn with_lookup_dyn(lookup: Arc<dyn Lookup>, scripts: Vec<ScriptSource>) -> Scripts {
     Scripts::with_lookup(one_worker(Config { scripts, ..Config::default() }), lookup).expect("compiles")
 }
 
@@ -831,6 +835,32 @@ fn dropping_scripts_stops_the_workers() {
     let s = Scripts::new(Config { scripts: vec![ScriptSource::global("module.exports = function(d) { return true; }")], workers: 2, ..Config::default() })
         .expect("compiles");
     drop(s); // joins both workers; a hang here fails the test by timeout
+}
+
+#[test]
+fn scripts_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Scripts>();
+    assert_send_sync::<Pending<MapOutcome>>();
+    assert_send_sync::<PendingBatch<bool>>();
+}
+
+#[test]
+fn a_panicking_lookup_fails_its_document_and_the_worker_goes_on() {
+    struct Panics;
+    impl Lookup for Panics {
+        fn lookup(&self, r: &LookupRequest) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+            if r.query == json!({"_id": "boom"}) {
+                panic!("lookup bug");
+            }
+            Ok(vec![json!({"ok": true})])
+        }
+    }
+    let s = with_lookup_dyn(Arc::new(Panics), vec![ScriptSource::global("module.exports = function(doc) { return {r: findId(doc.id)}; }")]);
+    let e = s.map("a.b", r#"{"id":"boom"}"#, None).expect_err("panicked");
+    assert!(matches!(&e, ScriptError::Internal(m) if m.contains("lookup bug")) && !e.is_retriable(), "{e:?}");
+    let (doc, _) = replaced(s.map("a.b", r#"{"id":"fine"}"#, None).expect("recovered"));
+    assert_eq!(doc, json!({"r": {"ok": true}}));
 }
 
 #[test]
