@@ -1065,6 +1065,23 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     })
     .await;
     eprintln!("re-shard 1 → 2 with live workers, converged and 2/2 Streaming in {:.1?}", resharding.elapsed());
+
+    // Delete while the workers run: the finalizer lets the pipeline go only once both workers
+    // have stopped, so their final checkpoints are written and their leases released.
+    pipelines.delete("orders", &DeleteParams::default()).await.expect("delete");
+    let deleting = Instant::now();
+    wait_for("the pipeline is gone", Duration::from_secs(60), || {
+        let pipelines = pipelines.clone();
+        async move { pipelines.get_opt("orders").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    for shard in shards {
+        let data = cms.get(shard).await.expect("kept checkpoint").data.unwrap_or_default();
+        assert_eq!(data.get("holder").map(String::as_str), Some(""), "{shard}: lease not released: {data:?}");
+        assert!(data.contains_key("checkpoint"), "{shard}: no checkpoint: {data:?}");
+    }
+    assert!(pods.list(&ListParams::default().labels(WORKER_PODS)).await.expect("pods").items.is_empty());
+    eprintln!("deleted with live workers in {:.1?}", deleting.elapsed());
     assert_quiet(&operator);
     drop(kubelet);
     eprintln!("whole worker story: {:.1?}", started.elapsed());
