@@ -247,10 +247,52 @@ impl Cond {
     }
 }
 
+/// Stages a snapshot read may run after monsoon's own `$match` (resume after the last `_id`)
+/// and `$sort` (by `_id`): they must keep `_id` and the order.
+pub const SNAPSHOT_STAGES: &[&str] = &["$match", "$project", "$addFields", "$set", "$unset", "$lookup", "$graphLookup", "$redact"];
+
+/// Parse aggregation stages (each an object with one `$` operator) whose operator is in
+/// `allowed`. Values may use MongoDB Extended JSON.
+///
+/// # Errors
+/// The stage (by position) that is not one, or whose operator is not allowed, and why.
+pub fn stages(values: &[Value], allowed: &[&str], why: &str) -> Result<Vec<mongodb::bson::Document>, String> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let Value::Object(m) = v else {
+                return Err(format!("stage {i} must be an object such as `{{\"$match\": {{…}}}}`"));
+            };
+            let (Some(op), 1) = (m.keys().next(), m.len()) else {
+                return Err(format!("stage {i} must have exactly one operator, e.g. `{{\"$match\": {{…}}}}`"));
+            };
+            if !allowed.contains(&op.as_str()) {
+                return Err(format!("stage {i} is `{op}`, which {why}; allowed: {}", allowed.join(" ")));
+            }
+            match Bson::try_from(v.clone()) {
+                Ok(Bson::Document(d)) => Ok(d),
+                Ok(_) => Err(format!("stage {i} must be an object")),
+                Err(e) => Err(format!("stage {i} is not MongoDB Extended JSON: {e}")),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn stages_are_single_operator_objects_from_a_list() {
+        let ok = stages(&[json!({"$match": {"a": 1}}), json!({"$lookup": {"from": "u", "localField": "u", "foreignField": "_id", "as": "user"}})], SNAPSHOT_STAGES, "x").expect("ok");
+        assert_eq!(ok.len(), 2);
+        let e = stages(&[json!({"$group": {"_id": "$a"}})], SNAPSHOT_STAGES, "would lose `_id` or the order").expect_err("refused");
+        assert!(e.contains("stage 0 is `$group`, which would lose") && e.contains("$lookup"), "{e}");
+        assert!(stages(&[json!({"$match": {}, "$project": {}})], SNAPSHOT_STAGES, "x").is_err());
+        assert!(stages(&[json!([1])], SNAPSHOT_STAGES, "x").is_err());
+    }
 
     #[test]
     fn field_paths() {

@@ -177,6 +177,40 @@ pub struct Mapping {
     /// Add the change's time to each document (Monstache's `index-oplog-time`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oplog_time: Option<OplogTime>,
+    /// MongoDB aggregation stages run by the server (Monstache's `[[pipeline]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<Aggregation>,
+}
+
+/// Aggregation stages MongoDB runs for a namespace, on the snapshot reads and on the change
+/// stream.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Aggregation {
+    /// Stages for the snapshot reads, after monsoon's own resume `$match` and `_id` `$sort`:
+    /// `$match $project $addFields $set $unset $lookup $graphLookup $redact` (they must keep
+    /// `_id`). Example: `[{"$lookup": {"from": "users", "localField": "author", "foreignField":
+    /// "_id", "as": "author"}}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "stage_list")]
+    pub snapshot: Vec<serde_json::Value>,
+    /// `$match` stages on the change events of this namespace (the document is under
+    /// `fullDocument`, the changed fields under `updateDescription.updatedFields`): watch only
+    /// some fields, or only some documents. Deletes, drops and renames always pass. Example:
+    /// `[{"$match": {"$or": [{"updateDescription": {"$exists": false}},
+    /// {"updateDescription.updatedFields.price": {"$exists": true}}]}}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "stage_list")]
+    pub change_stream: Vec<serde_json::Value>,
+}
+
+/// A list of aggregation stages: objects of any shape (checked by validation).
+fn stage_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 100,
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    })
 }
 
 /// How a document is written.

@@ -477,6 +477,14 @@ fn validate_mappings(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], err
                 }
             }
         }
+        if let Some(a) = &m.aggregation {
+            if let Err(msg) = crate::shape::stages(&a.snapshot, crate::shape::SNAPSHOT_STAGES, "could drop `_id` or change the `_id` order the snapshot resumes by") {
+                errs.push(at("aggregation.snapshot"), msg);
+            }
+            if let Err(msg) = crate::shape::stages(&a.change_stream, &["$match"], "cannot be applied to one namespace of a stream that serves several (shape fields with `include`/`exclude`/`rename`)") {
+                errs.push(at("aggregation.changeStream"), msg);
+            }
+        }
         if m.id.is_some() && spec.workers > 1 {
             errs.push(at("id"), "a sharded pipeline (`workers` > 1) splits documents by their MongoDB `_id`, which a custom `id` hides from the re-snapshot sweep; use `workers: 1` with a custom `id`");
         }

@@ -342,3 +342,52 @@ async fn a_crash_among_moves_leaves_one_copy_per_document() -> anyhow::Result<()
     wait_copies(&stack.esc, "crash.items", &want, || monsoon.log()).await?;
     Ok(())
 }
+
+/// Monstache's "watching changes on specific fields only": a change-stream `$match` on
+/// `updateDescription.updatedFields`, run by MongoDB. A change of another field is not
+/// synced; a change of a watched field syncs the whole current document; deletes always pass.
+/// The snapshot runs its own stages: a `$lookup` embeds each post's author.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_stages_watch_some_fields_and_shape_the_snapshot() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let db = stack.client.database("test");
+    let test = db.collection::<Document>("test");
+    let posts = db.collection::<Document>("posts");
+    db.collection::<Document>("users").insert_one(doc! {"_id": "u1", "name": "Ann"}).await?;
+    posts.insert_one(doc! {"_id": 1, "author": "u1", "title": "t"}).await?;
+    test.insert_one(doc! {"_id": 1, "foo": 1, "count": 1}).await?;
+    let state = TempDir::new("state");
+    let mappings = r#"  mappings:
+    - namespace: test.test
+      aggregation:
+        changeStream:
+          - $match:
+              $or:
+                - updateDescription: {$exists: false}
+                - updateDescription.updatedFields.foo: {$exists: true}
+                - updateDescription.updatedFields.bar: {$exists: true}
+    - namespace: test.posts
+      aggregation:
+        snapshot:
+          - $lookup: {from: users, localField: author, foreignField: _id, as: author}
+"#;
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("watch", &["test.test", "test.posts"], mappings), state.path())?;
+    let log = || monsoon.log();
+    wait_copies(&stack.esc, "test.posts", &set([copy("test.posts", "1", None, json!({"author": [{"_id": "u1", "name": "Ann"}], "title": "t"}))]), log).await?;
+    wait_copies(&stack.esc, "test.test", &set([copy("test.test", "1", None, json!({"foo": 1, "count": 1}))]), log).await?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+
+    test.update_one(doc! {"_id": 1}, doc! {"$set": {"count": 2}}).await?;
+    test.insert_one(doc! {"_id": 2, "foo": 2}).await?;
+    wait_copies(
+        &stack.esc,
+        "test.test",
+        &set([copy("test.test", "1", None, json!({"foo": 1, "count": 1})), copy("test.test", "2", None, json!({"foo": 2}))]),
+        log,
+    )
+    .await?;
+    test.update_one(doc! {"_id": 1}, doc! {"$set": {"foo": 5}}).await?;
+    test.delete_one(doc! {"_id": 2}).await?;
+    wait_copies(&stack.esc, "test.test", &set([copy("test.test", "1", None, json!({"foo": 5, "count": 2}))]), log).await?;
+    Ok(())
+}

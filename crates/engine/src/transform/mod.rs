@@ -112,6 +112,10 @@ pub struct Shape {
     /// Partial update with upsert instead of a whole-document index.
     pub update: bool,
     oplog_time: Option<(String, String)>,
+    /// Aggregation stages of the snapshot reads (after the resume `$match` and `_id` `$sort`).
+    pub snapshot_stages: Vec<mongodb::bson::Document>,
+    /// `$match` stages on this namespace's change events.
+    stream_matches: Vec<mongodb::bson::Document>,
 }
 
 impl Shape {
@@ -143,6 +147,14 @@ impl Shape {
             delete_when: query("deleteWhen", &m.delete_when)?,
             update: m.write_mode == WriteMode::Update,
             oplog_time: m.oplog_time.as_ref().map(|t| (t.ts_field.clone(), t.date_field.clone())),
+            snapshot_stages: match &m.aggregation {
+                Some(a) => monsoon_api::shape::stages(&a.snapshot, monsoon_api::shape::SNAPSHOT_STAGES, "is not allowed here")?,
+                None => Vec::new(),
+            },
+            stream_matches: match &m.aggregation {
+                Some(a) => monsoon_api::shape::stages(&a.change_stream, &["$match"], "is not allowed here")?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -283,6 +295,33 @@ impl Shapes {
         self.entries.iter().find(|(p, _)| p.matches(db, coll)).map_or_else(|| self.plain.clone(), |(_, s)| s.clone())
     }
 
+    /// The change stream's stages for every namespace with `aggregation.changeStream`: each
+    /// `$match` applies to that namespace's inserts, updates and replaces only; every other
+    /// event (other namespaces, deletes, drops, renames, invalidates) passes it.
+    pub fn stream_stages(&self) -> Vec<mongodb::bson::Document> {
+        use mongodb::bson::{doc, Bson};
+        let mut out = Vec::new();
+        for (pattern, shape) in &self.entries {
+            for stage in &shape.stream_matches {
+                let Ok(query) = stage.get_document("$match") else { continue };
+                let mut others = vec![Bson::Document(doc! {"ns.db": {"$ne": &pattern.database}})];
+                if let Some(coll) = &pattern.collection {
+                    others.push(Bson::Document(doc! {"ns.coll": {"$ne": coll}}));
+                } else {
+                    // An exact mapping of the same database has its own stages.
+                    let exact: Vec<&str> = self.entries.iter().filter(|(p, _)| p.database == pattern.database).filter_map(|(p, _)| p.collection.as_deref()).collect();
+                    if !exact.is_empty() {
+                        others.push(Bson::Document(doc! {"ns.coll": {"$in": exact}}));
+                    }
+                }
+                others.push(Bson::Document(doc! {"operationType": {"$nin": ["insert", "update", "replace"]}}));
+                others.push(Bson::Document(query.clone()));
+                out.push(doc! {"$match": {"$or": others}});
+            }
+        }
+        out
+    }
+
     /// Whether any namespace's documents need location records.
     pub fn tracks_any(&self) -> bool {
         self.entries.iter().any(|(_, s)| s.tracks_location())
@@ -368,6 +407,17 @@ mod tests {
         assert!(!routed.is_plain() && routed.tracks_location());
         let trimmed = Shape::compile(&mapping(json!({"namespace": "d.c", "exclude": ["x"]}))).expect("ok");
         assert!(!trimmed.is_plain() && !trimmed.tracks_location());
+    }
+
+    #[test]
+    fn change_stream_stages_are_scoped_to_their_namespace() {
+        let shapes = Shapes::new(&[mapping(json!({"namespace": "test.test", "aggregation": {"changeStream": [{"$match": {"updateDescription.updatedFields.foo": {"$exists": true}}}]}}))]).expect("ok");
+        let stages = shapes.stream_stages();
+        assert_eq!(stages.len(), 1);
+        let text = stages[0].to_string();
+        for part in [r#""ns.db": { "$ne": "test" }"#, r#""ns.coll": { "$ne": "test" }"#, r#""$nin": ["insert", "update", "replace"]"#, "updatedFields.foo"] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
     }
 
     #[test]

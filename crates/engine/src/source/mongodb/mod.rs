@@ -621,17 +621,26 @@ impl Source<'_> {
     ) -> Result<Ended, Error> {
         let ns = format!("{db}.{coll}");
         let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
+        let shape = self.shapes.for_ns(db, coll);
         let mut backoff = Backoff::default();
         let mut stats = ConvertStats::default();
         info!(namespace = %ns, resume = resume_after.is_some(), "snapshot of collection started");
         'read: loop {
             let filter = resume_after.as_ref().map(filter::after_id).unwrap_or_default();
-            let cursor = collection
-                .find(filter)
-                .sort(doc! {"_id": 1})
-                .hint(mongodb::options::Hint::Keys(doc! {"_id": 1}))
-                .batch_size(1000)
-                .await;
+            let cursor = if shape.snapshot_stages.is_empty() {
+                collection
+                    .find(filter)
+                    .sort(doc! {"_id": 1})
+                    .hint(mongodb::options::Hint::Keys(doc! {"_id": 1}))
+                    .batch_size(1000)
+                    .await
+            } else {
+                // The mapping's stages after monsoon's own: resume after the last `_id`, in
+                // `_id` order (the stages must keep both).
+                let mut pipeline = vec![doc! {"$match": filter}, doc! {"$sort": {"_id": 1}}];
+                pipeline.extend(shape.snapshot_stages.iter().cloned());
+                collection.aggregate(pipeline).batch_size(1000).await.map(|c| c.with_type::<RawDocumentBuf>())
+            };
             let mut cursor = match cursor {
                 Ok(c) => c,
                 Err(e) => {
@@ -681,7 +690,9 @@ impl Source<'_> {
                     self.health.source_beat(true);
                 }
                 let Ok(Some(id)) = raw.get("_id") else {
-                    warn!(namespace = %ns, "document without _id skipped by the snapshot");
+                    // Only a mapping's snapshot stage can take `_id` away.
+                    error!(namespace = %ns, "document without _id skipped by the snapshot: a stage of `aggregation.snapshot` removed it; keep `_id`");
+                    self.metrics.events.with_label_values(&["no_id"]).inc();
                     continue;
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
@@ -728,7 +739,15 @@ impl Source<'_> {
         lean: bool,
     ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
         let dbs = self.routing.databases();
-        let pipeline = stream_pipeline(dbs.as_deref(), lean);
+        let mut pipeline = stream_pipeline(dbs.as_deref(), lean);
+        if !lean {
+            // The mappings' own `$match` stages, before `updateDescription` is projected away
+            // (they may watch changed fields). A lean stream (after an event over 16 MB) has no
+            // `fullDocument` for them to read: it skips them and passes more events, which only
+            // index documents' current state.
+            let at = pipeline.len() - 1;
+            pipeline.splice(at..at, self.shapes.stream_stages());
+        }
         let mut options = stream_options(lean);
         match start {
             StreamStart::At(t) => options.start_at_operation_time = Some(Timestamp::from(*t)),
