@@ -71,6 +71,21 @@ pub struct SyncPipelineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub mappings: Vec<Mapping>,
+    /// JavaScript mapping scripts, as Monstache's `[[script]]`: `module.exports =
+    /// function(doc, ns, updateDesc)` returning the document to index (an object), `true` to
+    /// index it as it is, or a falsy value to remove it from the index. A script without
+    /// `namespace` runs for every namespace, before the namespace's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    pub scripts: Vec<ScriptSpec>,
+    /// JavaScript filters, as Monstache's `[[filter]]`: same signature; a falsy result ignores
+    /// the change (nothing is written or deleted). Inserts, updates and replaces only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    pub filters: Vec<ScriptSpec>,
+    /// Bounds on each script call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_limits: Option<ScriptLimits>,
     /// Index the documents that already exist before following changes. When false, only
     /// changes made after the pipeline first starts are synced.
     #[serde(default = "default_true")]
@@ -114,6 +129,60 @@ pub struct SyncPipelineSpec {
     /// same name resumes where this one stopped; `Delete` removes them.
     #[serde(default)]
     pub checkpoints_on_delete: CheckpointRetention,
+}
+
+/// One JavaScript script: inline (`script`) or from a file or ConfigMap (`scriptFrom`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.script) != has(self.scriptFrom)", "message": "set exactly one of `script` and `scriptFrom`"}
+]))]
+pub struct ScriptSpec {
+    /// `db.collection` the script applies to; without it, every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.[^$*]+$"#))]
+    pub namespace: Option<String>,
+    /// The JavaScript source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub script: Option<String>,
+    /// The source from a file (`monsoon run`) or, in a cluster, a ConfigMap key
+    /// (`configMapKeyRef`), mounted into the workers (read when they start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_from: Option<ValueFrom>,
+}
+
+/// Bounds on each script call (all the scripts and filters that apply to one document).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScriptLimits {
+    /// Longest time one call may run, lookups included, in milliseconds (1–60000); a call
+    /// still running is interrupted and its document dead-lettered.
+    #[serde(default = "default_script_timeout_ms")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub timeout_ms: u64,
+    /// Heap of each script worker's JavaScript runtime, in MiB (8–4096).
+    #[serde(default = "default_script_memory_mib")]
+    #[schemars(range(min = 8, max = 4096))]
+    pub memory_mib: u32,
+    /// Script worker threads; 0 (default) means one per core.
+    #[serde(default)]
+    #[schemars(range(max = 256))]
+    pub workers: u32,
+}
+
+fn default_script_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_script_memory_mib() -> u32 {
+    64
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        Self { timeout_ms: default_script_timeout_ms(), memory_mib: default_script_memory_mib(), workers: 0 }
+    }
 }
 
 /// How the documents of one namespace (or `db.*`) are shaped and where they go. Every field

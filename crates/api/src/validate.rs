@@ -248,6 +248,7 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
 
     check_shared_indexes(spec, &patterns, &mut errs);
     validate_mappings(spec, &patterns, &mut errs);
+    validate_scripts(spec, &patterns, &mut errs);
 
     let b = &spec.batch;
     if !(1..=100_000).contains(&b.max_docs) {
@@ -310,8 +311,8 @@ pub fn validate_for_cluster(pipeline: &SyncPipeline) -> Result<ValidatedPipeline
 }
 
 /// Every `*From` field of a spec that is set, with its path.
-pub fn value_sources(spec: &SyncPipelineSpec) -> Vec<(&'static str, &ValueFrom)> {
-    [
+pub fn value_sources(spec: &SyncPipelineSpec) -> Vec<(String, &ValueFrom)> {
+    let fixed = [
         ("spec.mongodb.uriFrom", spec.mongodb.uri_from.as_ref()),
         ("spec.mongodb.caFrom", spec.mongodb.ca_from.as_ref()),
         ("spec.mongodb.clientCertFrom", spec.mongodb.client_cert_from.as_ref()),
@@ -321,10 +322,11 @@ pub fn value_sources(spec: &SyncPipelineSpec) -> Vec<(&'static str, &ValueFrom)>
         ("spec.elasticsearch.caFrom", spec.elasticsearch.ca_from.as_ref()),
         ("spec.elasticsearch.clientCertFrom", spec.elasticsearch.client_cert_from.as_ref()),
         ("spec.elasticsearch.clientKeyFrom", spec.elasticsearch.client_key_from.as_ref()),
-    ]
-    .into_iter()
-    .filter_map(|(f, v)| v.map(|v| (f, v)))
-    .collect()
+    ];
+    let scripts = [("scripts", &spec.scripts), ("filters", &spec.filters)]
+        .into_iter()
+        .flat_map(|(list, items)| items.iter().enumerate().filter_map(move |(i, s)| s.script_from.as_ref().map(|v| (format!("spec.{list}[{i}].scriptFrom"), v))));
+    fixed.into_iter().filter_map(|(f, v)| v.map(|v| (f.to_string(), v))).chain(scripts).collect()
 }
 
 #[derive(Default)]
@@ -491,6 +493,50 @@ fn validate_mappings(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], err
     }
 }
 
+/// `spec.scripts` and `spec.filters`: one source each, a namespace the pipeline syncs, at most
+/// one script of each kind per namespace (and one global).
+fn validate_scripts(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
+    let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    for (list, items) in [("scripts", &spec.scripts), ("filters", &spec.filters)] {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in items.iter().enumerate() {
+            let at = |f: &str| format!("spec.{list}[{i}].{f}");
+            if s.script.is_some() == s.script_from.is_some() {
+                errs.push(at("script"), "set exactly one of `script` (inline) and `scriptFrom` (a file, or a ConfigMap key in a cluster)");
+            }
+            if let Some(from) = &s.script_from {
+                validate_value_from(from, &at("scriptFrom"), errs);
+            }
+            if let Some(ns) = &s.namespace {
+                match NamespacePattern::parse(ns) {
+                    Ok(NamespacePattern { collection: Some(c), database }) => {
+                        if !patterns.iter().any(|p| p.matches(&database, &c)) && !regex.as_ref().is_some_and(|r| r.is_match(ns)) {
+                            errs.push(at("namespace"), format!("`{ns}` is not synced by this pipeline; add it to `spec.namespaces` or remove this entry"));
+                        }
+                    }
+                    Ok(_) => errs.push(at("namespace"), "must name one collection (`db.collection`); leave it out for every namespace"),
+                    Err(m) => errs.push(at("namespace"), m),
+                }
+            }
+            if !seen.insert(s.namespace.clone()) {
+                let which = s.namespace.as_deref().map_or("every namespace (no `namespace`)".to_string(), |n| format!("`{n}`"));
+                errs.push(at("namespace"), format!("{which} has another entry before this one; put both into one script"));
+            }
+        }
+    }
+    if let Some(l) = &spec.script_limits {
+        if !(1..=60_000).contains(&l.timeout_ms) {
+            errs.push("spec.scriptLimits.timeoutMs", "must be between 1 and 60000");
+        }
+        if !(8..=4096).contains(&l.memory_mib) {
+            errs.push("spec.scriptLimits.memoryMib", "must be between 8 and 4096");
+        }
+        if l.workers > 256 {
+            errs.push("spec.scriptLimits.workers", "must be at most 256 (0: one per core)");
+        }
+    }
+}
+
 /// Two namespaces must never write one index: dropping either (which deletes its index) would
 /// take the other's documents with it. Refuses overrides naming one index twice, and
 /// overrides naming the index another included namespace gets by default.
@@ -636,10 +682,10 @@ fn validate_value_from(v: &ValueFrom, field: &str, errs: &mut Errors) {
         );
     }
     // Certificates are public; credentials and private keys are not.
-    if v.config_map_key_ref.is_some() && !(field.ends_with("caFrom") || field.ends_with("clientCertFrom")) {
+    if v.config_map_key_ref.is_some() && !(field.ends_with("caFrom") || field.ends_with("clientCertFrom") || field.ends_with("scriptFrom")) {
         errs.push(
             format!("{field}.configMapKeyRef"),
-            "is only for CA bundles and certificates; keep credentials and private keys in a Secret (`secretKeyRef`)",
+            "is only for CA bundles, certificates and scripts; keep credentials and private keys in a Secret (`secretKeyRef`)",
         );
     }
     if let Some(env) = &v.env {

@@ -37,6 +37,8 @@ pub struct EngineConfig {
     /// Index of location records, used when a mapping takes the index, `_id` or routing from
     /// the document ([`crate::sink::locations`]).
     pub locations_index: String,
+    /// JavaScript scripts and filters, sources resolved (`spec.scripts`, `spec.filters`).
+    pub scripts: monsoon_script::Config,
 }
 
 /// One shard of a pipeline split over `count` workers. Every document belongs to exactly one

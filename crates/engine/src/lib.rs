@@ -163,7 +163,15 @@ async fn run_inner<S: CheckpointStore>(
     es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body())
         .await?;
     let shapes = transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?;
-    if shapes.tracks_any() {
+    let scripts = if config.scripts.is_empty() {
+        None
+    } else {
+        let lookup = transform::script::MongoLookup { client: client.clone(), handle: tokio::runtime::Handle::current() };
+        let scripts = monsoon_script::Scripts::with_lookup(config.scripts.clone(), Arc::new(lookup)).map_err(|e| Error::Mapping(e.to_string()))?;
+        info!(pipeline = %name, workers = scripts.workers(), "scripts compiled");
+        Some(Arc::new(scripts))
+    };
+    if shapes.tracks_any() || scripts.is_some() {
         es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
     }
 
@@ -175,7 +183,7 @@ async fn run_inner<S: CheckpointStore>(
             batch: config.batch.clone(),
             dead_letter_index: Arc::from(config.dead_letter_index.as_str()),
             pipeline: Arc::from(name),
-            locations: shapes.tracks_any().then(|| Arc::from(config.locations_index.as_str())),
+            locations: (shapes.tracks_any() || scripts.is_some()).then(|| Arc::from(config.locations_index.as_str())),
         },
         shared.clone(),
         abort.clone(),
@@ -223,6 +231,7 @@ async fn run_inner<S: CheckpointStore>(
         written: std::sync::Mutex::new(written),
         shapes: &shapes,
         pipeline: name,
+        scripts: scripts.clone(),
     };
     let mut start = Start {
         stream_start,

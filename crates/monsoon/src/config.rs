@@ -62,6 +62,35 @@ fn resolve(from: &ValueFrom, field: &'static str) -> Result<String, Error> {
     Err(Error::SecretRefStandalone { field })
 }
 
+/// The scripts and filters with their sources read (inline, or from the file a ConfigMap is
+/// mounted at in a worker pod).
+fn scripts_config(spec: &monsoon_api::SyncPipelineSpec) -> Result<monsoon_script::Config, Error> {
+    let sources = |list: &[monsoon_api::ScriptSpec], field: &'static str| -> Result<Vec<monsoon_script::ScriptSource>, Error> {
+        list.iter()
+            .map(|s| {
+                let (source, origin) = match (&s.script, &s.script_from) {
+                    (Some(text), _) => (text.clone(), None),
+                    (None, Some(from)) => (resolve(from, field)?, from.file.clone().or_else(|| from.env.clone())),
+                    (None, None) => (String::new(), None),
+                };
+                Ok(monsoon_script::ScriptSource { namespace: s.namespace.clone(), source, origin })
+            })
+            .collect()
+    };
+    let limits = spec.script_limits.clone().unwrap_or_default();
+    Ok(monsoon_script::Config {
+        scripts: sources(&spec.scripts, "spec.scripts[].scriptFrom")?,
+        filters: sources(&spec.filters, "spec.filters[].scriptFrom")?,
+        pipelines: Vec::new(),
+        limits: monsoon_script::Limits {
+            timeout: Duration::from_millis(limits.timeout_ms),
+            memory_limit: (limits.memory_mib as usize) << 20,
+            ..monsoon_script::Limits::default()
+        },
+        workers: limits.workers as usize,
+    })
+}
+
 fn pattern(text: &str) -> NamespacePattern {
     // Validation already accepted every pattern; parse cannot fail here.
     match ApiPattern::parse(text) {
@@ -209,6 +238,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         shard: monsoon_engine::config::Shard::default(),
         mappings: spec.mappings.clone(),
         locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
+        scripts: scripts_config(spec)?,
     })
 }
 

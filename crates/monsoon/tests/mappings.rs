@@ -72,7 +72,22 @@ struct Copy {
 }
 
 fn copy(index: &str, id: &str, routing: Option<&str>, source: Value) -> Copy {
-    Copy { index: index.into(), id: id.into(), routing: routing.map(Into::into), source: source.to_string() }
+    Copy { index: index.into(), id: id.into(), routing: routing.map(Into::into), source: canonical(&source) }
+}
+
+/// JSON text with object keys sorted (field order is not significant to Elasticsearch, and
+/// scripts may reorder fields).
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let members: Vec<String> = keys.iter().map(|k| format!("{}:{}", Value::String((*k).clone()), canonical(&m[*k]))).collect();
+            format!("{{{}}}", members.join(","))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
 }
 
 /// Every document of the indexes `pattern` matches (the locations and dead-letter indexes
@@ -96,7 +111,7 @@ async fn copies(es: &Elasticsearch, pattern: &str) -> anyhow::Result<BTreeSet<Co
             index: h["_index"].as_str().unwrap_or("").into(),
             id: h["_id"].as_str().unwrap_or("").into(),
             routing: h["_routing"].as_str().map(Into::into),
-            source: h["_source"].to_string(),
+            source: canonical(&h["_source"]),
         })
         .collect())
 }
@@ -110,7 +125,8 @@ async fn wait_copies(es: &Elasticsearch, pattern: &str, want: &BTreeSet<Copy>, l
             return Ok(());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("indexes {pattern} never held what was expected\nwant: {want:#?}\ngot:  {got:#?}\n{}", tail(&log(), 40));
+            let all = copies(es, "*").await.unwrap_or_default();
+            anyhow::bail!("indexes {pattern} never held what was expected\nwant: {want:#?}\ngot:  {got:#?}\nevery index: {all:#?}\n{}", tail(&log(), 40));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -389,5 +405,130 @@ async fn aggregation_stages_watch_some_fields_and_shape_the_snapshot() -> anyhow
     test.update_one(doc! {"_id": 1}, doc! {"$set": {"foo": 5}}).await?;
     test.delete_one(doc! {"_id": 2}).await?;
     wait_copies(&stack.esc, "test.test", &set([copy("test.test", "1", None, json!({"foo": 5, "count": 2}))]), log).await?;
+    Ok(())
+}
+
+/// Monstache's JavaScript examples, run unchanged: a global `_.omit` script, routing comments
+/// by `post_id` through `_meta_monstache`, the soft-delete "dropping" script, `findId`
+/// embedding a post's author, and a `[[filter]]`; a document dropped by a script leaves the
+/// index, a routed one moves without leftovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monstache_scripts_run_unchanged() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    stack.sharded_index("blog.comments").await?;
+    let db = stack.client.database("blog");
+    db.collection::<Document>("users").insert_one(doc! {"_id": mongodb::bson::oid::ObjectId::parse_str("5a84a8b826993bde57c12893")?, "name": "Ann"}).await?;
+    let posts = db.collection::<Document>("posts");
+    let comments = db.collection::<Document>("comments");
+    posts.insert_one(doc! {"_id": 1, "title": "t", "author": mongodb::bson::oid::ObjectId::parse_str("5a84a8b826993bde57c12893")?, "password": "x"}).await?;
+    comments.insert_many([doc! {"_id": 1, "text": "a", "post_id": "p1", "interesting": true}, doc! {"_id": 2, "text": "b", "post_id": "p1", "interesting": false}]).await?;
+    let state = TempDir::new("state");
+    let scripts = r#"  scripts:
+    - script: |
+        module.exports = function(doc, ns, updateDesc) {
+          return _.omit(doc, "password", "secret");
+        }
+    - namespace: blog.comments
+      script: |
+        module.exports = function(doc) {
+          if (!!doc.deletedAt) {
+            return false;
+          }
+          doc._meta_monstache = { routing: doc.post_id };
+          return doc;
+        }
+    - namespace: blog.posts
+      script: |
+        module.exports = function(post) {
+          if (post.author) {
+            post.author = findId(post.author, { database: "blog", collection: "users" });
+          }
+          return post;
+        }
+  filters:
+    - namespace: blog.comments
+      script: |
+        module.exports = function(doc, ns, updateDesc) {
+          return !!doc.interesting;
+        }
+"#;
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("js", &["blog.posts", "blog.comments"], scripts), state.path())?;
+    let log = || monsoon.log();
+    wait_copies(
+        &stack.esc,
+        "blog.posts",
+        &set([copy("blog.posts", "1", None, json!({"title": "t", "author": {"_id": "5a84a8b826993bde57c12893", "name": "Ann"}}))]),
+        log,
+    )
+    .await?;
+    wait_copies(&stack.esc, "blog.comments", &set([copy("blog.comments", "1", Some("p1"), json!({"text": "a", "post_id": "p1", "interesting": true}))]), log).await?;
+
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    comments.update_one(doc! {"_id": 1}, doc! {"$set": {"post_id": "p2"}}).await?;
+    comments.insert_one(doc! {"_id": 3, "text": "c", "post_id": "p3", "interesting": true}).await?;
+    comments.update_one(doc! {"_id": 3}, doc! {"$set": {"deletedAt": 1}}).await?;
+    wait_copies(&stack.esc, "blog.comments", &set([copy("blog.comments", "1", Some("p2"), json!({"text": "a", "post_id": "p2", "interesting": true}))]), log).await?;
+    Ok(())
+}
+
+/// A script that throws, one that never returns and one that returns garbage dead-letter
+/// their documents with the script's error, counted by type; the others are indexed and the
+/// stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_scripts_dead_letter_their_documents_and_the_stream_goes_on() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let items = stack.client.database("js").collection::<Document>("items");
+    let state = TempDir::new("state");
+    let scripts = r#"  scriptLimits: {timeoutMs: 200}
+  scripts:
+    - namespace: js.items
+      script: |
+        module.exports = function(doc) {
+          if (doc.kind === "throw") throw new Error("bad item " + doc._id);
+          if (doc.kind === "loop") { while (true) {} }
+          if (doc.kind === "garbage") return 42;
+          doc.seen = true;
+          return doc;
+        }
+"#;
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("jsfail", &["js.items"], scripts), state.path())?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    items.insert_many([doc! {"_id": 1, "kind": "ok"}, doc! {"_id": 2, "kind": "throw"}, doc! {"_id": 3, "kind": "loop"}, doc! {"_id": 4, "kind": "garbage"}, doc! {"_id": 5, "kind": "ok"}]).await?;
+    let log = || format!("{}\n{}", monsoon.get("/metrics").map(|m| m.1).unwrap_or_default().lines().filter(|l| l.contains("events") || l.contains("bulk")).collect::<Vec<_>>().join("\n"), monsoon.log());
+    wait_copies(
+        &stack.esc,
+        "js.items",
+        &set([copy("js.items", "1", None, json!({"kind": "ok", "seen": true})), copy("js.items", "5", None, json!({"kind": "ok", "seen": true}))]),
+        log,
+    )
+    .await?;
+    let deadline = Instant::now() + WAIT;
+    let letters = loop {
+        let letters: Vec<Value> = dead_letters(&stack.esc).await?.into_iter().filter(|l| l["namespace"] == "js.items").collect();
+        if letters.len() >= 3 || Instant::now() > deadline {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let by_id = |id: &str| letters.iter().find(|l| l["id"] == id).cloned().unwrap_or_default();
+    assert_eq!(by_id("2")["errorType"], "script_threw", "{letters:#?}");
+    assert!(by_id("2")["reason"].as_str().unwrap_or("").contains("bad item 2"), "{letters:#?}");
+    assert_eq!(by_id("3")["errorType"], "script_timeout", "{letters:#?}");
+    assert_eq!(by_id("4")["errorType"], "script_bad_return", "{letters:#?}");
+    let metrics = monsoon.get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("error_type=\"script_timeout\""), "{metrics}");
+    // The stream goes on after them.
+    items.insert_one(doc! {"_id": 6, "kind": "ok"}).await?;
+    wait_copies(
+        &stack.esc,
+        "js.items",
+        &set([
+            copy("js.items", "1", None, json!({"kind": "ok", "seen": true})),
+            copy("js.items", "5", None, json!({"kind": "ok", "seen": true})),
+            copy("js.items", "6", None, json!({"kind": "ok", "seen": true})),
+        ]),
+        log,
+    )
+    .await?;
     Ok(())
 }

@@ -64,6 +64,49 @@ pub enum Op {
     },
 }
 
+/// A write's operation still being decided on other threads (JavaScript middleware,
+/// [`crate::transform::script`]). The sink awaits it, in order, before the write's chunk goes
+/// to the batcher; meanwhile the write already holds its place in the checkpoint order.
+/// (The mutex only makes writes `Sync`; the future is taken out once, by the sink.)
+pub struct Deferred(Mutex<std::pin::Pin<Box<dyn std::future::Future<Output = Decided> + Send>>>);
+
+impl Deferred {
+    /// Wrap the decision to await.
+    pub fn new(decision: impl std::future::Future<Output = Decided> + Send + 'static) -> Self {
+        Self(Mutex::new(Box::pin(decision)))
+    }
+
+    async fn decided(self) -> Decided {
+        self.0.into_inner().unwrap_or_else(|p| p.into_inner()).await
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
+    }
+}
+
+/// What a [`Deferred`] decided.
+#[derive(Debug)]
+pub enum Decided {
+    /// Nothing to write: the change is ignored (a filter, `_meta_monstache.skip`).
+    Skip,
+    /// Write this.
+    Write {
+        /// The operation.
+        op: Op,
+        /// Target index.
+        index: Arc<str>,
+        /// `_id` as a JSON string literal.
+        id_json: Box<str>,
+        /// Routing.
+        routing: Option<Box<str>>,
+        /// Ingest pipeline.
+        pipeline: Option<Arc<str>>,
+    },
+}
+
 /// One document write on its way to Elasticsearch.
 #[derive(Debug)]
 pub struct Write {
@@ -97,6 +140,8 @@ pub struct Write {
     /// Written on behalf of another write of the batch (a moved document's old copy, a
     /// location record): not counted, acknowledged with that write.
     pub aux: bool,
+    /// The operation is still being decided; `op` and the target are placeholders until then.
+    pub deferred: Option<Deferred>,
 }
 
 impl Write {
@@ -116,6 +161,7 @@ impl Write {
             pipeline: None,
             origin: None,
             aux: false,
+            deferred: None,
         }
     }
 
@@ -402,6 +448,7 @@ impl Sink {
     /// [`Closed`] when the sink has stopped.
     pub async fn send_chunk(&self, chunk: Chunk) -> Result<(), Closed> {
         let Chunk { mut writes } = chunk;
+        self.decide(&mut writes).await;
         let kibs: Vec<u32> = writes
             .iter()
             .map(|w| (encoded_len(w) / 1024 + 1).min(self.budget_total as usize) as u32)
@@ -423,6 +470,33 @@ impl Sink {
             .send(Msg::Writes(writes))
             .await
             .map_err(|_| Closed)
+    }
+
+    /// Await the decisions of deferred writes, in order (they run in parallel elsewhere), and
+    /// acknowledge at once those that write nothing.
+    async fn decide(&self, writes: &mut Vec<Write>) {
+        if writes.iter().all(|w| w.deferred.is_none()) {
+            return;
+        }
+        let mut skipped = Vec::new();
+        for w in writes.iter_mut() {
+            let Some(deferred) = w.deferred.take() else { continue };
+            match deferred.decided().await {
+                Decided::Skip => skipped.push(w.seq),
+                Decided::Write { op, index, id_json, routing, pipeline } => {
+                    w.op = op;
+                    w.index = index;
+                    w.id_json = id_json;
+                    w.routing = routing;
+                    w.pipeline = pipeline;
+                }
+            }
+        }
+        if !skipped.is_empty() {
+            writes.retain(|w| !skipped.contains(&w.seq));
+            self.shared.metrics.events.with_label_values(&["ignored"]).inc_by(skipped.len() as u64);
+            self.shared.ack(&skipped);
+        }
     }
 
     /// Hand every staged write to the batcher (the source is about to wait on MongoDB, or a

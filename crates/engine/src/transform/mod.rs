@@ -17,6 +17,7 @@
 
 pub mod fields;
 pub mod query;
+pub mod script;
 
 use std::sync::Arc;
 

@@ -36,7 +36,7 @@ use crate::convert::{self, ConvertStats};
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
 use crate::sink::{locations, Closed, Op, Sink, Write};
-use crate::transform::{Outcome, Shape, Shapes};
+use crate::transform::{script, Outcome, Shape, Shapes};
 
 /// MongoDB error code: the resume point is no longer in the oplog.
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
@@ -295,6 +295,8 @@ pub struct Source<'a> {
     pub shapes: &'a Shapes,
     /// Pipeline name (location record ids).
     pub pipeline: &'a str,
+    /// JavaScript middleware, when the pipeline has scripts or filters.
+    pub scripts: Option<Arc<monsoon_script::Scripts>>,
 }
 
 /// A routed collection: database, collection, namespace and index names, and its shape.
@@ -466,10 +468,40 @@ impl Source<'_> {
         stats: &mut ConvertStats,
     ) -> Result<Option<Write>, Error> {
         let (ns, index, shape) = self.route(db, coll)?;
-        if shape.is_plain() {
+        let scripts = self.scripts.as_ref().filter(|s| s.has_map(&ns) || s.has_filter(&ns));
+        if shape.is_plain() && scripts.is_none() {
             return Ok(Some(self.plain_write(ns, index, id, doc, version, stats)));
         }
-        Ok(self.shaped_write(ns, index, &shape, id, doc, version, stats))
+        let mut write = self.shaped_write(ns, index, &shape, scripts.is_some(), id, doc, version, stats);
+        if let (Some(scripts), Some(w)) = (scripts, write.as_mut()) {
+            self.defer_to_scripts(scripts, &shape, id, w, stats);
+        }
+        Ok(write)
+    }
+
+    /// Hand a shaped write's document to the namespace's scripts: its operation is decided
+    /// on the script threads and awaited by the sink, in order.
+    fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, id: RawBsonRef<'_>, w: &mut Write, stats: &mut ConvertStats) {
+        let source = match &w.op {
+            Op::Index(s) | Op::Update(s) => s.to_vec(),
+            // Deletes and refusals are not the scripts' to decide.
+            Op::Delete | Op::Reject { .. } => return,
+        };
+        let mut id_value = Vec::new();
+        if convert::write_value(id, &mut id_value, stats).is_err() {
+            id_value = b"null".to_vec();
+        }
+        let plan = script::Planned {
+            ns: w.ns.to_string(),
+            source,
+            id_value,
+            index: w.index.clone(),
+            id_json: w.id_json.clone(),
+            routing: w.routing.clone(),
+            pipeline: w.pipeline.clone(),
+            update: shape.update,
+        };
+        w.deferred = Some(script::defer(scripts, plan));
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).
@@ -479,6 +511,7 @@ impl Source<'_> {
         ns: Arc<str>,
         index: Arc<str>,
         shape: &Shape,
+        scripted: bool,
         id: RawBsonRef<'_>,
         doc: Option<&RawDocument>,
         version: u64,
@@ -497,7 +530,8 @@ impl Source<'_> {
         let mut default_id = Vec::with_capacity(mongo_id.len() + 2);
         crate::sink::elasticsearch::request::write_json_str(&mongo_id, &mut default_id);
         let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
-        let origin = shape.tracks_location().then(|| Arc::from(locations::record_id(self.pipeline, &ns, &mongo_id)));
+        // Scripts may choose the index, `_id` or routing: their documents are tracked too.
+        let origin = (shape.tracks_location() || scripted).then(|| Arc::from(locations::record_id(self.pipeline, &ns, &mongo_id)));
         let refuse = |ns: Arc<str>, index: Arc<str>, error_type: &'static str, reason: String, stats: &mut ConvertStats| {
             let mut document = Vec::new();
             let document = doc.and_then(|d| convert::write_document(d, false, &mut document, stats).ok()).map(|()| Bytes::from(document));

@@ -1,0 +1,313 @@
+//! JavaScript middleware in the transform stage (`spec.scripts`, `spec.filters`), run by
+//! [`monsoon_script`] on its own worker threads, in parallel, each call bounded in time and
+//! memory.
+//!
+//! The source hands each document of a scripted namespace to the pool when it reads it and
+//! stages its write with the decision still pending ([`crate::sink::Deferred`]); the sink
+//! awaits the decisions in order before the writes go to the batcher. Documents of a chunk
+//! (64 writes) run at once on every core; the order of writes, the checkpoint and the memory
+//! bounds are those of every other write.
+//!
+//! What a script sees: the document as the namespace's mapping shaped it (fields included,
+//! excluded, renamed), as JSON the way monsoon indexes it (ObjectIds as hex strings, dates as
+//! ISO text), with its `_id`. What it decides:
+//! - a filter returning a falsy value, or `_meta_monstache.skip`: the change is ignored;
+//! - a script returning a falsy value: the document is removed from the index;
+//! - `true`: indexed as it was handed in; an object: indexed instead (its `_id` field is
+//!   dropped: it is the document's `_id`, or `_meta_monstache.id`);
+//! - `_meta_monstache` `index`, `id`, `routing`, `pipeline` choose where it goes. Since a script
+//!   may move documents, scripted namespaces keep location records (`sink::locations`).
+//!   `version` and `versionType` are ignored: monsoon versions every write by its cluster time.
+//!
+//! A script that throws, loops past its time limit, exhausts its memory or returns garbage
+//! dead-letters its document with the script's error (`error_type` `script_<kind>`, counted in
+//! `monsoon_dead_letters_total`); a lookup that fails (MongoDB unreachable) is retried first.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document, RawDocumentBuf};
+use monsoon_script::{Item, LookupKind, LookupRequest, MapOutcome, ScriptError, Scripts};
+use serde_json::Value;
+
+use crate::convert::{self, ConvertStats};
+use crate::sink::{Decided, Deferred, Op};
+
+/// A lookup failing this many times in a row dead-letters its document.
+const LOOKUP_ATTEMPTS: u32 = 5;
+
+/// Lookups (`findId`, `findOne`, `find`, `pipe`) over the pipeline's MongoDB client, run from
+/// the script threads (which are not the runtime's: they block on the runtime's handle).
+pub struct MongoLookup {
+    /// The pipeline's client.
+    pub client: mongodb::Client,
+    /// The runtime the client runs on.
+    pub handle: tokio::runtime::Handle,
+}
+
+/// A 24-hex-digit string as the ObjectId it most likely was before it became JSON (scripts see
+/// ObjectIds as hex text, as Monstache's did).
+fn object_ids(value: Bson) -> Bson {
+    match value {
+        Bson::String(s) if s.len() == 24 => ObjectId::parse_str(&s).map_or(Bson::String(s), Bson::ObjectId),
+        Bson::Document(d) => Bson::Document(d.into_iter().map(|(k, v)| (k, object_ids(v))).collect()),
+        Bson::Array(a) => Bson::Array(a.into_iter().map(object_ids).collect()),
+        other => other,
+    }
+}
+
+fn to_document(value: &Value) -> Result<Document, String> {
+    match Bson::try_from(value.clone()) {
+        Ok(Bson::Document(d)) => Ok(d),
+        Ok(_) => Err("a query must be an object".into()),
+        Err(e) => Err(format!("not MongoDB Extended JSON: {e}")),
+    }
+}
+
+impl MongoLookup {
+    async fn run(&self, r: &LookupRequest) -> Result<Vec<RawDocumentBuf>, Box<dyn std::error::Error + Send + Sync>> {
+        use futures_util::TryStreamExt;
+        let coll = self.client.database(&r.database).collection::<RawDocumentBuf>(&r.collection);
+        let select = (!r.select.is_empty()).then(|| to_document(&Value::Object(r.select.clone()))).transpose()?;
+        let left = r.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        match r.kind {
+            LookupKind::FindId | LookupKind::FindOne => {
+                let mut filter = to_document(&r.query)?;
+                if r.kind == LookupKind::FindId {
+                    // The `_id` as the script saw it (hex text) or as stored (an ObjectId).
+                    if let Some(Bson::String(s)) = filter.get("_id").cloned() {
+                        if let Ok(oid) = ObjectId::parse_str(&s) {
+                            filter = doc! {"_id": {"$in": [s, oid]}};
+                        }
+                    }
+                } else if let Bson::Document(d) = object_ids(Bson::Document(filter)) {
+                    filter = d;
+                } else {
+                    return Err("a query must be an object".into());
+                }
+                let mut find = coll.find_one(filter).max_time(left);
+                if let Some(select) = select {
+                    find = find.projection(select);
+                }
+                Ok(find.await?.into_iter().collect())
+            }
+            LookupKind::Find => {
+                let Bson::Document(filter) = object_ids(Bson::Document(to_document(&r.query)?)) else {
+                    return Err("a query must be an object".into());
+                };
+                let sort: Document = r.sort.iter().map(|(k, d)| (k.clone(), Bson::Int32(*d))).collect();
+                let mut find = coll.find(filter).max_time(left);
+                if let Some(select) = select {
+                    find = find.projection(select);
+                }
+                if !sort.is_empty() {
+                    find = find.sort(sort);
+                }
+                if let Some(limit) = r.limit {
+                    find = find.limit(i64::try_from(limit).unwrap_or(i64::MAX));
+                }
+                Ok(find.await?.try_collect().await?)
+            }
+            LookupKind::Pipe => {
+                let Value::Array(stages) = &r.query else {
+                    return Err("`pipe` takes an array of stages".into());
+                };
+                let stages = stages.iter().map(to_document).collect::<Result<Vec<_>, _>>()?;
+                let cursor = coll.aggregate(stages).max_time(left).await?.with_type::<RawDocumentBuf>();
+                Ok(cursor.try_collect().await?)
+            }
+        }
+    }
+}
+
+impl monsoon_script::Lookup for MongoLookup {
+    fn lookup(&self, r: &LookupRequest) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+        let left = r.deadline.saturating_duration_since(Instant::now());
+        let docs = self
+            .handle
+            .block_on(async { tokio::time::timeout(left, self.run(r)).await })
+            .map_err(|_| format!("no answer from MongoDB within the script's time limit ({left:?} left)"))??;
+        let mut stats = ConvertStats::default();
+        docs.iter()
+            .map(|d| {
+                let mut out = Vec::with_capacity(d.as_bytes().len());
+                convert::write_document(d, false, &mut out, &mut stats)?;
+                Ok(serde_json::from_slice(&out)?)
+            })
+            .collect()
+    }
+}
+
+/// Where a document goes and what is written, before the scripts decide.
+pub struct Planned {
+    /// Namespace.
+    pub ns: String,
+    /// The document as JSON, `_id` left out (as indexed).
+    pub source: Vec<u8>,
+    /// The document's `_id` as JSON (the value, for the script's copy).
+    pub id_value: Vec<u8>,
+    /// Index, `_id` (JSON string literal), routing and ingest pipeline the mapping chose.
+    pub index: Arc<str>,
+    /// `_id` as a JSON string literal.
+    pub id_json: Box<str>,
+    /// Routing.
+    pub routing: Option<Box<str>>,
+    /// Ingest pipeline.
+    pub pipeline: Option<Arc<str>>,
+    /// Partial update instead of a whole-document index.
+    pub update: bool,
+}
+
+/// The document as the script sees it: `{"_id": …, <source's fields>}`.
+fn with_id(id_value: &[u8], source: &[u8]) -> String {
+    let mut out = Vec::with_capacity(source.len() + id_value.len() + 8);
+    out.extend_from_slice(b"{\"_id\":");
+    out.extend_from_slice(id_value);
+    match source.get(1..) {
+        Some(b"}") | None => out.push(b'}'),
+        Some(rest) => {
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Hand a document to the filters and scripts of its namespace (now: they run while the source
+/// reads on) and return the decision to await.
+pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
+    let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: None };
+    let filter = scripts.has_filter(&plan.ns).then(|| scripts.submit_filter(item.clone()));
+    let map = scripts.submit_map(item.clone());
+    let scripts = scripts.clone();
+    Deferred::new(async move {
+        if let Some(filter) = filter {
+            match retried(&scripts, filter, |s| s.submit_filter(item.clone())).await {
+                Ok(true) => {}
+                Ok(false) => return Decided::Skip,
+                Err(e) => return rejected(&plan, &e),
+            }
+        }
+        match retried(&scripts, map, |s| s.submit_map(item.clone())).await {
+            Ok(MapOutcome::Keep) => decided(&plan, plan.source.clone(), None),
+            Ok(MapOutcome::Drop) => Decided::Write {
+                op: Op::Delete,
+                index: plan.index.clone(),
+                id_json: plan.id_json.clone(),
+                routing: plan.routing.clone(),
+                pipeline: None,
+            },
+            Ok(MapOutcome::Replace { doc, meta }) => {
+                if meta.skip {
+                    return Decided::Skip;
+                }
+                let source = match without_id(&doc) {
+                    Ok(s) => s,
+                    Err(e) => return rejected(&plan, &ScriptError::Internal(e)),
+                };
+                if let Some(index) = &meta.index {
+                    if let Err(why) = monsoon_api::check_index_name(index) {
+                        let e = ScriptError::Meta { script: format!("a script of {}", plan.ns), reason: format!("index `{index}` {why}") };
+                        return rejected(&plan, &e);
+                    }
+                }
+                decided(&plan, source, Some(meta))
+            }
+            Err(e) => rejected(&plan, &e),
+        }
+    })
+}
+
+/// Await a script result, submitting the call again while it fails retriably (a lookup
+/// against an unreachable MongoDB), up to [`LOOKUP_ATTEMPTS`] times.
+async fn retried<T, F: Fn(&Scripts) -> monsoon_script::Pending<T>>(scripts: &Scripts, first: monsoon_script::Pending<T>, again: F) -> Result<T, ScriptError> {
+    let mut result = first.await;
+    let mut attempt = 1;
+    while let Err(e) = &result {
+        if !e.is_retriable() || attempt >= LOOKUP_ATTEMPTS {
+            break;
+        }
+        tracing::warn!(error = %e, attempt, "script call failed retriably; retrying");
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        attempt += 1;
+        result = again(scripts).await;
+    }
+    result
+}
+
+fn decided(plan: &Planned, source: Vec<u8>, meta: Option<monsoon_script::Meta>) -> Decided {
+    let meta = meta.unwrap_or_default();
+    let id_json = match &meta.id {
+        Some(id) => {
+            let mut out = Vec::with_capacity(id.len() + 2);
+            crate::sink::elasticsearch::request::write_json_str(id, &mut out);
+            String::from_utf8_lossy(&out).into()
+        }
+        None => plan.id_json.clone(),
+    };
+    let source = Bytes::from(source);
+    Decided::Write {
+        op: if plan.update { Op::Update(source) } else { Op::Index(source) },
+        index: meta.index.as_deref().map_or_else(|| plan.index.clone(), Arc::from),
+        id_json,
+        routing: meta.routing.map(Into::into).or_else(|| plan.routing.clone()),
+        pipeline: meta.pipeline.map(Arc::from).or_else(|| plan.pipeline.clone()),
+    }
+}
+
+fn rejected(plan: &Planned, e: &ScriptError) -> Decided {
+    let error_type = match e.kind() {
+        "threw" => "script_threw",
+        "timeout" => "script_timeout",
+        "out_of_memory" => "script_out_of_memory",
+        "bad_return" => "script_bad_return",
+        "meta" => "script_meta",
+        "lookup" => "script_lookup",
+        _ => "script_failed",
+    };
+    Decided::Write {
+        op: Op::Reject { error_type, reason: e.to_string(), document: Some(Bytes::from(plan.source.clone())) },
+        index: plan.index.clone(),
+        id_json: plan.id_json.clone(),
+        routing: plan.routing.clone(),
+        pipeline: None,
+    }
+}
+
+/// The returned document without its top-level `_id` (Elasticsearch keeps `_id` out of
+/// `_source`).
+fn without_id(doc: &str) -> Result<Vec<u8>, String> {
+    if !doc.contains("\"_id\"") {
+        return Ok(doc.as_bytes().to_vec());
+    }
+    let mut v: serde_json::Map<String, Value> = serde_json::from_str(doc).map_err(|e| format!("script output is not a JSON object: {e}"))?;
+    v.remove("_id");
+    serde_json::to_vec(&v).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_see_the_id_first() {
+        assert_eq!(with_id(b"7", b"{\"a\":1}"), r#"{"_id":7,"a":1}"#);
+        assert_eq!(with_id(b"\"x\"", b"{}"), r#"{"_id":"x"}"#);
+    }
+
+    #[test]
+    fn hex_strings_become_object_ids_in_queries() {
+        let q = object_ids(Bson::Document(doc! {"author": "5a84a8b826993bde57c12893", "n": "short", "in": ["5a84a8b826993bde57c12893"]}));
+        let Bson::Document(d) = q else { panic!("doc") };
+        assert!(matches!(d.get("author"), Some(Bson::ObjectId(_))));
+        assert!(matches!(d.get("n"), Some(Bson::String(_))));
+        assert!(matches!(d.get_array("in").map(|a| &a[0]), Ok(Bson::ObjectId(_))));
+    }
+
+    #[test]
+    fn returned_ids_leave_the_source() {
+        assert_eq!(without_id(r#"{"_id":1,"a":2}"#).expect("ok"), br#"{"a":2}"#.to_vec());
+        assert_eq!(without_id(r#"{"a":2}"#).expect("ok"), br#"{"a":2}"#.to_vec());
+    }
+}
