@@ -222,6 +222,58 @@ fn hot_path() {
     println!("| exclude two fields | {:.0} | {:.2} |", rate(trim_secs), trim_secs / our_secs);
     println!("| exclude two fields + routing by a field, with its location record planned and encoded | {:.0} | {:.2} |", rate(shaped_secs), shaped_secs / our_secs);
     println!("(a routed namespace also costs one multi-get per bulk request, not in this figure)");
+    script_path(&docs_json(&events), our_secs, n);
+}
+
+/// Each event's document as the JSON a script receives (`_id` included).
+fn docs_json(events: &[RawDocumentBuf]) -> Vec<String> {
+    let mut stats = ConvertStats::default();
+    events
+        .iter()
+        .map(|e| {
+            let Ok(Action::Upsert { doc, .. }) = event::parse(e) else { panic!("insert event") };
+            let mut out = Vec::new();
+            convert::write_document(doc, false, &mut out, &mut stats).expect("converts");
+            String::from_utf8(out).expect("utf8")
+        })
+        .collect()
+}
+
+/// The issue's typical script (omit two fields, add one computed field, set routing) through
+/// the script pool, in chunks of 64 documents as the source hands them over, with one worker
+/// thread and with two.
+fn script_path(docs: &[String], plain_secs: f64, n: i64) {
+    use monsoon_script::{Config, Item, ScriptSource, Scripts};
+    const TYPICAL: &str = r#"module.exports = function(doc) {
+  var out = _.omit(doc, "note", "tags");
+  out.total_with_tax = Math.round(doc.total * 120) / 100;
+  out._meta_monstache = { routing: doc.customer };
+  return out;
+}"#;
+    let rate = |s: f64| n as f64 / s;
+    let mut rows = Vec::new();
+    for workers in [1usize, 2] {
+        let scripts = Scripts::new(Config { scripts: vec![ScriptSource::for_namespace("shop.orders", TYPICAL)], workers, ..Config::default() }).expect("compiles");
+        let (secs, _) = best_of(3, || {
+            let mut kept = 0;
+            for chunk in docs.chunks(64) {
+                let items = chunk.iter().map(|d| Item { namespace: "shop.orders".into(), doc: d.clone(), update_desc: None }).collect();
+                kept += scripts.map_batch(items).into_iter().filter(Result::is_ok).count();
+            }
+            assert_eq!(kept, docs.len(), "every document mapped");
+            kept
+        });
+        rows.push((workers, secs));
+    }
+    let one = rows[0].1;
+    println!("\n## JavaScript middleware (the typical script: omit two fields, add a computed field, set routing; chunks of 64)");
+    println!("| path | events/s | vs plain path | vs one worker |");
+    println!("|---|---|---|---|");
+    println!("| plain path (above, one core) | {:.0} | 1.00 | |", rate(plain_secs));
+    for (workers, secs) in rows {
+        println!("| script, {workers} worker thread(s) | {:.0} | {:.2} | {:.2} |", rate(secs), rate(secs) / rate(plain_secs), one / secs);
+    }
+    println!("(script rows: JSON in, QuickJS call, JSON out; conversion of the document is in the plain path's figure)");
 }
 
 /// A `Key: value kB` line of /proc/<pid>/status, in KiB.
