@@ -146,49 +146,7 @@ const ELASTICSEARCH_KEY: FileSlot = FileSlot { volume: "tls-elasticsearch-key", 
 fn wire(from: &mut Option<ValueFrom>, env_name: &str, file: Option<FileSlot>, w: &mut Wiring) {
     let Some(v) = from.as_mut() else { return };
     if let Some(slot) = file {
-        let (secret, config_map) = (v.secret_key_ref.clone(), v.config_map_key_ref.clone());
-        let volume = slot.volume.to_string();
-        let item = |key: String| {
-            Some(vec![KeyToPath {
-                key,
-                path: slot.name.into(),
-                mode: None,
-            }])
-        };
-        let source = match (secret, config_map) {
-            (Some(r), _) => Some(Volume {
-                name: volume.clone(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(r.name),
-                    items: item(r.key),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            }),
-            (None, Some(r)) => Some(Volume {
-                name: volume.clone(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: r.name,
-                    items: item(r.key),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            }),
-            (None, None) => None,
-        };
-        if let Some(source) = source {
-            w.volumes.push(source);
-            w.mounts.push(VolumeMount {
-                name: volume,
-                mount_path: slot.dir.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            });
-            *v = ValueFrom {
-                file: Some(format!("{}/{}", slot.dir, slot.name)),
-                ..ValueFrom::default()
-            };
-        }
+        mount(v, slot.volume.to_string(), slot.dir, slot.name, w);
         return;
     }
     if let Some(r) = v.secret_key_ref.take() {
@@ -211,6 +169,63 @@ fn wire(from: &mut Option<ValueFrom>, env_name: &str, file: Option<FileSlot>, w:
     }
 }
 
+/// Scripts from Secrets or ConfigMaps become files mounted at
+/// `/etc/monsoon/scripts/<list>-<i>/script.js` (read when the worker starts).
+fn wire_scripts(list: &str, scripts: &mut [monsoon_api::ScriptSpec], w: &mut Wiring) {
+    for (i, s) in scripts.iter_mut().enumerate() {
+        if let Some(v) = s.script_from.as_mut() {
+            let dir = format!("/etc/monsoon/scripts/{list}-{i}");
+            mount(v, format!("script-{list}-{i}"), &dir, "script.js", w);
+        }
+    }
+}
+
+/// Mount the Secret or ConfigMap key `v` names as `dir/name` and point `v` at that file.
+fn mount(v: &mut ValueFrom, volume: String, dir: &str, name: &str, w: &mut Wiring) {
+    let (secret, config_map) = (v.secret_key_ref.clone(), v.config_map_key_ref.clone());
+    let item = |key: String| {
+        Some(vec![KeyToPath {
+            key,
+            path: name.into(),
+            mode: None,
+        }])
+    };
+    let source = match (secret, config_map) {
+        (Some(r), _) => Some(Volume {
+            name: volume.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(r.name),
+                items: item(r.key),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        }),
+        (None, Some(r)) => Some(Volume {
+            name: volume.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: r.name,
+                items: item(r.key),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        }),
+        (None, None) => None,
+    };
+    if let Some(source) = source {
+        w.volumes.push(source);
+        w.mounts.push(VolumeMount {
+            name: volume,
+            mount_path: dir.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        *v = ValueFrom {
+            file: Some(format!("{dir}/{name}")),
+            ..ValueFrom::default()
+        };
+    }
+}
+
 /// The pipeline as the worker reads it (`MONSOON_PIPELINE`): credentials turned into env
 /// vars and files, cluster-only fields dropped so they do not roll the pods needlessly.
 fn worker_pipeline(p: &SyncPipeline, w: &mut Wiring) -> serde_json::Value {
@@ -224,6 +239,8 @@ fn worker_pipeline(p: &SyncPipeline, w: &mut Wiring) -> serde_json::Value {
     wire(&mut spec.elasticsearch.ca_from, "", Some(ELASTICSEARCH_CA), w);
     wire(&mut spec.elasticsearch.client_cert_from, "", Some(ELASTICSEARCH_CERT), w);
     wire(&mut spec.elasticsearch.client_key_from, "", Some(ELASTICSEARCH_KEY), w);
+    wire_scripts("scripts", &mut spec.scripts, w);
+    wire_scripts("filters", &mut spec.filters, w);
     spec.paused = false;
     spec.workers = 1;
     spec.resources = None;
@@ -527,6 +544,33 @@ mod tests {
         }
         let mounts = pod.containers[0].volume_mounts.as_ref().expect("mounts");
         assert!(mounts.iter().any(|m| m.name == "tls-elasticsearch-key" && m.read_only == Some(true)));
+    }
+
+    #[test]
+    fn scripts_from_config_maps_reach_the_pod_as_mounted_files() {
+        let mut p = pipeline();
+        p.spec.scripts = vec![
+            monsoon_api::ScriptSpec { script: Some("module.exports = function(d) { return d; }".into()), ..Default::default() },
+            monsoon_api::ScriptSpec {
+                namespace: Some("shop.orders".into()),
+                script_from: Some(ValueFrom { config_map_key_ref: Some(SecretKeyRef { name: "js".into(), key: "orders.js".into() }), ..ValueFrom::default() }),
+                ..Default::default()
+            },
+        ];
+        let w = build(&p, 2, 2, &settings());
+        let pod = w.stateful_set.spec.expect("spec").template.spec.expect("pod");
+        let env = pod.containers[0].env.as_ref().expect("env");
+        let json: serde_json::Value = serde_json::from_str(
+            env.iter().find(|e| e.name == ENV_PIPELINE).and_then(|e| e.value.as_deref()).expect("pipeline env"),
+        )
+        .expect("json");
+        assert_eq!(json["spec"]["scripts"][1]["scriptFrom"], serde_json::json!({"file": "/etc/monsoon/scripts/scripts-1/script.js"}));
+        assert!(json["spec"]["scripts"][0]["script"].is_string(), "inline scripts stay inline");
+        let volume = pod.volumes.as_ref().expect("volumes").iter().find(|v| v.name == "script-scripts-1").expect("volume");
+        let cm = volume.config_map.as_ref().expect("config map");
+        assert_eq!((cm.name.as_str(), cm.items.as_ref().expect("items")[0].key.as_str()), ("js", "orders.js"));
+        let mounts = pod.containers[0].volume_mounts.as_ref().expect("mounts");
+        assert!(mounts.iter().any(|m| m.name == "script-scripts-1" && m.mount_path == "/etc/monsoon/scripts/scripts-1" && m.read_only == Some(true)));
     }
 
     #[test]
