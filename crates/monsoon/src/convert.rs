@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use monsoon_api::{
-    DropPolicy, ElasticsearchSink, Mapping, MongoSource, OplogTime, SyncPipeline, SyncPipelineSpec, ValueFrom, WriteMode,
+    Aggregation, DropPolicy, ElasticsearchSink, Mapping, MongoSource, OplogTime, ScriptSpec, SyncPipeline, SyncPipelineSpec, ValueFrom, WriteMode,
 };
 use toml::{Table, Value};
 
@@ -103,9 +103,6 @@ const NOT_YET: &[&str] = &[
     "index-files",
     "file-namespaces",
     "file-highlighting",
-    "script",
-    "filter",
-    "pipeline",
     "relate",
     "relate-threads",
     "relate-buffer",
@@ -382,6 +379,51 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
             m.oplog_time = oplog_time.clone();
         }
     }
+    // [[script]], [[filter]]: carried as they are; [[pipeline]]: run now, its stages declared.
+    let synced = |ns: &str| namespaces.iter().any(|p| p == ns || p.strip_suffix(".*").is_some_and(|db| ns.split('.').next() == Some(db)));
+    let read_scripts = |key: &str, notes: &mut Vec<Note>| -> Result<Vec<(ScriptSpec, String)>, Error> {
+        let Some(entries) = table.get(key) else { return Ok(Vec::new()) };
+        let Value::Array(entries) = entries else {
+            return Err(Error::Type { option: key.into(), expected: "an array of tables" });
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let Value::Table(e) = e else { continue };
+            let namespace = string(e, "namespace")?;
+            if let Some(ns) = &namespace {
+                if !synced(ns) {
+                    notes.push(Note { option: format!("[[{key}]]"), reason: format!("`{ns}` is not synced by this configuration; left out") });
+                    continue;
+                }
+            }
+            if e.contains_key("routing") {
+                notes.push(Note { option: format!("[[{key}]].routing"), reason: "not needed: monsoon records where every scripted document goes, so deletes and moves reach it".into() });
+            }
+            let (spec, source) = match (string(e, "script")?, string(e, "path")?) {
+                (Some(text), _) => (ScriptSpec { namespace: namespace.clone(), script: Some(text.clone()), script_from: None }, text),
+                (None, Some(path)) => {
+                    notes.push(Note {
+                        option: format!("[[{key}]].path"),
+                        reason: format!("`{path}` is read by `monsoon run` from where it runs, as Monstache did; in a cluster put it in a ConfigMap (`kubectl create configmap NAME --from-file={path}`) and use `scriptFrom.configMapKeyRef`"),
+                    });
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    (ScriptSpec { namespace: namespace.clone(), script: None, script_from: Some(ValueFrom { file: Some(path), ..ValueFrom::default() }) }, text)
+                }
+                (None, None) => {
+                    notes.push(Note { option: format!("[[{key}]]"), reason: "an entry with neither `script` nor `path` is left out".into() });
+                    continue;
+                }
+            };
+            out.push((spec, source));
+        }
+        Ok(out)
+    };
+    spec.scripts = read_scripts("script", &mut notes)?.into_iter().map(|(s, _)| s).collect();
+    spec.filters = read_scripts("filter", &mut notes)?.into_iter().map(|(s, _)| s).collect();
+    let pipelines = read_scripts("pipeline", &mut notes)?;
+    if !pipelines.is_empty() {
+        declare_pipelines(&pipelines, &namespaces, &mut mappings_out, &mut notes);
+    }
     spec.mappings = mappings_out.into_values().collect();
 
     // Everything else: not needed, not yet supported, or unknown.
@@ -391,7 +433,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
         "elasticsearch-max-docs", "elasticsearch-max-bytes", "elasticsearch-max-seconds", "elasticsearch-max-conns",
         "direct-read-namespaces", "change-stream-namespaces", "dropped-collections", "mapping",
         "namespace-regex", "namespace-exclude-regex", "index-as-update", "index-oplog-time", "oplog-ts-field-name",
-        "oplog-date-field-name", "oplog-date-field-format",
+        "oplog-date-field-name", "oplog-date-field-format", "script", "filter", "pipeline",
     ];
     for key in table.keys().filter(|k| !HANDLED.contains(&k.as_str())) {
         let reason = if let Some((_, why)) = NOT_NEEDED.iter().find(|(k, _)| k == key) {
@@ -401,11 +443,59 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
         } else {
             "not a Monstache option monsoon knows; ignored".to_string()
         };
-        note(key, reason);
+        notes.push(Note { option: key.clone(), reason });
     }
 
     let pipeline = SyncPipeline::new(name, SyncPipelineSpec { namespaces, ..spec });
     Ok(Conversion { pipeline, notes })
+}
+
+/// Monstache's `[[pipeline]]` scripts, run now for each namespace they apply to: their stages
+/// become `mappings[].aggregation` (snapshot and change stream), which MongoDB then runs.
+fn declare_pipelines(pipelines: &[(ScriptSpec, String)], namespaces: &[String], mappings: &mut BTreeMap<String, Mapping>, notes: &mut Vec<Note>) {
+    let config = monsoon_script::Config {
+        pipelines: pipelines.iter().map(|(s, source)| monsoon_script::ScriptSource { namespace: s.namespace.clone(), source: source.clone(), origin: None }).collect(),
+        workers: 1,
+        ..monsoon_script::Config::default()
+    };
+    let scripts = match monsoon_script::Scripts::new(config) {
+        Ok(s) => s,
+        Err(e) => {
+            notes.push(Note { option: "[[pipeline]]".into(), reason: format!("not carried: {e}") });
+            return;
+        }
+    };
+    let global = pipelines.iter().any(|(s, _)| s.namespace.is_none());
+    let mut targets: Vec<String> = pipelines.iter().filter_map(|(s, _)| s.namespace.clone()).collect();
+    if global {
+        for ns in namespaces {
+            if ns.ends_with(".*") {
+                notes.push(Note { option: "[[pipeline]]".into(), reason: format!("the global pipeline is not declared for `{ns}`: monsoon's stages name collections; add a mapping per collection") });
+            } else {
+                targets.push(ns.clone());
+            }
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    for ns in targets {
+        let mut aggregation = Aggregation::default();
+        for (change_stream, slot, allowed) in [(false, &mut aggregation.snapshot, monsoon_api::shape::SNAPSHOT_STAGES), (true, &mut aggregation.change_stream, &["$match"][..])] {
+            match scripts.pipeline(&ns, change_stream) {
+                Ok(stages) => match monsoon_api::shape::stages(&stages, allowed, "monsoon cannot run there") {
+                    Ok(_) => *slot = stages,
+                    Err(why) => notes.push(Note {
+                        option: "[[pipeline]]".into(),
+                        reason: format!("`{ns}` {}: {why}; left out", if change_stream { "change stream" } else { "direct reads" }),
+                    }),
+                },
+                Err(e) => notes.push(Note { option: "[[pipeline]]".into(), reason: format!("`{ns}`: {e}; left out") }),
+            }
+        }
+        if !aggregation.snapshot.is_empty() || !aggregation.change_stream.is_empty() {
+            mappings.entry(ns.clone()).or_insert_with(|| Mapping { namespace: ns.clone(), ..Mapping::default() }).aggregation = Some(aggregation);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -495,7 +585,7 @@ script = "module.exports = function(doc) { return doc; }"
         assert!(noted(&c, "resume").is_some_and(|r| r.starts_with("not needed")));
         assert!(noted(&c, "workers").is_some_and(|r| r.contains("spec.workers")));
         assert_eq!(noted(&c, "time-machine-namespaces"), Some("not supported yet"));
-        assert_eq!(noted(&c, "script"), Some("not supported yet"));
+        assert_eq!(c.pipeline.spec.scripts.len(), 1, "[[script]] is carried");
         assert!(noted(&c, "no-such-option").is_some_and(|r| r.contains("ignored")));
         // A direct-read namespace outside the change streams is synced anyway, and said so.
         assert!(c.pipeline.spec.namespaces.contains(&"shop.users".to_string()));
@@ -534,6 +624,76 @@ pipeline = "parse-logs"
         assert!(noted(&c, "oplog-date-field-format").is_some_and(|r| r.contains("yyyy/MM/dd")));
         assert!(noted(&c, "routing-namespaces").is_some_and(|r| r.starts_with("not needed")));
         assert!(noted(&c, "delete-strategy").is_some_and(|r| r.contains("monsoon-locations")));
+    }
+
+    #[test]
+    fn scripts_filters_and_pipelines_of_monstaches_docs_carry_over() {
+        let dir = std::env::temp_dir().join(format!("monsoon-convert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("transform.js");
+        std::fs::write(&path, "module.exports = function(doc) { return doc; }").expect("write");
+        let text = format!(
+            r#"
+change-stream-namespaces = ["test.test", "blog.comments", "anotherdb.anothercollection"]
+
+[[script]]
+script = """
+module.exports = function(doc, ns, updateDesc) {{
+  return _.omit(doc, "password", "secret");
+}}
+"""
+
+[[script]]
+namespace = "blog.comments"
+routing = true
+script = """
+module.exports = function(doc) {{
+  doc._meta_monstache = {{ routing: doc.post_id }};
+  return doc;
+}}
+"""
+
+[[script]]
+namespace = "anotherdb.anothercollection"
+path = "{}"
+
+[[filter]]
+namespace = "test.test"
+script = "module.exports = function(doc, ns, updateDesc) {{ return !!doc.interesting; }}"
+
+[[pipeline]]
+namespace = "test.test"
+script = """
+module.exports = function(ns, changeStream) {{
+  if (changeStream) {{
+    return [{{ $match: {{ $or: [{{ "updateDescription": {{$exists: false}} }}, {{ "updateDescription.updatedFields.foo": {{$exists: true}} }}] }} }}];
+  }} else {{
+    return [];
+  }}
+}}
+"""
+
+[[pipeline]]
+namespace = "blog.comments"
+script = "module.exports = function(ns, changeStream) {{ return [{{ $group: {{ _id: 1 }} }}]; }}"
+"#,
+            path.display()
+        );
+        let c = converted(&text);
+        let s = &c.pipeline.spec;
+        assert_eq!(s.scripts.len(), 3);
+        assert!(s.scripts[0].namespace.is_none() && s.scripts[0].script.as_deref().is_some_and(|t| t.contains("_.omit")));
+        assert_eq!(s.scripts[2].script_from.as_ref().and_then(|f| f.file.as_deref()), Some(path.to_str().expect("utf8")));
+        assert!(noted(&c, "[[script]].path").is_some_and(|r| r.contains("configMapKeyRef")));
+        assert!(noted(&c, "[[script]].routing").is_some_and(|r| r.starts_with("not needed")));
+        assert_eq!(s.filters.len(), 1);
+        let watch = s.mappings.iter().find(|m| m.namespace == "test.test").and_then(|m| m.aggregation.clone()).expect("declared stages");
+        assert!(watch.snapshot.is_empty());
+        assert_eq!(watch.change_stream.len(), 1);
+        assert!(watch.change_stream[0].to_string().contains("updateDescription.updatedFields.foo"));
+        // A stage monsoon cannot run is said so, not carried.
+        assert!(c.notes.iter().any(|n| n.option == "[[pipeline]]" && n.reason.contains("`$group`")), "{:?}", c.notes);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

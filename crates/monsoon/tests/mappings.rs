@@ -532,3 +532,92 @@ async fn failing_scripts_dead_letter_their_documents_and_the_stream_goes_on() ->
     .await?;
     Ok(())
 }
+
+/// A Monstache configuration holding its documentation's examples, through `monsoon convert`
+/// and then `monsoon run`: a global `_.omit` script, comments routed by `post_id`
+/// (`routing = true`), a `[[filter]]`, the field-watch `[[pipeline]]`, `index-as-update` and
+/// a `[[mapping]]` index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monstache_config_converts_and_runs() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    stack.sharded_index("comments").await?;
+    let db = stack.client.database("blog");
+    let comments = db.collection::<Document>("comments");
+    let watched = db.collection::<Document>("watched");
+    comments.insert_one(doc! {"_id": 1, "text": "a", "post_id": "p1", "password": "x"}).await?;
+    watched.insert_one(doc! {"_id": 1, "foo": 1, "count": 1, "interesting": true}).await?;
+    let toml = format!(
+        r#"
+mongo-url = "{mongo}"
+elasticsearch-urls = ["{es}"]
+direct-read-namespaces = ["blog.comments", "blog.watched"]
+change-stream-namespaces = ["blog.comments", "blog.watched"]
+index-as-update = true
+
+[[mapping]]
+namespace = "blog.comments"
+index = "comments"
+
+[[script]]
+script = """
+module.exports = function(doc, ns, updateDesc) {{
+  return _.omit(doc, "password", "secret");
+}}
+"""
+
+[[script]]
+namespace = "blog.comments"
+routing = true
+script = """
+module.exports = function(doc) {{
+  doc._meta_monstache = {{ routing: doc.post_id }};
+  return doc;
+}}
+"""
+
+[[filter]]
+namespace = "blog.watched"
+script = """
+module.exports = function(doc, ns, updateDesc) {{
+  return !!doc.interesting;
+}}
+"""
+
+[[pipeline]]
+namespace = "blog.watched"
+script = """
+module.exports = function(ns, changeStream) {{
+  if (changeStream) {{
+    return [{{ $match: {{ $or: [{{ "updateDescription": {{ $exists: false }} }}, {{ "updateDescription.updatedFields.foo": {{ $exists: true }} }}] }} }}];
+  }}
+  return [];
+}}
+"""
+"#,
+        mongo = stack.mongo.uri(),
+        es = stack.os_url
+    );
+    let state = TempDir::new("state");
+    let config = state.path().join("monstache.toml");
+    std::fs::write(&config, toml)?;
+    let out = std::process::Command::new(bin()).arg("convert").arg(&config).arg("--name").arg("blog").output()?;
+    anyhow::ensure!(out.status.success(), "convert failed: {}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8(out.stdout)?;
+    let notes = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(notes.contains("[[script]].routing"), "{notes}");
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let log = || format!("{yaml}\n{notes}\n{}", monsoon.log());
+    wait_copies(&stack.esc, "comments", &set([copy("comments", "1", Some("p1"), json!({"text": "a", "post_id": "p1"}))]), log).await?;
+    wait_copies(&stack.esc, "blog.watched", &set([copy("blog.watched", "1", None, json!({"foo": 1, "count": 1, "interesting": true}))]), log).await?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+
+    // Not a watched field: not synced. A watched one: synced. Filtered out: ignored.
+    watched.update_one(doc! {"_id": 1}, doc! {"$set": {"count": 2}}).await?;
+    watched.insert_one(doc! {"_id": 2, "foo": 1, "interesting": false}).await?;
+    comments.update_one(doc! {"_id": 1}, doc! {"$set": {"post_id": "p2"}}).await?;
+    wait_copies(&stack.esc, "comments", &set([copy("comments", "1", Some("p2"), json!({"text": "a", "post_id": "p2"}))]), log).await?;
+    wait_copies(&stack.esc, "blog.watched", &set([copy("blog.watched", "1", None, json!({"foo": 1, "count": 1, "interesting": true}))]), log).await?;
+    watched.update_one(doc! {"_id": 1}, doc! {"$set": {"foo": 2}}).await?;
+    wait_copies(&stack.esc, "blog.watched", &set([copy("blog.watched", "1", None, json!({"foo": 2, "count": 2, "interesting": true}))]), log).await?;
+    Ok(())
+}
