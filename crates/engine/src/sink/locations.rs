@@ -133,14 +133,7 @@ pub fn plan(batch: Vec<Write>, found: &HashMap<String, Found>, index: &Arc<str>)
                 plan.writes.push(old);
             }
         }
-        let record = Record {
-            ns: w.ns.to_string(),
-            index: w.index.to_string(),
-            id: w.id_json.to_string(),
-            routing: w.routing.as_deref().map(str::to_owned),
-            gone: deleting,
-        };
-        let source = serde_json::to_vec(&record).unwrap_or_default();
+        let source = record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), deleting);
         let mut id_json = Vec::with_capacity(origin.len() + 2);
         super::elasticsearch::request::write_json_str(&origin, &mut id_json);
         let mut rec = Write::new(w.ns.clone(), index.clone(), String::from_utf8_lossy(&id_json).into(), w.version, Op::Index(Bytes::from(source)));
@@ -150,6 +143,27 @@ pub fn plan(batch: Vec<Write>, found: &HashMap<String, Found>, index: &Arc<str>)
         plan.writes.push(w);
     }
     plan
+}
+
+/// A [`Record`] as JSON, written directly (one per tracked write, on the hot path).
+fn record_json(ns: &str, index: &str, id: &str, routing: Option<&str>, gone: bool) -> Vec<u8> {
+    use super::elasticsearch::request::write_json_str;
+    let mut out = Vec::with_capacity(ns.len() + index.len() + id.len() + routing.map_or(0, str::len) + 48);
+    out.extend_from_slice(b"{\"ns\":");
+    write_json_str(ns, &mut out);
+    out.extend_from_slice(b",\"index\":");
+    write_json_str(index, &mut out);
+    out.extend_from_slice(b",\"id\":");
+    write_json_str(id, &mut out);
+    if let Some(r) = routing {
+        out.extend_from_slice(b",\"routing\":");
+        write_json_str(r, &mut out);
+    }
+    if gone {
+        out.extend_from_slice(b",\"gone\":true");
+    }
+    out.push(b'}');
+    out
 }
 
 #[cfg(test)]
@@ -232,6 +246,15 @@ mod tests {
         );
         assert_eq!(p.stale, 2, "the older write and the resurrection of a deleted document");
         assert_eq!(p.writes.len(), 1, "the replay of the record's own change goes through");
+    }
+
+    #[test]
+    fn records_written_by_hand_read_back() {
+        for (routing, gone) in [(Some("r\"1"), false), (None, true)] {
+            let json = record_json("d.c", "i", "\"x\\y\"", routing, gone);
+            let back: Record = serde_json::from_slice(&json).expect("reads back");
+            assert_eq!(back, Record { ns: "d.c".into(), index: "i".into(), id: "\"x\\y\"".into(), routing: routing.map(Into::into), gone });
+        }
     }
 
     #[test]
