@@ -490,7 +490,7 @@ async fn stream_ceiling(client: &mongodb::Client, m: i64) -> anyhow::Result<(f64
     let mut stream = client
         .database("bench")
         .watch()
-        .pipeline(stream_pipeline(Some(&["bench".to_string()]), false))
+        .pipeline(stream_pipeline(Some(&["bench".to_string()]), false, false))
         .with_options(stream_options(false))
         .await?
         .with_type::<RawDocumentBuf>();

@@ -439,10 +439,11 @@ async fn monstache_scripts_run_unchanged() -> anyhow::Result<()> {
         }
     - namespace: blog.posts
       script: |
-        module.exports = function(post) {
+        module.exports = function(post, ns, updateDesc) {
           if (post.author) {
             post.author = findId(post.author, { database: "blog", collection: "users" });
           }
+          post.changed = _.keys(updateDesc.updatedFields || {});
           return post;
         }
   filters:
@@ -457,7 +458,7 @@ async fn monstache_scripts_run_unchanged() -> anyhow::Result<()> {
     wait_copies(
         &stack.esc,
         "blog.posts",
-        &set([copy("blog.posts", "1", None, json!({"title": "t", "author": {"_id": "5a84a8b826993bde57c12893", "name": "Ann"}}))]),
+        &set([copy("blog.posts", "1", None, json!({"title": "t", "author": {"_id": "5a84a8b826993bde57c12893", "name": "Ann"}, "changed": []}))]),
         log,
     )
     .await?;
@@ -465,9 +466,18 @@ async fn monstache_scripts_run_unchanged() -> anyhow::Result<()> {
 
     monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
     comments.update_one(doc! {"_id": 1}, doc! {"$set": {"post_id": "p2"}}).await?;
+    posts.update_one(doc! {"_id": 1}, doc! {"$set": {"title": "t2"}}).await?;
     comments.insert_one(doc! {"_id": 3, "text": "c", "post_id": "p3", "interesting": true}).await?;
     comments.update_one(doc! {"_id": 3}, doc! {"$set": {"deletedAt": 1}}).await?;
     wait_copies(&stack.esc, "blog.comments", &set([copy("blog.comments", "1", Some("p2"), json!({"text": "a", "post_id": "p2", "interesting": true}))]), log).await?;
+    // The update description reaches the script (its third argument).
+    wait_copies(
+        &stack.esc,
+        "blog.posts",
+        &set([copy("blog.posts", "1", None, json!({"title": "t2", "author": {"_id": "5a84a8b826993bde57c12893", "name": "Ann"}, "changed": ["title"]}))]),
+        log,
+    )
+    .await?;
     Ok(())
 }
 

@@ -10,7 +10,8 @@
 //!
 //! What a script sees: the document as the namespace's mapping shaped it (fields included,
 //! excluded, renamed), as JSON the way monsoon indexes it (ObjectIds as hex strings, dates as
-//! ISO text), with its `_id`. What it decides:
+//! ISO text), with its `_id`, and for an update the change's `updateDescription` (third
+//! argument; `{}` otherwise). What it decides:
 //! - a filter returning a falsy value, or `_meta_monstache.skip`: the change is ignored;
 //! - a script returning a falsy value: the document is removed from the index;
 //! - `true`: indexed as it was handed in; an object: indexed instead (its `_id` field is
@@ -157,6 +158,8 @@ pub struct Planned {
     pub pipeline: Option<Arc<str>>,
     /// Partial update instead of a whole-document index.
     pub update: bool,
+    /// The change's update description as JSON (`updatedFields`, `removedFields`), for an update.
+    pub update_desc: Option<String>,
 }
 
 /// The document as the script sees it: `{"_id": …, <source's fields>}`.
@@ -177,7 +180,7 @@ fn with_id(id_value: &[u8], source: &[u8]) -> String {
 /// Hand a document to the filters and scripts of its namespace (now: they run while the source
 /// reads on) and return the decision to await.
 pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
-    let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: None };
+    let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: plan.update_desc.clone() };
     let filter = scripts.has_filter(&plan.ns).then(|| scripts.submit_filter(item.clone()));
     let map = scripts.submit_map(item.clone());
     let scripts = scripts.clone();

@@ -19,6 +19,9 @@ pub enum Action<'a> {
         doc: &'a RawDocument,
         /// Cluster time of the change.
         time: Timestamp,
+        /// The update's `updateDescription` (updated and removed fields), when the stream
+        /// keeps it (for scripts).
+        update: Option<&'a RawDocument>,
     },
     /// Delete the document (delete, or update whose lookup found nothing: the document was
     /// deleted since, and that delete follows in the stream).
@@ -129,6 +132,7 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
     let mut time = None;
     let mut to = None;
     let mut full: Option<RawBsonRef<'_>> = None;
+    let mut update = None;
     for element in event.iter_elements() {
         let element = element.map_err(|_| Malformed { field: "event" })?;
         let slot = match element.key() {
@@ -138,6 +142,7 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             "clusterTime" => 3,
             "to" => 4,
             "fullDocument" => 5,
+            "updateDescription" => 6,
             _ => continue,
         };
         let value = element.value().map_err(|_| Malformed { field: "event" })?;
@@ -148,6 +153,8 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             (3, RawBsonRef::Timestamp(t)) => time = Some(t),
             (4, RawBsonRef::Document(d)) => to = Some(d),
             (5, v) => full = Some(v),
+            (6, RawBsonRef::Document(d)) => update = Some(d),
+            (6, _) => {}
             (0, _) => return Err(Malformed { field: "operationType" }),
             (1, _) => return Err(Malformed { field: "ns" }),
             (2, _) => return Err(Malformed { field: "documentKey" }),
@@ -169,7 +176,7 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             match (op, full) {
                 ("delete", _) | (_, Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time }),
                 (_, None) => Ok(Action::Lookup { db, coll, id, time }),
-                (_, Some(RawBsonRef::Document(doc))) => Ok(Action::Upsert { db, coll, id, doc, time }),
+                (_, Some(RawBsonRef::Document(doc))) => Ok(Action::Upsert { db, coll, id, doc, time, update }),
                 _ => Err(Malformed {
                     field: "fullDocument",
                 }),
@@ -257,7 +264,7 @@ mod tests {
             let e = raw(doc! {"_id": {"_data": "82"}, "operationType": op, "clusterTime": T,
                 "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 7}, "fullDocument": {"_id": 7, "a": 1}});
             match parse(&e).expect("parse") {
-                Action::Upsert { db, coll, id, doc, time } => {
+                Action::Upsert { db, coll, id, doc, time, .. } => {
                     assert_eq!((db, coll, time), ("shop", "orders", T));
                     assert_eq!(id, RawBsonRef::Int32(7));
                     assert_eq!(doc.get_i32("a").expect("a"), 1);

@@ -464,6 +464,7 @@ impl Source<'_> {
         coll: &str,
         id: RawBsonRef<'_>,
         doc: Option<&RawDocument>,
+        update: Option<&RawDocument>,
         version: u64,
         stats: &mut ConvertStats,
     ) -> Result<Option<Write>, Error> {
@@ -474,14 +475,14 @@ impl Source<'_> {
         }
         let mut write = self.shaped_write(ns, index, &shape, scripts.is_some(), id, doc, version, stats);
         if let (Some(scripts), Some(w)) = (scripts, write.as_mut()) {
-            self.defer_to_scripts(scripts, &shape, id, w, stats);
+            self.defer_to_scripts(scripts, &shape, id, update, w, stats);
         }
         Ok(write)
     }
 
     /// Hand a shaped write's document to the namespace's scripts: its operation is decided
     /// on the script threads and awaited by the sink, in order.
-    fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, id: RawBsonRef<'_>, w: &mut Write, stats: &mut ConvertStats) {
+    fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, id: RawBsonRef<'_>, update: Option<&RawDocument>, w: &mut Write, stats: &mut ConvertStats) {
         let source = match &w.op {
             Op::Index(s) | Op::Update(s) => s.to_vec(),
             // Deletes and refusals are not the scripts' to decide.
@@ -491,7 +492,12 @@ impl Source<'_> {
         if convert::write_value(id, &mut id_value, stats).is_err() {
             id_value = b"null".to_vec();
         }
+        let update_desc = update.and_then(|u| {
+            let mut out = Vec::new();
+            convert::write_document(u, false, &mut out, stats).ok().map(|()| String::from_utf8_lossy(&out).into_owned())
+        });
         let plan = script::Planned {
+            update_desc,
             ns: w.ns.to_string(),
             source,
             id_value,
@@ -731,7 +737,7 @@ impl Source<'_> {
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
                 if self.owns(id) {
-                    if let Some(mut write) = self.write_for(db, coll, id, Some(raw), version, &mut stats)? {
+                    if let Some(mut write) = self.write_for(db, coll, id, Some(raw), None, version, &mut stats)? {
                         write.from_snapshot = true;
                         match self.send(write).await {
                             Err(Error::Cancelled) => return Ok(Ended::Cancelled),
@@ -773,7 +779,7 @@ impl Source<'_> {
         lean: bool,
     ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
         let dbs = self.routing.databases();
-        let mut pipeline = stream_pipeline(dbs.as_deref(), lean);
+        let mut pipeline = stream_pipeline(dbs.as_deref(), lean, self.scripts.is_some());
         if !lean {
             // The mappings' own `$match` stages, before `updateDescription` is projected away
             // (they may watch changed fields). A lean stream (after an event over 16 MB) has no
@@ -980,10 +986,10 @@ impl Source<'_> {
             *last_time = Some(time);
         }
         match action {
-            Action::Upsert { db, coll, id, doc, time } => {
+            Action::Upsert { db, coll, id, doc, time, update } => {
                 self.metrics.hot.upserts.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    if let Some(w) = self.write_for(db, coll, id, Some(doc), ClusterTime::from(time).version(), stats)? {
+                    if let Some(w) = self.write_for(db, coll, id, Some(doc), update, ClusterTime::from(time).version(), stats)? {
                         self.send(w).await?;
                     }
                 }
@@ -991,7 +997,7 @@ impl Source<'_> {
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    if let Some(w) = self.write_for(db, coll, id, None, ClusterTime::from(time).version(), stats)? {
+                    if let Some(w) = self.write_for(db, coll, id, None, None, ClusterTime::from(time).version(), stats)? {
                         self.send(w).await?;
                     }
                 }
@@ -1000,7 +1006,7 @@ impl Source<'_> {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    if let Some(w) = self.write_for(db, coll, id, doc.as_deref(), ClusterTime::from(time).version(), stats)? {
+                    if let Some(w) = self.write_for(db, coll, id, doc.as_deref(), None, ClusterTime::from(time).version(), stats)? {
                         self.send(w).await?;
                     }
                 }
@@ -1227,11 +1233,12 @@ pub fn id_from_json(json: &serde_json::Value) -> Option<Bson> {
 /// lean mode the document itself is dropped too and looked up by `_id` instead.
 /// With `dbs` `None` (a namespace regular expression may select any database) every database
 /// but the system ones is read, and each event is matched against the routing as it arrives.
-pub fn stream_pipeline(dbs: Option<&[String]>, lean: bool) -> Vec<Document> {
-    let project = if lean {
-        doc! {"$project": {"updateDescription": 0, "fullDocument": 0}}
-    } else {
-        doc! {"$project": {"updateDescription": 0}}
+pub fn stream_pipeline(dbs: Option<&[String]>, lean: bool, keep_update: bool) -> Vec<Document> {
+    let project = match (lean, keep_update) {
+        (true, _) => doc! {"$project": {"updateDescription": 0, "fullDocument": 0}},
+        // Scripts get the update description (their third argument).
+        (false, true) => doc! {"$project": {"updateDescription.truncatedArrays": 0}},
+        (false, false) => doc! {"$project": {"updateDescription": 0}},
     };
     let select = match dbs {
         Some(dbs) => doc! {"$in": dbs},
