@@ -228,7 +228,7 @@ async fn run_inner<S: CheckpointStore>(
         route_cache: std::sync::Mutex::new(None),
         id_scratch: std::sync::Mutex::new(Vec::with_capacity(64)),
         shard: config.shard,
-        written: std::sync::Mutex::new(written),
+        written: Arc::new(checkpoint::written::IndexBook::new(written, shared.clone(), config.routing.clone())),
         shapes: &shapes,
         pipeline: name,
         scripts: scripts.clone(),
@@ -434,10 +434,7 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
         };
         // Dropped during the gap: written before (or named exactly by the pipeline), gone now.
         // Their drop events were lost with the history: apply them as the events would have.
-        let known: Vec<String> = {
-            let written = source.written.lock().unwrap_or_else(|p| p.into_inner());
-            written.keys().cloned().collect()
-        };
+        let known: Vec<String> = source.written.namespaces();
         let named = config.routing.include.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
         let mut gone: Vec<(String, String)> = known
             .into_iter()

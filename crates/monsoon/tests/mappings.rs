@@ -631,3 +631,64 @@ module.exports = function(ns, changeStream) {{
     wait_copies(&stack.esc, "blog.watched", &set([copy("blog.watched", "1", None, json!({"foo": 2, "count": 2, "interesting": true}))]), log).await?;
     Ok(())
 }
+
+/// Monstache's high-score example: a script sends some documents to another index through
+/// `_meta_monstache.index`. A document crossing the threshold moves (no copy left), and
+/// dropping the collection deletes both indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_a_script_chooses_moves_documents_and_goes_with_the_collection() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    let comments = stack.client.database("blog").collection::<Document>("comments");
+    comments.insert_many([doc! {"_id": 1, "score": 150, "post_id": "p"}, doc! {"_id": 2, "score": 5, "post_id": "p"}]).await?;
+    let state = TempDir::new("state");
+    let scripts = r#"  scripts:
+    - namespace: blog.comments
+      script: |
+        module.exports = function(doc) {
+          if (doc.score >= 100) {
+            doc._meta_monstache = { index: "blog.comments.highscore", routing: doc.post_id };
+          } else {
+            doc._meta_monstache = { routing: doc.post_id };
+          }
+          return doc;
+        }
+"#;
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("hs", &["blog.comments"], scripts), state.path())?;
+    let log = || monsoon.log();
+    wait_copies(
+        &stack.esc,
+        "blog.comments*",
+        &set([
+            copy("blog.comments.highscore", "1", Some("p"), json!({"score": 150, "post_id": "p"})),
+            copy("blog.comments", "2", Some("p"), json!({"score": 5, "post_id": "p"})),
+        ]),
+        log,
+    )
+    .await?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    comments.update_one(doc! {"_id": 2}, doc! {"$set": {"score": 500}}).await?;
+    wait_copies(
+        &stack.esc,
+        "blog.comments*",
+        &set([
+            copy("blog.comments.highscore", "1", Some("p"), json!({"score": 150, "post_id": "p"})),
+            copy("blog.comments.highscore", "2", Some("p"), json!({"score": 500, "post_id": "p"})),
+        ]),
+        log,
+    )
+    .await?;
+    comments.drop().await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let exists = |index: &'static str| {
+            let esc = stack.esc.clone();
+            async move { esc.indices().exists(elasticsearch::indices::IndicesExistsParts::Index(&[index])).send().await.map(|r| r.status_code().as_u16() != 404) }
+        };
+        if !exists("blog.comments").await? && !exists("blog.comments.highscore").await? {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the drop left an index behind\n{}", tail(&log(), 40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@
 pub mod configmap;
 pub mod file;
 pub mod tracker;
+pub mod written;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -17,7 +17,8 @@
 //! - `true`: indexed as it was handed in; an object: indexed instead (its `_id` field is
 //!   dropped: it is the document's `_id`, or `_meta_monstache.id`);
 //! - `_meta_monstache` `index`, `id`, `routing`, `pipeline` choose where it goes. Since a script
-//!   may move documents, scripted namespaces keep location records (`sink::locations`).
+//!   may move documents, scripted namespaces keep location records (`sink::locations`), and an
+//!   index a script chooses is recorded as the namespace's (a drop deletes it too).
 //!   `version` and `versionType` are ignored: monsoon versions every write by its cluster time.
 //!
 //! A script that throws, loops past its time limit, exhausts its memory or returns garbage
@@ -160,6 +161,8 @@ pub struct Planned {
     pub update: bool,
     /// The change's update description as JSON (`updatedFields`, `removedFields`), for an update.
     pub update_desc: Option<String>,
+    /// Where the indexes a script chooses are recorded (drops delete them too).
+    pub book: Arc<crate::checkpoint::written::IndexBook>,
 }
 
 /// The document as the script sees it: `{"_id": …, <source's fields>}`.
@@ -212,6 +215,13 @@ pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
                 if let Some(index) = &meta.index {
                     if let Err(why) = monsoon_api::check_index_name(index) {
                         let e = ScriptError::Meta { script: format!("a script of {}", plan.ns), reason: format!("index `{index}` {why}") };
+                        return rejected(&plan, &e);
+                    }
+                    if let Some(other) = plan.book.note(&plan.ns, index) {
+                        let e = ScriptError::Meta {
+                            script: format!("a script of {}", plan.ns),
+                            reason: format!("index `{index}` is written by namespace `{other}` too: a drop of either would delete the other's documents"),
+                        };
                         return rejected(&plan, &e);
                     }
                 }

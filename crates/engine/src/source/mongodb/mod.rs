@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::event::Action;
+use crate::checkpoint::written::IndexBook;
 use crate::checkpoint::{ClusterTime, Position};
 use crate::config::{MongoConfig, Routing, Shard};
 use crate::convert::{self, ConvertStats};
@@ -290,7 +291,7 @@ pub struct Source<'a> {
     pub shard: Shard,
     /// Namespaces written so far and their indexes (the checkpoint's `written`, kept current;
     /// a namespace whose index comes from its documents lists each, comma-separated).
-    pub written: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    pub written: Arc<IndexBook>,
     /// How each namespace's documents are shaped.
     pub shapes: &'a Shapes,
     /// Pipeline name (location record ids).
@@ -302,10 +303,7 @@ pub struct Source<'a> {
 /// A routed collection: database, collection, namespace and index names, and its shape.
 pub type Route = (String, String, Arc<str>, Arc<str>, Arc<Shape>);
 
-/// Whether the `written` entry `list` (comma-separated index names) holds `index`.
-pub fn lists(list: &str, index: &str) -> bool {
-    list.split(',').any(|i| i == index)
-}
+
 
 /// How a source phase ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -398,39 +396,13 @@ impl Source<'_> {
         Ok((ns, index, shape))
     }
 
-    /// Record that `ns` writes `index` (before the first such write, so a checkpoint past it
-    /// always knows the index). Returns the other namespace already writing it, if one does:
-    /// a drop of either would delete the other's documents. (A namespace removed from the spec
-    /// no longer writes anywhere.)
     fn note_index(&self, ns: &str, index: &str) -> Option<String> {
-        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        if written.get(ns).is_some_and(|list| lists(list, index)) {
-            return None;
-        }
-        let shares = |(other, list): (&String, &String)| {
-            other != ns && lists(list, index) && other.split_once('.').is_some_and(|(d, c)| self.routing.includes(d, c))
-        };
-        if let Some((other, _)) = written.iter().find(|e| shares(*e)) {
-            return Some(other.clone());
-        }
-        let list = match written.get(ns) {
-            Some(list) => format!("{list},{index}"),
-            None => index.to_owned(),
-        };
-        written.insert(ns.to_owned(), list.clone());
-        self.sink.record(Position::Written { ns: ns.to_owned(), index: list });
-        None
+        self.written.note(ns, index)
     }
 
     /// Every index `db.coll` writes or has written: its default and those its documents chose.
     pub fn indexes_of(&self, db: &str, coll: &str) -> Vec<String> {
-        let mut out = vec![self.routing.index_for(db, coll)];
-        if let Some(list) = self.written.lock().unwrap_or_else(|p| p.into_inner()).get(&format!("{db}.{coll}")) {
-            out.extend(list.split(',').map(str::to_owned));
-        }
-        out.sort();
-        out.dedup();
-        out
+        self.written.indexes_of(db, coll)
     }
 
     /// Forget `db.coll` after its drop was applied: its index is no longer this pipeline's to
@@ -438,10 +410,7 @@ impl Source<'_> {
     fn forget(&self, db: &str, coll: &str) {
         let ns = format!("{db}.{coll}");
         *self.route_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let removed = self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&ns).is_some();
-        if removed {
-            self.sink.record(Position::Forgotten { ns });
-        }
+        self.written.forget(&ns);
     }
 
     /// Whether this worker's shard owns the document with MongoDB `_id` `id`. An `_id` with
@@ -506,6 +475,7 @@ impl Source<'_> {
             routing: w.routing.clone(),
             pipeline: w.pipeline.clone(),
             update: shape.update,
+            book: self.written.clone(),
         };
         w.deferred = Some(script::defer(scripts, plan));
     }
