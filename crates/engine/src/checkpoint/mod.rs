@@ -64,6 +64,15 @@ pub struct Checkpoint {
     pub sweep_below: Option<u64>,
 }
 
+/// Why a checkpoint is fenced, for [`Error::Fenced`]'s message.
+fn fenced_by(holder: &str) -> String {
+    if holder.is_empty() {
+        "can no longer be written by this worker: its lease ran out on its own clock before a renewal succeeded".to_string()
+    } else {
+        format!("is now leased by {holder:?}")
+    }
+}
+
 /// 2020-01-01T00:00:00Z: versions count seconds from here.
 const VERSION_EPOCH: u32 = 1_577_836_800;
 
@@ -214,12 +223,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// Another worker holds the lease now: this one must stop syncing.
-    #[error("checkpoint at {location} is now leased by {holder:?}; stopping so two workers never sync one shard")]
+    /// Another worker holds the lease now, or this worker's lease ran out on its own clock: it
+    /// must stop syncing.
+    #[error("checkpoint at {location} {}; stopping so two workers never sync one shard", fenced_by(holder))]
     Fenced {
         /// ConfigMap name.
         location: String,
-        /// The new holder.
+        /// The new holder; empty when the lease ran out on this worker's clock (no successful
+        /// renewal within the lease duration), whoever takes it next.
         holder: String,
     },
     /// The stored checkpoint belongs to a newer format or another pipeline.
@@ -410,6 +421,14 @@ mod tests {
 
     fn at(t: u32) -> ClusterTime {
         ClusterTime { t, i: 1 }
+    }
+
+    #[test]
+    fn a_lease_that_ran_out_names_no_holder() {
+        let ran_out = Error::Fenced { location: "ConfigMap c".into(), holder: String::new() };
+        assert!(ran_out.to_string().contains("its lease ran out on its own clock"), "{ran_out}");
+        let taken = Error::Fenced { location: "ConfigMap c".into(), holder: "w-1/abc".into() };
+        assert!(taken.to_string().contains("is now leased by \"w-1/abc\""), "{taken}");
     }
 
     #[test]
