@@ -692,3 +692,36 @@ async fn an_index_a_script_chooses_moves_documents_and_goes_with_the_collection(
     }
     Ok(())
 }
+
+/// `ingestPipeline`: every document of the namespace goes through the named Elasticsearch
+/// ingest pipeline (on noida-db, whose ingest module has the `set` processor; the OpenSearch
+/// node here is built without ingest-common).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_go_through_the_ingest_pipeline() -> anyhow::Result<()> {
+    let stack = monsoon_testkit::Stack::start(&[]).await?;
+    let r = stack
+        .esc
+        .ingest()
+        .put_pipeline(elasticsearch::ingest::IngestPutPipelineParts::Id("tag"))
+        .body(json!({"processors": [{"set": {"field": "tagged", "value": true}}]}))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status_code().is_success(), "pipeline: {}", r.text().await?);
+    let coll = stack.client.database("shop").collection::<Document>("orders");
+    coll.insert_one(doc! {"_id": 1, "a": 1}).await?;
+    let state = TempDir::new("state");
+    let mapping = "  mappings:\n    - namespace: shop.orders\n      ingestPipeline: tag\n";
+    let monsoon = Monsoon::start(bin(), &stack.pipeline("ingest", &["shop.orders"], mapping), state.path())?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = stack.esc.get(elasticsearch::GetParts::IndexId("shop.orders", "1")).send().await?;
+        let body: Value = r.json().await.unwrap_or_default();
+        if body["found"] == true {
+            assert_eq!(body["_source"], json!({"a": 1, "tagged": true}));
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not indexed\n{}", tail(&monsoon.log(), 40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
