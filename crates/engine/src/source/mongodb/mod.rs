@@ -300,8 +300,32 @@ pub struct Source<'a> {
     pub scripts: Option<Arc<monsoon_script::Scripts>>,
 }
 
-/// A routed collection: database, collection, namespace and index names, and its shape.
-pub type Route = (String, String, Arc<str>, Arc<str>, Arc<Shape>);
+/// A routed collection: database and collection names, and where its writes go.
+pub type Route = (String, String, Target);
+
+/// Where a namespace's writes go by default, and how its documents are shaped.
+#[derive(Clone)]
+pub struct Target {
+    /// `db.collection`.
+    pub ns: Arc<str>,
+    /// Its default index.
+    pub index: Arc<str>,
+    /// Its mapping.
+    pub shape: Arc<Shape>,
+}
+
+/// One change of a document, as the source read it.
+#[derive(Clone, Copy)]
+struct Change<'a> {
+    /// The document's `_id`.
+    id: RawBsonRef<'a>,
+    /// The document; `None` for a delete.
+    doc: Option<&'a RawDocument>,
+    /// The update's description, for scripts.
+    update: Option<&'a RawDocument>,
+    /// External version: the change's cluster time.
+    version: u64,
+}
 
 
 
@@ -377,11 +401,11 @@ impl Source<'_> {
     ///
     /// # Errors
     /// [`Error::SharedIndex`] when another live namespace already writes the same index.
-    fn route(&self, db: &str, coll: &str) -> Result<(Arc<str>, Arc<str>, Arc<Shape>), Error> {
+    fn route(&self, db: &str, coll: &str) -> Result<Target, Error> {
         let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((d, c, ns, index, shape)) = cache.as_ref() {
+        if let Some((d, c, target)) = cache.as_ref() {
             if d == db && c == coll {
-                return Ok((ns.clone(), index.clone(), shape.clone()));
+                return Ok(target.clone());
             }
         }
         let ns = format!("{db}.{coll}");
@@ -389,11 +413,9 @@ impl Source<'_> {
         if let Some(first) = self.note_index(&ns, &index) {
             return Err(Error::SharedIndex { index, first, second: ns });
         }
-        let shape = self.shapes.for_ns(db, coll);
-        let ns: Arc<str> = Arc::from(ns);
-        let index: Arc<str> = Arc::from(index);
-        *cache = Some((db.to_string(), coll.to_string(), ns.clone(), index.clone(), shape.clone()));
-        Ok((ns, index, shape))
+        let target = Target { ns: Arc::from(ns), index: Arc::from(index), shape: self.shapes.for_ns(db, coll) };
+        *cache = Some((db.to_string(), coll.to_string(), target.clone()));
+        Ok(target)
     }
 
     fn note_index(&self, ns: &str, index: &str) -> Option<String> {
@@ -427,31 +449,24 @@ impl Source<'_> {
 
     /// The write a change of `db.coll` becomes (`doc` is `None` for a delete), or `None` when
     /// the namespace's keep-filter ignores it.
-    fn write_for(
-        &self,
-        db: &str,
-        coll: &str,
-        id: RawBsonRef<'_>,
-        doc: Option<&RawDocument>,
-        update: Option<&RawDocument>,
-        version: u64,
-        stats: &mut ConvertStats,
-    ) -> Result<Option<Write>, Error> {
-        let (ns, index, shape) = self.route(db, coll)?;
-        let scripts = self.scripts.as_ref().filter(|s| s.has_map(&ns) || s.has_filter(&ns));
-        if shape.is_plain() && scripts.is_none() {
-            return Ok(Some(self.plain_write(ns, index, id, doc, version, stats)));
+    fn write_for(&self, db: &str, coll: &str, change: Change<'_>, stats: &mut ConvertStats) -> Result<Option<Write>, Error> {
+        let target = self.route(db, coll)?;
+        let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
+        if target.shape.is_plain() && scripts.is_none() {
+            return Ok(Some(self.plain_write(target.ns, target.index, change, stats)));
         }
-        let mut write = self.shaped_write(ns, index, &shape, scripts.is_some(), id, doc, version, stats);
+        let shape = target.shape.clone();
+        let mut write = self.shaped_write(target, scripts.is_some(), change, stats);
         if let (Some(scripts), Some(w)) = (scripts, write.as_mut()) {
-            self.defer_to_scripts(scripts, &shape, id, update, w, stats);
+            self.defer_to_scripts(scripts, &shape, change, w, stats);
         }
         Ok(write)
     }
 
     /// Hand a shaped write's document to the namespace's scripts: its operation is decided
     /// on the script threads and awaited by the sink, in order.
-    fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, id: RawBsonRef<'_>, update: Option<&RawDocument>, w: &mut Write, stats: &mut ConvertStats) {
+    fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, change: Change<'_>, w: &mut Write, stats: &mut ConvertStats) {
+        let Change { id, update, .. } = change;
         let source = match &w.op {
             Op::Index(s) | Op::Update(s) => s.to_vec(),
             // Deletes and refusals are not the scripts' to decide.
@@ -481,18 +496,9 @@ impl Source<'_> {
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).
-    #[allow(clippy::too_many_arguments)]
-    fn shaped_write(
-        &self,
-        ns: Arc<str>,
-        index: Arc<str>,
-        shape: &Shape,
-        scripted: bool,
-        id: RawBsonRef<'_>,
-        doc: Option<&RawDocument>,
-        version: u64,
-        stats: &mut ConvertStats,
-    ) -> Option<Write> {
+    fn shaped_write(&self, target: Target, scripted: bool, change: Change<'_>, stats: &mut ConvertStats) -> Option<Write> {
+        let Target { ns, index, shape } = target;
+        let Change { id, doc, version, .. } = change;
         let outcome = match doc {
             None => Ok(Outcome::Delete),
             Some(d) => shape.shape(d, Timestamp::from(ClusterTime::from_version(version)), stats),
@@ -501,7 +507,7 @@ impl Source<'_> {
         // identity in its location record.
         let mongo_id = match convert::es_id_string(id) {
             Ok(text) => text,
-            Err(_) => return Some(self.plain_write(ns, index, id, doc, version, stats)),
+            Err(_) => return Some(self.plain_write(ns, index, change, stats)),
         };
         let mut default_id = Vec::with_capacity(mongo_id.len() + 2);
         crate::sink::elasticsearch::request::write_json_str(&mongo_id, &mut default_id);
@@ -544,15 +550,8 @@ impl Source<'_> {
     }
 
     /// A change of a namespace without a mapping: the document as it is, at its `_id`.
-    fn plain_write(
-        &self,
-        ns: Arc<str>,
-        index: Arc<str>,
-        id: RawBsonRef<'_>,
-        doc: Option<&RawDocument>,
-        version: u64,
-        stats: &mut ConvertStats,
-    ) -> Write {
+    fn plain_write(&self, ns: Arc<str>, index: Arc<str>, change: Change<'_>, stats: &mut ConvertStats) -> Write {
+        let Change { id, doc, version, .. } = change;
         let mut scratch = self.id_scratch.lock().unwrap_or_else(|p| p.into_inner());
         scratch.clear();
         let id_buf = &mut *scratch;
@@ -707,7 +706,7 @@ impl Source<'_> {
                 };
                 let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
                 if self.owns(id) {
-                    if let Some(mut write) = self.write_for(db, coll, id, Some(raw), None, version, &mut stats)? {
+                    if let Some(mut write) = self.write_for(db, coll, Change { id, doc: Some(raw), update: None, version }, &mut stats)? {
                         write.from_snapshot = true;
                         match self.send(write).await {
                             Err(Error::Cancelled) => return Ok(Ended::Cancelled),
@@ -959,7 +958,7 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time, update } => {
                 self.metrics.hot.upserts.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    if let Some(w) = self.write_for(db, coll, id, Some(doc), update, ClusterTime::from(time).version(), stats)? {
+                    if let Some(w) = self.write_for(db, coll, Change { id, doc: Some(doc), update, version: ClusterTime::from(time).version() }, stats)? {
                         self.send(w).await?;
                     }
                 }
@@ -967,7 +966,7 @@ impl Source<'_> {
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    if let Some(w) = self.write_for(db, coll, id, None, None, ClusterTime::from(time).version(), stats)? {
+                    if let Some(w) = self.write_for(db, coll, Change { id, doc: None, update: None, version: ClusterTime::from(time).version() }, stats)? {
                         self.send(w).await?;
                     }
                 }
@@ -976,7 +975,7 @@ impl Source<'_> {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    if let Some(w) = self.write_for(db, coll, id, doc.as_deref(), None, ClusterTime::from(time).version(), stats)? {
+                    if let Some(w) = self.write_for(db, coll, Change { id, doc: doc.as_deref(), update: None, version: ClusterTime::from(time).version() }, stats)? {
                         self.send(w).await?;
                     }
                 }
