@@ -545,23 +545,33 @@ async fn failing_scripts_dead_letter_their_documents_and_the_stream_goes_on() ->
 
 /// A Monstache configuration holding its documentation's examples, through `monsoon convert`
 /// and then `monsoon run`: a global `_.omit` script, comments routed by `post_id`
-/// (`routing = true`), a `[[filter]]`, the field-watch `[[pipeline]]`, `index-as-update` and
-/// a `[[mapping]]` index.
+/// (`routing = true`), the question/answer join, the soft-delete "dropping" script, `findId`
+/// embedding, a `[[filter]]`, the field-watch `[[pipeline]]`, `index-as-update` and a
+/// `[[mapping]]` index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_monstache_config_converts_and_runs() -> anyhow::Result<()> {
     let stack = Stack::start(&[]).await?;
     stack.sharded_index("comments").await?;
     let db = stack.client.database("blog");
+    stack.sharded_index("blog.qa").await?;
     let comments = db.collection::<Document>("comments");
     let watched = db.collection::<Document>("watched");
+    let qa = db.collection::<Document>("qa");
+    let soft = db.collection::<Document>("notes");
+    let posts = db.collection::<Document>("posts");
     comments.insert_one(doc! {"_id": 1, "text": "a", "post_id": "p1", "password": "x"}).await?;
     watched.insert_one(doc! {"_id": 1, "foo": 1, "count": 1, "interesting": true}).await?;
+    let ann = mongodb::bson::oid::ObjectId::parse_str("5a84a8b826993bde57c12893")?;
+    db.collection::<Document>("users").insert_one(doc! {"_id": ann, "name": "Ann"}).await?;
+    posts.insert_one(doc! {"_id": 1, "title": "t", "author": ann}).await?;
+    qa.insert_many([doc! {"_id": "q1", "type": "question", "text": "Q"}, doc! {"_id": "a1", "type": "answer", "text": "A", "question": "q1"}]).await?;
+    soft.insert_many([doc! {"_id": 1, "text": "kept"}, doc! {"_id": 2, "text": "gone", "deletedAt": 1}]).await?;
     let toml = format!(
         r#"
 mongo-url = "{mongo}"
 elasticsearch-urls = ["{es}"]
-direct-read-namespaces = ["blog.comments", "blog.watched"]
-change-stream-namespaces = ["blog.comments", "blog.watched"]
+direct-read-namespaces = ["blog.comments", "blog.watched", "blog.qa", "blog.notes", "blog.posts"]
+change-stream-namespaces = ["blog.comments", "blog.watched", "blog.qa", "blog.notes", "blog.posts"]
 index-as-update = true
 
 [[mapping]]
@@ -582,6 +592,56 @@ script = """
 module.exports = function(doc) {{
   doc._meta_monstache = {{ routing: doc.post_id }};
   return doc;
+}}
+"""
+
+[[script]]
+namespace = "blog.qa"
+routing = true
+script = """
+module.exports = function(doc) {{
+        var routing;
+        if (doc.type === "question") {{
+                routing = doc._id;
+                doc.my_join_field = {{
+                   name: "question"
+                }}
+        }} else if (doc.type === "answer") {{
+                routing = doc.question;
+                doc.my_join_field = {{
+                  name: "answer",
+                  parent: routing
+                }};
+        }}
+        if (routing) {{
+                doc._meta_monstache = {{ routing: routing }};
+        }}
+        return _.omit(doc, "type", "question");
+}}
+"""
+
+[[script]]
+namespace = "blog.notes"
+script = """
+module.exports = function(doc) {{
+	if (!!doc.deletedAt) {{
+		return false;
+	}}
+	return true;
+}}
+"""
+
+[[script]]
+namespace = "blog.posts"
+script = """
+module.exports = function(post) {{
+    if (post.author) {{ // author is a an object id reference
+        post.author = findId(post.author, {{
+          database: "blog",
+          collection: "users"
+        }});
+    }}
+    return post;
 }}
 """
 
@@ -619,7 +679,22 @@ module.exports = function(ns, changeStream) {{
     let log = || format!("{yaml}\n{notes}\n{}", monsoon.log());
     wait_copies(&stack.esc, "comments", &set([copy("comments", "1", Some("p1"), json!({"text": "a", "post_id": "p1"}))]), log).await?;
     wait_copies(&stack.esc, "blog.watched", &set([copy("blog.watched", "1", None, json!({"foo": 1, "count": 1, "interesting": true}))]), log).await?;
+    wait_copies(
+        &stack.esc,
+        "blog.qa",
+        &set([
+            copy("blog.qa", "q1", Some("q1"), json!({"text": "Q", "my_join_field": {"name": "question"}})),
+            copy("blog.qa", "a1", Some("q1"), json!({"text": "A", "my_join_field": {"name": "answer", "parent": "q1"}})),
+        ]),
+        log,
+    )
+    .await?;
+    wait_copies(&stack.esc, "blog.notes", &set([copy("blog.notes", "1", None, json!({"text": "kept"}))]), log).await?;
+    wait_copies(&stack.esc, "blog.posts", &set([copy("blog.posts", "1", None, json!({"title": "t", "author": {"_id": "5a84a8b826993bde57c12893", "name": "Ann"}}))]), log).await?;
     monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    // Soft-deleted by an update: the dropping script removes it from the index.
+    soft.update_one(doc! {"_id": 1}, doc! {"$set": {"deletedAt": 2}}).await?;
+    wait_copies(&stack.esc, "blog.notes", &set([]), log).await?;
 
     // Not a watched field: not synced. A watched one: synced. Filtered out: ignored.
     watched.update_one(doc! {"_id": 1}, doc! {"$set": {"count": 2}}).await?;
