@@ -165,7 +165,7 @@ fn hot_path() {
         let mut batch = Vec::with_capacity(1000);
         let flush = |batch: &mut Vec<Write>, body: &mut Vec<u8>| {
             let plan = locations::plan(std::mem::take(batch), &no_records, &locations_index);
-            for w in plan.writes.iter().chain(&plan.records) {
+            for w in plan.intents.iter().chain(&plan.writes).chain(&plan.records) {
                 request::encode(w, body);
             }
         };

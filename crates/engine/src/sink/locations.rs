@@ -8,21 +8,25 @@
 //! misses documents indexed within the last refresh interval.
 //!
 //! monsoon keeps one small location record per such document in a locations index
-//! (`monsoon-locations`): `{ns, index, id, routing, gone}`, versioned with the change's
+//! (`monsoon-locations`): `{ns, index, id, routing, gone, stale}`, versioned with the change's
 //! cluster time. Per bulk request the sink reads the records of its tracked writes with one
 //! multi-get (real-time: it sees writes not yet refreshed), and then:
 //!
 //! - a write whose record is newer is stale (a replay after a restart): it is skipped;
-//! - a write that moves the document (new index, `_id` or routing) first deletes the old copy;
-//! - a delete goes where the record says the document is (or to the default place when there
-//!   is no record: a document indexed before the mapping existed);
-//! - once the bulk request's writes are final, the records are written (second phase), so a
-//!   crash in between replays the change and finds the old record again: nothing is left
-//!   behind. A deleted document keeps a `gone` record, which stops an older replayed change
+//! - a write to a place no record names yet (a first write, a move) records it first, with the
+//!   places it leaves (`stale`), before any copy lands there: replays are not deterministic (an
+//!   update's document is looked up again, and may go elsewhere than before the crash), so a
+//!   copy must never exist that no record names;
+//! - the copies left behind are deleted (unversioned: such a copy may be newer than the change
+//!   now replayed), and a delete goes where the record says the document is (or to the default
+//!   place when there is no record: a document indexed before the mapping existed);
+//! - once those writes are final, the record is written again (version bumped, `stale`
+//!   cleared). A deleted document keeps a `gone` record, which stops an older replayed change
 //!   from resurrecting it.
 //!
-//! Cost: one multi-get per bulk request that has tracked writes, and one extra (small) write
-//! per tracked write; namespaces without such mappings pay nothing.
+//! Cost: one multi-get per bulk request that has tracked writes, one extra (small) write per
+//! tracked write, and for a move one more (the intent) and a delete of the old copy;
+//! namespaces without such mappings pay nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,6 +77,27 @@ pub struct Record {
     /// The document was deleted (kept as a tombstone against older replays).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gone: bool,
+    /// Other places that may still hold a copy (a move in progress): deleted by the next write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale: Vec<Place>,
+}
+
+/// Where one copy of a document is: index, `_id` (JSON string literal) and routing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    /// Index.
+    pub index: String,
+    /// `_id` as a JSON string literal.
+    pub id: String,
+    /// Routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<String>,
+}
+
+impl Place {
+    fn of(w: &Write) -> Self {
+        Place { index: w.index.to_string(), id: w.id_json.to_string(), routing: w.routing.as_deref().map(str::to_owned) }
+    }
 }
 
 /// A record as read, with its version.
@@ -87,8 +112,11 @@ pub struct Found {
 /// The outcome of planning a batch against its records.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// What to send first: the batch's writes (deletes aimed where their documents are) and
-    /// deletes of old copies, in order.
+    /// Location records to write before the documents: a document's new place (a first write
+    /// or a move) is recorded, with the places it leaves, before any copy lands there.
+    pub intents: Vec<Write>,
+    /// Then the batch's writes (deletes aimed where their documents are) and deletes of the
+    /// copies a move leaves, in order.
     pub writes: Vec<Write>,
     /// Location records to write once those are final.
     pub records: Vec<Write>,
@@ -114,39 +142,78 @@ pub fn plan(batch: Vec<Write>, found: &HashMap<String, Found>, index: &Arc<str>)
             plan.stale += 1;
             continue;
         }
-        let before = before.filter(|f| !f.record.gone).map(|f| &f.record);
-        let deleting = matches!(w.op, Op::Delete);
-        if deleting {
-            if let Some(b) = before {
-                // Aim the delete where the document is.
-                w.index = Arc::from(b.index.as_str());
-                w.id_json = b.id.clone().into();
-                w.routing = b.routing.clone().map(Into::into);
+        // Every place a copy may be: the recorded one and those a move left (a tombstone
+        // record still lists the places its delete may not have reached).
+        let mut places: Vec<Place> = Vec::new();
+        if let Some(f) = before {
+            if !f.record.gone {
+                places.push(Place { index: f.record.index.clone(), id: f.record.id.clone(), routing: f.record.routing.clone() });
             }
-        } else if let Some(b) = before {
-            let moved = *b.index != *w.index || *b.id != *w.id_json || b.routing.as_deref() != w.routing.as_deref();
-            if moved {
-                let mut old = Write::new(w.ns.clone(), Arc::from(b.index.as_str()), b.id.clone().into(), w.version, Op::Delete);
-                old.routing = b.routing.clone().map(Into::into);
-                old.aux = true;
-                old.seq = w.seq;
-                plan.writes.push(old);
+            places.extend(f.record.stale.iter().cloned());
+        }
+        let record_id = {
+            let mut id_json = Vec::with_capacity(origin.len() + 2);
+            super::elasticsearch::request::write_json_str(&origin, &mut id_json);
+            String::from_utf8_lossy(&id_json).into_owned()
+        };
+        let record = |source: Vec<u8>| {
+            let mut rec = Write::new(w.ns.clone(), index.clone(), record_id.clone().into(), w.version, Op::Index(Bytes::from(source)));
+            rec.aux = true;
+            rec.seq = w.seq;
+            rec
+        };
+        let deleting = matches!(w.op, Op::Delete);
+        let here = (!deleting).then(|| Place::of(&w));
+        let leaving: Vec<Place> = places.into_iter().filter(|p| Some(p) != here.as_ref()).collect();
+        // A copy about to land somewhere no record names: record the place (and the places
+        // left) first, so a crash before the final record cannot orphan it. (Replays are not
+        // deterministic: an update's document is looked up again and may go elsewhere.)
+        let new_place = !deleting && (before.is_none_or(|f| f.record.gone) || !leaving.is_empty());
+        let places_left = leaving.len();
+        if new_place {
+            plan.intents.push(record(record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), false, &leaving)));
+        }
+        if deleting {
+            // The delete goes to the recorded place; the others are deleted beside it.
+            let mut targets = leaving.into_iter();
+            if let Some(first) = targets.next() {
+                w.index = Arc::from(first.index.as_str());
+                w.id_json = first.id.into();
+                w.routing = first.routing.map(Into::into);
+            }
+            for other in targets {
+                plan.writes.push(stale_copy(&w, other));
+            }
+        } else {
+            for old in leaving {
+                plan.writes.push(stale_copy(&w, old));
             }
         }
-        let source = record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), deleting);
-        let mut id_json = Vec::with_capacity(origin.len() + 2);
-        super::elasticsearch::request::write_json_str(&origin, &mut id_json);
-        let mut rec = Write::new(w.ns.clone(), index.clone(), String::from_utf8_lossy(&id_json).into(), w.version, Op::Index(Bytes::from(source)));
-        rec.aux = true;
-        rec.seq = w.seq;
-        plan.records.push(rec);
+        // The final record (version bumped, places left cleared), unless the intent already
+        // said all of it (a first write).
+        if !(new_place && places_left == 0) {
+            plan.records.push(record(record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), deleting, &[])));
+        }
         plan.writes.push(w);
     }
     plan
 }
 
+/// A delete of a copy its document left behind. Unversioned: the copy may carry a version
+/// newer than the change now replayed (written before a crash, its record not yet), and it is
+/// not the document's place whatever its version; the document's writes are serialized and
+/// its record stops older replays, so nothing newer can be there.
+fn stale_copy(w: &Write, place: Place) -> Write {
+    let mut old = Write::new(w.ns.clone(), Arc::from(place.index.as_str()), place.id.into(), w.version, Op::Delete);
+    old.routing = place.routing.map(Into::into);
+    old.aux = true;
+    old.unversioned = true;
+    old.seq = w.seq;
+    old
+}
+
 /// A [`Record`] as JSON, written directly (one per tracked write, on the hot path).
-fn record_json(ns: &str, index: &str, id: &str, routing: Option<&str>, gone: bool) -> Vec<u8> {
+fn record_json(ns: &str, index: &str, id: &str, routing: Option<&str>, gone: bool, stale: &[Place]) -> Vec<u8> {
     use super::elasticsearch::request::write_json_str;
     let mut out = Vec::with_capacity(ns.len() + index.len() + id.len() + routing.map_or(0, str::len) + 48);
     out.extend_from_slice(b"{\"ns\":");
@@ -161,6 +228,10 @@ fn record_json(ns: &str, index: &str, id: &str, routing: Option<&str>, gone: boo
     }
     if gone {
         out.extend_from_slice(b",\"gone\":true");
+    }
+    if !stale.is_empty() {
+        out.extend_from_slice(b",\"stale\":");
+        out.extend_from_slice(&serde_json::to_vec(stale).unwrap_or_else(|_| b"[]".to_vec()));
     }
     out.push(b'}');
     out
@@ -177,8 +248,19 @@ mod tests {
         w
     }
 
-    fn found(version: u64, index: &str, id: &str, routing: Option<&str>, gone: bool) -> Found {
-        Found { version, record: Record { ns: "blog.comments".into(), index: index.into(), id: format!("\"{id}\""), routing: routing.map(Into::into), gone } }
+    fn place(index: &str, id: &str, routing: Option<&str>) -> Place {
+        Place { index: index.into(), id: format!("\"{id}\""), routing: routing.map(Into::into) }
+    }
+
+    fn found(version: u64, at: Place, gone: bool, stale: Vec<Place>) -> Found {
+        Found { version, record: Record { ns: "blog.comments".into(), index: at.index, id: at.id, routing: at.routing, gone, stale } }
+    }
+
+    fn record_of(w: &Write) -> Record {
+        match &w.op {
+            Op::Index(b) => serde_json::from_slice(b).expect("record"),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn index() -> Arc<str> {
@@ -186,46 +268,55 @@ mod tests {
     }
 
     #[test]
-    fn a_first_write_is_sent_with_its_record_to_follow() {
+    fn a_first_write_is_recorded_before_it_lands() {
         let w = tracked("p/blog.comments/1", "c", "1", Some("r1"), 10, Op::Index(Bytes::from_static(b"{}")));
         let p = plan(vec![w], &HashMap::new(), &index());
-        assert_eq!(p.writes.len(), 1);
-        assert_eq!(p.records.len(), 1);
-        let rec: Record = match &p.records[0].op {
-            Op::Index(b) => serde_json::from_slice(b).expect("record"),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(rec, Record { ns: "blog.comments".into(), index: "c".into(), id: "\"1\"".into(), routing: Some("r1".into()), gone: false });
-        assert_eq!(&*p.records[0].id_json, "\"p/blog.comments/1\"");
-        assert!(p.records[0].aux && p.records[0].version == 10);
+        assert_eq!(p.intents.len(), 1, "the place is recorded first");
+        assert_eq!(record_of(&p.intents[0]), Record { ns: "blog.comments".into(), index: "c".into(), id: "\"1\"".into(), routing: Some("r1".into()), gone: false, stale: vec![] });
+        assert_eq!(&*p.intents[0].id_json, "\"p/blog.comments/1\"");
+        assert!(p.intents[0].aux && p.intents[0].version == 10);
+        assert_eq!((p.writes.len(), p.records.len()), (1, 0), "the intent was the whole record");
     }
 
     #[test]
-    fn a_moved_document_deletes_its_old_copy_first() {
-        let found: HashMap<_, _> = [("o".to_string(), found(5, "c", "1", Some("r1"), false))].into();
+    fn a_move_records_both_places_then_deletes_the_old_copy_unversioned() {
+        let found: HashMap<_, _> = [("o".to_string(), found(5, place("c", "1", Some("r1")), false, vec![]))].into();
         let w = tracked("o", "c", "1", Some("r2"), 10, Op::Index(Bytes::from_static(b"{}")));
         let p = plan(vec![w], &found, &index());
+        assert_eq!(record_of(&p.intents[0]).stale, vec![place("c", "1", Some("r1"))], "the place left is named until the move is done");
         assert_eq!(p.writes.len(), 2);
-        assert!(matches!(p.writes[0].op, Op::Delete) && p.writes[0].aux);
+        assert!(matches!(p.writes[0].op, Op::Delete) && p.writes[0].aux && p.writes[0].unversioned);
         assert_eq!(p.writes[0].routing.as_deref(), Some("r1"));
-        assert_eq!(p.writes[0].version, 10);
         assert_eq!(p.writes[1].routing.as_deref(), Some("r2"));
-        // Same place: no delete.
+        assert!(record_of(&p.records[0]).stale.is_empty(), "the final record clears it");
+        // Same place: no intent, no delete.
         let w = tracked("o", "c", "1", Some("r1"), 10, Op::Index(Bytes::from_static(b"{}")));
-        assert_eq!(plan(vec![w], &found, &index()).writes.len(), 1);
+        let p = plan(vec![w], &found, &index());
+        assert_eq!((p.intents.len(), p.writes.len(), p.records.len()), (0, 1, 1));
+    }
+
+    #[test]
+    fn places_a_crash_left_in_a_record_are_all_deleted_by_the_next_write() {
+        // A move to r2 was recorded (r1 left) but never finished; the replay now goes to r3.
+        let found: HashMap<_, _> = [("o".to_string(), found(10, place("c", "1", Some("r2")), false, vec![place("c", "1", Some("r1"))]))].into();
+        let w = tracked("o", "c", "1", Some("r3"), 10, Op::Index(Bytes::from_static(b"{}")));
+        let p = plan(vec![w], &found, &index());
+        let deleted: Vec<Option<&str>> = p.writes.iter().filter(|w| w.aux).map(|w| w.routing.as_deref()).collect();
+        assert_eq!(deleted, vec![Some("r2"), Some("r1")]);
+        assert_eq!(record_of(&p.intents[0]).stale.len(), 2);
     }
 
     #[test]
     fn a_delete_goes_where_the_document_is_and_leaves_a_tombstone() {
-        let found: HashMap<_, _> = [("o".to_string(), found(5, "c-eu", "x", Some("r1"), false))].into();
+        let found: HashMap<_, _> = [("o".to_string(), found(5, place("c-eu", "x", Some("r1")), false, vec![place("c-us", "x", None)]))].into();
         let w = tracked("o", "default", "1", None, 10, Op::Delete);
         let p = plan(vec![w], &found, &index());
-        assert_eq!((&*p.writes[0].index, &*p.writes[0].id_json, p.writes[0].routing.as_deref()), ("c-eu", "\"x\"", Some("r1")));
-        let rec: Record = match &p.records[0].op {
-            Op::Index(b) => serde_json::from_slice(b).expect("record"),
-            other => panic!("{other:?}"),
-        };
-        assert!(rec.gone);
+        assert!(p.intents.is_empty());
+        let main = p.writes.last().expect("the delete");
+        assert_eq!((&*main.index, &*main.id_json, main.routing.as_deref()), ("c-eu", "\"x\"", Some("r1")));
+        assert!(!main.unversioned, "the document's own delete is versioned");
+        assert_eq!(p.writes.len(), 2, "and the place a move left");
+        assert!(record_of(&p.records[0]).gone);
         // No record: the default place.
         let w = tracked("n", "default", "1", None, 10, Op::Delete);
         let p = plan(vec![w], &HashMap::new(), &index());
@@ -234,7 +325,7 @@ mod tests {
 
     #[test]
     fn a_write_older_than_its_record_is_a_stale_replay() {
-        let found: HashMap<_, _> = [("o".to_string(), found(20, "c", "1", Some("r9"), false)), ("g".to_string(), found(20, "c", "2", None, true))].into();
+        let found: HashMap<_, _> = [("o".to_string(), found(20, place("c", "1", Some("r9")), false, vec![])), ("g".to_string(), found(20, place("c", "2", None), true, vec![]))].into();
         let p = plan(
             vec![
                 tracked("o", "c", "1", Some("r1"), 10, Op::Index(Bytes::from_static(b"{}"))),
@@ -249,19 +340,19 @@ mod tests {
     }
 
     #[test]
-    fn records_written_by_hand_read_back() {
-        for (routing, gone) in [(Some("r\"1"), false), (None, true)] {
-            let json = record_json("d.c", "i", "\"x\\y\"", routing, gone);
-            let back: Record = serde_json::from_slice(&json).expect("reads back");
-            assert_eq!(back, Record { ns: "d.c".into(), index: "i".into(), id: "\"x\\y\"".into(), routing: routing.map(Into::into), gone });
-        }
-    }
-
-    #[test]
     fn untracked_writes_pass_through() {
         let w = Write::new(Arc::from("a.b"), Arc::from("a.b"), "\"1\"".into(), 1, Op::Delete);
         let p = plan(vec![w], &HashMap::new(), &index());
-        assert_eq!((p.writes.len(), p.records.len()), (1, 0));
+        assert_eq!((p.intents.len(), p.writes.len(), p.records.len()), (0, 1, 0));
+    }
+
+    #[test]
+    fn records_written_by_hand_read_back() {
+        for (routing, gone, stale) in [(Some("r\"1"), false, vec![place("i", "y", Some("r0"))]), (None, true, vec![])] {
+            let json = record_json("d.c", "i", "\"x\\y\"", routing, gone, &stale);
+            let back: Record = serde_json::from_slice(&json).expect("reads back");
+            assert_eq!(back, Record { ns: "d.c".into(), index: "i".into(), id: "\"x\\y\"".into(), routing: routing.map(Into::into), gone, stale });
+        }
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct Write {
     /// Written on behalf of another write of the batch (a moved document's old copy, a
     /// location record): not counted, acknowledged with that write.
     pub aux: bool,
+    /// A delete without a version (a copy its document left: [`locations`]).
+    pub unversioned: bool,
     /// The operation is still being decided; `op` and the target are placeholders until then.
     pub deferred: Option<Deferred>,
 }
@@ -161,6 +163,7 @@ impl Write {
             pipeline: None,
             origin: None,
             aux: false,
+            unversioned: false,
             deferred: None,
         }
     }
@@ -833,7 +836,8 @@ impl Deliverer {
 
     /// Deliver `writes` until each has a final outcome: writes the source could not convert
     /// go to the dead-letter index; tracked writes are first aimed with their location
-    /// records ([`locations`]), whose own writes follow once the documents' are final.
+    /// records ([`locations`]): new places are recorded before the documents land there, and
+    /// the final records follow once the documents' writes are final.
     async fn deliver(&self, writes: Vec<Write>) -> Result<(), crate::retry::Cancelled> {
         let (refused, sendable): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
         let mut rejected: Vec<(Write, Refusal)> = Vec::new();
@@ -843,14 +847,15 @@ impl Deliverer {
                 rejected.push((w, why));
             }
         }
-        let (sendable, records) = match &self.settings.locations {
+        let (intents, sendable, records) = match &self.settings.locations {
             Some(index) if sendable.iter().any(|w| w.origin.is_some()) => {
                 let plan = self.locate(sendable, index).await?;
                 self.shared.metrics.hot.stale.inc_by(plan.stale);
-                (plan.writes, plan.records)
+                (plan.intents, plan.writes, plan.records)
             }
-            _ => (sendable, Vec::new()),
+            _ => (Vec::new(), sendable, Vec::new()),
         };
+        self.send_until_final(intents, &mut rejected).await?;
         self.send_until_final(sendable, &mut rejected).await?;
         self.send_until_final(records, &mut rejected).await?;
         if !rejected.is_empty() {
