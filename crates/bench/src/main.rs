@@ -191,37 +191,28 @@ fn hot_path() {
         flush(&mut batch, &mut body);
         body.len()
     });
-    // The same shaping without the sink's location record: what the transform stage costs.
-    let (routed_secs, _) = best_of(3, || {
-        let mut body = Vec::with_capacity(96 << 20);
-        let mut stats = ConvertStats::default();
-        for e in &events {
-            let Ok(Action::Upsert { id, doc, time, .. }) = event::parse(e) else { panic!("insert event") };
-            let mut id_buf = Vec::with_capacity(16);
-            convert::write_es_id(id, &mut id_buf).expect("id");
-            let Ok(Outcome::Write(shaped)) = shape.shape(doc, time, &mut stats) else { panic!("shaped") };
-            let mut w = Write::new(ns.clone(), ns.clone(), String::from_utf8_lossy(&id_buf).into(), ClusterTime::from(time).version(), Op::Index(Bytes::from(shaped.source)));
-            w.routing = shaped.routing;
-            request::encode(&w, &mut body);
-        }
-        body.len()
-    });
+    // A shape on its own, without the sink's location record: what the transform stage costs.
+    let shaped_only = |shape: &Shape| {
+        best_of(3, || {
+            let mut body = Vec::with_capacity(96 << 20);
+            let mut stats = ConvertStats::default();
+            for e in &events {
+                let Ok(Action::Upsert { id, doc, time, .. }) = event::parse(e) else { panic!("insert event") };
+                let mut id_buf = Vec::with_capacity(16);
+                convert::write_es_id(id, &mut id_buf).expect("id");
+                let Ok(Outcome::Write(shaped)) = shape.shape(doc, time, &mut stats) else { panic!("shaped") };
+                let mut w = Write::new(ns.clone(), ns.clone(), String::from_utf8_lossy(&id_buf).into(), ClusterTime::from(time).version(), Op::Index(Bytes::from(shaped.source)));
+                w.routing = shaped.routing;
+                request::encode(&w, &mut body);
+            }
+            body.len()
+        })
+        .0
+    };
+    let routed_secs = shaped_only(&shape);
     // Fields only (no routing: no location records).
     let trim: monsoon_api::Mapping = serde_json::from_value(serde_json::json!({"namespace": "shop.orders", "exclude": ["note", "address.zip"]})).expect("mapping");
-    let trim = Shape::compile(&trim).expect("compiles");
-    let (trim_secs, _) = best_of(3, || {
-        let mut body = Vec::with_capacity(96 << 20);
-        let mut stats = ConvertStats::default();
-        for e in &events {
-            let Ok(Action::Upsert { id, doc, time, .. }) = event::parse(e) else { panic!("insert event") };
-            let mut id_buf = Vec::with_capacity(16);
-            convert::write_es_id(id, &mut id_buf).expect("id");
-            let Ok(Outcome::Write(shaped)) = trim.shape(doc, time, &mut stats) else { panic!("shaped") };
-            let w = Write::new(ns.clone(), ns.clone(), String::from_utf8_lossy(&id_buf).into(), ClusterTime::from(time).version(), Op::Index(Bytes::from(shaped.source)));
-            request::encode(&w, &mut body);
-        }
-        body.len()
-    });
+    let trim_secs = shaped_only(&Shape::compile(&trim).expect("compiles"));
     println!("\n## Hot path (one core, {n} insert events, {avg_doc}-byte documents)");
     println!("| path | events/s | vs raw loop |");
     println!("|---|---|---|");

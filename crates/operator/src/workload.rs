@@ -510,6 +510,12 @@ mod tests {
         p
     }
 
+    /// The pipeline the worker reads (`MONSOON_PIPELINE`), from its container's environment.
+    fn worker_spec(env: &[EnvVar]) -> serde_json::Value {
+        let text = env.iter().find(|e| e.name == ENV_PIPELINE).and_then(|e| e.value.as_deref()).expect("pipeline env");
+        serde_json::from_str(text).expect("json")
+    }
+
     fn settings() -> WorkerSettings {
         WorkerSettings {
             image: "monsoon:test".into(),
@@ -529,11 +535,7 @@ mod tests {
         p.spec.elasticsearch.client_key_from = Some(tls("tls.key"));
         let w = build(&p, 2, 2, &settings());
         let pod = w.stateful_set.spec.expect("spec").template.spec.expect("pod");
-        let env = pod.containers[0].env.as_ref().expect("env");
-        let json: serde_json::Value = serde_json::from_str(
-            env.iter().find(|e| e.name == ENV_PIPELINE).and_then(|e| e.value.as_deref()).expect("pipeline env"),
-        )
-        .expect("json");
+        let json = worker_spec(pod.containers[0].env.as_ref().expect("env"));
         assert_eq!(json["spec"]["elasticsearch"]["clientCertFrom"], serde_json::json!({"file": "/etc/monsoon/tls/elasticsearch/crt/tls.crt"}));
         assert_eq!(json["spec"]["elasticsearch"]["clientKeyFrom"], serde_json::json!({"file": "/etc/monsoon/tls/elasticsearch/key/tls.key"}));
         let volumes = pod.volumes.as_ref().expect("volumes");
@@ -559,11 +561,7 @@ mod tests {
         ];
         let w = build(&p, 2, 2, &settings());
         let pod = w.stateful_set.spec.expect("spec").template.spec.expect("pod");
-        let env = pod.containers[0].env.as_ref().expect("env");
-        let json: serde_json::Value = serde_json::from_str(
-            env.iter().find(|e| e.name == ENV_PIPELINE).and_then(|e| e.value.as_deref()).expect("pipeline env"),
-        )
-        .expect("json");
+        let json = worker_spec(pod.containers[0].env.as_ref().expect("env"));
         assert_eq!(json["spec"]["scripts"][1]["scriptFrom"], serde_json::json!({"file": "/etc/monsoon/scripts/scripts-1/script.js"}));
         assert!(json["spec"]["scripts"][0]["script"].is_string(), "inline scripts stay inline");
         let volume = pod.volumes.as_ref().expect("volumes").iter().find(|v| v.name == "script-scripts-1").expect("volume");
@@ -582,10 +580,7 @@ mod tests {
         let uri = env.iter().find(|e| e.name == "MONSOON_MONGODB_URI").expect("uri env");
         let sel = uri.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("secret ref");
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("mongo", "uri"));
-        let json: serde_json::Value = serde_json::from_str(
-            env.iter().find(|e| e.name == ENV_PIPELINE).and_then(|e| e.value.as_deref()).expect("pipeline env"),
-        )
-        .expect("json");
+        let json = worker_spec(env);
         assert_eq!(json["spec"]["mongodb"]["uriFrom"], serde_json::json!({"env": "MONSOON_MONGODB_URI"}));
         assert_eq!(json["spec"]["elasticsearch"]["caFrom"], serde_json::json!({"file": "/etc/monsoon/ca/elasticsearch/ca.pem"}));
         let vol = pod.volumes.as_ref().expect("volumes").iter().find(|v| v.name == "ca-elasticsearch").expect("ca volume");

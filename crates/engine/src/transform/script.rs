@@ -146,7 +146,7 @@ pub struct Planned {
     /// Namespace.
     pub ns: String,
     /// The document as JSON, `_id` left out (as indexed).
-    pub source: Vec<u8>,
+    pub source: Bytes,
     /// The document's `_id` as JSON (the value, for the script's copy).
     pub id_value: Vec<u8>,
     /// Index, `_id` (JSON string literal), routing and ingest pipeline the mapping chose.
@@ -209,7 +209,7 @@ pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
                     return Decided::Skip;
                 }
                 let source = match without_id(&doc) {
-                    Ok(s) => s,
+                    Ok(s) => Bytes::from(s),
                     Err(e) => return rejected(&plan, &ScriptError::Internal(e)),
                 };
                 if let Some(index) = &meta.index {
@@ -249,7 +249,7 @@ async fn retried<T, F: Fn(&Scripts) -> monsoon_script::Pending<T>>(scripts: &Scr
     result
 }
 
-fn decided(plan: &Planned, source: Vec<u8>, meta: Option<monsoon_script::Meta>) -> Decided {
+fn decided(plan: &Planned, source: Bytes, meta: Option<monsoon_script::Meta>) -> Decided {
     let meta = meta.unwrap_or_default();
     let id_json = match &meta.id {
         Some(id) => {
@@ -259,7 +259,6 @@ fn decided(plan: &Planned, source: Vec<u8>, meta: Option<monsoon_script::Meta>) 
         }
         None => plan.id_json.clone(),
     };
-    let source = Bytes::from(source);
     Decided::Write {
         op: if plan.update { Op::Update(source) } else { Op::Index(source) },
         index: meta.index.as_deref().map_or_else(|| plan.index.clone(), Arc::from),
@@ -280,7 +279,7 @@ fn rejected(plan: &Planned, e: &ScriptError) -> Decided {
         _ => "script_failed",
     };
     Decided::Write {
-        op: Op::Reject { error_type, reason: e.to_string(), document: Some(Bytes::from(plan.source.clone())) },
+        op: Op::Reject { error_type, reason: e.to_string(), document: Some(plan.source.clone()) },
         index: plan.index.clone(),
         id_json: plan.id_json.clone(),
         routing: plan.routing.clone(),

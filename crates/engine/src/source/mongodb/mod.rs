@@ -468,7 +468,8 @@ impl Source<'_> {
     fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, change: Change<'_>, w: &mut Write, stats: &mut ConvertStats) {
         let Change { id, update, .. } = change;
         let source = match &w.op {
-            Op::Index(s) | Op::Update(s) => s.to_vec(),
+            // Shared, not copied: the scripts read it, and keep it as it is for `true`.
+            Op::Index(s) | Op::Update(s) => s.clone(),
             // Deletes and refusals are not the scripts' to decide.
             Op::Delete | Op::Reject { .. } => return,
         };
