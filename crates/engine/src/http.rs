@@ -134,5 +134,6 @@ pub fn stats(e: &Endpoints) -> serde_json::Value {
         "lastCheckpointUnixSeconds": m.checkpoint_time.get(),
         "secondsSinceProgress": e.health.seconds_since_progress(),
         "streamReopens": m.stream_reopens.get(),
+        "transformWaitingSeconds": e.health.transform_waiting_seconds(),
     })
 }

@@ -166,7 +166,11 @@ async fn run_inner<S: CheckpointStore>(
     let scripts = if config.scripts.is_empty() {
         None
     } else {
-        let lookup = transform::script::MongoLookup { client: client.clone(), handle: tokio::runtime::Handle::current() };
+        let lookup = transform::script::MongoLookup {
+            client: client.clone(),
+            handle: tokio::runtime::Handle::current(),
+            max_bytes: config.scripts.limits.memory_limit,
+        };
         let scripts = monsoon_script::Scripts::with_lookup(config.scripts.clone(), Arc::new(lookup)).map_err(|e| Error::Mapping(e.to_string()))?;
         info!(pipeline = %name, workers = scripts.workers(), "scripts compiled");
         Some(Arc::new(scripts))

@@ -220,6 +220,9 @@ pub struct Health {
     failure: Mutex<Option<String>>,
     /// The last change-stream read found nothing new.
     caught_up: AtomicBool,
+    /// When (millis since `started`, plus one) the transform stage began waiting on a script
+    /// decision; 0 while it waits on none.
+    transform_wait: AtomicU64,
     /// How long a loop may go without a heartbeat before `/healthz` fails.
     stuck_after: Duration,
 }
@@ -237,6 +240,7 @@ impl Health {
             last_progress: AtomicU64::new(0),
             failure: Mutex::new(None),
             caught_up: AtomicBool::new(false),
+            transform_wait: AtomicU64::new(0),
             stuck_after,
         }
     }
@@ -310,13 +314,36 @@ impl Health {
         self.failure.lock().ok().and_then(|f| f.clone())
     }
 
-    /// Liveness: `Err(reason)` when the pipeline failed or a loop stopped beating.
+    /// The transform stage starts (`true`) or stops (`false`) waiting on a script decision.
+    pub fn transform_waiting(&self, waiting: bool) {
+        let value = if waiting { self.now_ms() + 1 } else { 0 };
+        self.transform_wait.store(value, Ordering::Relaxed);
+    }
+
+    /// Seconds the transform stage has been waiting on one script decision, if it is.
+    pub fn transform_waiting_seconds(&self) -> Option<u64> {
+        self.transform_waiting_ms().map(|ms| ms / 1000)
+    }
+
+    fn transform_waiting_ms(&self) -> Option<u64> {
+        let since = self.transform_wait.load(Ordering::Relaxed);
+        (since > 0).then(|| self.now_ms().saturating_sub(since - 1))
+    }
+
+    /// Liveness: `Err(reason)` when the pipeline failed, a loop stopped beating, or the
+    /// transform stage has waited on one script decision for longer than a loop may be silent
+    /// (a script worker that died, or a MongoDB outage its lookups are waiting out).
     pub fn live(&self) -> Result<(), String> {
         if let Some(f) = self.failure() {
             return Err(format!("pipeline failed: {f}"));
         }
         let now = self.now_ms();
         let limit = self.stuck_after.as_millis() as u64;
+        if let Some(waited) = self.transform_waiting_ms() {
+            if waited > limit {
+                return Err(format!("transform stage has waited {}s for one script decision (script workers stopped, or their lookups wait on MongoDB)", waited / 1000));
+            }
+        }
         if self.phase() != Phase::Starting && now > limit {
             for (name, beat) in [("source", &self.source_beat), ("sink", &self.sink_beat)] {
                 let last = beat.load(Ordering::Relaxed);
@@ -367,6 +394,20 @@ mod tests {
         assert!(h.live().is_ok());
         h.fail("history lost".into());
         assert!(h.live().is_err_and(|e| e.contains("history lost")));
+    }
+
+    #[test]
+    fn a_script_decision_that_never_comes_fails_liveness() {
+        let h = Health::new(Duration::from_millis(50));
+        h.set_phase(Phase::Streaming);
+        h.transform_waiting(true);
+        std::thread::sleep(Duration::from_millis(80));
+        // The loops beat (the source waits on the sink, beating), yet the pipeline is stuck.
+        h.source_beat(true);
+        h.sink_beat(true);
+        assert!(h.live().is_err_and(|e| e.contains("transform stage")), "{:?}", h.live());
+        h.transform_waiting(false);
+        assert!(h.live().is_ok());
     }
 
     #[test]

@@ -132,7 +132,7 @@ use std::sync::Arc;
 
 pub use config::{Config, Limits, ScriptSource};
 pub use error::ScriptError;
-pub use lookup::{Lookup, LookupKind, LookupRequest, NoLookup};
+pub use lookup::{Lookup, LookupKind, LookupRequest, NoLookup, QueryError};
 pub use meta::Meta;
 pub use pool::{Pending, PendingBatch};
 

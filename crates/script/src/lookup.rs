@@ -79,6 +79,14 @@ pub trait Lookup: Send + Sync {
     fn lookup(&self, request: &LookupRequest) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// A lookup failure that retrying cannot change (a malformed query, a server's refusal of it, a
+/// result too large to hand to a script). A [`Lookup`] returns it to say so: the script sees a
+/// thrown `Error` as for any failure, but one it does not catch fails the document at once
+/// ([`crate::ScriptError::Threw`], dead-lettered) instead of being retried as an outage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct QueryError(pub String);
+
 /// The lookup used when the engine gives none: every call fails with a clear message.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoLookup;

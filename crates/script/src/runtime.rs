@@ -408,6 +408,8 @@ fn native_lookup(
                 Err(e) => fail(format!("the result is not JSON: {e}")),
             }
         }
+        // The query's own fault: a plain error, as a bad argument is.
+        Err(e) if e.is::<crate::lookup::QueryError>() => (false, Some(e.to_string())),
         Err(e) => fail(e.to_string()),
     }
 }

@@ -690,6 +690,22 @@ fn a_failed_lookup_fails_the_document_as_retriable_unless_the_script_catches_it(
     assert_eq!(doc["err"], json!("findId failed: connection refused"));
 }
 
+/// A lookup the server refused for good (a malformed query) is the document's error, not an
+/// outage: retrying it would only delay the dead letter.
+#[test]
+fn a_refused_query_fails_the_document_without_retries() {
+    struct Refusing;
+    impl Lookup for Refusing {
+        fn lookup(&self, _r: &LookupRequest) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+            Err(Box::new(crate::QueryError("unknown operator: $eqq".into())))
+        }
+    }
+    let s = with_lookup_dyn(Arc::new(Refusing), vec![ScriptSource::global("module.exports = function(doc) { doc.u = findOne({a: {$eqq: 1}}); return doc; }")]);
+    let e = s.map("a.b", "{}", None).expect_err("refused");
+    assert!(matches!(e, ScriptError::Threw { .. }) && !e.is_retriable(), "{e:?}");
+    assert!(e.to_string().contains("unknown operator: $eqq"), "{e}");
+}
+
 #[test]
 fn bad_lookup_arguments_are_script_errors_not_retriable() {
     let s = with_lookup(Arc::new(MemoryLookup::default()), vec![ScriptSource::global("module.exports = function(doc) { return {r: find({}, {limt: 1})}; }")]);

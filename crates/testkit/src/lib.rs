@@ -683,3 +683,48 @@ impl Stack {
         wait_converged(&self.client, &self.esc, db, coll, index, Duration::from_secs(90)).await
     }
 }
+
+/// Either search server the tests run against, behind one interface: the fault matrix runs
+/// each case on noida-db and on a real OpenSearch node (which keeps shards, routing and
+/// delete tombstones as Elasticsearch does; noida-db keeps no tombstones).
+pub enum SearchServer {
+    /// noida-db.
+    Noida(Elastic),
+    /// A real OpenSearch node.
+    OpenSearch(opensearch::OpenSearch),
+}
+
+/// Which search server a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchKind {
+    /// noida-db.
+    Noida,
+    /// A real OpenSearch node.
+    OpenSearch,
+}
+
+impl SearchServer {
+    /// Start one of `kind`.
+    pub fn start(kind: SearchKind) -> anyhow::Result<Self> {
+        Ok(match kind {
+            SearchKind::Noida => Self::Noida(Elastic::start()?),
+            SearchKind::OpenSearch => Self::OpenSearch(opensearch::OpenSearch::start()?),
+        })
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Noida(e) => e.url(),
+            Self::OpenSearch(o) => o.url(),
+        }
+    }
+
+    /// A client of this server.
+    pub fn client(&self) -> anyhow::Result<Elasticsearch> {
+        match self {
+            Self::Noida(e) => e.client(),
+            Self::OpenSearch(o) => o.client(),
+        }
+    }
+}

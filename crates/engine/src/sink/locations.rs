@@ -13,19 +13,29 @@
 //! multi-get (real-time: it sees writes not yet refreshed), and then:
 //!
 //! - a write whose record is newer is stale (a replay after a restart): it is skipped;
-//! - a write to a place no record names yet (a first write, a move) records it first, with the
-//!   places it leaves (`stale`), before any copy lands there: replays are not deterministic (an
-//!   update's document is looked up again, and may go elsewhere than before the crash), so a
-//!   copy must never exist that no record names;
-//! - the copies left behind are deleted (unversioned: such a copy may be newer than the change
-//!   now replayed), and a delete goes where the record says the document is (or to the default
-//!   place when there is no record: a document indexed before the mapping existed);
-//! - once those writes are final, the record is written again (version bumped, `stale`
-//!   cleared). A deleted document keeps a `gone` record, which stops an older replayed change
-//!   from resurrecting it.
+//! - every write is recorded first (an *intent*: its place, and the places it leaves in
+//!   `stale`, each with the version of the last copy written there), before its copy lands:
+//!   replays are not deterministic (an update's document is looked up again, and may go
+//!   elsewhere than before the crash), so a copy must never exist that no record names, and
+//!   a record's version bounds every copy it names;
+//! - the copies left behind are deleted with the version of the copy they are meant to
+//!   remove (`external_gte`): such a delete removes this document's copy (or an older one),
+//!   never the newer copy of another document that has since taken the same `_id` (an
+//!   application swapping keys). Until 2026-12 these deletes were unversioned, and a
+//!   document leaving key `k` deleted the document that had just taken `k` whenever its
+//!   delete ran after that write (another bulk request, or a coalesced batch);
+//! - a delete goes where the record says the document is (or to the default place when there
+//!   is no record: a document indexed before the mapping existed);
+//! - once every delete of a move is final, the record is written again (`stale` cleared); a
+//!   delete refused for good keeps its place in `stale`, so the next write tries again, and a
+//!   refused intent stops its document's write (it is dead-lettered instead);
+//! - a deleted document's record is deleted once its copies are (versioned, so the record of a
+//!   newer insert stays): the locations index holds live documents only, whatever the insert
+//!   and delete traffic. (Records written before 2026-12 kept `gone` tombstones forever; those
+//!   still read as deleted documents.)
 //!
 //! Cost: one multi-get per bulk request that has tracked writes, one extra (small) write per
-//! tracked write, and for a move one more (the intent) and a delete of the old copy;
+//! tracked write, and for a move one more (the final record) and a delete of the old copy;
 //! namespaces without such mappings pay nothing.
 
 use std::collections::HashMap;
@@ -74,7 +84,8 @@ pub struct Record {
     /// Its routing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<String>,
-    /// The document was deleted (kept as a tombstone against older replays).
+    /// The document was deleted (a tombstone of an older monsoon; records of deleted
+    /// documents are now deleted with them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gone: bool,
     /// Other places that may still hold a copy (a move in progress): deleted by the next write.
@@ -92,11 +103,20 @@ pub struct Place {
     /// Routing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<String>,
+    /// The version of the last copy written there (records written before monsoon kept it
+    /// have none: the record's own version stands in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u64>,
 }
 
 impl Place {
     fn of(w: &Write) -> Self {
-        Place { index: w.index.to_string(), id: w.id_json.to_string(), routing: w.routing.as_deref().map(str::to_owned) }
+        Place { index: w.index.to_string(), id: w.id_json.to_string(), routing: w.routing.as_deref().map(str::to_owned), v: Some(w.version) }
+    }
+
+    /// The same place (index, `_id`, routing), whatever version each names.
+    fn same(&self, other: &Place) -> bool {
+        self.index == other.index && self.id == other.id && self.routing == other.routing
     }
 }
 
@@ -128,7 +148,7 @@ pub struct Plan {
 /// record id). Untracked writes pass through unchanged.
 pub fn plan(batch: Vec<Write>, found: &HashMap<String, Found>, index: &Arc<str>) -> Plan {
     let mut plan = Plan::default();
-    for mut w in batch {
+    for w in batch {
         let Some(origin) = w.origin.clone() else {
             plan.writes.push(w);
             continue;
@@ -142,72 +162,88 @@ pub fn plan(batch: Vec<Write>, found: &HashMap<String, Found>, index: &Arc<str>)
             plan.stale += 1;
             continue;
         }
-        // Every place a copy may be: the recorded one and those a move left (a tombstone
-        // record still lists the places its delete may not have reached).
-        let mut places: Vec<Place> = Vec::new();
-        if let Some(f) = before {
-            if !f.record.gone {
-                places.push(Place { index: f.record.index.clone(), id: f.record.id.clone(), routing: f.record.routing.clone() });
-            }
-            places.extend(f.record.stale.iter().cloned());
-        }
-        let record_id = {
-            let mut id_json = Vec::with_capacity(origin.len() + 2);
-            super::elasticsearch::request::write_json_str(&origin, &mut id_json);
-            String::from_utf8_lossy(&id_json).into_owned()
-        };
-        let record = |source: Vec<u8>| {
-            let mut rec = Write::new(w.ns.clone(), index.clone(), record_id.clone().into(), w.version, Op::Index(Bytes::from(source)));
-            rec.aux = true;
-            rec.seq = w.seq;
-            rec
-        };
-        let deleting = matches!(w.op, Op::Delete);
-        let here = (!deleting).then(|| Place::of(&w));
-        let leaving: Vec<Place> = places.into_iter().filter(|p| Some(p) != here.as_ref()).collect();
-        // A copy about to land somewhere no record names: record the place (and the places
-        // left) first, so a crash before the final record cannot orphan it. (Replays are not
-        // deterministic: an update's document is looked up again and may go elsewhere.)
-        let new_place = !deleting && (before.is_none_or(|f| f.record.gone) || !leaving.is_empty());
-        let places_left = leaving.len();
-        if new_place {
-            plan.intents.push(record(record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), false, &leaving)));
-        }
-        if deleting {
-            // The delete goes to the recorded place; the others are deleted beside it.
-            let mut targets = leaving.into_iter();
-            if let Some(first) = targets.next() {
-                w.index = Arc::from(first.index.as_str());
-                w.id_json = first.id.into();
-                w.routing = first.routing.map(Into::into);
-            }
-            for other in targets {
-                plan.writes.push(stale_copy(&w, other));
-            }
-        } else {
-            for old in leaving {
-                plan.writes.push(stale_copy(&w, old));
-            }
-        }
-        // The final record (version bumped, places left cleared), unless the intent already
-        // said all of it (a first write).
-        if !(new_place && places_left == 0) {
-            plan.records.push(record(record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), deleting, &[])));
-        }
-        plan.writes.push(w);
+        plan_one(w, &origin, before, index, &mut plan);
     }
     plan
 }
 
-/// A delete of a copy its document left behind. Unversioned: the copy may carry a version
-/// newer than the change now replayed (written before a crash, its record not yet), and it is
-/// not the document's place whatever its version; the document's writes are serialized and
-/// its record stops older replays, so nothing newer can be there.
-fn stale_copy(w: &Write, place: Place) -> Write {
-    let mut old = Write::new(w.ns.clone(), Arc::from(place.index.as_str()), place.id.into(), w.version, Op::Delete);
+/// Every place a copy of a document may be, with the version of the last copy written there:
+/// the recorded one (unless deleted) and those a move left (a tombstone still lists the places
+/// its delete may not have reached).
+fn recorded_places(before: Option<&Found>) -> Vec<Place> {
+    let Some(f) = before else { return Vec::new() };
+    let mut places = Vec::with_capacity(1 + f.record.stale.len());
+    if !f.record.gone {
+        places.push(Place { index: f.record.index.clone(), id: f.record.id.clone(), routing: f.record.routing.clone(), v: Some(f.version) });
+    }
+    places.extend(f.record.stale.iter().map(|p| Place { v: p.v.or(Some(f.version)), ..p.clone() }));
+    places
+}
+
+/// Plan one tracked write: its intent, the write (a delete aimed where the document is), the
+/// deletes of the copies it leaves, and its final record.
+fn plan_one(mut w: Write, origin: &str, before: Option<&Found>, index: &Arc<str>, plan: &mut Plan) {
+    let record_id: Box<str> = {
+        let mut id_json = Vec::with_capacity(origin.len() + 2);
+        super::elasticsearch::request::write_json_str(origin, &mut id_json);
+        String::from_utf8_lossy(&id_json).into()
+    };
+    let record = |w: &Write, source: Vec<u8>| {
+        let mut rec = Write::new(w.ns.clone(), index.clone(), record_id.clone(), w.version, Op::Index(Bytes::from(source)));
+        rec.aux = true;
+        rec.seq = w.seq;
+        rec
+    };
+    let deleting = matches!(w.op, Op::Delete);
+    let places = recorded_places(before);
+    if deleting {
+        // The delete goes to the recorded place (versioned with the change, as every write of
+        // the document); the places a move left are deleted beside it.
+        let mut targets = places.into_iter();
+        if let Some(first) = targets.next() {
+            w.index = Arc::from(first.index.as_str());
+            w.id_json = first.id.into();
+            w.routing = first.routing.map(Into::into);
+        }
+        for other in targets {
+            plan.writes.push(left_copy(&w, other));
+        }
+        // Once every copy is deleted the record goes too (versioned: a record of a newer
+        // change, the document inserted again, stays), so deleted documents leave nothing
+        // behind. A replay after a crash may then index an older change of the document again
+        // for a moment, until it replays the delete, as for any document whose delete
+        // Elasticsearch forgot (`index.gc_deletes`); while a delete is refused, the record
+        // stays, naming the copy that is still there.
+        let mut forget = Write::new(w.ns.clone(), index.clone(), record_id.clone(), w.version, Op::Delete);
+        forget.aux = true;
+        forget.seq = w.seq;
+        plan.records.push(forget);
+        plan.writes.push(w);
+        return;
+    }
+    let here = Place::of(&w);
+    let leaving: Vec<Place> = places.into_iter().filter(|p| !p.same(&here)).collect();
+    // Recorded before the copy lands, with the version it lands with: a crash after it cannot
+    // leave a copy that no record names, nor one newer than its record says.
+    plan.intents.push(record(&w, record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), false, &leaving)));
+    if !leaving.is_empty() {
+        for old in leaving {
+            plan.writes.push(left_copy(&w, old));
+        }
+        // The final record clears the places left, once their deletes are final.
+        plan.records.push(record(&w, record_json(&w.ns, &w.index, &w.id_json, w.routing.as_deref(), false, &[])));
+    }
+    plan.writes.push(w);
+}
+
+/// A delete of a copy its document left behind, versioned with the version of the last copy
+/// this document wrote there (`external_gte`): it removes that copy (or an older one), and
+/// loses against the newer copy of a document that has since taken the same place.
+fn left_copy(w: &Write, place: Place) -> Write {
+    let version = place.v.unwrap_or(w.version);
+    let mut old = Write::new(w.ns.clone(), Arc::from(place.index.as_str()), place.id.into(), version, Op::Delete);
     old.routing = place.routing.map(Into::into);
     old.aux = true;
-    old.unversioned = true;
     old.seq = w.seq;
     old
 }
@@ -249,7 +285,11 @@ mod tests {
     }
 
     fn place(index: &str, id: &str, routing: Option<&str>) -> Place {
-        Place { index: index.into(), id: format!("\"{id}\""), routing: routing.map(Into::into) }
+        Place { index: index.into(), id: format!("\"{id}\""), routing: routing.map(Into::into), v: None }
+    }
+
+    fn at(version: u64, p: Place) -> Place {
+        Place { v: Some(version), ..p }
     }
 
     fn found(version: u64, at: Place, gone: bool, stale: Vec<Place>) -> Found {
@@ -279,20 +319,41 @@ mod tests {
     }
 
     #[test]
-    fn a_move_records_both_places_then_deletes_the_old_copy_unversioned() {
+    fn a_move_records_both_places_then_deletes_the_old_copy_with_its_version() {
         let found: HashMap<_, _> = [("o".to_string(), found(5, place("c", "1", Some("r1")), false, vec![]))].into();
         let w = tracked("o", "c", "1", Some("r2"), 10, Op::Index(Bytes::from_static(b"{}")));
         let p = plan(vec![w], &found, &index());
-        assert_eq!(record_of(&p.intents[0]).stale, vec![place("c", "1", Some("r1"))], "the place left is named until the move is done");
+        assert_eq!(record_of(&p.intents[0]).stale, vec![at(5, place("c", "1", Some("r1")))], "the place left is named, with its copy's version, until the move is done");
         assert_eq!(p.writes.len(), 2);
-        assert!(matches!(p.writes[0].op, Op::Delete) && p.writes[0].aux && p.writes[0].unversioned);
+        assert!(matches!(p.writes[0].op, Op::Delete) && p.writes[0].aux);
+        assert_eq!(p.writes[0].version, 5, "the delete loses against any copy newer than the one this document left");
         assert_eq!(p.writes[0].routing.as_deref(), Some("r1"));
         assert_eq!(p.writes[1].routing.as_deref(), Some("r2"));
         assert!(record_of(&p.records[0]).stale.is_empty(), "the final record clears it");
-        // Same place: no intent, no delete.
+        // Same place: recorded first (with the new version), nothing to delete or clear.
         let w = tracked("o", "c", "1", Some("r1"), 10, Op::Index(Bytes::from_static(b"{}")));
         let p = plan(vec![w], &found, &index());
-        assert_eq!((p.intents.len(), p.writes.len(), p.records.len()), (0, 1, 1));
+        assert_eq!((p.intents.len(), p.writes.len(), p.records.len()), (1, 1, 0));
+        assert_eq!(p.intents[0].version, 10);
+    }
+
+    #[test]
+    fn a_document_taking_a_key_another_just_left_survives_that_ones_delete() {
+        // A leaves key "1" (its copy there written at 5) for "2"; B takes "1" at 7. Whatever
+        // order the two plans' writes reach Elasticsearch in, A's delete of "1" is versioned
+        // 5 and so loses against B's copy at 7.
+        let found: HashMap<_, _> = [
+            ("a".to_string(), found(5, place("items", "1", None), false, vec![])),
+            ("b".to_string(), found(6, place("items", "2", None), false, vec![])),
+        ]
+        .into();
+        let b = tracked("b", "items", "1", None, 7, Op::Index(Bytes::from_static(b"{}")));
+        let a = tracked("a", "items", "2", None, 8, Op::Index(Bytes::from_static(b"{}")));
+        let p = plan(vec![b, a], &found, &index());
+        let deletes: Vec<(&str, u64)> = p.writes.iter().filter(|w| matches!(w.op, Op::Delete)).map(|w| (&*w.id_json, w.version)).collect();
+        assert_eq!(deletes, vec![("\"2\"", 6), ("\"1\"", 5)]);
+        let writes: Vec<(&str, u64)> = p.writes.iter().filter(|w| matches!(w.op, Op::Index(_))).map(|w| (&*w.id_json, w.version)).collect();
+        assert_eq!(writes, vec![("\"1\"", 7), ("\"2\"", 8)]);
     }
 
     #[test]
@@ -301,8 +362,8 @@ mod tests {
         let found: HashMap<_, _> = [("o".to_string(), found(10, place("c", "1", Some("r2")), false, vec![place("c", "1", Some("r1"))]))].into();
         let w = tracked("o", "c", "1", Some("r3"), 10, Op::Index(Bytes::from_static(b"{}")));
         let p = plan(vec![w], &found, &index());
-        let deleted: Vec<Option<&str>> = p.writes.iter().filter(|w| w.aux).map(|w| w.routing.as_deref()).collect();
-        assert_eq!(deleted, vec![Some("r2"), Some("r1")]);
+        let deleted: Vec<(Option<&str>, u64)> = p.writes.iter().filter(|w| w.aux).map(|w| (w.routing.as_deref(), w.version)).collect();
+        assert_eq!(deleted, vec![(Some("r2"), 10), (Some("r1"), 10)], "a place recorded without a version takes the record's");
         assert_eq!(record_of(&p.intents[0]).stale.len(), 2);
     }
 
@@ -314,9 +375,11 @@ mod tests {
         assert!(p.intents.is_empty());
         let main = p.writes.last().expect("the delete");
         assert_eq!((&*main.index, &*main.id_json, main.routing.as_deref()), ("c-eu", "\"x\"", Some("r1")));
-        assert!(!main.unversioned, "the document's own delete is versioned");
+        assert_eq!(main.version, 10, "the document's own delete is versioned with its change");
         assert_eq!(p.writes.len(), 2, "and the place a move left");
-        assert!(record_of(&p.records[0]).gone);
+        let forget = &p.records[0];
+        assert!(matches!(forget.op, Op::Delete) && forget.aux, "then the record itself goes: no tombstone grows the locations index");
+        assert_eq!((&*forget.id_json, forget.version), ("\"o\"", 10), "versioned: a newer record stays");
         // No record: the default place.
         let w = tracked("n", "default", "1", None, 10, Op::Delete);
         let p = plan(vec![w], &HashMap::new(), &index());

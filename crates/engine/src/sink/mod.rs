@@ -140,8 +140,6 @@ pub struct Write {
     /// Written on behalf of another write of the batch (a moved document's old copy, a
     /// location record): not counted, acknowledged with that write.
     pub aux: bool,
-    /// A delete without a version (a copy its document left: [`locations`]).
-    pub unversioned: bool,
     /// The operation is still being decided; `op` and the target are placeholders until then.
     pub deferred: Option<Deferred>,
 }
@@ -163,7 +161,6 @@ impl Write {
             pipeline: None,
             origin: None,
             aux: false,
-            unversioned: false,
             deferred: None,
         }
     }
@@ -329,8 +326,9 @@ const STAGE_CHUNK: usize = 64;
 pub struct Sink {
     es: Elastic,
     tx: Option<mpsc::Sender<Msg>>,
-    /// Registered writes not yet handed to the batcher.
-    staged: Mutex<Vec<Write>>,
+    /// Writes (and the positions recorded among them) not yet numbered nor handed to the
+    /// batcher.
+    staged: Mutex<Chunk>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
     budget: Arc<Semaphore>,
@@ -356,9 +354,18 @@ pub struct SinkSettings {
     pub locations: Option<Arc<str>>,
 }
 
-/// A full chunk of staged writes, to be handed over with [`Sink::send_chunk`].
+/// A full chunk of staged writes, to be handed over with [`Sink::send_chunk`], with the
+/// positions recorded among them (each after the writes before its index).
+#[derive(Default)]
 pub struct Chunk {
     writes: Vec<Write>,
+    positions: Vec<(usize, Position)>,
+}
+
+impl Chunk {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.positions.is_empty()
+    }
 }
 
 impl Sink {
@@ -389,7 +396,7 @@ impl Sink {
         Self {
             es,
             tx: Some(tx),
-            staged: Mutex::new(Vec::new()),
+            staged: Mutex::new(Chunk::default()),
             tasks,
             shared,
             budget: Arc::new(Semaphore::new(total)),
@@ -423,17 +430,14 @@ impl Sink {
         &self.shared
     }
 
-    /// Number a write (its place in the checkpoint order) and stage it. Returns a chunk when
-    /// the stage is full; the caller must hand it over with [`Sink::send_chunk`] before
-    /// staging more.
-    pub fn stage(&self, mut write: Write) -> Option<Chunk> {
-        write.seq = self.shared.tracker().register();
-        write.key = write.document_key();
+    /// Stage a write. Returns a chunk when the stage is full; the caller must hand it over with
+    /// [`Sink::send_chunk`] before staging more. A write is numbered (given its place in the
+    /// checkpoint order) only once its operation is decided, so that whatever its decision
+    /// records (an index a script chose, into `written`) is recorded before it.
+    pub fn stage(&self, write: Write) -> Option<Chunk> {
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        staged.push(write);
-        (staged.len() >= STAGE_CHUNK).then(|| Chunk {
-            writes: std::mem::take(&mut *staged),
-        })
+        staged.writes.push(write);
+        (staged.writes.len() >= STAGE_CHUNK).then(|| std::mem::take(&mut *staged))
     }
 
     fn sender(&self) -> Result<&mpsc::Sender<Msg>, Closed> {
@@ -450,8 +454,16 @@ impl Sink {
     /// # Errors
     /// [`Closed`] when the sink has stopped.
     pub async fn send_chunk(&self, chunk: Chunk) -> Result<(), Closed> {
-        let Chunk { mut writes } = chunk;
-        self.decide(&mut writes).await;
+        let Chunk { mut writes, positions } = chunk;
+        let skipped = self.decide(&mut writes).await;
+        self.number(&mut writes, &skipped, positions);
+        if skipped.iter().any(|s| *s) {
+            let mut skip = skipped.into_iter();
+            writes.retain(|_| !skip.next().unwrap_or(false));
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
         let kibs: Vec<u32> = writes
             .iter()
             .map(|w| (encoded_len(w) / 1024 + 1).min(self.budget_total as usize) as u32)
@@ -475,17 +487,39 @@ impl Sink {
             .map_err(|_| Closed)
     }
 
-    /// Await the decisions of deferred writes, in order (they run in parallel elsewhere), and
-    /// acknowledge at once those that write nothing.
-    async fn decide(&self, writes: &mut Vec<Write>) {
-        if writes.iter().all(|w| w.deferred.is_none()) {
-            return;
+    /// Number the decided writes (skipped ones write nothing and take no number) and record
+    /// the positions staged among them, in their order.
+    fn number(&self, writes: &mut [Write], skipped: &[bool], positions: Vec<(usize, Position)>) {
+        let mut tracker = self.shared.tracker();
+        let mut positions = positions.into_iter().peekable();
+        for (i, w) in writes.iter_mut().enumerate() {
+            while let Some((_, p)) = positions.next_if(|(at, _)| *at <= i) {
+                tracker.record(p);
+            }
+            if !skipped.get(i).copied().unwrap_or(false) {
+                w.seq = tracker.register();
+                w.key = w.document_key();
+            }
         }
-        let mut skipped = Vec::new();
-        for w in writes.iter_mut() {
+        for (_, p) in positions {
+            tracker.record(p);
+        }
+    }
+
+    /// Await the decisions of deferred writes, in order (they run in parallel elsewhere).
+    /// Returns which writes are skipped (they write nothing).
+    async fn decide(&self, writes: &mut [Write]) -> Vec<bool> {
+        let mut skipped = vec![false; writes.len()];
+        if writes.iter().all(|w| w.deferred.is_none()) {
+            return skipped;
+        }
+        for (w, skip) in writes.iter_mut().zip(skipped.iter_mut()) {
             let Some(deferred) = w.deferred.take() else { continue };
-            match deferred.decided().await {
-                Decided::Skip => skipped.push(w.seq),
+            self.shared.health.transform_waiting(true);
+            let decision = deferred.decided().await;
+            self.shared.health.transform_waiting(false);
+            match decision {
+                Decided::Skip => *skip = true,
                 Decided::Write { op, index, id_json, routing, pipeline } => {
                     w.op = op;
                     w.index = index;
@@ -495,11 +529,11 @@ impl Sink {
                 }
             }
         }
-        if !skipped.is_empty() {
-            writes.retain(|w| !skipped.contains(&w.seq));
-            self.shared.metrics.events.with_label_values(&["ignored"]).inc_by(skipped.len() as u64);
-            self.shared.ack(&skipped);
+        let n = skipped.iter().filter(|s| **s).count();
+        if n > 0 {
+            self.shared.metrics.events.with_label_values(&["ignored"]).inc_by(n as u64);
         }
+        skipped
     }
 
     /// Hand every staged write to the batcher (the source is about to wait on MongoDB, or a
@@ -508,14 +542,14 @@ impl Sink {
     /// # Errors
     /// [`Closed`] when the sink has stopped.
     pub async fn flush_staged(&self) -> Result<(), Closed> {
-        let writes = {
+        let chunk = {
             let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
             std::mem::take(&mut *staged)
         };
-        if writes.is_empty() {
+        if chunk.is_empty() {
             return Ok(());
         }
-        self.send_chunk(Chunk { writes }).await
+        self.send_chunk(chunk).await
     }
 
     /// Hand every staged write to the batcher and have it send its partial batch now instead
@@ -534,9 +568,17 @@ impl Sink {
         !staged.is_empty()
     }
 
-    /// Record a position covering every write sent so far.
+    /// Record a position covering every write sent so far: after the staged ones, once they
+    /// are numbered.
     pub fn record(&self, position: Position) {
-        self.shared.record(position);
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        if staged.is_empty() {
+            drop(staged);
+            self.shared.record(position);
+        } else {
+            let at = staged.writes.len();
+            staged.positions.push((at, position));
+        }
     }
 
     /// Wait until every write sent so far is acknowledged (partial batches are flushed).
@@ -855,8 +897,15 @@ impl Deliverer {
             }
             _ => (Vec::new(), sendable, Vec::new()),
         };
+        let before = rejected.len();
         self.send_until_final(intents, &mut rejected).await?;
+        let sendable = without_refused_intents(sendable, &mut rejected, before);
+        let before = rejected.len();
         self.send_until_final(sendable, &mut rejected).await?;
+        // A document none of whose writes was refused gets its final record; otherwise its
+        // record keeps naming every place a copy may still be, for its next write to clean.
+        let refused: Vec<Seq> = rejected[before..].iter().map(|(w, _)| w.seq).collect();
+        let records: Vec<Write> = records.into_iter().filter(|r| !refused.contains(&r.seq)).collect();
         self.send_until_final(records, &mut rejected).await?;
         if !rejected.is_empty() {
             self.dead_letter(rejected).await?;
@@ -1084,6 +1133,30 @@ impl Deliverer {
         self.shared.health.sink_beat(true);
         Ok(())
     }
+}
+
+/// The writes whose location intent (refused entries from `from` on in `rejected`) was
+/// refused for good are not sent: a copy must never land where no record names it. Each such
+/// document's own write is dead-lettered instead, saying why; the copies its write would have
+/// deleted stay recorded where they are.
+fn without_refused_intents(writes: Vec<Write>, rejected: &mut Vec<(Write, Refusal)>, from: usize) -> Vec<Write> {
+    // The refused records themselves are not dead-lettered: their documents are, below.
+    let refused: Vec<(Seq, String)> = rejected.drain(from..).map(|(w, why)| (w.seq, why.reason)).collect();
+    if refused.is_empty() {
+        return writes;
+    }
+    let mut keep = Vec::with_capacity(writes.len());
+    for w in writes {
+        match refused.iter().find(|(seq, _)| *seq == w.seq) {
+            None => keep.push(w),
+            Some(_) if w.aux => {}
+            Some((_, reason)) => {
+                let why = Refusal { status: 0, error_type: "location_record_refused".into(), reason: format!("the location record of this document was refused, so its write was not sent: {reason}") };
+                rejected.push((w, why));
+            }
+        }
+    }
+    keep
 }
 
 /// Move writes from `pending` into `batch` (in order) while the batch stays within

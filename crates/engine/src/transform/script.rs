@@ -23,7 +23,12 @@
 //!
 //! A script that throws, loops past its time limit, exhausts its memory or returns garbage
 //! dead-letters its document with the script's error (`error_type` `script_<kind>`, counted in
-//! `monsoon_dead_letters_total`); a lookup that fails (MongoDB unreachable) is retried first.
+//! `monsoon_dead_letters_total`). Lookup failures are classed: a query MongoDB refuses (or a
+//! result too large for the script's heap) is the document's own error and dead-letters it at
+//! once; an unreachable server is waited out (the call is submitted again, backing off up to
+//! [`LOOKUP_RETRY_MAX`]), holding the document's place and so the pipeline behind it: an outage
+//! never dead-letters anything. A namespace's filter runs first; its map script (and the
+//! script's lookups) only for the documents the filter keeps.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +41,8 @@ use serde_json::Value;
 use crate::convert::{self, ConvertStats};
 use crate::sink::{Decided, Deferred, Op};
 
-/// A lookup failing this many times in a row dead-letters its document.
-const LOOKUP_ATTEMPTS: u32 = 5;
+/// Longest wait between two attempts of a call whose lookups found MongoDB unreachable.
+pub const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Lookups (`findId`, `findOne`, `find`, `pipe`) over the pipeline's MongoDB client, run from
 /// the script threads (which are not the runtime's: they block on the runtime's handle).
@@ -46,6 +51,52 @@ pub struct MongoLookup {
     pub client: mongodb::Client,
     /// The runtime the client runs on.
     pub handle: tokio::runtime::Handle,
+    /// Most bytes of documents one lookup returns (the script's heap limit: more could not be
+    /// handed to it anyway); a larger result is the query's error.
+    pub max_bytes: usize,
+}
+
+/// Whether MongoDB refused a lookup for a reason retrying cannot change: a command error (a
+/// malformed query, an unknown operator) that is not one of the transient ones a failover or a
+/// busy server answers. Network, selection and pool errors are outages, to be waited out.
+fn refused_for_good(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    // Not primary, shutting down, interrupted, stepped down, host unreachable, network timeout,
+    // time limit exceeded: a failover or an overloaded server.
+    const TRANSIENT: [i32; 14] = [6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 10058];
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => !TRANSIENT.contains(&c.code) && !e.contains_label("RetryableWriteError") && !e.contains_label("TransientTransactionError"),
+        ErrorKind::InvalidArgument { .. } | ErrorKind::BsonSerialization(_) | ErrorKind::BsonDeserialization(_) => true,
+        _ => false,
+    }
+}
+
+/// A lookup error as the script crate classes it: [`monsoon_script::QueryError`] for the
+/// query's own fault, anything else an outage.
+fn lookup_error(e: mongodb::error::Error) -> Box<dyn std::error::Error + Send + Sync> {
+    if refused_for_good(&e) {
+        Box::new(monsoon_script::QueryError(format!("MongoDB refused the query: {e}")))
+    } else {
+        Box::new(e)
+    }
+}
+
+/// The documents of `cursor`, refusing (as the query's fault) a result over `max_bytes`.
+async fn collect_bounded(mut cursor: mongodb::Cursor<RawDocumentBuf>, max_bytes: usize) -> Result<Vec<RawDocumentBuf>, Box<dyn std::error::Error + Send + Sync>> {
+    use futures_util::TryStreamExt;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(d) = cursor.try_next().await.map_err(lookup_error)? {
+        bytes += d.as_bytes().len();
+        if bytes > max_bytes {
+            return Err(Box::new(monsoon_script::QueryError(format!(
+                "the lookup returned more than {} MiB (the script memory limit); narrow it with a limit or a projection",
+                max_bytes >> 20
+            ))));
+        }
+        out.push(d);
+    }
+    Ok(out)
 }
 
 /// A 24-hex-digit string as the ObjectId it most likely was before it became JSON (scripts see
@@ -69,13 +120,13 @@ fn to_document(value: &Value) -> Result<Document, String> {
 
 impl MongoLookup {
     async fn run(&self, r: &LookupRequest) -> Result<Vec<RawDocumentBuf>, Box<dyn std::error::Error + Send + Sync>> {
-        use futures_util::TryStreamExt;
+        let query_error = |e: String| -> Box<dyn std::error::Error + Send + Sync> { Box::new(monsoon_script::QueryError(e)) };
         let coll = self.client.database(&r.database).collection::<RawDocumentBuf>(&r.collection);
-        let select = (!r.select.is_empty()).then(|| to_document(&Value::Object(r.select.clone()))).transpose()?;
+        let select = (!r.select.is_empty()).then(|| to_document(&Value::Object(r.select.clone()))).transpose().map_err(query_error)?;
         let left = r.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         match r.kind {
             LookupKind::FindId | LookupKind::FindOne => {
-                let mut filter = to_document(&r.query)?;
+                let mut filter = to_document(&r.query).map_err(query_error)?;
                 if r.kind == LookupKind::FindId {
                     // The `_id` as the script saw it (hex text) or as stored (an ObjectId).
                     if let Some(Bson::String(s)) = filter.get("_id").cloned() {
@@ -86,17 +137,17 @@ impl MongoLookup {
                 } else if let Bson::Document(d) = object_ids(Bson::Document(filter)) {
                     filter = d;
                 } else {
-                    return Err("a query must be an object".into());
+                    return Err(query_error("a query must be an object".into()));
                 }
                 let mut find = coll.find_one(filter).max_time(left);
                 if let Some(select) = select {
                     find = find.projection(select);
                 }
-                Ok(find.await?.into_iter().collect())
+                Ok(find.await.map_err(lookup_error)?.into_iter().collect())
             }
             LookupKind::Find => {
-                let Bson::Document(filter) = object_ids(Bson::Document(to_document(&r.query)?)) else {
-                    return Err("a query must be an object".into());
+                let Bson::Document(filter) = object_ids(Bson::Document(to_document(&r.query).map_err(query_error)?)) else {
+                    return Err(query_error("a query must be an object".into()));
                 };
                 let sort: Document = r.sort.iter().map(|(k, d)| (k.clone(), Bson::Int32(*d))).collect();
                 let mut find = coll.find(filter).max_time(left);
@@ -109,15 +160,15 @@ impl MongoLookup {
                 if let Some(limit) = r.limit {
                     find = find.limit(i64::try_from(limit).unwrap_or(i64::MAX));
                 }
-                Ok(find.await?.try_collect().await?)
+                collect_bounded(find.await.map_err(lookup_error)?, self.max_bytes).await
             }
             LookupKind::Pipe => {
                 let Value::Array(stages) = &r.query else {
-                    return Err("`pipe` takes an array of stages".into());
+                    return Err(query_error("`pipe` takes an array of stages".into()));
                 };
-                let stages = stages.iter().map(to_document).collect::<Result<Vec<_>, _>>()?;
-                let cursor = coll.aggregate(stages).max_time(left).await?.with_type::<RawDocumentBuf>();
-                Ok(cursor.try_collect().await?)
+                let stages = stages.iter().map(to_document).collect::<Result<Vec<_>, _>>().map_err(query_error)?;
+                let cursor = coll.aggregate(stages).max_time(left).await.map_err(lookup_error)?.with_type::<RawDocumentBuf>();
+                collect_bounded(cursor, self.max_bytes).await
             }
         }
     }
@@ -180,22 +231,27 @@ fn with_id(id_value: &[u8], source: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Hand a document to the filters and scripts of its namespace (now: they run while the source
-/// reads on) and return the decision to await.
+/// Hand a document to the filters and scripts of its namespace (now: they run on the script
+/// threads while the source reads on) and return the decision to await. The filter runs first,
+/// and the map script only when the filter keeps the document.
 pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
     let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: plan.update_desc.clone() };
     let filter = scripts.has_filter(&plan.ns).then(|| scripts.submit_filter(item.clone()));
-    let map = scripts.submit_map(item.clone());
+    let map = (!scripts.has_filter(&plan.ns)).then(|| scripts.submit_map(item.clone()));
     let scripts = scripts.clone();
-    Deferred::new(async move {
+    let (index, id_json) = (plan.index.clone(), plan.id_json.clone());
+    // Its own task: a document's map call is submitted as soon as its filter answers, while the
+    // sink still awaits earlier decisions (documents keep running in parallel).
+    let decision = tokio::spawn(async move {
         if let Some(filter) = filter {
-            match retried(&scripts, filter, |s| s.submit_filter(item.clone())).await {
+            match retried(&plan.ns, filter, || scripts.submit_filter(item.clone())).await {
                 Ok(true) => {}
                 Ok(false) => return Decided::Skip,
                 Err(e) => return rejected(&plan, &e),
             }
         }
-        match retried(&scripts, map, |s| s.submit_map(item.clone())).await {
+        let map = map.unwrap_or_else(|| scripts.submit_map(item.clone()));
+        match retried(&plan.ns, map, || scripts.submit_map(item.clone())).await {
             Ok(MapOutcome::Keep) => decided(&plan, plan.source.clone(), None),
             Ok(MapOutcome::Drop) => Decided::Write {
                 op: Op::Delete,
@@ -204,47 +260,62 @@ pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
                 routing: plan.routing.clone(),
                 pipeline: None,
             },
-            Ok(MapOutcome::Replace { doc, meta }) => {
-                if meta.skip {
-                    return Decided::Skip;
-                }
-                let source = match without_id(&doc) {
-                    Ok(s) => Bytes::from(s),
-                    Err(e) => return rejected(&plan, &ScriptError::Internal(e)),
-                };
-                if let Some(index) = &meta.index {
-                    if let Err(why) = monsoon_api::check_index_name(index) {
-                        let e = ScriptError::Meta { script: format!("a script of {}", plan.ns), reason: format!("index `{index}` {why}") };
-                        return rejected(&plan, &e);
-                    }
-                    if let Some(other) = plan.book.note(&plan.ns, index) {
-                        let e = ScriptError::Meta {
-                            script: format!("a script of {}", plan.ns),
-                            reason: format!("index `{index}` is written by namespace `{other}` too: a drop of either would delete the other's documents"),
-                        };
-                        return rejected(&plan, &e);
-                    }
-                }
-                decided(&plan, source, Some(meta))
-            }
+            Ok(MapOutcome::Replace { doc, meta }) => replaced(&plan, &doc, meta),
             Err(e) => rejected(&plan, &e),
         }
+    });
+    Deferred::new(async move {
+        decision.await.unwrap_or_else(|e| Decided::Write {
+            op: Op::Reject { error_type: "script_failed", reason: format!("the script task failed: {e}"), document: None },
+            index,
+            id_json,
+            routing: None,
+            pipeline: None,
+        })
     })
 }
 
-/// Await a script result, submitting the call again while it fails retriably (a lookup
-/// against an unreachable MongoDB), up to [`LOOKUP_ATTEMPTS`] times.
-async fn retried<T, F: Fn(&Scripts) -> monsoon_script::Pending<T>>(scripts: &Scripts, first: monsoon_script::Pending<T>, again: F) -> Result<T, ScriptError> {
+/// A document a script returned: where it goes (`_meta_monstache`), and its index recorded
+/// as the namespace's before the write is numbered.
+fn replaced(plan: &Planned, doc: &str, meta: monsoon_script::Meta) -> Decided {
+    if meta.skip {
+        return Decided::Skip;
+    }
+    let source = match without_id(doc) {
+        Ok(s) => Bytes::from(s),
+        Err(e) => return rejected(plan, &ScriptError::Internal(e)),
+    };
+    if let Some(index) = &meta.index {
+        if let Err(why) = monsoon_api::check_index_name(index) {
+            let e = ScriptError::Meta { script: format!("a script of {}", plan.ns), reason: format!("index `{index}` {why}") };
+            return rejected(plan, &e);
+        }
+        if let Some(other) = plan.book.note(&plan.ns, index) {
+            let e = ScriptError::Meta {
+                script: format!("a script of {}", plan.ns),
+                reason: format!("index `{index}` is written by namespace `{other}` too: a drop of either would delete the other's documents"),
+            };
+            return rejected(plan, &e);
+        }
+    }
+    decided(plan, source, Some(meta))
+}
+
+/// Await a script result, submitting the call again while it fails retriably (its lookups
+/// found MongoDB unreachable, or the pool is restarting a worker): an outage is waited out,
+/// never dead-lettered. Other failures are returned at once.
+async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: monsoon_script::Pending<T>, again: F) -> Result<T, ScriptError> {
     let mut result = first.await;
-    let mut attempt = 1;
+    let mut attempt: u32 = 0;
     while let Err(e) = &result {
-        if !e.is_retriable() || attempt >= LOOKUP_ATTEMPTS {
+        if !e.is_retriable() {
             break;
         }
-        tracing::warn!(error = %e, attempt, "script call failed retriably; retrying");
-        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         attempt += 1;
-        result = again(scripts).await;
+        let delay = Duration::from_millis(100u64 << attempt.min(6)).min(LOOKUP_RETRY_MAX);
+        tracing::warn!(namespace = %ns, error = %e, attempt, "script call failed retriably (MongoDB unreachable?); the document waits and is tried again");
+        tokio::time::sleep(delay).await;
+        result = again().await;
     }
     result
 }

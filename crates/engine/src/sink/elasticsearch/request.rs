@@ -43,10 +43,6 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
         }
         _ => {}
     }
-    if write.unversioned && matches!(write.op, Op::Delete) {
-        body.extend_from_slice(b"}}\n");
-        return;
-    }
     body.extend_from_slice(b",\"version\":");
     body.extend_from_slice(itoa::Buffer::new().format(write.version).as_bytes());
     body.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
