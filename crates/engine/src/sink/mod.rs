@@ -904,8 +904,7 @@ impl Deliverer {
         self.send_until_final(sendable, &mut rejected).await?;
         // A document none of whose writes was refused gets its final record; otherwise its
         // record keeps naming every place a copy may still be, for its next write to clean.
-        let refused: Vec<Seq> = rejected[before..].iter().map(|(w, _)| w.seq).collect();
-        let records: Vec<Write> = records.into_iter().filter(|r| !refused.contains(&r.seq)).collect();
+        let records = final_records(records, &rejected[before..]);
         self.send_until_final(records, &mut rejected).await?;
         if !rejected.is_empty() {
             self.dead_letter(rejected).await?;
@@ -1159,6 +1158,16 @@ fn without_refused_intents(writes: Vec<Write>, rejected: &mut Vec<(Write, Refusa
     keep
 }
 
+/// The final location records of the documents none of whose writes was refused (`refused`):
+/// a refused delete of an old copy keeps that place in the record, so the document's next write
+/// deletes it; a refused write keeps the record naming where a copy may still be.
+fn final_records(records: Vec<Write>, refused: &[(Write, Refusal)]) -> Vec<Write> {
+    if refused.is_empty() {
+        return records;
+    }
+    records.into_iter().filter(|r| !refused.iter().any(|(w, _)| w.seq == r.seq)).collect()
+}
+
 /// Move writes from `pending` into `batch` (in order) while the batch stays within
 /// `max_docs` and `max_bytes`; a single write over `max_bytes` still goes, alone. Returns
 /// whether the batch is full (the next write would break a limit).
@@ -1397,6 +1406,84 @@ mod tests {
                 proptest::prop_assert_eq!(Some(*sent), last, "document {} ends on a stale write", id);
             }
         }
+    }
+
+    fn refusal() -> Refusal {
+        Refusal { status: 400, error_type: "mapper_parsing_exception".into(), reason: "refused".into() }
+    }
+
+    #[test]
+    fn a_refused_intent_stops_its_documents_write_and_dead_letters_it_instead() {
+        let mut intent = w(7, "rec", 1, Op::Index(Bytes::from_static(b"{}")));
+        intent.aux = true;
+        let mut rejected = vec![(intent, refusal())];
+        let mut old_copy = w(7, "old", 1, Op::Delete);
+        old_copy.aux = true;
+        let writes = vec![old_copy, w(7, "a", 1, Op::Index(Bytes::from_static(b"{}"))), w(8, "b", 1, Op::Delete)];
+        let kept = without_refused_intents(writes, &mut rejected, 0);
+        assert_eq!(kept.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![8], "nothing of document 7 is sent");
+        assert_eq!(rejected.len(), 1, "the record itself is not dead-lettered, its document is");
+        assert_eq!((rejected[0].0.seq, rejected[0].1.error_type.as_str()), (7, "location_record_refused"));
+        assert!(rejected[0].1.reason.contains("refused"), "{}", rejected[0].1.reason);
+    }
+
+    #[test]
+    fn a_refused_delete_of_an_old_copy_keeps_it_in_the_record() {
+        let record = |seq| {
+            let mut r = w(seq, "rec", 1, Op::Index(Bytes::from_static(b"{}")));
+            r.aux = true;
+            r
+        };
+        let mut left = w(3, "old", 1, Op::Delete);
+        left.aux = true;
+        let kept = final_records(vec![record(3), record(4)], &[(left, refusal())]);
+        assert_eq!(kept.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![4], "document 3's record still names the copy its delete could not remove");
+    }
+
+    /// A sink whose Elasticsearch is never reached (nothing is flushed in these tests; the
+    /// tests acknowledge by hand).
+    fn idle_sink(shared: Arc<Shared>) -> Sink {
+        let config = crate::config::ElasticConfig {
+            urls: vec!["http://127.0.0.1:9".into()],
+            auth: crate::config::ElasticAuth::None,
+            ca_pem: None,
+            client_identity: None,
+            gzip: false,
+            request_timeout: Duration::from_secs(1),
+        };
+        let es = Elastic::new(&config).expect("client");
+        let settings = SinkSettings {
+            batch: BatchConfig { flush_interval: Duration::from_secs(3600), ..BatchConfig::default() },
+            dead_letter_index: Arc::from("dl"),
+            pipeline: Arc::from("p"),
+            locations: None,
+        };
+        Sink::start(es, settings, shared, CancellationToken::new())
+    }
+
+    /// An index a script chooses is recorded in `written` before its write is numbered: a
+    /// checkpoint that covers the write (committable once it is acknowledged) also carries the
+    /// index, so a drop after a crash still finds it. Before, the decision recorded it only when
+    /// the sink awaited it, after later writes were numbered, and the position after the write
+    /// became committable without it.
+    #[tokio::test]
+    async fn an_index_a_decision_records_is_committed_with_the_write_it_decided() {
+        let shared = Shared::new(Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))));
+        let sink = idle_sink(shared.clone());
+        let recorder = shared.clone();
+        let mut scripted = w(0, "a", 1, Op::Index(Bytes::from_static(b"{}")));
+        scripted.deferred = Some(Deferred::new(async move {
+            recorder.record(Position::Written { ns: "db.c".into(), index: "chosen".into() });
+            Decided::Write { op: Op::Index(Bytes::from_static(b"{}")), index: Arc::from("chosen"), id_json: "\"a\"".into(), routing: None, pipeline: None }
+        }));
+        assert!(sink.stage(scripted).is_none());
+        sink.record(Position::SnapshotDone);
+        assert!(sink.stage(w(0, "b", 1, Op::Index(Bytes::from_static(b"{}")))).is_none());
+        sink.flush_staged().await.expect("handed over");
+        // The scripted write is the first numbered; acknowledge it alone.
+        shared.ack(&[0]);
+        let committable = shared.take_committable();
+        assert!(matches!(committable.as_slice(), [Position::Written { .. }, Position::SnapshotDone]), "{committable:?}");
     }
 
     #[test]
