@@ -157,3 +157,32 @@ async fn swapped_keys_survive_sigkill_on_noida() -> anyhow::Result<()> {
 async fn swapped_keys_survive_sigkill_on_opensearch() -> anyhow::Result<()> {
     applications_swapping_keys_lose_no_document(SearchKind::OpenSearch, true).await
 }
+
+/// Heavy insert/delete traffic leaves the locations index holding live documents only: a
+/// deleted document's record goes with it (before, each stayed as a tombstone forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_documents_leave_no_location_records() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let search = SearchServer::start(SearchKind::Noida)?;
+    let client = mongo.client().await?;
+    let es = search.client()?;
+    let items = client.database("shop").collection::<Document>("items");
+    let state = TempDir::new("state");
+    let monsoon = Monsoon::start(bin(), &pipeline(&mongo, &search, "churn"), state.path())?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    for round in 0..3 {
+        insert_all(&items, (0..DOCS).map(|i| doc! {"_id": round * 1000 + i, "sku": format!("r{round}-{i}"), "n": i}).collect()).await?;
+        items.delete_many(doc! {"_id": {"$gte": round * 1000 + 10, "$lt": round * 1000 + DOCS}}).await?;
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let live = count(&es, "shop.items").await.unwrap_or(0);
+        let records = count(&es, "monsoon-locations").await.unwrap_or(0);
+        if live == 30 && records == 30 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{live} documents and {records} location records, want 30 of each\n{}", tail(&monsoon.log(), 30));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
