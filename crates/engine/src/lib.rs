@@ -457,9 +457,7 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
                 Err(e) => return Err(e),
             }
         }
-        let mut indexes: Vec<String> = existing.iter().flat_map(|(db, coll)| source.indexes_of(db, coll)).collect();
-        indexes.sort();
-        indexes.dedup();
+        let indexes = sweepable_indexes(config, source, &existing);
         let mut failed = false;
         for index in &indexes {
             let shard = config.shard;
@@ -472,6 +470,16 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
                 }
             }
         }
+        if !failed && sink.tracks_locations() {
+            let shard = config.shard;
+            match sink.sweep_located(below, |mongo_id| shard.owns(mongo_id)).await {
+                Ok(n) => info!(pipeline = %config.name, deleted = n, "swept documents deleted during the lost history (by their location records)"),
+                Err(e) => {
+                    warn!(pipeline = %config.name, error = %error_chain(&e), "sweep of located documents failed; retrying");
+                    failed = true;
+                }
+            }
+        }
         if !failed {
             sink.record(Position::SweepDone);
             return Ok(Ended::Complete);
@@ -480,6 +488,26 @@ async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u
             return Ok(Ended::Cancelled);
         }
     }
+}
+
+/// The indexes the re-snapshot sweep reads document by document, owning each by its
+/// Elasticsearch `_id`. In a sharded pipeline that is only right where the `_id` is the MongoDB
+/// `_id` (shards own documents by the MongoDB `_id`): the indexes of namespaces whose `_id`
+/// comes from a field (`mappings[].id`) or a script are swept by their location records instead
+/// ([`Sink::sweep_located`]), or one shard would delete live documents another shard wrote.
+fn sweepable_indexes(config: &EngineConfig, source: &Source<'_>, existing: &[(String, String)]) -> Vec<String> {
+    let own_ids = |db: &str, coll: &str| {
+        let ns = format!("{db}.{coll}");
+        !source.shapes.for_ns(db, coll).custom_id() && !source.scripts.as_ref().is_some_and(|s| s.has_map(&ns))
+    };
+    let mut indexes: Vec<String> = existing
+        .iter()
+        .filter(|(db, coll)| !config.shard.is_split() || own_ids(db, coll))
+        .flat_map(|(db, coll)| source.indexes_of(db, coll))
+        .collect();
+    indexes.sort();
+    indexes.dedup();
+    indexes
 }
 
 /// The checkpointer's side of the checkpoint: the latest state with every committable

@@ -186,3 +186,42 @@ async fn deleted_documents_leave_no_location_records() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// History lost while stopped, policy Resnapshot, on a namespace with `_id`s from a field: the
+/// documents deleted during the gap are swept, and so are their location records (the sweep by
+/// records is what a sharded worker relies on, since shards own documents by MongoDB `_id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resnapshot_sweeps_located_documents_deleted_during_lost_history() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&["--oplog-max-entries", "1000"])?;
+    let search = SearchServer::start(SearchKind::Noida)?;
+    let client = mongo.client().await?;
+    let es = search.client()?;
+    let items = client.database("shop").collection::<Document>("items");
+    insert_all(&items, (0..DOCS).map(|i| doc! {"_id": i, "sku": format!("s{i:03}"), "n": i}).collect()).await?;
+    let state = TempDir::new("state");
+    let yaml = format!("{}  onHistoryLost: Resnapshot\n", pipeline(&mongo, &search, "gap"));
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    wait_exact(&es, "shop.items", &items, || monsoon.log()).await?;
+    let (code, _) = monsoon.terminate()?;
+    anyhow::ensure!(code == Some(0), "monsoon exited {code:?}");
+    // While stopped: deletes whose events will be lost, then enough other writes to roll the
+    // oplog past the resume point.
+    items.delete_many(doc! {"_id": {"$lt": 50}}).await?;
+    let other = client.database("shop").collection::<Document>("other");
+    insert_all(&other, (0..3000).map(|i| doc! {"_id": i}).collect()).await?;
+    client.database("admin").run_command(doc! {"secantusAdmin.pruneOplog": 1}).await?;
+    monsoon.restart()?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let live = count(&es, "shop.items").await.unwrap_or(0);
+        let records = count(&es, "monsoon-locations").await.unwrap_or(0);
+        if live == 350 && records == 350 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{live} documents and {records} location records, want 350 of each\n{}", tail(&monsoon.log(), 30));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = monsoon.log();
+    anyhow::ensure!(log.contains("by their location records"), "the located sweep never ran\n{}", tail(&log, 30));
+    Ok(())
+}

@@ -248,6 +248,49 @@ fn left_copy(w: &Write, place: Place) -> Write {
     old
 }
 
+/// A location record found by the re-snapshot sweep that names a document deleted during lost
+/// history: the places to delete (each with `version = below - 1`, `external_gte`, so a copy
+/// written since stays) and then the record itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Swept {
+    /// The record's id.
+    pub record_id: String,
+    /// Every place a copy may be.
+    pub places: Vec<Place>,
+}
+
+/// Which of the location records `hits` (`(record id, version, record)`) belong to documents of
+/// `pipeline` that this shard owns (`owns`, given the MongoDB `_id` in Elasticsearch form) and
+/// were not written again by the re-snapshot (`version < below`): they were deleted during the
+/// lost history. Ownership is read from the record id (`pipeline/namespace/_id`), since the
+/// document's Elasticsearch `_id` may come from one of its fields; a record whose id was hashed
+/// (an `_id` over ~500 bytes) names no owner and is left to the unsharded sweep (counted in the
+/// second value).
+pub fn swept(hits: &[(String, u64, Record)], pipeline: &str, below: u64, owns: impl Fn(&str) -> bool) -> (Vec<Swept>, u64) {
+    let mut out = Vec::new();
+    let mut ownerless = 0;
+    for (id, version, record) in hits {
+        if *version >= below {
+            continue;
+        }
+        let Some(rest) = id.strip_prefix(pipeline).and_then(|r| r.strip_prefix('/')) else { continue };
+        let Some(mongo_id) = rest.strip_prefix(record.ns.as_str()).and_then(|r| r.strip_prefix('/')) else {
+            ownerless += u64::from(rest.starts_with("sha256/"));
+            continue;
+        };
+        if !owns(mongo_id) {
+            continue;
+        }
+        let mut places = Vec::with_capacity(1 + record.stale.len());
+        if !record.gone {
+            places.push(Place { index: record.index.clone(), id: record.id.clone(), routing: record.routing.clone(), v: None });
+        }
+        places.extend(record.stale.iter().cloned());
+        out.push(Swept { record_id: id.clone(), places });
+    }
+    (out, ownerless)
+}
+
 /// A [`Record`] as JSON, written directly (one per tracked write, on the hot path).
 fn record_json(ns: &str, index: &str, id: &str, routing: Option<&str>, gone: bool, stale: &[Place]) -> Vec<u8> {
     use super::elasticsearch::request::write_json_str;
@@ -416,6 +459,24 @@ mod tests {
             let back: Record = serde_json::from_slice(&json).expect("reads back");
             assert_eq!(back, Record { ns: "d.c".into(), index: "i".into(), id: "\"x\\y\"".into(), routing: routing.map(Into::into), gone, stale });
         }
+    }
+
+    #[test]
+    fn the_sharded_sweep_owns_documents_by_their_mongodb_id_not_their_elasticsearch_id() {
+        let rec = |index: &str, id: &str| Record { ns: "shop.items".into(), index: index.into(), id: format!("\"{id}\""), routing: None, gone: false, stale: vec![] };
+        let hits = vec![
+            // Custom `_id`s (from `sku`): the owner is the MongoDB `_id` in the record id.
+            ("p/shop.items/1".to_string(), 5, rec("shop.items", "sku-b")),
+            ("p/shop.items/2".to_string(), 5, rec("shop.items", "sku-a")),
+            // Rewritten by the re-snapshot: live.
+            ("p/shop.items/3".to_string(), 50, rec("shop.items", "sku-c")),
+            // Another pipeline's, and one with a hashed id.
+            ("q/shop.items/1".to_string(), 5, rec("shop.items", "sku-z")),
+            ("p/sha256/abc".to_string(), 5, rec("shop.items", "sku-y")),
+        ];
+        let (swept, ownerless) = swept(&hits, "p", 10, |mongo_id| mongo_id == "1" || mongo_id == "3");
+        assert_eq!(swept, vec![Swept { record_id: "p/shop.items/1".into(), places: vec![Place { index: "shop.items".into(), id: "\"sku-b\"".into(), routing: None, v: None }] }]);
+        assert_eq!(ownerless, 1);
     }
 
     #[test]

@@ -325,6 +325,10 @@ const STAGE_CHUNK: usize = 64;
 /// The sink: one batcher that delivers bulk requests to Elasticsearch.
 pub struct Sink {
     es: Elastic,
+    /// Index of location records, when some namespace's documents have them.
+    locations: Option<Arc<str>>,
+    /// Pipeline name (location record ids start with it).
+    pipeline: Arc<str>,
     tx: Option<mpsc::Sender<Msg>>,
     /// Writes (and the positions recorded among them) not yet numbered nor handed to the
     /// batcher.
@@ -395,6 +399,8 @@ impl Sink {
         );
         Self {
             es,
+            locations: settings.locations.clone(),
+            pipeline: settings.pipeline.clone(),
             tx: Some(tx),
             staged: Mutex::new(Chunk::default()),
             tasks,
@@ -423,6 +429,22 @@ impl Sink {
     /// retries it whole.
     pub async fn delete_older(&self, index: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, elasticsearch::Error> {
         self.es.sweep(index, below, owns).await
+    }
+
+    /// Whether some namespace's documents have location records.
+    pub fn tracks_locations(&self) -> bool {
+        self.locations.is_some()
+    }
+
+    /// The re-snapshot sweep of located documents ([`Elastic::sweep_located`]).
+    ///
+    /// # Errors
+    /// As [`Sink::delete_older`].
+    pub async fn sweep_located(&self, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, elasticsearch::Error> {
+        match &self.locations {
+            Some(index) => self.es.sweep_located(index, &self.pipeline, below, owns).await,
+            None => Ok(0),
+        }
     }
 
     /// Shared state (tracker, metrics, health).

@@ -178,6 +178,11 @@ impl Shape {
         self.index.is_some() || self.id.is_some() || self.routing.is_some()
     }
 
+    /// Whether the Elasticsearch `_id` comes from a field rather than the MongoDB `_id`.
+    pub fn custom_id(&self) -> bool {
+        self.id.is_some()
+    }
+
     /// Decide what `doc` (changed at cluster time `time`) becomes.
     ///
     /// # Errors

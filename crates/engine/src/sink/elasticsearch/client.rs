@@ -318,9 +318,74 @@ impl Elastic {
             return Ok(0);
         }
         let query = serde_json::json!({"size": 1000, "version": true, "_source": false, "sort": ["_doc"]});
+        self.delete_page_by_page(index, &query, |hits, bulk| {
+            let mut actions = 0;
+            for hit in hits {
+                let (Some(id), Some(version)) = (hit["_id"].as_str(), hit["_version"].as_u64()) else {
+                    continue;
+                };
+                if version >= below || !owns(id) {
+                    continue;
+                }
+                let id_json = serde_json::Value::String(id.to_string()).to_string();
+                versioned_delete(bulk, index, &id_json, hit["_routing"].as_str(), below - 1);
+                actions += 1;
+            }
+            actions
+        })
+        .await
+    }
+
+    /// The re-snapshot sweep of documents whose location is recorded ([`locations::swept`]):
+    /// delete, in `locations_index`'s records of `pipeline`, every copy of the documents this
+    /// shard owns that the re-snapshot did not write again (versioned `below - 1`), then the
+    /// records. Returns how many deletes were done.
+    ///
+    /// # Errors
+    /// As [`Elastic::sweep`]; idempotent, retried whole by the caller.
+    pub async fn sweep_located(&self, locations_index: &str, pipeline: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, Error> {
+        use crate::sink::locations::{self, Record};
+        if below == 0 {
+            return Ok(0);
+        }
+        let query = serde_json::json!({"size": 1000, "version": true, "sort": ["_doc"]});
+        let mut ownerless = 0;
+        let deleted = self
+            .delete_page_by_page(locations_index, &query, |hits, bulk| {
+                let records: Vec<(String, u64, Record)> = hits
+                    .iter()
+                    .filter_map(|h| {
+                        let record = serde_json::from_value(h["_source"].clone()).ok()?;
+                        Some((h["_id"].as_str()?.to_string(), h["_version"].as_u64()?, record))
+                    })
+                    .collect();
+                let (swept, hashed) = locations::swept(&records, pipeline, below, &owns);
+                ownerless += hashed;
+                let mut actions = 0;
+                for s in swept {
+                    for place in &s.places {
+                        versioned_delete(bulk, &place.index, &place.id, place.routing.as_deref(), below - 1);
+                        actions += 1;
+                    }
+                    let record_id = serde_json::Value::String(s.record_id).to_string();
+                    versioned_delete(bulk, locations_index, &record_id, None, below - 1);
+                    actions += 1;
+                }
+                actions
+            })
+            .await?;
+        if ownerless > 0 {
+            tracing::warn!(records = ownerless, "location records with hashed ids (MongoDB _ids over ~500 bytes) name no shard; their documents are left to the index sweep");
+        }
+        Ok(deleted)
+    }
+
+    /// Scroll `index` with `query` and, page by page, send the deletes `plan` writes into a bulk
+    /// body (returning how many), reading every item's outcome. Returns how many were deleted.
+    async fn delete_page_by_page(&self, index: &str, query: &serde_json::Value, mut plan: impl FnMut(&[serde_json::Value], &mut Vec<u8>) -> usize) -> Result<u64, Error> {
         let path = format!("/{}/_search", encode_path(index));
         let (status, mut body) = self
-            .request(Method::Post, &path, Some(&[("scroll", "2m")]), Some(json_bytes(&query)), None)
+            .request(Method::Post, &path, Some(&[("scroll", "2m")]), Some(json_bytes(query)), None)
             .await?;
         match status {
             200 => {}
@@ -346,45 +411,9 @@ impl Elastic {
                 break;
             }
             let mut bulk = Vec::new();
-            let mut actions = 0;
-            for hit in &hits {
-                let (Some(id), Some(version)) = (hit["_id"].as_str(), hit["_version"].as_u64()) else {
-                    continue;
-                };
-                if version >= below || !owns(id) {
-                    continue;
-                }
-                bulk.extend_from_slice(b"{\"delete\":{\"_index\":");
-                super::request::write_json_str(index, &mut bulk);
-                bulk.extend_from_slice(b",\"_id\":");
-                super::request::write_json_str(id, &mut bulk);
-                if let Some(routing) = hit["_routing"].as_str() {
-                    bulk.extend_from_slice(b",\"routing\":");
-                    super::request::write_json_str(routing, &mut bulk);
-                }
-                bulk.extend_from_slice(format!(",\"version\":{},\"version_type\":\"external_gte\"}}}}\n", below - 1).as_bytes());
-                actions += 1;
-            }
+            let actions = plan(&hits, &mut bulk);
             if actions > 0 {
-                let (status, response) = self.bulk(bulk).await?;
-                if status != 200 {
-                    return Err(status_error("sweep bulk", status, &response));
-                }
-                let outcomes = super::response::classify_response(&response, &vec![true; actions])
-                    .map_err(|e| Error::Status { operation: "sweep bulk", status, body: e.to_string() })?;
-                for outcome in outcomes {
-                    match outcome {
-                        super::response::ItemOutcome::Done => deleted += 1,
-                        o if o.is_success() => {}
-                        other => {
-                            return Err(Error::Status {
-                                operation: "sweep delete",
-                                status,
-                                body: format!("{other:?}"),
-                            })
-                        }
-                    }
-                }
+                deleted += self.sweep_bulk(bulk, actions).await?;
             }
             let next = serde_json::json!({"scroll": "2m", "scroll_id": scroll_id});
             let (status, next_body) = self
@@ -403,6 +432,46 @@ impl Elastic {
         }
         Ok(deleted)
     }
+
+    /// Send a sweep's deletes; every item must end deleted, stale (409: written since) or
+    /// already gone.
+    async fn sweep_bulk(&self, bulk: Vec<u8>, actions: usize) -> Result<u64, Error> {
+        let (status, response) = self.bulk(bulk).await?;
+        if status != 200 {
+            return Err(status_error("sweep bulk", status, &response));
+        }
+        let outcomes = super::response::classify_response(&response, &vec![true; actions])
+            .map_err(|e| Error::Status { operation: "sweep bulk", status, body: e.to_string() })?;
+        let mut deleted = 0;
+        for outcome in outcomes {
+            match outcome {
+                super::response::ItemOutcome::Done => deleted += 1,
+                o if o.is_success() => {}
+                other => {
+                    return Err(Error::Status {
+                        operation: "sweep delete",
+                        status,
+                        body: format!("{other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// Append a delete of `index`/`id_json` (a JSON string literal) with `version`
+/// (`external_gte`: anything written at that version or later stays).
+fn versioned_delete(bulk: &mut Vec<u8>, index: &str, id_json: &str, routing: Option<&str>, version: u64) {
+    bulk.extend_from_slice(b"{\"delete\":{\"_index\":");
+    super::request::write_json_str(index, bulk);
+    bulk.extend_from_slice(b",\"_id\":");
+    bulk.extend_from_slice(id_json.as_bytes());
+    if let Some(routing) = routing {
+        bulk.extend_from_slice(b",\"routing\":");
+        super::request::write_json_str(routing, bulk);
+    }
+    bulk.extend_from_slice(format!(",\"version\":{version},\"version_type\":\"external_gte\"}}}}\n").as_bytes());
 }
 
 fn json_bytes(value: &serde_json::Value) -> Bytes {
