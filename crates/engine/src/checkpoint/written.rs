@@ -8,7 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::checkpoint::Position;
 use crate::config::Routing;
-use crate::sink::Shared;
+
+/// Where positions are recorded, in order with the writes (the sink's tracker): the checkpoint
+/// names the interface it needs and imports no stage.
+pub trait Recorder: Send + Sync {
+    /// Record `position` after every write numbered so far.
+    fn record(&self, position: Position);
+}
 
 /// Whether the `written` entry `list` (comma-separated index names) holds `index`.
 pub fn lists(list: &str, index: &str) -> bool {
@@ -18,13 +24,13 @@ pub fn lists(list: &str, index: &str) -> bool {
 /// `written`, and where to record its changes.
 pub struct IndexBook {
     written: Mutex<BTreeMap<String, String>>,
-    shared: Arc<Shared>,
+    shared: Arc<dyn Recorder>,
     routing: Routing,
 }
 
 impl IndexBook {
     /// The book as the checkpoint left it.
-    pub fn new(written: BTreeMap<String, String>, shared: Arc<Shared>, routing: Routing) -> Self {
+    pub fn new(written: BTreeMap<String, String>, shared: Arc<dyn Recorder>, routing: Routing) -> Self {
         Self { written: Mutex::new(written), shared, routing }
     }
 

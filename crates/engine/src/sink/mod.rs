@@ -308,6 +308,12 @@ impl Shared {
     }
 }
 
+impl crate::checkpoint::written::Recorder for Shared {
+    fn record(&self, position: Position) {
+        Shared::record(self, position);
+    }
+}
+
 enum Msg {
     /// Writes, in order.
     Writes(Vec<Write>),
