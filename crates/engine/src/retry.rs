@@ -77,9 +77,44 @@ impl Backoff {
     }
 }
 
+/// Run `op` until it succeeds: after each failure, `failed` hears of it (log it, mark the stage
+/// unhealthy) and the next attempt waits out a [`Backoff`], giving way to `cancel`. The one
+/// "retry until it works or we stop" loop of the engine.
+///
+/// # Errors
+/// [`Cancelled`] when `cancel` fired while backing off.
+pub async fn until_ok<T, E, F: std::future::Future<Output = Result<T, E>>>(cancel: &CancellationToken, mut op: impl FnMut() -> F, mut failed: impl FnMut(&E)) -> Result<T, Cancelled> {
+    let mut backoff = Backoff::default();
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                failed(&e);
+                backoff.wait(cancel).await?;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn until_ok_retries_until_success_and_gives_way_to_cancel() {
+        let cancel = CancellationToken::new();
+        let mut left = 3;
+        let mut heard = 0;
+        let mut attempt = || {
+            let result = if left == 0 { Ok(7) } else { left -= 1; Err("down") };
+            async move { result }
+        };
+        let got = until_ok(&cancel, &mut attempt, |_| heard += 1).await;
+        assert_eq!((got, heard), (Ok(7), 3));
+        cancel.cancel();
+        let got: Result<(), Cancelled> = until_ok(&cancel, || async { Err::<(), _>("down") }, |_| {}).await;
+        assert_eq!(got, Err(Cancelled));
+    }
 
     #[test]
     fn delays_grow_to_the_cap_and_reset() {

@@ -13,8 +13,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use elasticsearch::indices::IndicesRefreshParts;
-use elasticsearch::{Elasticsearch, SearchParts};
+use elasticsearch::Elasticsearch;
 use monsoon_testkit::opensearch::OpenSearch;
 use monsoon_testkit::*;
 use mongodb::bson::{doc, Document};
@@ -93,18 +92,8 @@ fn canonical(v: &Value) -> String {
 /// Every document of the indexes `pattern` matches (the locations and dead-letter indexes
 /// left out), after a refresh.
 async fn copies(es: &Elasticsearch, pattern: &str) -> anyhow::Result<BTreeSet<Copy>> {
-    let _ = es.indices().refresh(IndicesRefreshParts::Index(&[pattern])).send().await?;
-    let r = es
-        .search(SearchParts::Index(&[pattern]))
-        .body(json!({"size": 1000, "query": {"match_all": {}}}))
-        .send()
-        .await?;
-    if r.status_code().as_u16() == 404 {
-        return Ok(BTreeSet::new());
-    }
-    let body: Value = r.json().await?;
-    let hits = body["hits"]["hits"].as_array().cloned().unwrap_or_default();
-    Ok(hits
+    Ok(hits(es, pattern)
+        .await?
         .iter()
         .filter(|h| !h["_index"].as_str().unwrap_or("").starts_with("monsoon-"))
         .map(|h| Copy {

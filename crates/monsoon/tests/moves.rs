@@ -14,12 +14,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use elasticsearch::indices::IndicesRefreshParts;
-use elasticsearch::{Elasticsearch, SearchParts};
+use elasticsearch::Elasticsearch;
 use mongodb::bson::{doc, Document};
 use monsoon_testkit::futures_util_shim::TryStreamExt;
 use monsoon_testkit::*;
-use serde_json::{json, Value};
+
 
 
 fn bin() -> &'static Path {
@@ -34,14 +33,8 @@ type Copy = (String, String, i64);
 
 /// Every copy in `index` (refreshed first).
 async fn copies(es: &Elasticsearch, index: &str) -> anyhow::Result<BTreeSet<Copy>> {
-    let _ = es.indices().refresh(IndicesRefreshParts::Index(&[index])).send().await?;
-    let r = es.search(SearchParts::Index(&[index])).body(json!({"size": 2000, "query": {"match_all": {}}})).send().await?;
-    if r.status_code().as_u16() == 404 {
-        return Ok(BTreeSet::new());
-    }
-    let body: Value = r.json().await?;
-    let hits = body["hits"]["hits"].as_array().cloned().unwrap_or_default();
-    Ok(hits
+    Ok(hits(es, index)
+        .await?
         .iter()
         .map(|h| {
             let source = &h["_source"];

@@ -381,6 +381,22 @@ pub async fn compare(
     Ok(report)
 }
 
+/// Every hit (up to 2000) of the indexes `pattern` matches, after a refresh; none when they do
+/// not exist.
+pub async fn hits(es: &Elasticsearch, pattern: &str) -> anyhow::Result<Vec<Value>> {
+    let _ = es.indices().refresh(IndicesRefreshParts::Index(&[pattern])).send().await?;
+    let r = es
+        .search(elasticsearch::SearchParts::Index(&[pattern]))
+        .body(json!({"size": 2000, "query": {"match_all": {}}}))
+        .send()
+        .await?;
+    if r.status_code().as_u16() == 404 {
+        return Ok(Vec::new());
+    }
+    let body: Value = r.json().await?;
+    Ok(body["hits"]["hits"].as_array().cloned().unwrap_or_default())
+}
+
 /// Documents in `index` (0 when it does not exist), after a refresh.
 pub async fn count(es: &Elasticsearch, index: &str) -> anyhow::Result<usize> {
     let _ = es

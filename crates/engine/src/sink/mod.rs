@@ -943,18 +943,12 @@ impl Deliverer {
     /// Read the location records of the batch's tracked writes (one multi-get, retried until
     /// it answers) and plan the batch with them.
     async fn locate(&self, writes: Vec<Write>, index: &Arc<str>) -> Result<locations::Plan, crate::retry::Cancelled> {
-        let mut backoff = Backoff::default();
-        let found = loop {
-            let ids: Vec<&str> = writes.iter().filter_map(|w| w.origin.as_deref()).collect();
-            match self.es.location_records(index, &ids).await {
-                Ok(found) => break found,
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), records = ids.len(), "reading location records failed; retrying");
-                    self.shared.health.sink_beat(false);
-                    backoff.wait(&self.abort).await?;
-                }
-            }
-        };
+        let ids: Vec<&str> = writes.iter().filter_map(|w| w.origin.as_deref()).collect();
+        let found = crate::retry::until_ok(&self.abort, || self.es.location_records(index, &ids), |e| {
+            warn!(error = %crate::error_chain(e), records = ids.len(), "reading location records failed; retrying");
+            self.shared.health.sink_beat(false);
+        })
+        .await?;
         Ok(locations::plan(writes, &found, index))
     }
 

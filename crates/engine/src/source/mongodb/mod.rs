@@ -220,19 +220,12 @@ impl Source<'_> {
     /// # Errors
     /// [`Error::Cancelled`] when shutdown came first.
     pub async fn collections(&self) -> Result<Vec<(String, String)>, Error> {
-        let mut backoff = Backoff::default();
-        loop {
-            match list_collections(&self.client, self.routing).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), "failed to list collections; retrying");
-                    self.health.source_beat(false);
-                    if backoff.wait(&self.cancel).await.is_err() {
-                        return Err(Error::Cancelled);
-                    }
-                }
-            }
-        }
+        crate::retry::until_ok(&self.cancel, || list_collections(&self.client, self.routing), |e| {
+            warn!(error = %crate::error_chain(e), "failed to list collections; retrying");
+            self.health.source_beat(false);
+        })
+        .await
+        .map_err(|_| Error::Cancelled)
     }
 }
 
@@ -1022,19 +1015,12 @@ impl Source<'_> {
     async fn lookup(&self, db: &str, coll: &str, id: RawBsonRef<'_>) -> Result<Option<RawDocumentBuf>, Error> {
         let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
         let id: Bson = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
-        let mut backoff = Backoff::default();
-        loop {
-            match collection.find_one(doc! {"_id": id.clone()}).await {
-                Ok(doc) => return Ok(doc),
-                Err(e) => {
-                    warn!(error = %e, "document lookup failed; retrying");
-                    self.health.source_beat(false);
-                    if backoff.wait(&self.cancel).await.is_err() {
-                        return Err(Error::Cancelled);
-                    }
-                }
-            }
-        }
+        crate::retry::until_ok(&self.cancel, || std::future::IntoFuture::into_future(collection.find_one(doc! {"_id": id.clone()})), |e| {
+            warn!(error = %e, "document lookup failed; retrying");
+            self.health.source_beat(false);
+        })
+        .await
+        .map_err(|_| Error::Cancelled)
     }
 
     /// Apply the drop of `db.coll` (at cluster time `time`) per `onDrop`, then forget the
@@ -1060,57 +1046,46 @@ impl Source<'_> {
             info!(namespace = %format!("{db}.{coll}"), "collection dropped; index kept (onDrop: Keep)");
             return Ok(());
         }
-        let mut backoff = Backoff::default();
         for index in self.indexes_of(db, coll) {
-            self.drop_one_index(db, coll, &index, time, &mut backoff).await?;
+            self.drop_one_index(db, coll, &index, time).await?;
         }
         Ok(())
     }
 
-    async fn drop_one_index(&self, db: &str, coll: &str, index: &str, time: Option<Timestamp>, backoff: &mut Backoff) -> Result<(), Error> {
+    /// Delete `index` (or, sharded, this shard's documents of it older than the drop), retried
+    /// until done.
+    ///
+    /// # Errors
+    /// [`Error::Cancelled`]: not done, so the drop event must be read again after a restart.
+    async fn drop_one_index(&self, db: &str, coll: &str, index: &str, time: Option<Timestamp>) -> Result<(), Error> {
+        let ns = format!("{db}.{coll}");
         if self.shard.is_split() {
             // Other shards may still be writing this index's older changes, or already its
             // newer ones: deleting the index would race them. Each shard instead deletes its
             // own documents older than the drop, with versioned deletes that lose against
             // anything written after it.
             let Some(time) = time else {
-                warn!(namespace = %format!("{db}.{coll}"), "drop event without a cluster time; index kept");
+                warn!(namespace = %ns, "drop event without a cluster time; index kept");
                 return Ok(());
             };
             let below = ClusterTime::from(time).version().saturating_add(1);
             let shard = self.shard;
-            loop {
-                match self.sink.delete_older(index, below, |id| shard.owns(id)).await {
-                    Ok(deleted) => {
-                        info!(namespace = %format!("{db}.{coll}"), index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        warn!(index = %index, error = %crate::error_chain(&e), "failed to delete documents of dropped collection; retrying");
-                        if backoff.wait(&self.cancel).await.is_err() {
-                            // Not done: the drop event must be read again after a restart.
-                            return Err(Error::Cancelled);
-                        }
-                    }
-                }
-            }
+            let deleted = crate::retry::until_ok(&self.cancel, || self.sink.delete_older(index, below, move |id| shard.owns(id)), |e| {
+                warn!(index = %index, error = %crate::error_chain(e), "failed to delete documents of dropped collection; retrying");
+            })
+            .await
+            .map_err(|_| Error::Cancelled)?;
+            info!(namespace = %ns, index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
+            return Ok(());
         }
-        loop {
-            match self.sink.delete_index(index).await {
-                Ok(()) => {
-                    info!(namespace = %format!("{db}.{coll}"), index = %index, "collection dropped; index deleted");
-                    self.metrics.indexes_dropped.inc();
-                    return Ok(());
-                }
-                Err(e) => {
-                    warn!(index = %index, error = %crate::error_chain(&e), "failed to delete index of dropped collection; retrying");
-                    if backoff.wait(&self.cancel).await.is_err() {
-                        // Not done: the drop event must be read again after a restart.
-                        return Err(Error::Cancelled);
-                    }
-                }
-            }
-        }
+        crate::retry::until_ok(&self.cancel, || self.sink.delete_index(index), |e| {
+            warn!(index = %index, error = %crate::error_chain(e), "failed to delete index of dropped collection; retrying");
+        })
+        .await
+        .map_err(|_| Error::Cancelled)?;
+        info!(namespace = %ns, index = %index, "collection dropped; index deleted");
+        self.metrics.indexes_dropped.inc();
+        Ok(())
     }
 }
 
