@@ -110,6 +110,9 @@ pub(super) fn convert(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut No
     });
 
     let mut namespaces = Vec::new();
+    if no_changes && stream.iter().any(|n| !n.is_empty()) {
+        notes.add(STREAM, "not carried: with `disable-change-events` or `exit-after-direct-reads` Monstache syncs the direct-read namespaces only, and so does this pipeline");
+    }
     if !follow_all && !no_changes {
         for ns in stream.iter().filter(|n| !n.is_empty()) {
             let p = pattern(ns);

@@ -375,6 +375,9 @@ fn start_points_and_one_shot_runs_carry_over() {
     assert_eq!((s.namespaces.as_slice(), s.namespace_regex.as_deref()), (&["shop.orders".to_string(), "shop.users".to_string()][..], None), "only what is read once");
     assert!(s.snapshot && s.snapshot_namespaces.is_empty());
     assert!(noted(&c, "exit-after-direct-reads").is_some_and(|r| r.contains("--once")));
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\nchange-stream-namespaces = [\"shop\"]\nexit-after-direct-reads = true\n");
+    assert_eq!(c.pipeline.spec.namespaces, ["shop.orders"]);
+    assert!(noted(&c, "change-stream-namespaces").is_some_and(|r| r.starts_with("not carried")));
 }
 
 #[test]
