@@ -58,7 +58,7 @@ impl EngineConfig {
     /// re-snapshot reads every synced collection regardless: their changes during the gap are
     /// gone, so reading them again is the only way to lose nothing.
     pub fn snapshots(&self, db: &str, coll: &str) -> bool {
-        self.snapshot && (self.routing.snapshot_only.is_empty() || self.routing.snapshot_only.iter().any(|p| p.matches(db, coll)))
+        self.snapshot && self.routing.snapshots(db, coll)
     }
 }
 
@@ -311,6 +311,11 @@ impl Routing {
             && !self.exclude_regex.as_ref().is_some_and(|r| r.is_match(&ns()))
     }
 
+    /// Whether `snapshot_only` selects `db.coll` (every namespace when it is empty).
+    pub fn snapshots(&self, db: &str, coll: &str) -> bool {
+        self.snapshot_only.is_empty() || self.snapshot_only.iter().any(|p| p.matches(db, coll))
+    }
+
     /// The index of `db.coll`: the override, or the namespace lower-cased.
     pub fn index_for(&self, db: &str, coll: &str) -> String {
         let ns = format!("{db}.{coll}");
@@ -447,6 +452,17 @@ mod tests {
         assert_eq!(any.databases(), None);
         let named = Routing { include: vec![pattern("b", None), pattern("a", Some("x"))], ..Routing::default() };
         assert_eq!(named.databases(), Some(vec!["a".to_string(), "b".to_string()]));
+    }
+
+    #[test]
+    fn snapshot_only_selects_what_is_snapshotted_and_empty_means_everything() {
+        let all = Routing { include: vec![pattern("shop", None)], ..Routing::default() };
+        assert!(all.snapshots("shop", "orders") && all.snapshots("shop", "users"));
+        let some = Routing { snapshot_only: vec![pattern("shop", Some("orders")), pattern("logs", None)], ..all };
+        assert!(some.snapshots("shop", "orders"));
+        assert!(!some.snapshots("shop", "users"), "synced, streamed, not snapshotted");
+        assert!(some.snapshots("logs", "app"));
+        assert!(!some.snapshots("logs", "fs.chunks"), "db.* leaves GridFS chunks out, as for syncing");
     }
 
     #[test]
