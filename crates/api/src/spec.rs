@@ -90,6 +90,21 @@ pub struct SyncPipelineSpec {
     /// changes made after the pipeline first starts are synced.
     #[serde(default = "default_true")]
     pub snapshot: bool,
+    /// Snapshot only these namespaces (`db.collection` or `db.*`, each synced by the
+    /// pipeline); the others are followed from the pipeline's start without reading what they
+    /// already hold (Monstache snapshots only its `direct-read-namespaces`). Empty (the
+    /// default): every synced namespace is snapshotted when `snapshot` is true. After lost
+    /// history with `onHistoryLost: Resnapshot`, every namespace is read again regardless.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
+    pub snapshot_namespaces: Vec<String>,
+    /// Where the change stream starts when the pipeline has no checkpoint yet (ignored once
+    /// it has one): `timestamp` (seconds since the Unix epoch, Monstache's
+    /// `resume-from-timestamp`) or `oldest: true` (the oldest entry MongoDB's oplog still
+    /// holds, Monstache's `replay`; replica sets only). Default: the moment the pipeline first
+    /// starts. A start the oplog no longer holds is lost history (see `onHistoryLost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_start: Option<StreamStart>,
     /// Batching and concurrency of bulk requests.
     #[serde(default)]
     pub batch: BatchSpec,
@@ -150,6 +165,23 @@ pub struct ScriptSpec {
     /// (`configMapKeyRef`), mounted into the workers (read when they start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script_from: Option<ValueFrom>,
+}
+
+/// Where a new pipeline's change stream starts. Exactly one field is set.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.timestamp) != (has(self.oldest) && self.oldest)", "message": "set exactly one of `timestamp` and `oldest: true`"}
+]))]
+pub struct StreamStart {
+    /// Start at this cluster time, in seconds since the Unix epoch (changes at or after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub timestamp: Option<u32>,
+    /// Start at the oldest entry of the oplog (read from `local.oplog.rs`, so a replica set,
+    /// not a sharded cluster's router).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub oldest: bool,
 }
 
 /// Bounds on each script call (all the scripts and filters that apply to one document).

@@ -246,6 +246,14 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
         }
     }
 
+    validate_snapshot_namespaces(spec, &patterns, &mut errs);
+    if let Some(start) = &spec.stream_start {
+        match (start.timestamp, start.oldest) {
+            (Some(0), _) => errs.push("spec.streamStart.timestamp", "must be seconds since the Unix epoch (1 or more)"),
+            (Some(_), true) | (None, false) => errs.push("spec.streamStart", "set exactly one of `timestamp` (seconds since the Unix epoch) and `oldest: true`"),
+            _ => {}
+        }
+    }
     check_shared_indexes(spec, &patterns, &mut errs);
     validate_mappings(spec, &patterns, &mut errs);
     validate_scripts(spec, &patterns, &mut errs);
@@ -397,6 +405,33 @@ pub fn namespace_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(pattern).size_limit(1 << 20).build()
 }
 
+/// Whether the pipeline syncs what `p` names (a collection, or every collection of a database
+/// for `db.*`): a pattern of `spec.namespaces` covers it, or `namespaceRegex` may select it.
+fn is_synced(p: &NamespacePattern, patterns: &[NamespacePattern], regex: Option<&regex::Regex>) -> bool {
+    match &p.collection {
+        Some(c) => patterns.iter().any(|q| q.matches(&p.database, c)) || regex.is_some_and(|r| r.is_match(&format!("{}.{c}", p.database))),
+        None => patterns.iter().any(|q| q.database == p.database) || regex.is_some(),
+    }
+}
+
+/// `spec.snapshotNamespaces`: patterns of namespaces the pipeline syncs, with `snapshot` on.
+fn validate_snapshot_namespaces(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
+    let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    for (i, ns) in spec.snapshot_namespaces.iter().enumerate() {
+        let field = format!("spec.snapshotNamespaces[{i}]");
+        match NamespacePattern::parse(ns) {
+            Ok(p) if !is_synced(&p, patterns, regex.as_ref()) => {
+                errs.push(field, format!("`{ns}` is not synced by this pipeline; add it to `spec.namespaces` or remove it here"));
+            }
+            Ok(_) => {}
+            Err(m) => errs.push(field, m),
+        }
+    }
+    if !spec.snapshot && !spec.snapshot_namespaces.is_empty() {
+        errs.push("spec.snapshotNamespaces", "has no effect with `snapshot: false`; set `snapshot: true`, or remove it");
+    }
+}
+
 /// `spec.mappings`: each entry names a namespace the pipeline syncs, once, and every field
 /// parses (templates, paths, queries), with combinations that cannot work refused.
 fn validate_mappings(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
@@ -407,11 +442,7 @@ fn validate_mappings(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], err
         let at = |field: &str| format!("spec.mappings[{i}].{field}");
         match NamespacePattern::parse(&m.namespace) {
             Ok(p) => {
-                let synced = match &p.collection {
-                    Some(c) => patterns.iter().any(|q| q.matches(&p.database, c)) || regex.as_ref().is_some_and(|r| r.is_match(&m.namespace)),
-                    None => patterns.iter().any(|q| q.database == p.database) || regex.is_some(),
-                };
-                if !synced {
+                if !is_synced(&p, patterns, regex.as_ref()) {
                     errs.push(at("namespace"), format!("`{}` is not synced by this pipeline; add it to `spec.namespaces` or remove this mapping", m.namespace));
                 }
                 if p.collection.is_some() && m.index.is_some() && spec.indexes.contains_key(&m.namespace) {
@@ -969,6 +1000,22 @@ spec:
         assert_eq!(fields, ["spec.namespaceRegex", "spec.excludeNamespaceRegex"]);
         let neither = MINIMAL.replace("  namespaces:\n    - shop.orders        # \"db.collection\"; \"db.*\" for every collection of a database\n", "");
         assert_eq!(errors_of(&neither)[0].field, "spec.namespaces");
+    }
+
+    #[test]
+    fn snapshot_namespaces_and_stream_start_are_checked() {
+        let ok = MINIMAL.replace("snapshot: true", "snapshot: true\n  snapshotNamespaces: [shop.orders]\n  streamStart: {timestamp: 1700000000}");
+        let p = parse_manifest(&ok).unwrap_or_else(|e| panic!("{e}\n{ok}"));
+        assert_eq!(p.spec.snapshot_namespaces, ["shop.orders"]);
+        assert_eq!(p.spec.stream_start, Some(StreamStart { timestamp: Some(1_700_000_000), oldest: false }));
+        // `.*` follows the whole deployment: any pattern is synced.
+        let all = MINIMAL
+            .replace("  namespaces:\n    - shop.orders        # \"db.collection\"; \"db.*\" for every collection of a database\n", "  namespaceRegex: '.*'\n")
+            .replace("snapshot: true", "snapshot: true\n  snapshotNamespaces: [shop.orders, logs.*]\n  streamStart: {oldest: true}");
+        parse_manifest(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
+        let bad = MINIMAL.replace("snapshot: true", "snapshot: false\n  snapshotNamespaces: [shop.users, admin.x]\n  streamStart: {timestamp: 5, oldest: true}");
+        let fields: Vec<String> = errors_of(&bad).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["spec.snapshotNamespaces[0]", "spec.snapshotNamespaces[1]", "spec.snapshotNamespaces", "spec.streamStart"]);
     }
 
     #[test]

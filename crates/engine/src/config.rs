@@ -18,8 +18,11 @@ pub struct EngineConfig {
     pub elasticsearch: ElasticConfig,
     /// Which namespaces are synced and where they go.
     pub routing: Routing,
-    /// Index existing documents before following changes.
+    /// Index existing documents before following changes (those [`Routing::snapshot_only`]
+    /// selects, when it selects any).
     pub snapshot: bool,
+    /// Where the change stream of a pipeline without a checkpoint starts; `None`: now.
+    pub stream_from: Option<StreamFrom>,
     /// Bulk batching limits.
     pub batch: BatchConfig,
     /// Policy when the resume point has fallen off the oplog.
@@ -39,6 +42,24 @@ pub struct EngineConfig {
     pub locations_index: String,
     /// JavaScript scripts and filters, sources resolved (`spec.scripts`, `spec.filters`).
     pub scripts: monsoon_script::Config,
+}
+
+/// Where a new pipeline's change stream starts (`spec.streamStart`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamFrom {
+    /// At this many seconds since the Unix epoch (increment 0: the whole second).
+    Seconds(u32),
+    /// At the oldest entry of the oplog.
+    Oldest,
+}
+
+impl EngineConfig {
+    /// Whether the snapshot reads `db.coll` (a synced namespace). After lost history the
+    /// re-snapshot reads every synced collection regardless: their changes during the gap are
+    /// gone, so reading them again is the only way to lose nothing.
+    pub fn snapshots(&self, db: &str, coll: &str) -> bool {
+        self.snapshot && self.routing.snapshots(db, coll)
+    }
 }
 
 /// One shard of a pipeline split over `count` workers. Every document belongs to exactly one
@@ -270,6 +291,9 @@ pub struct Routing {
     pub exclude_regex: Option<regex::Regex>,
     /// Index overrides by `db.collection`.
     pub indexes: BTreeMap<String, String>,
+    /// Snapshot only the synced namespaces these select (`spec.snapshotNamespaces`); empty:
+    /// every one. See [`EngineConfig::snapshots`].
+    pub snapshot_only: Vec<NamespacePattern>,
 }
 
 impl Routing {
@@ -285,6 +309,11 @@ impl Routing {
         included
             && !self.exclude.iter().any(|p| p.matches(db, coll))
             && !self.exclude_regex.as_ref().is_some_and(|r| r.is_match(&ns()))
+    }
+
+    /// Whether `snapshot_only` selects `db.coll` (every namespace when it is empty).
+    pub fn snapshots(&self, db: &str, coll: &str) -> bool {
+        self.snapshot_only.is_empty() || self.snapshot_only.iter().any(|p| p.matches(db, coll))
     }
 
     /// The index of `db.coll`: the override, or the namespace lower-cased.
@@ -315,7 +344,7 @@ impl Routing {
             exclude: coverage.exclude.iter().filter_map(|p| NamespacePattern::parse(p)).collect(),
             include_regex: regex(&coverage.include_regex),
             exclude_regex: regex(&coverage.exclude_regex),
-            indexes: BTreeMap::new(),
+            ..Self::default()
         }
     }
 
@@ -388,7 +417,7 @@ mod tests {
             exclude: vec![pattern("shop", Some("audit"))],
             include_regex: regex::Regex::new(r"^logs\.").ok(),
             exclude_regex: regex::Regex::new(r"\.tmp$").ok(),
-            indexes: BTreeMap::new(),
+            ..Routing::default()
         };
         let back = Routing::from_coverage(&routing.coverage());
         assert_eq!(back.include, routing.include);
@@ -423,6 +452,17 @@ mod tests {
         assert_eq!(any.databases(), None);
         let named = Routing { include: vec![pattern("b", None), pattern("a", Some("x"))], ..Routing::default() };
         assert_eq!(named.databases(), Some(vec!["a".to_string(), "b".to_string()]));
+    }
+
+    #[test]
+    fn snapshot_only_selects_what_is_snapshotted_and_empty_means_everything() {
+        let all = Routing { include: vec![pattern("shop", None)], ..Routing::default() };
+        assert!(all.snapshots("shop", "orders") && all.snapshots("shop", "users"));
+        let some = Routing { snapshot_only: vec![pattern("shop", Some("orders")), pattern("logs", None)], ..all };
+        assert!(some.snapshots("shop", "orders"));
+        assert!(!some.snapshots("shop", "users"), "synced, streamed, not snapshotted");
+        assert!(some.snapshots("logs", "app"));
+        assert!(!some.snapshots("logs", "fs.chunks"), "db.* leaves GridFS chunks out, as for syncing");
     }
 
     #[test]

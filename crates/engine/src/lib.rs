@@ -83,6 +83,10 @@ pub struct RunOptions {
     /// Abandons in-flight bulk requests at once when cancelled (a worker that lost its lease
     /// must not write anything more); cancel `shutdown` too.
     pub hard_stop: CancellationToken,
+    /// Stop once the snapshot is read and every write of it acknowledged, instead of following
+    /// the stream (`monsoon run --once`); the checkpoint keeps the stream's start, so a later
+    /// run follows the changes made since.
+    pub exit_after_snapshot: bool,
 }
 
 impl Default for RunOptions {
@@ -90,6 +94,7 @@ impl Default for RunOptions {
         Self {
             shutdown_grace: Duration::from_secs(20),
             hard_stop: CancellationToken::new(),
+            exit_after_snapshot: false,
         }
     }
 }
@@ -146,7 +151,11 @@ async fn run_inner<S: CheckpointStore>(
         Some(t) => t,
         None => {
             // Record where the stream starts before the first snapshot read (no gap).
-            let t0 = mongo::cluster_time(&client).await?;
+            let t0 = match config.stream_from {
+                None => mongo::cluster_time(&client).await?,
+                Some(config::StreamFrom::Seconds(t)) => ClusterTime { t, i: 0 },
+                Some(config::StreamFrom::Oldest) => mongo::oldest_oplog_time(&client).await?,
+            };
             cp.stream_start = Some(t0);
             if !config.snapshot {
                 cp.snapshot.done = true;
@@ -246,7 +255,7 @@ async fn run_inner<S: CheckpointStore>(
     let result = loop {
         // Every log line of the source carries the pipeline's name.
         let span = tracing::info_span!("source", pipeline = %name);
-        match run_source(config, &source, &sink, &start).instrument(span).await {
+        match run_source(config, &source, &sink, &start, options.exit_after_snapshot).instrument(span).await {
             Err(mongo::Error::HistoryLost { code }) if config.on_history_lost == HistoryLost::Resnapshot => {
                 // Nothing is skipped silently: say so loudly, then rebuild.
                 error!(pipeline = %name, code, "change stream history lost; onHistoryLost=Resnapshot: snapshotting every collection again, then deleting what the new snapshot does not see");
@@ -347,19 +356,22 @@ struct Start {
 }
 
 /// Snapshot what needs it, sweep after a re-snapshot, then follow the stream until
-/// cancelled or failed.
+/// cancelled or failed (or, with `once`, return when every snapshot write is acknowledged).
 async fn run_source(
     config: &EngineConfig,
     source: &Source<'_>,
     sink: &Sink,
     start: &Start,
+    once: bool,
 ) -> Result<(), mongo::Error> {
     let name = config.name.as_str();
     let health = source.health;
     let current = config.routing.coverage();
     if !start.snapshot.done {
         health.set_phase(Phase::Snapshotting);
-        let collections = source.collections().await?;
+        // A re-snapshot after lost history reads everything (see `EngineConfig::snapshots`).
+        let resnapshot = start.sweep_below.is_some();
+        let collections: Vec<(String, String)> = source.collections().await?.into_iter().filter(|(db, coll)| resnapshot || config.snapshots(db, coll)).collect();
         info!(pipeline = %name, collections = collections.len(), "snapshot started");
         let estimate = mongo::estimate_documents(&source.client, &collections).await / u64::from(config.shard.count.max(1));
         source.metrics.snapshot_estimate.set(i64::try_from(estimate).unwrap_or(i64::MAX));
@@ -392,7 +404,7 @@ async fn run_source(
             .collections()
             .await?
             .into_iter()
-            .filter(|(db, coll)| !covered.includes(db, coll))
+            .filter(|(db, coll)| !covered.includes(db, coll) && config.snapshots(db, coll))
             .collect();
         if !added.is_empty() {
             health.set_phase(Phase::Snapshotting);
@@ -410,6 +422,14 @@ async fn run_source(
         if sweep(config, source, sink, below).await? == Ended::Cancelled {
             return Ok(());
         }
+    }
+    if once {
+        info!(pipeline = %name, "--once: waiting until Elasticsearch acknowledged every write");
+        tokio::select! {
+            r = sink.barrier() => r?,
+            () = source.cancel.cancelled() => {}
+        }
+        return Ok(());
     }
     let stream_start = start.resume.clone().unwrap_or(StreamStart::At(start.stream_start));
     source.stream(stream_start).await.map(|_| ())

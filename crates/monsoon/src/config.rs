@@ -11,7 +11,7 @@ use monsoon_api::{
 };
 use monsoon_engine::config::{
     BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig,
-    NamespacePattern, Routing, Secret,
+    NamespacePattern, Routing, Secret, StreamFrom,
 };
 
 /// A credential or setting that could not be resolved.
@@ -220,8 +220,13 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
                     Some((m.namespace.clone(), fixed.fixed()?.to_owned()))
                 }))
                 .collect(),
+            snapshot_only: spec.snapshot_namespaces.iter().map(|n| pattern(n)).collect(),
         },
         snapshot: spec.snapshot,
+        stream_from: spec.stream_start.as_ref().map(|s| match s.timestamp {
+            Some(t) => StreamFrom::Seconds(t),
+            None => StreamFrom::Oldest,
+        }),
         batch: BatchConfig {
             max_docs: spec.batch.max_docs as usize,
             max_bytes: spec.batch.max_bytes as usize,

@@ -2,6 +2,7 @@
 
 mod config;
 mod convert;
+mod systemd;
 mod worker;
 
 use std::net::SocketAddr;
@@ -52,6 +53,12 @@ enum Command {
         /// Seconds in-flight bulks may take to finish after SIGTERM.
         #[arg(long, default_value_t = 20)]
         shutdown_grace_seconds: u64,
+        /// Snapshot, wait until Elasticsearch acknowledged every write and the checkpoint is
+        /// stored, then exit 0 instead of following changes (Monstache's
+        /// `exit-after-direct-reads`). The checkpoint keeps where the stream starts, so a later
+        /// run without `--once` follows every change made since. Needs `snapshot: true`.
+        #[arg(long)]
+        once: bool,
     },
     /// Run the Kubernetes operator: reconcile every SyncPipeline into its workers.
     Operator {
@@ -188,7 +195,8 @@ fn main() -> std::process::ExitCode {
             state_dir,
             http_addr,
             shutdown_grace_seconds,
-        } => run(file, state_dir, http_addr, Duration::from_secs(shutdown_grace_seconds)),
+            once,
+        } => run(file, state_dir, http_addr, Duration::from_secs(shutdown_grace_seconds), once),
         Command::Render {
             file,
             namespace,
@@ -237,8 +245,12 @@ fn run(
     state_dir: PathBuf,
     http_addr: SocketAddr,
     grace: Duration,
+    once: bool,
 ) -> anyhow::Result<()> {
     let pipeline = config::load_pipeline(&file)?;
+    if once && !pipeline.spec.snapshot {
+        anyhow::bail!("--once snapshots and exits, but {} sets `snapshot: false`: set `spec.snapshot: true`, or run without --once", file.display());
+    }
     let engine_config = config::engine_config(&pipeline)?;
     let store = FileStore::new(&state_dir, &pipeline.name)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -261,6 +273,7 @@ fn run(
         let http_stop = CancellationToken::new();
         tokio::spawn(http::serve(listener, endpoints, http_stop.clone()).instrument(tracing::info_span!("http")));
         tokio::spawn(watch_signals(shutdown.clone()).instrument(tracing::info_span!("signals")));
+        let notifier = tokio::spawn(systemd::notify(health.clone(), http_stop.clone()).instrument(tracing::info_span!("systemd")));
         info!(pipeline = %pipeline.name, checkpoint = %store.path().display(), "pipeline starting");
         let result = monsoon_engine::run(
             engine_config,
@@ -270,11 +283,13 @@ fn run(
             shutdown,
             RunOptions {
                 shutdown_grace: grace,
+                exit_after_snapshot: once,
                 ..RunOptions::default()
             },
         )
         .await;
         http_stop.cancel();
+        let _ = notifier.await;
         match result {
             Ok(()) => {
                 info!(pipeline = %pipeline.name, "pipeline stopped cleanly");
@@ -300,7 +315,12 @@ fn convert_file(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<St
         eprintln!("note: {}: {}", n.option, n.reason);
     }
     let yaml = serde_saphyr::to_string(&c.pipeline)?;
-    Ok(format!("# Converted from {} by `monsoon convert`.\n{yaml}", file.display()))
+    let run = if c.once {
+        "# Monstache's `exit-after-direct-reads`: run it with `monsoon run --once -f FILE` (snapshot, then exit 0).\n"
+    } else {
+        ""
+    };
+    Ok(format!("# Converted from {} by `monsoon convert`.\n{run}{yaml}", file.display()))
 }
 
 fn render(file: &std::path::Path, namespace: &str, image: &str) -> anyhow::Result<String> {

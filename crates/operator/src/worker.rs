@@ -127,6 +127,7 @@ pub async fn run(
         RunOptions {
             shutdown_grace: grace,
             hard_stop,
+            exit_after_snapshot: false,
         },
     )
     .await;

@@ -52,6 +52,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
             ..Routing::default()
         },
         snapshot: true,
+        stream_from: None,
         batch: BatchConfig::default(),
         on_history_lost: HistoryLost::Fail,
         delete_index_on_drop: true,

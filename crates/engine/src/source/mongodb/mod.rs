@@ -202,6 +202,25 @@ pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
     Ok(ts.into())
 }
 
+/// Time of the oldest entry the oplog still holds (`spec.streamStart.oldest`): read from
+/// `local.oplog.rs` in natural (insertion) order, which a replica set member serves and a
+/// sharded cluster's router does not.
+///
+/// # Errors
+/// [`Error::Unreachable`] when the oplog cannot be read; [`Error::NoClusterTime`] when it holds
+/// nothing (not a replica set).
+pub async fn oldest_oplog_time(client: &Client) -> Result<ClusterTime, Error> {
+    let first = client
+        .database("local")
+        .collection::<mongodb::bson::Document>("oplog.rs")
+        .find_one(doc! {})
+        .sort(doc! {"$natural": 1})
+        .projection(doc! {"ts": 1})
+        .await
+        .map_err(|source| Error::Unreachable { op: "read the oldest oplog entry (local.oplog.rs; streamStart.oldest needs a replica set, not a mongos)", source })?;
+    first.and_then(|d| d.get_timestamp("ts").ok()).map(ClusterTime::from).ok_or(Error::NoClusterTime)
+}
+
 /// Estimated number of documents in the given collections (from collection metadata, not a
 /// scan); collections that cannot be counted count as empty.
 pub async fn estimate_documents(client: &Client, collections: &[(String, String)]) -> u64 {

@@ -1,0 +1,434 @@
+//! Conversion tests: each Monstache option, and the invariant that every configuration either
+//! converts into a pipeline `monsoon validate` accepts or is refused with one line naming the
+//! option.
+
+use super::connection::{ENV_ES_PASSWORD, ENV_MONGODB_URI};
+use super::*;
+use monsoon_api::{DropPolicy, WriteMode};
+
+fn converted(text: &str) -> Conversion {
+    let c = convert(text, "shop").expect("converts");
+    // The output always passes validation.
+    let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
+    monsoon_api::parse_manifest(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    c
+}
+
+fn noted<'a>(c: &'a Conversion, option: &str) -> Option<&'a str> {
+    c.notes.iter().find(|n| n.option == option).map(|n| n.reason.as_str())
+}
+
+#[test]
+fn connection_namespaces_batching_and_mappings_carry_over() {
+    let c = converted(
+        r#"
+mongo-url = "mongodb://db-0:27017/?replicaSet=rs0"
+elasticsearch-urls = ["https://es-1:9200", "https://es-2:9200"]
+elasticsearch-pem-file = "/etc/ssl/es-ca.pem"
+gzip = true
+direct-read-namespaces = ["shop.orders"]
+change-stream-namespaces = ["shop.orders", "logs"]
+elasticsearch-max-docs = 500
+elasticsearch-max-seconds = 2
+elasticsearch-max-conns = 8
+dropped-collections = false
+
+[[mapping]]
+namespace = "shop.orders"
+index = "orders"
+type = "order"
+"#,
+    );
+    let s = &c.pipeline.spec;
+    assert_eq!(s.mongodb.uri.as_deref(), Some("mongodb://db-0:27017/?replicaSet=rs0"));
+    assert_eq!(s.elasticsearch.urls, ["https://es-1:9200", "https://es-2:9200"]);
+    assert_eq!(s.elasticsearch.ca_from.as_ref().and_then(|v| v.file.as_deref()), Some("/etc/ssl/es-ca.pem"));
+    assert!(s.elasticsearch.gzip);
+    assert_eq!(s.namespaces, ["logs.*", "shop.orders"]);
+    assert!(s.snapshot);
+    assert_eq!(s.snapshot_namespaces, ["shop.orders"], "Monstache reads shop.orders directly and only streams logs");
+    assert_eq!((s.batch.max_docs, s.batch.flush_interval_ms, s.batch.concurrency), (500, 2000, 8));
+    assert_eq!(s.on_drop, DropPolicy::Keep);
+    assert_eq!(s.indexes.get("shop.orders").map(String::as_str), Some("orders"));
+    assert!(noted(&c, "[[mapping]].type").is_some_and(|r| r.contains("no mapping types")));
+}
+
+#[test]
+fn credentials_are_never_copied() {
+    let c = converted(
+        r#"
+mongo-url = "mongodb://app:s3cret@db-0:27017/"
+elasticsearch-user = "elastic"
+elasticsearch-password = "hunter2"
+change-stream-namespaces = ["shop.orders"]
+"#,
+    );
+    let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
+    assert!(!yaml.contains("s3cret") && !yaml.contains("hunter2"), "{yaml}");
+    assert_eq!(c.pipeline.spec.mongodb.uri_from.as_ref().and_then(|v| v.env.as_deref()), Some(ENV_MONGODB_URI));
+    assert_eq!(c.pipeline.spec.elasticsearch.password_from.as_ref().and_then(|v| v.env.as_deref()), Some(ENV_ES_PASSWORD));
+    assert!(noted(&c, "mongo-url").is_some_and(|r| r.contains(ENV_MONGODB_URI)));
+    assert!(!c.pipeline.spec.snapshot, "no direct reads: changes only");
+}
+
+#[test]
+fn every_option_left_out_is_named_with_a_reason() {
+    let c = converted(
+        r#"
+change-stream-namespaces = ["shop.orders"]
+direct-read-namespaces = ["shop.orders", "shop.users"]
+resume = true
+workers = ["a", "b"]
+time-machine-namespaces = ["shop.orders"]
+no-such-option = 1
+
+[[script]]
+namespace = "shop.orders"
+script = "module.exports = function(doc) { return doc; }"
+"#,
+    );
+    assert!(noted(&c, "resume").is_some_and(|r| r.starts_with("not needed")));
+    assert!(noted(&c, "workers").is_some_and(|r| r.contains("spec.workers")));
+    assert_eq!(noted(&c, "time-machine-namespaces"), Some("not supported yet"));
+    assert_eq!(c.pipeline.spec.scripts.len(), 1, "[[script]] is carried");
+    assert!(noted(&c, "no-such-option").is_some_and(|r| r.contains("ignored")));
+    // A direct-read namespace outside the change streams is synced anyway, and said so.
+    assert!(c.pipeline.spec.namespaces.contains(&"shop.users".to_string()));
+    assert!(noted(&c, "direct-read-namespaces").is_some_and(|r| r.contains("shop.users")));
+}
+
+#[test]
+fn index_as_update_oplog_time_and_mapping_pipelines_become_mappings() {
+    let c = converted(
+        r#"
+change-stream-namespaces = ["shop.orders", "logs"]
+index-as-update = true
+index-oplog-time = true
+oplog-ts-field-name = "ts"
+oplog-date-field-format = "2006-01-02"
+routing-namespaces = ["shop.orders"]
+delete-strategy = 1
+
+[[mapping]]
+namespace = "logs.app"
+index = "app-logs"
+pipeline = "parse-logs"
+"#,
+    );
+    let m = &c.pipeline.spec.mappings;
+    let by_ns = |ns: &str| m.iter().find(|m| m.namespace == ns).unwrap_or_else(|| panic!("{ns}: {m:?}"));
+    let orders = by_ns("shop.orders");
+    assert_eq!(orders.write_mode, WriteMode::Update);
+    assert_eq!(orders.oplog_time.as_ref().map(|t| (t.ts_field.as_str(), t.date_field.as_str())), Some(("ts", "oplog_date")));
+    assert_eq!(by_ns("logs.*").write_mode, WriteMode::Update);
+    // Partial updates run no ingest pipeline: indexed whole, as Monstache does, and said so.
+    let app = by_ns("logs.app");
+    assert_eq!((app.ingest_pipeline.as_deref(), app.write_mode), (Some("parse-logs"), WriteMode::Index));
+    assert!(noted(&c, "index-as-update").is_some_and(|r| r.contains("logs.app")));
+    assert_eq!(c.pipeline.spec.indexes.get("logs.app").map(String::as_str), Some("app-logs"));
+    assert!(noted(&c, "oplog-date-field-format").is_some_and(|r| r.contains("yyyy/MM/dd")));
+    assert!(noted(&c, "routing-namespaces").is_some_and(|r| r.starts_with("not needed")));
+    assert!(noted(&c, "delete-strategy").is_some_and(|r| r.contains("monsoon-locations")));
+}
+
+#[test]
+fn scripts_filters_and_pipelines_of_monstaches_docs_carry_over() {
+    let dir = std::env::temp_dir().join(format!("monsoon-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("transform.js");
+    std::fs::write(&path, "module.exports = function(doc) { return doc; }").expect("write");
+    let text = format!(
+        r#"
+change-stream-namespaces = ["test.test", "blog.comments", "anotherdb.anothercollection"]
+
+[[script]]
+script = """
+module.exports = function(doc, ns, updateDesc) {{
+  return _.omit(doc, "password", "secret");
+}}
+"""
+
+[[script]]
+namespace = "blog.comments"
+routing = true
+script = """
+module.exports = function(doc) {{
+  doc._meta_monstache = {{ routing: doc.post_id }};
+  return doc;
+}}
+"""
+
+[[script]]
+namespace = "anotherdb.anothercollection"
+path = "{}"
+
+[[filter]]
+namespace = "test.test"
+script = "module.exports = function(doc, ns, updateDesc) {{ return !!doc.interesting; }}"
+
+[[pipeline]]
+namespace = "test.test"
+script = """
+module.exports = function(ns, changeStream) {{
+  if (changeStream) {{
+return [{{ $match: {{ $or: [{{ "updateDescription": {{$exists: false}} }}, {{ "updateDescription.updatedFields.foo": {{$exists: true}} }}] }} }}];
+  }} else {{
+return [];
+  }}
+}}
+"""
+
+[[pipeline]]
+namespace = "blog.comments"
+script = "module.exports = function(ns, changeStream) {{ return [{{ $group: {{ _id: 1 }} }}]; }}"
+"#,
+        path.display()
+    );
+    let c = converted(&text);
+    let s = &c.pipeline.spec;
+    assert_eq!(s.scripts.len(), 3);
+    assert!(s.scripts[0].namespace.is_none() && s.scripts[0].script.as_deref().is_some_and(|t| t.contains("_.omit")));
+    assert_eq!(s.scripts[2].script_from.as_ref().and_then(|f| f.file.as_deref()), Some(path.to_str().expect("utf8")));
+    assert!(noted(&c, "[[script]].path").is_some_and(|r| r.contains("configMapKeyRef")));
+    assert!(noted(&c, "[[script]].routing").is_some_and(|r| r.starts_with("not needed")));
+    assert_eq!(s.filters.len(), 1);
+    let watch = s.mappings.iter().find(|m| m.namespace == "test.test").and_then(|m| m.aggregation.clone()).expect("declared stages");
+    assert!(watch.snapshot.is_empty());
+    assert_eq!(watch.change_stream.len(), 1);
+    assert!(watch.change_stream[0].to_string().contains("updateDescription.updatedFields.foo"));
+    // A stage monsoon cannot run is said so, not carried.
+    assert!(c.notes.iter().any(|n| n.option == "[[pipeline]]" && n.reason.contains("`$group`")), "{:?}", c.notes);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn namespace_regular_expressions_carry_over() {
+    let c = converted(
+        r#"
+namespace-regex = "^(shop|logs)\\."
+namespace-exclude-regex = "\\.tmp$"
+"#,
+    );
+    assert!(c.pipeline.spec.namespaces.is_empty());
+    assert_eq!(c.pipeline.spec.namespace_regex.as_deref(), Some(r"^(shop|logs)\."));
+    assert_eq!(c.pipeline.spec.exclude_namespace_regex.as_deref(), Some(r"\.tmp$"));
+    assert!(!c.pipeline.spec.snapshot);
+}
+
+#[test]
+fn unusable_input_is_one_clear_error() {
+    assert!(matches!(convert("mongo-url = ", "x"), Err(Error::Toml(_))));
+    assert!(matches!(convert("direct-read-namespaces = \"shop.orders\"", "x"), Err(Error::Type { .. })));
+    let e = convert("change-stream-namespaces = [\"admin.users\"]", "x").expect_err("a system database");
+    assert!(e.to_string().starts_with("`change-stream-namespaces`: `admin` is a MongoDB system database"), "{e}");
+}
+
+#[test]
+fn pipeline_names_are_dns_labels() {
+    assert_eq!(pipeline_name("Monstache_Prod.Config"), "monstache-prod-config");
+    assert_eq!(pipeline_name("___"), "monstache");
+}
+
+fn refused(text: &str) -> String {
+    let e = convert(text, "shop").expect_err("refused");
+    let line = format!("{e:#}");
+    assert!(!line.contains('\n'), "one line: {line}");
+    line
+}
+
+#[test]
+fn a_config_without_namespaces_follows_the_whole_deployment_as_monstache_does() {
+    let c = converted("mongo-url = \"mongodb://db-0:27017/?replicaSet=rs0\"\n");
+    let s = &c.pipeline.spec;
+    assert!(s.namespaces.is_empty());
+    assert_eq!(s.namespace_regex.as_deref(), Some(".*"));
+    assert_eq!(s.exclude_namespaces, ["monstache.*"], "Monstache's own state is not synced");
+    assert!(!s.snapshot);
+    assert!(noted(&c, "change-stream-namespaces").is_some_and(|r| r.contains("every database")));
+
+    // Direct reads without change-stream-namespaces: everything followed, the listed snapshotted.
+    let c = converted("direct-read-namespaces = [\"shop.orders\", \"shop.users\"]\n");
+    let s = &c.pipeline.spec;
+    assert_eq!(s.namespace_regex.as_deref(), Some(".*"));
+    assert!(s.snapshot);
+    assert_eq!(s.snapshot_namespaces, ["shop.orders", "shop.users"]);
+
+    // `""` in the direct reads: every collection is snapshotted.
+    let c = converted("direct-read-namespaces = [\"\"]\nchange-stream-namespaces = [\"shop.orders\"]\n");
+    assert_eq!(c.pipeline.spec.namespace_regex.as_deref(), Some(".*"));
+    assert!(c.pipeline.spec.snapshot && c.pipeline.spec.snapshot_namespaces.is_empty());
+}
+
+#[test]
+fn a_namespace_regex_alone_carries_what_it_selects() {
+    let dir = std::env::temp_dir().join(format!("monsoon-convert-regex-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("users.js");
+    std::fs::write(&path, "module.exports = function(doc) { return !!doc.active; }").expect("write");
+    let c = converted(&format!(
+        r#"
+namespace-regex = "^shop\\."
+direct-read-namespaces = ["shop.orders", "logs.app"]
+
+[[mapping]]
+namespace = "shop.orders"
+index = "Orders"
+pipeline = "enrich"
+
+[[mapping]]
+namespace = "other.things"
+index = "things"
+
+[[script]]
+namespace = "shop.orders"
+script = "module.exports = function(doc) {{ return doc; }}"
+
+[[filter]]
+namespace = "shop.users"
+path = "{}"
+
+[[pipeline]]
+namespace = "shop.orders"
+script = "module.exports = function(ns, changeStream) {{ return [{{ $match: {{ total: {{ $gt: 0 }} }} }}]; }}"
+"#,
+        path.display()
+    ));
+    let s = &c.pipeline.spec;
+    assert_eq!(s.namespace_regex.as_deref(), Some(r"^shop\."));
+    assert!(s.namespaces.is_empty());
+    let orders = s.mappings.iter().find(|m| m.namespace == "shop.orders").expect("the mapping is carried");
+    assert_eq!(orders.index.as_deref(), Some("orders"), "lower-cased");
+    assert_eq!(orders.ingest_pipeline.as_deref(), Some("enrich"));
+    assert!(orders.aggregation.is_some(), "[[pipeline]] declared");
+    assert!(noted(&c, "[[mapping]].index").is_some_and(|r| r.contains("lower-cased")));
+    assert_eq!(s.scripts.len(), 1);
+    assert_eq!(s.filters.len(), 1);
+    // Only what the expression leaves out is said to be left out.
+    let left_out: Vec<&Note> = c.notes.iter().filter(|n| n.reason.contains("not synced") || n.reason.contains("left out")).collect();
+    assert!(left_out.iter().all(|n| n.reason.contains("other.things") || n.reason.contains("logs.app")), "{left_out:?}");
+    assert_eq!(left_out.len(), 2, "{left_out:?}");
+    assert_eq!(s.snapshot_namespaces, ["shop.orders"], "Monstache filters direct reads by the expression too");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn placeholders_become_environment_references_or_a_clear_refusal() {
+    let c = converted("mongo-url = \"<mongodb-url>\"\n");
+    assert_eq!(c.pipeline.spec.mongodb.uri_from.as_ref().and_then(|v| v.env.as_deref()), Some(ENV_MONGODB_URI));
+    assert!(noted(&c, "mongo-url").is_some_and(|r| r.contains("<mongodb-url>") && r.contains(ENV_MONGODB_URI)));
+    let c = converted("mongo-url = \"${MONGO_URL}\"\n");
+    assert_eq!(c.pipeline.spec.mongodb.uri_from.as_ref().and_then(|v| v.env.as_deref()), Some("MONGO_URL"));
+    let c = converted("mongo-url = \"mongodb://admin:$MONGOPASSWORD@db-0:27017/?replicaSet=rs0\"\n");
+    assert_eq!(c.pipeline.spec.mongodb.uri_from.as_ref().and_then(|v| v.env.as_deref()), Some(ENV_MONGODB_URI));
+    assert!(noted(&c, "mongo-url").is_some_and(|r| r.contains("$MONGOPASSWORD")));
+
+    let line = refused("elasticsearch-urls = [\"*elastic-host*\"]\n");
+    assert!(line.starts_with("`elasticsearch-urls`: `*elastic-host*` is a placeholder"), "{line}");
+    let line = refused("elasticsearch-urls = [\"http://${ES_HOST}:9200\"]\n");
+    assert!(line.contains("`elasticsearch-urls`") && line.contains("${ES_HOST}"), "{line}");
+    let line = refused("elasticsearch-user = \"$ES_USER\"\nelasticsearch-password = \"x\"\n");
+    assert!(line.starts_with("`elasticsearch-user`"), "{line}");
+}
+
+#[test]
+fn credentials_in_elasticsearch_urls_move_to_username_and_an_env_password() {
+    let c = converted("elasticsearch-urls = [\"https://elastic:changeme@es-0:9200\", \"https://elastic:changeme@es-1:9200\"]\n");
+    let es = &c.pipeline.spec.elasticsearch;
+    assert_eq!(es.urls, ["https://es-0:9200", "https://es-1:9200"]);
+    assert_eq!(es.username.as_deref(), Some("elastic"));
+    assert_eq!(es.password_from.as_ref().and_then(|v| v.env.as_deref()), Some(ENV_ES_PASSWORD));
+    let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
+    assert!(!yaml.contains("changeme"), "{yaml}");
+    assert!(c.notes.iter().any(|n| n.option == "elasticsearch-urls" && n.reason.contains(ENV_ES_PASSWORD)), "{:?}", c.notes);
+
+    let c = converted("elasticsearch-urls = [\"https://elastic:${ES_PASSWORD}@es:9200\"]\n");
+    assert_eq!(c.pipeline.spec.elasticsearch.password_from.as_ref().and_then(|v| v.env.as_deref()), Some("ES_PASSWORD"));
+    let line = refused("elasticsearch-urls = [\"https://a:x@es-0:9200\", \"https://b:y@es-1:9200\"]\n");
+    assert!(line.starts_with("`elasticsearch-urls`") && line.contains("one user"), "{line}");
+    assert!(!line.contains(":x@") && !line.contains(":y@"), "no password in the message: {line}");
+}
+
+#[test]
+fn namespaces_without_a_database_and_missing_script_files_are_refused_by_name() {
+    let line = refused("change-stream-namespaces = [\"shop.orders\"]\n[[mapping]]\nnamespace = \"orders\"\nindex = \"orders\"\n");
+    assert!(line.starts_with("`[[mapping]].namespace`: `orders` has no database"), "{line}");
+    let line = refused("change-stream-namespaces = [\"shop.orders\"]\n[[script]]\nnamespace = \"shop.*\"\nscript = \"module.exports = function(d) { return d; }\"\n");
+    assert!(line.starts_with("`[[script]].namespace`"), "{line}");
+    let line = refused("change-stream-namespaces = [\"shop.orders\"]\n[[script]]\nnamespace = \"shop.orders\"\npath = \"/nonexistent/transform.js\"\n");
+    assert!(line.starts_with("`[[script]].path`: failed to read script file `/nonexistent/transform.js`"), "{line}");
+}
+
+#[test]
+fn start_points_and_one_shot_runs_carry_over() {
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\nresume-from-timestamp = 1700000000\n");
+    assert_eq!(c.pipeline.spec.stream_start.as_ref().and_then(|s| s.timestamp), Some(1_700_000_000));
+    // Monstache also reads a whole oplog timestamp (seconds << 32 | increment).
+    let c = converted(&format!("direct-read-namespaces = [\"shop.orders\"]\nresume-from-timestamp = {}\n", (1_700_000_000_i64 << 32) | 7));
+    assert_eq!(c.pipeline.spec.stream_start.as_ref().and_then(|s| s.timestamp), Some(1_700_000_000));
+    let c = converted("change-stream-namespaces = [\"shop.orders\"]\nreplay = true\nresume-from-timestamp = 5\n");
+    assert_eq!(c.pipeline.spec.stream_start.as_ref().map(|s| s.oldest), Some(true));
+    assert!(noted(&c, "resume-from-timestamp").is_some_and(|r| r.contains("replay")));
+
+    let c = converted("direct-read-namespaces = [\"shop.orders\", \"shop.users\"]\nexit-after-direct-reads = true\n");
+    assert!(c.once);
+    let s = &c.pipeline.spec;
+    assert_eq!((s.namespaces.as_slice(), s.namespace_regex.as_deref()), (&["shop.orders".to_string(), "shop.users".to_string()][..], None), "only what is read once");
+    assert!(s.snapshot && s.snapshot_namespaces.is_empty());
+    assert!(noted(&c, "exit-after-direct-reads").is_some_and(|r| r.contains("--once")));
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\nchange-stream-namespaces = [\"shop\"]\nexit-after-direct-reads = true\n");
+    assert_eq!(c.pipeline.spec.namespaces, ["shop.orders"]);
+    assert!(noted(&c, "change-stream-namespaces").is_some_and(|r| r.starts_with("not carried")));
+}
+
+#[test]
+fn a_database_and_an_expression_together_are_refused_with_the_fix() {
+    let line = refused("change-stream-namespaces = [\"shop\"]\nnamespace-regex = \"^shop\\\\.(orders|users)$\"\n");
+    assert!(line.starts_with("`change-stream-namespaces`: lists the database `shop`") && line.contains("shop.orders"), "{line}");
+    // Listed collections are filtered by the expression now, as Monstache filters them.
+    let c = converted("change-stream-namespaces = [\"shop.orders\", \"shop.audit\"]\nnamespace-regex = \"^shop\\\\.orders$\"\n");
+    assert_eq!(c.pipeline.spec.namespaces, ["shop.orders"]);
+    assert!(c.pipeline.spec.namespace_regex.is_none());
+}
+
+/// The invariant: every configuration converts into a pipeline that `monsoon validate` accepts,
+/// or is refused with one line naming the option. Configurations as users publish them.
+#[test]
+fn every_realistic_config_converts_into_a_valid_pipeline_or_one_clear_refusal() {
+    let corpus: &[(&str, &str, Option<&str>)] = &[
+        ("empty", "", None),
+        ("docker-compose", "mongo-url = \"mongodb://mongo:27017\"\nelasticsearch-urls = [\"http://elasticsearch:9200\"]\ndirect-read-namespaces = [\"mydb.mycollection\"]\nchange-stream-namespaces = [\"mydb.mycollection\"]\ngzip = true\nstats = true\nindex-stats = true\nelasticsearch-max-conns = 4\nelasticsearch-retry = true\nverbose = true\nresume = true\nresume-name = \"default\"\n", None),
+        ("tutorial with placeholders", "mongo-url = \"<mongodb-url>\"\nelasticsearch-urls = [\"<elasticsearch-url>\"]\n", Some("elasticsearch-urls")),
+        ("env passwords", "mongo-url = \"mongodb://admin:$MONGOPASSWORD@mongo1:27017,mongo2:27017/?replicaSet=rs0\"\nelasticsearch-urls = [\"https://es:9200\"]\nelasticsearch-user = \"elastic\"\nelasticsearch-password = \"${ELASTIC_PASSWORD}\"\nnamespace-regex = \"^app\\\\.(users|posts)$\"\n", None),
+        ("glob host", "elasticsearch-urls = [\"http://*elastic-host*:9200\"]\n", Some("elasticsearch-urls")),
+        ("url credentials", "elasticsearch-urls = [\"https://elastic:s3cr3t@search.example.com:443\"]\nchange-stream-namespaces = [\"shop\"]\n[[mapping]]\nnamespace = \"shop.Orders\"\nindex = \"Shop_Orders\"\n", None),
+        ("no scheme", "elasticsearch-urls = [\"elasticsearch:9200\"]\n", None),
+        ("mapping without a database", "direct-read-namespaces = [\"test.users\"]\n[[mapping]]\nnamespace = \"users\"\nindex = \"users\"\n", Some("[[mapping]].namespace")),
+        ("two namespaces one index", "change-stream-namespaces = [\"a.x\", \"b.x\"]\n[[mapping]]\nnamespace = \"a.x\"\nindex = \"x\"\n[[mapping]]\nnamespace = \"b.x\"\nindex = \"x\"\n", Some("[[mapping]].index")),
+        ("bad index", "change-stream-namespaces = [\"a.x\"]\n[[mapping]]\nnamespace = \"a.x\"\nindex = \"_x\"\n", Some("[[mapping]].index")),
+        ("system database", "direct-read-namespaces = [\"admin.system.users\"]\n", Some("direct-read-namespaces")),
+        ("bad regex", "namespace-regex = \"(?<=shop)\\\\.x\"\n", Some("namespace-regex")),
+        ("regex selects nothing listed", "change-stream-namespaces = [\"shop.orders\"]\nnamespace-regex = \"^logs\\\\.\"\n", Some("namespace-regex")),
+        ("no change events, no reads", "disable-change-events = true\n", Some("direct-read-namespaces")),
+        ("one-shot reindex", "direct-read-namespaces = [\"shop.orders\"]\nexit-after-direct-reads = true\nelasticsearch-max-seconds = 5\nelasticsearch-max-bytes = 8000000\n", None),
+        ("view replication", "direct-read-namespaces = [\"thingdb.thingview\"]\nchange-stream-namespaces = [\"thingdb.thing\", \"thingdb.state\"]\n[[mapping]]\nnamespace = \"thingdb.thing\"\nindex = \"things\"\n[[mapping]]\nnamespace = \"thingdb.thingview\"\nindex = \"things\"\n[[relate]]\nnamespace = \"thingdb.thing\"\nwith-namespace = \"thingdb.thingview\"\n", Some("[[mapping]].index")),
+        ("time machine and patches", "change-stream-namespaces = [\"test.test\"]\ntime-machine-namespaces = [\"test.test\"]\nenable-patches = true\npatch-namespaces = [\"test.test\"]\n", None),
+        ("documentdb", "mongo-url = \"mongodb://user:pass@docdb.cluster.example:27017/?tls=true&replicaSet=rs0&readPreference=primary\"\nchange-stream-namespaces = [\"db1.col1\", \"db2.col2\"]\nresume-strategy = 1\n", None),
+        ("start points", "resume-from-timestamp = 1717243200\nchange-stream-namespaces = [\"shop\"]\nindex-as-update = true\nindex-oplog-time = true\n", None),
+        ("follow all, update everything", "index-as-update = true\n[[mapping]]\nnamespace = \"shop.orders\"\nindex = \"orders\"\n", None),
+        ("not a connection string", "mongo-url = \"localhost:27017\"\n", Some("mongo-url")),
+    ];
+    for (name, text, refusal) in corpus {
+        match (convert(text, "corpus"), refusal) {
+            (Ok(c), None) => {
+                let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
+                monsoon_api::parse_manifest(&yaml).unwrap_or_else(|e| panic!("{name}: `monsoon validate` refuses the conversion: {e}\n{yaml}"));
+            }
+            (Err(e), Some(option)) => {
+                let line = format!("{e:#}");
+                assert!(!line.contains('\n') && line.starts_with(&format!("`{option}`")), "{name}: {line}");
+            }
+            (Ok(c), Some(option)) => panic!("{name}: expected a refusal naming `{option}`, got {:#?}", c.pipeline.spec),
+            (Err(e), None) => panic!("{name}: refused: {e:#}"),
+        }
+    }
+}
