@@ -74,6 +74,75 @@ async fn dry_run_create(client: &kube::Client, ar: &ApiResource, ns: &str, objec
     }
 }
 
+/// `kubectl apply --server-side -f crds/`, looking at the response headers: the API server
+/// sends a `Warning` header for everything it finds odd in the CRD (unknown formats such as
+/// `uint32`, which every apply used to draw). There must be none.
+#[tokio::test]
+async fn applying_the_crd_draws_no_warnings() {
+    let cp = ControlPlane::shared();
+    let client = cp.admin_client().await.expect("admin client");
+    install_crd(&client).await;
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(CRD).expect("crds/syncpipeline.yaml parses");
+    let name = crd.metadata.name.clone().expect("name");
+    for attempt in ["an update", "a dry-run create under a new field manager"] {
+        let pp = match attempt {
+            "an update" => PatchParams::apply(MANAGER).force(),
+            _ => PatchParams { dry_run: true, ..PatchParams::apply("monsoon-tests-warnings").force() },
+        };
+        let request = Request::new("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+            .patch(&name, &pp, &Patch::Apply(&crd))
+            .expect("request");
+        let response = client.send(request.map(kube::client::Body::from)).await.expect("the API server answers");
+        let status = response.status();
+        let warnings: Vec<String> = response
+            .headers()
+            .get_all("warning")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string())
+            .collect();
+        assert!(status.is_success(), "{attempt}: {status}");
+        assert!(warnings.is_empty(), "{attempt} of the CRD drew warnings:\n{}", warnings.join("\n"));
+    }
+    let installed = Api::<CustomResourceDefinition>::all(client.clone()).get(&name).await.expect("installed CRD");
+    assert_eq!(monsoon_api::crd::installed_revision(&installed), Some(monsoon_api::crd::CRD_REVISION), "the revision annotation survives the apply");
+}
+
+/// A connection string with a password is refused, and the refusal (which `kubectl`, CI logs
+/// and GitOps controllers' events repeat) does not contain the password, nor the string.
+#[tokio::test]
+async fn refusing_a_uri_with_a_password_does_not_repeat_it() {
+    let cp = ControlPlane::shared();
+    let client = cp.admin_client().await.expect("admin client");
+    let ar = install_crd(&client).await;
+    namespace(&client, "secret-uri").await;
+    let password = "Sup3r-S3cret-Passw0rd";
+    for uri in [
+        format!("mongodb://syncer:{password}@db-0.db:27017/?replicaSet=rs0"),
+        format!("mongodb+srv://syncer:{password}@cluster0.example.net/"),
+    ] {
+        let manifest = json!({
+            "apiVersion": "monsoon.dev/v1alpha1",
+            "kind": "SyncPipeline",
+            "metadata": {"name": "leaky"},
+            "spec": {"mongodb": {"uri": uri}, "elasticsearch": {"urls": ["http://es:9200"]}, "namespaces": ["shop.orders"]},
+        });
+        let message = dry_run_create(&client, &ar, "secret-uri", &manifest).await.expect_err("a URI with a password is refused");
+        assert!(message.starts_with("422"), "{message}");
+        assert!(message.contains("holds a password"), "{message}");
+        assert!(message.contains("spec.mongodb.uri"), "the refusal names the field: {message}");
+        assert!(!message.contains(password), "the refusal repeats the password: {message}");
+        assert!(!message.contains("syncer:"), "the refusal repeats the connection string: {message}");
+    }
+    // A user name without a password (X.509) is fine.
+    let manifest = json!({
+        "apiVersion": "monsoon.dev/v1alpha1",
+        "kind": "SyncPipeline",
+        "metadata": {"name": "x509"},
+        "spec": {"mongodb": {"uri": "mongodb://CN=syncer@db-0.db:27017/?authMechanism=MONGODB-X509"}, "elasticsearch": {"urls": ["http://es:9200"]}, "namespaces": ["shop.orders"]},
+    });
+    dry_run_create(&client, &ar, "secret-uri", &manifest).await.expect("a user name alone is accepted");
+}
+
 #[tokio::test]
 async fn the_api_server_refuses_every_refused_case_with_its_message() {
     let cp = ControlPlane::shared();
