@@ -662,7 +662,10 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     assert_eq!(status.phase.as_deref(), Some("Failed"));
     assert!(is_off(&status, "Ready"), "{status:#?}");
     assert!(condition(&status, "InvalidSpec").expect("condition").message.contains("namespaces"), "{status:#?}");
+    // kstatus: Stalled, with this generation observed (Flux reports it as failed, not pending).
+    assert!(is_on(&status, "Stalled") && is_off(&status, "Reconciling"), "{status:#?}");
     assert_eq!(status.observed_generation, p.metadata.generation);
+    assert!(p.finalizers().is_empty(), "a pipeline that never ran needs no finalizer: {:?}", p.finalizers());
     wait_event(&admin, ns, "broken", "InvalidSpec").await;
     assert!(sets.get_opt("broken-worker").await.expect("get").is_none(), "an invalid pipeline got workers");
     eprintln!("invalid spec shown after {:.1?}", started.elapsed());
@@ -673,6 +676,7 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     let p = wait_status(&pipelines, "orders", "CredentialsMissing", Duration::from_secs(30), |p| is_on(&status_of(p), "CredentialsMissing")).await;
     let message = condition(&status_of(&p), "CredentialsMissing").expect("condition").message.clone();
     assert!(message.contains("Secret `mongo` not found"), "{message}");
+    assert_eq!(condition(&status_of(&p), "Stalled").map(|c| c.reason.as_str()), Some("CredentialsMissing"));
     wait_event(&admin, ns, "orders", "CredentialsMissing").await;
     assert!(sets.get_opt("orders-worker").await.expect("get").is_none(), "workers started without their Secret");
     create_secret(&admin, ns, "mongodb://127.0.0.1:9/").await;
@@ -713,7 +717,10 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     .await;
     let p = wait_status(&pipelines, "orders", "status for the workload", Duration::from_secs(30), |p| status_of(p).shard_count == Some(1)).await;
     let status = status_of(&p);
-    assert_eq!(status.observed_generation, p.metadata.generation);
+    // No kubelet runs these pods: the generation is applied but never rolled out, so nothing
+    // may say it is observed (`kubectl wait` and GitOps tools would take it as done).
+    assert_ne!(status.observed_generation, p.metadata.generation, "{status:#?}");
+    assert!(is_on(&status, "Reconciling") && is_off(&status, "Stalled"), "{status:#?}");
     assert_eq!(status.ready.as_deref(), Some("0/1"), "no kubelet, so no ready worker: {status:#?}");
     assert!(is_off(&status, "Ready"), "{status:#?}");
 
@@ -730,8 +737,11 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
         }
     })
     .await;
-    let generation = pipelines.get("orders").await.expect("get").metadata.generation;
-    wait_status(&pipelines, "orders", "observedGeneration follows", Duration::from_secs(30), |p| status_of(p).observed_generation == generation).await;
+    let p = wait_status(&pipelines, "orders", "Reconciling the new generation", Duration::from_secs(30), |p| {
+        condition(&status_of(p), "Reconciling").is_some_and(|c| c.status == "True" && c.observed_generation == p.metadata.generation)
+    })
+    .await;
+    assert_ne!(status_of(&p).observed_generation, p.metadata.generation, "observedGeneration moved before the rollout");
 
     // An invalid change: a condition; the workers keep the last valid spec.
     pipelines
@@ -839,7 +849,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     let mut a = release.start_operator(cp, "lead-op-a").await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &release.namespace);
     let holder = |leases: Api<Lease>| async move {
-        leases.get_opt("monsoon-operator").await.ok().flatten().and_then(|l| l.spec?.holder_identity)
+        leases.get_opt("lead-op").await.ok().flatten().and_then(|l| l.spec?.holder_identity)
     };
     wait_for("a leads", Duration::from_secs(30), || {
         let leases = leases.clone();
@@ -871,7 +881,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     assert_eq!(leader_gauge(&b).as_deref(), Some("0"));
     create_secret(&admin, ns, "mongodb://127.0.0.1:9/").await;
 
-    let before = leases.get("monsoon-operator").await.expect("lease").spec.expect("spec").lease_transitions.unwrap_or(0);
+    let before = leases.get("lead-op").await.expect("lease").spec.expect("spec").lease_transitions.unwrap_or(0);
     a.kill();
     let killed = Instant::now();
     wait_for("b takes over", Duration::from_secs(60), || {
@@ -880,7 +890,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     })
     .await;
     let took = killed.elapsed();
-    let lease = leases.get("monsoon-operator").await.expect("lease").spec.expect("spec");
+    let lease = leases.get("lead-op").await.expect("lease").spec.expect("spec");
     assert_eq!(lease.lease_transitions, Some(before + 1));
     let duration = Duration::from_secs(u64::try_from(lease.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
     assert!(took <= duration + duration / 3 + Duration::from_secs(3), "took over {took:?} after the kill; lease {duration:?}");
@@ -935,6 +945,33 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     assert_eq!(status.shards[0].holder.as_deref(), Some("orders-worker-0"), "{status:#?}");
     assert!(data.contains_key("checkpoint"), "no checkpoint in {data:?}");
     eprintln!("created → Ready in {:.1?}", started.elapsed());
+
+    assert_eq!(status.observed_generation, p.metadata.generation, "Ready and rolled out: this generation is observed");
+
+    // `kubectl apply` of a change, then `kubectl wait --for=condition=Ready` (which reads a
+    // condition only when its observedGeneration is the object's generation): Ready must not
+    // be True for the new generation before the StatefulSet has replaced the worker pod with
+    // one of the new template and that pod is ready.
+    let sets: Api<StatefulSet> = Api::namespaced(admin.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let applied = pipelines
+        .patch("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"batch": {"maxDocs": 500}}})))
+        .await
+        .expect("spec change");
+    let applied_at = Instant::now();
+    let generation = applied.metadata.generation;
+    let ready_for = |p: &SyncPipeline| condition(&status_of(p), "Ready").is_some_and(|c| c.status == "True" && c.observed_generation == generation);
+    let p = wait_status(&pipelines, "orders", "Ready for the new generation", Duration::from_secs(90), ready_for).await;
+    let sts = sets.get("orders-worker").await.expect("sts");
+    let pod = pods.get("orders-worker-0").await.expect("worker pod");
+    let update_revision = sts.status.as_ref().and_then(|s| s.update_revision.clone()).expect("updateRevision");
+    assert_eq!(pod.labels().get("controller-revision-hash"), Some(&update_revision), "Ready while the pod runs an older template");
+    assert_eq!(pipeline_env(&sts)["spec"]["batch"]["maxDocs"], 500);
+    let pod_ready = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    assert!(pod_ready, "Ready before the new pod is: {:?}", pod.status);
+    assert_eq!(status_of(&p).observed_generation, generation);
+    assert!(is_off(&status_of(&p), "Reconciling"), "{:#?}", status_of(&p));
+    eprintln!("apply → Ready for the new generation (pod replaced and ready) in {:.1?}", applied_at.elapsed());
 
     // `kubectl get sp`: the CRD's printer columns, read through the API as kubectl reads them.
     let t = table(&admin, &format!("/apis/monsoon.dev/v1alpha1/namespaces/{ns}/syncpipelines")).await.expect("Table");

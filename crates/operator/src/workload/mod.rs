@@ -1,31 +1,31 @@
-//! The objects a pipeline is reconciled into, built as plain values (no I/O).
+//! The objects a pipeline is reconciled into, built as plain values (no I/O). Each part has
+//! one place:
+//! - [`pod`]: the worker pod template (container, the pipeline it reads, credentials wiring,
+//!   probes, resources and script sizing, the `workerTemplate` scheduling and metadata, the
+//!   annotations that roll the workers);
+//! - [`rbac`]: the workers' ServiceAccount, Role and RoleBinding;
+//! - here: names and labels, the headless Service, the StatefulSet around the pod template
+//!   and the PodDisruptionBudget.
 //!
-//! Per pipeline: a ServiceAccount, a Role that lets it read and update only its own
-//! checkpoint ConfigMaps, a RoleBinding, a headless Service for metrics, and a StatefulSet
-//! of workers (pod `N` runs shard `N`, stable across restarts and rollouts). The checkpoint
-//! ConfigMaps themselves are created by the reconciler and carry no owner reference, so
-//! `checkpointsOnDelete: Keep` can keep them.
-//!
-//! Credentials never enter the pod spec: each `secretKeyRef` becomes an environment
-//! variable filled by the kubelet from the Secret, and each CA bundle a mounted file; the
-//! pipeline the worker reads names those variables and files instead.
+//! Per pipeline: pod `N` of the StatefulSet runs shard `N`, stable across restarts and
+//! rollouts. The checkpoint ConfigMaps themselves are created by the reconciler and carry no
+//! owner reference, so `checkpointsOnDelete: Keep` can keep them.
+
+pub mod pod;
+mod rbac;
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
-use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
-};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount, ServicePort, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use monsoon_api::{SyncPipeline, SyncPipelineSpec, ValueFrom};
+use monsoon_api::SyncPipeline;
+
+pub use pod::size_scripts;
 
 /// Port of every worker's `/healthz`, `/readyz`, `/metrics` and `/stats`.
 pub const WORKER_PORT: i32 = 9464;
@@ -35,10 +35,26 @@ pub const LABEL_PIPELINE: &str = "monsoon.dev/pipeline";
 pub const LABEL_CHECKPOINT: &str = "monsoon.dev/checkpoint";
 /// Label of a checkpoint ConfigMap giving the shard count it was written for.
 pub const LABEL_SHARD_COUNT: &str = "monsoon.dev/shard-count";
+/// `app.kubernetes.io/managed-by` value of every object the operator makes: its watches of
+/// StatefulSets select on it.
+pub const MANAGED_BY: &str = "monsoon-operator";
+/// Label selector of every object the operator makes.
+pub const SELECTOR_MANAGED: &str = "app.kubernetes.io/managed-by=monsoon-operator";
 /// Environment variable carrying the pipeline (JSON) to the worker.
 pub const ENV_PIPELINE: &str = "MONSOON_PIPELINE";
 /// Environment variable carrying the shard count to the worker.
 pub const ENV_SHARD_COUNT: &str = "MONSOON_SHARD_COUNT";
+/// Pipeline annotation: a new value restarts every worker (copied into the pod template).
+pub const ANNOTATION_RESTART: &str = "monsoon.dev/restart";
+/// Pipeline annotation: a new value (any token) asks the workers for a fresh snapshot; it
+/// reaches them as [`ENV_RESNAPSHOT`] (and rolls them).
+pub const ANNOTATION_RESNAPSHOT: &str = "monsoon.dev/resnapshot";
+/// Environment variable carrying the `monsoon.dev/resnapshot` token to the workers. A worker
+/// honours it only once the engine supports re-snapshot on request (see README).
+pub const ENV_RESNAPSHOT: &str = "MONSOON_RESNAPSHOT";
+/// Pod template annotation: digest of the referenced Secrets' and ConfigMaps' versions, so a
+/// changed credential or CA bundle rolls the workers.
+pub const ANNOTATION_REFERENCES: &str = "monsoon.dev/references";
 
 /// How worker pods are run (operator-wide settings).
 #[derive(Clone, Debug)]
@@ -49,6 +65,18 @@ pub struct WorkerSettings {
     pub log_format: String,
     /// Seconds a worker has to deliver what it read after SIGTERM.
     pub shutdown_grace_seconds: u32,
+}
+
+/// What the reconciler knows beyond the pipeline itself.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// Shards the checkpoints are laid out for.
+    pub shards: u32,
+    /// Pods to run: 0 while paused, `shards` otherwise.
+    pub replicas: u32,
+    /// Versions of the referenced Secrets and ConfigMaps (`None`: not read, as in
+    /// `monsoon render`).
+    pub references_version: Option<String>,
 }
 
 /// Everything applied for one pipeline.
@@ -64,9 +92,11 @@ pub struct Workload {
     pub service: Service,
     /// The workers: one pod per shard.
     pub stateful_set: StatefulSet,
+    /// At most one worker evicted at a time (node drains, cluster autoscaler).
+    pub disruption_budget: PodDisruptionBudget,
 }
 
-/// Name of the workers' StatefulSet, Service, ServiceAccount, Role and RoleBinding.
+/// Name of the workers' StatefulSet, Service, ServiceAccount, Role, RoleBinding and PDB.
 pub fn worker_name(pipeline: &str) -> String {
     format!("{pipeline}-worker")
 }
@@ -81,7 +111,7 @@ pub fn labels(pipeline: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "monsoon-worker".to_string()),
         ("app.kubernetes.io/instance".to_string(), pipeline.to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), "monsoon-operator".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
         (LABEL_PIPELINE.to_string(), pipeline.to_string()),
     ])
 }
@@ -119,221 +149,33 @@ fn meta(p: &SyncPipeline, name: String) -> ObjectMeta {
     }
 }
 
-/// Where a credential or CA bundle reaches the worker.
-struct Wiring {
-    env: Vec<EnvVar>,
-    volumes: Vec<Volume>,
-    mounts: Vec<VolumeMount>,
-}
-
-/// Where a `*From` reaches the worker as a file: its volume, directory and file name.
-struct FileSlot {
-    volume: &'static str,
-    dir: &'static str,
-    name: &'static str,
-}
-
-/// CA bundles and client certificates are files (the MongoDB driver reads paths).
-const MONGODB_CA: FileSlot = FileSlot { volume: "ca-mongodb", dir: "/etc/monsoon/ca/mongodb", name: "ca.pem" };
-const ELASTICSEARCH_CA: FileSlot = FileSlot { volume: "ca-elasticsearch", dir: "/etc/monsoon/ca/elasticsearch", name: "ca.pem" };
-const MONGODB_CERT: FileSlot = FileSlot { volume: "tls-mongodb-crt", dir: "/etc/monsoon/tls/mongodb/crt", name: "tls.crt" };
-const MONGODB_KEY: FileSlot = FileSlot { volume: "tls-mongodb-key", dir: "/etc/monsoon/tls/mongodb/key", name: "tls.key" };
-const ELASTICSEARCH_CERT: FileSlot = FileSlot { volume: "tls-elasticsearch-crt", dir: "/etc/monsoon/tls/elasticsearch/crt", name: "tls.crt" };
-const ELASTICSEARCH_KEY: FileSlot = FileSlot { volume: "tls-elasticsearch-key", dir: "/etc/monsoon/tls/elasticsearch/key", name: "tls.key" };
-
-/// Rewrite one `*From` of the worker's copy of the spec to an env var or (with `file`) a
-/// mounted file, and add what the pod needs to fill it.
-fn wire(from: &mut Option<ValueFrom>, env_name: &str, file: Option<FileSlot>, w: &mut Wiring) {
-    let Some(v) = from.as_mut() else { return };
-    if let Some(slot) = file {
-        mount(v, slot.volume.to_string(), slot.dir, slot.name, w);
-        return;
-    }
-    if let Some(r) = v.secret_key_ref.take() {
-        w.env.push(EnvVar {
-            name: env_name.to_string(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: r.name,
-                    key: r.key,
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        });
-        *v = ValueFrom {
-            env: Some(env_name.to_string()),
-            ..ValueFrom::default()
-        };
-    }
-}
-
-/// Scripts from Secrets or ConfigMaps become files mounted at
-/// `/etc/monsoon/scripts/<list>-<i>/script.js` (read when the worker starts).
-fn wire_scripts(list: &str, scripts: &mut [monsoon_api::ScriptSpec], w: &mut Wiring) {
-    for (i, s) in scripts.iter_mut().enumerate() {
-        if let Some(v) = s.script_from.as_mut() {
-            let dir = format!("/etc/monsoon/scripts/{list}-{i}");
-            mount(v, format!("script-{list}-{i}"), &dir, "script.js", w);
-        }
-    }
-}
-
-/// Mount the Secret or ConfigMap key `v` names as `dir/name` and point `v` at that file.
-fn mount(v: &mut ValueFrom, volume: String, dir: &str, name: &str, w: &mut Wiring) {
-    let (secret, config_map) = (v.secret_key_ref.clone(), v.config_map_key_ref.clone());
-    let item = |key: String| {
-        Some(vec![KeyToPath {
-            key,
-            path: name.into(),
-            mode: None,
-        }])
-    };
-    let source = match (secret, config_map) {
-        (Some(r), _) => Some(Volume {
-            name: volume.clone(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(r.name),
-                items: item(r.key),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        }),
-        (None, Some(r)) => Some(Volume {
-            name: volume.clone(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: r.name,
-                items: item(r.key),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }),
-        (None, None) => None,
-    };
-    if let Some(source) = source {
-        w.volumes.push(source);
-        w.mounts.push(VolumeMount {
-            name: volume,
-            mount_path: dir.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        *v = ValueFrom {
-            file: Some(format!("{dir}/{name}")),
-            ..ValueFrom::default()
-        };
-    }
-}
-
-/// The pipeline as the worker reads it (`MONSOON_PIPELINE`): credentials turned into env
-/// vars and files, cluster-only fields dropped so they do not roll the pods needlessly.
-fn worker_pipeline(p: &SyncPipeline, w: &mut Wiring) -> serde_json::Value {
-    let mut spec: SyncPipelineSpec = p.spec.clone();
-    wire(&mut spec.mongodb.uri_from, "MONSOON_MONGODB_URI", None, w);
-    wire(&mut spec.mongodb.ca_from, "", Some(MONGODB_CA), w);
-    wire(&mut spec.mongodb.client_cert_from, "", Some(MONGODB_CERT), w);
-    wire(&mut spec.mongodb.client_key_from, "", Some(MONGODB_KEY), w);
-    wire(&mut spec.elasticsearch.password_from, "MONSOON_ES_PASSWORD", None, w);
-    wire(&mut spec.elasticsearch.api_key_from, "MONSOON_ES_API_KEY", None, w);
-    wire(&mut spec.elasticsearch.ca_from, "", Some(ELASTICSEARCH_CA), w);
-    wire(&mut spec.elasticsearch.client_cert_from, "", Some(ELASTICSEARCH_CERT), w);
-    wire(&mut spec.elasticsearch.client_key_from, "", Some(ELASTICSEARCH_KEY), w);
-    wire_scripts("scripts", &mut spec.scripts, w);
-    wire_scripts("filters", &mut spec.filters, w);
-    spec.paused = false;
-    spec.workers = 1;
-    spec.resources = None;
-    serde_json::json!({
-        "apiVersion": monsoon_api::API_VERSION,
-        "kind": monsoon_api::KIND,
-        "metadata": {"name": p.name_any(), "namespace": p.namespace()},
-        "spec": spec,
-    })
-}
-
-fn default_resources() -> ResourceRequirements {
-    ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity("100m".into())),
-            ("memory".to_string(), Quantity("64Mi".into())),
-        ])),
-        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
-        ..ResourceRequirements::default()
-    }
-}
-
-fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_string(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.to_string(),
-                api_version: None,
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
-fn probe(path: &str, period: i32, failures: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.to_string()),
-            port: IntOrString::String("http".into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(3),
-        ..Probe::default()
-    }
-}
-
 /// Build the workload of `p` for `shards` shards; `replicas` is 0 while paused or while
-/// shards are being re-laid out, `shards` otherwise.
+/// shards are being re-laid out, `shards` otherwise. Script threads are sized from the
+/// container's resources, falling back to the pipeline's own setting when they cannot fit
+/// (the reconciler refuses that case first, with a condition: see [`size_scripts`]).
 pub fn build(p: &SyncPipeline, shards: u32, replicas: u32, settings: &WorkerSettings) -> Workload {
-    let name = p.name_any();
-    let worker = worker_name(&name);
-    let mut wiring = Wiring {
-        env: Vec::new(),
-        volumes: Vec::new(),
-        mounts: Vec::new(),
-    };
-    let pipeline_json = worker_pipeline(p, &mut wiring);
+    build_with(p, &Inputs { shards, replicas, references_version: None }, settings)
+}
 
-    let service_account = ServiceAccount {
-        metadata: meta(p, worker.clone()),
-        automount_service_account_token: Some(true),
-        ..ServiceAccount::default()
-    };
-    let role = Role {
-        metadata: meta(p, worker.clone()),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["configmaps".into()]),
-            resource_names: Some((0..shards).map(|i| checkpoint_name(&name, i, shards)).collect()),
-            verbs: vec!["get".into(), "update".into(), "patch".into()],
-            ..PolicyRule::default()
-        }]),
-    };
-    let role_binding = RoleBinding {
-        metadata: meta(p, worker.clone()),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: worker.clone(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: worker.clone(),
-            namespace: p.namespace(),
-            ..Subject::default()
-        }]),
-    };
-    let service = Service {
-        metadata: meta(p, worker.clone()),
+/// [`build`] with everything the reconciler knows ([`Inputs`]).
+pub fn build_with(p: &SyncPipeline, inputs: &Inputs, settings: &WorkerSettings) -> Workload {
+    let threads = size_scripts(p).unwrap_or(None);
+    let template = pod::template(p, inputs, settings, threads);
+    Workload {
+        service_account: rbac::service_account(p),
+        role: rbac::role(p, inputs.shards),
+        role_binding: rbac::role_binding(p),
+        service: service(p),
+        stateful_set: stateful_set(p, inputs.replicas, template),
+        disruption_budget: disruption_budget(p),
+    }
+}
+
+/// Headless Service selecting the workers.
+fn service(p: &SyncPipeline) -> Service {
+    let name = p.name_any();
+    Service {
+        metadata: meta(p, worker_name(&name)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             selector: Some(selector_labels(&name)),
@@ -346,84 +188,18 @@ pub fn build(p: &SyncPipeline, shards: u32, replicas: u32, settings: &WorkerSett
             ..ServiceSpec::default()
         }),
         ..Service::default()
-    };
+    }
+}
 
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        EnvVar {
-            name: ENV_PIPELINE.into(),
-            value: Some(pipeline_json.to_string()),
-            ..EnvVar::default()
-        },
-        EnvVar {
-            name: ENV_SHARD_COUNT.into(),
-            value: Some(shards.to_string()),
-            ..EnvVar::default()
-        },
-        EnvVar {
-            name: "MONSOON_LOG_FORMAT".into(),
-            value: Some(settings.log_format.clone()),
-            ..EnvVar::default()
-        },
-    ];
-    env.extend(wiring.env);
-    let mut mounts = vec![VolumeMount {
-        name: "tmp".into(),
-        mount_path: "/tmp".into(),
-        ..VolumeMount::default()
-    }];
-    mounts.extend(wiring.mounts);
-    let mut volumes = vec![Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            size_limit: Some(Quantity("16Mi".into())),
-            ..EmptyDirVolumeSource::default()
-        }),
-        ..Volume::default()
-    }];
-    volumes.extend(wiring.volumes);
-
-    let container = Container {
-        name: "worker".into(),
-        image: Some(settings.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(vec![
-            "worker".into(),
-            format!("--http-addr=0.0.0.0:{WORKER_PORT}"),
-            format!("--shutdown-grace-seconds={}", settings.shutdown_grace_seconds),
-        ]),
-        env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: WORKER_PORT,
-            ..ContainerPort::default()
-        }]),
-        liveness_probe: Some(Probe {
-            initial_delay_seconds: Some(10),
-            ..probe("/healthz", 10, 3)
-        }),
-        readiness_probe: Some(probe("/readyz", 5, 2)),
-        resources: Some(p.spec.resources.clone().unwrap_or_else(default_resources)),
-        security_context: Some(SecurityContext {
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
-        volume_mounts: Some(mounts),
-        ..Container::default()
-    };
-    let pod_labels = labels(&name);
-    let stateful_set = StatefulSet {
+/// The StatefulSet around the pod template.
+fn stateful_set(p: &SyncPipeline, replicas: u32, template: k8s_openapi::api::core::v1::PodTemplateSpec) -> StatefulSet {
+    let name = p.name_any();
+    let worker = worker_name(&name);
+    StatefulSet {
         metadata: meta(p, worker.clone()),
         spec: Some(StatefulSetSpec {
             replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
-            service_name: Some(worker.clone()),
+            service_name: Some(worker),
             // Shards are independent: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -434,52 +210,65 @@ pub fn build(p: &SyncPipeline, shards: u32, replicas: u32, settings: &WorkerSett
                 match_labels: Some(selector_labels(&name)),
                 match_expressions: None,
             },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([
-                        ("prometheus.io/scrape".to_string(), "true".to_string()),
-                        ("prometheus.io/port".to_string(), WORKER_PORT.to_string()),
-                    ])),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(worker),
-                    // Time to deliver what was read and write the final checkpoint.
-                    termination_grace_period_seconds: Some(i64::from(settings.shutdown_grace_seconds) + 10),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        fs_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    ..PodSpec::default()
-                }),
-            },
+            template,
             ..StatefulSetSpec::default()
         }),
         status: None,
-    };
-    Workload {
-        service_account,
-        role,
-        role_binding,
-        service,
-        stateful_set,
     }
+}
+
+/// One worker may be evicted at a time: a drain moves shards one by one, each resuming from
+/// its checkpoint, instead of stopping the whole pipeline at once.
+fn disruption_budget(p: &SyncPipeline) -> PodDisruptionBudget {
+    let name = p.name_any();
+    PodDisruptionBudget {
+        metadata: meta(p, worker_name(&name)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                match_expressions: None,
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Why applying `after` over `before` rolls the workers, for Events: a new restart token, a
+/// new re-snapshot token, or a changed Secret or ConfigMap the pipeline references.
+pub fn rollout_causes(before: &StatefulSet, after: &StatefulSet) -> Vec<(&'static str, String)> {
+    let annotation = |s: &StatefulSet, key: &str| -> Option<String> {
+        s.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get(key).cloned()
+    };
+    let env = |s: &StatefulSet, key: &str| -> Option<String> {
+        s.spec.as_ref()?.template.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == key)?.value.clone()
+    };
+    let mut causes = Vec::new();
+    let restart = annotation(after, ANNOTATION_RESTART);
+    if restart.is_some() && restart != annotation(before, ANNOTATION_RESTART) {
+        causes.push((crate::reconcile::event_reason::RESTART, format!("annotation {ANNOTATION_RESTART} changed: restarting every worker")));
+    }
+    let token = env(after, ENV_RESNAPSHOT);
+    if token.is_some() && token != env(before, ENV_RESNAPSHOT) {
+        causes.push((crate::reconcile::event_reason::RESNAPSHOT, format!(
+            "annotation {ANNOTATION_RESNAPSHOT} changed: the workers restart with {ENV_RESNAPSHOT}={}",
+            token.unwrap_or_default()
+        )));
+    }
+    let references = annotation(after, ANNOTATION_REFERENCES);
+    let was = annotation(before, ANNOTATION_REFERENCES);
+    if references.is_some() && was.is_some() && references != was {
+        causes.push((crate::reconcile::event_reason::REFERENCES_CHANGED, "a Secret or ConfigMap the pipeline references changed: restarting every worker to read it".to_string()));
+    }
+    causes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use monsoon_api::{SecretKeyRef, SyncPipelineSpec};
+    use k8s_openapi::api::core::v1::EnvVar;
+    use monsoon_api::{SecretKeyRef, SyncPipelineSpec, ValueFrom};
 
     fn pipeline() -> SyncPipeline {
         let mut p = SyncPipeline::new(
