@@ -416,6 +416,36 @@ fn spawn_controllers(client: &kube::Client, namespaces: &[String], ctx: &Arc<Con
 }
 
 #[cfg(test)]
+mod crd_tests {
+    use super::*;
+
+    #[test]
+    fn an_older_crd_is_reported_with_the_upgrade_command() {
+        let current = monsoon_api::crd::crd().expect("crd");
+        assert_eq!(crd_outdated(&current), None);
+        let mut old = current.clone();
+        old.metadata.annotations = None;
+        let message = crd_outdated(&old).expect("an unannotated CRD is older");
+        assert!(message.contains("kubectl apply --server-side"), "{message}");
+        assert!(message.contains(&format!("expects {}", monsoon_api::crd::CRD_REVISION)), "{message}");
+    }
+
+    #[test]
+    fn pipelines_are_counted_by_phase() {
+        let metrics = OperatorMetrics::default();
+        let with = |phase: Option<&str>| {
+            let mut p = SyncPipeline::new("p", monsoon_api::SyncPipelineSpec::default());
+            p.status = phase.map(|ph| monsoon_api::SyncPipelineStatus { phase: Some(ph.into()), ..Default::default() });
+            p
+        };
+        let all = [with(Some("Streaming")), with(Some("Streaming")), with(Some("Failed")), with(None)];
+        metrics.count_phases(all.iter());
+        let get = |phase: &str| metrics.pipelines.with_label_values(&[phase]).get();
+        assert_eq!((get("Streaming"), get("Failed"), get("Unknown"), get("Paused")), (2, 1, 1, 0));
+    }
+}
+
+#[cfg(test)]
 mod leading_tests {
     use super::*;
     use std::sync::atomic::AtomicBool;

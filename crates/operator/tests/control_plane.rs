@@ -392,3 +392,61 @@ async fn the_install_manifests_apply_to_the_real_api_server() {
     assert!(applied.iter().any(|a| a.starts_with("Deployment/")), "no Deployment in manifests/: {applied:?}");
     assert!(applied.iter().any(|a| a.starts_with("ClusterRole/")), "no ClusterRole in manifests/: {applied:?}");
 }
+
+/// Namespace users with the built-in `edit` role manage SyncPipelines, and `view` users read
+/// them, through the chart's ClusterRoles aggregated into those roles (the controller manager's
+/// ClusterRole aggregation does the rest).
+#[tokio::test]
+async fn users_of_the_built_in_roles_get_syncpipelines_through_aggregation() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.expect("admin client");
+    let ar = install_crd(&admin).await;
+    let ns = "aggregated";
+    namespace(&admin, ns).await;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/02-operator.yaml")).expect("manifests");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+    let aggregated: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .filter(|d| d["metadata"]["labels"].as_object().is_some_and(|l| l.keys().any(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to-"))))
+        .collect();
+    assert_eq!(aggregated.len(), 2, "the chart's aggregated ClusterRoles");
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+    for doc in aggregated {
+        let name = doc["metadata"]["name"].as_str().expect("name");
+        roles.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(doc)).await.expect("ClusterRole");
+    }
+    for (user, role) in [("developer", "edit"), ("auditor", "view")] {
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": user}})).expect("sa");
+        Api::<ServiceAccount>::namespaced(admin.clone(), ns).patch(user, &PatchParams::apply(MANAGER), &Patch::Apply(&account)).await.expect("sa");
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": user},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": user, "namespace": ns}],
+        }))
+        .expect("binding");
+        Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(user, &PatchParams::apply(MANAGER), &Patch::Apply(&binding)).await.expect("binding");
+    }
+    let pipeline = json!({
+        "apiVersion": "monsoon.dev/v1alpha1", "kind": "SyncPipeline", "metadata": {"name": "mine"},
+        "spec": {"mongodb": {"uri": "mongodb://db:27017/"}, "elasticsearch": {"urls": ["http://es:9200"]}, "namespaces": ["shop.orders"]},
+    });
+    let developer = cp.service_account_client(ns, "developer").await.expect("token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match dry_run_create(&developer, &ar, ns, &pipeline).await {
+            Ok(()) => break,
+            Err(e) if e.starts_with("403") && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("an `edit` user cannot create a SyncPipeline: {e}"),
+        }
+    }
+    let auditor = cp.service_account_client(ns, "auditor").await.expect("token");
+    let as_auditor: Api<DynamicObject> = Api::namespaced_with(auditor.clone(), ns, &ar);
+    eventually("a `view` user lists SyncPipelines", Duration::from_secs(30), || {
+        let api = as_auditor.clone();
+        async move { api.list(&ListParams::default()).await.is_ok() }
+    })
+    .await;
+    let refused = dry_run_create(&auditor, &ar, ns, &pipeline).await.expect_err("a `view` user created a SyncPipeline");
+    assert!(refused.starts_with("403"), "{refused}");
+}

@@ -596,3 +596,63 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     assert_eq!(s.shards[0].phase.as_deref(), Some("Stopped"));
     assert_eq!(condition(&s, "Ready").status, "False");
 }
+
+/// A script pipeline whose script heaps cannot fit the worker's memory limit is refused with a
+/// condition (kstatus Stalled) before any worker starts, instead of workers killed for memory.
+#[tokio::test]
+async fn script_threads_that_cannot_fit_are_a_condition_not_a_workload() {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut p = pipeline(1);
+    p.spec.scripts = vec![monsoon_api::ScriptSpec { script: Some("module.exports = function(d) { return d; }".into()), ..Default::default() }];
+    p.spec.script_limits = Some(monsoon_api::ScriptLimits { memory_mib: 512, ..Default::default() });
+    p.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
+        ..Default::default()
+    });
+    let f = Fixture::new(ClientBuilder::new().with_object(p).with_object(secret())).await;
+    assert_eq!(f.reconcile().await, Action::await_change());
+    assert!(f.statefulset().await.is_none(), "workers that cannot fit were started");
+    let s = f.status().await;
+    assert_eq!(condition(&s, "ResourcesDoNotFit").status, "True");
+    assert_eq!(condition(&s, "Stalled").reason, "ResourcesDoNotFit");
+    assert!(condition(&s, "ResourcesDoNotFit").message.contains("512 MiB"), "{}", condition(&s, "ResourcesDoNotFit").message);
+}
+
+/// A rotated credential rolls the workers: the Secret's new version changes the pod template.
+#[tokio::test]
+async fn a_changed_secret_rolls_the_workers() {
+    let f = Fixture::new(ClientBuilder::new().with_object(pipeline(1)).with_object(secret())).await;
+    f.reconcile().await;
+    let template = |s: StatefulSet| s.spec.expect("spec").template;
+    let before = template(f.statefulset().await.expect("sts"));
+    f.reconcile().await;
+    assert_eq!(template(f.statefulset().await.expect("sts")), before, "nothing changed, nothing rolls");
+    let mut s = f.api::<Secret>().get("mongo").await.expect("secret");
+    s.data = Some(BTreeMap::from([("uri".to_string(), ByteString(b"mongodb://u:rotated@db/".to_vec()))]));
+    f.api::<Secret>().replace("mongo", &PostParams::default(), &s).await.expect("rotate");
+    f.reconcile().await;
+    let after = template(f.statefulset().await.expect("sts"));
+    let digest = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        t.metadata.as_ref().and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("monsoon.dev/references").cloned())
+    };
+    assert!(digest(&before).is_some());
+    assert_ne!(digest(&before), digest(&after), "the rotated Secret did not change the pod template");
+    let text = serde_json::to_string(&after).expect("json");
+    assert!(!text.contains("rotated"), "a secret value reached the pod template");
+}
+
+/// `monsoon.dev/paused: "true"` stops reconciliation: a spec change is not applied.
+#[tokio::test]
+async fn the_paused_annotation_leaves_the_workers_alone() {
+    let f = Fixture::new(ClientBuilder::new().with_object(pipeline(1)).with_object(secret())).await;
+    f.reconcile().await;
+    let mut p = f.api::<SyncPipeline>().get("orders").await.expect("pipeline");
+    p.metadata.annotations = Some(BTreeMap::from([("monsoon.dev/paused".to_string(), "true".to_string())]));
+    p.spec.workers = 3;
+    f.api::<SyncPipeline>().replace("orders", &PostParams::default(), &p).await.expect("edit");
+    assert_eq!(f.reconcile().await, Action::await_change());
+    assert_eq!(f.statefulset().await.expect("sts").spec.expect("spec").replicas, Some(1), "the change was applied");
+    assert_eq!(f.checkpoints().await, vec!["orders-checkpoint-0-of-1"], "a re-shard started");
+    let s = f.status().await;
+    assert_eq!(condition(&s, "Reconciling").reason, "ReconcilePaused");
+}

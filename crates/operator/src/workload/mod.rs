@@ -408,4 +408,147 @@ mod tests {
         let b = build(&paused, 2, 0, &settings()).stateful_set.spec.expect("b").template;
         assert_eq!(a, b);
     }
+
+    #[test]
+    fn the_worker_template_reaches_the_pods_and_their_service_account_without_overriding_ours() {
+        let mut p = pipeline();
+        let template: monsoon_api::WorkerTemplate = serde_json::from_value(serde_json::json!({
+            "labels": {"team": "search", "app.kubernetes.io/name": "hijack", "monsoon.dev/pipeline": "other"},
+            "annotations": {"sidecar.istio.io/inject": "false", "prometheus.io/port": "1"},
+            "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/monsoon"},
+            "imagePullSecrets": [{"name": "registry"}],
+            "nodeSelector": {"kubernetes.io/arch": "arm64"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"}],
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+            "priorityClassName": "sync-critical",
+        }))
+        .expect("template");
+        p.spec.worker_template = Some(template);
+        let w = build(&p, 2, 2, &settings());
+        assert_eq!(
+            w.service_account.metadata.annotations.as_ref().and_then(|a| a.get("eks.amazonaws.com/role-arn")).map(String::as_str),
+            Some("arn:aws:iam::123456789012:role/monsoon")
+        );
+        let sts = w.stateful_set.spec.expect("spec");
+        let meta = sts.template.metadata.expect("metadata");
+        let labels = meta.labels.expect("labels");
+        assert_eq!(labels["team"], "search");
+        assert_eq!(labels["app.kubernetes.io/name"], "monsoon-worker", "the selector labels cannot be overridden");
+        assert_eq!(labels[LABEL_PIPELINE], "shop");
+        let selector = sts.selector.match_labels.expect("selector");
+        assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)), "the StatefulSet must still select its pods");
+        let annotations = meta.annotations.expect("annotations");
+        assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+        assert_eq!(annotations["prometheus.io/port"], WORKER_PORT.to_string());
+        let pod = sts.template.spec.expect("pod");
+        assert_eq!(pod.image_pull_secrets.expect("pull secrets")[0].name, "registry");
+        assert_eq!(pod.node_selector.expect("node selector")["kubernetes.io/arch"], "arm64");
+        assert_eq!(pod.tolerations.expect("tolerations")[0].key.as_deref(), Some("dedicated"));
+        assert!(pod.affinity.and_then(|a| a.pod_anti_affinity).is_some());
+        assert_eq!(pod.priority_class_name.as_deref(), Some("sync-critical"));
+        let spread = &pod.topology_spread_constraints.expect("spread")[0];
+        assert_eq!(
+            spread.label_selector.as_ref().and_then(|s| s.match_labels.clone()),
+            Some(selector_labels("shop")),
+            "a constraint without a selector spreads this pipeline's workers"
+        );
+        // The worker's own copy of the pipeline carries none of it.
+        let json = worker_spec(pod.containers[0].env.as_ref().expect("env"));
+        assert!(json["spec"].get("workerTemplate").is_none());
+    }
+
+    #[test]
+    fn at_most_one_worker_is_disrupted_at_a_time() {
+        let w = build(&pipeline(), 3, 3, &settings());
+        let pdb = w.disruption_budget.spec.expect("spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(pdb.selector.and_then(|s| s.match_labels), w.stateful_set.spec.expect("sts").selector.match_labels);
+    }
+
+    fn scripted(cpu_limit: Option<&str>, memory_limit: &str, limits: Option<monsoon_api::ScriptLimits>) -> SyncPipeline {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut p = pipeline();
+        p.spec.scripts = vec![monsoon_api::ScriptSpec { script: Some("module.exports = function(d) { return d; }".into()), ..Default::default() }];
+        p.spec.script_limits = limits;
+        let mut l = BTreeMap::from([("memory".to_string(), Quantity(memory_limit.into()))]);
+        if let Some(cpu) = cpu_limit {
+            l.insert("cpu".into(), Quantity(cpu.into()));
+        }
+        p.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements { limits: Some(l), ..Default::default() });
+        p
+    }
+
+    #[test]
+    fn script_threads_follow_the_cpu_limit_and_fit_the_memory_limit() {
+        // 4 CPUs, 1 GiB: 4 threads of 64 MiB + 64 MiB fit.
+        assert_eq!(size_scripts(&scripted(Some("4"), "1Gi", None)), Ok(Some(4)));
+        // 2.5 CPUs round up.
+        assert_eq!(size_scripts(&scripted(Some("2500m"), "1Gi", None)), Ok(Some(3)));
+        // 8 CPUs but 256 MiB: only 3 threads fit (64 + 3 × 64 = 256).
+        assert_eq!(size_scripts(&scripted(Some("8"), "256Mi", None)), Ok(Some(3)));
+        // No CPU limit: one thread, not one per core of the node.
+        assert_eq!(size_scripts(&scripted(None, "256Mi", None)), Ok(Some(1)));
+        // An explicit count that fits is kept.
+        let two = monsoon_api::ScriptLimits { workers: 2, ..Default::default() };
+        assert_eq!(size_scripts(&scripted(Some("8"), "256Mi", Some(two))), Ok(Some(2)));
+        // No scripts: nothing to size.
+        assert_eq!(size_scripts(&pipeline()), Ok(None));
+        // What is sized reaches the worker's copy of the pipeline.
+        let w = build(&scripted(Some("8"), "256Mi", None), 1, 1, &settings());
+        let pod = w.stateful_set.spec.expect("spec").template.spec.expect("pod");
+        assert_eq!(worker_spec(pod.containers[0].env.as_ref().expect("env"))["spec"]["scriptLimits"]["workers"], 3);
+    }
+
+    #[test]
+    fn script_threads_that_cannot_fit_are_refused() {
+        let big = monsoon_api::ScriptLimits { memory_mib: 512, ..Default::default() };
+        let e = size_scripts(&scripted(Some("1"), "256Mi", Some(big))).expect_err("512 MiB heap in 256 MiB");
+        assert!(e.contains("512 MiB") && e.contains("256 MiB"), "{e}");
+        let many = monsoon_api::ScriptLimits { workers: 8, ..Default::default() };
+        let e = size_scripts(&scripted(Some("8"), "256Mi", Some(many))).expect_err("8 × 64 MiB in 256 MiB");
+        assert!(e.contains("8 script threads"), "{e}");
+    }
+
+    #[test]
+    fn quantities_are_read_as_kubernetes_writes_them() {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        assert_eq!(pod::cpu_cores(&Quantity("500m".into())), Some(0.5));
+        assert_eq!(pod::cpu_cores(&Quantity("2".into())), Some(2.0));
+        assert_eq!(pod::memory_bytes(&Quantity("256Mi".into())), Some(256 * 1024 * 1024));
+        assert_eq!(pod::memory_bytes(&Quantity("1G".into())), Some(1_000_000_000));
+        assert_eq!(pod::memory_bytes(&Quantity("134217728".into())), Some(134_217_728));
+    }
+
+    #[test]
+    fn annotations_restart_and_resnapshot_and_a_changed_reference_rolls_the_workers() {
+        let inputs = |version: &str| Inputs { shards: 2, replicas: 2, references_version: Some(version.to_string()) };
+        let before = build_with(&pipeline(), &inputs("secret/mongo@1"), &settings()).stateful_set;
+        // Nothing changed: the same template (no needless rollout), no cause.
+        let same = build_with(&pipeline(), &inputs("secret/mongo@1"), &settings()).stateful_set;
+        assert_eq!(before, same);
+        assert!(rollout_causes(&before, &same).is_empty());
+        // The Secret was edited: a new digest in the template, so the StatefulSet rolls.
+        let rotated = build_with(&pipeline(), &inputs("secret/mongo@7"), &settings()).stateful_set;
+        assert_ne!(before.spec.as_ref().map(|s| &s.template), rotated.spec.as_ref().map(|s| &s.template));
+        let causes: Vec<&str> = rollout_causes(&before, &rotated).iter().map(|(r, _)| *r).collect();
+        assert_eq!(causes, vec![crate::reconcile::event_reason::REFERENCES_CHANGED]);
+        // The digest is of versions, never of values.
+        let annotation = rotated.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref()).map(|a| a[ANNOTATION_REFERENCES].clone());
+        assert_eq!(annotation.as_deref().map(str::len), Some(16));
+
+        let mut p = pipeline();
+        p.metadata.annotations = Some(BTreeMap::from([
+            (ANNOTATION_RESTART.to_string(), "2026-12-06T08:00:00Z".to_string()),
+            (ANNOTATION_RESNAPSHOT.to_string(), "after-incident-42".to_string()),
+        ]));
+        let after = build_with(&p, &inputs("secret/mongo@1"), &settings()).stateful_set;
+        let causes: Vec<&str> = rollout_causes(&before, &after).iter().map(|(r, _)| *r).collect();
+        assert_eq!(causes, vec![crate::reconcile::event_reason::RESTART, crate::reconcile::event_reason::RESNAPSHOT]);
+        let pod = after.spec.expect("spec").template;
+        assert_eq!(pod.metadata.expect("meta").annotations.expect("annotations")[ANNOTATION_RESTART], "2026-12-06T08:00:00Z");
+        let env = pod.spec.expect("pod").containers[0].env.clone().expect("env");
+        assert_eq!(env.iter().find(|e| e.name == ENV_RESNAPSHOT).and_then(|e| e.value.as_deref()), Some("after-incident-42"));
+    }
 }
