@@ -83,6 +83,10 @@ enum Command {
         /// Seconds between renewals of the Lease by the leader (less than the duration).
         #[arg(long, default_value_t = 5)]
         leader_election_renew_period_seconds: u64,
+        /// Seconds a worker pod may stay past its deletion deadline (a node that no longer
+        /// answers) before deletion or a re-shard goes on without it.
+        #[arg(long, default_value_t = 60)]
+        worker_stuck_after_seconds: u64,
     },
     /// Run one shard of a pipeline (inside a worker pod created by the operator).
     Worker {
@@ -215,6 +219,7 @@ fn main() -> std::process::ExitCode {
             leader_election_lease_name,
             leader_election_lease_duration_seconds,
             leader_election_renew_period_seconds,
+            worker_stuck_after_seconds,
         } => operator(
             http_addr,
             monsoon_operator::OperatorOptions {
@@ -226,6 +231,7 @@ fn main() -> std::process::ExitCode {
                     lease_duration: Duration::from_secs(leader_election_lease_duration_seconds),
                     renew_period: Duration::from_secs(leader_election_renew_period_seconds),
                 },
+                stuck_pod_after: Duration::from_secs(worker_stuck_after_seconds),
                 settings: monsoon_operator::workload::WorkerSettings {
                     image: worker_image,
                     log_format: match cli.log_format {

@@ -267,6 +267,11 @@ impl Release {
     /// arguments (the HTTP port moved to a free one) and environment (`POD_NAME` is
     /// `identity`), authenticated with a token of the chart's ServiceAccount.
     async fn start_operator(&self, cp: &ControlPlane, identity: &str) -> Process {
+        self.start_operator_with(cp, identity, &[]).await
+    }
+
+    /// [`Release::start_operator`] with `extra` arguments after the chart's.
+    async fn start_operator_with(&self, cp: &ControlPlane, identity: &str, extra: &[&str]) -> Process {
         let pod = &self.deployment["spec"]["template"]["spec"];
         let account = pod["serviceAccountName"].as_str().expect("serviceAccountName");
         let kubeconfig = cp.service_account_kubeconfig(&self.namespace, account).await.expect("operator token");
@@ -278,6 +283,7 @@ impl Release {
             .iter()
             .map(|a| a.as_str().expect("string arg"))
             .map(|a| if a.starts_with("--http-addr=") { format!("--http-addr=127.0.0.1:{port}") } else { a.to_string() })
+            .chain(extra.iter().map(ToString::to_string))
             .collect();
         let mut env = vec![("KUBECONFIG".to_string(), kubeconfig.display().to_string())];
         for e in container["env"].as_array().cloned().unwrap_or_default() {
@@ -836,6 +842,45 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     .await;
     eprintln!("life of a pipeline: {:.1?}", started.elapsed());
     assert_quiet(&operator);
+}
+
+/// A worker pod that never goes away (its node died with its kubelet; here a finalizer keeps
+/// it Terminating, which is what the API server shows in that case): deleting the pipeline
+/// waits for it only a bounded time past its deletion deadline, records a `WorkerStuck` Event
+/// and goes on, instead of holding the pipeline forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_goes_on_past_a_worker_pod_stuck_on_a_dead_node() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.expect("admin client");
+    let release = install(cp, "stuck").await;
+    let _operator = release.start_operator_with(cp, "stuck-op-0", &["--worker-stuck-after-seconds=5"]).await;
+    let ns = release.watched.as_str();
+    let pipelines: Api<SyncPipeline> = Api::namespaced(admin.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    create_secret(&admin, ns, "mongodb://127.0.0.1:9/").await;
+    pipelines.create(&PostParams::default(), &pipeline("held", from_secret(), "http://127.0.0.1:9", json!({}))).await.expect("created");
+    wait_for("the worker pod", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.get_opt("held-worker-0").await.ok().flatten() }
+    })
+    .await;
+    let hold = json!({"metadata": {"finalizers": ["monsoon.dev/test-dead-node"]}});
+    pods.patch("held-worker-0", &PatchParams::default(), &Patch::Merge(&hold)).await.expect("hold the pod");
+    pipelines.delete("held", &DeleteParams::default()).await.expect("delete");
+    let deleting = Instant::now();
+    wait_for("the pipeline is gone despite its stuck worker pod", Duration::from_secs(60), || {
+        let pipelines = pipelines.clone();
+        async move { pipelines.get_opt("held").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let took = deleting.elapsed();
+    let stuck = pods.get("held-worker-0").await.expect("the stuck pod is still there");
+    assert!(stuck.metadata.deletion_timestamp.is_some(), "the pod was not being deleted");
+    let event = wait_event(&admin, ns, "held", "WorkerStuck").await;
+    assert!(event.note.as_deref().is_some_and(|n| n.contains("held-worker-0")), "{event:?}");
+    assert!(took >= Duration::from_secs(5), "did not wait at all: {took:?}");
+    eprintln!("deleted past a stuck worker pod in {took:.1?}");
+    pods.patch("held-worker-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.expect("release the pod");
 
 }
 
@@ -1001,6 +1046,8 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
 
     // SIGKILL: the kubelet restarts the container; the new process (a new holder) waits for
     // the lease its predecessor never released, then resumes from the checkpoint.
+    // The holder now: the spec change above replaced the first worker.
+    let first_holder = cms.get("orders-checkpoint-0-of-1").await.expect("cm").data.and_then(|d| d.get("holder").cloned()).unwrap_or_default();
     kubelet.kill("orders-worker-0").await;
     let killed = Instant::now();
     insert_all(&orders, sample_docs(300, 100)).await.expect("insert");

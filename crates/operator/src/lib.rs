@@ -173,6 +173,9 @@ pub struct OperatorOptions {
     pub lease_namespace: String,
     /// Leader election.
     pub election: Election,
+    /// How long a worker pod may outlive its deletion deadline before deletion or a re-shard
+    /// goes on without it ([`reconcile::STUCK_POD_AFTER`] by default).
+    pub stuck_pod_after: Duration,
     /// How workers run.
     pub settings: WorkerSettings,
 }
@@ -288,7 +291,7 @@ pub async fn run(
             },
         )),
         metrics: metrics.clone(),
-        stuck_pod_after: reconcile::STUCK_POD_AFTER,
+        stuck_pod_after: options.stuck_pod_after,
         crd_outdated,
     });
     let stop = CancellationToken::new();
