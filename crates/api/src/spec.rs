@@ -210,7 +210,9 @@ pub struct ScriptLimits {
     #[serde(default = "default_script_memory_mib")]
     #[schemars(range(min = 8, max = 4096))]
     pub memory_mib: u32,
-    /// Script worker threads; 0 (default) means one per core.
+    /// Script worker threads; 0 (default) means one per core: with `monsoon run`, the
+    /// machine's; in a cluster, the worker container's CPU limit (or request; one without
+    /// either), fewer if their heaps would not fit its memory limit.
     #[serde(default)]
     #[schemars(range(max = 256))]
     pub workers: u32,
