@@ -11,6 +11,10 @@ NOIDA := noida-db==0.2.3
 KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
 PYYAML := PyYAML==6.0.3
 CEL_PYTHON := cel-python==0.5.0
+# Runs the chart's Argo CD health check (charts/monsoon/argocd-health.lua) on sample statuses
+# in tests/check_manifests.py (Argo CD runs it with gopher-lua, a Lua 5.1; the script keeps to
+# what both accept).
+LUPA := lupa==2.8
 # A DNS server serving SRV and TXT records, for the `mongodb+srv://` tests (crates/testkit/py/srv_dns.py).
 DNSLIB := dnslib==0.9.26
 CARGO ?= cargo
@@ -30,7 +34,7 @@ build:
 venv: $(VENV)/.installed
 $(VENV)/.installed: Makefile
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)' '$(DNSLIB)'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)' '$(DNSLIB)' '$(LUPA)'
 	touch $@
 
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the

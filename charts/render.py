@@ -673,10 +673,17 @@ metadata:
 """
 
 
+def is_hook(obj: dict) -> bool:
+    """A Helm hook (`helm.sh/hook` annotation): run by Helm on its own command, not installed."""
+    return "helm.sh/hook" in ((obj.get("metadata") or {}).get("annotations") or {})
+
+
 def manifests(chart: Chart | None = None) -> dict[str, bytes]:
     """The files of manifests/ (name -> content), rendered from the chart's defaults."""
     chart = chart or Chart()
     rendered = chart.render(service="kubectl")
+    # Hooks (the `helm test` Pod) run on Helm's command, never as part of an install.
+    rendered = Rendered([d for d in rendered.documents if not is_hook(d.obj)], rendered.notes)
     header = (
         f"# {GENERATED}\n"
         f"# charts/monsoon with its default values, release {RELEASE_NAME!r} in namespace\n"

@@ -128,7 +128,7 @@ workers_ready() {
   ((total == 2))   # workers: 2 in e2e/kind/pipeline.yaml
 }
 no_worker_statefulsets() { [[ -z $(worker_statefulsets) ]]; }
-lease_exists() { kubectl -n "$OPERATOR_NS" get lease monsoon-operator; }
+lease_exists() { kubectl -n "$OPERATOR_NS" get lease monsoon; }
 pod_uid() { kubectl -n "$NS" get pod "$1" -o jsonpath='{.metadata.uid}'; }
 pod_replaced() { local uid; uid=$(pod_uid "$1") && [[ -n $uid && $uid != "$2" ]]; }
 
@@ -157,7 +157,7 @@ kubectl apply -f crds/
 kubectl wait --for=condition=Established crd/syncpipelines.monsoon.dev --timeout=60s
 kubectl apply -f "$WORK/manifests/"
 kubectl -n "$OPERATOR_NS" rollout status deployment/monsoon --timeout="${TIMEOUT}s"
-wait_until "the operator's Lease monsoon-operator" lease_exists
+wait_until "the operator's Lease monsoon (named after the release)" lease_exists
 kubectl get --raw "/api/v1/namespaces/$OPERATOR_NS/services/monsoon:http/proxy/metrics" | grep -q '^# TYPE' ||
   fail "the operator's Service serves no Prometheus metrics on port http"
 echo "   operator ready, Lease held, /metrics served"

@@ -53,6 +53,7 @@ OPERATOR_PERMISSIONS = {
     ("monsoon.dev", "syncpipelines/status"): {"get", "patch", "update"},
     ("monsoon.dev", "syncpipelines/finalizers"): {"update"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("", "serviceaccounts"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update", "delete"},
@@ -65,8 +66,8 @@ OPERATOR_PERMISSIONS = {
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
-# Leader election, in the release namespace only.
-LEASE_NAME = "monsoon-operator"
+# Leader election, in the release namespace only, on the release's own Lease (named after the
+# release, or leaderElection.leaseName).
 LEADER_PERMISSIONS = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 HTTP_PORT = 9464
 
@@ -74,10 +75,22 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 # Examples written for `monsoon run` only: they read credentials from the environment or files,
 # which the CRD refuses. The CRD must refuse them for exactly that reason.
 STANDALONE_EXAMPLES = {"with-credentials.yaml": "only work with `monsoon run`"}
+# The one cluster-wide grant of every install: `get` on the operator's own CRD, by name.
+CRD_READER_PERMISSIONS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get"}}
+CRD_NAME = "syncpipelines.monsoon.dev"
+# Aggregated into the built-in roles (rbac.aggregateToDefaultRoles): label -> verbs granted on
+# syncpipelines.
+AGGREGATED = {
+    "rbac.authorization.k8s.io/aggregate-to-view": {"get", "list", "watch"},
+    "rbac.authorization.k8s.io/aggregate-to-edit": {"create", "update", "patch", "delete", "deletecollection"},
+    "rbac.authorization.k8s.io/aggregate-to-admin": {"create", "update", "patch", "delete", "deletecollection"},
+}
 # Kinds kubernetes-validate has no schema for, and why they are let through.
+_PROMETHEUS_OPERATOR = "no schema: a Prometheus Operator CRD, which kubernetes-validate does not ship"
 SKIPPED_KINDS = {
-    ("monitoring.coreos.com", "ServiceMonitor"):
-        "no schema: a Prometheus Operator CRD, which kubernetes-validate does not ship",
+    ("monitoring.coreos.com", "ServiceMonitor"): _PROMETHEUS_OPERATOR,
+    ("monitoring.coreos.com", "PodMonitor"): _PROMETHEUS_OPERATOR,
+    ("monitoring.coreos.com", "PrometheusRule"): _PROMETHEUS_OPERATOR,
 }
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -423,10 +436,40 @@ def check_chart_variant(report: Report, name: str, objs: list, values: dict, rel
 
     leader = [r for r in roles.values() if any(
         p == ("coordination.k8s.io", "leases") for p in permissions(r.get("rules", []))[0])]
+    fullname = values.get("fullnameOverride") or release
+    lease_name = (values.get("leaderElection") or {}).get("leaseName") or fullname
+
+    # The cluster-wide exceptions: the CRD reader (the operator's) and the aggregated roles
+    # (people's, bound to nobody by the chart).
+    cluster_roles = by_kind.get("ClusterRole", [])
+    aggregated = [r for r in cluster_roles
+                  if any(k in AGGREGATED for k in (r["metadata"].get("labels") or {}))]
+    readers = [r for r in cluster_roles
+               if permissions(r.get("rules", []))[0] == CRD_READER_PERMISSIONS]
+    if c(len(readers) == 1, f"{v}: one ClusterRole reading the CRD", f"found {len(readers)}"):
+        _, limited = permissions(readers[0]["rules"])
+        c(limited == [(("apiextensions.k8s.io", "customresourcedefinitions"), (CRD_NAME,))],
+          f"{v}: the CRD reader names only {CRD_NAME}", str(limited))
+        c(bound("ClusterRole", readers[0]), f"{v}: the CRD reader is bound to {subject}")
+    if (values.get("rbac") or {}).get("aggregateToDefaultRoles", True):
+        for key, verbs in AGGREGATED.items():
+            granted = [permissions(r.get("rules", []))[0].get(("monsoon.dev", "syncpipelines"), set())
+                       for r in aggregated if (r["metadata"].get("labels") or {}).get(key) == "true"]
+            c(len(granted) == 1 and granted[0] == verbs,
+              f"{v}: a ClusterRole aggregated by {key} grants {sorted(verbs)} on syncpipelines",
+              str(granted))
+        c(not any(b["roleRef"]["name"] in {r["metadata"]["name"] for r in aggregated}
+                  for b in bindings), f"{v}: the chart binds the aggregated ClusterRoles to nobody")
+    else:
+        c(not aggregated, f"{v}: no aggregated ClusterRoles when rbac.aggregateToDefaultRoles is false")
+    operator_cluster_roles = [r for r in cluster_roles if r not in aggregated and r not in readers]
     if watch:
-        c(not by_kind.get("ClusterRole") and not by_kind.get("ClusterRoleBinding"),
-          f"{v}: no cluster-wide RBAC with watchNamespaces={watch}",
-          f"found {[label(o) for o in by_kind.get('ClusterRole', []) + by_kind.get('ClusterRoleBinding', [])]}")
+        reader_names = {r["metadata"]["name"] for r in readers}
+        other_bindings = [b for b in by_kind.get("ClusterRoleBinding", [])
+                          if b["roleRef"]["name"] not in reader_names]
+        c(not operator_cluster_roles and not other_bindings,
+          f"{v}: no cluster-wide RBAC but the CRD reader with watchNamespaces={watch}",
+          f"found {[label(o) for o in operator_cluster_roles + other_bindings]}")
         for ns in watch:
             ns_roles = [r for (rns, _), r in roles.items() if rns == ns and r not in leader]
             if c(len(ns_roles) == 1, f"{v}: one operator Role in watched namespace {ns}",
@@ -434,7 +477,9 @@ def check_chart_variant(report: Report, name: str, objs: list, values: dict, rel
                 rules_match(f"Role in {ns}", ns_roles[0], OPERATOR_PERMISSIONS)
                 c(bound("Role", ns_roles[0]), f"{v}: the Role in {ns} is bound to {subject}")
     else:
-        cr = one("ClusterRole")
+        cr = operator_cluster_roles[0] if len(operator_cluster_roles) == 1 else None
+        c(cr is not None, f"{v}: exactly one operator ClusterRole",
+          f"found {[label(r) for r in operator_cluster_roles]}")
         if cr:
             rules_match("the ClusterRole", cr, OPERATOR_PERMISSIONS)
             c(bound("ClusterRole", cr), f"{v}: the ClusterRole is bound to {subject}")
@@ -446,8 +491,8 @@ def check_chart_variant(report: Report, name: str, objs: list, values: dict, rel
          f"found {[label(r) for r in leader]}"):
         rules_match("the leader-election Role", leader[0], LEADER_PERMISSIONS)
         _, limited = permissions(leader[0]["rules"])
-        c(all(names == (LEASE_NAME,) for _, names in limited),
-          f"{v}: the leader-election Role names only the Lease {LEASE_NAME}", str(limited))
+        c(bool(limited) and all(names == (lease_name,) for _, names in limited),
+          f"{v}: the leader-election Role names only the Lease {lease_name}", str(limited))
         c(bound("Role", leader[0]), f"{v}: the leader-election Role is bound to {subject}")
 
     # The Deployment.
@@ -474,6 +519,10 @@ def check_chart_variant(report: Report, name: str, objs: list, values: dict, rel
             want_args = [f"--log-format={values.get('logFormat', 'json')}", "operator",
                          f"--http-addr=0.0.0.0:{HTTP_PORT}",
                          f"--worker-image={values.get('workerImage') or want_image}"]
+            election = values.get("leaderElection") or {}
+            want_args += [f"--leader-election-lease-name={lease_name}",
+                          f"--leader-election-lease-duration-seconds={election.get('leaseDurationSeconds', 15)}",
+                          f"--leader-election-renew-period-seconds={election.get('renewPeriodSeconds', 5)}"]
             if watch:
                 want_args.append(f"--watch-namespaces={','.join(watch)}")
             c(args == want_args, f"{v}: operator arguments", f"args {args}\nwant {want_args}")
@@ -529,8 +578,38 @@ def check_chart_variant(report: Report, name: str, objs: list, values: dict, rel
             else:
                 c(not monitors, f"{v}: no ServiceMonitor unless enabled")
 
+    metrics = values.get("metrics", {})
+    for kind, key in (("PodMonitor", "podMonitor"), ("PrometheusRule", "prometheusRule")):
+        found = by_kind.get(kind, [])
+        if (metrics.get(key) or {}).get("enabled"):
+            c(len(found) == 1, f"{v}: a {kind} when metrics.{key}.enabled", f"found {len(found)}")
+        else:
+            c(not found, f"{v}: no {kind} unless metrics.{key}.enabled")
+    for pm in by_kind.get("PodMonitor", []):
+        sel = pm["spec"]["selector"]["matchLabels"]
+        c(sel == {"app.kubernetes.io/name": "monsoon-worker", "app.kubernetes.io/managed-by": "monsoon-operator"},
+          f"{v}: the PodMonitor selects the worker pods (the labels the operator puts on them)", str(sel))
+        c(pm["spec"]["podMetricsEndpoints"][0]["port"] == "http",
+          f"{v}: the PodMonitor scrapes the workers' port http")
+    for rule in by_kind.get("PrometheusRule", []):
+        exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+        for metric in WORKER_METRICS + OPERATOR_METRICS:
+            c(metric in exprs, f"{v}: an alert on {metric}")
+    tests = [o for o in by_kind.get("Pod", [])
+             if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+    c(len(tests) == 1, f"{v}: one `helm test` hook Pod", f"found {len(tests)}")
+
 
 # ---------------------------------------------------------------------------------------------
+
+# Series the PrometheusRule must alert on: the workers' (crates/engine/src/metrics.rs, prefix
+# monsoon_) and the operator's (crates/operator/src/lib.rs, prefix monsoon_operator_). A renamed
+# metric fails here instead of silently never firing.
+WORKER_METRICS = ["monsoon_lag_seconds", "monsoon_history_lost_total", "monsoon_dead_letter_total",
+                  "monsoon_checkpoint_timestamp_seconds", "monsoon_writes_in_flight",
+                  "monsoon_stale_write_share"]
+OPERATOR_METRICS = ["monsoon_operator_pipelines", "monsoon_operator_reconcile_errors_total",
+                    "monsoon_operator_leader"]
 
 # Sets of values the chart is rendered with: defaults, a namespaced install, the ServiceMonitor,
 # and every optional value set (so that each `with` block is rendered and validated).
@@ -558,9 +637,73 @@ VARIANTS = {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}},
         "serviceAccount": {"create": False, "name": "existing-sa"},
-        "metrics": {"serviceMonitor": {"enabled": True, "interval": "1m", "labels": {}}},
+        "leaderElection": {"leaseName": "sync-operator-leader", "leaseDurationSeconds": 30,
+                           "renewPeriodSeconds": 10},
+        "rbac": {"aggregateToDefaultRoles": False},
+        "metrics": {"serviceMonitor": {"enabled": True, "interval": "1m", "labels": {}},
+                    "podMonitor": {"enabled": True, "interval": "15s", "labels": {"team": "search"}},
+                    "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"},
+                                       "lagSeconds": 60}},
+        "test": {"image": "registry.example/mirror/busybox:1.37"},
     },
 }
+
+# Values that `helm install` must refuse through values.schema.json: (what, values).
+REFUSED_VALUES = [
+    ("a misspelled key", {"replicaCont": 2}),
+    ("a misspelled nested key", {"metrics": {"serviceMonitor": {"enabeld": True}}}),
+    ("a number as a string", {"replicaCount": "2"}),
+    ("an unknown log format", {"logFormat": "xml"}),
+    ("a renew period of zero", {"leaderElection": {"renewPeriodSeconds": 0}}),
+]
+
+
+def _pipeline(generation: int, observed, conditions: dict, paused: bool = False) -> dict:
+    return {"metadata": {"name": "p", "generation": generation}, "spec": {"paused": paused},
+            "status": {"observedGeneration": observed, "conditions": [
+                {"type": t, "status": st, "reason": "R", "message": f"{t} {st}", "observedGeneration": g}
+                for t, (st, g) in conditions.items()]}}
+
+
+# (what, pipeline, Argo CD health status it must get).
+ARGOCD_CASES = [
+    ("no status yet", {"metadata": {"name": "p", "generation": 1}}, "Progressing"),
+    ("ready for this generation", _pipeline(2, 2, {"Ready": ("True", 2), "Stalled": ("False", 2)}), "Healthy"),
+    ("ready for the previous generation only (just applied)",
+     _pipeline(3, 2, {"Ready": ("True", 2), "Reconciling": ("True", 3)}), "Progressing"),
+    ("rolling out (observedGeneration behind)", _pipeline(3, 2, {"Ready": ("False", 3), "Reconciling": ("True", 3)}), "Progressing"),
+    ("invalid spec", _pipeline(4, 4, {"Stalled": ("True", 4), "Ready": ("False", 4)}), "Degraded"),
+    ("a worker failed", _pipeline(4, 4, {"Degraded": ("True", 4), "Ready": ("False", 4)}), "Degraded"),
+    ("paused", _pipeline(5, 5, {"Ready": ("False", 5)}, paused=True), "Suspended"),
+    ("workers starting", _pipeline(5, 5, {"Ready": ("False", 5)}), "Progressing"),
+]
+
+
+def check_argocd_health(report: Report, script: Path) -> None:
+    """Runs the Argo CD health check as Argo CD does: the Lua script with `obj` set."""
+    if not report.check(script.exists(), f"{script.name} exists"):
+        return
+    try:
+        import lupa  # make venv installs it (LUPA in the Makefile)
+    except ImportError:
+        report.fail("lupa is installed (make venv)", "run `make venv`: the Lua health check cannot be run")
+        return
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    source = script.read_text()
+
+    def to_lua(value):
+        if isinstance(value, dict):
+            return lua.table_from({k: to_lua(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return lua.table_from([to_lua(v) for v in value])
+        return value
+
+    run = lua.eval(f"function(obj) {source} end")
+    for what, obj, want in ARGOCD_CASES:
+        result = run(to_lua(obj))
+        got = result["status"] if result is not None else None
+        report.check(got == want, f"Argo CD health of a pipeline {what}: {want}",
+                     f"got {got} ({result['message'] if result is not None else ''})")
 
 
 def main() -> int:
@@ -640,6 +783,28 @@ def main() -> int:
                 # A shape the checks did not expect (a field missing or of another type).
                 report.fail(f"chart[{name}]: objects have the expected shape",
                             f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-1)}")
+
+    report.begin("values.schema.json refuses typos and accepts every variant")
+    schema_path = root / "charts" / "monsoon" / "values.schema.json"
+    if chart is not None and report.check(schema_path.exists(), "charts/monsoon/values.schema.json exists"):
+        schema = json.loads(schema_path.read_text())
+        jsonschema.Draft7Validator.check_schema(schema)
+        values_validator = jsonschema.Draft7Validator(schema)
+        for name, values in VARIANTS.items():
+            merged = render.merge_values(chart.values, values)
+            errors = [e.message for e in values_validator.iter_errors(merged)]
+            report.check(not errors, f"values.schema.json accepts {name}", "\n".join(errors))
+        for what, values in REFUSED_VALUES:
+            merged = render.merge_values(chart.values, values)
+            report.check(any(True for _ in values_validator.iter_errors(merged)),
+                         f"values.schema.json refuses {what}: {values}")
+        report.check(bool(chart.meta.get("kubeVersion")), "Chart.yaml sets kubeVersion")
+    kinds_in_manifests = [o.get("kind") for p in sorted((root / "manifests").glob("*.yaml"))
+                          for o in objects_of(p)]
+    report.check("Pod" not in kinds_in_manifests, "manifests/ holds no hook (the helm test Pod)")
+
+    report.begin("charts/monsoon/argocd-health.lua on sample statuses")
+    check_argocd_health(report, root / "charts" / "monsoon" / "argocd-health.lua")
 
     report.begin("charts/README.md documents every value")
     if chart is not None:

@@ -41,6 +41,11 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{/* The leader-election Lease: one per release, so two releases in a namespace never share it. */}}
+{{- define "monsoon.leaseName" -}}
+{{- default (include "monsoon.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
 {{- define "monsoon.workerImage" -}}
 {{- default (include "monsoon.image" .) .Values.workerImage }}
 {{- end }}
@@ -53,6 +58,11 @@ the ClusterRole (all namespaces) or into a Role per watched namespace.
   it does (configmaps below), so it needs neither `escalate` nor `bind`.
 - Secrets: the operator only checks that a referenced Secret exists (get); it never lists or
   watches them, so it cannot enumerate credentials.
+- Why no resourceNames: the objects are named after each pipeline, which RBAC cannot express
+  ahead of time, and `create` and `list`/`watch` cannot be limited by name at all. The
+  operator's watches select its own objects by label (app.kubernetes.io/managed-by,
+  monsoon.dev/checkpoint), so its cache holds nothing else; set watchNamespaces to keep it out
+  of every other namespace (kube-system included).
 */}}
 {{- define "monsoon.operatorRules" -}}
 - apiGroups: ["monsoon.dev"]
@@ -67,6 +77,9 @@ the ClusterRole (all namespaces) or into a Role per watched namespace.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["services", "serviceaccounts", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]

@@ -7,6 +7,7 @@
 //! Flow: YAML / API object → [`SyncPipeline`] → [`validate`] → [`ValidatedPipeline`], which the
 //! binary turns into the engine's own configuration.
 
+pub mod crd;
 pub mod shape;
 mod spec;
 mod validate;

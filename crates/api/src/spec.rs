@@ -144,6 +144,51 @@ pub struct SyncPipelineSpec {
     /// same name resumes where this one stopped; `Delete` removes them.
     #[serde(default)]
     pub checkpoints_on_delete: CheckpointRetention,
+    /// Where and how the worker pods run, beyond `resources`: scheduling (node selector,
+    /// tolerations, affinity, topology spread, priority class), image pull Secrets, extra pod
+    /// labels and annotations, and annotations on the workers' ServiceAccount (IRSA, GKE
+    /// workload identity). Ignored by `monsoon run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_template: Option<WorkerTemplate>,
+}
+
+/// The worker pods' template, as Strimzi and ECK offer it. Every field is optional; the
+/// operator's own labels, selectors, security context and containers always win.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerTemplate {
+    /// Extra labels on the worker pods. The operator's own labels (`app.kubernetes.io/*`,
+    /// `monsoon.dev/*`) cannot be overridden.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on the worker pods (for example a service mesh's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Annotations on the workers' ServiceAccount, e.g.
+    /// `eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/monsoon` (IRSA) or
+    /// `iam.gke.io/gcp-service-account: monsoon@project.iam.gserviceaccount.com`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_account_annotations: BTreeMap<String, String>,
+    /// Secrets for pulling the worker image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<k8s_openapi::api::core::v1::LocalObjectReference>,
+    /// Node labels a worker's node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the workers tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// Node and pod affinity of the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// How the workers spread over zones or nodes. A constraint without `labelSelector`
+    /// selects this pipeline's workers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>,
+    /// PriorityClass of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
 }
 
 /// One JavaScript script: inline (`script`) or from a file or ConfigMap (`scriptFrom`).
@@ -197,7 +242,9 @@ pub struct ScriptLimits {
     #[serde(default = "default_script_memory_mib")]
     #[schemars(range(min = 8, max = 4096))]
     pub memory_mib: u32,
-    /// Script worker threads; 0 (default) means one per core.
+    /// Script worker threads; 0 (default) means one per core: with `monsoon run`, the
+    /// machine's; in a cluster, the worker container's CPU limit (or request; one without
+    /// either), fewer if their heaps would not fit its memory limit.
     #[serde(default)]
     #[schemars(range(max = 256))]
     pub workers: u32,
@@ -379,6 +426,8 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.uri) != has(self.uriFrom)", "message": "set exactly one of `uri` and `uriFrom`"},
+    {"rule": "!has(self.uri) || self.uri.matches('^mongodb(\\\\+srv)?://')", "fieldPath": ".uri", "reason": "FieldValueInvalid", "message": "`uri` must start with `mongodb://` or `mongodb+srv://`"},
+    {"rule": "!has(self.uri) || !self.uri.matches('^mongodb(\\\\+srv)?://[^/?@]*:[^/?]*@')", "fieldPath": ".uri", "reason": "FieldValueInvalid", "message": "`uri` holds a password (the value is not repeated here); move the whole connection string to a Secret and reference it with `uriFrom.secretKeyRef`"},
     {"rule": "!has(self.uriFrom) || !has(self.uriFrom.configMapKeyRef)", "message": "`uriFrom.configMapKeyRef` is only for CA bundles; keep the connection string in a Secret (`secretKeyRef`)"},
     {"rule": "has(self.clientCertFrom) == has(self.clientKeyFrom)", "message": "`clientCertFrom` and `clientKeyFrom` go together"},
     {"rule": "!has(self.clientKeyFrom) || !has(self.clientKeyFrom.configMapKeyRef)", "message": "`clientKeyFrom.configMapKeyRef` is only for CA bundles; keep the private key in a Secret (`secretKeyRef`)"}
@@ -387,8 +436,12 @@ pub struct MongoSource {
     /// Connection string without credentials, e.g.
     /// `mongodb://db-0.db:27017,db-1.db:27017/?replicaSet=rs0`. Use `uriFrom` when the string
     /// holds a user name and password.
+    ///
+    /// The CRD refuses a string with a password through CEL rules (`x-kubernetes-validations`)
+    /// whose messages never repeat the value, so the password does not end up in `kubectl`
+    /// output, CI logs or GitOps events (a schema `pattern` would echo it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^mongodb(\+srv)?://([^/?@]*|[^/?:]*@[^/?@]*)([/?].*)?$"))]
+    #[schemars(length(max = 4096))]
     pub uri: Option<String>,
     /// Read the whole connection string (credentials included) from an environment variable,
     /// a file or a Secret. Exactly one of `uri` and `uriFrom` must be set.
@@ -590,7 +643,9 @@ pub struct SyncPipelineStatus {
     /// `Pending`, `Snapshotting`, `Streaming`, `Paused` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// The `metadata.generation` this status describes.
+    /// The `metadata.generation` this status describes: set once that generation's workers
+    /// are applied and rolled out (or once it is known to be stuck: `Stalled`), so that
+    /// `observedGeneration == metadata.generation` with `Ready` means "this spec is live".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Workers ready out of workers wanted, e.g. `2/2`.
@@ -609,9 +664,12 @@ pub struct SyncPipelineStatus {
     /// Progress of each shard, as its worker last reported it in its checkpoint ConfigMap.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,
-    /// Standard conditions: `Ready`, `Progressing`, `Degraded`, and the specific failures
-    /// `InvalidSpec`, `CredentialsMissing`, `SourceUnavailable`, `SinkUnavailable`,
-    /// `HistoryLost`.
+    /// Standard conditions: `Ready` (this generation's workers are rolled out, ready and
+    /// healthy), `Progressing`, `Degraded`; the kstatus pair `Reconciling` (a rollout or
+    /// re-shard is under way) and `Stalled` (it cannot go on without a change from you: an
+    /// invalid spec, a missing Secret, lost change-stream history, resources that cannot fit);
+    /// and the specific failures `InvalidSpec`, `CredentialsMissing`, `SourceUnavailable`,
+    /// `SinkUnavailable`, `HistoryLost`, `ResourcesDoNotFit`, `CrdOutdated`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -638,9 +696,13 @@ pub struct ShardStatus {
     /// everything and has nothing in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_seconds: Option<f64>,
-    /// Seconds since the checkpoint was last written.
+    /// Deprecated and no longer written (an age changes at every refresh): see
+    /// `checkpointTime`. Kept so that statuses written by older operators still parse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_age_seconds: Option<u64>,
+    /// When the shard's checkpoint was last written (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_time: Option<String>,
     /// Documents indexed or deleted by this worker since it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub documents_synced: Option<u64>,

@@ -267,6 +267,11 @@ impl Release {
     /// arguments (the HTTP port moved to a free one) and environment (`POD_NAME` is
     /// `identity`), authenticated with a token of the chart's ServiceAccount.
     async fn start_operator(&self, cp: &ControlPlane, identity: &str) -> Process {
+        self.start_operator_with(cp, identity, &[]).await
+    }
+
+    /// [`Release::start_operator`] with `extra` arguments after the chart's.
+    async fn start_operator_with(&self, cp: &ControlPlane, identity: &str, extra: &[&str]) -> Process {
         let pod = &self.deployment["spec"]["template"]["spec"];
         let account = pod["serviceAccountName"].as_str().expect("serviceAccountName");
         let kubeconfig = cp.service_account_kubeconfig(&self.namespace, account).await.expect("operator token");
@@ -278,6 +283,7 @@ impl Release {
             .iter()
             .map(|a| a.as_str().expect("string arg"))
             .map(|a| if a.starts_with("--http-addr=") { format!("--http-addr=127.0.0.1:{port}") } else { a.to_string() })
+            .chain(extra.iter().map(ToString::to_string))
             .collect();
         let mut env = vec![("KUBECONFIG".to_string(), kubeconfig.display().to_string())];
         for e in container["env"].as_array().cloned().unwrap_or_default() {
@@ -662,7 +668,10 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     assert_eq!(status.phase.as_deref(), Some("Failed"));
     assert!(is_off(&status, "Ready"), "{status:#?}");
     assert!(condition(&status, "InvalidSpec").expect("condition").message.contains("namespaces"), "{status:#?}");
+    // kstatus: Stalled, with this generation observed (Flux reports it as failed, not pending).
+    assert!(is_on(&status, "Stalled") && is_off(&status, "Reconciling"), "{status:#?}");
     assert_eq!(status.observed_generation, p.metadata.generation);
+    assert!(p.finalizers().is_empty(), "a pipeline that never ran needs no finalizer: {:?}", p.finalizers());
     wait_event(&admin, ns, "broken", "InvalidSpec").await;
     assert!(sets.get_opt("broken-worker").await.expect("get").is_none(), "an invalid pipeline got workers");
     eprintln!("invalid spec shown after {:.1?}", started.elapsed());
@@ -673,6 +682,7 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     let p = wait_status(&pipelines, "orders", "CredentialsMissing", Duration::from_secs(30), |p| is_on(&status_of(p), "CredentialsMissing")).await;
     let message = condition(&status_of(&p), "CredentialsMissing").expect("condition").message.clone();
     assert!(message.contains("Secret `mongo` not found"), "{message}");
+    assert_eq!(condition(&status_of(&p), "Stalled").map(|c| c.reason.as_str()), Some("CredentialsMissing"));
     wait_event(&admin, ns, "orders", "CredentialsMissing").await;
     assert!(sets.get_opt("orders-worker").await.expect("get").is_none(), "workers started without their Secret");
     create_secret(&admin, ns, "mongodb://127.0.0.1:9/").await;
@@ -713,7 +723,11 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     .await;
     let p = wait_status(&pipelines, "orders", "status for the workload", Duration::from_secs(30), |p| status_of(p).shard_count == Some(1)).await;
     let status = status_of(&p);
-    assert_eq!(status.observed_generation, p.metadata.generation);
+    // No kubelet runs these pods: the workload is applied but never rolled out. (Generation 1
+    // counts as observed since it was Stalled on the missing Secret; kstatus reads
+    // Reconciling=True as in progress all the same. Below, a new generation's observedGeneration
+    // stays behind until its rollout.)
+    assert!(is_on(&status, "Reconciling") && is_off(&status, "Stalled"), "{status:#?}");
     assert_eq!(status.ready.as_deref(), Some("0/1"), "no kubelet, so no ready worker: {status:#?}");
     assert!(is_off(&status, "Ready"), "{status:#?}");
 
@@ -730,8 +744,11 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
         }
     })
     .await;
-    let generation = pipelines.get("orders").await.expect("get").metadata.generation;
-    wait_status(&pipelines, "orders", "observedGeneration follows", Duration::from_secs(30), |p| status_of(p).observed_generation == generation).await;
+    let p = wait_status(&pipelines, "orders", "Reconciling the new generation", Duration::from_secs(30), |p| {
+        condition(&status_of(p), "Reconciling").is_some_and(|c| c.status == "True" && c.observed_generation == p.metadata.generation)
+    })
+    .await;
+    assert_ne!(status_of(&p).observed_generation, p.metadata.generation, "observedGeneration moved before the rollout");
 
     // An invalid change: a condition; the workers keep the last valid spec.
     pipelines
@@ -825,6 +842,45 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     .await;
     eprintln!("life of a pipeline: {:.1?}", started.elapsed());
     assert_quiet(&operator);
+}
+
+/// A worker pod that never goes away (its node died with its kubelet; here a finalizer keeps
+/// it Terminating, which is what the API server shows in that case): deleting the pipeline
+/// waits for it only a bounded time past its deletion deadline, records a `WorkerStuck` Event
+/// and goes on, instead of holding the pipeline forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_goes_on_past_a_worker_pod_stuck_on_a_dead_node() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.expect("admin client");
+    let release = install(cp, "stuck").await;
+    let _operator = release.start_operator_with(cp, "stuck-op-0", &["--worker-stuck-after-seconds=5"]).await;
+    let ns = release.watched.as_str();
+    let pipelines: Api<SyncPipeline> = Api::namespaced(admin.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    create_secret(&admin, ns, "mongodb://127.0.0.1:9/").await;
+    pipelines.create(&PostParams::default(), &pipeline("held", from_secret(), "http://127.0.0.1:9", json!({}))).await.expect("created");
+    wait_for("the worker pod", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.get_opt("held-worker-0").await.ok().flatten() }
+    })
+    .await;
+    let hold = json!({"metadata": {"finalizers": ["monsoon.dev/test-dead-node"]}});
+    pods.patch("held-worker-0", &PatchParams::default(), &Patch::Merge(&hold)).await.expect("hold the pod");
+    pipelines.delete("held", &DeleteParams::default()).await.expect("delete");
+    let deleting = Instant::now();
+    wait_for("the pipeline is gone despite its stuck worker pod", Duration::from_secs(60), || {
+        let pipelines = pipelines.clone();
+        async move { pipelines.get_opt("held").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let took = deleting.elapsed();
+    let stuck = pods.get("held-worker-0").await.expect("the stuck pod is still there");
+    assert!(stuck.metadata.deletion_timestamp.is_some(), "the pod was not being deleted");
+    let event = wait_event(&admin, ns, "held", "WorkerStuck").await;
+    assert!(event.note.as_deref().is_some_and(|n| n.contains("held-worker-0")), "{event:?}");
+    assert!(took >= Duration::from_secs(5), "did not wait at all: {took:?}");
+    eprintln!("deleted past a stuck worker pod in {took:.1?}");
+    pods.patch("held-worker-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.expect("release the pod");
 
 }
 
@@ -839,7 +895,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     let mut a = release.start_operator(cp, "lead-op-a").await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &release.namespace);
     let holder = |leases: Api<Lease>| async move {
-        leases.get_opt("monsoon-operator").await.ok().flatten().and_then(|l| l.spec?.holder_identity)
+        leases.get_opt("lead-op").await.ok().flatten().and_then(|l| l.spec?.holder_identity)
     };
     wait_for("a leads", Duration::from_secs(30), || {
         let leases = leases.clone();
@@ -871,7 +927,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     assert_eq!(leader_gauge(&b).as_deref(), Some("0"));
     create_secret(&admin, ns, "mongodb://127.0.0.1:9/").await;
 
-    let before = leases.get("monsoon-operator").await.expect("lease").spec.expect("spec").lease_transitions.unwrap_or(0);
+    let before = leases.get("lead-op").await.expect("lease").spec.expect("spec").lease_transitions.unwrap_or(0);
     a.kill();
     let killed = Instant::now();
     wait_for("b takes over", Duration::from_secs(60), || {
@@ -880,7 +936,7 @@ async fn two_operators_one_leader_and_a_takeover_when_it_is_killed() {
     })
     .await;
     let took = killed.elapsed();
-    let lease = leases.get("monsoon-operator").await.expect("lease").spec.expect("spec");
+    let lease = leases.get("lead-op").await.expect("lease").spec.expect("spec");
     assert_eq!(lease.lease_transitions, Some(before + 1));
     let duration = Duration::from_secs(u64::try_from(lease.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
     assert!(took <= duration + duration / 3 + Duration::from_secs(3), "took over {took:?} after the kill; lease {duration:?}");
@@ -936,6 +992,9 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     assert!(data.contains_key("checkpoint"), "no checkpoint in {data:?}");
     eprintln!("created → Ready in {:.1?}", started.elapsed());
 
+    assert_eq!(status.observed_generation, p.metadata.generation, "Ready and rolled out: this generation is observed");
+
+
     // `kubectl get sp`: the CRD's printer columns, read through the API as kubectl reads them.
     let t = table(&admin, &format!("/apis/monsoon.dev/v1alpha1/namespaces/{ns}/syncpipelines")).await.expect("Table");
     let columns: Vec<&str> = t["columnDefinitions"].as_array().expect("columns").iter().filter_map(|c| c["name"].as_str()).collect();
@@ -945,6 +1004,31 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
     assert_eq!(row["cells"][2], "Streaming", "{row}");
     assert!(row["cells"][3].as_str().is_some_and(|l| l.ends_with('s')), "lag: {row}");
     assert!(row["cells"][4].as_u64().is_some_and(|n| n >= 300), "synced: {row}");
+
+    // `kubectl apply` of a change, then `kubectl wait --for=condition=Ready` (which reads a
+    // condition only when its observedGeneration is the object's generation): Ready must not
+    // be True for the new generation before the StatefulSet has replaced the worker pod with
+    // one of the new template and that pod is ready.
+    let sets: Api<StatefulSet> = Api::namespaced(admin.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let applied = pipelines
+        .patch("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"batch": {"maxDocs": 500}}})))
+        .await
+        .expect("spec change");
+    let applied_at = Instant::now();
+    let generation = applied.metadata.generation;
+    let ready_for = |p: &SyncPipeline| condition(&status_of(p), "Ready").is_some_and(|c| c.status == "True" && c.observed_generation == generation);
+    let p = wait_status(&pipelines, "orders", "Ready for the new generation", Duration::from_secs(90), ready_for).await;
+    let sts = sets.get("orders-worker").await.expect("sts");
+    let pod = pods.get("orders-worker-0").await.expect("worker pod");
+    let update_revision = sts.status.as_ref().and_then(|s| s.update_revision.clone()).expect("updateRevision");
+    assert_eq!(pod.labels().get("controller-revision-hash"), Some(&update_revision), "Ready while the pod runs an older template");
+    assert_eq!(pipeline_env(&sts)["spec"]["batch"]["maxDocs"], 500);
+    let pod_ready = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    assert!(pod_ready, "Ready before the new pod is: {:?}", pod.status);
+    assert_eq!(status_of(&p).observed_generation, generation);
+    assert!(is_off(&status_of(&p), "Reconciling"), "{:#?}", status_of(&p));
+    eprintln!("apply → Ready for the new generation (pod replaced and ready) in {:.1?}", applied_at.elapsed());
 
     // The worker's token can do what its Role says, nothing more.
     let worker = cp.service_account_client(&ns, "orders-worker").await.expect("worker token");
@@ -962,6 +1046,8 @@ async fn workers_sync_with_their_pipelines_token_and_a_zombie_is_fenced() {
 
     // SIGKILL: the kubelet restarts the container; the new process (a new holder) waits for
     // the lease its predecessor never released, then resumes from the checkpoint.
+    // The holder now: the spec change above replaced the first worker.
+    let first_holder = cms.get("orders-checkpoint-0-of-1").await.expect("cm").data.and_then(|d| d.get("holder").cloned()).unwrap_or_default();
     kubelet.kill("orders-worker-0").await;
     let killed = Instant::now();
     insert_all(&orders, sample_docs(300, 100)).await.expect("insert");

@@ -1,7 +1,7 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so several operator replicas can run
 //! and exactly one reconciles.
 //!
-//! The leader renews every `duration / 3`. A follower takes over only when the Lease is free,
+//! The leader renews every renewal period (`duration / 3` by default). A follower takes over only when the Lease is free,
 //! or when it has itself seen the Lease unchanged (holder, renew time, `resourceVersion`) for a
 //! whole lease duration, timed on its own monotonic clock as client-go's leader election does:
 //! the leader's `renewTime` comes from another machine's clock and is never compared with this
@@ -28,6 +28,8 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     duration: Duration,
+    /// How often the leader renews (`duration / 3` unless set).
+    renew_period: Duration,
     /// When this replica last saw another leader's Lease change (behind a plain mutex, never
     /// held across an await, so electing needs only `&self`).
     observed: Mutex<Observer<Record>>,
@@ -41,8 +43,24 @@ impl LeaderElector {
             name: name.to_string(),
             identity: identity.to_string(),
             duration,
+            renew_period: duration / 3,
             observed: Mutex::new(Observer::default()),
         }
+    }
+
+    /// Renew every `period` instead of every third of the lease duration. A period that leaves
+    /// no margin (not shorter than the duration) is ignored.
+    #[must_use]
+    pub fn with_renew_period(mut self, period: Duration) -> Self {
+        if !period.is_zero() && period < self.duration {
+            self.renew_period = period;
+        }
+        self
+    }
+
+    /// How often the leader renews, and a follower looks again.
+    pub fn renew_period(&self) -> Duration {
+        self.renew_period
     }
 
     /// This replica's identity.

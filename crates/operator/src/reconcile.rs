@@ -1,10 +1,10 @@
-//! One reconcile of one `SyncPipeline`: validate → check references → lay out checkpoints
-//! (re-sharding when `workers` changed) → apply the workload → fold the workers' reports into
-//! the status.
+//! One reconcile of one `SyncPipeline`: validate → check references → add the finalizer → lay
+//! out checkpoints (re-sharding when `workers` changed) → apply the workload → fold the
+//! StatefulSet's rollout and the workers' reports into the status ([`crate::status`]).
 //!
-//! Failures the user must fix (invalid spec, missing Secret) become conditions and Events and
-//! leave the running workers alone; they are never errors that crash-loop the operator. Only
-//! API failures are errors, retried by the controller with backoff.
+//! Failures the user must fix (invalid spec, missing Secret) become `Stalled` conditions and
+//! Events and leave the running workers alone; they are never errors that crash-loop the
+//! operator. Only API failures are errors, retried by the controller with backoff.
 //!
 //! # Invariants
 //! - Old and new shard layouts never run at once: a re-shard first stops every worker and
@@ -12,6 +12,14 @@
 //!   ([`Checkpoint::merge_for_reshard`]) before the new workers start.
 //! - Deleting a pipeline stops its workers (their final checkpoints written) before the
 //!   checkpoints are removed and the finalizer released.
+//! - Both waits are bounded: a pod still there [`Context::stuck_pod_after`] past its deletion
+//!   deadline is on a node that no longer answers. Its worker cannot renew its lease through a
+//!   dead node, so it has stopped writing (fenced) by then; the operator records a
+//!   `WorkerStuck` Event and goes on instead of waiting forever.
+//! - The finalizer is added only to a pipeline that passed validation, and added and removed
+//!   by a merge patch of `metadata.finalizers` carrying the `resourceVersion` it was computed
+//!   from (a conflict is retried), never by a whole-object replace that would drop fields an
+//!   older operator does not know.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,24 +31,25 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, P
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
-use monsoon_api::{
-    validate_for_cluster, value_sources, CheckpointRetention, Condition, ShardStatus, SyncPipeline,
-    SyncPipelineStatus,
-};
-use monsoon_engine::checkpoint::configmap::{holder_pod, KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME, KEY_STATUS};
+use monsoon_api::{validate_for_cluster, value_sources, CheckpointRetention, SyncPipeline, SyncPipelineStatus};
+use monsoon_engine::checkpoint::configmap::KEY_CHECKPOINT;
 use monsoon_engine::checkpoint::Checkpoint;
 use monsoon_engine::config::Shard;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::report::WorkerReport;
-use crate::workload::{self, WorkerSettings, LABEL_CHECKPOINT, LABEL_PIPELINE, LABEL_SHARD_COUNT};
+use crate::status::{self, condition};
+use crate::workload::{self, Inputs, WorkerSettings, LABEL_CHECKPOINT, LABEL_PIPELINE, LABEL_SHARD_COUNT};
 
 /// Finalizer that stops the workers before a pipeline goes away.
 pub const FINALIZER: &str = "monsoon.dev/stop-workers";
 /// Field manager of everything the operator applies.
 pub const MANAGER: &str = "monsoon-operator";
-/// How often a healthy pipeline's status is refreshed from its workers' reports.
+/// Annotation: while `"true"`, the operator leaves the pipeline (and its workers) exactly as
+/// they are: no apply, no re-shard, no status refresh beyond saying so.
+pub const ANNOTATION_PAUSED: &str = "monsoon.dev/paused";
+/// How often a healthy pipeline's status is refreshed from its workers' reports (lag and
+/// document counts; readiness changes arrive through the StatefulSet and ConfigMap watches).
 pub const STATUS_REFRESH: Duration = Duration::from_secs(15);
 /// How often to look again for a missing Secret or ConfigMap. The operator may only `get`
 /// Secrets (the chart grants no `list` or `watch` on them), so nothing tells it when one
@@ -49,8 +58,27 @@ pub const STATUS_REFRESH: Duration = Duration::from_secs(15);
 const RECHECK_REFERENCES: Duration = Duration::from_secs(10);
 /// How often to look again while waiting for workers to stop.
 const WAIT_FOR_STOP: Duration = Duration::from_secs(3);
-/// How long a worker report stays current.
-const REPORT_STALE_SECS: i64 = 60;
+/// Default of [`Context::stuck_pod_after`]: four worker lease durations (15 s each) past the
+/// pod's deletion deadline, by which a worker that cannot reach the API server has fenced
+/// itself.
+pub const STUCK_POD_AFTER: Duration = Duration::from_secs(60);
+
+/// Event reasons of the operator's own actions.
+pub mod event_reason {
+    /// Checkpoints merged into the new shard layout.
+    pub const RESHARDED: &str = "Resharded";
+    /// A worker pod outlived its deletion deadline by [`super::STUCK_POD_AFTER`]; the
+    /// operator went on without it.
+    pub const WORKER_STUCK: &str = "WorkerStuck";
+    /// The `monsoon.dev/restart` annotation changed: the workers roll.
+    pub const RESTART: &str = "RestartRequested";
+    /// The `monsoon.dev/resnapshot` annotation changed: the workers roll with the new token.
+    pub const RESNAPSHOT: &str = "ResnapshotRequested";
+    /// A referenced Secret or ConfigMap changed: the workers roll.
+    pub const REFERENCES_CHANGED: &str = "ReferencesChanged";
+    /// The `monsoon.dev/paused` annotation stopped reconciliation.
+    pub const RECONCILE_PAUSED: &str = "ReconcilePaused";
+}
 
 /// A failed reconcile (Kubernetes API trouble); retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +112,12 @@ pub struct Context {
     pub recorder: Option<Recorder>,
     /// Operator metrics.
     pub metrics: crate::OperatorMetrics,
+    /// How long a worker pod may outlive its deletion deadline before deletion or a re-shard
+    /// goes on without it ([`STUCK_POD_AFTER`]).
+    pub stuck_pod_after: Duration,
+    /// Set when the CRD installed in the cluster is older than this operator's: shown as the
+    /// `CrdOutdated` condition on every pipeline.
+    pub crd_outdated: Option<String>,
 }
 
 fn now_unix() -> i64 {
@@ -93,57 +127,77 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-fn now_rfc3339() -> String {
-    monsoon_engine::time::rfc3339(now_unix())
-}
-
 /// Reconcile one pipeline.
 ///
 /// # Errors
 /// [`Error`] on Kubernetes API failures; the controller retries.
 pub async fn reconcile(p: Arc<SyncPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&p, &ctx).await;
+    ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(p: &SyncPipeline, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
     let ns = p.namespace().ok_or_else(|| Error::NoNamespace(p.name_any()))?;
     let pipelines: Api<SyncPipeline> = Api::namespaced(ctx.client.clone(), &ns);
     if p.metadata.deletion_timestamp.is_some() {
-        return finalize(&p, &ns, &pipelines, &ctx).await;
+        return finalize(p, &ns, &pipelines, ctx).await;
     }
-    if !p.finalizers().iter().any(|f| f == FINALIZER) {
-        update_finalizers(&pipelines, &p.name_any(), |f| f.push(FINALIZER.to_string())).await?;
-    }
+    let now = monsoon_engine::time::rfc3339(now_unix());
     let mut status = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
-    status.observed_generation = generation;
+    match &ctx.crd_outdated {
+        Some(message) => status::set(&mut status, generation, condition::CRD_OUTDATED, true, "CrdOlderThanOperator", message, &now),
+        None => status::set(&mut status, generation, condition::CRD_OUTDATED, false, "CrdCurrent", "the installed CRD matches the operator", &now),
+    }
 
-    // 1. The spec itself.
-    if let Err(errors) = validate_for_cluster(&p) {
-        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-        set(&mut status, generation, "InvalidSpec", true, "InvalidSpec", &message);
-        set(&mut status, generation, "Ready", false, "InvalidSpec", "the spec is invalid; running workers (if any) keep the last valid spec");
-        set(&mut status, generation, "Degraded", true, "InvalidSpec", &message);
-        status.phase = Some("Failed".into());
-        event(&ctx, &p, EventType::Warning, "InvalidSpec", &message).await;
-        write_status(&pipelines, &p, &status).await?;
+    if p.annotations().get(ANNOTATION_PAUSED).is_some_and(|v| v == "true") {
+        let message = format!("annotation {ANNOTATION_PAUSED}=true: the operator leaves this pipeline and its workers as they are");
+        let already = status.conditions.iter().any(|c| c.type_ == condition::RECONCILING && c.reason == event_reason::RECONCILE_PAUSED);
+        if !already {
+            event(ctx, p, EventType::Normal, event_reason::RECONCILE_PAUSED, &message).await;
+        }
+        status::set(&mut status, generation, condition::RECONCILING, false, event_reason::RECONCILE_PAUSED, &message, &now);
+        write_status(&pipelines, p, &status).await?;
         return Ok(Action::await_change());
     }
-    set(&mut status, generation, "InvalidSpec", false, "Valid", "the spec is valid");
+
+    // 1. The spec itself.
+    if let Err(errors) = validate_for_cluster(p) {
+        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        status::set(&mut status, generation, condition::INVALID_SPEC, true, condition::INVALID_SPEC, &message, &now);
+        status::set(&mut status, generation, condition::DEGRADED, true, condition::INVALID_SPEC, &message, &now);
+        status::stall(&mut status, generation, condition::INVALID_SPEC, &message, &now);
+        status.phase = Some("Failed".into());
+        event(ctx, p, EventType::Warning, condition::INVALID_SPEC, &message).await;
+        write_status(&pipelines, p, &status).await?;
+        return Ok(Action::await_change());
+    }
+    status::set(&mut status, generation, condition::INVALID_SPEC, false, "Valid", "the spec is valid", &now);
 
     // 2. The Secrets and ConfigMaps it references.
-    let missing = missing_references(&p, &ns, &ctx.client).await?;
-    if !missing.is_empty() {
-        let message = missing.join("; ");
-        set(&mut status, generation, "CredentialsMissing", true, "ReferenceNotFound", &message);
-        set(&mut status, generation, "Ready", false, "CredentialsMissing", &message);
+    let references = references(p, &ns, &ctx.client).await?;
+    if !references.missing.is_empty() {
+        let message = references.missing.join("; ");
+        status::set(&mut status, generation, condition::CREDENTIALS_MISSING, true, "ReferenceNotFound", &message, &now);
+        status::stall(&mut status, generation, condition::CREDENTIALS_MISSING, &message, &now);
         if status.phase.is_none() {
             status.phase = Some("Pending".into());
         }
-        event(&ctx, &p, EventType::Warning, "CredentialsMissing", &message).await;
-        write_status(&pipelines, &p, &status).await?;
+        event(ctx, p, EventType::Warning, condition::CREDENTIALS_MISSING, &message).await;
+        write_status(&pipelines, p, &status).await?;
         return Ok(Action::requeue(RECHECK_REFERENCES));
     }
-    set(&mut status, generation, "CredentialsMissing", false, "Found", "every referenced Secret and key exists");
+    status::set(&mut status, generation, condition::CREDENTIALS_MISSING, false, "Found", "every referenced Secret and key exists", &now);
 
-    // 3. Checkpoint layout.
+    // 3. From here on the pipeline has workers: they must be stopped before it goes.
+    if !p.finalizers().iter().any(|f| f == FINALIZER) {
+        update_finalizers(&pipelines, p, |f| f.push(FINALIZER.to_string())).await?;
+    }
+
+    // 4. Checkpoint layout.
     let name = p.name_any();
     let want = p.spec.workers.max(1);
     let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
@@ -154,49 +208,69 @@ pub async fn reconcile(p: Arc<SyncPipeline>, ctx: Arc<Context>) -> Result<Action
         .items;
     let old: Vec<&ConfigMap> = existing.iter().filter(|cm| shard_count_of(cm) != Some(want)).collect();
     if !old.is_empty() {
-        match reshard(&p, &ns, want, &old, &existing, &ctx).await? {
+        match reshard(p, &ns, want, &old, &existing, ctx).await? {
             Some(wait) => {
-                set(&mut status, generation, "Progressing", true, "Resharding", &format!("stopping every worker before moving to {want} shards"));
-                set(&mut status, generation, "Ready", false, "Resharding", "workers are stopped while the shard layout changes");
-                status.phase = Some("Pending".into());
-                write_status(&pipelines, &p, &status).await?;
+                status::resharding(&mut status, generation, want, &now);
+                write_status(&pipelines, p, &status).await?;
                 return Ok(Action::requeue(wait));
             }
             None => {
                 let message = format!("checkpoints merged into {want} shards; starting the new workers");
-                event(&ctx, &p, EventType::Normal, "Resharded", &message).await;
+                event(ctx, p, EventType::Normal, event_reason::RESHARDED, &message).await;
             }
         }
     }
-    ensure_checkpoints(&p, &configmaps, want).await?;
+    ensure_checkpoints(p, &configmaps, want).await?;
 
-    // 4. The workload.
+    // 5. The workload.
     let replicas = if p.spec.paused { 0 } else { want };
-    let w = workload::build(&p, want, replicas, &ctx.settings);
+    let sizing = workload::size_scripts(p);
+    if let Err(message) = &sizing {
+        status::set(&mut status, generation, condition::RESOURCES_DO_NOT_FIT, true, condition::RESOURCES_DO_NOT_FIT, message, &now);
+        status::stall(&mut status, generation, condition::RESOURCES_DO_NOT_FIT, message, &now);
+        event(ctx, p, EventType::Warning, condition::RESOURCES_DO_NOT_FIT, message).await;
+        write_status(&pipelines, p, &status).await?;
+        return Ok(Action::await_change());
+    }
+    status::set(&mut status, generation, condition::RESOURCES_DO_NOT_FIT, false, "Fits", "the script threads fit the worker's memory limit", &now);
+    let inputs = Inputs {
+        shards: want,
+        replicas,
+        references_version: Some(references.version),
+    };
+    let w = workload::build_with(p, &inputs, &ctx.settings);
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let before = sets.get_opt(&w.stateful_set.name_any()).await.map_err(api_err("read the worker StatefulSet"))?;
     apply(&ctx.client, &ns, &w.service_account).await?;
     apply(&ctx.client, &ns, &w.role).await?;
     apply(&ctx.client, &ns, &w.role_binding).await?;
     apply(&ctx.client, &ns, &w.service).await?;
+    apply(&ctx.client, &ns, &w.disruption_budget).await?;
     let sts = apply(&ctx.client, &ns, &w.stateful_set).await?;
+    if let Some(before) = &before {
+        for (reason, message) in workload::rollout_causes(before, &sts) {
+            event(ctx, p, EventType::Normal, reason, &message).await;
+        }
+    }
     status.shard_count = Some(want);
 
-    // 5. Status from the workers' reports.
+    // 6. Status from the rollout and the workers' reports.
     let configmaps_now = configmaps
         .list(&ListParams::default().labels(&format!("{LABEL_PIPELINE}={name},{LABEL_CHECKPOINT}=true,{LABEL_SHARD_COUNT}={want}")))
         .await
         .map_err(api_err("list checkpoint ConfigMaps"))?
         .items;
-    summarize(&mut status, &p, &sts, &configmaps_now, want, now_unix());
-    for (type_, event_type, reason) in transitions(p.status.as_ref(), &status) {
+    status::summarize(&mut status, p, &sts, &configmaps_now, want, now_unix());
+    for (type_, event_type, reason) in status::transitions(p.status.as_ref(), &status) {
         let message = status
             .conditions
             .iter()
             .find(|c| c.type_ == type_)
             .map(|c| c.message.clone())
             .unwrap_or_default();
-        event(&ctx, &p, event_type, reason, &message).await;
+        event(ctx, p, event_type, reason, &message).await;
     }
-    write_status(&pipelines, &p, &status).await?;
+    write_status(&pipelines, p, &status).await?;
     Ok(Action::requeue(STATUS_REFRESH))
 }
 
@@ -218,37 +292,39 @@ fn shard_index_of(cm: &ConfigMap) -> Option<u32> {
     head.rsplit_once('-')?.1.parse().ok()
 }
 
-/// Read-modify-replace of the finalizer list, retried on conflicts. A pipeline that is gone
-/// needs no change: against a real API server the controller can run a deleted pipeline's
-/// finalizer a second time from its cache (a watch event of the objects it owned, which the
-/// garbage collector is removing, arrives after the first run let it go), and that run must not
-/// fail on the 404.
-async fn update_finalizers(
-    api: &Api<SyncPipeline>,
-    name: &str,
-    change: impl Fn(&mut Vec<String>),
-) -> Result<(), Error> {
+/// The merge patch that sets `metadata.finalizers` to `finalizers`, valid only while the
+/// pipeline is still at `resource_version` (the API server answers 409 otherwise).
+pub fn finalizers_patch(finalizers: &[String], resource_version: Option<&str>) -> serde_json::Value {
+    serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}})
+}
+
+/// Change the finalizer list with a merge patch of `metadata.finalizers` alone, conditional on
+/// the `resourceVersion` it was computed from, re-reading and retrying on a conflict. A
+/// pipeline that is gone needs no change: against a real API server the controller can run a
+/// deleted pipeline's finalizer a second time from its cache (a watch event of the objects it
+/// owned, which the garbage collector is removing, arrives after the first run let it go), and
+/// that run must not fail on the 404.
+async fn update_finalizers(api: &Api<SyncPipeline>, p: &SyncPipeline, change: impl Fn(&mut Vec<String>)) -> Result<(), Error> {
+    let name = p.name_any();
+    let mut current = (p.metadata.finalizers.clone().unwrap_or_default(), p.metadata.resource_version.clone());
     let mut attempts = 0;
     loop {
-        let Some(mut current) = api.get_opt(name).await.map_err(api_err("read the SyncPipeline"))? else {
+        let mut finalizers = current.0.clone();
+        change(&mut finalizers);
+        if finalizers == current.0 {
+            return Ok(());
+        }
+        let patch = finalizers_patch(&finalizers, current.1.as_deref());
+        match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempts < 5 => attempts += 1,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => return Err(api_err("patch the SyncPipeline's finalizers")(e)),
+        }
+        let Some(fresh) = api.get_opt(&name).await.map_err(api_err("read the SyncPipeline"))? else {
             return Ok(());
         };
-        let mut finalizers = current.metadata.finalizers.clone().unwrap_or_default();
-        let before = finalizers.clone();
-        change(&mut finalizers);
-        if finalizers == before {
-            return Ok(());
-        }
-        current.metadata.finalizers = Some(finalizers);
-        match api.replace(name, &PostParams::default(), &current).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 && attempts < 5 => {
-                attempts += 1;
-                continue;
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            Err(e) => return Err(api_err("update the SyncPipeline's finalizers")(e)),
-        }
+        current = (fresh.metadata.finalizers.unwrap_or_default(), fresh.metadata.resource_version);
     }
 }
 
@@ -274,11 +350,21 @@ where
         .map_err(api_err(format!("apply {} {name}", K::kind(&()))))
 }
 
-/// Every `secretKeyRef` / `configMapKeyRef` whose object or key does not exist.
-async fn missing_references(p: &SyncPipeline, ns: &str, client: &kube::Client) -> Result<Vec<String>, Error> {
+/// What the Secrets and ConfigMaps a pipeline references look like now.
+struct References {
+    /// Every `secretKeyRef` / `configMapKeyRef` whose object or key does not exist.
+    missing: Vec<String>,
+    /// The referenced objects' names and `resourceVersion`s, one string: when it changes the
+    /// workers must restart to read the new values (see [`workload::ANNOTATION_REFERENCES`]).
+    /// Versions, never values: nothing derived from a secret reaches the pod template.
+    version: String,
+}
+
+async fn references(p: &SyncPipeline, ns: &str, client: &kube::Client) -> Result<References, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let mut missing = Vec::new();
+    let mut versions = std::collections::BTreeSet::new();
     for (field, from) in value_sources(&p.spec) {
         if let Some(r) = &from.secret_key_ref {
             match secrets.get_opt(&r.name).await.map_err(api_err(format!("read Secret {}", r.name)))? {
@@ -289,6 +375,7 @@ async fn missing_references(p: &SyncPipeline, ns: &str, client: &kube::Client) -
                     if !has {
                         missing.push(format!("{field}: Secret `{}` has no key `{}`", r.name, r.key));
                     }
+                    versions.insert(format!("secret/{}@{}", r.name, s.metadata.resource_version.unwrap_or_default()));
                 }
             }
         }
@@ -299,11 +386,15 @@ async fn missing_references(p: &SyncPipeline, ns: &str, client: &kube::Client) -
                     if !c.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) {
                         missing.push(format!("{field}: ConfigMap `{}` has no key `{}`", r.name, r.key));
                     }
+                    versions.insert(format!("configmap/{}@{}", r.name, c.metadata.resource_version.unwrap_or_default()));
                 }
             }
         }
     }
-    Ok(missing)
+    Ok(References {
+        missing,
+        version: versions.into_iter().collect::<Vec<_>>().join(","),
+    })
 }
 
 fn checkpoint_configmap(p: &SyncPipeline, index: u32, count: u32, checkpoint: Option<&Checkpoint>) -> ConfigMap {
@@ -351,8 +442,7 @@ async fn reshard(
 ) -> Result<Option<Duration>, Error> {
     let name = p.name_any();
     // Stop every worker of the old layout.
-    let running = stop_workers(&ctx.client, ns, &name).await?;
-    if running > 0 {
+    if let Some(running) = stop_workers(p, ns, ctx).await? {
         info!(pipeline = %name, pods = running, want, "re-shard: waiting for the old workers to stop");
         return Ok(Some(WAIT_FOR_STOP));
     }
@@ -406,24 +496,57 @@ async fn reshard(
     Ok(None)
 }
 
-/// Scale a pipeline's workers to zero (when its StatefulSet exists); returns how many worker
-/// pods still run. Re-sharding and deletion both wait for zero before going on.
-async fn stop_workers(client: &kube::Client, ns: &str, pipeline: &str) -> Result<usize, Error> {
-    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    let worker = workload::worker_name(pipeline);
+/// Pods of a pipeline's workers that still hold up a re-shard or deletion, given the time now.
+/// A pod marked for deletion longer than `stuck_after` past its deadline (`deletionTimestamp`
+/// is when its grace period ends) is stuck behind a node that no longer answers and no longer
+/// counts; every other pod does. Returns (pods still counted, pods given up on).
+pub fn pods_in_the_way(pods: &[Pod], now: SystemTime, stuck_after: Duration) -> (Vec<String>, Vec<String>) {
+    let mut waiting = Vec::new();
+    let mut stuck = Vec::new();
+    for pod in pods {
+        let deadline = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_second());
+        let given_up = deadline.is_some_and(|d| {
+            let since = now.duration_since(UNIX_EPOCH).map(|n| n.as_secs() as i64).unwrap_or(0) - d;
+            since > i64::try_from(stuck_after.as_secs()).unwrap_or(i64::MAX)
+        });
+        if given_up { stuck.push(pod.name_any()) } else { waiting.push(pod.name_any()) }
+    }
+    (waiting, stuck)
+}
+
+/// Scale a pipeline's workers to zero (when its StatefulSet exists). Returns how many worker
+/// pods still run (`Some`), or `None` once none is left but stuck ones, which get a
+/// `WorkerStuck` Event. Re-sharding and deletion both wait for `None` before going on.
+async fn stop_workers(p: &SyncPipeline, ns: &str, ctx: &Context) -> Result<Option<usize>, Error> {
+    let pipeline = p.name_any();
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let worker = workload::worker_name(&pipeline);
     if sts.get_opt(&worker).await.map_err(api_err("read the worker StatefulSet"))?.is_some() {
         let stop = serde_json::json!({"spec": {"replicas": 0}});
         sts.patch(&worker, &PatchParams::default(), &Patch::Merge(&stop))
             .await
             .map_err(api_err("scale the workers to zero"))?;
     }
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let running = pods
-        .list(&ListParams::default().labels(&workload::pod_selector(pipeline)))
+        .list(&ListParams::default().labels(&workload::pod_selector(&pipeline)))
         .await
         .map_err(api_err("list worker pods"))?
         .items;
-    Ok(running.len())
+    let (waiting, stuck) = pods_in_the_way(&running, SystemTime::now(), ctx.stuck_pod_after);
+    if !waiting.is_empty() {
+        return Ok(Some(waiting.len()));
+    }
+    if !stuck.is_empty() {
+        let message = format!(
+            "worker pods {} are still terminating {:?} past their deletion deadline (their node no longer answers); going on without them: a worker that cannot renew its lease has stopped writing",
+            stuck.join(", "),
+            ctx.stuck_pod_after
+        );
+        warn!(pipeline = %pipeline, pods = ?stuck, "{message}");
+        event(ctx, p, EventType::Warning, event_reason::WORKER_STUCK, &message).await;
+    }
+    Ok(None)
 }
 
 /// Delete `name`; one already gone is fine.
@@ -444,8 +567,7 @@ async fn finalize(p: &SyncPipeline, ns: &str, pipelines: &Api<SyncPipeline>, ctx
     if !p.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let running = stop_workers(&ctx.client, ns, &name).await?;
-    if running > 0 {
+    if let Some(running) = stop_workers(p, ns, ctx).await? {
         info!(pipeline = %name, pods = running, "deleting: waiting for the workers to stop");
         return Ok(Action::requeue(WAIT_FOR_STOP));
     }
@@ -461,191 +583,18 @@ async fn finalize(p: &SyncPipeline, ns: &str, pipelines: &Api<SyncPipeline>, ctx
             delete_if_present(&configmaps, &cm.name_any(), "delete a checkpoint ConfigMap").await?;
         }
     }
-    update_finalizers(pipelines, &name, |f| f.retain(|x| x != FINALIZER)).await?;
+    update_finalizers(pipelines, p, |f| f.retain(|x| x != FINALIZER)).await?;
     info!(pipeline = %name, checkpoints = ?p.spec.checkpoints_on_delete, "pipeline deleted: workers stopped");
     Ok(Action::await_change())
 }
 
-/// Conditions that just turned on and deserve an Event: problems as warnings, readiness as
-/// normal news. Returns (condition type, event type, event reason).
-pub fn transitions(before: Option<&SyncPipelineStatus>, after: &SyncPipelineStatus) -> Vec<(&'static str, EventType, &'static str)> {
-    let was_on = |t: &str| {
-        before.is_some_and(|b| b.conditions.iter().any(|c| c.type_ == t && c.status == "True"))
-    };
-    let is_on = |t: &str| after.conditions.iter().any(|c| c.type_ == t && c.status == "True");
-    [
-        ("SourceUnavailable", EventType::Warning, "SourceUnavailable"),
-        ("SinkUnavailable", EventType::Warning, "SinkUnavailable"),
-        ("HistoryLost", EventType::Warning, "HistoryLost"),
-        ("Degraded", EventType::Warning, "Degraded"),
-        ("Ready", EventType::Normal, "Ready"),
-    ]
-    .into_iter()
-    .filter(|(t, _, _)| is_on(t) && !was_on(t))
-    .collect()
-}
-
-/// Set a condition, keeping its `lastTransitionTime` unless its status changes.
-pub fn set(status: &mut SyncPipelineStatus, generation: Option<i64>, type_: &str, on: bool, reason: &str, message: &str) {
-    let value = if on { "True" } else { "False" };
-    let previous = status.conditions.iter().position(|c| c.type_ == type_);
-    let last_transition_time = match previous.map(|i| &status.conditions[i]) {
-        Some(c) if c.status == value => c.last_transition_time.clone(),
-        _ => Some(now_rfc3339()),
-    };
-    let condition = Condition {
-        type_: type_.to_string(),
-        status: value.to_string(),
-        reason: reason.to_string(),
-        message: message.to_string(),
-        last_transition_time,
-        observed_generation: generation,
-    };
-    match previous {
-        Some(i) => status.conditions[i] = condition,
-        None => status.conditions.push(condition),
-    }
-}
-
-/// One shard's lease and report, read from its ConfigMap.
-fn shard_status(cm: &ConfigMap, index: u32, now: i64) -> (ShardStatus, Option<WorkerReport>) {
-    let data = cm.data.clone().unwrap_or_default();
-    // The pod, not the incarnation nonce after it: what `kubectl get pods` shows.
-    let holder = data.get(KEY_HOLDER).filter(|h| !h.is_empty()).map(|h| holder_pod(h).to_string());
-    let renewed = data.get(KEY_RENEW_TIME).and_then(|t| t.parse::<i64>().ok()).unwrap_or(0) / 1000;
-    let report: Option<WorkerReport> = data
-        .get(KEY_STATUS)
-        .and_then(|s| serde_json::from_str(s).ok())
-        // A failure stays visible after its worker stopped; anything else only while fresh.
-        .filter(|r: &WorkerReport| r.failure.is_some() || (holder.is_some() && now - r.reported_unix.max(renewed) < REPORT_STALE_SECS));
-    let checkpoint: Option<Checkpoint> = data.get(KEY_CHECKPOINT).and_then(|s| serde_json::from_str(s).ok());
-    let last_event = checkpoint
-        .as_ref()
-        .and_then(|c| c.stream_time)
-        .map(|t| monsoon_engine::time::rfc3339(i64::from(t.t)));
-    let status = ShardStatus {
-        shard: index,
-        holder,
-        phase: Some(report.as_ref().map_or("Stopped".to_string(), |r| r.phase.clone())),
-        snapshot_percent: report.as_ref().and_then(|r| r.snapshot_percent),
-        last_event_time: last_event,
-        lag_seconds: report.as_ref().and_then(|r| r.lag_seconds),
-        checkpoint_age_seconds: report
-            .as_ref()
-            .and_then(|r| r.checkpoint_unix)
-            .map(|t| u64::try_from(now - t).unwrap_or(0)),
-        documents_synced: report.as_ref().map(|r| r.documents_synced),
-        failure: report.as_ref().and_then(|r| r.failure.clone()),
-    };
-    (status, report)
-}
-
-/// Fold the StatefulSet's state and the workers' reports into the status.
-pub fn summarize(
-    status: &mut SyncPipelineStatus,
-    p: &SyncPipeline,
-    sts: &StatefulSet,
-    configmaps: &[ConfigMap],
-    want: u32,
-    now: i64,
-) {
-    let g = p.metadata.generation;
-    let mut shards = Vec::new();
-    let mut reports = Vec::new();
-    for index in 0..want {
-        let cm_name = workload::checkpoint_name(&p.name_any(), index, want);
-        let (s, r) = match configmaps.iter().find(|c| c.name_any() == cm_name) {
-            Some(cm) => shard_status(cm, index, now),
-            None => (
-                ShardStatus {
-                    shard: index,
-                    phase: Some("Pending".into()),
-                    ..ShardStatus::default()
-                },
-                None,
-            ),
-        };
-        shards.push(s);
-        reports.push(r);
-    }
-    let sts_status = sts.status.clone().unwrap_or_default();
-    let ready = u32::try_from(sts_status.ready_replicas.unwrap_or(0)).unwrap_or(0);
-    let rolling = sts_status.updated_replicas.unwrap_or(0) < sts_status.replicas
-        || sts_status.observed_generation < sts.metadata.generation;
-    let live: Vec<&WorkerReport> = reports.iter().flatten().collect();
-    let failures: Vec<String> = shards
-        .iter()
-        .filter_map(|s| s.failure.as_ref().map(|f| format!("shard {}: {f}", s.shard)))
-        .collect();
-    let running = |r: &&WorkerReport| r.phase == "Snapshotting" || r.phase == "Streaming";
-    let source_down: Vec<u32> = shards
-        .iter()
-        .zip(&reports)
-        .filter(|(_, r)| r.as_ref().is_some_and(|r| running(&r) && !r.source_ok))
-        .map(|(s, _)| s.shard)
-        .collect();
-    let sink_down: Vec<u32> = shards
-        .iter()
-        .zip(&reports)
-        .filter(|(_, r)| r.as_ref().is_some_and(|r| running(&r) && !r.sink_ok))
-        .map(|(s, _)| s.shard)
-        .collect();
-    let snapshotting = live.iter().any(|r| r.phase == "Snapshotting");
-    let all_streaming = live.len() == want as usize && live.iter().all(|r| r.phase == "Streaming");
-
-    status.phase = Some(
-        if p.spec.paused {
-            "Paused"
-        } else if !failures.is_empty() {
-            "Failed"
-        } else if snapshotting {
-            "Snapshotting"
-        } else if all_streaming {
-            "Streaming"
-        } else {
-            "Pending"
-        }
-        .to_string(),
-    );
-    status.ready = Some(format!("{ready}/{}", if p.spec.paused { 0 } else { want }));
-    let lag = live.iter().filter_map(|r| r.lag_seconds).fold(None, |m: Option<f64>, l| Some(m.map_or(l, |m| m.max(l))));
-    status.lag = lag.map(|l| format!("{l:.1}s"));
-    status.documents_synced = Some(live.iter().map(|r| r.documents_synced).sum());
-    status.shards = shards;
-
-    let history_lost = live.iter().any(|r| r.history_lost());
-    set(status, g, "HistoryLost", history_lost, if history_lost { "ChangeStreamHistoryLost" } else { "ResumePointAvailable" },
-        if history_lost { "the resume point fell off the MongoDB oplog and onHistoryLost is Fail: delete the checkpoint ConfigMaps (or set onHistoryLost: Resnapshot) to start over" } else { "no shard lost its change-stream history" });
-    let list = |v: &[u32]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-    set(status, g, "SourceUnavailable", !source_down.is_empty(), if source_down.is_empty() { "Reachable" } else { "MongoDBUnreachable" },
-        &if source_down.is_empty() { "MongoDB answers every worker".to_string() } else { format!("MongoDB is unreachable or the change stream is backing off (shards {})", list(&source_down)) });
-    set(status, g, "SinkUnavailable", !sink_down.is_empty(), if sink_down.is_empty() { "Reachable" } else { "ElasticsearchUnavailable" },
-        &if sink_down.is_empty() { "Elasticsearch accepts every worker's writes".to_string() } else { format!("Elasticsearch is unreachable or refusing writes; workers back off and retry (shards {})", list(&sink_down)) });
-    let degraded = !failures.is_empty() || !source_down.is_empty() || !sink_down.is_empty();
-    set(status, g, "Degraded", degraded, if degraded { "WorkersUnhealthy" } else { "Healthy" },
-        &if failures.is_empty() { if degraded { "a source or sink is unavailable".to_string() } else { "all workers healthy".to_string() } } else { failures.join("; ") });
-    let progressing = !p.spec.paused && (snapshotting || rolling || ready < want);
-    set(status, g, "Progressing", progressing,
-        if p.spec.paused { "Paused" } else if rolling { "RollingOut" } else if snapshotting { "Snapshotting" } else if ready < want { "WorkersStarting" } else { "Streaming" },
-        if progressing { "workers are starting, rolling out or snapshotting" } else { "nothing in progress" });
-    let is_ready = !p.spec.paused && ready == want && !degraded && (all_streaming || snapshotting) && live.len() == want as usize;
-    let (reason, message) = if p.spec.paused {
-        ("Paused", "paused: workers stopped, checkpoints kept".to_string())
-    } else if is_ready {
-        ("AllShardsReady", format!("{want} of {want} workers hold their lease and make progress"))
-    } else if !failures.is_empty() {
-        ("WorkerFailed", failures.join("; "))
-    } else {
-        ("WorkersNotReady", format!("{ready} of {want} workers ready"))
-    };
-    set(status, g, "Ready", is_ready, reason, &message);
-}
-
+/// Write the status with a merge patch that also removes what is gone
+/// ([`status::status_patch`]); nothing is sent when nothing changed.
 async fn write_status(api: &Api<SyncPipeline>, p: &SyncPipeline, status: &SyncPipelineStatus) -> Result<(), Error> {
     if p.status.as_ref() == Some(status) {
         return Ok(());
     }
-    let patch = serde_json::json!({"status": status});
+    let patch = status::status_patch(p.status.as_ref(), status);
     api.patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(api_err("write the SyncPipeline status"))?;

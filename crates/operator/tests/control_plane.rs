@@ -74,6 +74,75 @@ async fn dry_run_create(client: &kube::Client, ar: &ApiResource, ns: &str, objec
     }
 }
 
+/// `kubectl apply --server-side -f crds/`, looking at the response headers: the API server
+/// sends a `Warning` header for everything it finds odd in the CRD (unknown formats such as
+/// `uint32`, which every apply used to draw). There must be none.
+#[tokio::test]
+async fn applying_the_crd_draws_no_warnings() {
+    let cp = ControlPlane::shared();
+    let client = cp.admin_client().await.expect("admin client");
+    install_crd(&client).await;
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(CRD).expect("crds/syncpipeline.yaml parses");
+    let name = crd.metadata.name.clone().expect("name");
+    for attempt in ["an update", "a dry-run create under a new field manager"] {
+        let pp = match attempt {
+            "an update" => PatchParams::apply(MANAGER).force(),
+            _ => PatchParams { dry_run: true, ..PatchParams::apply("monsoon-tests-warnings").force() },
+        };
+        let request = Request::new("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+            .patch(&name, &pp, &Patch::Apply(&crd))
+            .expect("request");
+        let response = client.send(request.map(kube::client::Body::from)).await.expect("the API server answers");
+        let status = response.status();
+        let warnings: Vec<String> = response
+            .headers()
+            .get_all("warning")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string())
+            .collect();
+        assert!(status.is_success(), "{attempt}: {status}");
+        assert!(warnings.is_empty(), "{attempt} of the CRD drew warnings:\n{}", warnings.join("\n"));
+    }
+    let installed = Api::<CustomResourceDefinition>::all(client.clone()).get(&name).await.expect("installed CRD");
+    assert_eq!(monsoon_api::crd::installed_revision(&installed), Some(monsoon_api::crd::CRD_REVISION), "the revision annotation survives the apply");
+}
+
+/// A connection string with a password is refused, and the refusal (which `kubectl`, CI logs
+/// and GitOps controllers' events repeat) does not contain the password, nor the string.
+#[tokio::test]
+async fn refusing_a_uri_with_a_password_does_not_repeat_it() {
+    let cp = ControlPlane::shared();
+    let client = cp.admin_client().await.expect("admin client");
+    let ar = install_crd(&client).await;
+    namespace(&client, "secret-uri").await;
+    let password = "Sup3r-S3cret-Passw0rd";
+    for uri in [
+        format!("mongodb://syncer:{password}@db-0.db:27017/?replicaSet=rs0"),
+        format!("mongodb+srv://syncer:{password}@cluster0.example.net/"),
+    ] {
+        let manifest = json!({
+            "apiVersion": "monsoon.dev/v1alpha1",
+            "kind": "SyncPipeline",
+            "metadata": {"name": "leaky"},
+            "spec": {"mongodb": {"uri": uri}, "elasticsearch": {"urls": ["http://es:9200"]}, "namespaces": ["shop.orders"]},
+        });
+        let message = dry_run_create(&client, &ar, "secret-uri", &manifest).await.expect_err("a URI with a password is refused");
+        assert!(message.starts_with("422"), "{message}");
+        assert!(message.contains("holds a password"), "{message}");
+        assert!(message.contains("spec.mongodb.uri"), "the refusal names the field: {message}");
+        assert!(!message.contains(password), "the refusal repeats the password: {message}");
+        assert!(!message.contains("syncer:"), "the refusal repeats the connection string: {message}");
+    }
+    // A user name without a password (X.509) is fine.
+    let manifest = json!({
+        "apiVersion": "monsoon.dev/v1alpha1",
+        "kind": "SyncPipeline",
+        "metadata": {"name": "x509"},
+        "spec": {"mongodb": {"uri": "mongodb://CN=syncer@db-0.db:27017/?authMechanism=MONGODB-X509"}, "elasticsearch": {"urls": ["http://es:9200"]}, "namespaces": ["shop.orders"]},
+    });
+    dry_run_create(&client, &ar, "secret-uri", &manifest).await.expect("a user name alone is accepted");
+}
+
 #[tokio::test]
 async fn the_api_server_refuses_every_refused_case_with_its_message() {
     let cp = ControlPlane::shared();
@@ -322,4 +391,62 @@ async fn the_install_manifests_apply_to_the_real_api_server() {
     }
     assert!(applied.iter().any(|a| a.starts_with("Deployment/")), "no Deployment in manifests/: {applied:?}");
     assert!(applied.iter().any(|a| a.starts_with("ClusterRole/")), "no ClusterRole in manifests/: {applied:?}");
+}
+
+/// Namespace users with the built-in `edit` role manage SyncPipelines, and `view` users read
+/// them, through the chart's ClusterRoles aggregated into those roles (the controller manager's
+/// ClusterRole aggregation does the rest).
+#[tokio::test]
+async fn users_of_the_built_in_roles_get_syncpipelines_through_aggregation() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.expect("admin client");
+    let ar = install_crd(&admin).await;
+    let ns = "aggregated";
+    namespace(&admin, ns).await;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/02-operator.yaml")).expect("manifests");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+    let aggregated: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .filter(|d| d["metadata"]["labels"].as_object().is_some_and(|l| l.keys().any(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to-"))))
+        .collect();
+    assert_eq!(aggregated.len(), 2, "the chart's aggregated ClusterRoles");
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+    for doc in aggregated {
+        let name = doc["metadata"]["name"].as_str().expect("name");
+        roles.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(doc)).await.expect("ClusterRole");
+    }
+    for (user, role) in [("developer", "edit"), ("auditor", "view")] {
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": user}})).expect("sa");
+        Api::<ServiceAccount>::namespaced(admin.clone(), ns).patch(user, &PatchParams::apply(MANAGER), &Patch::Apply(&account)).await.expect("sa");
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": user},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": user, "namespace": ns}],
+        }))
+        .expect("binding");
+        Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(user, &PatchParams::apply(MANAGER), &Patch::Apply(&binding)).await.expect("binding");
+    }
+    let pipeline = json!({
+        "apiVersion": "monsoon.dev/v1alpha1", "kind": "SyncPipeline", "metadata": {"name": "mine"},
+        "spec": {"mongodb": {"uri": "mongodb://db:27017/"}, "elasticsearch": {"urls": ["http://es:9200"]}, "namespaces": ["shop.orders"]},
+    });
+    let developer = cp.service_account_client(ns, "developer").await.expect("token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match dry_run_create(&developer, &ar, ns, &pipeline).await {
+            Ok(()) => break,
+            Err(e) if e.starts_with("403") && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("an `edit` user cannot create a SyncPipeline: {e}"),
+        }
+    }
+    let auditor = cp.service_account_client(ns, "auditor").await.expect("token");
+    let as_auditor: Api<DynamicObject> = Api::namespaced_with(auditor.clone(), ns, &ar);
+    eventually("a `view` user lists SyncPipelines", Duration::from_secs(30), || {
+        let api = as_auditor.clone();
+        async move { api.list(&ListParams::default()).await.is_ok() }
+    })
+    .await;
+    let refused = dry_run_create(&auditor, &ar, ns, &pipeline).await.expect_err("a `view` user created a SyncPipeline");
+    assert!(refused.starts_with("403"), "{refused}");
 }

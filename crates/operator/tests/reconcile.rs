@@ -18,7 +18,8 @@ use monsoon_api::{
 };
 use monsoon_engine::checkpoint::configmap::{KEY_CHECKPOINT, KEY_HOLDER, KEY_RENEW_TIME, KEY_STATUS};
 use monsoon_engine::checkpoint::{Checkpoint, ClusterTime};
-use monsoon_operator::reconcile::{reconcile, summarize, Context, FINALIZER};
+use monsoon_operator::reconcile::{reconcile, Context, FINALIZER, STUCK_POD_AFTER};
+use monsoon_operator::status::summarize;
 use monsoon_operator::report::WorkerReport;
 use monsoon_operator::workload::{WorkerSettings, ENV_PIPELINE, LABEL_SHARD_COUNT};
 use monsoon_operator::OperatorMetrics;
@@ -95,6 +96,8 @@ impl Fixture {
             },
             recorder: None,
             metrics: OperatorMetrics::default(),
+            stuck_pod_after: STUCK_POD_AFTER,
+            crd_outdated: None,
         });
         Self { client, ctx }
     }
@@ -118,6 +121,23 @@ impl Fixture {
 
     async fn statefulset(&self) -> Option<StatefulSet> {
         self.api::<StatefulSet>().get_opt("orders-worker").await.expect("get")
+    }
+
+    /// What the StatefulSet controller reports once every pod of the current template is ready.
+    /// (kube-fake-client raises `metadata.generation` at every apply, even one that changes
+    /// nothing, unlike the API server: the observed generation is set well ahead so the next
+    /// reconcile's no-op apply does not make the rollout look unfinished.)
+    async fn roll_out(&self, ready: i32) {
+        let sts = self.statefulset().await.expect("sts");
+        let status = serde_json::json!({"status": {
+            "observedGeneration": sts.metadata.generation.unwrap_or(0) + 100,
+            "replicas": ready, "readyReplicas": ready, "updatedReplicas": ready, "availableReplicas": ready,
+            "currentRevision": "r", "updateRevision": "r",
+        }});
+        self.api::<StatefulSet>()
+            .patch_status("orders-worker", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
+            .await
+            .expect("sts status");
     }
 
     async fn checkpoints(&self) -> Vec<String> {
@@ -170,8 +190,10 @@ async fn create_builds_the_workload_checkpoints_finalizer_and_status() {
     assert_eq!(condition(&s, "InvalidSpec").status, "False");
     assert_eq!(condition(&s, "CredentialsMissing").status, "False");
     assert_eq!(condition(&s, "Ready").status, "False");
-    assert_eq!(condition(&s, "Ready").reason, "WorkersNotReady");
-    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(condition(&s, "Ready").reason, "WorkersStarting");
+    assert_eq!(condition(&s, "Reconciling").status, "True");
+    assert_eq!(condition(&s, "Stalled").status, "False");
+    assert_eq!(s.observed_generation, None, "generation 1 is not rolled out yet: nothing may claim it is observed");
 }
 
 #[tokio::test]
@@ -203,7 +225,14 @@ async fn a_spec_change_updates_the_pod_template_and_keeps_the_checkpoints() {
     assert!(env(&after).contains("\"maxDocs\":500"));
     let kept = f.api::<ConfigMap>().get("orders-checkpoint-0-of-1").await.expect("cm");
     assert!(kept.data.expect("data").contains_key(KEY_CHECKPOINT), "the rollout keeps the worker's place");
-    assert_eq!(f.status().await.observed_generation, edited.metadata.generation);
+    assert_ne!(f.status().await.observed_generation, edited.metadata.generation, "the new template is not rolled out yet");
+
+    // The StatefulSet controller rolls it out: every pod of the new revision is ready.
+    f.roll_out(1).await;
+    f.reconcile().await;
+    let s = f.status().await;
+    assert_eq!(s.observed_generation, edited.metadata.generation);
+    assert_eq!(condition(&s, "Reconciling").status, "False");
 }
 
 #[tokio::test]
@@ -297,6 +326,14 @@ async fn an_invalid_spec_is_a_condition_not_a_workload() {
     assert_eq!(c.status, "True");
     assert!(c.message.contains("spec.mongodb.uriFrom") && c.message.contains("secretKeyRef"), "{}", c.message);
     assert_eq!(s.phase.as_deref(), Some("Failed"));
+    // kstatus: Stalled, and this generation counts as observed so Flux reports it as failed.
+    assert_eq!(condition(&s, "Stalled").status, "True");
+    assert_eq!(condition(&s, "Stalled").reason, "InvalidSpec");
+    assert_eq!(condition(&s, "Reconciling").status, "False");
+    assert_eq!(s.observed_generation, Some(1));
+    // No workers, so nothing to stop on deletion: no finalizer on a pipeline that never ran.
+    let p = f.api::<SyncPipeline>().get("orders").await.expect("pipeline");
+    assert!(!p.finalizers().contains(&FINALIZER.to_string()), "{:?}", p.finalizers());
 }
 
 #[tokio::test]
@@ -308,6 +345,7 @@ async fn a_missing_secret_is_a_condition_until_it_appears() {
     let c = condition(&s, "CredentialsMissing");
     assert_eq!(c.status, "True");
     assert!(c.message.contains("Secret `mongo` not found"), "{}", c.message);
+    assert_eq!(condition(&s, "Stalled").reason, "CredentialsMissing");
     let first_transition = c.last_transition_time.clone();
 
     // Reconciling again keeps the transition time stable.
@@ -319,28 +357,90 @@ async fn a_missing_secret_is_a_condition_until_it_appears() {
     f.reconcile().await;
     assert!(f.statefulset().await.is_some());
     assert_eq!(condition(&f.status().await, "CredentialsMissing").status, "False");
+    assert_eq!(condition(&f.status().await, "Stalled").status, "False");
 }
 
+/// The finalizer is added by a merge patch of `metadata.finalizers` alone, conditional on the
+/// `resourceVersion` it was computed from; a conflict (another writer got there first) is
+/// re-read and retried. Never a whole-object replace, which would drop fields an older
+/// operator does not know.
 #[tokio::test]
-async fn conflicts_on_the_pipeline_are_retried() {
+async fn the_finalizer_is_patched_and_conflicts_are_retried() {
     let conflicts = Arc::new(AtomicUsize::new(0));
-    let seen = conflicts.clone();
+    let replaced = Arc::new(AtomicUsize::new(0));
+    let (seen, puts) = (conflicts.clone(), replaced.clone());
+    let patches = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = patches.clone();
     let builder = ClientBuilder::new()
         .with_object(pipeline(1))
         .with_object(secret())
-        .with_interceptor_funcs(interceptor::Funcs::new().replace(move |ctx| {
-            // The first two finalizer updates lose a race with another writer.
-            if ctx.name == "orders" && seen.fetch_add(1, Ordering::SeqCst) < 2 {
-                return Err(kube_fake_client::Error::Conflict("the object has been modified".into()));
-            }
-            Ok(None)
-        }));
+        .with_interceptor_funcs(
+            interceptor::Funcs::new()
+                .patch(move |ctx| {
+                    if ctx.name == "orders" {
+                        recorded.lock().expect("lock").push(ctx.patch.clone());
+                        // The first two finalizer patches lose a race with another writer.
+                        if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                            return Err(kube_fake_client::Error::Conflict("the object has been modified".into()));
+                        }
+                    }
+                    Ok(None)
+                })
+                .replace(move |ctx| {
+                    if ctx.name == "orders" {
+                        puts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(None)
+                }),
+        );
     let f = Fixture::new(builder).await;
     f.reconcile().await;
     assert!(conflicts.load(Ordering::SeqCst) >= 3);
+    assert_eq!(replaced.load(Ordering::SeqCst), 0, "the pipeline was replaced whole");
+    for patch in patches.lock().expect("lock").iter() {
+        let metadata = patch["metadata"].as_object().expect("a metadata patch");
+        assert_eq!(patch.as_object().map(|o| o.len()), Some(1), "only metadata: {patch}");
+        assert_eq!(metadata["finalizers"], serde_json::json!([FINALIZER]), "{patch}");
+        assert!(metadata["resourceVersion"].is_string(), "conditional on the version read: {patch}");
+    }
     let p = f.api::<SyncPipeline>().get("orders").await.expect("pipeline");
     assert!(p.finalizers().contains(&FINALIZER.to_string()));
     assert!(f.statefulset().await.is_some());
+}
+
+/// A worker pod on a node that died stays Terminating forever: deletion waits for it only a
+/// bounded time past its deletion deadline (its worker, unable to renew its lease, has fenced
+/// itself by then), then goes on.
+#[tokio::test]
+async fn delete_goes_on_past_a_pod_stuck_on_a_dead_node() {
+    let mut stuck = worker_pod(0);
+    let long_ago = k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(600);
+    stuck.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(long_ago));
+    stuck.metadata.finalizers = Some(vec!["test/keep".into()]);
+    let mut p = pipeline(1);
+    p.spec.checkpoints_on_delete = CheckpointRetention::Delete;
+    let f = Fixture::new(being_deleted(p, ClientBuilder::new()).with_object(stuck)).await;
+    f.reconcile().await;
+    assert!(f.statefulset().await.is_none());
+    assert!(f.checkpoints().await.is_empty());
+    let gone = f.api::<SyncPipeline>().get_opt("orders").await.expect("get");
+    assert!(gone.is_none_or(|p| !p.finalizers().contains(&FINALIZER.to_string())));
+}
+
+#[test]
+fn only_pods_long_past_their_deletion_deadline_are_given_up_on() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let now = std::time::SystemTime::now();
+    let at = |secs_ago: u64| Some(Time(k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(secs_ago)));
+    let mut running = worker_pod(0);
+    running.metadata.deletion_timestamp = None;
+    let mut terminating = worker_pod(1);
+    terminating.metadata.deletion_timestamp = at(10);
+    let mut stuck = worker_pod(2);
+    stuck.metadata.deletion_timestamp = at(120);
+    let (waiting, given_up) = monsoon_operator::reconcile::pods_in_the_way(&[running, terminating, stuck], now, std::time::Duration::from_secs(60));
+    assert_eq!(waiting, vec!["orders-worker-0", "orders-worker-1"]);
+    assert_eq!(given_up, vec!["orders-worker-2"]);
 }
 
 fn checkpoint_cm(index: u32, count: u32, cp: &Checkpoint) -> ConfigMap {
@@ -433,6 +533,7 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
         cm
     };
     let sts = StatefulSet {
+        spec: Some(k8s_openapi::api::apps::v1::StatefulSetSpec { replicas: Some(2), ..Default::default() }),
         status: Some(k8s_openapi::api::apps::v1::StatefulSetStatus {
             replicas: 2,
             ready_replicas: Some(2),
@@ -445,7 +546,7 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     let mut s = SyncPipelineStatus::default();
     summarize(&mut s, &p, &sts, &[cm(0, &report("Streaming", 0.0, true)), cm(1, &report("Streaming", 1.5, true))], 2, now);
     let became = |before: &SyncPipelineStatus, after: &SyncPipelineStatus| -> Vec<&'static str> {
-        monsoon_operator::reconcile::transitions(Some(before), after).into_iter().map(|(t, _, _)| t).collect()
+        monsoon_operator::status::transitions(Some(before), after).into_iter().map(|(t, _, _)| t).collect()
     };
     assert_eq!(became(&SyncPipelineStatus::default(), &s), vec!["Ready"], "becoming ready is an Event");
     let ready = s.clone();
@@ -455,7 +556,13 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     assert_eq!(s.ready.as_deref(), Some("2/2"));
     assert_eq!(condition(&s, "Ready").status, "True");
     assert_eq!(condition(&s, "Ready").observed_generation, Some(4));
-    assert_eq!(s.shards[1].checkpoint_age_seconds, Some(2));
+    assert_eq!(s.shards[1].checkpoint_time.as_deref(), Some(monsoon_engine::time::rfc3339(now - 2).as_str()), "a time, not an age");
+    assert_eq!(s.shards[1].checkpoint_age_seconds, None);
+    assert_eq!(s.observed_generation, Some(4), "rolled out, so generation 4 is observed");
+    // The same reports a minute later: nothing in the status changes (no churn).
+    let mut later = s.clone();
+    summarize(&mut later, &p, &sts, &[cm(0, &report("Streaming", 0.0, true)), cm(1, &report("Streaming", 1.5, true))], 2, now + 30);
+    assert_eq!(later, s, "an idle pipeline's status must not change with time");
     assert_eq!(s.shards[1].holder.as_deref(), Some("orders-worker-1"), "the holder's pod, without its incarnation nonce");
 
     // Elasticsearch refuses shard 1's writes: SinkUnavailable and Degraded, not Ready.
@@ -488,4 +595,64 @@ fn status_folds_worker_reports_into_phase_lag_and_conditions() {
     summarize(&mut s, &p, &sts, &[stale_cm, cm(1, &report("Streaming", 0.0, true))], 2, now);
     assert_eq!(s.shards[0].phase.as_deref(), Some("Stopped"));
     assert_eq!(condition(&s, "Ready").status, "False");
+}
+
+/// A script pipeline whose script heaps cannot fit the worker's memory limit is refused with a
+/// condition (kstatus Stalled) before any worker starts, instead of workers killed for memory.
+#[tokio::test]
+async fn script_threads_that_cannot_fit_are_a_condition_not_a_workload() {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut p = pipeline(1);
+    p.spec.scripts = vec![monsoon_api::ScriptSpec { script: Some("module.exports = function(d) { return d; }".into()), ..Default::default() }];
+    p.spec.script_limits = Some(monsoon_api::ScriptLimits { memory_mib: 512, ..Default::default() });
+    p.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
+        ..Default::default()
+    });
+    let f = Fixture::new(ClientBuilder::new().with_object(p).with_object(secret())).await;
+    assert_eq!(f.reconcile().await, Action::await_change());
+    assert!(f.statefulset().await.is_none(), "workers that cannot fit were started");
+    let s = f.status().await;
+    assert_eq!(condition(&s, "ResourcesDoNotFit").status, "True");
+    assert_eq!(condition(&s, "Stalled").reason, "ResourcesDoNotFit");
+    assert!(condition(&s, "ResourcesDoNotFit").message.contains("512 MiB"), "{}", condition(&s, "ResourcesDoNotFit").message);
+}
+
+/// A rotated credential rolls the workers: the Secret's new version changes the pod template.
+#[tokio::test]
+async fn a_changed_secret_rolls_the_workers() {
+    let f = Fixture::new(ClientBuilder::new().with_object(pipeline(1)).with_object(secret())).await;
+    f.reconcile().await;
+    let template = |s: StatefulSet| s.spec.expect("spec").template;
+    let before = template(f.statefulset().await.expect("sts"));
+    f.reconcile().await;
+    assert_eq!(template(f.statefulset().await.expect("sts")), before, "nothing changed, nothing rolls");
+    let mut s = f.api::<Secret>().get("mongo").await.expect("secret");
+    s.data = Some(BTreeMap::from([("uri".to_string(), ByteString(b"mongodb://u:rotated@db/".to_vec()))]));
+    f.api::<Secret>().replace("mongo", &PostParams::default(), &s).await.expect("rotate");
+    f.reconcile().await;
+    let after = template(f.statefulset().await.expect("sts"));
+    let digest = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        t.metadata.as_ref().and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("monsoon.dev/references").cloned())
+    };
+    assert!(digest(&before).is_some());
+    assert_ne!(digest(&before), digest(&after), "the rotated Secret did not change the pod template");
+    let text = serde_json::to_string(&after).expect("json");
+    assert!(!text.contains("rotated"), "a secret value reached the pod template");
+}
+
+/// `monsoon.dev/paused: "true"` stops reconciliation: a spec change is not applied.
+#[tokio::test]
+async fn the_paused_annotation_leaves_the_workers_alone() {
+    let f = Fixture::new(ClientBuilder::new().with_object(pipeline(1)).with_object(secret())).await;
+    f.reconcile().await;
+    let mut p = f.api::<SyncPipeline>().get("orders").await.expect("pipeline");
+    p.metadata.annotations = Some(BTreeMap::from([("monsoon.dev/paused".to_string(), "true".to_string())]));
+    p.spec.workers = 3;
+    f.api::<SyncPipeline>().replace("orders", &PostParams::default(), &p).await.expect("edit");
+    assert_eq!(f.reconcile().await, Action::await_change());
+    assert_eq!(f.statefulset().await.expect("sts").spec.expect("spec").replicas, Some(1), "the change was applied");
+    assert_eq!(f.checkpoints().await, vec!["orders-checkpoint-0-of-1"], "a re-shard started");
+    let s = f.status().await;
+    assert_eq!(condition(&s, "Reconciling").reason, "ReconcilePaused");
 }
