@@ -750,6 +750,39 @@ async fn the_operator_process_takes_a_pipeline_through_its_life() {
     .await;
     assert_ne!(status_of(&p).observed_generation, p.metadata.generation, "observedGeneration moved before the rollout");
 
+    // At most one worker evicted at a time.
+    let pdb = Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(admin.clone(), ns).get("orders-worker").await.expect("PodDisruptionBudget");
+    assert_eq!(pdb.spec.and_then(|s| s.max_unavailable), Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)));
+
+    // Operations by annotation and by rotation, each rolling the pod template with an Event.
+    let template_annotation = |sts: &StatefulSet, key: &str| -> Option<String> {
+        sts.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get(key).cloned()
+    };
+    pipelines
+        .patch("orders", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"monsoon.dev/restart": "r1"}}})))
+        .await
+        .expect("annotate");
+    wait_for("the restart token in the pod template", Duration::from_secs(30), || {
+        let sets = sets.clone();
+        async move { (template_annotation(&sets.get("orders-worker").await.ok()?, "monsoon.dev/restart").as_deref() == Some("r1")).then_some(()) }
+    })
+    .await;
+    wait_event(&admin, ns, "orders", "RestartRequested").await;
+    let digest = template_annotation(&sets.get("orders-worker").await.expect("sts"), "monsoon.dev/references").expect("references digest");
+    let rotated: Secret = serde_json::from_value(json!({"metadata": {"name": "mongo"}, "stringData": {"uri": "mongodb://127.0.0.1:19/"}})).expect("secret");
+    Api::<Secret>::namespaced(admin.clone(), ns).replace("mongo", &PostParams::default(), &rotated).await.expect("rotate the Secret");
+    let rotated_at = Instant::now();
+    wait_for("the rotated Secret rolls the pod template", Duration::from_secs(40), || {
+        let (sets, digest) = (sets.clone(), digest.clone());
+        async move {
+            let now = template_annotation(&sets.get("orders-worker").await.ok()?, "monsoon.dev/references")?;
+            (now != digest).then_some(())
+        }
+    })
+    .await;
+    wait_event(&admin, ns, "orders", "ReferencesChanged").await;
+    eprintln!("Secret rotated → workers rolling in {:.1?}", rotated_at.elapsed());
+
     // An invalid change: a condition; the workers keep the last valid spec.
     pipelines
         .patch("orders", &PatchParams::default(), &Patch::Merge(json!({"spec": {"namespaces": ["admin.users"]}})))
