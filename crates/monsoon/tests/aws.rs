@@ -1,6 +1,7 @@
 //! AWS request signing (SigV4) end to end: the `monsoon` binary syncs through a proxy that
 //! verifies every signature with botocore as Amazon OpenSearch Service would
-//! (`crates/testkit/py/sigv4_proxy.py`) and forwards to noida-db. Real AWS endpoints, web
+//! (`crates/testkit/py/sigv4_proxy.py`) and forwards to noida-db (or, once, to the real
+//! OpenSearch node). Real AWS endpoints, web
 //! identity (IRSA) and instance metadata are not reached here: the chain is aws-config's, and
 //! its ECS container endpoint is the one served locally.
 
@@ -42,8 +43,12 @@ fn isolated_chain(dir: &Path) -> Vec<(String, String)> {
 
 /// Snapshot of 1500 documents, then every change type from the stream; both must converge.
 async fn sync_through(stack: &Stack, monsoon: &Monsoon, proxy: &SigV4Proxy) -> anyhow::Result<()> {
-    let orders = stack.client.database("shop").collection::<Document>("orders");
-    let report = wait_converged(&stack.client, &stack.esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    sync_into(&stack.client, &stack.esc, monsoon, proxy).await
+}
+
+async fn sync_into(client: &mongodb::Client, esc: &elasticsearch::Elasticsearch, monsoon: &Monsoon, proxy: &SigV4Proxy) -> anyhow::Result<()> {
+    let orders = client.database("shop").collection::<Document>("orders");
+    let report = wait_converged(client, esc, "shop", "orders", "shop.orders", CONVERGE).await?;
     assert!(report.converged(), "after snapshot: {report:?}\n{}\n{}", tail(&monsoon.log(), 30), tail(&proxy.log(), 10));
     assert_eq!(report.mongo, 1500);
     orders.insert_one(doc! {"_id": "new", "name": "streamed"}).await?;
@@ -51,7 +56,7 @@ async fn sync_through(stack: &Stack, monsoon: &Monsoon, proxy: &SigV4Proxy) -> a
     orders.replace_one(doc! {"_id": 2}, doc! {"replaced": true}).await?;
     orders.delete_one(doc! {"_id": 3}).await?;
     insert_all(&orders, sample_docs(10_000, 300)).await?;
-    let report = wait_converged(&stack.client, &stack.esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    let report = wait_converged(client, esc, "shop", "orders", "shop.orders", CONVERGE).await?;
     assert!(report.converged(), "after changes: {report:?}\n{}\n{}", tail(&monsoon.log(), 30), tail(&proxy.log(), 10));
     Ok(())
 }
@@ -77,6 +82,28 @@ async fn static_keys_from_env_sign_gzip_bulks_for_opensearch_service() -> anyhow
     sync_through(&stack, &monsoon, &proxy).await?;
     assert_all_verified(&proxy, "encoding=gzip");
     assert!(!monsoon.log().contains(SECRET_KEY), "the secret key must never be logged");
+    Ok(())
+}
+
+/// The same signed requests, gzip bodies and the `x-amz-*` headers included, reach a real
+/// OpenSearch 2.19 node (`make opensearch`) behind the verifying proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_requests_sync_into_a_real_opensearch_node() -> anyhow::Result<()> {
+    let mongo = Mongo::start(&[])?;
+    let client = mongo.client().await?;
+    let opensearch = monsoon_testkit::opensearch::OpenSearch::start()?;
+    let esc = opensearch.client()?;
+    insert_all(&client.database("shop").collection("orders"), sample_docs(0, 1500)).await?;
+    let proxy = SigV4Proxy::start(&opensearch.url(), &options("es", None))?;
+    let state = TempDir::new("state");
+    let aws = "    gzip: true\n    aws:\n      region: eu-west-1\n      accessKeyIdFrom: {env: TEST_AWS_KEY_ID}\n      secretAccessKeyFrom: {env: TEST_AWS_SECRET}\n";
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &proxy.url(), &["shop.orders"], "  snapshot: true\n").replacen("\n  namespaces:", &format!("\n{aws}  namespaces:"), 1);
+    let mut env = isolated_chain(state.path());
+    env.extend([("TEST_AWS_KEY_ID".into(), ACCESS_KEY.into()), ("TEST_AWS_SECRET".into(), SECRET_KEY.into())]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &[], &env)?;
+    sync_into(&client, &esc, &monsoon, &proxy).await?;
+    assert_all_verified(&proxy, "encoding=gzip");
     Ok(())
 }
 
