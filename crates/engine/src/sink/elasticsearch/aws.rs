@@ -22,7 +22,10 @@ use crate::config::{AwsAuth, AwsCredentials};
 
 /// Fetch chain credentials again this long before they expire: a request signed now must
 /// still be valid when the service checks it, and the chain (STS for web identity, instance
-/// metadata) may take a while to answer. Temporary credentials live 15 minutes or more.
+/// metadata) may take a while to answer. Credentials that arrive with less than twice this
+/// left (instance metadata hands out the current set until shortly before it rotates) are
+/// kept for half their remaining life instead, so the chain is not asked again on every
+/// request.
 pub const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
 
 /// Chain credentials without an expiry (environment variables, a shared credentials file)
@@ -159,10 +162,15 @@ async fn default_chain(region: String) -> SharedCredentialsProvider {
     SharedCredentialsProvider::new(chain)
 }
 
-/// Whether credentials fetched at `fetched` may still sign at `now`.
+/// Whether credentials fetched at `fetched` may still sign at `now`: until
+/// [`REFRESH_BEFORE_EXPIRY`] (or half the life they had left when fetched, if less) before
+/// they expire.
 fn fresh(credentials: &Credentials, fetched: SystemTime, now: SystemTime) -> bool {
     match credentials.expiry() {
-        Some(expiry) => now + REFRESH_BEFORE_EXPIRY < expiry,
+        Some(expiry) => {
+            let life = expiry.duration_since(fetched).unwrap_or_default();
+            now + REFRESH_BEFORE_EXPIRY.min(life / 2) < expiry
+        }
         None => now < fetched + REREAD_WITHOUT_EXPIRY,
     }
 }
@@ -269,7 +277,13 @@ mod tests {
         let now = at(1_767_225_600);
         let expiring = |secs: u64| Credentials::new("a", "b", Some("t".into()), Some(now + Duration::from_secs(secs)), "test");
         assert!(fresh(&expiring(3600), now, now), "an hour left: keep");
-        assert!(!fresh(&expiring(240), now, now), "four minutes left: fetch new ones first");
+        let later = |secs: u64| now + Duration::from_secs(secs);
+        assert!(fresh(&expiring(3600), now, later(3299)));
+        assert!(!fresh(&expiring(3600), now, later(3300)), "five minutes left: fetch new ones first");
+        // Fetched with four minutes left: kept for two, not fetched again on every request.
+        assert!(fresh(&expiring(240), now, later(119)));
+        assert!(!fresh(&expiring(240), now, later(120)));
+        assert!(!fresh(&expiring(0), now, now), "expired");
         let forever = Credentials::new("a", "b", None, None, "test");
         assert!(fresh(&forever, now, now + Duration::from_secs(60)));
         assert!(!fresh(&forever, now, now + REREAD_WITHOUT_EXPIRY), "a credentials file is read again");
