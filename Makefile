@@ -45,7 +45,7 @@ $(VENV)/.installed: Makefile
 # property and integration tests against the stand-ins, a real OpenSearch node and a real
 # Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager built from Go modules).
 RENDERED = $(TARGET_DIR)/rendered
-CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
+CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded k8s-aws-opensearch
 # One build for everything: `--workspace` with the tests' feature set, which also builds the
 # monsoon binary the render step uses. (A `-p monsoon` build unifies features differently and
 # compiles every dependency a second time.)
