@@ -175,7 +175,7 @@ impl Elastic {
     /// The settings to check when credentials are refused.
     fn credentials_hint(&self) -> &'static str {
         match self.aws {
-            Some(_) => "spec.elasticsearch.aws (region, service, and the AWS credentials: the request signature was refused)",
+            Some(_) => "spec.elasticsearch.aws (region, service, the AWS credentials) and the access policy of the domain or collection",
             None => "username/passwordFrom or apiKeyFrom",
         }
     }
