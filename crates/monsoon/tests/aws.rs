@@ -131,6 +131,28 @@ async fn a_session_token_signs_for_serverless_with_the_payload_hash() -> anyhow:
     Ok(())
 }
 
+/// Monstache's `strategy = 1` with `profile` and `credentials-file`, as `monsoon convert`
+/// advises it: no keys in the pipeline, `AWS_SHARED_CREDENTIALS_FILE` and `AWS_PROFILE` for
+/// the default chain's profile provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_of_a_shared_credentials_file_signs_through_the_default_chain() -> anyhow::Result<()> {
+    let stack = Stack::start(&[]).await?;
+    insert_all(&stack.client.database("shop").collection("orders"), sample_docs(0, 1500)).await?;
+    let proxy = SigV4Proxy::start(&stack.es.url(), &options("es", None))?;
+    let state = TempDir::new("state");
+    let file = state.path().join("aws-credentials");
+    std::fs::write(&file, format!("[default]\naws_access_key_id = AKIDOTHER\naws_secret_access_key = other\n\n[sync]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"))?;
+    let yaml = pipeline_yaml("shop", &stack.mongo.uri(), &proxy.url(), &["shop.orders"], "  snapshot: true\n").replacen("\n  namespaces:", "\n    aws:\n      region: eu-west-1\n  namespaces:", 1);
+    let mut env = isolated_chain(state.path());
+    env.retain(|(k, _)| k != "AWS_SHARED_CREDENTIALS_FILE");
+    env.extend([("AWS_SHARED_CREDENTIALS_FILE".into(), file.display().to_string()), ("AWS_PROFILE".into(), "sync".into())]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &[], &env)?;
+    sync_through(&stack, &monsoon, &proxy).await?;
+    assert_all_verified(&proxy, "token=none");
+    Ok(())
+}
+
 /// No keys in the pipeline: aws-config's default chain finds the ECS container endpoint,
 /// whose credentials live 40 s (short enough that monsoon keeps each set for half of that);
 /// monsoon must fetch new ones before they lapse, and the proxy accepts only tokens it issued
