@@ -17,6 +17,9 @@ CEL_PYTHON := cel-python==0.5.0
 LUPA := lupa==2.8
 # A DNS server serving SRV and TXT records, for the `mongodb+srv://` tests (crates/testkit/py/srv_dns.py).
 DNSLIB := dnslib==0.9.26
+# Recomputes AWS SigV4 signatures in the signature-checking proxy in front of noida-db, the
+# test double of Amazon OpenSearch Service's front door (crates/testkit/py/sigv4_proxy.py).
+BOTOCORE := botocore==1.44.18
 CARGO ?= cargo
 # Where cargo puts what it builds: honours CARGO_TARGET_DIR and build.target-dir in a cargo
 # config, as cargo itself does (many developers share one target directory).
@@ -34,7 +37,7 @@ build:
 venv: $(VENV)/.installed
 $(VENV)/.installed: Makefile
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)' '$(DNSLIB)' '$(LUPA)'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(SECANTUSDB)' '$(NOIDA)' '$(KUBERNETES_VALIDATE)' '$(PYYAML)' '$(CEL_PYTHON)' '$(DNSLIB)' '$(LUPA)' '$(BOTOCORE)'
 	touch $@
 
 # Everything CI runs: the install checks (chart, manifests/, examples and the objects the
@@ -42,7 +45,7 @@ $(VENV)/.installed: Makefile
 # property and integration tests against the stand-ins, a real OpenSearch node and a real
 # Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager built from Go modules).
 RENDERED = $(TARGET_DIR)/rendered
-CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded
+CLUSTER_EXAMPLES := shop k8s-with-secrets k8s-sharded k8s-aws-opensearch
 # One build for everything: `--workspace` with the tests' feature set, which also builds the
 # monsoon binary the render step uses. (A `-p monsoon` build unifies features differently and
 # compiles every dependency a second time.)

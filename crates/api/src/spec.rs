@@ -472,7 +472,9 @@ pub struct MongoSource {
     {"rule": "!has(self.passwordFrom) || !has(self.passwordFrom.configMapKeyRef)", "message": "`passwordFrom.configMapKeyRef` is only for CA bundles; keep the password in a Secret (`secretKeyRef`)"},
     {"rule": "!has(self.apiKeyFrom) || !has(self.apiKeyFrom.configMapKeyRef)", "message": "`apiKeyFrom.configMapKeyRef` is only for CA bundles; keep the API key in a Secret (`secretKeyRef`)"},
     {"rule": "has(self.clientCertFrom) == has(self.clientKeyFrom)", "message": "`clientCertFrom` and `clientKeyFrom` go together"},
-    {"rule": "!has(self.clientKeyFrom) || !has(self.clientKeyFrom.configMapKeyRef)", "message": "`clientKeyFrom.configMapKeyRef` is only for CA bundles; keep the private key in a Secret (`secretKeyRef`)"}
+    {"rule": "!has(self.clientKeyFrom) || !has(self.clientKeyFrom.configMapKeyRef)", "message": "`clientKeyFrom.configMapKeyRef` is only for CA bundles; keep the private key in a Secret (`secretKeyRef`)"},
+    {"rule": "!has(self.aws) || !(has(self.username) || has(self.apiKeyFrom))", "message": "`aws` signs every request with AWS credentials; remove `username`/`passwordFrom` and `apiKeyFrom`"},
+    {"rule": "!has(self.aws) || size(self.urls) == 1", "message": "`aws` needs exactly one URL: the domain or collection endpoint"}
 ]))]
 pub struct ElasticsearchSink {
     /// Base URLs of the cluster, e.g. `["https://es.example:9200"]`. Requests are spread over
@@ -503,6 +505,67 @@ pub struct ElasticsearchSink {
     /// little CPU, worth it when Elasticsearch is across a slow or metered link.
     #[serde(default, skip_serializing_if = "is_false")]
     pub gzip: bool,
+    /// Sign every request with AWS Signature Version 4, for Amazon OpenSearch Service (`es`)
+    /// and OpenSearch Serverless (`aoss`). Replaces `username`/`passwordFrom` and `apiKeyFrom`,
+    /// and needs exactly one URL (the domain or collection endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsSigning>,
+}
+
+/// AWS request signing (SigV4). Credentials come from `accessKeyIdFrom` and
+/// `secretAccessKeyFrom` (and `sessionTokenFrom` for temporary keys), or, when those are not
+/// set, from the default AWS credentials chain: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
+/// the shared credentials file and profile (`AWS_PROFILE`), web identity (IRSA on EKS:
+/// annotate the worker ServiceAccount with `eks.amazonaws.com/role-arn`), ECS container
+/// credentials and EC2 instance metadata. Credentials from the chain are refreshed before they
+/// expire.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.accessKeyIdFrom) == has(self.secretAccessKeyFrom)", "message": "`accessKeyIdFrom` and `secretAccessKeyFrom` go together"},
+    {"rule": "!has(self.sessionTokenFrom) || has(self.accessKeyIdFrom)", "message": "`sessionTokenFrom` needs `accessKeyIdFrom` and `secretAccessKeyFrom`"},
+    {"rule": "!has(self.secretAccessKeyFrom) || !has(self.secretAccessKeyFrom.configMapKeyRef)", "message": "`secretAccessKeyFrom.configMapKeyRef` is only for CA bundles; keep the secret key in a Secret (`secretKeyRef`)"},
+    {"rule": "!has(self.sessionTokenFrom) || !has(self.sessionTokenFrom.configMapKeyRef)", "message": "`sessionTokenFrom.configMapKeyRef` is only for CA bundles; keep the session token in a Secret (`secretKeyRef`)"}
+]))]
+pub struct AwsSigning {
+    /// AWS region of the domain or collection, e.g. `eu-west-1`.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub region: String,
+    /// `es` for Amazon OpenSearch Service (the default), `aoss` for OpenSearch Serverless.
+    #[serde(default)]
+    pub service: AwsService,
+    /// Access key id of static credentials (with `secretAccessKeyFrom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_from: Option<ValueFrom>,
+    /// Secret access key of static credentials (with `accessKeyIdFrom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_from: Option<ValueFrom>,
+    /// Session token of temporary static credentials. They are not refreshed: once the token
+    /// expires, requests are refused; use the default chain for credentials that rotate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token_from: Option<ValueFrom>,
+}
+
+/// The AWS service name requests are signed for.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AwsService {
+    /// Amazon OpenSearch Service (managed domains, also Elasticsearch 7.x domains).
+    #[default]
+    #[serde(rename = "es")]
+    Es,
+    /// Amazon OpenSearch Serverless collections.
+    #[serde(rename = "aoss")]
+    Aoss,
+}
+
+impl AwsService {
+    /// The name in the signature's credential scope.
+    pub fn signing_name(self) -> &'static str {
+        match self {
+            Self::Es => "es",
+            Self::Aoss => "aoss",
+        }
+    }
 }
 
 /// Where a secret value comes from. Exactly one field must be set. `env` and `file` are for

@@ -330,6 +330,9 @@ pub fn value_sources(spec: &SyncPipelineSpec) -> Vec<(String, &ValueFrom)> {
         ("spec.elasticsearch.caFrom", spec.elasticsearch.ca_from.as_ref()),
         ("spec.elasticsearch.clientCertFrom", spec.elasticsearch.client_cert_from.as_ref()),
         ("spec.elasticsearch.clientKeyFrom", spec.elasticsearch.client_key_from.as_ref()),
+        ("spec.elasticsearch.aws.accessKeyIdFrom", spec.elasticsearch.aws.as_ref().and_then(|a| a.access_key_id_from.as_ref())),
+        ("spec.elasticsearch.aws.secretAccessKeyFrom", spec.elasticsearch.aws.as_ref().and_then(|a| a.secret_access_key_from.as_ref())),
+        ("spec.elasticsearch.aws.sessionTokenFrom", spec.elasticsearch.aws.as_ref().and_then(|a| a.session_token_from.as_ref())),
     ];
     let scripts = [("scripts", &spec.scripts), ("filters", &spec.filters)]
         .into_iter()
@@ -689,6 +692,52 @@ fn validate_elasticsearch(e: &ElasticsearchSink, errs: &mut Errors) {
         }
     }
     validate_client_certificate("spec.elasticsearch", &e.client_cert_from, &e.client_key_from, errs);
+    if let Some(aws) = &e.aws {
+        validate_aws(e, aws, errs);
+    }
+}
+
+/// `spec.elasticsearch.aws`: the one way to authenticate when set, to one endpoint, with static
+/// keys given as a pair (or none, for the default credentials chain).
+fn validate_aws(e: &ElasticsearchSink, aws: &AwsSigning, errs: &mut Errors) {
+    if e.username.is_some() || e.password_from.is_some() || e.api_key_from.is_some() {
+        errs.push(
+            "spec.elasticsearch.aws",
+            "signs every request with AWS credentials; remove `username`/`passwordFrom` and `apiKeyFrom` (Amazon OpenSearch Service's fine-grained access control maps the IAM identity to its users)",
+        );
+    }
+    if e.urls.len() > 1 {
+        errs.push(
+            "spec.elasticsearch.urls",
+            "must be exactly one URL with `aws`: the domain or collection endpoint, e.g. `https://search-shop-abc123.eu-west-1.es.amazonaws.com`",
+        );
+    }
+    if aws.region.is_empty() || aws.region.len() > 64 || !aws.region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        errs.push(
+            "spec.elasticsearch.aws.region",
+            "must be an AWS region name such as `eu-west-1` (lower-case letters, digits and '-')",
+        );
+    }
+    match (&aws.access_key_id_from, &aws.secret_access_key_from) {
+        (Some(_), None) => errs.push("spec.elasticsearch.aws.secretAccessKeyFrom", "is required when `accessKeyIdFrom` is set (or remove both to use the default AWS credentials chain)"),
+        (None, Some(_)) => errs.push("spec.elasticsearch.aws.accessKeyIdFrom", "is required when `secretAccessKeyFrom` is set (or remove both to use the default AWS credentials chain)"),
+        _ => {}
+    }
+    if aws.session_token_from.is_some() && aws.access_key_id_from.is_none() {
+        errs.push(
+            "spec.elasticsearch.aws.sessionTokenFrom",
+            "goes with `accessKeyIdFrom` and `secretAccessKeyFrom`; the default credentials chain finds its own session token",
+        );
+    }
+    for (field, from) in [
+        ("spec.elasticsearch.aws.accessKeyIdFrom", &aws.access_key_id_from),
+        ("spec.elasticsearch.aws.secretAccessKeyFrom", &aws.secret_access_key_from),
+        ("spec.elasticsearch.aws.sessionTokenFrom", &aws.session_token_from),
+    ] {
+        if let Some(from) = from {
+            validate_value_from(from, field, errs);
+        }
+    }
 }
 
 fn url_has_userinfo(url: &str) -> bool {
@@ -1171,5 +1220,50 @@ spec:
         for (url, ok) in [("http://es:9200", true), ("https://es.example:9200/prefix", true), ("ftp://es", false), ("http://user:pw@es:9200", false), ("es:9200", false)] {
             assert_eq!(urls.is_match(url), ok, "url {url:?}");
         }
+    }
+
+    const AWS: &str = "    urls: [\"http://127.0.0.1:9200\"]\n    aws:\n      region: eu-west-1\n";
+
+    #[test]
+    fn aws_signing_with_the_default_chain_or_static_keys_is_valid() {
+        let p = parse_manifest(&MINIMAL.replace("    urls: [\"http://127.0.0.1:9200\"]\n", AWS)).expect("default chain");
+        let aws = p.spec.elasticsearch.aws.expect("aws");
+        assert_eq!((aws.region.as_str(), aws.service), ("eu-west-1", AwsService::Es));
+        let keys = format!("{AWS}      service: aoss\n      accessKeyIdFrom: {{env: AKID}}\n      secretAccessKeyFrom: {{file: /run/secret}}\n      sessionTokenFrom: {{env: TOKEN}}\n");
+        let p = parse_manifest(&MINIMAL.replace("    urls: [\"http://127.0.0.1:9200\"]\n", &keys)).expect("static keys");
+        assert_eq!(p.spec.elasticsearch.aws.expect("aws").service, AwsService::Aoss);
+    }
+
+    #[test]
+    fn aws_signing_is_refused_with_other_credentials_half_keys_or_several_urls() {
+        let with = |extra: &str, urls: &str| MINIMAL.replace("    urls: [\"http://127.0.0.1:9200\"]\n", &format!("    urls: [{urls}]\n{extra}    aws:\n      region: eu-west-1\n"));
+        let one = "\"https://search-x.eu-west-1.es.amazonaws.com\"";
+        let errs = errors_of(&with("    username: elastic\n    passwordFrom: {env: PW}\n", one));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws" && e.message.contains("remove `username`/`passwordFrom` and `apiKeyFrom`")), "{errs:?}");
+        let errs = errors_of(&with("    apiKeyFrom: {env: KEY}\n", one));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws"), "{errs:?}");
+        let errs = errors_of(&with("", "\"https://a:443\", \"https://b:443\""));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.urls" && e.message.contains("exactly one URL")), "{errs:?}");
+
+        let aws = |body: &str| MINIMAL.replace("    urls: [\"http://127.0.0.1:9200\"]\n", &format!("    urls: [\"http://127.0.0.1:9200\"]\n    aws:\n{body}"));
+        let errs = errors_of(&aws("      region: EU West\n"));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws.region" && e.message.contains("eu-west-1")), "{errs:?}");
+        let errs = errors_of(&aws("      region: eu-west-1\n      accessKeyIdFrom: {env: AKID}\n"));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws.secretAccessKeyFrom" && e.message.contains("default AWS credentials chain")), "{errs:?}");
+        let errs = errors_of(&aws("      region: eu-west-1\n      sessionTokenFrom: {env: TOKEN}\n"));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws.sessionTokenFrom"), "{errs:?}");
+        let errs = errors_of(&aws("      region: eu-west-1\n      accessKeyIdFrom: {env: AKID}\n      secretAccessKeyFrom: {configMapKeyRef: {name: c, key: k}}\n"));
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws.secretAccessKeyFrom.configMapKeyRef"), "{errs:?}");
+        let errs = errors_of(&aws("      region: eu-west-1\n      service: opensearch\n"));
+        assert!(errs.iter().any(|e| e.field.starts_with("spec.elasticsearch.aws.service")), "{errs:?}");
+    }
+
+    #[test]
+    fn aws_keys_from_env_are_refused_in_a_cluster() {
+        let keys = format!("{AWS}      accessKeyIdFrom: {{env: AKID}}\n      secretAccessKeyFrom: {{secretKeyRef: {{name: aws, key: secret}}}}\n");
+        let p: SyncPipeline = serde_saphyr::from_str(&MINIMAL.replace("    urls: [\"http://127.0.0.1:9200\"]\n", &keys)).expect("yaml");
+        let errs = validate_for_cluster(&p).expect_err("env refused");
+        assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws.accessKeyIdFrom"), "{errs:?}");
+        assert!(!errs.iter().any(|e| e.field == "spec.elasticsearch.aws.secretAccessKeyFrom"), "{errs:?}");
     }
 }

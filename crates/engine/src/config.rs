@@ -171,6 +171,36 @@ pub enum ElasticAuth {
     },
     /// Encoded API key (`base64(id:key)`).
     ApiKey(Secret),
+    /// AWS Signature Version 4 on every request (Amazon OpenSearch Service and Serverless).
+    Aws(AwsAuth),
+}
+
+/// AWS request signing: where and for which service, with which credentials.
+#[derive(Clone, Debug)]
+pub struct AwsAuth {
+    /// Region of the domain or collection, e.g. `eu-west-1`.
+    pub region: String,
+    /// Signing name: `es` (OpenSearch Service) or `aoss` (Serverless).
+    pub service: String,
+    /// Where the credentials come from.
+    pub credentials: AwsCredentials,
+}
+
+/// Where AWS credentials come from.
+#[derive(Clone, Debug)]
+pub enum AwsCredentials {
+    /// Keys given in the pipeline (never refreshed).
+    Static {
+        /// Access key id.
+        access_key_id: Secret,
+        /// Secret access key.
+        secret_access_key: Secret,
+        /// Session token of temporary credentials.
+        session_token: Option<Secret>,
+    },
+    /// The default AWS credentials chain (environment, shared files and profile, web
+    /// identity, ECS container and EC2 instance metadata), refreshed before expiry.
+    DefaultChain,
 }
 
 /// A credential: its `Debug` never shows the value.

@@ -10,7 +10,7 @@ use monsoon_api::{
     DropPolicy, HistoryLostPolicy, NamespacePattern as ApiPattern, ValidatedPipeline, ValueFrom,
 };
 use monsoon_engine::config::{
-    BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig,
+    AwsAuth, AwsCredentials, BatchConfig, ElasticAuth, ElasticConfig, EngineConfig, HistoryLost, MongoConfig,
     NamespacePattern, Routing, Secret, StreamFrom,
 };
 
@@ -173,6 +173,8 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
     };
     let es = &spec.elasticsearch;
     let auth = match (&es.username, &es.password_from, &es.api_key_from) {
+        // Validation refuses `aws` with the other credentials.
+        _ if es.aws.is_some() => aws_auth(es.aws.as_ref())?,
         (Some(user), Some(pw), _) => ElasticAuth::Basic {
             username: user.clone(),
             password: Secret(resolve(pw, "spec.elasticsearch.passwordFrom")?),
@@ -245,6 +247,29 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
         scripts: scripts_config(spec)?,
     })
+}
+
+/// `spec.elasticsearch.aws`: static keys read now (from env or file), or the default chain.
+fn aws_auth(aws: Option<&monsoon_api::AwsSigning>) -> Result<ElasticAuth, Error> {
+    let Some(aws) = aws else {
+        return Ok(ElasticAuth::None);
+    };
+    let credentials = match (&aws.access_key_id_from, &aws.secret_access_key_from) {
+        (Some(id), Some(secret)) => AwsCredentials::Static {
+            access_key_id: Secret(resolve(id, "spec.elasticsearch.aws.accessKeyIdFrom")?),
+            secret_access_key: Secret(resolve(secret, "spec.elasticsearch.aws.secretAccessKeyFrom")?),
+            session_token: match &aws.session_token_from {
+                Some(token) => Some(Secret(resolve(token, "spec.elasticsearch.aws.sessionTokenFrom")?)),
+                None => None,
+            },
+        },
+        _ => AwsCredentials::DefaultChain,
+    };
+    Ok(ElasticAuth::Aws(AwsAuth {
+        region: aws.region.clone(),
+        service: aws.service.signing_name().to_string(),
+        credentials,
+    }))
 }
 
 /// Read and validate a pipeline file.

@@ -10,6 +10,7 @@ pub mod crd_cases;
 pub mod dns;
 pub mod opensearch;
 pub mod proxy;
+pub mod sigv4;
 pub mod tls;
 
 use std::net::TcpListener;

@@ -3,7 +3,7 @@
 //! where the pipeline format has one (`uriFrom`, `passwordFrom`); where it has none (URLs,
 //! user names, file paths) a placeholder is refused, naming the option and the fix.
 
-use monsoon_api::{ElasticsearchSink, MongoSource, SyncPipelineSpec, ValueFrom};
+use monsoon_api::{AwsService, AwsSigning, ElasticsearchSink, MongoSource, SyncPipelineSpec, ValueFrom};
 use toml::Table;
 
 use super::{boolean, integer, string, strings, Error, Notes};
@@ -12,11 +12,16 @@ use super::{boolean, integer, string, strings, Error, Notes};
 pub const ENV_MONGODB_URI: &str = "MONSOON_MONGODB_URI";
 /// Environment variable the converted pipeline reads the Elasticsearch password from.
 pub const ENV_ES_PASSWORD: &str = "MONSOON_ES_PASSWORD";
+/// Environment variables the converted pipeline reads `[aws-connect]`'s static keys from.
+pub const ENV_AWS_ACCESS_KEY_ID: &str = "MONSOON_AWS_ACCESS_KEY_ID";
+/// See [`ENV_AWS_ACCESS_KEY_ID`].
+pub const ENV_AWS_SECRET_ACCESS_KEY: &str = "MONSOON_AWS_SECRET_ACCESS_KEY";
 
 /// Connection and batching options into `spec`.
 pub(super) fn convert(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut Notes) -> Result<(), Error> {
     mongodb(table, spec, notes)?;
     elasticsearch(table, spec, notes)?;
+    aws(table, spec, notes)?;
     batching(table, spec, notes)
 }
 
@@ -218,6 +223,93 @@ fn elasticsearch(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut Notes) 
         notes.add("elasticsearch-validate-pem-file", "monsoon always verifies Elasticsearch's certificate; give its CA with `elasticsearch.caFrom`");
     }
     spec.elasticsearch.gzip = boolean(table, "gzip")?.unwrap_or(false);
+    Ok(())
+}
+
+/// `[aws-connect]`: SigV4 signing (`spec.elasticsearch.aws`). Static keys become environment
+/// references (never copied); Monstache's other strategies (file, environment, endpoint,
+/// chained) are all covered by the default AWS credentials chain, with notes on how to point
+/// it at a profile or credentials file.
+fn aws(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut Notes) -> Result<(), Error> {
+    const AWS: &str = "[aws-connect]";
+    let Some(value) = table.get("aws-connect") else { return Ok(()) };
+    let aws = value.as_table().ok_or(Error::Type { option: AWS.into(), expected: "a table ([aws-connect])" })?;
+    let option = |key: &str| format!("{AWS}.{key}");
+    let text = |key: &str| string(aws, key).map_err(|_| Error::Type { option: option(key), expected: "a string" });
+    let access_key = text("access-key")?.filter(|k| !k.is_empty());
+    let secret_key = text("secret-key")?.filter(|k| !k.is_empty());
+    let strategy = match aws.get("strategy") {
+        None => 0,
+        Some(toml::Value::Integer(n)) => *n,
+        Some(_) => return Err(Error::Type { option: option("strategy"), expected: "an integer (0 static, 1 file, 2 environment, 3 endpoint, 4 chained)" }),
+    };
+    // Monstache signs only with static keys given, or another strategy chosen.
+    if strategy == 0 && access_key.is_none() && secret_key.is_none() {
+        notes.add(AWS, "ignored: no `access-key`/`secret-key` and `strategy` 0 (static), so Monstache did not sign requests either");
+        return Ok(());
+    }
+    let region = text("region")?.filter(|r| !r.is_empty()).ok_or_else(|| {
+        Error::unusable(option("region"), "is required to sign requests: the AWS region of the domain, e.g. `us-east-1`")
+    })?;
+    literal(&option("region"), &region, "the region")?;
+    let mut signing = AwsSigning { region, service: AwsService::Es, ..AwsSigning::default() };
+    if spec.elasticsearch.urls.iter().any(|u| u.contains(".aoss.amazonaws.com")) {
+        signing.service = AwsService::Aoss;
+        notes.add(AWS, "the URL is an OpenSearch Serverless collection: requests are signed for service `aoss`");
+    }
+    match strategy {
+        0 => {
+            let (Some(id), Some(secret)) = (access_key, secret_key) else {
+                return Err(Error::unusable(AWS, "must include both `access-key` and `secret-key` (or neither, with another `strategy`)"));
+            };
+            for (key, value, default, field) in [
+                ("access-key", id, ENV_AWS_ACCESS_KEY_ID, &mut signing.access_key_id_from),
+                ("secret-key", secret, ENV_AWS_SECRET_ACCESS_KEY, &mut signing.secret_access_key_from),
+            ] {
+                let var = env_reference(&value).unwrap_or(default);
+                *field = Some(env(var));
+                notes.add(option(key), format!("never copied: set environment variable {var} to it (in a cluster, use a Secret: `aws.{}From.secretKeyRef`; on EKS, IRSA needs no keys at all)", if key == "access-key" { "accessKeyId" } else { "secretAccessKey" }));
+            }
+        }
+        1..=4 => {
+            let what = match strategy {
+                1 => "the shared credentials file",
+                2 => "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)",
+                3 => "the ECS container or EC2 instance metadata endpoint",
+                _ => "the chain of environment, files and metadata endpoints",
+            };
+            notes.add(option("strategy"), format!("{strategy}: credentials from {what}, through the default AWS credentials chain (which also covers web identity: IRSA on EKS)"));
+            for key in ["access-key", "secret-key"] {
+                if aws.contains_key(key) {
+                    notes.add(option(key), format!("ignored: `strategy` {strategy} does not use static keys"));
+                }
+            }
+        }
+        other => return Err(Error::unusable(option("strategy"), format!("{other} is not a Monstache strategy: use 0 (static), 1 (file), 2 (environment), 3 (endpoint) or 4 (chained)"))),
+    }
+    if let Some(profile) = text("profile")?.filter(|p| !p.is_empty()) {
+        notes.add(option("profile"), format!("set environment variable AWS_PROFILE={profile} for monsoon (the default chain reads it)"));
+    }
+    if let Some(file) = text("credentials-file")?.filter(|f| !f.is_empty()) {
+        notes.add(option("credentials-file"), format!("set environment variable AWS_SHARED_CREDENTIALS_FILE={file} for monsoon (the default chain reads it)"));
+    }
+    for key in ["watch-credentials", "credentials-watch-dir", "force-expire"] {
+        if aws.contains_key(key) {
+            notes.add(option(key), "not needed: credentials from the default chain are refreshed 5 minutes before they expire, and ones without an expiry (a credentials file) are read again every 5 minutes");
+        }
+    }
+    const KNOWN: &[&str] = &["access-key", "secret-key", "region", "strategy", "profile", "credentials-file", "watch-credentials", "credentials-watch-dir", "force-expire"];
+    for key in aws.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+        notes.add(option(key), "not a Monstache option monsoon knows; ignored");
+    }
+    let es = &mut spec.elasticsearch;
+    if es.username.is_some() {
+        es.username = None;
+        es.password_from = None;
+        notes.0.retain(|n| !matches!(n.option.as_str(), "elasticsearch-user" | "elasticsearch-password"));
+        notes.add("elasticsearch-user", "ignored: requests are signed with AWS credentials ([aws-connect]), which replace basic authentication (fine-grained access control maps the IAM identity to users)");
+    }
+    es.aws = Some(signing);
     Ok(())
 }
 

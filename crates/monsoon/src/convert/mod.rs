@@ -10,7 +10,7 @@
 //!
 //! Each part decides one thing, in this order (later parts read what earlier ones decided):
 //! - [`connection`]: MongoDB and Elasticsearch addresses, credentials and placeholders,
-//!   batching;
+//!   AWS request signing (`[aws-connect]`), batching;
 //! - [`namespaces`]: what is synced and what is snapshotted, and the one membership rule
 //!   ([`namespaces::Membership`], the engine's own `Routing`) every later part asks;
 //! - [`start`]: where a new pipeline's stream starts, and one-shot runs;
@@ -213,6 +213,7 @@ fn option_of(field: &str) -> &'static str {
         ("spec.mongodb", "mongo-url"),
         ("spec.elasticsearch.urls", "elasticsearch-urls"),
         ("spec.elasticsearch.caFrom", "elasticsearch-pem-file"),
+        ("spec.elasticsearch.aws", "[aws-connect]"),
         ("spec.elasticsearch", "elasticsearch-user"),
         ("spec.namespaceRegex", "namespace-regex"),
         ("spec.excludeNamespaceRegex", "namespace-exclude-regex"),

@@ -58,7 +58,6 @@ const NOT_YET: &[&str] = &[
     "time-machine-index-prefix",
     "time-machine-index-suffix",
     "time-machine-direct-reads",
-    "aws-connect",
     "mapper-plugin-path",
     "post-processors",
     "prune-invalid-json",
@@ -74,7 +73,7 @@ const HANDLED: &[&str] = &[
     "direct-read-namespaces", "change-stream-namespaces", "dropped-collections", "mapping",
     "namespace-regex", "namespace-exclude-regex", "index-as-update", "index-oplog-time", "oplog-ts-field-name",
     "oplog-date-field-name", "oplog-date-field-format", "script", "filter", "pipeline",
-    "resume-from-timestamp", "replay", "exit-after-direct-reads",
+    "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect",
 ];
 
 /// A note for every option no other part took.

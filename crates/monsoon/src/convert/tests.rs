@@ -416,6 +416,10 @@ fn every_realistic_config_converts_into_a_valid_pipeline_or_one_clear_refusal() 
         ("start points", "resume-from-timestamp = 1717243200\nchange-stream-namespaces = [\"shop\"]\nindex-as-update = true\nindex-oplog-time = true\n", None),
         ("follow all, update everything", "index-as-update = true\n[[mapping]]\nnamespace = \"shop.orders\"\nindex = \"orders\"\n", None),
         ("not a connection string", "mongo-url = \"localhost:27017\"\n", Some("mongo-url")),
+        ("aws documented example", "elasticsearch-urls = [\"https://<endpoint_from_aws_overview_screen>:443\"]\n[aws-connect]\naccess-key = \"XXX\"\nsecret-key = \"YYY\"\nregion = \"ZZZ\"\n", Some("elasticsearch-urls")),
+        ("aws static keys", "mongo-url = \"mongodb://mongo:27017\"\nelasticsearch-urls = [\"https://search-app-x1.us-east-1.es.amazonaws.com:443\"]\nchange-stream-namespaces = [\"app.users\"]\n[aws-connect]\naccess-key = \"AKIAIOSFODNN7EXAMPLE\"\nsecret-key = \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\"\nregion = \"us-east-1\"\n", None),
+        ("aws instance role", "elasticsearch-urls = [\"https://vpc-app-x1.eu-central-1.es.amazonaws.com\"]\nchange-stream-namespaces = [\"app.users\"]\n[aws-connect]\nstrategy = 3\nregion = \"eu-central-1\"\nforce-expire = \"5m\"\n", None),
+        ("aws upper-case region", "elasticsearch-urls = [\"https://search-app.es.amazonaws.com\"]\n[aws-connect]\nstrategy = 4\nregion = \"US-EAST-1\"\n", Some("[aws-connect]")),
     ];
     for (name, text, refusal) in corpus {
         match (convert(text, "corpus"), refusal) {
@@ -431,4 +435,93 @@ fn every_realistic_config_converts_into_a_valid_pipeline_or_one_clear_refusal() 
             (Err(e), None) => panic!("{name}: refused: {e:#}"),
         }
     }
+}
+
+#[test]
+fn aws_connect_static_keys_become_env_references_never_copies() {
+    let c = converted(
+        r#"
+mongo-url = "mongodb://db-0:27017/"
+elasticsearch-urls = ["https://search-shop-abc123.us-east-1.es.amazonaws.com:443"]
+elasticsearch-user = "admin"
+elasticsearch-password = "hunter2"
+change-stream-namespaces = ["shop.orders"]
+
+[aws-connect]
+access-key = "AKIAIOSFODNN7EXAMPLE"
+secret-key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+region = "us-east-1"
+"#,
+    );
+    let es = &c.pipeline.spec.elasticsearch;
+    let aws = es.aws.as_ref().expect("aws");
+    assert_eq!((aws.region.as_str(), aws.service), ("us-east-1", monsoon_api::AwsService::Es));
+    assert_eq!(aws.access_key_id_from.as_ref().and_then(|v| v.env.as_deref()), Some(connection::ENV_AWS_ACCESS_KEY_ID));
+    assert_eq!(aws.secret_access_key_from.as_ref().and_then(|v| v.env.as_deref()), Some(connection::ENV_AWS_SECRET_ACCESS_KEY));
+    assert!(es.username.is_none() && es.password_from.is_none(), "signing replaces basic authentication");
+    assert!(noted(&c, "[aws-connect].secret-key").is_some_and(|r| r.contains("never copied") && r.contains(connection::ENV_AWS_SECRET_ACCESS_KEY)));
+    assert!(noted(&c, "elasticsearch-user").is_some_and(|r| r.contains("AWS credentials")));
+    assert!(noted(&c, "elasticsearch-password").is_none(), "no note asks for a password that is no longer used");
+    let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
+    for secret in ["AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI", "hunter2"] {
+        assert!(!yaml.contains(secret), "{secret} copied into:\n{yaml}");
+    }
+
+    // Keys that are environment references keep their variables.
+    let c = converted("elasticsearch-urls = [\"https://es.example:443\"]\nchange-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\naccess-key = \"${AWS_KEY}\"\nsecret-key = \"$AWS_SECRET\"\nregion = \"eu-west-1\"\n");
+    let aws = c.pipeline.spec.elasticsearch.aws.expect("aws");
+    assert_eq!(aws.access_key_id_from.and_then(|v| v.env).as_deref(), Some("AWS_KEY"));
+    assert_eq!(aws.secret_access_key_from.and_then(|v| v.env).as_deref(), Some("AWS_SECRET"));
+}
+
+#[test]
+fn aws_connect_strategies_use_the_default_chain_with_notes() {
+    let c = converted(
+        r#"
+elasticsearch-urls = ["https://abc123.eu-west-1.aoss.amazonaws.com"]
+change-stream-namespaces = ["shop.orders"]
+
+[aws-connect]
+strategy = 1
+profile = "sync"
+credentials-file = "/etc/monstache/aws-credentials"
+watch-credentials = true
+force-expire = "5m"
+region = "eu-west-1"
+"#,
+    );
+    let aws = c.pipeline.spec.elasticsearch.aws.as_ref().expect("aws");
+    assert!(aws.access_key_id_from.is_none() && aws.secret_access_key_from.is_none(), "the default chain");
+    assert_eq!(aws.service, monsoon_api::AwsService::Aoss, "a Serverless collection URL");
+    assert!(noted(&c, "[aws-connect].strategy").is_some_and(|r| r.contains("shared credentials file") && r.contains("default AWS credentials chain")));
+    assert!(noted(&c, "[aws-connect].profile").is_some_and(|r| r.contains("AWS_PROFILE=sync")));
+    assert!(noted(&c, "[aws-connect].credentials-file").is_some_and(|r| r.contains("AWS_SHARED_CREDENTIALS_FILE=/etc/monstache/aws-credentials")));
+    assert!(noted(&c, "[aws-connect].watch-credentials").is_some_and(|r| r.contains("not needed")));
+    assert!(noted(&c, "[aws-connect].force-expire").is_some_and(|r| r.contains("refreshed")));
+    assert!(noted(&c, "aws-connect").is_none(), "no longer 'not supported yet'");
+
+    for strategy in 2..=4 {
+        let c = converted(&format!("elasticsearch-urls = [\"https://es.example:443\"]\nchange-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\nstrategy = {strategy}\nregion = \"us-west-2\"\n"));
+        assert!(c.pipeline.spec.elasticsearch.aws.is_some(), "strategy {strategy}");
+    }
+    // Strategy 0 without keys: Monstache did not sign either.
+    let c = converted("change-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\nregion = \"us-east-1\"\n");
+    assert!(c.pipeline.spec.elasticsearch.aws.is_none());
+    assert!(noted(&c, "[aws-connect]").is_some_and(|r| r.contains("ignored")));
+}
+
+#[test]
+fn aws_connect_that_cannot_sign_is_refused_naming_the_option() {
+    let base = "elasticsearch-urls = [\"https://es.example:443\"]\nchange-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\n";
+    let e = refused(&format!("{base}access-key = \"AKID\"\nregion = \"us-east-1\"\n"));
+    assert!(e.starts_with("`[aws-connect]`") && e.contains("both `access-key` and `secret-key`"), "{e}");
+    assert!(!e.contains("AKID"), "{e}");
+    let e = refused(&format!("{base}strategy = 2\n"));
+    assert!(e.contains("[aws-connect].region") && e.contains("us-east-1"), "{e}");
+    let e = refused(&format!("{base}strategy = 7\nregion = \"us-east-1\"\n"));
+    assert!(e.contains("[aws-connect].strategy"), "{e}");
+    let e = refused(&format!("{base}strategy = 2\nregion = \"US East\"\n"));
+    assert!(e.contains("[aws-connect]") && e.contains("spec.elasticsearch.aws.region"), "{e}");
+    let e = refused("elasticsearch-urls = [\"https://a:443\", \"https://b:443\"]\nchange-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\nstrategy = 2\nregion = \"us-east-1\"\n");
+    assert!(e.contains("elasticsearch-urls") && e.contains("exactly one URL"), "{e}");
 }

@@ -380,6 +380,31 @@ mod tests {
     }
 
     #[test]
+    fn aws_keys_reach_the_pod_only_as_secret_references() {
+        let mut p = pipeline();
+        let secret = |key: &str| Some(ValueFrom { secret_key_ref: Some(SecretKeyRef { name: "aws".into(), key: key.into() }), ..ValueFrom::default() });
+        p.spec.elasticsearch.aws = Some(monsoon_api::AwsSigning {
+            region: "eu-west-1".into(),
+            access_key_id_from: secret("id"),
+            secret_access_key_from: secret("secret"),
+            session_token_from: secret("token"),
+            ..monsoon_api::AwsSigning::default()
+        });
+        let w = build(&p, 1, 1, &settings());
+        let pod = w.stateful_set.spec.expect("spec").template.spec.expect("pod");
+        let env = pod.containers[0].env.as_ref().expect("env");
+        for (name, key) in [("MONSOON_AWS_ACCESS_KEY_ID", "id"), ("MONSOON_AWS_SECRET_ACCESS_KEY", "secret"), ("MONSOON_AWS_SESSION_TOKEN", "token")] {
+            let var = env.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("{name}"));
+            let sel = var.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("secret ref");
+            assert_eq!((sel.name.as_str(), sel.key.as_str()), ("aws", key));
+        }
+        let json = worker_spec(env);
+        assert_eq!(json["spec"]["elasticsearch"]["aws"]["secretAccessKeyFrom"], serde_json::json!({"env": "MONSOON_AWS_SECRET_ACCESS_KEY"}));
+        let back: SyncPipeline = serde_json::from_value(json).expect("pipeline");
+        assert!(monsoon_api::validate(&back).is_ok());
+    }
+
+    #[test]
     fn workers_run_locked_down_and_may_touch_only_their_checkpoints() {
         let w = build(&pipeline(), 2, 2, &settings());
         let rules = w.role.rules.expect("rules");

@@ -146,6 +146,12 @@ fn worker_pipeline(p: &SyncPipeline, script_threads: Option<u32>, w: &mut Wiring
     wire(&mut spec.elasticsearch.ca_from, "", Some(ELASTICSEARCH_CA), w);
     wire(&mut spec.elasticsearch.client_cert_from, "", Some(ELASTICSEARCH_CERT), w);
     wire(&mut spec.elasticsearch.client_key_from, "", Some(ELASTICSEARCH_KEY), w);
+    if let Some(aws) = spec.elasticsearch.aws.as_mut() {
+        // Not the AWS_* names: those would also feed the default chain of other AWS clients.
+        wire(&mut aws.access_key_id_from, "MONSOON_AWS_ACCESS_KEY_ID", None, w);
+        wire(&mut aws.secret_access_key_from, "MONSOON_AWS_SECRET_ACCESS_KEY", None, w);
+        wire(&mut aws.session_token_from, "MONSOON_AWS_SESSION_TOKEN", None, w);
+    }
     wire_scripts("scripts", &mut spec.scripts, w);
     wire_scripts("filters", &mut spec.filters, w);
     spec.paused = false;

@@ -4,19 +4,25 @@
 //! raw request bodies, so bulk bodies are sent exactly as encoded. Requests carry plain
 //! `application/json`, which Elasticsearch 7.x/8.x/9.x and OpenSearch 2.x all accept
 //! (OpenSearch refuses Elasticsearch's `compatible-with` media types with 406).
+//!
+//! Every request goes through [`Elastic::request`], which also compresses bodies (when `gzip`
+//! is on) and signs them for AWS ([`super::aws`]): the signature covers the bytes sent.
 
+use std::io::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use elasticsearch::auth::{ClientCertificate, Credentials};
 use elasticsearch::cert::{Certificate, CertificateValidation};
-use elasticsearch::http::headers::{HeaderMap, HeaderValue, AUTHORIZATION};
+use elasticsearch::http::headers::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use elasticsearch::http::transport::{
     MultiNodeConnectionPool, SingleNodeConnectionPool, Transport, TransportBuilder,
 };
 use elasticsearch::http::Method;
 use elasticsearch::http::Url;
 
+use super::aws::Signer;
 use crate::config::{ElasticAuth, ElasticConfig};
 
 /// Failures talking to Elasticsearch.
@@ -31,7 +37,7 @@ pub enum Error {
         reason: String,
     },
     /// A credential cannot be sent in an HTTP header.
-    #[error("the Elasticsearch credentials hold characters an HTTP header cannot carry (check passwordFrom or apiKeyFrom for stray newlines or control characters)")]
+    #[error("the Elasticsearch credentials hold characters an HTTP header cannot carry (check passwordFrom, apiKeyFrom or the aws keys for stray newlines or control characters)")]
     Credentials,
     /// The client could not be built (TLS settings, CA bundle).
     #[error("failed to build the Elasticsearch client")]
@@ -40,11 +46,21 @@ pub enum Error {
     #[error("failed to reach Elasticsearch")]
     Transport(#[source] elasticsearch::Error),
     /// Credentials were refused.
-    #[error("Elasticsearch refused the credentials (HTTP {status}); check username/passwordFrom or apiKeyFrom")]
+    #[error("Elasticsearch refused the credentials (HTTP {status}); check {check}: {body}")]
     Unauthorized {
         /// 401 or 403.
         status: u16,
+        /// The settings to check.
+        check: &'static str,
+        /// Start of the response body (the server's reason; never a credential of ours).
+        body: String,
     },
+    /// A request could not be signed for AWS.
+    #[error(transparent)]
+    Aws(#[from] super::aws::Error),
+    /// A request body could not be compressed.
+    #[error("failed to gzip a request body")]
+    Compress(#[source] std::io::Error),
     /// An unexpected HTTP status.
     #[error("Elasticsearch answered {operation} with HTTP {status}: {body}")]
     Status {
@@ -70,6 +86,8 @@ fn authorization(auth: &ElasticAuth) -> Result<Option<HeaderValue>, Error> {
             format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{username}:{}", password.0)))
         }
         ElasticAuth::ApiKey(key) => format!("ApiKey {}", key.0),
+        // Signed per request instead.
+        ElasticAuth::Aws(_) => return Ok(None),
     };
     let mut value = HeaderValue::from_str(&text).map_err(|_| Error::Credentials)?;
     value.set_sensitive(true);
@@ -89,6 +107,10 @@ pub struct ServerInfo {
 #[derive(Clone, Debug)]
 pub struct Elastic {
     transport: Transport,
+    /// Compress request bodies (here, not in the transport, so a signature covers them).
+    gzip: bool,
+    /// The endpoint and its signer when requests are signed for AWS (one URL, by validation).
+    aws: Option<(Url, Arc<Signer>)>,
 }
 
 /// The bulk response fields monsoon reads; the rest is filtered out server-side to save
@@ -101,6 +123,13 @@ impl Elastic {
     /// # Errors
     /// [`Error::Url`] or [`Error::Build`] for bad settings.
     pub fn new(config: &ElasticConfig) -> Result<Self, Error> {
+        let aws = match &config.auth {
+            ElasticAuth::Aws(auth) => {
+                let url = config.urls.first().ok_or_else(|| Error::Url { url: String::new(), reason: "no URL".into() })?;
+                Some((base_url(url)?, Arc::new(Signer::new(auth))))
+            }
+            _ => None,
+        };
         let mut urls = Vec::new();
         for url in &config.urls {
             urls.push(Url::parse(url).map_err(|e| Error::Url {
@@ -116,7 +145,6 @@ impl Elastic {
             .timeout(config.request_timeout)
             .enable_meta_header(false)
             .disable_proxy();
-        builder = builder.request_body_compression(config.gzip);
         builder = match &config.client_identity {
             // The transport holds one credential: the certificate takes it, and basic or API
             // key authentication goes into every request's `Authorization` header instead.
@@ -133,6 +161,7 @@ impl Elastic {
                     builder.auth(Credentials::Basic(username.clone(), password.0.clone()))
                 }
                 ElasticAuth::ApiKey(key) => builder.auth(Credentials::EncodedApiKey(key.0.clone())),
+                ElasticAuth::Aws(_) => builder,
             },
         };
         if let Some(pem) = &config.ca_pem {
@@ -140,9 +169,28 @@ impl Elastic {
             builder = builder.cert_validation(CertificateValidation::Full(cert));
         }
         let transport = builder.build().map_err(|e| Error::Build(e.into()))?;
-        Ok(Self { transport })
+        Ok(Self { transport, gzip: config.gzip, aws })
     }
 
+    /// The settings to check when credentials are refused.
+    fn credentials_hint(&self) -> &'static str {
+        match self.aws {
+            Some(_) => "spec.elasticsearch.aws (region, service, the AWS credentials) and the access policy of the domain or collection",
+            None => "username/passwordFrom or apiKeyFrom",
+        }
+    }
+
+    fn unauthorized(&self, status: u16, body: &[u8]) -> Error {
+        Error::Unauthorized {
+            status,
+            check: self.credentials_hint(),
+            body: String::from_utf8_lossy(body).chars().take(300).collect(),
+        }
+    }
+
+    /// Send one request: the single way out to the cluster. The body is gzipped when `gzip`
+    /// is on, then, with `aws`, the request is signed over the exact URL, `content-type`,
+    /// `content-encoding` and body bytes that are sent.
     async fn request(
         &self,
         method: Method,
@@ -151,11 +199,40 @@ impl Elastic {
         body: Option<Bytes>,
         timeout: Option<Duration>,
     ) -> Result<(u16, Bytes), Error> {
-        let response = self
-            .transport
-            .send(method, path, HeaderMap::new(), query, body, timeout)
-            .await
-            .map_err(Error::Transport)?;
+        let mut headers = HeaderMap::new();
+        let body = match body {
+            Some(plain) if self.gzip => {
+                let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(plain.len() / 4), flate2::Compression::default());
+                encoder.write_all(&plain).map_err(Error::Compress)?;
+                headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                Some(Bytes::from(encoder.finish().map_err(Error::Compress)?))
+            }
+            other => other,
+        };
+        let response = match &self.aws {
+            None => self.transport.send(method, path, headers, query, body, timeout).await,
+            Some((base, signer)) => {
+                // The absolute URL as the transport will build it (joining an absolute URL
+                // yields it unchanged), with the query encoded as reqwest would.
+                let mut url = base.join(path.trim_start_matches('/')).map_err(|e| Error::Url { url: path.to_string(), reason: e.to_string() })?;
+                if let Some(query) = query.filter(|q| !q.is_empty()) {
+                    url.query_pairs_mut().extend_pairs(query.iter());
+                }
+                // The transport sends this content type on every request; sign it as sent.
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                let covered: Vec<(&str, &str)> = headers.iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))).collect();
+                let signature = signer
+                    .sign(method_name(method), url.as_str(), &covered, body.as_deref().unwrap_or_default())
+                    .await?;
+                for h in signature {
+                    let mut value = HeaderValue::from_str(&h.value).map_err(|_| Error::Credentials)?;
+                    value.set_sensitive(h.sensitive);
+                    headers.insert(HeaderName::from_static(h.name), value);
+                }
+                self.transport.send(method, url.as_str(), headers, None::<&[(&str, &str)]>, body, timeout).await
+            }
+        };
+        let response = response.map_err(Error::Transport)?;
         let status = response.status_code().as_u16();
         let bytes = response
             .bytes()
@@ -174,7 +251,7 @@ impl Elastic {
             .await?;
         match status {
             200 => {}
-            401 | 403 => return Err(Error::Unauthorized { status }),
+            401 | 403 => return Err(self.unauthorized(status, &body)),
             _ => return Err(status_error("GET /", status, &body)),
         }
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -212,7 +289,7 @@ impl Elastic {
         let (status, body) = self.request(Method::Delete, &path, None, None, None).await?;
         match status {
             200..=299 | 404 => Ok(()),
-            401 | 403 => Err(Error::Unauthorized { status }),
+            401 | 403 => Err(self.unauthorized(status, &body)),
             _ => Err(status_error("DELETE index", status, &body)),
         }
     }
@@ -298,7 +375,7 @@ impl Elastic {
         match status {
             200..=299 => Ok(()),
             400 if text.contains("resource_already_exists_exception") => Ok(()),
-            401 | 403 => Err(Error::Unauthorized { status }),
+            401 | 403 => Err(self.unauthorized(status, &response)),
             _ => Err(status_error("PUT index", status, &response)),
         }
     }
@@ -484,6 +561,27 @@ fn status_error(operation: &'static str, status: u16, body: &[u8]) -> Error {
         operation,
         status,
         body: text.chars().take(300).collect(),
+    }
+}
+
+/// The endpoint URL as the transport's connection holds it: its path ends with `/`, so
+/// request paths join below it.
+fn base_url(url: &str) -> Result<Url, Error> {
+    let mut parsed = Url::parse(url).map_err(|e| Error::Url { url: url.to_string(), reason: e.to_string() })?;
+    if !parsed.path().ends_with('/') {
+        let path = format!("{}/", parsed.path());
+        parsed.set_path(&path);
+    }
+    Ok(parsed)
+}
+
+fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Put => "PUT",
+        Method::Post => "POST",
+        Method::Delete => "DELETE",
+        Method::Head => "HEAD",
     }
 }
 

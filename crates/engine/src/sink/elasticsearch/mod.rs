@@ -1,5 +1,7 @@
-//! Elasticsearch / OpenSearch sink: request encoding, response classification, the client.
+//! Elasticsearch / OpenSearch sink: request encoding, response classification, the client
+//! (and its AWS SigV4 signing).
 
+pub mod aws;
 pub mod client;
 pub mod request;
 pub mod response;
