@@ -200,7 +200,19 @@ impl Mongo {
 
 impl Drop for Mongo {
     fn drop(&mut self) {
+        report_unexpected_exit(&mut self.child, "secantusd-py", self.port, &self.storage.path().join("server.log"));
         self.stop(true);
+    }
+}
+
+/// A stand-in that exited on its own while a test used it shows up in the test only as
+/// "connection refused": say so on stderr, with the end of its log, before its files go.
+fn report_unexpected_exit(child: &mut Option<Child>, what: &str, port: u16, log: &Path) {
+    if let Some(c) = child.as_mut() {
+        if let Ok(Some(status)) = c.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            eprintln!("{what} on port {port} exited unexpectedly ({status}); the end of its log:\n{}", tail(&text, 40));
+        }
     }
 }
 
@@ -279,6 +291,7 @@ impl Elastic {
 
 impl Drop for Elastic {
     fn drop(&mut self) {
+        report_unexpected_exit(&mut self.child, "noida-db", self.port, &self.data.path().join("server.log"));
         self.stop();
     }
 }
