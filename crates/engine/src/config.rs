@@ -23,6 +23,10 @@ pub struct EngineConfig {
     pub snapshot: bool,
     /// Where the change stream of a pipeline without a checkpoint starts; `None`: now.
     pub stream_from: Option<StreamFrom>,
+    /// A re-snapshot requested with this token (`MONSOON_RESNAPSHOT`, set by the operator from
+    /// the `monsoon.dev/resnapshot` annotation): done once per token, remembered in the
+    /// checkpoint.
+    pub resnapshot: Option<String>,
     /// Bulk batching limits.
     pub batch: BatchConfig,
     /// Policy when the resume point has fallen off the oplog.

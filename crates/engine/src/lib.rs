@@ -147,6 +147,17 @@ async fn run_inner<S: CheckpointStore>(
             ..Checkpoint::new(name)
         },
     };
+    if let Some(token) = config.resnapshot.as_ref().filter(|t| cp.resnapshot_token.as_ref() != Some(*t)) {
+        if cp.stream_start.is_some() {
+            // Asked for by hand (after an incident, a restore): as after lost history, snapshot
+            // every collection again at a new stream start, then sweep what it did not see.
+            let t1 = mongo::cluster_time(&client).await?;
+            cp.apply(&Position::Reset { stream_start: t1 });
+            warn!(pipeline = %name, token = %token, "re-snapshot requested: snapshotting every collection again, then deleting what the new snapshot does not see");
+        }
+        cp.resnapshot_token = Some(token.clone());
+        store.save(&cp).await?;
+    }
     let stream_start = match cp.stream_start {
         Some(t) => t,
         None => {

@@ -225,6 +225,9 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
             snapshot_only: spec.snapshot_namespaces.iter().map(|n| pattern(n)).collect(),
         },
         snapshot: spec.snapshot,
+        // The operator passes the `monsoon.dev/resnapshot` annotation's token; `monsoon run`
+        // honours the same variable.
+        resnapshot: std::env::var(monsoon_operator::workload::ENV_RESNAPSHOT).ok().filter(|t| !t.is_empty()),
         stream_from: spec.stream_start.as_ref().map(|s| match s.timestamp {
             Some(t) => StreamFrom::Seconds(t),
             None => StreamFrom::Oldest,

@@ -475,3 +475,37 @@ async fn quiet_stream_keeps_its_checkpoint_fresh() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A re-snapshot asked for by hand (`MONSOON_RESNAPSHOT`, which the operator sets from the
+/// `monsoon.dev/resnapshot` annotation): every collection is read again and what the new
+/// snapshot does not see is swept (here a document written into the index behind monsoon's
+/// back, standing in for one whose delete was lost); the same token again does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resnapshot_on_request_rebuilds_and_sweeps_once_per_token() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let coll = client.database("shop").collection::<Document>("orders");
+    insert_all(&coll, sample_docs(0, 200)).await?;
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "{r:?}");
+    assert_eq!(monsoon.terminate()?.0, Some(0));
+    let stray = esc
+        .index(elasticsearch::IndexParts::IndexId("shop.orders", "stray"))
+        .version(1)
+        .version_type(elasticsearch::params::VersionType::External)
+        .body(serde_json::json!({"deleted": "while history was lost"}))
+        .send()
+        .await?;
+    assert!(stray.status_code().is_success(), "{}", stray.text().await?);
+    let mut monsoon = Monsoon::start_with(bin(), &yaml, state.path(), &[], &[("MONSOON_RESNAPSHOT", "incident-1")])?;
+    let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(r.converged(), "the stray document must be swept: {r:?}\n{}", tail(&monsoon.log(), 30));
+    assert_eq!(monsoon.terminate()?.0, Some(0));
+    monsoon.restart()?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let log = monsoon.log();
+    assert_eq!(log.matches("re-snapshot requested").count(), 1, "once per token:\n{}", tail(&log, 30));
+    Ok(())
+}

@@ -270,7 +270,7 @@ pub fn summarize(
 
     let history_lost = live.iter().any(|r| r.history_lost());
     set(status, g, condition::HISTORY_LOST, history_lost, if history_lost { "ChangeStreamHistoryLost" } else { "ResumePointAvailable" },
-        if history_lost { "the resume point fell off the MongoDB oplog and onHistoryLost is Fail: set onHistoryLost: Resnapshot to read everything again and remove what was deleted during the gap" } else { "no shard lost its change-stream history" }, at);
+        if history_lost { "the resume point fell off the MongoDB oplog and onHistoryLost is Fail: annotate the pipeline monsoon.dev/resnapshot=<token> (or set onHistoryLost: Resnapshot) to read everything again and remove what was deleted during the gap" } else { "no shard lost its change-stream history" }, at);
     let list = |v: &[u32]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     set(status, g, condition::SOURCE_UNAVAILABLE, !source_down.is_empty(), if source_down.is_empty() { "Reachable" } else { "MongoDBUnreachable" },
         &if source_down.is_empty() { "MongoDB answers every worker".to_string() } else { format!("MongoDB is unreachable or the change stream is backing off (shards {})", list(&source_down)) }, at);

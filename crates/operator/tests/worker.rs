@@ -53,6 +53,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         },
         snapshot: true,
         stream_from: None,
+        resnapshot: None,
         batch: BatchConfig::default(),
         on_history_lost: HistoryLost::Fail,
         delete_index_on_drop: true,

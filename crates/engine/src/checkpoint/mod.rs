@@ -62,6 +62,10 @@ pub struct Checkpoint {
     /// a version below this are ones the new snapshot did not see, deleted during the gap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sweep_below: Option<u64>,
+    /// The token of the last re-snapshot requested by hand (`EngineConfig::resnapshot`), so
+    /// each request runs once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resnapshot_token: Option<String>,
 }
 
 /// Why a checkpoint is fenced, for [`Error::Fenced`]'s message.
@@ -352,6 +356,7 @@ impl Checkpoint {
     pub fn merge_for_reshard(pipeline: &str, old: &[Checkpoint], shard: crate::config::Shard) -> Checkpoint {
         let mut merged = Checkpoint {
             shard: shard.is_split().then_some(shard),
+            resnapshot_token: old.iter().find_map(|cp| cp.resnapshot_token.clone()),
             // Any old shard's record of a namespace may be the only one (it wrote it first),
             // and shards of a namespace whose documents choose their index list different ones.
             written: old.iter().flat_map(|cp| cp.written.iter()).fold(BTreeMap::new(), |mut all: BTreeMap<String, String>, (ns, list)| {
