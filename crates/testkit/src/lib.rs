@@ -53,12 +53,23 @@ pub fn venv_bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never one this process handed out before: tests of one
+/// binary run at once, and the kernel may give two of them the same just-released port, so
+/// two stand-ins would race for it (seen: SecantusDB exiting with "Address already in use"
+/// while the test talked to another test's server).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A fresh temporary directory, removed on drop.
@@ -91,6 +102,11 @@ fn wait_port(port: u16, timeout: Duration, child: &mut Child, what: &str) -> any
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Another process listening there would answer too: make sure ours still runs.
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(status) = child.try_wait()? {
+                bail!("{what} exited with {status}; port {port} answers, so another process holds it");
+            }
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
