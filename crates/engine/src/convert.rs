@@ -824,6 +824,13 @@ static ESCAPE: [u8; 256] = {
     table
 };
 
+/// Write `s` as a quoted JSON string: the one JSON string writer of the engine (documents,
+/// bulk action lines, location records, ids).
+#[inline]
+pub fn write_json_str(s: &str, out: &mut Vec<u8>) {
+    write_str(s, out);
+}
+
 /// Write `s` as a quoted JSON string.
 #[inline]
 fn write_str(s: &str, out: &mut Vec<u8>) {

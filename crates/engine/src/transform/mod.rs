@@ -264,9 +264,9 @@ fn build_index(t: &IndexTemplate, doc: &RawDocument) -> Result<String, ShapeErro
 /// `index-oplog-time` writes them (its date format `2006/01/02 15:04:05`, UTC).
 fn oplog_members(ts: &str, date: &str, time: Timestamp) -> Vec<u8> {
     let mut out = Vec::with_capacity(80);
-    crate::sink::elasticsearch::request::write_json_str(ts, &mut out);
+    crate::convert::write_json_str(ts, &mut out);
     out.extend_from_slice(format!(":{{\"T\":{},\"I\":{}}},", time.time, time.increment).as_bytes());
-    crate::sink::elasticsearch::request::write_json_str(date, &mut out);
+    crate::convert::write_json_str(date, &mut out);
     let iso = convert::iso_datetime(i64::from(time.time) * 1000, 0..=9999).unwrap_or(*b"1970-01-01T00:00:00.000Z");
     let iso = String::from_utf8_lossy(&iso);
     out.extend_from_slice(format!(":\"{}/{}/{} {}\"", &iso[0..4], &iso[5..7], &iso[8..10], &iso[11..19]).as_bytes());

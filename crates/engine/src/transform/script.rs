@@ -325,7 +325,7 @@ fn decided(plan: &Planned, source: Bytes, meta: Option<monsoon_script::Meta>) ->
     let id_json = match &meta.id {
         Some(id) => {
             let mut out = Vec::with_capacity(id.len() + 2);
-            crate::sink::elasticsearch::request::write_json_str(id, &mut out);
+            crate::convert::write_json_str(id, &mut out);
             String::from_utf8_lossy(&out).into()
         }
         None => plan.id_json.clone(),

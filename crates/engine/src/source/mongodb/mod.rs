@@ -523,7 +523,7 @@ impl Source<'_> {
             Err(_) => return Some(self.plain_write(ns, index, change, stats)),
         };
         let mut default_id = Vec::with_capacity(mongo_id.len() + 2);
-        crate::sink::elasticsearch::request::write_json_str(&mongo_id, &mut default_id);
+        crate::convert::write_json_str(&mongo_id, &mut default_id);
         let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
         // Scripts may choose the index, `_id` or routing: their documents are tracked too.
         let origin = (shape.tracks_location() || scripted).then(|| Arc::from(locations::record_id(self.pipeline, &ns, &mongo_id)));
