@@ -1,8 +1,9 @@
 //! monsoon's sync engine: MongoDB snapshot + change streams into Elasticsearch bulk indexing.
 //!
-//! Stages: source ([`source::mongodb`]) → convert ([`convert`]) → batch and bulk
-//! ([`sink`]) → acknowledge ([`checkpoint::tracker`]) → checkpoint ([`checkpoint`]).
-//! Only the two ends touch the network; everything between is plain functions.
+//! Stages, each its own task joined to the next by a bounded channel: source
+//! ([`source::mongodb`]: reads MongoDB) → transform ([`transform`]: decides what each change
+//! becomes) → sink ([`sink`]: every Elasticsearch call) → checkpoint ([`checkpoint`]: what is
+//! acknowledged, stored). Data flows one way; each stage imports only the one after it.
 //!
 //! [`run`] drives one pipeline from start-up to graceful shutdown.
 
@@ -39,6 +40,9 @@ pub enum Error {
     /// MongoDB could not be used, or the stream cannot continue.
     #[error("MongoDB source failed")]
     Source(#[from] mongo::Error),
+    /// The transform stage stopped the pipeline.
+    #[error("transform stage failed")]
+    Transform(#[from] transform::stage::Error),
     /// A mapping does not compile (validation refuses these first).
     #[error("invalid mapping: {0}")]
     Mapping(String),
@@ -134,7 +138,79 @@ async fn run_inner<S: CheckpointStore>(
     info!(pipeline = %name, distribution = %server.distribution, version = %server.version, "Elasticsearch reachable");
     let client = mongo::connect(&config.mongodb).await?;
     info!(pipeline = %name, "MongoDB reachable");
+    let mut cp = load_checkpoint(config, &store, &client).await?;
+    let stream_start = stream_start(config, &store, &client, &mut cp).await?;
+    check_target_versions(&es, config, mongo::cluster_time(&client).await?).await?;
+    let resume = cp.resume_token(&store.location())?.map(|token| {
+        if cp.resume_after_invalidate {
+            StreamStart::StartAfter(token)
+        } else {
+            StreamStart::ResumeAfter(token)
+        }
+    });
+    let shapes = Arc::new(transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?);
+    let scripts = compile_scripts(config, &client)?;
+    let locations = (shapes.tracks_any() || scripts.is_some()).then(|| Arc::from(config.locations_index.as_str()));
+    es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body()).await?;
+    if locations.is_some() {
+        es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
+    }
+    let start = Start { stream_start, resume, snapshot: cp.snapshot.clone(), sweep_below: cp.sweep_below };
 
+    // The stages, each a task joined to the next by a bounded channel.
+    let acks = Arc::new(checkpoint::acks::Acks::default());
+    let shared = Shared::new(acks.clone(), metrics.clone(), health.clone());
+    let abort = options.hard_stop.child_token();
+    let settings = SinkSettings {
+        batch: config.batch.clone(),
+        dead_letter_index: Arc::from(config.dead_letter_index.as_str()),
+        pipeline: Arc::from(name),
+        locations,
+        shard: config.shard,
+    };
+    let sink = Sink::start(es, settings, shared.clone(), abort.clone());
+    let stop_checkpointer = CancellationToken::new();
+    let committer = checkpoint::committer::Committer::new(cp.clone(), store, acks, metrics.clone());
+    let checkpointer = spawn_checkpointer(config, committer, &stop_checkpointer, &shutdown, &abort, options.shutdown_grace);
+    let transform = transform::stage::Transform {
+        placer: transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone()),
+        book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()),
+        shard: config.shard,
+        delete_index_on_drop: config.delete_index_on_drop,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        abort: abort.clone(),
+    };
+    let (input, changes) = transform::change::Input::channel();
+    let transform = tokio::spawn(transform.run(changes, sink).instrument(tracing::info_span!("transform", pipeline = %name)));
+    let source = Source {
+        client,
+        routing: &config.routing,
+        out: &input,
+        metrics,
+        health,
+        cancel: shutdown.clone(),
+        shard: config.shard,
+        shapes: &shapes,
+        keep_update: scripts.is_some(),
+        last_names: std::sync::Mutex::new(None),
+    };
+    let result = follow(config, &source, start, options.exit_after_snapshot).instrument(tracing::info_span!("source", pipeline = %name)).await;
+    drop(source);
+    let result = stop_stages(name, input, transform, &abort, options.shutdown_grace, result).await;
+    stop_checkpointer.cancel();
+    match checkpointer.await {
+        Err(e) => error!(pipeline = %name, error = %e, "checkpointer task failed; the next start resumes from the last checkpoint stored"),
+        Ok(Err(e)) => return Err(Error::Checkpoint(e)),
+        Ok(Ok(())) => info!(pipeline = %name, "final checkpoint written"),
+    }
+    result
+}
+
+/// The checkpoint, or a new one; with a re-snapshot asked for (`MONSOON_RESNAPSHOT`, once per
+/// token), reset to snapshot every collection again.
+async fn load_checkpoint<S: CheckpointStore>(config: &EngineConfig, store: &S, client: &mongodb::Client) -> Result<Checkpoint, Error> {
+    let name = config.name.as_str();
     let location = store.location();
     let mut cp = match store.load().await? {
         Some(cp) => {
@@ -151,176 +227,134 @@ async fn run_inner<S: CheckpointStore>(
         if cp.stream_start.is_some() {
             // Asked for by hand (after an incident, a restore): as after lost history, snapshot
             // every collection again at a new stream start, then sweep what it did not see.
-            let t1 = mongo::cluster_time(&client).await?;
+            let t1 = mongo::cluster_time(client).await?;
             cp.apply(&Position::Reset { stream_start: t1 });
             warn!(pipeline = %name, token = %token, "re-snapshot requested: snapshotting every collection again, then deleting what the new snapshot does not see");
         }
         cp.resnapshot_token = Some(token.clone());
         store.save(&cp).await?;
     }
-    let stream_start = match cp.stream_start {
-        Some(t) => t,
-        None => {
-            // Record where the stream starts before the first snapshot read (no gap).
-            let t0 = match config.stream_from {
-                None => mongo::cluster_time(&client).await?,
-                Some(config::StreamFrom::Seconds(t)) => ClusterTime { t, i: 0 },
-                Some(config::StreamFrom::Oldest) => mongo::oldest_oplog_time(&client).await?,
-            };
-            cp.stream_start = Some(t0);
-            if !config.snapshot {
-                cp.snapshot.done = true;
-            }
-            // A pipeline that does not snapshot covers its namespaces from the stream start.
-            cp.snapshot.coverage = (!config.snapshot).then(|| config.routing.coverage());
-            store.save(&cp).await?;
-            info!(pipeline = %name, t = t0.t, i = t0.i, "new pipeline: stream start recorded");
-            t0
-        }
-    };
-    check_target_versions(&es, config, mongo::cluster_time(&client).await?).await?;
-    let resume_token = cp.resume_token(&location)?;
-    es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body())
-        .await?;
-    let shapes = transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?;
-    let scripts = if config.scripts.is_empty() {
-        None
-    } else {
-        let lookup = transform::script::MongoLookup {
-            client: client.clone(),
-            handle: tokio::runtime::Handle::current(),
-            max_bytes: config.scripts.limits.memory_limit,
-        };
-        let scripts = monsoon_script::Scripts::with_lookup(config.scripts.clone(), Arc::new(lookup)).map_err(|e| Error::Mapping(e.to_string()))?;
-        info!(pipeline = %name, workers = scripts.workers(), "scripts compiled");
-        Some(Arc::new(scripts))
-    };
-    if shapes.tracks_any() || scripts.is_some() {
-        es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
+    Ok(cp)
+}
+
+/// Where the stream starts: the checkpoint's, or, for a new pipeline, recorded now, before the
+/// first snapshot read (no gap).
+async fn stream_start<S: CheckpointStore>(config: &EngineConfig, store: &S, client: &mongodb::Client, cp: &mut Checkpoint) -> Result<ClusterTime, Error> {
+    if let Some(t) = cp.stream_start {
+        return Ok(t);
     }
+    let t0 = match config.stream_from {
+        None => mongo::cluster_time(client).await?,
+        Some(config::StreamFrom::Seconds(t)) => ClusterTime { t, i: 0 },
+        Some(config::StreamFrom::Oldest) => mongo::oldest_oplog_time(client).await?,
+    };
+    cp.stream_start = Some(t0);
+    if !config.snapshot {
+        cp.snapshot.done = true;
+    }
+    // A pipeline that does not snapshot covers its namespaces from the stream start.
+    cp.snapshot.coverage = (!config.snapshot).then(|| config.routing.coverage());
+    store.save(cp).await?;
+    info!(pipeline = %config.name, t = t0.t, i = t0.i, "new pipeline: stream start recorded");
+    Ok(t0)
+}
 
-    let shared = Shared::new(metrics.clone(), health.clone());
-    let abort = options.hard_stop.child_token();
-    let sink = Sink::start(
-        es,
-        SinkSettings {
-            batch: config.batch.clone(),
-            dead_letter_index: Arc::from(config.dead_letter_index.as_str()),
-            pipeline: Arc::from(name),
-            locations: (shapes.tracks_any() || scripts.is_some()).then(|| Arc::from(config.locations_index.as_str())),
-        },
-        shared.clone(),
-        abort.clone(),
-    );
+/// The pipeline's scripts, compiled, with lookups over its MongoDB client.
+fn compile_scripts(config: &EngineConfig, client: &mongodb::Client) -> Result<Option<Arc<monsoon_script::Scripts>>, Error> {
+    if config.scripts.is_empty() {
+        return Ok(None);
+    }
+    let lookup = transform::script::MongoLookup {
+        client: client.clone(),
+        handle: tokio::runtime::Handle::current(),
+        max_bytes: config.scripts.limits.memory_limit,
+    };
+    let scripts = monsoon_script::Scripts::with_lookup(config.scripts.clone(), Arc::new(lookup)).map_err(|e| Error::Mapping(e.to_string()))?;
+    info!(pipeline = %config.name, workers = scripts.workers(), "scripts compiled");
+    Ok(Some(Arc::new(scripts)))
+}
 
-    let snapshot_progress = cp.snapshot.clone();
-    let sweep_below = cp.sweep_below;
-    let written = cp.written.clone();
-    let resume = resume_token.map(|token| {
-        if cp.resume_after_invalidate {
-            StreamStart::StartAfter(token)
-        } else {
-            StreamStart::ResumeAfter(token)
-        }
-    });
-    let stop_checkpointer = CancellationToken::new();
-    let checkpointer = {
-        let committer = Committer::new(cp, store, shared.clone());
-        let stop = stop_checkpointer.clone();
-        let interval = config.checkpoint_interval;
-        let final_deadline = options.shutdown_grace;
-        let fence = shutdown.clone();
-        let fence_abort = abort.clone();
-        tokio::spawn(
-            committer
-                .run(interval, stop, final_deadline, move || {
-                    fence_abort.cancel();
-                    fence.cancel();
-                })
-                .instrument(tracing::info_span!("checkpointer", pipeline = %name.to_string())),
-        )
+/// Start the checkpointer: it commits what is acknowledged every interval, and a fenced store
+/// stops the pipeline at once.
+fn spawn_checkpointer<S: CheckpointStore>(
+    config: &EngineConfig,
+    committer: checkpoint::committer::Committer<S>,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+    abort: &CancellationToken,
+    grace: Duration,
+) -> tokio::task::JoinHandle<Result<(), checkpoint::Error>> {
+    let (stop, fence, fence_abort) = (stop.clone(), shutdown.clone(), abort.clone());
+    let fenced = move || {
+        fence_abort.cancel();
+        fence.cancel();
     };
+    tokio::spawn(
+        committer
+            .run(config.checkpoint_interval, stop, grace, fenced)
+            .instrument(tracing::info_span!("checkpointer", pipeline = %config.name)),
+    )
+}
 
-    let source = Source {
-        client,
-        routing: &config.routing,
-        sink: &sink,
-        metrics,
-        health,
-        cancel: shutdown.clone(),
-        delete_index_on_drop: config.delete_index_on_drop,
-        route_cache: std::sync::Mutex::new(None),
-        id_scratch: std::sync::Mutex::new(Vec::with_capacity(64)),
-        shard: config.shard,
-        written: Arc::new(checkpoint::written::IndexBook::new(written, shared.clone(), config.routing.clone())),
-        shapes: &shapes,
-        pipeline: name,
-        scripts: scripts.clone(),
-    };
-    let mut start = Start {
-        stream_start,
-        resume,
-        snapshot: snapshot_progress,
-        sweep_below,
-    };
-    let result = loop {
-        // Every log line of the source carries the pipeline's name.
-        let span = tracing::info_span!("source", pipeline = %name);
-        match run_source(config, &source, &sink, &start, options.exit_after_snapshot).instrument(span).await {
-            Err(mongo::Error::HistoryLost { code }) if config.on_history_lost == HistoryLost::Resnapshot => {
-                // Nothing is skipped silently: say so loudly, then rebuild.
-                error!(pipeline = %name, code, "change stream history lost; onHistoryLost=Resnapshot: snapshotting every collection again, then deleting what the new snapshot does not see");
-                let drained = tokio::select! {
-                    r = sink.barrier() => r.is_ok(),
-                    () = shutdown.cancelled() => false,
-                };
-                if !drained {
-                    break Ok(());
-                }
-                let t1 = match mongo::cluster_time(&source.client).await {
-                    Ok(t) => t,
-                    Err(e) => break Err(e),
-                };
-                sink.record(Position::Reset { stream_start: t1 });
-                start = Start {
-                    stream_start: t1,
-                    resume: None,
-                    snapshot: checkpoint::SnapshotProgress::default(),
-                    sweep_below: Some(t1.version()),
-                };
-            }
-            other => break other,
-        }
-    };
-    // Shutdown while waiting on the sink is a clean stop, not a failure.
-    let result = match result {
+/// Run the source until it ends, re-snapshotting after lost history when the policy says so.
+async fn follow(config: &EngineConfig, source: &Source<'_>, start: Start, once: bool) -> Result<(), mongo::Error> {
+    match follow_until_error(config, source, start, once).await {
+        // Shutdown while waiting is a clean stop, not a failure.
         Err(mongo::Error::Cancelled) => Ok(()),
         other => other,
-    };
-    drop(source);
-
-    // Shutdown: the source has stopped reading. Hand over what it staged, then let the sink
-    // deliver what it holds.
-    if tokio::time::timeout(options.shutdown_grace, sink.flush_staged()).await.is_err() {
-        warn!(pipeline = %name, "staged writes could not be handed over within the grace period; they are replayed on the next start");
     }
-    let closing = sink.close();
-    tokio::pin!(closing);
-    tokio::select! {
-        () = &mut closing => {}
-        () = tokio::time::sleep(options.shutdown_grace) => {
-            warn!(pipeline = %name, "in-flight bulk requests did not finish within the shutdown grace period; abandoning them (they are replayed on the next start)");
-            abort.cancel();
-            closing.await;
+}
+
+async fn follow_until_error(config: &EngineConfig, source: &Source<'_>, mut start: Start, once: bool) -> Result<(), mongo::Error> {
+    loop {
+        match run_source(config, source, &start, once).await {
+            Err(mongo::Error::HistoryLost { code }) if config.on_history_lost == HistoryLost::Resnapshot => {
+                // Nothing is skipped silently: say so loudly, then rebuild.
+                error!(code, "change stream history lost; onHistoryLost=Resnapshot: snapshotting every collection again, then deleting what the new snapshot does not see");
+                source.barrier().await?;
+                let t1 = mongo::cluster_time(&source.client).await?;
+                source.record(Position::Reset { stream_start: t1 });
+                start = Start { stream_start: t1, resume: None, snapshot: checkpoint::SnapshotProgress::default(), sweep_below: Some(t1.version()) };
+            }
+            other => return other,
         }
     }
-    stop_checkpointer.cancel();
-    match checkpointer.await {
-        Err(e) => error!(pipeline = %name, error = %e, "checkpointer task failed; the next start resumes from the last checkpoint stored"),
-        Ok(Err(e)) => return Err(Error::Checkpoint(e)),
-        Ok(Ok(())) => info!(pipeline = %name, "final checkpoint written"),
+}
+
+/// Shutdown: the source has stopped reading. Hand on what it staged, let the transform stage
+/// and the sink deliver what they hold within the grace period, then abandon the rest (it is
+/// replayed on the next start). A failure of a later stage is the pipeline's error.
+async fn stop_stages(
+    name: &str,
+    input: transform::change::Input,
+    transform: tokio::task::JoinHandle<Result<(), transform::stage::Error>>,
+    abort: &CancellationToken,
+    grace: Duration,
+    result: Result<(), mongo::Error>,
+) -> Result<(), Error> {
+    let staged = input.take_staged();
+    if tokio::time::timeout(grace, input.send(staged)).await.is_err() {
+        warn!(pipeline = %name, "staged changes could not be handed on within the grace period; they are replayed on the next start");
     }
-    result.map_err(Error::from)
+    drop(input);
+    tokio::pin!(transform);
+    let stages = tokio::select! {
+        r = &mut transform => r,
+        () = tokio::time::sleep(grace) => {
+            warn!(pipeline = %name, "in-flight bulk requests did not finish within the shutdown grace period; abandoning them (they are replayed on the next start)");
+            abort.cancel();
+            transform.await
+        }
+    };
+    match (result, stages) {
+        (Err(mongo::Error::Closed(_)), Ok(Err(e))) | (Ok(()), Ok(Err(e @ transform::stage::Error::SharedIndex { .. }))) => Err(Error::Transform(e)),
+        (Err(e), _) => Err(Error::Source(e)),
+        (Ok(()), Err(e)) => {
+            error!(pipeline = %name, error = %e, "transform task failed");
+            Ok(())
+        }
+        (Ok(()), _) => Ok(()),
+    }
 }
 
 /// Versions more than this far ahead of the current cluster time cannot be monsoon's (its
@@ -368,13 +402,7 @@ struct Start {
 
 /// Snapshot what needs it, sweep after a re-snapshot, then follow the stream until
 /// cancelled or failed (or, with `once`, return when every snapshot write is acknowledged).
-async fn run_source(
-    config: &EngineConfig,
-    source: &Source<'_>,
-    sink: &Sink,
-    start: &Start,
-    once: bool,
-) -> Result<(), mongo::Error> {
+async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, once: bool) -> Result<(), mongo::Error> {
     let name = config.name.as_str();
     let health = source.health;
     let current = config.routing.coverage();
@@ -399,7 +427,7 @@ async fn run_source(
                 return Ok(());
             }
         }
-        sink.record(Position::SnapshotDone);
+        source.record(Position::SnapshotDone);
         info!(pipeline = %name, "snapshot read complete; following the change stream");
     } else if config.snapshot {
         // Namespaces added to the pipeline since the checkpoint's coverage was recorded
@@ -428,286 +456,19 @@ async fn run_source(
             }
         }
     }
-    sink.record(Position::Coverage(current));
+    source.record(Position::Coverage(current));
     if let Some(below) = start.sweep_below {
-        if sweep(config, source, sink, below).await? == Ended::Cancelled {
-            return Ok(());
-        }
+        // After every snapshot write: the drops of collections gone during the lost history,
+        // then the documents older than the new snapshot.
+        let existing = source.collections().await?;
+        source.send_sweep(existing, below).await?;
+        source.record(Position::SweepDone);
     }
     if once {
         info!(pipeline = %name, "--once: waiting until Elasticsearch acknowledged every write");
-        tokio::select! {
-            r = sink.barrier() => r?,
-            () = source.cancel.cancelled() => {}
-        }
-        return Ok(());
+        return source.barrier().await;
     }
     let stream_start = start.resume.clone().unwrap_or(StreamStart::At(start.stream_start));
     source.stream(stream_start).await.map(|_| ())
 }
 
-/// After a re-snapshot: once every snapshot write is acknowledged, apply the drops of the
-/// collections that disappeared during the lost history, then delete from each remaining
-/// index the documents older than the new snapshot (they were deleted during the gap).
-///
-/// # Errors
-/// Only when the sink closed.
-async fn sweep(config: &EngineConfig, source: &Source<'_>, sink: &Sink, below: u64) -> Result<Ended, mongo::Error> {
-    let drained = tokio::select! {
-        r = sink.barrier() => r.is_ok(),
-        () = source.cancel.cancelled() => false,
-    };
-    if !drained {
-        return Ok(Ended::Cancelled);
-    }
-    let mut backoff = retry::Backoff::default();
-    loop {
-        let existing = match source.collections().await {
-            Ok(c) => c,
-            Err(mongo::Error::Cancelled) => return Ok(Ended::Cancelled),
-            Err(e) => return Err(e),
-        };
-        // Dropped during the gap: written before (or named exactly by the pipeline), gone now.
-        // Their drop events were lost with the history: apply them as the events would have.
-        let known: Vec<String> = source.written.namespaces();
-        let named = config.routing.include.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
-        let mut gone: Vec<(String, String)> = known
-            .into_iter()
-            .chain(named)
-            .filter_map(|ns| ns.split_once('.').map(|(d, c)| (d.to_string(), c.to_string())))
-            .filter(|(db, coll)| config.routing.includes(db, coll) && !existing.contains(&(db.clone(), coll.clone())))
-            .collect();
-        gone.sort();
-        gone.dedup();
-        let at = mongodb::bson::Timestamp::from(ClusterTime::from_version(below));
-        for (db, coll) in &gone {
-            info!(pipeline = %config.name, namespace = %format!("{db}.{coll}"), "collection dropped during the lost history; applying its drop");
-            match source.drop_index(db, coll, Some(at)).await {
-                Ok(()) => {}
-                Err(mongo::Error::Cancelled) => return Ok(Ended::Cancelled),
-                Err(e) => return Err(e),
-            }
-        }
-        let indexes = sweepable_indexes(config, source, &existing);
-        let mut failed = false;
-        for index in &indexes {
-            let shard = config.shard;
-            match sink.delete_older(index, below, |id| shard.owns(id)).await {
-                Ok(n) => info!(pipeline = %config.name, index = %index, deleted = n, "swept documents deleted during the lost history"),
-                Err(e) => {
-                    warn!(pipeline = %config.name, index = %index, error = %error_chain(&e), "sweep failed; retrying");
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if !failed && sink.tracks_locations() {
-            let shard = config.shard;
-            match sink.sweep_located(below, |mongo_id| shard.owns(mongo_id)).await {
-                Ok(n) => info!(pipeline = %config.name, deleted = n, "swept documents deleted during the lost history (by their location records)"),
-                Err(e) => {
-                    warn!(pipeline = %config.name, error = %error_chain(&e), "sweep of located documents failed; retrying");
-                    failed = true;
-                }
-            }
-        }
-        if !failed {
-            sink.record(Position::SweepDone);
-            return Ok(Ended::Complete);
-        }
-        if backoff.wait(&source.cancel).await.is_err() {
-            return Ok(Ended::Cancelled);
-        }
-    }
-}
-
-/// The indexes the re-snapshot sweep reads document by document, owning each by its
-/// Elasticsearch `_id`. In a sharded pipeline that is only right where the `_id` is the MongoDB
-/// `_id` (shards own documents by the MongoDB `_id`): the indexes of namespaces whose `_id`
-/// comes from a field (`mappings[].id`) or a script are swept by their location records instead
-/// ([`Sink::sweep_located`]), or one shard would delete live documents another shard wrote.
-fn sweepable_indexes(config: &EngineConfig, source: &Source<'_>, existing: &[(String, String)]) -> Vec<String> {
-    let own_ids = |db: &str, coll: &str| {
-        let ns = format!("{db}.{coll}");
-        !source.shapes.for_ns(db, coll).custom_id() && !source.scripts.as_ref().is_some_and(|s| s.has_map(&ns))
-    };
-    let mut indexes: Vec<String> = existing
-        .iter()
-        .filter(|(db, coll)| !config.shard.is_split() || own_ids(db, coll))
-        .flat_map(|(db, coll)| source.indexes_of(db, coll))
-        .collect();
-    indexes.sort();
-    indexes.dedup();
-    indexes
-}
-
-/// The checkpointer's side of the checkpoint: the latest state with every committable
-/// position folded in, and whether the store is behind it.
-///
-/// # Invariants
-/// A failed write leaves `unsaved` set, so the next tick writes again even when no new
-/// position arrived; "final checkpoint written" is reported only after a write succeeded.
-struct Committer<S> {
-    cp: Checkpoint,
-    store: S,
-    shared: Arc<Shared>,
-    unsaved: bool,
-}
-
-impl<S: CheckpointStore> Committer<S> {
-    fn new(cp: Checkpoint, store: S, shared: Arc<Shared>) -> Self {
-        Self { cp, store, shared, unsaved: false }
-    }
-
-    /// Fold committable positions in and, when the stored copy is behind, store it.
-    ///
-    /// # Errors
-    /// The store's error; `unsaved` stays set so the next call writes again.
-    async fn commit(&mut self) -> Result<(), checkpoint::Error> {
-        let positions = self.shared.take_committable();
-        for p in &positions {
-            self.cp.apply(p);
-        }
-        self.unsaved |= !positions.is_empty();
-        if !self.unsaved {
-            return Ok(());
-        }
-        self.store.save(&self.cp).await?;
-        self.unsaved = false;
-        let m = &self.shared.metrics;
-        m.checkpoints.inc();
-        m.checkpoint_time.set(time::unix_seconds());
-        if let Some(t) = self.cp.stream_time {
-            m.checkpoint_event_time.set(i64::from(t.t));
-        }
-        Ok(())
-    }
-
-    /// Commit every `interval` until `stop`, then write the final checkpoint, retrying a failed
-    /// write for up to `final_limit`. A fenced store (another worker holds the lease) calls
-    /// `fence` at once and never writes again.
-    ///
-    /// # Errors
-    /// Fenced, or the final checkpoint could not be stored within `final_limit` (the next
-    /// start then resumes from the last one stored, replaying what came after it).
-    async fn run(
-        mut self,
-        interval: Duration,
-        stop: CancellationToken,
-        final_limit: Duration,
-        fence: impl FnOnce(),
-    ) -> Result<(), checkpoint::Error> {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = stop.cancelled() => break,
-            }
-            match self.commit().await {
-                Ok(()) => {}
-                Err(e @ checkpoint::Error::Fenced { .. }) => {
-                    error!(error = %error_chain(&e), "checkpoint lease lost; stopping at once");
-                    fence();
-                    return Err(e);
-                }
-                Err(e) => error!(error = %error_chain(&e), "failed to store checkpoint; retrying at the next tick"),
-            }
-        }
-        // Final checkpoint: everything acknowledged before shutdown.
-        let deadline = tokio::time::Instant::now() + final_limit;
-        let mut backoff = retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        loop {
-            match self.commit().await {
-                Ok(()) => return Ok(()),
-                Err(e @ checkpoint::Error::Fenced { .. }) => return Err(e),
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    if tokio::time::Instant::now() + delay >= deadline {
-                        return Err(e);
-                    }
-                    warn!(error = %error_chain(&e), "failed to store the final checkpoint; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A store whose first `fail` writes fail, then succeed; counts successful writes.
-    #[derive(Default)]
-    struct Flaky {
-        fail: AtomicUsize,
-        saved: std::sync::Mutex<Vec<Checkpoint>>,
-    }
-
-    impl CheckpointStore for Arc<Flaky> {
-        fn location(&self) -> String {
-            "flaky".into()
-        }
-        async fn load(&self) -> Result<Option<Checkpoint>, checkpoint::Error> {
-            Ok(None)
-        }
-        async fn save(&self, cp: &Checkpoint) -> Result<(), checkpoint::Error> {
-            if self.fail.load(Ordering::SeqCst) > 0 {
-                self.fail.fetch_sub(1, Ordering::SeqCst);
-                return Err(checkpoint::Error::Io {
-                    op: "write",
-                    location: "flaky".into(),
-                    source: std::io::Error::other("disk full"),
-                });
-            }
-            self.saved.lock().unwrap_or_else(|p| p.into_inner()).push(cp.clone());
-            Ok(())
-        }
-    }
-
-    fn shared() -> Arc<Shared> {
-        Shared::new(Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))))
-    }
-
-    #[tokio::test]
-    async fn a_failed_checkpoint_write_is_retried_without_new_positions() {
-        let store = Arc::new(Flaky { fail: AtomicUsize::new(1), ..Flaky::default() });
-        let shared = shared();
-        let mut committer = Committer::new(Checkpoint::new("p"), store.clone(), shared.clone());
-        shared.record(Position::SnapshotDone);
-        assert!(committer.commit().await.is_err(), "the first write fails");
-        // No new position arrives; the next tick must still store the snapshot's end.
-        committer.commit().await.expect("second write");
-        let saved = store.saved.lock().expect("lock").clone();
-        assert_eq!(saved.len(), 1, "the failed write is retried");
-        assert!(saved[0].snapshot.done);
-        // Nothing new and nothing unsaved: no needless write.
-        committer.commit().await.expect("idle");
-        assert_eq!(store.saved.lock().expect("lock").len(), 1);
-    }
-
-    #[tokio::test]
-    async fn the_final_checkpoint_is_reported_failed_when_it_cannot_be_stored() {
-        let store = Arc::new(Flaky { fail: AtomicUsize::new(usize::MAX), ..Flaky::default() });
-        let shared = shared();
-        shared.record(Position::SnapshotDone);
-        let committer = Committer::new(Checkpoint::new("p"), store.clone(), shared);
-        let stop = CancellationToken::new();
-        stop.cancel();
-        let result = committer.run(Duration::from_secs(60), stop, Duration::from_millis(500), || {}).await;
-        assert!(matches!(result, Err(checkpoint::Error::Io { .. })), "{result:?}");
-        assert!(store.saved.lock().expect("lock").is_empty());
-    }
-
-    #[tokio::test]
-    async fn the_final_checkpoint_write_is_retried_within_the_grace_period() {
-        let store = Arc::new(Flaky { fail: AtomicUsize::new(2), ..Flaky::default() });
-        let shared = shared();
-        shared.record(Position::SnapshotDone);
-        let committer = Committer::new(Checkpoint::new("p"), store.clone(), shared);
-        let stop = CancellationToken::new();
-        stop.cancel();
-        committer.run(Duration::from_secs(60), stop, Duration::from_secs(10), || {}).await.expect("stored after retries");
-        assert!(store.saved.lock().expect("lock")[0].snapshot.done);
-    }
-}

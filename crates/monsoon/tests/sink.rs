@@ -8,7 +8,7 @@ use bytes::Bytes;
 use monsoon_engine::config::{BatchConfig, ElasticAuth, ElasticConfig};
 use monsoon_engine::metrics::{Health, Metrics};
 use monsoon_engine::sink::elasticsearch::Elastic as Client;
-use monsoon_engine::sink::{Shared, Sink, SinkSettings, Write};
+use monsoon_engine::sink::{Chunk, Shared, Sink, SinkSettings, Write, CHUNK};
 use monsoon_engine::sink::Op;
 use monsoon_testkit::{count, init_crypto, Elastic};
 use tokio_util::sync::CancellationToken;
@@ -32,32 +32,35 @@ async fn a_forced_stop_abandons_the_backlog_while_elasticsearch_is_healthy() -> 
         gzip: false,
         request_timeout: Duration::from_secs(30),
     })?;
-    let shared = Shared::new(Metrics::new("forced"), Arc::new(Health::new(Duration::from_secs(120))));
+    let shared = Shared::new(Default::default(), Metrics::new("forced"), Arc::new(Health::new(Duration::from_secs(120))));
     let abort = CancellationToken::new();
     let settings = SinkSettings {
         batch: BatchConfig { max_docs: 50, concurrency: 1, ..BatchConfig::default() },
         dead_letter_index: Arc::from("monsoon-deadletter"),
         pipeline: Arc::from("forced"),
         locations: None,
+        shard: Default::default(),
     };
     let sink = Sink::start(client, settings, shared.clone(), abort.clone());
     let (ns, index): (Arc<str>, Arc<str>) = (Arc::from("db.c"), Arc::from("forced"));
     let mut handed_over = 0;
+    let mut chunk = Chunk::default();
     for i in 0..TOTAL {
         if i == ABORT_AT {
             abort.cancel();
         }
         let op = Op::Index(Bytes::from(format!("{{\"n\":{i}}}")));
         let write = Write::new(ns.clone(), index.clone(), format!("\"{i}\"").into(), 1, op);
-        if let Some(chunk) = sink.stage(write) {
-            if tokio::time::timeout(Duration::from_secs(10), sink.send_chunk(chunk)).await?.is_err() {
+        chunk.push(write);
+        if chunk.len() >= CHUNK {
+            if tokio::time::timeout(Duration::from_secs(10), sink.send_chunk(std::mem::take(&mut chunk))).await?.is_err() {
                 break;
             }
             handed_over = i + 1;
         }
     }
     // The sink may already have stopped taking writes (`Closed`); either way nothing more goes.
-    let _ = tokio::time::timeout(Duration::from_secs(10), sink.flush_staged()).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), sink.send_chunk(chunk)).await?;
     tokio::time::timeout(Duration::from_secs(5), sink.close()).await?;
     // A request already sent when the sink stopped may still be applied by the server (it
     // cannot be called back); give it a second, then nothing more may arrive.

@@ -6,6 +6,8 @@
 //! Stores sit behind [`CheckpointStore`]: a local file for `monsoon run`, a ConfigMap lease
 //! for workers in a cluster.
 
+pub mod acks;
+pub mod committer;
 pub mod configmap;
 pub mod file;
 pub mod tracker;

@@ -1,7 +1,10 @@
-//! The sink side of the engine: batching, bulk delivery, acknowledgement.
+//! The sink: the only stage that talks to Elasticsearch. Batching, bulk delivery, location
+//! records, dead letters, index operations (drops, sweeps), acknowledgement.
 //!
-//! Flow: the source hands each [`Write`] to the [`Sink`], which numbers it (the tracker's
-//! sequence) and queues it for one batcher. The batcher takes a batch (count, bytes, time),
+//! Flow: the transform stage hands chunks of decided [`Write`]s to the [`Sink`], with the
+//! checkpoint positions and index operations ([`Control`]) among them; the sink numbers each
+//! write (the tracker's sequence), records each position after the writes before it, and
+//! queues both for one batcher. The batcher takes a batch (count, bytes, time),
 //! keeps only the last write of each document in it, and hands it to a delivery task: up to
 //! `concurrency` bulk requests are in flight at once. A delivery retries only the items that
 //! failed retriably, dead-letters what Elasticsearch refuses, and then acknowledges every
@@ -16,6 +19,9 @@
 //!   the same batch supersedes it.
 //! - Memory is bounded: each write holds permits of a byte budget until it is acknowledged,
 //!   and the batcher's queue is bounded, so a dead sink stops the source.
+//! - An index operation is carried out once every write queued before it is done, and before
+//!   any write queued after it is sent; it is acknowledged (and the checkpoint may pass it) only
+//!   once done.
 
 pub mod dead_letter;
 pub mod elasticsearch;
@@ -27,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn, Instrument};
@@ -36,6 +42,7 @@ use self::elasticsearch::request::{body_for, encoded_len};
 use self::elasticsearch::response::{classify_response, classify_status, ItemOutcome, RequestOutcome};
 use self::dead_letter::{Embed, Refusal};
 use self::elasticsearch::Elastic;
+use crate::checkpoint::acks::Acks;
 use crate::checkpoint::tracker::{Seq, Tracker};
 use crate::checkpoint::Position;
 use crate::config::BatchConfig;
@@ -64,53 +71,41 @@ pub enum Op {
     },
 }
 
-/// A write's operation still being decided on other threads (JavaScript middleware,
-/// [`crate::transform::script`]). The sink awaits it, in order, before the write's chunk goes
-/// to the batcher; meanwhile the write already holds its place in the checkpoint order.
-/// (The mutex only makes writes `Sync`; the future is taken out once, by the sink.)
-pub struct Deferred(Mutex<std::pin::Pin<Box<dyn std::future::Future<Output = Decided> + Send>>>);
-
-impl Deferred {
-    /// Wrap the decision to await.
-    pub fn new(decision: impl std::future::Future<Output = Decided> + Send + 'static) -> Self {
-        Self(Mutex::new(Box::pin(decision)))
-    }
-
-    async fn decided(self) -> Decided {
-        self.0.into_inner().unwrap_or_else(|p| p.into_inner()).await
-    }
-}
-
-impl std::fmt::Debug for Deferred {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Deferred")
-    }
-}
-
-/// What a [`Deferred`] decided.
+/// An operation on whole indexes, carried out in order with the writes: once every write
+/// handed over before it has its final outcome, and before any write handed over after it is
+/// sent. The transform stage decides them; only the sink talks to Elasticsearch.
 #[derive(Debug)]
-pub enum Decided {
-    /// Nothing to write: the change is ignored (a filter, `_meta_monstache.skip`).
-    Skip,
-    /// Write this.
-    Write {
-        /// The operation.
-        op: Op,
-        /// Target index.
-        index: Arc<str>,
-        /// `_id` as a JSON string literal.
-        id_json: Box<str>,
-        /// Routing.
-        routing: Option<Box<str>>,
-        /// Ingest pipeline.
-        pipeline: Option<Arc<str>>,
+pub enum Control {
+    /// Collection `ns` was dropped at `time`: delete its `indexes` (in a sharded pipeline, this
+    /// shard's documents of them older than the drop).
+    Drop {
+        /// The dropped namespace.
+        ns: String,
+        /// Every index it wrote.
+        indexes: Vec<String>,
+        /// Cluster time of the drop.
+        time: Option<mongodb::bson::Timestamp>,
     },
+    /// After a re-snapshot: delete from `indexes`, and through the location records when
+    /// `located`, this shard's documents versioned below `below` (deleted during lost history).
+    Sweep {
+        /// Indexes swept document by document.
+        indexes: Vec<String>,
+        /// Also sweep the documents that have location records.
+        located: bool,
+        /// The new snapshot's version.
+        below: u64,
+    },
+    /// Answer once every write handed over before it is acknowledged.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+    /// Send partial batches now instead of waiting for the flush interval.
+    Flush,
 }
 
 /// One document write on its way to Elasticsearch.
 #[derive(Debug)]
 pub struct Write {
-    /// Sequence number from the tracker (set by [`Sink::send`]).
+    /// Sequence number from the tracker (set by [`Sink::send_chunk`]).
     pub seq: Seq,
     /// MongoDB namespace it came from (for dead-letter records).
     pub ns: Arc<str>,
@@ -124,7 +119,7 @@ pub struct Write {
     pub op: Op,
     /// Share of the memory budget, released when the write is dropped.
     permit: Option<OwnedSemaphorePermit>,
-    /// Hash of index and `_id` (set by [`Sink::stage`]): which document this is.
+    /// Hash of index and `_id` (set when the sink numbers it): which document this is.
     key: u64,
     /// Read by a snapshot: a snapshot reads each document once, so a batch of only such
     /// writes has nothing to coalesce.
@@ -140,8 +135,6 @@ pub struct Write {
     /// Written on behalf of another write of the batch (a moved document's old copy, a
     /// location record): not counted, acknowledged with that write.
     pub aux: bool,
-    /// The operation is still being decided; `op` and the target are placeholders until then.
-    pub deferred: Option<Deferred>,
 }
 
 impl Write {
@@ -161,7 +154,6 @@ impl Write {
             pipeline: None,
             origin: None,
             aux: false,
-            deferred: None,
         }
     }
 
@@ -215,10 +207,10 @@ fn budget_kib(batch: &BatchConfig) -> usize {
     bytes / 1024
 }
 
-/// State shared by the sink's delivery tasks and the checkpointer.
+/// State shared by the sink's delivery tasks, and the checkpoint's tracker.
 pub struct Shared {
-    tracker: Mutex<Tracker<Position>>,
-    acked: Notify,
+    /// The checkpoint's tracker: writes are numbered and acknowledged here.
+    pub acks: Arc<Acks>,
     stale: Mutex<StaleWindow>,
     /// Metrics of the pipeline.
     pub metrics: Metrics,
@@ -264,10 +256,9 @@ impl Shared {
     }
 
     /// Shared state for a new pipeline run.
-    pub fn new(metrics: Metrics, health: Arc<Health>) -> Arc<Self> {
+    pub fn new(acks: Arc<Acks>, metrics: Metrics, health: Arc<Health>) -> Arc<Self> {
         Arc::new(Self {
-            tracker: Mutex::new(Tracker::new()),
-            acked: Notify::new(),
+            acks,
             stale: Mutex::new(StaleWindow::default()),
             metrics,
             health,
@@ -275,70 +266,33 @@ impl Shared {
     }
 
     fn tracker(&self) -> MutexGuard<'_, Tracker<Position>> {
-        // A panic while holding the lock cannot leave the tracker half-updated in a way
-        // that loses data (each method is a few integer updates), so poisoning is ignored.
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Positions now safe to checkpoint, oldest first.
-    pub fn take_committable(&self) -> Vec<Position> {
-        self.tracker().take_committable()
-    }
-
-    /// Record a position after every write sent so far.
-    pub fn record(&self, position: Position) {
-        self.tracker().record(position);
+        self.acks.tracker()
     }
 
     fn ack(&self, seqs: &[Seq]) {
-        let in_flight = {
-            let mut t = self.tracker();
-            for s in seqs {
-                t.ack(*s);
-            }
-            t.in_flight()
-        };
+        let in_flight = self.acks.ack(seqs);
         self.metrics.in_flight.set(in_flight as i64);
         self.health.progressed();
-        self.acked.notify_waiters();
-    }
-
-    fn is_drained(&self) -> bool {
-        self.tracker().is_drained()
-    }
-}
-
-impl crate::checkpoint::written::Recorder for Shared {
-    fn record(&self, position: Position) {
-        Shared::record(self, position);
     }
 }
 
 enum Msg {
     /// Writes, in order.
     Writes(Vec<Write>),
-    /// Send partial batches now (a barrier or the end of a snapshot collection is waiting).
-    Flush,
+    /// An operation in order with the writes, and its place in the checkpoint order.
+    Control(Control, Option<Seq>),
 }
 
 /// How many flush intervals a batch of snapshot writes may wait to fill.
 const SNAPSHOT_FLUSH_FACTOR: u32 = 10;
 
-/// Writes staged before they are handed to the batcher in one message: one channel send and
-/// one wake-up per chunk instead of per document.
-const STAGE_CHUNK: usize = 64;
+/// Writes per chunk the transform stage hands over (one channel send and one wake-up per chunk
+/// instead of per document).
+pub const CHUNK: usize = 64;
 
 /// The sink: one batcher that delivers bulk requests to Elasticsearch.
 pub struct Sink {
-    es: Elastic,
-    /// Index of location records, when some namespace's documents have them.
-    locations: Option<Arc<str>>,
-    /// Pipeline name (location record ids start with it).
-    pipeline: Arc<str>,
     tx: Option<mpsc::Sender<Msg>>,
-    /// Writes (and the positions recorded among them) not yet numbered nor handed to the
-    /// batcher.
-    staged: Mutex<Chunk>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
     budget: Arc<Semaphore>,
@@ -362,19 +316,49 @@ pub struct SinkSettings {
     /// Index of location records, when some namespace's documents need them
     /// ([`locations`]).
     pub locations: Option<Arc<str>>,
+    /// The documents this worker owns (a sharded pipeline's drops and sweeps delete only
+    /// these).
+    pub shard: crate::config::Shard,
 }
 
-/// A full chunk of staged writes, to be handed over with [`Sink::send_chunk`], with the
-/// positions recorded among them (each after the writes before its index).
+/// Writes in order, with the checkpoint positions and index operations among them, to be
+/// handed over with [`Sink::send_chunk`].
 #[derive(Default)]
 pub struct Chunk {
     writes: Vec<Write>,
-    positions: Vec<(usize, Position)>,
+    /// Each mark comes after the writes before its index.
+    marks: Vec<(usize, Mark)>,
+}
+
+enum Mark {
+    Position(Position),
+    Control(Control),
 }
 
 impl Chunk {
-    fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.positions.is_empty()
+    /// Add a write.
+    pub fn push(&mut self, write: Write) {
+        self.writes.push(write);
+    }
+
+    /// Add a position: it covers every write before it.
+    pub fn record(&mut self, position: Position) {
+        self.marks.push((self.writes.len(), Mark::Position(position)));
+    }
+
+    /// Add an index operation, carried out after the writes before it.
+    pub fn control(&mut self, control: Control) {
+        self.marks.push((self.writes.len(), Mark::Control(control)));
+    }
+
+    /// Number of writes.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether the chunk holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.marks.is_empty()
     }
 }
 
@@ -389,10 +373,10 @@ impl Sink {
     ) -> Self {
         // Room for one full batch of chunks while the batcher waits for a free request slot;
         // more would only hold memory.
-        let (tx, rx) = mpsc::channel(settings.batch.max_docs.div_ceil(STAGE_CHUNK).max(2));
+        let (tx, rx) = mpsc::channel(settings.batch.max_docs.div_ceil(CHUNK).max(2));
         let total = budget_kib(&settings.batch);
         let deliverer = Arc::new(Deliverer {
-            es: es.clone(),
+            es,
             settings: settings.clone(),
             shared: shared.clone(),
             abort,
@@ -404,52 +388,11 @@ impl Sink {
                 .instrument(tracing::info_span!("sink", pipeline = %settings.pipeline)),
         );
         Self {
-            es,
-            locations: settings.locations.clone(),
-            pipeline: settings.pipeline.clone(),
             tx: Some(tx),
-            staged: Mutex::new(Chunk::default()),
             tasks,
             shared,
             budget: Arc::new(Semaphore::new(total)),
             budget_total: u32::try_from(total).unwrap_or(u32::MAX),
-        }
-    }
-
-    /// Delete `index` (its collection was dropped). Call after [`Sink::barrier`], so no earlier
-    /// write re-creates it. The sink is the only part that talks to Elasticsearch: the source
-    /// decides, the sink carries it out.
-    ///
-    /// # Errors
-    /// Transport failures and unexpected statuses; the caller retries.
-    pub async fn delete_index(&self, index: &str) -> Result<(), elasticsearch::Error> {
-        self.es.delete_index(index).await
-    }
-
-    /// Delete the documents of `index` versioned below `below` that `owns` accepts, each with a
-    /// versioned delete that loses against anything written since (the sweep after lost
-    /// history; a sharded pipeline's drop). Returns how many were deleted.
-    ///
-    /// # Errors
-    /// Transport failures and unexpected statuses; the operation is idempotent, so the caller
-    /// retries it whole.
-    pub async fn delete_older(&self, index: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, elasticsearch::Error> {
-        self.es.sweep(index, below, owns).await
-    }
-
-    /// Whether some namespace's documents have location records.
-    pub fn tracks_locations(&self) -> bool {
-        self.locations.is_some()
-    }
-
-    /// The re-snapshot sweep of located documents ([`Elastic::sweep_located`]).
-    ///
-    /// # Errors
-    /// As [`Sink::delete_older`].
-    pub async fn sweep_located(&self, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, elasticsearch::Error> {
-        match &self.locations {
-            Some(index) => self.es.sweep_located(index, &self.pipeline, below, owns).await,
-            None => Ok(0),
         }
     }
 
@@ -458,37 +401,42 @@ impl Sink {
         &self.shared
     }
 
-    /// Stage a write. Returns a chunk when the stage is full; the caller must hand it over with
-    /// [`Sink::send_chunk`] before staging more. A write is numbered (given its place in the
-    /// checkpoint order) only once its operation is decided, so that whatever its decision
-    /// records (an index a script chose, into `written`) is recorded before it.
-    pub fn stage(&self, write: Write) -> Option<Chunk> {
-        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        staged.writes.push(write);
-        (staged.writes.len() >= STAGE_CHUNK).then(|| std::mem::take(&mut *staged))
-    }
-
     fn sender(&self) -> Result<&mpsc::Sender<Msg>, Closed> {
         self.tx.as_ref().ok_or(Closed)
     }
 
-    /// Hand a chunk to the batcher. Waits while the memory budget or the queue is full: this
-    /// is the back-pressure that stops the source when the sink is slow.
+    /// Hand a chunk over: number its writes and record its positions in order, and queue its
+    /// writes and index operations for the batcher. Waits while the memory budget or the queue
+    /// is full: this is the back-pressure that stops the pipeline when the sink is slow.
     ///
     /// # Cancel safety
-    /// Dropping the future drops the chunk's writes unacknowledged: the checkpoint then stays
-    /// before them, so they are read again on the next start.
+    /// Dropping the future drops the writes not yet queued unacknowledged: the checkpoint then
+    /// stays before them, so they are read again on the next start.
     ///
     /// # Errors
     /// [`Closed`] when the sink has stopped.
     pub async fn send_chunk(&self, chunk: Chunk) -> Result<(), Closed> {
-        let Chunk { mut writes, positions } = chunk;
-        let skipped = self.decide(&mut writes).await;
-        self.number(&mut writes, &skipped, positions);
-        if skipped.iter().any(|s| *s) {
-            let mut skip = skipped.into_iter();
-            writes.retain(|_| !skip.next().unwrap_or(false));
+        let Chunk { mut writes, marks } = chunk;
+        let mut positions = Vec::new();
+        // Writes before this index of the chunk are queued.
+        let mut queued = 0;
+        for (at, mark) in marks {
+            match mark {
+                Mark::Position(p) => positions.push((at - queued, p)),
+                Mark::Control(c) => {
+                    let rest = writes.split_off(at - queued);
+                    let before = std::mem::replace(&mut writes, rest);
+                    self.queue_writes(before, std::mem::take(&mut positions)).await?;
+                    queued = at;
+                    self.queue_control(c).await?;
+                }
+            }
         }
+        self.queue_writes(writes, positions).await
+    }
+
+    async fn queue_writes(&self, mut writes: Vec<Write>, positions: Vec<(usize, Position)>) -> Result<(), Closed> {
+        self.number(&mut writes, positions);
         if writes.is_empty() {
             return Ok(());
         }
@@ -515,124 +463,30 @@ impl Sink {
             .map_err(|_| Closed)
     }
 
-    /// Number the decided writes (skipped ones write nothing and take no number) and record
-    /// the positions staged among them, in their order.
-    fn number(&self, writes: &mut [Write], skipped: &[bool], positions: Vec<(usize, Position)>) {
+    /// Queue an index operation. Those that must finish before the checkpoint passes them
+    /// take a place in its order.
+    async fn queue_control(&self, control: Control) -> Result<(), Closed> {
+        let seq = (!matches!(control, Control::Flush)).then(|| self.shared.tracker().register());
+        self.sender()?.send(Msg::Control(control, seq)).await.map_err(|_| Closed)
+    }
+
+    /// Number the writes and record the positions among them, in their order.
+    fn number(&self, writes: &mut [Write], positions: Vec<(usize, Position)>) {
         let mut tracker = self.shared.tracker();
         let mut positions = positions.into_iter().peekable();
         for (i, w) in writes.iter_mut().enumerate() {
             while let Some((_, p)) = positions.next_if(|(at, _)| *at <= i) {
                 tracker.record(p);
             }
-            if !skipped.get(i).copied().unwrap_or(false) {
-                w.seq = tracker.register();
-                w.key = w.document_key();
-            }
+            w.seq = tracker.register();
+            w.key = w.document_key();
         }
         for (_, p) in positions {
             tracker.record(p);
         }
     }
 
-    /// Await the decisions of deferred writes, in order (they run in parallel elsewhere).
-    /// Returns which writes are skipped (they write nothing).
-    async fn decide(&self, writes: &mut [Write]) -> Vec<bool> {
-        let mut skipped = vec![false; writes.len()];
-        if writes.iter().all(|w| w.deferred.is_none()) {
-            return skipped;
-        }
-        for (w, skip) in writes.iter_mut().zip(skipped.iter_mut()) {
-            let Some(deferred) = w.deferred.take() else { continue };
-            self.shared.health.transform_waiting(true);
-            let decision = deferred.decided().await;
-            self.shared.health.transform_waiting(false);
-            match decision {
-                Decided::Skip => *skip = true,
-                Decided::Write { op, index, id_json, routing, pipeline } => {
-                    w.op = op;
-                    w.index = index;
-                    w.id_json = id_json;
-                    w.routing = routing;
-                    w.pipeline = pipeline;
-                }
-            }
-        }
-        let n = skipped.iter().filter(|s| **s).count();
-        if n > 0 {
-            self.shared.metrics.events.with_label_values(&["ignored"]).inc_by(n as u64);
-        }
-        skipped
-    }
-
-    /// Hand every staged write to the batcher (the source is about to wait on MongoDB, or a
-    /// barrier needs them).
-    ///
-    /// # Errors
-    /// [`Closed`] when the sink has stopped.
-    pub async fn flush_staged(&self) -> Result<(), Closed> {
-        let chunk = {
-            let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::take(&mut *staged)
-        };
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        self.send_chunk(chunk).await
-    }
-
-    /// Hand every staged write to the batcher and have it send its partial batch now instead
-    /// of waiting for the flush interval (the end of a snapshot's collection, a barrier).
-    ///
-    /// # Errors
-    /// [`Closed`] when the sink has stopped.
-    pub async fn flush_batches(&self) -> Result<(), Closed> {
-        self.flush_staged().await?;
-        self.sender()?.send(Msg::Flush).await.map_err(|_| Closed)
-    }
-
-    /// Whether writes are staged and not yet handed to the batcher.
-    pub fn has_staged(&self) -> bool {
-        let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        !staged.is_empty()
-    }
-
-    /// Record a position covering every write sent so far: after the staged ones, once they
-    /// are numbered.
-    pub fn record(&self, position: Position) {
-        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        if staged.is_empty() {
-            drop(staged);
-            self.shared.record(position);
-        } else {
-            let at = staged.writes.len();
-            staged.positions.push((at, position));
-        }
-    }
-
-    /// Wait until every write sent so far is acknowledged (partial batches are flushed).
-    ///
-    /// # Errors
-    /// [`Closed`] when the sink stopped before draining.
-    pub async fn barrier(&self) -> Result<(), Closed> {
-        self.flush_batches().await?;
-        loop {
-            let notified = self.shared.acked.notified();
-            if self.shared.is_drained() {
-                return Ok(());
-            }
-            if self.sender()?.is_closed() {
-                return Err(Closed);
-            }
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
-    }
-
     /// Stop accepting writes, let the batcher deliver what it holds, and wait for it.
-    /// Writes still staged are dropped unacknowledged (the source stopped mid-chunk; they are
-    /// read again on the next start).
     pub async fn close(mut self) {
         self.tx = None;
         while let Some(res) = self.tasks.join_next().await {
@@ -765,6 +619,43 @@ struct Delivered {
     complete: bool,
 }
 
+/// The batcher loop's state.
+struct Loop {
+    /// Bulk requests in flight at most.
+    slots: usize,
+    batcher: Batcher,
+    tasks: JoinSet<Delivered>,
+    /// The queue closed: deliver what is left, then stop.
+    closed: bool,
+    /// Send partial batches now.
+    flush: bool,
+    /// An index operation waiting for the writes before it to be done.
+    waiting: Option<(Control, Option<Seq>)>,
+    /// Every queued write is in flight or held back for one: wait for a delivery.
+    blocked: bool,
+    /// Partial batches in flight.
+    partials: usize,
+    /// When the last batch was taken (or the queue last went from empty to not).
+    since: tokio::time::Instant,
+}
+
+impl Loop {
+    fn receive(&mut self, msg: Option<Msg>) {
+        match msg {
+            Some(Msg::Writes(ws)) => {
+                if self.batcher.is_empty() {
+                    self.since = tokio::time::Instant::now();
+                }
+                self.batcher.push(ws);
+                self.blocked = false;
+            }
+            Some(Msg::Control(Control::Flush, _)) => self.flush = true,
+            Some(Msg::Control(control, seq)) => self.waiting = Some((control, seq)),
+            None => self.closed = true,
+        }
+    }
+}
+
 /// Sends bulk requests: the batcher loop and the delivery of one batch.
 struct Deliverer {
     es: Elastic,
@@ -780,113 +671,207 @@ impl Deliverer {
     /// latency (fewer, fuller requests) and at a low rate a change waits one interval.
     async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Msg>) {
         let limits = self.settings.batch.clone();
-        let slots = limits.concurrency.max(1);
-        let mut batcher = Batcher::new(limits.clone());
-        let mut tasks: JoinSet<Delivered> = JoinSet::new();
-        let mut closed = false;
-        let mut flush = false;
-        // Every queued write is in flight or held back for one: wait for a delivery.
-        let mut blocked = false;
-        let mut partials = 0usize;
-        let mut since = tokio::time::Instant::now();
+        let mut l = Loop {
+            slots: limits.concurrency.max(1),
+            batcher: Batcher::new(limits),
+            tasks: JoinSet::new(),
+            closed: false,
+            flush: false,
+            waiting: None,
+            blocked: false,
+            partials: 0,
+            since: tokio::time::Instant::now(),
+        };
         // The pipeline starts only once Elasticsearch answered; deliveries report from here on.
         self.shared.health.sink_beat(true);
         loop {
             // Deliveries in flight beat for themselves, on every response and every retry
             // (requests time out, so none is silent for long); a beat here would hide a sink
             // that makes no progress at all.
-            if tasks.is_empty() {
+            if l.tasks.is_empty() {
                 self.shared.health.sink_alive();
             }
-            let now = tokio::time::Instant::now();
-            let wait = if batcher.snapshot_only() {
-                limits.flush_interval * SNAPSHOT_FLUSH_FACTOR
-            } else {
-                limits.flush_interval
-            };
-            let due = since + wait;
             if self.abort.is_cancelled() {
                 // Forced stop (grace period over, or the worker's lease is lost): abandon the
                 // requests in flight (dropping the set aborts them) and send nothing more. What
                 // they held stays unacknowledged and is replayed on the next start.
                 return;
             }
-            while !blocked && !batcher.is_empty() && tasks.len() < slots {
-                let full = batcher.is_full();
-                if !(full || flush || closed || (now >= due && partials == 0)) {
-                    break;
+            if l.batcher.is_empty() && l.tasks.is_empty() {
+                if let Some((control, seq)) = l.waiting.take() {
+                    if self.apply(control).await.is_err() {
+                        return;
+                    }
+                    if let Some(seq) = seq {
+                        self.shared.ack(&[seq]);
+                    }
+                    continue;
                 }
-                let taken = batcher.take();
-                if taken.deferred > 0 {
-                    self.shared.metrics.held_writes.inc_by(taken.deferred as u64);
-                }
-                if !taken.superseded.is_empty() {
-                    // Safe before the superseding write is acknowledged: a checkpoint between
-                    // them replays that later write, which carries the newer state.
-                    self.shared.ack(&taken.superseded);
-                }
-                if taken.send.is_empty() {
-                    blocked = true;
-                    break;
-                }
-                since = now;
-                let partial = !full;
-                partials += usize::from(partial);
-                let this = self.clone();
-                // In the batcher's span: delivery logs carry the pipeline.
-                tasks.spawn(async move { this.deliver_batch(taken.send, partial).await }.in_current_span());
             }
-            if batcher.is_empty() {
-                flush = false;
-            }
-            if tasks.is_empty() && closed && batcher.is_empty() {
+            let now = tokio::time::Instant::now();
+            let due = l.since + self.flush_wait(&l.batcher);
+            self.dispatch(&mut l, now, due);
+            if l.tasks.is_empty() && l.closed && l.batcher.is_empty() {
                 return;
             }
-            let receive = !closed && !(batcher.is_full() && (tasks.len() >= slots || blocked));
-            let timer = !batcher.is_empty() && now < due;
+            let receive = !l.closed && l.waiting.is_none() && !(l.batcher.is_full() && (l.tasks.len() >= l.slots || l.blocked));
+            let timer = !l.batcher.is_empty() && now < due;
             tokio::select! {
                 biased;
-                res = tasks.join_next(), if !tasks.is_empty() => match res {
-                    Some(Ok(d)) => {
-                        batcher.done(&d.keys);
-                        blocked = false;
-                        partials -= usize::from(d.partial);
-                        // Not complete: cut short by a forced stop, which the loop's next turn
-                        // carries out; these writes stay unacknowledged.
-                        if d.complete {
-                            self.shared.ack(&d.seqs);
-                            if d.newest > 0 {
-                                let lag = crate::time::unix_seconds() - crate::checkpoint::ClusterTime::from_version(d.newest).t as i64;
-                                self.shared.metrics.lag_seconds.set(lag.max(0));
-                            }
-                        }
-                    }
+                res = l.tasks.join_next(), if !l.tasks.is_empty() => match res {
+                    Some(Ok(d)) => self.delivered(&mut l, d),
                     Some(Err(e)) => {
                         // A bug, not an outage: stop the sink rather than hold this batch's
-                        // documents back forever. The source's next hand-over fails (and with
-                        // no hand-over the sink's heartbeat stops, failing `/healthz`), so the
+                        // documents back forever. The next hand-over fails (and with no
+                        // hand-over the sink's heartbeat stops, failing `/healthz`), so the
                         // pipeline stops and a restart resumes from its checkpoint.
                         error!(error = %e, "bulk delivery task failed; stopping the sink");
                         return;
                     }
                     None => {}
                 },
-                msg = rx.recv(), if receive => match msg {
-                    Some(Msg::Writes(ws)) => {
-                        if batcher.is_empty() {
-                            since = tokio::time::Instant::now();
-                        }
-                        batcher.push(ws);
-                        blocked = false;
-                    }
-                    Some(Msg::Flush) => flush = true,
-                    None => closed = true,
-                },
+                msg = rx.recv(), if receive => l.receive(msg),
                 () = tokio::time::sleep_until(due), if timer => {}
                 () = self.abort.cancelled() => {}
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
+    }
+
+    /// How long a partial batch may wait to fill.
+    fn flush_wait(&self, batcher: &Batcher) -> Duration {
+        let interval = self.settings.batch.flush_interval;
+        if batcher.snapshot_only() {
+            interval * SNAPSHOT_FLUSH_FACTOR
+        } else {
+            interval
+        }
+    }
+
+    /// Start deliveries while request slots are free: full batches at once, a partial one when
+    /// due (one at a time), flushed, or when an index operation waits for everything before it.
+    fn dispatch(self: &Arc<Self>, l: &mut Loop, now: tokio::time::Instant, due: tokio::time::Instant) {
+        while !l.blocked && !l.batcher.is_empty() && l.tasks.len() < l.slots {
+            let full = l.batcher.is_full();
+            if !(full || l.flush || l.closed || l.waiting.is_some() || (now >= due && l.partials == 0)) {
+                break;
+            }
+            let taken = l.batcher.take();
+            if taken.deferred > 0 {
+                self.shared.metrics.held_writes.inc_by(taken.deferred as u64);
+            }
+            if !taken.superseded.is_empty() {
+                // Safe before the superseding write is acknowledged: a checkpoint between
+                // them replays that later write, which carries the newer state.
+                self.shared.ack(&taken.superseded);
+            }
+            if taken.send.is_empty() {
+                l.blocked = true;
+                break;
+            }
+            l.since = now;
+            let partial = !full;
+            l.partials += usize::from(partial);
+            let this = self.clone();
+            // In the batcher's span: delivery logs carry the pipeline.
+            l.tasks.spawn(async move { this.deliver_batch(taken.send, partial).await }.in_current_span());
+        }
+        if l.batcher.is_empty() {
+            l.flush = false;
+        }
+    }
+
+    /// A delivery finished: its documents are free again, and its writes acknowledged unless a
+    /// forced stop cut it short (the loop's next turn carries that stop out).
+    fn delivered(&self, l: &mut Loop, d: Delivered) {
+        l.batcher.done(&d.keys);
+        l.blocked = false;
+        l.partials -= usize::from(d.partial);
+        if d.complete {
+            self.shared.ack(&d.seqs);
+            if d.newest > 0 {
+                let lag = crate::time::unix_seconds() - crate::checkpoint::ClusterTime::from_version(d.newest).t as i64;
+                self.shared.metrics.lag_seconds.set(lag.max(0));
+            }
+        }
+    }
+
+    /// Carry out an index operation (every write before it is done), retrying until it is done.
+    ///
+    /// # Errors
+    /// [`crate::retry::Cancelled`] when the sink is stopped first: not done, so never
+    /// acknowledged, and the change that asked for it is read again on the next start.
+    async fn apply(&self, control: Control) -> Result<(), crate::retry::Cancelled> {
+        match control {
+            Control::Drop { ns, indexes, time } => {
+                for index in &indexes {
+                    self.drop_index(&ns, index, time).await?;
+                }
+            }
+            Control::Sweep { indexes, located, below } => self.sweep(&indexes, located, below).await?,
+            Control::Barrier(reply) => {
+                // The asker may have stopped waiting (shutdown): nothing to tell then.
+                let _ = reply.send(());
+            }
+            Control::Flush => {}
+        }
+        Ok(())
+    }
+
+    /// Delete `index` of dropped namespace `ns`, or, sharded, this shard's documents of it
+    /// older than the drop.
+    async fn drop_index(&self, ns: &str, index: &str, time: Option<mongodb::bson::Timestamp>) -> Result<(), crate::retry::Cancelled> {
+        let shard = self.settings.shard;
+        if shard.is_split() {
+            // Other shards may still be writing this index's older changes, or already its
+            // newer ones: deleting the index would race them. Each shard instead deletes its
+            // own documents older than the drop, with versioned deletes that lose against
+            // anything written after it.
+            let Some(time) = time else {
+                warn!(namespace = %ns, "drop event without a cluster time; index kept");
+                return Ok(());
+            };
+            let below = crate::checkpoint::ClusterTime::from(time).version().saturating_add(1);
+            let deleted = crate::retry::until_ok(&self.abort, || self.es.sweep(index, below, |id| shard.owns(id)), |e| {
+                warn!(index = %index, error = %crate::error_chain(e), "failed to delete documents of dropped collection; retrying");
+                self.shared.health.sink_beat(false);
+            })
+            .await?;
+            tracing::info!(namespace = %ns, index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
+            return Ok(());
+        }
+        crate::retry::until_ok(&self.abort, || self.es.delete_index(index), |e| {
+            warn!(index = %index, error = %crate::error_chain(e), "failed to delete index of dropped collection; retrying");
+            self.shared.health.sink_beat(false);
+        })
+        .await?;
+        tracing::info!(namespace = %ns, index = %index, "collection dropped; index deleted");
+        self.shared.metrics.indexes_dropped.inc();
+        Ok(())
+    }
+
+    /// The re-snapshot sweep: from each of `indexes`, and through the location records when
+    /// `located`, delete this shard's documents versioned below `below`. Retried whole until it
+    /// succeeds (versioned deletes: a retry deletes nothing written since).
+    async fn sweep(&self, indexes: &[String], located: bool, below: u64) -> Result<(), crate::retry::Cancelled> {
+        let shard = self.settings.shard;
+        for index in indexes {
+            let n = crate::retry::until_ok(&self.abort, || self.es.sweep(index, below, |id| shard.owns(id)), |e| {
+                warn!(index = %index, error = %crate::error_chain(e), "sweep failed; retrying");
+                self.shared.health.sink_beat(false);
+            })
+            .await?;
+            tracing::info!(index = %index, deleted = n, "swept documents deleted during the lost history");
+        }
+        if let (true, Some(records)) = (located, &self.settings.locations) {
+            let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, |mongo_id| shard.owns(mongo_id)), |e| {
+                warn!(error = %crate::error_chain(e), "sweep of located documents failed; retrying");
+                self.shared.health.sink_beat(false);
+            })
+            .await?;
+            tracing::info!(deleted = n, "swept documents deleted during the lost history (by their location records)");
+        }
+        Ok(())
     }
 
     /// Deliver one batch and report what to acknowledge.
@@ -904,7 +889,7 @@ impl Deliverer {
         }
     }
 
-    /// Deliver `writes` until each has a final outcome: writes the source could not convert
+    /// Deliver `writes` until each has a final outcome: writes the transform could not make
     /// go to the dead-letter index; tracked writes are first aimed with their location
     /// records ([`locations`]): new places are recorded before the documents land there, and
     /// the final records follow once the documents' writes are final.
@@ -1014,31 +999,7 @@ impl Deliverer {
                             continue;
                         }
                     };
-                    let mut retry = Vec::new();
-                    let mut retry_reason = String::new();
-                    // [indexed, deleted, stale, already gone], added to the metrics once.
-                    let mut counts = [0u64; 4];
-                    for (w, outcome) in chunk.into_iter().zip(outcomes) {
-                        match outcome {
-                            // Writes on another's behalf count as that one's.
-                            ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone if w.aux => {}
-                            ItemOutcome::Done => counts[usize::from(matches!(w.op, Op::Delete))] += 1,
-                            ItemOutcome::Stale => counts[2] += 1,
-                            ItemOutcome::AlreadyGone => counts[3] += 1,
-                            ItemOutcome::Retry { reason, .. } => {
-                                retry_reason = reason;
-                                retry.push(w);
-                            }
-                            ItemOutcome::Reject { status, error_type, reason } => {
-                                rejected.push((w, Refusal { status, error_type, reason }));
-                            }
-                        }
-                    }
-                    m.hot.indexed.inc_by(counts[0]);
-                    m.hot.deleted.inc_by(counts[1]);
-                    m.hot.stale.inc_by(counts[2]);
-                    m.hot.already_gone.inc_by(counts[3]);
-                    self.shared.note_outcomes(counts[0] + counts[1] + counts[3], counts[2]);
+                    let (retry, retry_reason) = self.sort_items(chunk, outcomes, rejected);
                     if retry.is_empty() {
                         m.bulk_requests.with_label_values(&["ok"]).inc();
                         self.shared.health.sink_beat(true);
@@ -1055,6 +1016,36 @@ impl Deliverer {
             }
         }
         Ok(())
+    }
+
+    /// Sort a bulk response's items: those done are counted, those refused added to `rejected`.
+    /// Returns those to retry, and why the last of them failed.
+    fn sort_items(&self, chunk: Vec<Write>, outcomes: Vec<ItemOutcome>, rejected: &mut Vec<(Write, Refusal)>) -> (Vec<Write>, String) {
+        let m = &self.shared.metrics;
+        let mut retry = Vec::new();
+        let mut retry_reason = String::new();
+        // [indexed, deleted, stale, already gone], added to the metrics once.
+        let mut counts = [0u64; 4];
+        for (w, outcome) in chunk.into_iter().zip(outcomes) {
+            match outcome {
+                // Writes on another's behalf count as that one's.
+                ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone if w.aux => {}
+                ItemOutcome::Done => counts[usize::from(matches!(w.op, Op::Delete))] += 1,
+                ItemOutcome::Stale => counts[2] += 1,
+                ItemOutcome::AlreadyGone => counts[3] += 1,
+                ItemOutcome::Retry { reason, .. } => {
+                    retry_reason = reason;
+                    retry.push(w);
+                }
+                ItemOutcome::Reject { status, error_type, reason } => rejected.push((w, Refusal { status, error_type, reason })),
+            }
+        }
+        m.hot.indexed.inc_by(counts[0]);
+        m.hot.deleted.inc_by(counts[1]);
+        m.hot.stale.inc_by(counts[2]);
+        m.hot.already_gone.inc_by(counts[3]);
+        self.shared.note_outcomes(counts[0] + counts[1] + counts[3], counts[2]);
+        (retry, retry_reason)
     }
 
     /// Record refused documents in the dead-letter index (see [`dead_letter`] for what a record
@@ -1253,6 +1244,37 @@ pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
         }
     }
     (keep, superseded)
+}
+
+/// A sink whose Elasticsearch is never reached and which never flushes on its own (tests
+/// acknowledge by hand).
+#[cfg(test)]
+pub(crate) fn idle(shared: Arc<Shared>) -> Sink {
+    let config = crate::config::ElasticConfig {
+        urls: vec!["http://127.0.0.1:9".into()],
+        auth: crate::config::ElasticAuth::None,
+        ca_pem: None,
+        client_identity: None,
+        gzip: false,
+        request_timeout: Duration::from_secs(1),
+    };
+    let es = Elastic::new(&config).expect("client");
+    let settings = SinkSettings {
+        batch: BatchConfig { flush_interval: Duration::from_secs(3600), ..BatchConfig::default() },
+        dead_letter_index: Arc::from("dl"),
+        pipeline: Arc::from("p"),
+        locations: None,
+        shard: crate::config::Shard::default(),
+    };
+    Sink::start(es, settings, shared, CancellationToken::new())
+}
+
+impl Shared {
+    /// Acknowledge writes by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn ack_for_test(&self, seqs: &[Seq]) {
+        self.ack(seqs);
+    }
 }
 
 #[cfg(test)]
@@ -1462,55 +1484,9 @@ mod tests {
         assert_eq!(kept.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![4], "document 3's record still names the copy its delete could not remove");
     }
 
-    /// A sink whose Elasticsearch is never reached (nothing is flushed in these tests; the
-    /// tests acknowledge by hand).
-    fn idle_sink(shared: Arc<Shared>) -> Sink {
-        let config = crate::config::ElasticConfig {
-            urls: vec!["http://127.0.0.1:9".into()],
-            auth: crate::config::ElasticAuth::None,
-            ca_pem: None,
-            client_identity: None,
-            gzip: false,
-            request_timeout: Duration::from_secs(1),
-        };
-        let es = Elastic::new(&config).expect("client");
-        let settings = SinkSettings {
-            batch: BatchConfig { flush_interval: Duration::from_secs(3600), ..BatchConfig::default() },
-            dead_letter_index: Arc::from("dl"),
-            pipeline: Arc::from("p"),
-            locations: None,
-        };
-        Sink::start(es, settings, shared, CancellationToken::new())
-    }
-
-    /// An index a script chooses is recorded in `written` before its write is numbered: a
-    /// checkpoint that covers the write (committable once it is acknowledged) also carries the
-    /// index, so a drop after a crash still finds it. Before, the decision recorded it only when
-    /// the sink awaited it, after later writes were numbered, and the position after the write
-    /// became committable without it.
-    #[tokio::test]
-    async fn an_index_a_decision_records_is_committed_with_the_write_it_decided() {
-        let shared = Shared::new(Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))));
-        let sink = idle_sink(shared.clone());
-        let recorder = shared.clone();
-        let mut scripted = w(0, "a", 1, Op::Index(Bytes::from_static(b"{}")));
-        scripted.deferred = Some(Deferred::new(async move {
-            recorder.record(Position::Written { ns: "db.c".into(), index: "chosen".into() });
-            Decided::Write { op: Op::Index(Bytes::from_static(b"{}")), index: Arc::from("chosen"), id_json: "\"a\"".into(), routing: None, pipeline: None }
-        }));
-        assert!(sink.stage(scripted).is_none());
-        sink.record(Position::SnapshotDone);
-        assert!(sink.stage(w(0, "b", 1, Op::Index(Bytes::from_static(b"{}")))).is_none());
-        sink.flush_staged().await.expect("handed over");
-        // The scripted write is the first numbered; acknowledge it alone.
-        shared.ack(&[0]);
-        let committable = shared.take_committable();
-        assert!(matches!(committable.as_slice(), [Position::Written { .. }, Position::SnapshotDone]), "{committable:?}");
-    }
-
     #[test]
     fn the_stale_share_is_published_per_window_of_answered_writes() {
-        let shared = Shared::new(Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))));
+        let shared = Shared::new(Default::default(), Metrics::new("p"), Arc::new(Health::new(Duration::from_secs(60))));
         shared.note_outcomes(300, 200);
         assert_eq!(shared.metrics.stale_share.get(), 0.0, "published only once a window is full");
         shared.note_outcomes(100, 400);

@@ -1,12 +1,18 @@
-//! The transform stage: what a document becomes before it is written (`spec.mappings`).
+//! The transform stage: what each change becomes before it is written.
 //!
-//! Pure: no I/O. The source reads a document and hands it to its namespace's [`Shape`], which
-//! decides whether it is ignored (keep-filter), removed (delete-when) or written, and if
-//! written, where (index, `_id`, routing, ingest pipeline), how (index or partial update) and
-//! with which fields ([`fields::FieldPlan`], applied while converting to JSON).
+//! - [`change`]: what the source hands in (changes, in order, through a bounded channel);
+//! - [`place`]: what one document change becomes: a [`crate::sink::Write`] (index, `_id`,
+//!   routing, ingest pipeline, operation) or nothing;
+//! - this module: the pure core of `spec.mappings`: a namespace's [`Shape`] decides whether a
+//!   document is ignored (keep-filter), removed (delete-when) or written, and if written, where,
+//!   how (index or partial update) and with which fields ([`fields::FieldPlan`], applied while
+//!   converting to JSON);
+//! - [`script`]: the JavaScript middleware and its MongoDB lookups (the stage's declared I/O);
+//! - [`stage`]: the task: places changes, awaits script decisions in order, keeps `written`, and
+//!   hands writes, positions, drops and sweeps to the sink.
 //!
-//! A namespace without a mapping has the plain shape, for which the source keeps its direct
-//! path (one conversion, nothing else), so a pipeline pays only for what it uses.
+//! A namespace without a mapping has the plain shape, for which the stage keeps its direct path
+//! (one conversion, nothing else), so a pipeline pays only for what it uses.
 //!
 //! # Where a document went
 //! When the index, `_id` or routing comes from the document, a MongoDB delete (which carries
@@ -15,9 +21,12 @@
 //! location record per document (see `sink::locations`) and reads them in one real-time
 //! multi-get per bulk request.
 
+pub mod change;
 pub mod fields;
+pub mod place;
 pub mod query;
 pub mod script;
+pub mod stage;
 
 use std::sync::Arc;
 

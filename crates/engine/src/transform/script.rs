@@ -2,11 +2,10 @@
 //! [`monsoon_script`] on its own worker threads, in parallel, each call bounded in time and
 //! memory.
 //!
-//! The source hands each document of a scripted namespace to the pool when it reads it and
-//! stages its write with the decision still pending ([`crate::sink::Deferred`]); the sink
-//! awaits the decisions in order before the writes go to the batcher. Documents of a chunk
-//! (64 writes) run at once on every core; the order of writes, the checkpoint and the memory
-//! bounds are those of every other write.
+//! The transform stage hands each document of a scripted namespace to the pool as it places it
+//! ([`defer`]) and awaits the decisions in order, within a bounded window, before the writes go
+//! to the sink: documents in the window run at once on every core; the order of writes, the
+//! checkpoint and the memory bounds are those of every other write.
 //!
 //! What a script sees: the document as the namespace's mapping shaped it (fields included,
 //! excluded, renamed), as JSON the way monsoon indexes it (ObjectIds as hex strings, dates as
@@ -39,7 +38,7 @@ use monsoon_script::{Item, LookupKind, LookupRequest, MapOutcome, ScriptError, S
 use serde_json::Value;
 
 use crate::convert::{self, ConvertStats};
-use crate::sink::{Decided, Deferred, Op};
+use crate::sink::{Op, Write};
 
 /// Longest wait between two attempts of a call whose lookups found MongoDB unreachable.
 pub const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -192,7 +191,7 @@ impl monsoon_script::Lookup for MongoLookup {
     }
 }
 
-/// Where a document goes and what is written, before the scripts decide.
+/// What the scripts are given of a document.
 pub struct Planned {
     /// Namespace.
     pub ns: String,
@@ -200,20 +199,10 @@ pub struct Planned {
     pub source: Bytes,
     /// The document's `_id` as JSON (the value, for the script's copy).
     pub id_value: Vec<u8>,
-    /// Index, `_id` (JSON string literal), routing and ingest pipeline the mapping chose.
-    pub index: Arc<str>,
-    /// `_id` as a JSON string literal.
-    pub id_json: Box<str>,
-    /// Routing.
-    pub routing: Option<Box<str>>,
-    /// Ingest pipeline.
-    pub pipeline: Option<Arc<str>>,
     /// Partial update instead of a whole-document index.
     pub update: bool,
     /// The change's update description as JSON (`updatedFields`, `removedFields`), for an update.
     pub update_desc: Option<String>,
-    /// Where the indexes a script chooses are recorded (drops delete them too).
-    pub book: Arc<crate::checkpoint::written::IndexBook>,
 }
 
 /// The document as the script sees it: `{"_id": …, <source's fields>}`.
@@ -232,73 +221,56 @@ fn with_id(id_value: &[u8], source: &[u8]) -> String {
 }
 
 /// Hand a document to the filters and scripts of its namespace (now: they run on the script
-/// threads while the source reads on) and return the decision to await. The filter runs first,
-/// and the map script only when the filter keeps the document.
-pub fn defer(scripts: &Arc<Scripts>, plan: Planned) -> Deferred {
+/// threads while the transform places the next changes) and return the decision to await:
+/// `write` (placed as the mapping placed it) with the operation and place the scripts chose,
+/// or `None` when the change is ignored. The filter runs first, and the map script only when
+/// the filter keeps the document.
+pub fn defer(scripts: &Arc<Scripts>, plan: Planned, write: Write) -> tokio::task::JoinHandle<Option<Write>> {
     let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: plan.update_desc.clone() };
     let filter = scripts.has_filter(&plan.ns).then(|| scripts.submit_filter(item.clone()));
     let map = (!scripts.has_filter(&plan.ns)).then(|| scripts.submit_map(item.clone()));
     let scripts = scripts.clone();
-    let (index, id_json) = (plan.index.clone(), plan.id_json.clone());
     // Its own task: a document's map call is submitted as soon as its filter answers, while the
-    // sink still awaits earlier decisions (documents keep running in parallel).
-    let decision = tokio::spawn(async move {
+    // transform still awaits earlier decisions (documents keep running in parallel).
+    tokio::spawn(async move {
         if let Some(filter) = filter {
             match retried(&plan.ns, filter, || scripts.submit_filter(item.clone())).await {
                 Ok(true) => {}
-                Ok(false) => return Decided::Skip,
-                Err(e) => return rejected(&plan, &e),
+                Ok(false) => return None,
+                Err(e) => return Some(rejected(&plan, write, &e)),
             }
         }
         let map = map.unwrap_or_else(|| scripts.submit_map(item.clone()));
         match retried(&plan.ns, map, || scripts.submit_map(item.clone())).await {
-            Ok(MapOutcome::Keep) => decided(&plan, plan.source.clone(), None),
-            Ok(MapOutcome::Drop) => Decided::Write {
-                op: Op::Delete,
-                index: plan.index.clone(),
-                id_json: plan.id_json.clone(),
-                routing: plan.routing.clone(),
-                pipeline: None,
-            },
-            Ok(MapOutcome::Replace { doc, meta }) => replaced(&plan, &doc, meta),
-            Err(e) => rejected(&plan, &e),
+            Ok(MapOutcome::Keep) => Some(decided(&plan, write, plan.source.clone(), None)),
+            Ok(MapOutcome::Drop) => {
+                let mut write = write;
+                write.op = Op::Delete;
+                write.pipeline = None;
+                Some(write)
+            }
+            Ok(MapOutcome::Replace { doc, meta }) => replaced(&plan, write, &doc, meta),
+            Err(e) => Some(rejected(&plan, write, &e)),
         }
-    });
-    Deferred::new(async move {
-        decision.await.unwrap_or_else(|e| Decided::Write {
-            op: Op::Reject { error_type: "script_failed", reason: format!("the script task failed: {e}"), document: None },
-            index,
-            id_json,
-            routing: None,
-            pipeline: None,
-        })
     })
 }
 
-/// A document a script returned: where it goes (`_meta_monstache`), and its index recorded
-/// as the namespace's before the write is numbered.
-fn replaced(plan: &Planned, doc: &str, meta: monsoon_script::Meta) -> Decided {
+/// A document a script returned, placed where its `_meta_monstache` says.
+fn replaced(plan: &Planned, write: Write, doc: &str, meta: monsoon_script::Meta) -> Option<Write> {
     if meta.skip {
-        return Decided::Skip;
+        return None;
     }
     let source = match without_id(doc) {
         Ok(s) => Bytes::from(s),
-        Err(e) => return rejected(plan, &ScriptError::Internal(e)),
+        Err(e) => return Some(rejected(plan, write, &ScriptError::Internal(e))),
     };
     if let Some(index) = &meta.index {
         if let Err(why) = monsoon_api::check_index_name(index) {
             let e = ScriptError::Meta { script: format!("a script of {}", plan.ns), reason: format!("index `{index}` {why}") };
-            return rejected(plan, &e);
-        }
-        if let Some(other) = plan.book.note(&plan.ns, index) {
-            let e = ScriptError::Meta {
-                script: format!("a script of {}", plan.ns),
-                reason: format!("index `{index}` is written by namespace `{other}` too: a drop of either would delete the other's documents"),
-            };
-            return rejected(plan, &e);
+            return Some(rejected(plan, write, &e));
         }
     }
-    decided(plan, source, Some(meta))
+    Some(decided(plan, write, source, Some(meta)))
 }
 
 /// Await a script result, submitting the call again while it fails retriably (its lookups
@@ -320,26 +292,28 @@ async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: mons
     result
 }
 
-fn decided(plan: &Planned, source: Bytes, meta: Option<monsoon_script::Meta>) -> Decided {
+fn decided(plan: &Planned, mut write: Write, source: Bytes, meta: Option<monsoon_script::Meta>) -> Write {
     let meta = meta.unwrap_or_default();
-    let id_json = match &meta.id {
-        Some(id) => {
-            let mut out = Vec::with_capacity(id.len() + 2);
-            crate::convert::write_json_str(id, &mut out);
-            String::from_utf8_lossy(&out).into()
-        }
-        None => plan.id_json.clone(),
-    };
-    Decided::Write {
-        op: if plan.update { Op::Update(source) } else { Op::Index(source) },
-        index: meta.index.as_deref().map_or_else(|| plan.index.clone(), Arc::from),
-        id_json,
-        routing: meta.routing.map(Into::into).or_else(|| plan.routing.clone()),
-        pipeline: meta.pipeline.map(Arc::from).or_else(|| plan.pipeline.clone()),
+    if let Some(id) = &meta.id {
+        let mut out = Vec::with_capacity(id.len() + 2);
+        crate::convert::write_json_str(id, &mut out);
+        write.id_json = String::from_utf8_lossy(&out).into();
     }
+    write.op = if plan.update { Op::Update(source) } else { Op::Index(source) };
+    if let Some(index) = meta.index {
+        write.index = Arc::from(index);
+    }
+    if let Some(routing) = meta.routing {
+        write.routing = Some(routing.into());
+    }
+    if let Some(pipeline) = meta.pipeline {
+        write.pipeline = Some(Arc::from(pipeline));
+    }
+    write
 }
 
-fn rejected(plan: &Planned, e: &ScriptError) -> Decided {
+/// `write` dead-lettered with the script's error.
+pub fn rejected(plan: &Planned, write: Write, e: &ScriptError) -> Write {
     let error_type = match e.kind() {
         "threw" => "script_threw",
         "timeout" => "script_timeout",
@@ -349,13 +323,10 @@ fn rejected(plan: &Planned, e: &ScriptError) -> Decided {
         "lookup" => "script_lookup",
         _ => "script_failed",
     };
-    Decided::Write {
-        op: Op::Reject { error_type, reason: e.to_string(), document: Some(plan.source.clone()) },
-        index: plan.index.clone(),
-        id_json: plan.id_json.clone(),
-        routing: plan.routing.clone(),
-        pipeline: None,
-    }
+    let mut write = write;
+    write.op = Op::Reject { error_type, reason: e.to_string(), document: Some(plan.source.clone()) };
+    write.pipeline = None;
+    write
 }
 
 /// The returned document without its top-level `_id` (Elasticsearch keeps `_id` out of

@@ -1,7 +1,8 @@
 //! MongoDB source: connection, the snapshot of existing documents, and the change stream.
 //!
-//! The only place that talks to MongoDB. Documents are read as raw BSON and converted to
-//! JSON once, straight into the bytes of the bulk body's `_source`.
+//! The only stage that talks to MongoDB (besides the scripts' declared lookups). It reads and
+//! hands each change on, in order, to the transform stage ([`Input`]); what a change becomes is
+//! not its business. Documents travel as raw BSON.
 //!
 //! # Invariants
 //! - The stream's start time is recorded before the first snapshot read, and the stream
@@ -17,7 +18,6 @@ pub mod filter;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use mongodb::bson::{doc, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
@@ -30,14 +30,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::event::Action;
-use crate::checkpoint::written::IndexBook;
 use crate::checkpoint::{ClusterTime, Position};
 use crate::config::{MongoConfig, Routing, Shard};
-use crate::convert::{self, ConvertStats};
+use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
-use crate::sink::{locations, Closed, Op, Sink, Write};
-use crate::transform::{script, Outcome, Shape, Shapes};
+use crate::transform::change::{Change, Closed, Doc, Input, Unreadable};
+use crate::transform::Shapes;
 
 /// MongoDB error code: the resume point is no longer in the oplog.
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
@@ -94,23 +93,12 @@ pub enum Error {
         /// Server error code.
         code: i32,
     },
-    /// The sink stopped (forced shutdown).
-    #[error("the sink stopped")]
-    SinkClosed(#[from] Closed),
-    /// Shutdown was requested while waiting on the sink.
+    /// The stages after the source stopped (forced shutdown, or a failure there).
+    #[error("the transform stage stopped")]
+    Closed(#[from] Closed),
+    /// Shutdown was requested while waiting.
     #[error("cancelled")]
     Cancelled,
-    /// Two live namespaces would write one index: dropping either would delete the other's
-    /// documents with it.
-    #[error("namespaces `{first}` and `{second}` both write to index `{index}`: dropping one would delete the other's documents; give one of them its own index with `spec.indexes`")]
-    SharedIndex {
-        /// The index.
-        index: String,
-        /// The namespace already writing it.
-        first: String,
-        /// The namespace that would write it too.
-        second: String,
-    },
 }
 
 /// Open a client and check the server answers and accepts the credentials.
@@ -283,63 +271,25 @@ pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<
 pub struct Source<'a> {
     /// MongoDB client.
     pub client: Client,
-    /// What is synced where.
+    /// What is synced.
     pub routing: &'a Routing,
-    /// The sink receiving writes.
-    pub sink: &'a Sink,
+    /// Where changes go: the transform stage.
+    pub out: &'a Input,
     /// Metrics.
     pub metrics: &'a Metrics,
     /// Health.
     pub health: &'a Health,
     /// Stops reading.
     pub cancel: CancellationToken,
-    /// Delete indexes of dropped collections.
-    pub delete_index_on_drop: bool,
-    /// Last (db, collection, namespace, index) routed.
-    pub route_cache: std::sync::Mutex<Option<Route>>,
-    /// Reused buffer for Elasticsearch ids (each is then copied once into an exact-size box).
-    pub id_scratch: std::sync::Mutex<Vec<u8>>,
     /// The documents this worker owns.
     pub shard: Shard,
-    /// Namespaces written so far and their indexes (the checkpoint's `written`, kept current;
-    /// a namespace whose index comes from its documents lists each, comma-separated).
-    pub written: Arc<IndexBook>,
-    /// How each namespace's documents are shaped.
+    /// The mappings' aggregation stages (what to read, not what it becomes).
     pub shapes: &'a Shapes,
-    /// Pipeline name (location record ids).
-    pub pipeline: &'a str,
-    /// JavaScript middleware, when the pipeline has scripts or filters.
-    pub scripts: Option<Arc<monsoon_script::Scripts>>,
+    /// Keep change events' update descriptions (the scripts read them).
+    pub keep_update: bool,
+    /// The names of the collection changed last.
+    pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
 }
-
-/// A routed collection: database and collection names, and where its writes go.
-pub type Route = (String, String, Target);
-
-/// Where a namespace's writes go by default, and how its documents are shaped.
-#[derive(Clone)]
-pub struct Target {
-    /// `db.collection`.
-    pub ns: Arc<str>,
-    /// Its default index.
-    pub index: Arc<str>,
-    /// Its mapping.
-    pub shape: Arc<Shape>,
-}
-
-/// One change of a document, as the source read it.
-#[derive(Clone, Copy)]
-struct Change<'a> {
-    /// The document's `_id`.
-    id: RawBsonRef<'a>,
-    /// The document; `None` for a delete.
-    doc: Option<&'a RawDocument>,
-    /// The update's description, for scripts.
-    update: Option<&'a RawDocument>,
-    /// External version: the change's cluster time.
-    version: u64,
-}
-
-
 
 /// How a source phase ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -351,28 +301,48 @@ pub enum Ended {
 }
 
 impl Source<'_> {
-    /// Hand a write to the sink (staged, and sent with its chunk). While the sink
-    /// applies back-pressure this waits, beating the source's heartbeat (waiting on a slow
-    /// sink is not being stuck) and giving way to shutdown. Writes abandoned at shutdown are
-    /// never acknowledged, so the checkpoint stays before them and they are read again on the
-    /// next start.
-    async fn send(&self, write: Write) -> Result<(), Error> {
-        match self.sink.stage(write) {
+    /// Hand a change on (staged, and sent with its chunk). While the stages after the source
+    /// apply back-pressure this waits, beating the source's heartbeat (waiting on a slow sink
+    /// is not being stuck) and giving way to shutdown. Changes abandoned at shutdown are never
+    /// acknowledged, so the checkpoint stays before them and they are read again on the next
+    /// start.
+    async fn send(&self, change: Change) -> Result<(), Error> {
+        match self.out.stage(change) {
             None => Ok(()),
-            Some(chunk) => self.wait_on_sink(self.sink.send_chunk(chunk)).await,
+            Some(chunk) => self.wait_on_stages(self.out.send(chunk)).await,
         }
     }
 
-    /// Hand staged writes over before the source waits on MongoDB, so a pause in the source
-    /// never holds writes back.
-    async fn flush(&self) -> Result<(), Error> {
-        if self.sink.has_staged() {
-            self.wait_on_sink(self.sink.flush_staged()).await?;
+    /// Record a position: it covers every change handed on before it.
+    pub fn record(&self, position: Position) {
+        self.out.record(position);
+    }
+
+    /// Hand staged changes on before the source waits on MongoDB, so a pause in the source
+    /// never holds them back.
+    pub async fn flush(&self) -> Result<(), Error> {
+        if self.out.has_staged() {
+            self.wait_on_stages(self.out.send(self.out.take_staged())).await?;
         }
         Ok(())
     }
 
-    async fn wait_on_sink(&self, fut: impl std::future::Future<Output = Result<(), Closed>>) -> Result<(), Error> {
+    /// Wait until every change handed on so far has its final outcome (written, refused into
+    /// the dead-letter index, or superseded).
+    ///
+    /// # Errors
+    /// [`Error::Cancelled`] on shutdown, [`Error::Closed`].
+    pub async fn barrier(&self) -> Result<(), Error> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.send(Change::Barrier(reply)).await?;
+        self.flush().await?;
+        tokio::select! {
+            r = done => r.map_err(|_| Error::Closed(Closed)),
+            () = self.cancel.cancelled() => Err(Error::Cancelled),
+        }
+    }
+
+    async fn wait_on_stages(&self, fut: impl std::future::Future<Output = Result<(), Closed>>) -> Result<(), Error> {
         tokio::pin!(fut);
         // Fast path: most hand-overs complete at once; only a wait needs the timer below.
         if let Some(r) = futures_util::FutureExt::now_or_never(&mut fut) {
@@ -383,12 +353,12 @@ impl Source<'_> {
                 biased;
                 r = &mut fut => return r.map_err(Error::from),
                 () = self.cancel.cancelled() => return Err(Error::Cancelled),
-                () = tokio::time::sleep(Duration::from_secs(5)) => self.health.source_beat(true),
+                () = tokio::time::sleep(Input::PATIENCE) => self.health.source_beat(true),
             }
         }
     }
 
-    /// Await a MongoDB read; if it cannot complete at once, first hand staged writes over. A
+    /// Await a MongoDB read; if it cannot complete at once, first hand staged changes on. A
     /// read with no reply within `limit` (a silently dropped connection: the driver sets no
     /// socket timeout) fails like any other read, so the caller re-opens.
     async fn read<T>(
@@ -407,46 +377,6 @@ impl Source<'_> {
         }
     }
 
-    /// Index and namespace names of `db.coll`, cached for the common case of consecutive
-    /// changes to one collection. A namespace's first route records it as written (before its
-    /// first write, so a checkpoint past that write always knows the index).
-    ///
-    /// # Errors
-    /// [`Error::SharedIndex`] when another live namespace already writes the same index.
-    fn route(&self, db: &str, coll: &str) -> Result<Target, Error> {
-        let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((d, c, target)) = cache.as_ref() {
-            if d == db && c == coll {
-                return Ok(target.clone());
-            }
-        }
-        let ns = format!("{db}.{coll}");
-        let index = self.routing.index_for(db, coll);
-        if let Some(first) = self.note_index(&ns, &index) {
-            return Err(Error::SharedIndex { index, first, second: ns });
-        }
-        let target = Target { ns: Arc::from(ns), index: Arc::from(index), shape: self.shapes.for_ns(db, coll) };
-        *cache = Some((db.to_string(), coll.to_string(), target.clone()));
-        Ok(target)
-    }
-
-    fn note_index(&self, ns: &str, index: &str) -> Option<String> {
-        self.written.note(ns, index)
-    }
-
-    /// Every index `db.coll` writes or has written: its default and those its documents chose.
-    pub fn indexes_of(&self, db: &str, coll: &str) -> Vec<String> {
-        self.written.indexes_of(db, coll)
-    }
-
-    /// Forget `db.coll` after its drop was applied: its index is no longer this pipeline's to
-    /// sweep, and a new collection of that name starts afresh.
-    fn forget(&self, db: &str, coll: &str) {
-        let ns = format!("{db}.{coll}");
-        *self.route_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.written.forget(&ns);
-    }
-
     /// Whether this worker's shard owns the document with MongoDB `_id` `id`. An `_id` with
     /// no Elasticsearch form (too long) belongs to shard 0, which dead-letters it.
     fn owns(&self, id: RawBsonRef<'_>) -> bool {
@@ -459,174 +389,18 @@ impl Source<'_> {
         }
     }
 
-    /// The write a change of `db.coll` becomes (`doc` is `None` for a delete), or `None` when
-    /// the namespace's keep-filter ignores it.
-    fn write_for(&self, db: &str, coll: &str, change: Change<'_>, stats: &mut ConvertStats) -> Result<Option<Write>, Error> {
-        let target = self.route(db, coll)?;
-        let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
-        if target.shape.is_plain() && scripts.is_none() {
-            return Ok(Some(self.plain_write(target.ns, target.index, change, stats)));
-        }
-        let shape = target.shape.clone();
-        let mut write = self.shaped_write(target, scripts.is_some(), change, stats);
-        if let (Some(scripts), Some(w)) = (scripts, write.as_mut()) {
-            self.defer_to_scripts(scripts, &shape, change, w, stats);
-        }
-        Ok(write)
-    }
-
-    /// Hand a shaped write's document to the namespace's scripts: its operation is decided
-    /// on the script threads and awaited by the sink, in order.
-    fn defer_to_scripts(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, change: Change<'_>, w: &mut Write, stats: &mut ConvertStats) {
-        let Change { id, update, .. } = change;
-        let source = match &w.op {
-            // Shared, not copied: the scripts read it, and keep it as it is for `true`.
-            Op::Index(s) | Op::Update(s) => s.clone(),
-            // Deletes and refusals are not the scripts' to decide.
-            Op::Delete | Op::Reject { .. } => return,
-        };
-        let mut id_value = Vec::new();
-        if convert::write_value(id, &mut id_value, stats).is_err() {
-            id_value = b"null".to_vec();
-        }
-        let update_desc = update.and_then(|u| {
-            let mut out = Vec::new();
-            convert::write_document(u, false, &mut out, stats).ok().map(|()| String::from_utf8_lossy(&out).into_owned())
-        });
-        let plan = script::Planned {
-            update_desc,
-            ns: w.ns.to_string(),
-            source,
-            id_value,
-            index: w.index.clone(),
-            id_json: w.id_json.clone(),
-            routing: w.routing.clone(),
-            pipeline: w.pipeline.clone(),
-            update: shape.update,
-            book: self.written.clone(),
-        };
-        w.deferred = Some(script::defer(scripts, plan));
-    }
-
-    /// A change through its namespace's mapping ([`crate::transform`]).
-    fn shaped_write(&self, target: Target, scripted: bool, change: Change<'_>, stats: &mut ConvertStats) -> Option<Write> {
-        let Target { ns, index, shape } = target;
-        let Change { id, doc, version, .. } = change;
-        let outcome = match doc {
-            None => Ok(Outcome::Delete),
-            Some(d) => shape.shape(d, Timestamp::from(ClusterTime::from_version(version)), stats),
-        };
-        // The MongoDB `_id` in Elasticsearch form: the default `_id`, and the document's
-        // identity in its location record.
-        let mongo_id = match convert::es_id_string(id) {
-            Ok(text) => text,
-            Err(_) => return Some(self.plain_write(ns, index, change, stats)),
-        };
-        let mut default_id = Vec::with_capacity(mongo_id.len() + 2);
-        crate::convert::write_json_str(&mongo_id, &mut default_id);
-        let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
-        // Scripts may choose the index, `_id` or routing: their documents are tracked too.
-        let origin = (shape.tracks_location() || scripted).then(|| Arc::from(locations::record_id(self.pipeline, &ns, &mongo_id)));
-        let refuse = |ns: Arc<str>, index: Arc<str>, error_type: &'static str, reason: String, stats: &mut ConvertStats| {
-            let mut document = Vec::new();
-            let document = doc.and_then(|d| convert::write_document(d, false, &mut document, stats).ok()).map(|()| Bytes::from(document));
-            Write::new(ns, index, default_id.clone(), version, Op::Reject { error_type, reason, document })
-        };
-        let mut write = match outcome {
-            Ok(Outcome::Ignore) => {
-                self.metrics.events.with_label_values(&["ignored"]).inc();
-                return None;
-            }
-            Ok(Outcome::Delete) => Write::new(ns, index, default_id.clone(), version, Op::Delete),
-            Ok(Outcome::Write(shaped)) => {
-                let index = match shaped.index {
-                    None => index,
-                    Some(chosen) => match self.note_index(&ns, &chosen) {
-                        None => Arc::from(chosen),
-                        Some(other) => {
-                            let reason = format!("the document chose index `{chosen}`, which namespace `{other}` writes too: a drop of either would delete the other's documents");
-                            return Some(refuse(ns, Arc::from(chosen), "shared_index", reason, stats));
-                        }
-                    },
-                };
-                let source = Bytes::from(shaped.source);
-                let op = if shape.update { Op::Update(source) } else { Op::Index(source) };
-                let mut w = Write::new(ns, index, shaped.id_json.unwrap_or_else(|| default_id.clone()), version, op);
-                w.routing = shaped.routing;
-                w.pipeline = shape.ingest_pipeline.clone();
-                w
-            }
-            Err(e) => return Some(refuse(ns, index, e.error_type(), e.to_string(), stats)),
-        };
-        write.origin = origin;
-        Some(write)
-    }
-
-    /// A change of a namespace without a mapping: the document as it is, at its `_id`.
-    fn plain_write(&self, ns: Arc<str>, index: Arc<str>, change: Change<'_>, stats: &mut ConvertStats) -> Write {
-        let Change { id, doc, version, .. } = change;
-        let mut scratch = self.id_scratch.lock().unwrap_or_else(|p| p.into_inner());
-        scratch.clear();
-        let id_buf = &mut *scratch;
-        let mut source = Vec::new();
-        let converted = doc.map(|doc| {
-            source.reserve(doc.as_bytes().len() + 64);
-            convert::write_document(doc, true, &mut source, stats)
-        });
-        if let Err(e) = convert::write_es_id(id, id_buf) {
-            // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
-            let shown = format!("{:?}", id.to_raw_bson());
-            let shown: String = shown.chars().take(200).collect();
-            return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
-                error_type: "invalid_id",
-                reason: e.to_string(),
-                document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
-            });
-        }
-        // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
-        let id_json: Box<str> = String::from_utf8_lossy(id_buf).into();
-        let op = match converted {
-            Some(Ok(())) => Op::Index(Bytes::from(source)),
-            Some(Err(e)) => Op::Reject {
-                error_type: "malformed_bson",
-                reason: e.to_string(),
-                document: None,
-            },
-            None => Op::Delete,
-        };
-        Write::new(ns, index, id_json, version, op)
-    }
-
-    /// A dead-letter write for a change event that [`event::parse`] refused, carrying the
-    /// whole event as JSON and, where readable, its namespace, document and cluster time.
-    fn unreadable_event(
-        &self,
-        raw: &RawDocument,
-        seen: &event::Salvaged<'_>,
-        why: &event::Malformed,
-        stats: &mut ConvertStats,
-    ) -> Write {
-        let (ns, index) = match (seen.db, seen.coll) {
-            // Not routed: the record names the index for reading only, and an unreadable event
-            // must not register a namespace as written.
-            (Some(db), Some(coll)) => (Arc::from(format!("{db}.{coll}")), Arc::from(self.routing.index_for(db, coll))),
-            _ => (Arc::from("unknown"), Arc::from("")),
-        };
-        let mut id_json = Vec::new();
-        let id_json: Box<str> = match seen.id.map(|id| convert::write_es_id(id, &mut id_json)) {
-            Some(Ok(())) => String::from_utf8_lossy(&id_json).into(),
-            _ => "null".into(),
-        };
-        let mut document = Vec::new();
-        let document = convert::write_document(raw, false, &mut document, stats)
-            .is_ok()
-            .then(|| Bytes::from(document));
-        let version = seen.time.map_or(0, |t| ClusterTime::from(t).version());
-        Write::new(ns, index, id_json, version, Op::Reject {
-            error_type: "malformed_event",
-            reason: why.to_string(),
-            document,
-        })
+    /// Hand on a change of a document of `db.coll` (`doc` is `None` for a delete).
+    async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), id: RawBsonRef<'_>, doc: Option<&RawDocument>, update: Option<&RawDocument>, version: u64, from_snapshot: bool) -> Result<(), Error> {
+        self.send(Change::Doc(Doc {
+            db: ns.0.clone(),
+            coll: ns.1.clone(),
+            id: id.to_raw_bson(),
+            doc: doc.map(ToOwned::to_owned),
+            update: update.map(ToOwned::to_owned),
+            version,
+            from_snapshot,
+        }))
+        .await
     }
 
     /// Read every document of `db.coll` in `_id` order, after `resume_after` if given, as
@@ -634,125 +408,127 @@ impl Source<'_> {
     ///
     /// # Errors
     /// Only when the sink closed; MongoDB errors are retried from the last `_id` read.
-    pub async fn snapshot_collection(
-        &self,
-        db: &str,
-        coll: &str,
-        mut resume_after: Option<Bson>,
-        version: u64,
-    ) -> Result<Ended, Error> {
-        let ns = format!("{db}.{coll}");
-        let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
-        let shape = self.shapes.for_ns(db, coll);
-        let mut backoff = Backoff::default();
-        let mut stats = ConvertStats::default();
-        info!(namespace = %ns, resume = resume_after.is_some(), "snapshot of collection started");
-        'read: loop {
-            let filter = resume_after.as_ref().map(filter::after_id).unwrap_or_default();
-            let cursor = if shape.snapshot_stages.is_empty() {
-                collection
-                    .find(filter)
-                    .sort(doc! {"_id": 1})
-                    .hint(mongodb::options::Hint::Keys(doc! {"_id": 1}))
-                    .batch_size(1000)
-                    .await
-            } else {
-                // The mapping's stages after monsoon's own: resume after the last `_id`, in
-                // `_id` order (the stages must keep both).
-                let mut pipeline = vec![doc! {"$match": filter}, doc! {"$sort": {"_id": 1}}];
-                pipeline.extend(shape.snapshot_stages.iter().cloned());
-                collection.aggregate(pipeline).batch_size(1000).await.map(|c| c.with_type::<RawDocumentBuf>())
-            };
-            let mut cursor = match cursor {
+    pub async fn snapshot_collection(&self, db: &str, coll: &str, resume_after: Option<Bson>, version: u64) -> Result<Ended, Error> {
+        let mut at = Reading {
+            ns: format!("{db}.{coll}"),
+            names: (Arc::from(db), Arc::from(coll)),
+            resume_after,
+            version,
+            backoff: Backoff::default(),
+        };
+        info!(namespace = %at.ns, resume = at.resume_after.is_some(), "snapshot of collection started");
+        loop {
+            let cursor = match self.snapshot_cursor(db, coll, at.resume_after.as_ref()).await {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(namespace = %ns, error = %e, "snapshot query failed; retrying");
+                    warn!(namespace = %at.ns, error = %e, "snapshot query failed; retrying");
                     self.health.source_beat(false);
-                    if backoff.wait(&self.cancel).await.is_err() {
+                    if at.backoff.wait(&self.cancel).await.is_err() {
                         return Ok(Ended::Cancelled);
                     }
                     continue;
                 }
             };
-            let mut since_position = 0u64;
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    () = self.cancel.cancelled() => {
-                        if let Some(id) = resume_after.take() {
-                            self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id });
-                        }
-                        return Ok(Ended::Cancelled);
-                    }
-                    // `advance` + `current` read each document in place in the server's
-                    // batch: no owned copy (and allocation) per document.
-                    next = self.read(cursor.advance(), SNAPSHOT_READ_TIMEOUT) => match next {
-                        Ok(n) => n,
-                        Err(Error::Cancelled) => return Ok(Ended::Cancelled),
-                        Err(e) => return Err(e),
-                    },
-                };
-                let raw = match next {
-                    Ok(true) => cursor.current(),
-                    Ok(false) => break 'read,
-                    Err(e) => {
-                        warn!(namespace = %ns, error = %e, "snapshot read failed; resuming after the last _id read");
-                        self.health.source_beat(false);
-                        if let Some(id) = &resume_after {
-                            self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id.clone() });
-                        }
-                        if backoff.wait(&self.cancel).await.is_err() {
-                            return Ok(Ended::Cancelled);
-                        }
-                        continue 'read;
-                    }
-                };
-                backoff.reset();
-                if since_position.is_multiple_of(BEAT_EVERY) {
-                    self.health.source_beat(true);
-                }
-                let Ok(Some(id)) = raw.get("_id") else {
-                    // Only a mapping's snapshot stage can take `_id` away.
-                    error!(namespace = %ns, "document without _id skipped by the snapshot: a stage of `aggregation.snapshot` removed it; keep `_id`");
-                    self.metrics.events.with_label_values(&["no_id"]).inc();
-                    continue;
-                };
-                let owned_id = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
-                if self.owns(id) {
-                    if let Some(mut write) = self.write_for(db, coll, Change { id, doc: Some(raw), update: None, version }, &mut stats)? {
-                        write.from_snapshot = true;
-                        match self.send(write).await {
-                            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
-                            other => other?,
-                        }
-                    }
-                    self.metrics.snapshot_docs.inc();
-                }
-                resume_after = Some(owned_id);
-                since_position += 1;
-                if since_position >= POSITION_EVERY {
-                    since_position = 0;
-                    if let Some(id) = &resume_after {
-                        self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id.clone() });
-                    }
-                }
-                if stats.non_finite_nulled > 0 {
-                    self.metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
-                    stats = ConvertStats::default();
-                }
+            match self.read_cursor(cursor, &mut at).await? {
+                Some(Ended::Complete) => break,
+                Some(Ended::Cancelled) => return Ok(Ended::Cancelled),
+                // The read failed: query again after the last `_id` read.
+                None => {}
             }
         }
-        if let Some(id) = resume_after {
-            self.sink.record(Position::SnapshotRange { ns: ns.clone(), last_id: id });
+        if let Some(id) = at.resume_after {
+            self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id });
         }
-        self.sink.record(Position::SnapshotCollectionDone { ns: ns.clone() });
+        self.record(Position::SnapshotCollectionDone { ns: at.ns.clone() });
         // Partial snapshot batches wait longer than stream batches to fill: send them now.
-        match self.wait_on_sink(self.sink.flush_batches()).await {
+        match self.send(Change::Flush).await {
             Err(Error::Cancelled) => return Ok(Ended::Cancelled),
             other => other?,
         }
-        info!(namespace = %ns, "snapshot of collection read; waiting for acknowledgement");
+        info!(namespace = %at.ns, "snapshot of collection read; waiting for acknowledgement");
         Ok(Ended::Complete)
+    }
+
+    /// The snapshot query of `db.coll` after `resume_after`, in `_id` order.
+    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>) -> Result<mongodb::Cursor<RawDocumentBuf>, mongodb::error::Error> {
+        let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
+        let shape = self.shapes.for_ns(db, coll);
+        let filter = resume_after.map(filter::after_id).unwrap_or_default();
+        if shape.snapshot_stages.is_empty() {
+            return collection.find(filter).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await;
+        }
+        // The mapping's stages after monsoon's own: resume after the last `_id`, in `_id` order
+        // (the stages must keep both).
+        let mut pipeline = vec![doc! {"$match": filter}, doc! {"$sort": {"_id": 1}}];
+        pipeline.extend(shape.snapshot_stages.iter().cloned());
+        collection.aggregate(pipeline).batch_size(1000).await.map(|c| c.with_type::<RawDocumentBuf>())
+    }
+
+    /// Hand on every document of `cursor`, recording positions as it goes. `None`: the read
+    /// failed (backed off; query again after `at.resume_after`).
+    async fn read_cursor(&self, mut cursor: mongodb::Cursor<RawDocumentBuf>, at: &mut Reading) -> Result<Option<Ended>, Error> {
+        let mut since_position = 0u64;
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    if let Some(id) = at.resume_after.take() {
+                        self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id });
+                    }
+                    return Ok(Some(Ended::Cancelled));
+                }
+                // `advance` + `current` read each document in place in the server's batch: no
+                // owned copy per document until it is handed on.
+                next = self.read(cursor.advance(), SNAPSHOT_READ_TIMEOUT) => match next {
+                    Ok(n) => n,
+                    Err(Error::Cancelled) => return Ok(Some(Ended::Cancelled)),
+                    Err(e) => return Err(e),
+                },
+            };
+            let raw = match next {
+                Ok(true) => cursor.current(),
+                Ok(false) => return Ok(Some(Ended::Complete)),
+                Err(e) => {
+                    warn!(namespace = %at.ns, error = %e, "snapshot read failed; resuming after the last _id read");
+                    self.health.source_beat(false);
+                    if let Some(id) = &at.resume_after {
+                        self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id.clone() });
+                    }
+                    return Ok(at.backoff.wait(&self.cancel).await.is_err().then_some(Ended::Cancelled));
+                }
+            };
+            at.backoff.reset();
+            if since_position.is_multiple_of(BEAT_EVERY) {
+                self.health.source_beat(true);
+            }
+            match self.snapshot_doc(raw, at).await {
+                Err(Error::Cancelled) => return Ok(Some(Ended::Cancelled)),
+                other => other?,
+            }
+            since_position += 1;
+            if since_position >= POSITION_EVERY {
+                since_position = 0;
+                if let Some(id) = &at.resume_after {
+                    self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id.clone() });
+                }
+            }
+        }
+    }
+
+    /// Hand on one snapshot document (if this shard owns it) and move the resume point past it.
+    async fn snapshot_doc(&self, raw: &RawDocument, at: &mut Reading) -> Result<(), Error> {
+        let Ok(Some(id)) = raw.get("_id") else {
+            // Only a mapping's snapshot stage can take `_id` away.
+            error!(namespace = %at.ns, "document without _id skipped by the snapshot: a stage of `aggregation.snapshot` removed it; keep `_id`");
+            self.metrics.events.with_label_values(&["no_id"]).inc();
+            return Ok(());
+        };
+        if self.owns(id) {
+            self.send_doc(&at.names, id, Some(raw), None, at.version, true).await?;
+            self.metrics.snapshot_docs.inc();
+        }
+        at.resume_after = Some(id.to_raw_bson().try_into().unwrap_or(Bson::Null));
+        Ok(())
     }
 
     async fn open_stream(
@@ -761,7 +537,7 @@ impl Source<'_> {
         lean: bool,
     ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
         let dbs = self.routing.databases();
-        let mut pipeline = stream_pipeline(dbs.as_deref(), lean, self.scripts.is_some());
+        let mut pipeline = stream_pipeline(dbs.as_deref(), lean, self.keep_update);
         if !lean {
             // The mappings' own `$match` stages, before `updateDescription` is projected away
             // (they may watch changed fields). A lean stream (after an event over 16 MB) has no
@@ -798,156 +574,161 @@ impl Source<'_> {
     /// Follow the change stream from `start` until cancelled.
     ///
     /// # Errors
-    /// [`Error::HistoryLost`] when the resume point is gone; [`Error::SinkClosed`].
-    pub async fn stream(&self, mut start: StreamStart) -> Result<Ended, Error> {
-        let mut backoff = Backoff::default();
-        let mut stats = ConvertStats::default();
+    /// [`Error::HistoryLost`] when the resume point is gone; [`Error::Closed`].
+    pub async fn stream(&self, start: StreamStart) -> Result<Ended, Error> {
         self.health.set_phase(Phase::Streaming);
-        // Events left to read without updateLookup after an oversize event.
-        let mut lean_left = 0u64;
-        // Cluster time of the last event read (stored beside the token, for re-sharding).
-        let mut last_time: Option<Timestamp> = None;
+        let mut at = Following { start, lean_left: 0, last_time: None, backoff: Backoff::default() };
         loop {
-            let lean = lean_left > 0;
-            let mut stream = match self.open_stream(&start, lean).await {
-                Ok(s) => s,
-                Err(e) => {
-                    if let Some(code) = history_lost_code(&e) {
-                        self.metrics.history_lost.inc();
-                        return Err(Error::HistoryLost { code });
-                    }
-                    if let (StreamStart::ResumeAfter(token), true) = (&start, refuses_resume_after_invalidate(&e)) {
-                        // A checkpoint written before invalidate tokens were marked: MongoDB
-                        // accepts this token only with `startAfter`.
-                        warn!("the stored resume token is an invalidate's; re-opening with startAfter");
-                        start = StreamStart::StartAfter(token.clone());
-                        continue;
-                    }
-                    warn!(error = %e, "failed to open the change stream; retrying");
-                    self.health.source_beat(false);
-                    if backoff.wait(&self.cancel).await.is_err() {
-                        return Ok(Ended::Cancelled);
-                    }
-                    continue;
+            let Some(stream) = self.open_or_wait(&mut at).await? else {
+                if self.cancel.is_cancelled() {
+                    return Ok(Ended::Cancelled);
                 }
+                continue;
             };
-            info!(lean, "change stream open");
-            let mut since_position = 0u64;
-            let mut last_recorded: Option<ResumeToken> = None;
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    () = self.cancel.cancelled() => {
-                        if let Some(token) = stream.resume_token() {
-                            self.sink.record(Position::Stream { after_invalidate: start.is_start_after(&token), token, time: last_time.map(ClusterTime::from) });
-                        }
-                        return Ok(Ended::Cancelled);
+            if self.follow_open(stream, &mut at).await? == Ended::Cancelled {
+                return Ok(Ended::Cancelled);
+            }
+        }
+    }
+
+    /// Open the stream where `at` says; `None` after a failure to retry (backed off) or when
+    /// re-opening differently.
+    async fn open_or_wait(&self, at: &mut Following) -> Result<Option<ChangeStream<RawDocumentBuf>>, Error> {
+        let lean = at.lean_left > 0;
+        let e = match self.open_stream(&at.start, lean).await {
+            Ok(s) => {
+                info!(lean, "change stream open");
+                return Ok(Some(s));
+            }
+            Err(e) => e,
+        };
+        if let Some(code) = history_lost_code(&e) {
+            self.metrics.history_lost.inc();
+            return Err(Error::HistoryLost { code });
+        }
+        if let (StreamStart::ResumeAfter(token), true) = (&at.start, refuses_resume_after_invalidate(&e)) {
+            // A checkpoint written before invalidate tokens were marked: MongoDB accepts this
+            // token only with `startAfter`.
+            warn!("the stored resume token is an invalidate's; re-opening with startAfter");
+            at.start = StreamStart::StartAfter(token.clone());
+            return Ok(None);
+        }
+        warn!(error = %e, "failed to open the change stream; retrying");
+        self.health.source_beat(false);
+        let _ = at.backoff.wait(&self.cancel).await;
+        Ok(None)
+    }
+
+    /// Read an open stream until it must be re-opened (`Complete`) or shutdown (`Cancelled`),
+    /// recording positions as it goes.
+    async fn follow_open(&self, mut stream: ChangeStream<RawDocumentBuf>, at: &mut Following) -> Result<Ended, Error> {
+        let lean = at.lean_left > 0;
+        let mut since_position = 0u64;
+        let mut last_recorded: Option<ResumeToken> = None;
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    if let Some(token) = stream.resume_token() {
+                        self.record_token(at, token, false);
                     }
-                    next = self.read(stream.next_if_any(), STREAM_READ_TIMEOUT) => next?,
-                };
-                match next {
-                    Ok(Some(raw)) => {
-                        backoff.reset();
-                        if since_position == 0 {
-                            self.health.set_caught_up(false);
-                        }
-                        since_position += 1;
-                        if since_position.is_multiple_of(BEAT_EVERY) {
-                            self.health.source_beat(true);
-                        }
-                        // Past the oversize event: handle this one, then re-open with updateLookup.
-                        let back_to_lookup = lean && lean_left == 1;
-                        lean_left = lean_left.saturating_sub(1);
-                        if self.handle_event(&raw, &mut stats, &mut last_time).await? == Next::Reopen {
-                            // After an invalidate: continue after it.
-                            if let Some(token) = stream.resume_token() {
-                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from), after_invalidate: true });
-                                start = StreamStart::StartAfter(token);
-                            }
-                            break;
-                        }
-                        // The token is cloned only when recorded, not per event.
-                        if since_position >= POSITION_EVERY {
-                            since_position = 0;
-                            if let Some(token) = stream.resume_token() {
-                                last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream { after_invalidate: start.is_start_after(&token), token, time: last_time.map(ClusterTime::from) });
-                            }
-                        }
-                        if back_to_lookup {
-                            info!("past the oversize event; returning to updateLookup");
-                            if let Some(token) = stream.resume_token() {
-                                start = start.continue_after(token);
-                            }
-                            break;
-                        }
+                    return Ok(Ended::Cancelled);
+                }
+                next = self.read(stream.next_if_any(), STREAM_READ_TIMEOUT) => next?,
+            };
+            match next {
+                Ok(Some(raw)) => {
+                    at.backoff.reset();
+                    if since_position == 0 {
+                        self.health.set_caught_up(false);
                     }
-                    Ok(None) => {
-                        // Batch exhausted: the post-batch resume token moves on even when no
-                        // event matched, so a quiet stream keeps its checkpoint fresh.
+                    since_position += 1;
+                    if since_position.is_multiple_of(BEAT_EVERY) {
                         self.health.source_beat(true);
-                        self.health.set_caught_up(true);
+                    }
+                    // Past the oversize event: handle this one, then re-open with updateLookup.
+                    let back_to_lookup = lean && at.lean_left == 1;
+                    at.lean_left = at.lean_left.saturating_sub(1);
+                    if self.handle_event(&raw, &mut at.last_time).await? == Next::Reopen {
+                        // After an invalidate: continue after it.
                         if let Some(token) = stream.resume_token() {
-                            if last_recorded.as_ref() != Some(&token) {
-                                since_position = 0;
-                                last_recorded = Some(token.clone());
-                                self.sink.record(Position::Stream { token: token.clone(), time: last_time.map(ClusterTime::from), after_invalidate: start.is_start_after(&token) });
-                                start = start.continue_after(token);
-                            }
+                            self.record_token(at, token.clone(), true);
+                            at.start = StreamStart::StartAfter(token);
+                        }
+                        return Ok(Ended::Complete);
+                    }
+                    // The token is cloned only when recorded, not per event.
+                    if since_position >= POSITION_EVERY {
+                        since_position = 0;
+                        if let Some(token) = stream.resume_token() {
+                            last_recorded = Some(token.clone());
+                            self.record_token(at, token, false);
                         }
                     }
-                    Err(e) => {
-                        if let Some(code) = e.history_lost_code() {
-                            self.metrics.history_lost.inc();
-                            return Err(Error::HistoryLost { code });
-                        }
-                        let ReadError::Mongo(_) = &e else {
-                            warn!(error = %e, "change stream read timed out; re-opening from the last token read");
-                            self.metrics.stream_reopens.inc();
-                            if let Some(token) = stream.resume_token() {
-                                start = start.continue_after(token);
-                            }
-                            break;
-                        };
-                        // Re-open after the last event read: the events before it are already
-                        // in the pipeline.
-                        if let Some(token) = stream.resume_token() {
-                            start = start.continue_after(token);
-                        }
-                        if is_too_large(&e) {
-                            // The next event plus its looked-up document exceeds 16 MB: read on
-                            // without updateLookup and fetch documents by `_id` for a while.
-                            warn!(error = %e, "change event too large for MongoDB; continuing without updateLookup for {LEAN_EVENTS} events");
-                            self.metrics.stream_reopens.inc();
-                            lean_left = LEAN_EVENTS;
-                            break;
-                        }
-                        // Re-open from the last token read (events before it are already in
-                        // the pipeline), whatever the error's labels say: some servers omit
-                        // ResumableChangeStreamError on errors the driver could resume.
-                        warn!(error = %e, "change stream failed; re-opening from the last token read");
-                        self.metrics.stream_reopens.inc();
-                        self.health.source_beat(false);
-                        if backoff.wait(&self.cancel).await.is_err() {
-                            return Ok(Ended::Cancelled);
-                        }
-                        break;
+                    if back_to_lookup {
+                        info!("past the oversize event; returning to updateLookup");
+                        at.continue_after(stream.resume_token());
+                        return Ok(Ended::Complete);
                     }
                 }
-                if stats.non_finite_nulled > 0 {
-                    self.metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
-                    stats = ConvertStats::default();
+                Ok(None) => {
+                    // Batch exhausted: the post-batch resume token moves on even when no event
+                    // matched, so a quiet stream keeps its checkpoint fresh.
+                    self.health.source_beat(true);
+                    self.health.set_caught_up(true);
+                    if let Some(token) = stream.resume_token().filter(|t| last_recorded.as_ref() != Some(t)) {
+                        since_position = 0;
+                        last_recorded = Some(token.clone());
+                        self.record_token(at, token.clone(), false);
+                        at.continue_after(Some(token));
+                    }
+                }
+                Err(e) => {
+                    // Re-open after the last event read: the events before it are already in
+                    // the pipeline.
+                    at.continue_after(stream.resume_token());
+                    return self.read_failed(e, at).await;
                 }
             }
         }
     }
 
-    async fn handle_event(
-        &self,
-        raw: &RawDocument,
-        stats: &mut ConvertStats,
-        last_time: &mut Option<Timestamp>,
-    ) -> Result<Next, Error> {
+    /// A stream read failed: lost history ends the stream; anything else re-opens it (backed
+    /// off, or without `updateLookup` for a while after an event too large for MongoDB).
+    async fn read_failed(&self, e: ReadError, at: &mut Following) -> Result<Ended, Error> {
+        if let Some(code) = e.history_lost_code() {
+            self.metrics.history_lost.inc();
+            return Err(Error::HistoryLost { code });
+        }
+        self.metrics.stream_reopens.inc();
+        if let ReadError::Timeout(_) = &e {
+            warn!(error = %e, "change stream read timed out; re-opening from the last token read");
+            return Ok(Ended::Complete);
+        }
+        if is_too_large(&e) {
+            // The next event plus its looked-up document exceeds 16 MB: read on without
+            // updateLookup and fetch documents by `_id` for a while.
+            warn!(error = %e, "change event too large for MongoDB; continuing without updateLookup for {LEAN_EVENTS} events");
+            at.lean_left = LEAN_EVENTS;
+            return Ok(Ended::Complete);
+        }
+        // Re-open from the last token read, whatever the error's labels say: some servers omit
+        // ResumableChangeStreamError on errors the driver could resume.
+        warn!(error = %e, "change stream failed; re-opening from the last token read");
+        self.health.source_beat(false);
+        if at.backoff.wait(&self.cancel).await.is_err() {
+            return Ok(Ended::Cancelled);
+        }
+        Ok(Ended::Complete)
+    }
+
+    /// Record the stream's position at `token`.
+    fn record_token(&self, at: &Following, token: ResumeToken, after_invalidate: bool) {
+        let after_invalidate = after_invalidate || at.start.is_start_after(&token);
+        self.record(Position::Stream { token, time: at.last_time.map(ClusterTime::from), after_invalidate });
+    }
+
+    async fn handle_event(&self, raw: &RawDocument, last_time: &mut Option<Timestamp>) -> Result<Next, Error> {
         let action = match event::parse(raw) {
             Ok(a) => a,
             Err(e) => {
@@ -958,9 +739,14 @@ impl Source<'_> {
                 if seen.id.is_some_and(|id| !self.owns(id)) {
                     return Ok(Next::Continue);
                 }
-                let w = self.unreadable_event(raw, &seen, &e, stats);
-                error!(namespace = %w.ns, id = %w.id_json, error = %e, "unreadable change event; dead-lettered");
-                self.send(w).await?;
+                self.send(Change::Unreadable(Unreadable {
+                    raw: raw.to_owned(),
+                    ns: seen.db.zip(seen.coll).map(|(d, c)| (d.to_owned(), c.to_owned())),
+                    id: seen.id.map(|id| id.to_raw_bson()),
+                    time: seen.time,
+                    why: e.to_string(),
+                }))
+                .await?;
                 return Ok(Next::Continue);
             }
         };
@@ -971,38 +757,32 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time, update } => {
                 self.metrics.hot.upserts.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    if let Some(w) = self.write_for(db, coll, Change { id, doc: Some(doc), update, version: ClusterTime::from(time).version() }, stats)? {
-                        self.send(w).await?;
-                    }
+                    self.send_doc(&self.names(db, coll), id, Some(doc), update, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
-                    if let Some(w) = self.write_for(db, coll, Change { id, doc: None, update: None, version: ClusterTime::from(time).version() }, stats)? {
-                        self.send(w).await?;
-                    }
+                    self.send_doc(&self.names(db, coll), id, None, None, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.routing.includes(db, coll) && self.owns(id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    if let Some(w) = self.write_for(db, coll, Change { id, doc: doc.as_deref(), update: None, version: ClusterTime::from(time).version() }, stats)? {
-                        self.send(w).await?;
-                    }
+                    self.send_doc(&self.names(db, coll), id, doc.as_deref(), None, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Drop { db, coll, time } => {
                 self.metrics.events.with_label_values(&["drop"]).inc();
                 if self.routing.includes(db, coll) {
-                    self.drop_index(db, coll, time).await?;
+                    self.dropped(db, coll, time).await?;
                 }
             }
             Action::Rename { db, coll, to_db, to_coll, time } => {
                 self.metrics.events.with_label_values(&["rename"]).inc();
                 if self.routing.includes(db, coll) {
-                    self.drop_index(db, coll, Some(time)).await?;
+                    self.dropped(db, coll, Some(time)).await?;
                 }
                 if self.routing.includes(to_db, to_coll) {
                     // The renamed collection's documents never appear as inserts: read them
@@ -1029,6 +809,20 @@ impl Source<'_> {
         Ok(Next::Continue)
     }
 
+    /// `db` and `coll` as shared names, the last pair reused (consecutive events mostly share
+    /// one collection).
+    fn names(&self, db: &str, coll: &str) -> (Arc<str>, Arc<str>) {
+        let mut last = self.last_names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((d, c)) = last.as_ref() {
+            if &**d == db && &**c == coll {
+                return (d.clone(), c.clone());
+            }
+        }
+        let names = (Arc::from(db), Arc::from(coll));
+        *last = Some(names.clone());
+        names
+    }
+
     /// Read one document by `_id` (lean mode), retrying until MongoDB answers. `None`: it
     /// was deleted since the change, whose delete event follows.
     async fn lookup(&self, db: &str, coll: &str, id: RawBsonRef<'_>) -> Result<Option<RawDocumentBuf>, Error> {
@@ -1042,69 +836,55 @@ impl Source<'_> {
         .map_err(|_| Error::Cancelled)
     }
 
-    /// Apply the drop of `db.coll` (at cluster time `time`) per `onDrop`, then forget the
-    /// namespace.
+    /// Hand on the drop of `db.coll` (at cluster time `time`): the transform stage decides
+    /// what it deletes, and the sink deletes it once every change before it is written.
     ///
     /// # Errors
-    /// [`Error::Cancelled`] when shutdown came first: the drop is not done, and no position
-    /// past it may be recorded (the next start reads the drop again).
-    pub async fn drop_index(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
-        self.apply_drop(db, coll, time).await?;
-        self.forget(db, coll);
-        Ok(())
+    /// [`Error::Cancelled`] when shutdown came first.
+    pub async fn dropped(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
+        self.send(Change::Dropped { db: db.to_owned(), coll: coll.to_owned(), time }).await
     }
 
-    async fn apply_drop(&self, db: &str, coll: &str, time: Option<Timestamp>) -> Result<(), Error> {
-        // Every earlier write to the index must land before it is deleted, or a late write
-        // would re-create it. (Waiting gives way to shutdown: nothing is lost by stopping.)
-        tokio::select! {
-            r = self.sink.barrier() => r?,
-            () = self.cancel.cancelled() => return Err(Error::Cancelled),
-        }
-        if !self.delete_index_on_drop {
-            info!(namespace = %format!("{db}.{coll}"), "collection dropped; index kept (onDrop: Keep)");
-            return Ok(());
-        }
-        for index in self.indexes_of(db, coll) {
-            self.drop_one_index(db, coll, &index, time).await?;
-        }
-        Ok(())
-    }
-
-    /// Delete `index` (or, sharded, this shard's documents of it older than the drop), retried
-    /// until done.
+    /// Hand on the sweep after a re-snapshot versioned `below`, with the collections that
+    /// exist now (those written before and gone now were dropped during the lost history).
     ///
     /// # Errors
-    /// [`Error::Cancelled`]: not done, so the drop event must be read again after a restart.
-    async fn drop_one_index(&self, db: &str, coll: &str, index: &str, time: Option<Timestamp>) -> Result<(), Error> {
-        let ns = format!("{db}.{coll}");
-        if self.shard.is_split() {
-            // Other shards may still be writing this index's older changes, or already its
-            // newer ones: deleting the index would race them. Each shard instead deletes its
-            // own documents older than the drop, with versioned deletes that lose against
-            // anything written after it.
-            let Some(time) = time else {
-                warn!(namespace = %ns, "drop event without a cluster time; index kept");
-                return Ok(());
-            };
-            let below = ClusterTime::from(time).version().saturating_add(1);
-            let shard = self.shard;
-            let deleted = crate::retry::until_ok(&self.cancel, || self.sink.delete_older(index, below, move |id| shard.owns(id)), |e| {
-                warn!(index = %index, error = %crate::error_chain(e), "failed to delete documents of dropped collection; retrying");
-            })
-            .await
-            .map_err(|_| Error::Cancelled)?;
-            info!(namespace = %ns, index = %index, shard = %shard, deleted, "collection dropped; this shard's documents deleted (index kept: the pipeline is sharded)");
-            return Ok(());
+    /// [`Error::Cancelled`] when shutdown came first.
+    pub async fn send_sweep(&self, existing: Vec<(String, String)>, below: u64) -> Result<(), Error> {
+        self.send(Change::Sweep { existing, below }).await
+    }
+}
+
+/// Where the snapshot of one collection is.
+struct Reading {
+    /// `db.collection`.
+    ns: String,
+    /// Database and collection, shared by every document handed on.
+    names: (Arc<str>, Arc<str>),
+    /// The last `_id` read.
+    resume_after: Option<Bson>,
+    /// The version of every document read.
+    version: u64,
+    backoff: Backoff,
+}
+
+/// Where a followed stream is.
+struct Following {
+    /// Where to (re-)open.
+    start: StreamStart,
+    /// Events left to read without `updateLookup` after an oversize event.
+    lean_left: u64,
+    /// Cluster time of the last event read (stored beside the token, for re-sharding).
+    last_time: Option<Timestamp>,
+    backoff: Backoff,
+}
+
+impl Following {
+    /// Re-open after `token`, the last one read, if any.
+    fn continue_after(&mut self, token: Option<ResumeToken>) {
+        if let Some(token) = token {
+            self.start = self.start.continue_after(token);
         }
-        crate::retry::until_ok(&self.cancel, || self.sink.delete_index(index), |e| {
-            warn!(index = %index, error = %crate::error_chain(e), "failed to delete index of dropped collection; retrying");
-        })
-        .await
-        .map_err(|_| Error::Cancelled)?;
-        info!(namespace = %ns, index = %index, "collection dropped; index deleted");
-        self.metrics.indexes_dropped.inc();
-        Ok(())
     }
 }
 

@@ -1,0 +1,248 @@
+//! What one document change becomes: the [`Write`] the sink carries out (index, `_id`,
+//! routing, ingest pipeline, operation), or nothing (a keep-filter ignores it).
+//!
+//! A namespace without mapping or script takes the plain path (one conversion, nothing else);
+//! a mapped one goes through its [`Shape`]; a scripted one leaves with its operation still to
+//! be decided on the script threads ([`script::defer`]). Nothing here waits or does I/O.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use mongodb::bson::{RawBsonRef, RawDocument, Timestamp};
+
+use super::change::{Doc, Unreadable};
+use super::{script, Outcome, Shape, Shapes};
+use crate::checkpoint::ClusterTime;
+use crate::config::Routing;
+use crate::convert::{self, ConvertStats};
+use crate::metrics::Metrics;
+use crate::sink::{locations, Op, Write};
+
+/// Where a namespace's writes go by default, and how its documents are shaped.
+#[derive(Clone)]
+pub struct Target {
+    /// `db.collection`.
+    pub ns: Arc<str>,
+    /// Its default index.
+    pub index: Arc<str>,
+    /// Its mapping.
+    pub shape: Arc<Shape>,
+}
+
+/// A document change placed: decided now, or left to the namespace's scripts.
+pub enum Placed {
+    /// Nothing to write (the keep-filter ignores the change).
+    Nothing,
+    /// This write.
+    Write(Write),
+    /// A write whose operation and place the scripts decide; `fallback` is the write as the
+    /// mapping made it (where a failed decision is dead-lettered).
+    Deferred {
+        /// The write as the mapping made it.
+        fallback: Write,
+        /// The scripts' decision: the write, or `None` to write nothing.
+        decision: tokio::task::JoinHandle<Option<Write>>,
+    },
+}
+
+/// Places document changes: the pure part of the transform stage, plus handing documents to
+/// the script pool.
+pub struct Placer {
+    /// What is synced where.
+    pub routing: Routing,
+    /// Every namespace's mapping.
+    pub shapes: Arc<Shapes>,
+    /// JavaScript middleware, when the pipeline has scripts or filters.
+    pub scripts: Option<Arc<monsoon_script::Scripts>>,
+    /// Pipeline name (location record ids).
+    pub pipeline: Arc<str>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The last namespace routed (consecutive changes mostly share one).
+    route_cache: Mutex<Option<(Arc<str>, Arc<str>, Target)>>,
+}
+
+impl Placer {
+    /// A placer for a pipeline.
+    pub fn new(routing: Routing, shapes: Arc<Shapes>, scripts: Option<Arc<monsoon_script::Scripts>>, pipeline: Arc<str>, metrics: Metrics) -> Self {
+        Self { routing, shapes, scripts, pipeline, metrics, route_cache: Mutex::new(None) }
+    }
+
+    /// The default index and shape of `db.coll`, cached for the common case of consecutive
+    /// changes to one collection.
+    pub fn route(&self, db: &Arc<str>, coll: &Arc<str>) -> Target {
+        let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((d, c, target)) = cache.as_ref() {
+            if (Arc::ptr_eq(d, db) || d == db) && (Arc::ptr_eq(c, coll) || c == coll) {
+                return target.clone();
+            }
+        }
+        let target = Target {
+            ns: Arc::from(format!("{db}.{coll}")),
+            index: Arc::from(self.routing.index_for(db, coll)),
+            shape: self.shapes.for_ns(db, coll),
+        };
+        *cache = Some((db.clone(), coll.clone(), target.clone()));
+        target
+    }
+
+    /// What `change` becomes.
+    pub fn place(&self, change: &Doc, stats: &mut ConvertStats) -> Placed {
+        let target = self.route(&change.db, &change.coll);
+        let view = View::of(change);
+        let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
+        let mut write = if target.shape.is_plain() && scripts.is_none() {
+            plain_write(target.ns, target.index, view, stats)
+        } else {
+            let shape = target.shape.clone();
+            match self.shaped_write(target, scripts.is_some(), view, stats) {
+                None => return Placed::Nothing,
+                Some(w) => match scripts {
+                    Some(scripts) if matches!(w.op, Op::Index(_) | Op::Update(_)) => return self.defer(scripts, &shape, view, w, stats),
+                    _ => w,
+                },
+            }
+        };
+        write.from_snapshot = change.from_snapshot;
+        Placed::Write(write)
+    }
+
+    /// Hand a shaped write's document to the namespace's scripts, which decide its operation on
+    /// the script threads while the transform places the next changes.
+    fn defer(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, view: View<'_>, mut fallback: Write, stats: &mut ConvertStats) -> Placed {
+        let source = match &fallback.op {
+            // Shared, not copied: the scripts read it, and keep it as it is for `true`.
+            Op::Index(s) | Op::Update(s) => s.clone(),
+            Op::Delete | Op::Reject { .. } => return Placed::Write(fallback),
+        };
+        let mut id_value = Vec::new();
+        if convert::write_value(view.id, &mut id_value, stats).is_err() {
+            id_value = b"null".to_vec();
+        }
+        let update_desc = view.update.and_then(|u| {
+            let mut out = Vec::new();
+            convert::write_document(u, false, &mut out, stats).ok().map(|()| String::from_utf8_lossy(&out).into_owned())
+        });
+        let plan = script::Planned { ns: fallback.ns.to_string(), source, id_value, update: shape.update, update_desc };
+        fallback.from_snapshot = view.from_snapshot;
+        let write = clone_placement(&fallback);
+        Placed::Deferred { decision: script::defer(scripts, plan, write), fallback }
+    }
+
+    /// A change through its namespace's mapping ([`crate::transform`]).
+    fn shaped_write(&self, target: Target, scripted: bool, view: View<'_>, stats: &mut ConvertStats) -> Option<Write> {
+        let Target { ns, index, shape } = target;
+        let View { id, doc, version, .. } = view;
+        let outcome = match doc {
+            None => Ok(Outcome::Delete),
+            Some(d) => shape.shape(d, Timestamp::from(ClusterTime::from_version(version)), stats),
+        };
+        // The MongoDB `_id` in Elasticsearch form: the default `_id`, and the document's
+        // identity in its location record.
+        let Ok(mongo_id) = convert::es_id_string(id) else {
+            return Some(plain_write(ns, index, view, stats));
+        };
+        let mut default_id = Vec::with_capacity(mongo_id.len() + 2);
+        convert::write_json_str(&mongo_id, &mut default_id);
+        let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
+        // Scripts may choose the index, `_id` or routing: their documents are tracked too.
+        let origin = (shape.tracks_location() || scripted).then(|| Arc::from(locations::record_id(&self.pipeline, &ns, &mongo_id)));
+        let mut write = match outcome {
+            Ok(Outcome::Ignore) => {
+                self.metrics.events.with_label_values(&["ignored"]).inc();
+                return None;
+            }
+            Ok(Outcome::Delete) => Write::new(ns, index, default_id, version, Op::Delete),
+            Ok(Outcome::Write(shaped)) => {
+                let index = shaped.index.map_or(index, Arc::from);
+                let source = Bytes::from(shaped.source);
+                let op = if shape.update { Op::Update(source) } else { Op::Index(source) };
+                let mut w = Write::new(ns, index, shaped.id_json.unwrap_or(default_id), version, op);
+                w.routing = shaped.routing;
+                w.pipeline = shape.ingest_pipeline.clone();
+                w
+            }
+            Err(e) => {
+                let mut document = Vec::new();
+                let document = doc.and_then(|d| convert::write_document(d, false, &mut document, stats).ok()).map(|()| Bytes::from(document));
+                Write::new(ns, index, default_id, version, Op::Reject { error_type: e.error_type(), reason: e.to_string(), document })
+            }
+        };
+        write.origin = origin;
+        Some(write)
+    }
+
+    /// A dead-letter write for a change event the source could not read, carrying the whole
+    /// event as JSON and, where readable, its namespace, document and cluster time.
+    pub fn unreadable(&self, event: &Unreadable, stats: &mut ConvertStats) -> Write {
+        let (ns, index) = match &event.ns {
+            // The record names the index for reading only: a refusal registers no namespace.
+            Some((db, coll)) => (Arc::from(format!("{db}.{coll}")), Arc::from(self.routing.index_for(db, coll))),
+            None => (Arc::from("unknown"), Arc::from("")),
+        };
+        let mut id_json = Vec::new();
+        let id_json: Box<str> = match event.id.as_ref().map(|id| convert::write_es_id(id.as_raw_bson_ref(), &mut id_json)) {
+            Some(Ok(())) => String::from_utf8_lossy(&id_json).into(),
+            _ => "null".into(),
+        };
+        let mut document = Vec::new();
+        let document = convert::write_document(&event.raw, false, &mut document, stats).is_ok().then(|| Bytes::from(document));
+        let version = event.time.map_or(0, |t| ClusterTime::from(t).version());
+        Write::new(ns, index, id_json, version, Op::Reject { error_type: "malformed_event", reason: event.why.clone(), document })
+    }
+}
+
+/// A change, borrowed from its [`Doc`].
+#[derive(Clone, Copy)]
+struct View<'a> {
+    id: RawBsonRef<'a>,
+    doc: Option<&'a RawDocument>,
+    update: Option<&'a RawDocument>,
+    version: u64,
+    from_snapshot: bool,
+}
+
+impl<'a> View<'a> {
+    fn of(d: &'a Doc) -> Self {
+        Self { id: d.id.as_raw_bson_ref(), doc: d.doc.as_deref(), update: d.update.as_deref(), version: d.version, from_snapshot: d.from_snapshot }
+    }
+}
+
+/// A write with `w`'s place and identity and a placeholder operation (the scripts set it).
+fn clone_placement(w: &Write) -> Write {
+    let mut out = Write::new(w.ns.clone(), w.index.clone(), w.id_json.clone(), w.version, Op::Delete);
+    out.routing = w.routing.clone();
+    out.pipeline = w.pipeline.clone();
+    out.origin = w.origin.clone();
+    out.from_snapshot = w.from_snapshot;
+    out
+}
+
+/// A change of a namespace without a mapping: the document as it is, at its `_id`.
+fn plain_write(ns: Arc<str>, index: Arc<str>, view: View<'_>, stats: &mut ConvertStats) -> Write {
+    let View { id, doc, version, .. } = view;
+    let mut source = Vec::new();
+    let converted = doc.map(|doc| {
+        source.reserve(doc.as_bytes().len() + 64);
+        convert::write_document(doc, true, &mut source, stats)
+    });
+    let mut id_buf = Vec::with_capacity(32);
+    if let Err(e) = convert::write_es_id(id, &mut id_buf) {
+        // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
+        let shown = format!("{:?}", id.to_raw_bson());
+        let shown: String = shown.chars().take(200).collect();
+        return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
+            error_type: "invalid_id",
+            reason: e.to_string(),
+            document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
+        });
+    }
+    // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
+    let id_json: Box<str> = String::from_utf8_lossy(&id_buf).into();
+    let op = match converted {
+        Some(Ok(())) => Op::Index(Bytes::from(source)),
+        Some(Err(e)) => Op::Reject { error_type: "malformed_bson", reason: e.to_string(), document: None },
+        None => Op::Delete,
+    };
+    Write::new(ns, index, id_json, version, op)
+}

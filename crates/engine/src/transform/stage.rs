@@ -1,0 +1,417 @@
+//! The transform stage as a task: changes in from the source, decided writes out to the sink,
+//! in the order the source read them.
+//!
+//! Two loops joined by a bounded queue of chunks (the window):
+//! - **placing** takes each chunk of changes, places every document change ([`Placer`]) and
+//!   hands the documents of scripted namespaces to the script pool, which decides them in
+//!   parallel while placing goes on;
+//! - **handing on** awaits the decisions in order (while it waits, `/stats` says so, and
+//!   `/healthz` fails once the wait outlasts a loop's allowed silence), keeps `written` (the indexes each namespace writes, [`IndexBook`]) in that same order,
+//!   turns drops and sweeps into the sink's index operations, and hands chunks to the sink.
+//!
+//! # Invariants
+//! - Writes, positions and index operations leave in the order their changes arrived.
+//! - An index a write goes to is in `written` before that write: the position recording it is
+//!   handed on ahead of the write, so a checkpoint past the write knows the index.
+//! - A namespace is forgotten only after its drop, in order: a checkpoint that forgot it has
+//!   its drop done.
+//! - The window holds at most [`WINDOW`] chunks: back-pressure reaches the source.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use super::change::Change;
+use super::place::{Placed, Placer};
+use crate::checkpoint::written::IndexBook;
+use crate::checkpoint::ClusterTime;
+use crate::config::Shard;
+use crate::convert::ConvertStats;
+use crate::metrics::{Health, Metrics};
+use crate::sink::{Chunk, Closed, Control, Op, Sink, Write, CHUNK};
+
+/// Chunks placed ahead of the one being handed on: the documents whose scripts run at once.
+pub const WINDOW: usize = 8;
+
+/// Why the transform stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The sink stopped (forced shutdown, or a failure there).
+    #[error("the sink stopped")]
+    SinkClosed(#[from] Closed),
+    /// Two live namespaces would write one index: dropping either would delete the other's
+    /// documents.
+    #[error("namespaces `{first}` and `{second}` both write to index `{index}`: dropping one would delete the other's documents; give one of them its own index with `spec.indexes`")]
+    SharedIndex {
+        /// The index.
+        index: String,
+        /// The namespace already writing it.
+        first: String,
+        /// The namespace that would write it too.
+        second: String,
+    },
+}
+
+/// A change placed, waiting its turn to be handed on.
+enum Step {
+    /// A write decided now.
+    Write(Write, Arc<str>),
+    /// A write the scripts decide; the namespace's default index.
+    Deferred(Write, tokio::task::JoinHandle<Option<Write>>, Arc<str>),
+    /// Anything else, handed on as it came.
+    Other(Change),
+}
+
+/// The transform stage.
+pub struct Transform {
+    /// Places document changes.
+    pub placer: Placer,
+    /// `written`, kept in the order writes are handed on.
+    pub book: IndexBook,
+    /// The documents this worker owns.
+    pub shard: Shard,
+    /// Delete the indexes of dropped collections (`onDrop: Delete`).
+    pub delete_index_on_drop: bool,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Health.
+    pub health: Arc<Health>,
+    /// Forced stop: give up waiting on decisions.
+    pub abort: CancellationToken,
+}
+
+impl Transform {
+    /// Run until the source's channel closes (then hand on what is left and close the sink),
+    /// the sink stops, or a fatal error.
+    ///
+    /// # Errors
+    /// [`Error::SinkClosed`], [`Error::SharedIndex`].
+    pub async fn run(self, input: mpsc::Receiver<Vec<Change>>, sink: Sink) -> Result<(), Error> {
+        let (window_tx, window_rx) = mpsc::channel(WINDOW);
+        let result = {
+            let placing = place_all(&self.placer, &self.metrics, input, window_tx);
+            let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+            let handing_on = self.hand_on_all(window_rx, &mut out);
+            tokio::pin!(placing, handing_on);
+            // Handing on ends last, once placing has ended and the window is empty, unless it
+            // fails: then placing stops too, and the source's next hand-over finds the stage gone.
+            tokio::select! {
+                r = &mut handing_on => r,
+                () = &mut placing => handing_on.await,
+            }
+        };
+        sink.close().await;
+        result
+    }
+
+    async fn hand_on_all(&self, mut window: mpsc::Receiver<Vec<Step>>, out: &mut Out<'_>) -> Result<(), Error> {
+        loop {
+            let steps = match window.try_recv() {
+                Ok(steps) => steps,
+                Err(_) => {
+                    // Nothing placed is waiting: hand on the partial chunk rather than hold it.
+                    out.send().await?;
+                    match window.recv().await {
+                        Some(steps) => steps,
+                        None => return out.send().await,
+                    }
+                }
+            };
+            for step in steps {
+                self.hand_on(step, out).await?;
+            }
+        }
+    }
+
+    async fn hand_on(&self, step: Step, out: &mut Out<'_>) -> Result<(), Error> {
+        match step {
+            Step::Write(write, default) => self.hand_on_write(write, &default, out).await,
+            Step::Deferred(fallback, decision, default) => match self.decided(fallback, decision).await? {
+                Some(write) => self.hand_on_write(write, &default, out).await,
+                None => {
+                    self.metrics.events.with_label_values(&["ignored"]).inc();
+                    Ok(())
+                }
+            },
+            Step::Other(change) => self.hand_on_change(change, out).await,
+        }
+    }
+
+    /// Await a script decision, reporting the wait once it lasts; a decision task that failed
+    /// dead-letters its document.
+    async fn decided(&self, fallback: Write, mut decision: tokio::task::JoinHandle<Option<Write>>) -> Result<Option<Write>, Error> {
+        let result = match futures_util::FutureExt::now_or_never(&mut decision) {
+            Some(r) => r,
+            None => {
+                self.health.transform_waiting(true);
+                let r = tokio::select! {
+                    r = &mut decision => Some(r),
+                    () = self.abort.cancelled() => None,
+                };
+                self.health.transform_waiting(false);
+                r.ok_or(Error::SinkClosed(Closed))?
+            }
+        };
+        Ok(result.unwrap_or_else(|e| {
+            let mut w = fallback;
+            w.op = Op::Reject { error_type: "script_failed", reason: format!("the script task failed: {e}"), document: None };
+            Some(w)
+        }))
+    }
+
+    /// Note the write's index in `written` (handing the note on before it), then the write.
+    async fn hand_on_write(&self, mut write: Write, default: &Arc<str>, out: &mut Out<'_>) -> Result<(), Error> {
+        if !matches!(write.op, Op::Reject { .. }) && !out.noted(&write) {
+            match self.book.note(&write.ns, &write.index) {
+                Ok(Some(position)) => out.chunk.record(position),
+                Ok(None) => {}
+                Err(other) if *write.index == **default => {
+                    return Err(Error::SharedIndex { index: write.index.to_string(), first: other, second: write.ns.to_string() });
+                }
+                Err(other) => {
+                    let reason = format!("the document chose index `{}`, which namespace `{other}` writes too: a drop of either would delete the other's documents", write.index);
+                    write.op = Op::Reject { error_type: "shared_index", reason, document: None };
+                }
+            }
+            if !matches!(write.op, Op::Reject { .. }) {
+                out.last_noted = Some((write.ns.clone(), write.index.clone()));
+            }
+        }
+        out.chunk.push(write);
+        if out.chunk.len() >= CHUNK {
+            out.send().await?;
+        }
+        Ok(())
+    }
+
+    async fn hand_on_change(&self, change: Change, out: &mut Out<'_>) -> Result<(), Error> {
+        match change {
+            // Placed before they were queued.
+            Change::Doc(_) | Change::Unreadable(_) => {}
+            Change::Position(p) => out.chunk.record(p),
+            Change::Dropped { db, coll, time } => self.dropped(&db, &coll, time, out),
+            Change::Sweep { existing, below } => self.sweep(&existing, below, out),
+            Change::Flush => {
+                out.chunk.control(Control::Flush);
+                out.send().await?;
+            }
+            Change::Barrier(reply) => {
+                out.chunk.control(Control::Barrier(reply));
+                out.send().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Collection `db.coll` was dropped: delete its indexes (`onDrop`), after every write
+    /// before, then forget it.
+    fn dropped(&self, db: &str, coll: &str, time: Option<mongodb::bson::Timestamp>, out: &mut Out<'_>) {
+        let ns = format!("{db}.{coll}");
+        if self.delete_index_on_drop {
+            out.chunk.control(Control::Drop { ns: ns.clone(), indexes: self.book.indexes_of(db, coll), time });
+        } else {
+            info!(namespace = %ns, "collection dropped; index kept (onDrop: Keep)");
+        }
+        if let Some(p) = self.book.forget(&ns) {
+            out.chunk.record(p);
+        }
+        out.last_noted = None;
+    }
+
+    /// After a re-snapshot: apply the drops of the collections that disappeared during the
+    /// lost history, then sweep what the new snapshot did not see.
+    fn sweep(&self, existing: &[(String, String)], below: u64, out: &mut Out<'_>) {
+        let at = mongodb::bson::Timestamp::from(ClusterTime::from_version(below));
+        for (db, coll) in self.gone(existing) {
+            info!(namespace = %format!("{db}.{coll}"), "collection dropped during the lost history; applying its drop");
+            self.dropped(&db, &coll, Some(at), out);
+        }
+        let located = self.placer.shapes.tracks_any() || self.placer.scripts.is_some();
+        out.chunk.control(Control::Sweep { indexes: self.sweepable_indexes(existing), located, below });
+    }
+
+    /// Namespaces written before (or named exactly by the pipeline) that exist no more: their
+    /// drop events were lost with the history.
+    fn gone(&self, existing: &[(String, String)]) -> Vec<(String, String)> {
+        let named = self.placer.routing.include.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
+        let mut gone: Vec<(String, String)> = self
+            .book
+            .namespaces()
+            .into_iter()
+            .chain(named)
+            .filter_map(|ns| ns.split_once('.').map(|(d, c)| (d.to_string(), c.to_string())))
+            .filter(|(db, coll)| self.placer.routing.includes(db, coll) && !existing.contains(&(db.clone(), coll.clone())))
+            .collect();
+        gone.sort();
+        gone.dedup();
+        gone
+    }
+
+    /// The indexes the re-snapshot sweep reads document by document, owning each by its
+    /// Elasticsearch `_id`. In a sharded pipeline that is only right where the `_id` is the
+    /// MongoDB `_id` (shards own documents by the MongoDB `_id`): the indexes of namespaces whose
+    /// `_id` comes from a field (`mappings[].id`) or a script are swept by their location records
+    /// instead, or one shard would delete live documents another shard wrote.
+    fn sweepable_indexes(&self, existing: &[(String, String)]) -> Vec<String> {
+        let sharded = self.shard.is_split();
+        let own_ids = |db: &str, coll: &str| {
+            let ns = format!("{db}.{coll}");
+            !self.placer.shapes.for_ns(db, coll).custom_id() && !self.placer.scripts.as_ref().is_some_and(|s| s.has_map(&ns))
+        };
+        let mut indexes: Vec<String> = existing
+            .iter()
+            .filter(|(db, coll)| !sharded || own_ids(db, coll))
+            .flat_map(|(db, coll)| self.book.indexes_of(db, coll))
+            .collect();
+        indexes.sort();
+        indexes.dedup();
+        indexes
+    }
+}
+
+/// The chunk being filled for the sink.
+struct Out<'a> {
+    sink: &'a Sink,
+    chunk: Chunk,
+    /// The namespace and index noted last (most writes repeat them: no look-up then).
+    last_noted: Option<(Arc<str>, Arc<str>)>,
+}
+
+impl Out<'_> {
+    fn noted(&self, w: &Write) -> bool {
+        self.last_noted.as_ref().is_some_and(|(ns, index)| Arc::ptr_eq(ns, &w.ns) && Arc::ptr_eq(index, &w.index))
+    }
+
+    async fn send(&mut self) -> Result<(), Error> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.chunk);
+        self.sink.send_chunk(chunk).await.map_err(Error::from)
+    }
+}
+
+/// Place every chunk the source hands on, in order, into the window.
+async fn place_all(placer: &Placer, metrics: &Metrics, mut input: mpsc::Receiver<Vec<Change>>, window: mpsc::Sender<Vec<Step>>) {
+    let mut stats = ConvertStats::default();
+    while let Some(changes) = input.recv().await {
+        let steps = changes.into_iter().filter_map(|c| place(placer, c, &mut stats)).collect();
+        if stats.non_finite_nulled > 0 {
+            metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
+            stats = ConvertStats::default();
+        }
+        if window.send(steps).await.is_err() {
+            // Handing on stopped (the sink is gone): what is left is never acknowledged.
+            return;
+        }
+    }
+}
+
+fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<Step> {
+    match change {
+        Change::Doc(doc) => {
+            let default = placer.route(&doc.db, &doc.coll).index;
+            match placer.place(&doc, stats) {
+                Placed::Nothing => None,
+                Placed::Write(w) => Some(Step::Write(w, default)),
+                Placed::Deferred { fallback, decision } => Some(Step::Deferred(fallback, decision, default)),
+            }
+        }
+        Change::Unreadable(event) => {
+            let w = placer.unreadable(&event, stats);
+            error!(namespace = %w.ns, id = %w.id_json, error = %event.why, "unreadable change event; dead-lettered");
+            let default = w.index.clone();
+            Some(Step::Write(w, default))
+        }
+        other => Some(Step::Other(other)),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Position;
+    use crate::sink::Shared;
+    use bytes::Bytes;
+
+    fn write(index: &str, id: &str) -> Write {
+        Write::new(Arc::from("db.c"), Arc::from(index), format!("\"{id}\"").into(), 1, Op::Index(Bytes::from_static(b"{}")))
+    }
+
+    fn stage(health: Arc<Health>) -> Transform {
+        let metrics = Metrics::new("p");
+        let routing = crate::config::Routing {
+            include: vec![crate::config::NamespacePattern::parse("db.c").expect("pattern")],
+            ..crate::config::Routing::default()
+        };
+        Transform {
+            placer: Placer::new(routing.clone(), Arc::new(crate::transform::Shapes::default()), None, Arc::from("p"), metrics.clone()),
+            book: IndexBook::new(Default::default(), routing),
+            shard: Shard::default(),
+            delete_index_on_drop: true,
+            metrics,
+            health,
+            abort: CancellationToken::new(),
+        }
+    }
+
+    /// An index a script chooses is in `written` before its write is numbered: a checkpoint
+    /// that covers the write (committable once it is acknowledged) also carries the index, so
+    /// a drop after a crash still finds it. (Before, the decision recorded it when the sink
+    /// awaited it, after later writes were numbered; this test then saw the position after the
+    /// write committable without it.)
+    #[tokio::test]
+    async fn an_index_a_script_chooses_is_noted_before_its_write() {
+        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
+        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
+        let sink = crate::sink::idle(shared.clone());
+        let t = stage(health);
+        let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+        let decision = tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Some(write("chosen", "a"))
+        });
+        let default: Arc<str> = Arc::from("db.c");
+        t.hand_on(Step::Deferred(write("db.c", "a"), decision, default.clone()), &mut out).await.expect("handed on");
+        t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), default), &mut out).await.expect("handed on");
+        out.send().await.expect("sent");
+        // The scripted write is the first numbered; acknowledge it alone.
+        shared.ack_for_test(&[0]);
+        let committable = shared.acks.take_committable();
+        assert!(
+            matches!(committable.as_slice(), [Position::Written { index, .. }, Position::SnapshotDone, ..] if index == "chosen"),
+            "{committable:?}"
+        );
+    }
+
+    /// A drop deletes every index the namespace wrote, after the writes before it, and the
+    /// namespace is forgotten only after the drop: a checkpoint that forgot it has its drop
+    /// done, and a collection created again under the name is noted afresh.
+    #[tokio::test]
+    async fn a_namespace_is_forgotten_after_its_drop_and_noted_again_after() {
+        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
+        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
+        let sink = crate::sink::idle(shared.clone());
+        let t = stage(health);
+        let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+        let default: Arc<str> = Arc::from("db.c");
+        t.hand_on(Step::Write(write("db.c", "a"), default.clone()), &mut out).await.expect("handed on");
+        t.hand_on(Step::Other(Change::Dropped { db: "db".into(), coll: "c".into(), time: None }), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), default), &mut out).await.expect("handed on");
+        out.send().await.expect("sent");
+        // Write 0, the drop (1), write 2. Acknowledge the writes, not the drop.
+        shared.ack_for_test(&[0, 2]);
+        let committable = shared.acks.take_committable();
+        assert!(matches!(committable.as_slice(), [Position::Written { .. }]), "nothing past the drop before it is done: {committable:?}");
+        shared.ack_for_test(&[1]);
+        let committable = shared.acks.take_committable();
+        assert!(
+            matches!(committable.as_slice(), [Position::Forgotten { .. }, Position::Written { index, .. }] if index == "db.c"),
+            "{committable:?}"
+        );
+    }
+}
