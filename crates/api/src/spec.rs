@@ -361,6 +361,16 @@ fn stage_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// Which change streams a pipeline follows (`spec.mongodb.streamScope`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StreamScope {
+    /// One stream for the pipeline: database-level or deployment-level.
+    #[default]
+    Auto,
+    /// One stream per synced collection.
+    Collection,
+}
+
 /// How a document is written.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum WriteMode {
@@ -461,6 +471,13 @@ pub struct MongoSource {
     /// Secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key_from: Option<ValueFrom>,
+    /// Which change streams to follow. `Auto` (default): one stream for the whole pipeline,
+    /// database-level when every namespace is in one database, deployment-level otherwise.
+    /// `Collection`: one stream per synced collection, each resumed from its own token, for
+    /// servers that only stream collections (Amazon DocumentDB); collections created later are
+    /// found by listing the databases every few seconds.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub stream_scope: StreamScope,
 }
 
 /// An Elasticsearch 7.x/8.x/9.x or OpenSearch 2.x cluster.
@@ -793,4 +810,8 @@ pub struct Condition {
     /// The generation this condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }

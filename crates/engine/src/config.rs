@@ -23,6 +23,9 @@ pub struct EngineConfig {
     pub snapshot: bool,
     /// Where the change stream of a pipeline without a checkpoint starts; `None`: now.
     pub stream_from: Option<StreamFrom>,
+    /// One change stream per collection (`streamScope: Collection`) instead of one for the
+    /// pipeline.
+    pub collection_streams: bool,
     /// A re-snapshot requested with this token (`MONSOON_RESNAPSHOT`, set by the operator from
     /// the `monsoon.dev/resnapshot` annotation): done once per token, remembered in the
     /// checkpoint.

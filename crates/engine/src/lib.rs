@@ -155,7 +155,19 @@ async fn run_inner<S: CheckpointStore>(
     if locations.is_some() {
         es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
     }
-    let start = Start { stream_start, resume, snapshot: cp.snapshot.clone(), sweep_below: cp.sweep_below };
+    let collections = cp
+        .collection_starts(&store.location())?
+        .into_iter()
+        .map(|(ns, start)| {
+            let start = match start {
+                checkpoint::CollectionStart::Token { token, after_invalidate: true } => StreamStart::StartAfter(token),
+                checkpoint::CollectionStart::Token { token, .. } => StreamStart::ResumeAfter(token),
+                checkpoint::CollectionStart::At(t) => StreamStart::At(t),
+            };
+            (ns, start)
+        })
+        .collect();
+    let start = Start { stream_start, resume, snapshot: cp.snapshot.clone(), sweep_below: cp.sweep_below, collections, listed_at: cp.collections_listed_at };
 
     // The stages, each a task joined to the next by a bounded channel.
     let acks = Arc::new(checkpoint::acks::Acks::default());
@@ -314,7 +326,7 @@ async fn follow_until_error(config: &EngineConfig, source: &Source<'_>, mut star
                 source.barrier().await?;
                 let t1 = mongo::cluster_time(&source.client).await?;
                 source.record(Position::Reset { stream_start: t1 });
-                start = Start { stream_start: t1, resume: None, snapshot: checkpoint::SnapshotProgress::default(), sweep_below: Some(t1.version()) };
+                start = Start { stream_start: t1, resume: None, snapshot: checkpoint::SnapshotProgress::default(), sweep_below: Some(t1.version()), collections: Default::default(), listed_at: None };
             }
             other => return other,
         }
@@ -398,6 +410,11 @@ struct Start {
     resume: Option<StreamStart>,
     snapshot: checkpoint::SnapshotProgress,
     sweep_below: Option<u64>,
+    /// With one stream per collection: where each collection's stream resumes.
+    collections: std::collections::BTreeMap<String, StreamStart>,
+    /// With one stream per collection: where the streams of collections not in `collections`
+    /// start.
+    listed_at: Option<ClusterTime>,
 }
 
 /// Snapshot what needs it, sweep after a re-snapshot, then follow the stream until
@@ -467,6 +484,10 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
     if once {
         info!(pipeline = %name, "--once: waiting until Elasticsearch acknowledged every write");
         return source.barrier().await;
+    }
+    if config.collection_streams {
+        let from = start.listed_at.unwrap_or(start.stream_start);
+        return source.stream_collections(start.collections.clone(), from).await.map(|_| ());
     }
     let stream_start = start.resume.clone().unwrap_or(StreamStart::At(start.stream_start));
     source.stream(stream_start).await.map(|_| ())

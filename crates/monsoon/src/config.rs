@@ -228,6 +228,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         // The operator passes the `monsoon.dev/resnapshot` annotation's token; `monsoon run`
         // honours the same variable.
         resnapshot: std::env::var(monsoon_operator::workload::ENV_RESNAPSHOT).ok().filter(|t| !t.is_empty()),
+        collection_streams: spec.mongodb.stream_scope == monsoon_api::StreamScope::Collection,
         stream_from: spec.stream_start.as_ref().map(|s| match s.timestamp {
             Some(t) => StreamFrom::Seconds(t),
             None => StreamFrom::Oldest,

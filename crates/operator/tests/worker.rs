@@ -52,6 +52,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
             ..Routing::default()
         },
         snapshot: true,
+        collection_streams: false,
         stream_from: None,
         resnapshot: None,
         batch: BatchConfig::default(),

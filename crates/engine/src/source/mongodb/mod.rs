@@ -15,6 +15,7 @@
 pub mod event;
 pub mod filter;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,10 @@ const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for one batch of a snapshot query (the first batch of a sorted query on a
 /// huge collection can take a while on some servers).
 const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often a pipeline with one change stream per collection lists the collections, to open
+/// streams for new ones.
+pub const COLLECTION_POLL: Duration = Duration::from_secs(5);
 
 /// How often (in documents or events) a busy source beats its heartbeat: reading the clock
 /// per document shows up in profiles.
@@ -531,12 +536,11 @@ impl Source<'_> {
         Ok(())
     }
 
-    async fn open_stream(
-        &self,
-        start: &StreamStart,
-        lean: bool,
-    ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
-        let dbs = self.routing.databases();
+    async fn open_stream(&self, start: &StreamStart, lean: bool, scope: Option<&(String, String)>) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
+        let dbs = match scope {
+            Some((db, _)) => Some(vec![db.clone()]),
+            None => self.routing.databases(),
+        };
         let mut pipeline = stream_pipeline(dbs.as_deref(), lean, self.keep_update);
         if !lean {
             // The mappings' own `$match` stages, before `updateDescription` is projected away
@@ -553,8 +557,11 @@ impl Source<'_> {
             StreamStart::StartAfter(token) => options.start_after = Some(token.clone()),
         }
         // One stream per pipeline: database-level when every namespace is in one database,
-        // deployment-level otherwise (filtered to the routed databases above).
-        let stream = if let Some([db]) = dbs.as_deref() {
+        // deployment-level otherwise (filtered to the routed databases above); or one per
+        // collection.
+        let stream = if let Some((db, coll)) = scope {
+            self.client.database(db).collection::<Document>(coll).watch().pipeline(pipeline).with_options(options).await?
+        } else if let Some([db]) = dbs.as_deref() {
             self.client
                 .database(db)
                 .watch()
@@ -577,7 +584,7 @@ impl Source<'_> {
     /// [`Error::HistoryLost`] when the resume point is gone; [`Error::Closed`].
     pub async fn stream(&self, start: StreamStart) -> Result<Ended, Error> {
         self.health.set_phase(Phase::Streaming);
-        let mut at = Following { start, lean_left: 0, last_time: None, backoff: Backoff::default() };
+        let mut at = Following::new(start, None);
         loop {
             let Some(stream) = self.open_or_wait(&mut at).await? else {
                 if self.cancel.is_cancelled() {
@@ -595,7 +602,7 @@ impl Source<'_> {
     /// re-opening differently.
     async fn open_or_wait(&self, at: &mut Following) -> Result<Option<ChangeStream<RawDocumentBuf>>, Error> {
         let lean = at.lean_left > 0;
-        let e = match self.open_stream(&at.start, lean).await {
+        let e = match self.open_stream(&at.start, lean, at.scope.as_ref()).await {
             Ok(s) => {
                 info!(lean, "change stream open");
                 return Ok(Some(s));
@@ -655,6 +662,7 @@ impl Source<'_> {
                             self.record_token(at, token.clone(), true);
                             at.start = StreamStart::StartAfter(token);
                         }
+                        at.invalidated = true;
                         return Ok(Ended::Complete);
                     }
                     // The token is cloned only when recorded, not per event.
@@ -725,7 +733,94 @@ impl Source<'_> {
     /// Record the stream's position at `token`.
     fn record_token(&self, at: &Following, token: ResumeToken, after_invalidate: bool) {
         let after_invalidate = after_invalidate || at.start.is_start_after(&token);
-        self.record(Position::Stream { token, time: at.last_time.map(ClusterTime::from), after_invalidate });
+        let time = at.last_time.map(ClusterTime::from);
+        match &at.scope {
+            None => self.record(Position::Stream { token, time, after_invalidate }),
+            Some((db, coll)) => self.record(Position::CollectionStream { ns: format!("{db}.{coll}"), token, time, after_invalidate }),
+        }
+    }
+
+    /// Follow one change stream per synced collection (`streamScope: Collection`) until
+    /// cancelled: those in `marks` from where they were, and every other one listed from
+    /// `listed_at` (a collection not listed before was created after it). Collections are
+    /// listed again every [`COLLECTION_POLL`]; a collection's stream ends when it is dropped or
+    /// renamed away, and starts again after that if the collection comes back.
+    ///
+    /// # Errors
+    /// [`Error::HistoryLost`] when a stream's resume point is gone; [`Error::Closed`].
+    pub async fn stream_collections(&self, mut marks: BTreeMap<String, StreamStart>, mut listed_at: ClusterTime) -> Result<Ended, Error> {
+        use futures_util::StreamExt;
+        self.health.set_phase(Phase::Streaming);
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        let mut active = std::collections::BTreeSet::new();
+        loop {
+            match (cluster_time(&self.client).await, self.collections().await) {
+                (Ok(now), Ok(collections)) => {
+                    for (db, coll) in collections {
+                        let ns = format!("{db}.{coll}");
+                        if !active.insert(ns.clone()) {
+                            continue;
+                        }
+                        let start = marks.remove(&ns).unwrap_or_else(|| {
+                            self.record(Position::CollectionOpened { ns: ns.clone(), at: listed_at });
+                            StreamStart::At(listed_at)
+                        });
+                        info!(namespace = %ns, "change stream of collection opening");
+                        running.push(self.stream_one(db, coll, start));
+                    }
+                    self.record(Position::CollectionsListed { at: now });
+                    listed_at = now;
+                }
+                _ if self.cancel.is_cancelled() => break,
+                (Err(e), _) | (_, Err(e)) => warn!(error = %e, "failed to list collections for their change streams; retrying"),
+            }
+            let poll = tokio::time::sleep(COLLECTION_POLL);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    Some((ns, ended, start)) = running.next(), if !running.is_empty() => match ended? {
+                        Ended::Cancelled => {}
+                        Ended::Complete => {
+                            // Dropped or renamed away: from after its invalidate if it comes back.
+                            info!(namespace = %ns, "collection gone; its change stream ends");
+                            active.remove(&ns);
+                            marks.insert(ns, start);
+                        }
+                    },
+                    () = &mut poll => break,
+                    () = self.cancel.cancelled() => break,
+                }
+            }
+            if self.cancel.is_cancelled() {
+                break;
+            }
+        }
+        // Each stream records where it stopped.
+        while let Some((_, ended, _)) = running.next().await {
+            ended?;
+        }
+        Ok(Ended::Cancelled)
+    }
+
+    /// Follow the change stream of `db.coll` from `start` until cancelled (`Cancelled`) or the
+    /// collection is gone (`Complete`, with where to start if it comes back).
+    async fn stream_one(&self, db: String, coll: String, start: StreamStart) -> (String, Result<Ended, Error>, StreamStart) {
+        let ns = format!("{db}.{coll}");
+        let mut at = Following::new(start, Some((db, coll)));
+        let ended = loop {
+            let stream = match self.open_or_wait(&mut at).await {
+                Ok(Some(s)) => s,
+                Ok(None) if self.cancel.is_cancelled() => break Ok(Ended::Cancelled),
+                Ok(None) => continue,
+                Err(e) => break Err(e),
+            };
+            match self.follow_open(stream, &mut at).await {
+                Ok(Ended::Complete) if at.invalidated => break Ok(Ended::Complete),
+                Ok(Ended::Complete) => {}
+                other => break other,
+            }
+        };
+        (ns, ended, at.start)
     }
 
     async fn handle_event(&self, raw: &RawDocument, last_time: &mut Option<Timestamp>) -> Result<Next, Error> {
@@ -877,9 +972,17 @@ struct Following {
     /// Cluster time of the last event read (stored beside the token, for re-sharding).
     last_time: Option<Timestamp>,
     backoff: Backoff,
+    /// The collection, for a stream of one collection.
+    scope: Option<(String, String)>,
+    /// The stream read an invalidate (its collection was dropped or renamed away).
+    invalidated: bool,
 }
 
 impl Following {
+    fn new(start: StreamStart, scope: Option<(String, String)>) -> Self {
+        Self { start, lean_left: 0, last_time: None, backoff: Backoff::default(), scope, invalidated: false }
+    }
+
     /// Re-open after `token`, the last one read, if any.
     fn continue_after(&mut self, token: Option<ResumeToken>) {
         if let Some(token) = token {
