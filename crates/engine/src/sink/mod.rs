@@ -81,8 +81,11 @@ pub enum Control {
     Drop {
         /// The dropped namespace.
         ns: String,
-        /// Every index it wrote.
+        /// Every index it wrote, or the first ones when `spread`.
         indexes: Vec<String>,
+        /// It wrote more indexes than `written` lists: its documents elsewhere are found
+        /// through their location records and deleted one by one.
+        spread: bool,
         /// Cluster time of the drop.
         time: Option<mongodb::bson::Timestamp>,
     },
@@ -803,9 +806,12 @@ impl Deliverer {
     /// acknowledged, and the change that asked for it is read again on the next start.
     async fn apply(&self, control: Control) -> Result<(), crate::retry::Cancelled> {
         match control {
-            Control::Drop { ns, indexes, time } => {
+            Control::Drop { ns, indexes, spread, time } => {
                 for index in &indexes {
                     self.drop_index(&ns, index, time).await?;
+                }
+                if spread {
+                    self.drop_located(&ns, time).await?;
                 }
             }
             Control::Sweep { indexes, located, below } => self.sweep(&indexes, located, below).await?,
@@ -850,6 +856,27 @@ impl Deliverer {
         Ok(())
     }
 
+    /// Delete the documents of dropped namespace `ns` (older than the drop, this shard's)
+    /// wherever their location records say they are: a namespace whose documents chose more
+    /// indexes than `written` lists.
+    async fn drop_located(&self, ns: &str, time: Option<mongodb::bson::Timestamp>) -> Result<(), crate::retry::Cancelled> {
+        let (Some(records), Some(time)) = (&self.settings.locations, time) else {
+            warn!(namespace = %ns, "drop of a namespace with unlisted indexes but no location records or cluster time; its documents there are kept");
+            return Ok(());
+        };
+        let below = crate::checkpoint::ClusterTime::from(time).version().saturating_add(1);
+        let shard = self.settings.shard;
+        let owns = |mongo_id: &str| shard.owns(mongo_id);
+        let scope = locations::Scope { ns: Some(ns), sharded: shard.is_split(), owns: &owns };
+        let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, &scope), |e| {
+            warn!(namespace = %ns, error = %crate::error_chain(e), "failed to delete the documents of a dropped collection from their recorded places; retrying");
+            self.shared.health.sink_beat(false);
+        })
+        .await?;
+        tracing::info!(namespace = %ns, deleted = n, "collection dropped; its documents in indexes `written` does not list deleted through their location records");
+        Ok(())
+    }
+
     /// The re-snapshot sweep: from each of `indexes`, and through the location records when
     /// `located`, delete this shard's documents versioned below `below`. Retried whole until it
     /// succeeds (versioned deletes: a retry deletes nothing written since).
@@ -864,7 +891,9 @@ impl Deliverer {
             tracing::info!(index = %index, deleted = n, "swept documents deleted during the lost history");
         }
         if let (true, Some(records)) = (located, &self.settings.locations) {
-            let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, |mongo_id| shard.owns(mongo_id)), |e| {
+            let owns = |mongo_id: &str| shard.owns(mongo_id);
+            let scope = locations::Scope { ns: None, sharded: shard.is_split(), owns: &owns };
+            let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, &scope), |e| {
                 warn!(error = %crate::error_chain(e), "sweep of located documents failed; retrying");
                 self.shared.health.sink_beat(false);
             })

@@ -210,7 +210,7 @@ impl Transform {
     fn dropped(&self, db: &str, coll: &str, time: Option<mongodb::bson::Timestamp>, out: &mut Out<'_>) {
         let ns = format!("{db}.{coll}");
         if self.delete_index_on_drop {
-            out.chunk.control(Control::Drop { ns: ns.clone(), indexes: self.book.indexes_of(db, coll), time });
+            out.chunk.control(Control::Drop { ns: ns.clone(), indexes: self.book.indexes_of(db, coll), spread: self.book.is_spread(&ns), time });
         } else {
             info!(namespace = %ns, "collection dropped; index kept (onDrop: Keep)");
         }

@@ -413,15 +413,15 @@ impl Elastic {
         .await
     }
 
-    /// The re-snapshot sweep of documents whose location is recorded ([`locations::swept`]):
-    /// delete, in `locations_index`'s records of `pipeline`, every copy of the documents this
-    /// shard owns that the re-snapshot did not write again (versioned `below - 1`), then the
-    /// records. Returns how many deletes were done.
+    /// The sweep of documents whose location is recorded ([`crate::sink::locations::swept`]):
+    /// delete, in `locations_index`'s records of `pipeline` (of one namespace, for a drop),
+    /// every copy of the documents this shard owns that were not written since (versioned
+    /// `below - 1`), then the records. Returns how many deletes were done.
     ///
     /// # Errors
     /// As [`Elastic::sweep`]; idempotent, retried whole by the caller.
-    pub async fn sweep_located(&self, locations_index: &str, pipeline: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, Error> {
-        use crate::sink::locations::{self, Record};
+    pub async fn sweep_located(&self, locations_index: &str, pipeline: &str, below: u64, scope: &crate::sink::locations::Scope<'_>) -> Result<u64, Error> {
+        use crate::sink::locations::Record;
         if below == 0 {
             return Ok(0);
         }
@@ -436,7 +436,7 @@ impl Elastic {
                         Some((h["_id"].as_str()?.to_string(), h["_version"].as_u64()?, record))
                     })
                     .collect();
-                let (swept, hashed) = locations::swept(&records, pipeline, below, &owns);
+                let (swept, hashed) = crate::sink::locations::swept(&records, pipeline, below, scope);
                 ownerless += hashed;
                 let mut actions = 0;
                 for s in swept {
