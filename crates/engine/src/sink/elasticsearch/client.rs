@@ -460,6 +460,13 @@ impl Elastic {
     /// Scroll `index` with `query` and, page by page, send the deletes `plan` writes into a bulk
     /// body (returning how many), reading every item's outcome. Returns how many were deleted.
     async fn delete_page_by_page(&self, index: &str, query: &serde_json::Value, mut plan: impl FnMut(&[serde_json::Value], &mut Vec<u8>) -> usize) -> Result<u64, Error> {
+        // Search sees only what was refreshed (every second by default): without this, the
+        // documents written in the last second before a drop or a sweep (acknowledged, but not
+        // yet searchable) would escape it and stay for good.
+        let (status, body) = self.request(Method::Post, &format!("/{}/_refresh", encode_path(index)), None, None, None).await?;
+        if !matches!(status, 200 | 404) {
+            return Err(status_error("refresh before a sweep", status, &body));
+        }
         let path = format!("/{}/_search", encode_path(index));
         let (status, mut body) = self
             .request(Method::Post, &path, Some(&[("scroll", "2m")]), Some(json_bytes(query)), None)
