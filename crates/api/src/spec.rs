@@ -98,6 +98,10 @@ pub struct SyncPipelineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
     pub snapshot_namespaces: Vec<String>,
+    /// Read big collections' snapshots in `_id` ranges at once (Monstache's
+    /// `direct-read-split-max`). Unset: each collection is read in one `_id`-ordered pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_split: Option<SnapshotSplit>,
     /// Where the change stream starts when the pipeline has no checkpoint yet (ignored once
     /// it has one): `timestamp` (seconds since the Unix epoch, Monstache's
     /// `resume-from-timestamp`) or `oldest: true` (the oldest entry MongoDB's oplog still
@@ -359,6 +363,23 @@ fn stage_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "maxItems": 100,
         "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
     })
+}
+
+/// How a big collection's snapshot is split (`spec.snapshotSplit`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSplit {
+    /// `_id` ranges read at once, each resumable on its own after a crash.
+    #[schemars(range(min = 2, max = 64))]
+    pub ranges: u32,
+    /// Split only collections estimated to hold at least this many documents.
+    #[serde(default = "default_split_min_documents")]
+    #[schemars(range(min = 1))]
+    pub min_documents: u64,
+}
+
+fn default_split_min_documents() -> u64 {
+    100_000
 }
 
 /// Which change streams a pipeline follows (`spec.mongodb.streamScope`).

@@ -430,6 +430,14 @@ fn validate_snapshot_namespaces(spec: &SyncPipelineSpec, patterns: &[NamespacePa
             Err(m) => errs.push(field, m),
         }
     }
+    if let Some(split) = &spec.snapshot_split {
+        if !(2..=64).contains(&split.ranges) {
+            errs.push("spec.snapshotSplit.ranges", format!("{} ranges: use 2 to 64 (leave `snapshotSplit` out to read each collection in one pass)", split.ranges));
+        }
+        if split.min_documents == 0 {
+            errs.push("spec.snapshotSplit.minDocuments", "must be at least 1".to_string());
+        }
+    }
     if !spec.snapshot && !spec.snapshot_namespaces.is_empty() {
         errs.push("spec.snapshotNamespaces", "has no effect with `snapshot: false`; set `snapshot: true`, or remove it");
     }

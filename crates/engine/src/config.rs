@@ -26,6 +26,9 @@ pub struct EngineConfig {
     /// One change stream per collection (`streamScope: Collection`) instead of one for the
     /// pipeline.
     pub collection_streams: bool,
+    /// Read a collection estimated to hold at least `.1` documents in `.0` `_id` ranges at
+    /// once (`snapshotSplit`); `None`: one pass per collection.
+    pub snapshot_split: Option<(u32, u64)>,
     /// A re-snapshot requested with this token (`MONSOON_RESNAPSHOT`, set by the operator from
     /// the `monsoon.dev/resnapshot` annotation): done once per token, remembered in the
     /// checkpoint.

@@ -205,6 +205,7 @@ async fn run_inner<S: CheckpointStore>(
         shard: config.shard,
         shapes: &shapes,
         keep_update: scripts.is_some(),
+        snapshot_split: config.snapshot_split,
         last_names: std::sync::Mutex::new(None),
     };
     let result = follow(config, &source, start, options.exit_after_snapshot).instrument(tracing::info_span!("source", pipeline = %name)).await;
@@ -437,10 +438,7 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
             if progress.is_some_and(|p| p.done) {
                 continue;
             }
-            let resume = progress
-                .and_then(|p| p.last_id.as_ref())
-                .and_then(mongo::id_from_json);
-            if source.snapshot_collection(&db, &coll, resume, start.stream_start.version()).await? == Ended::Cancelled {
+            if source.snapshot(&db, &coll, progress, start.stream_start.version()).await? == Ended::Cancelled {
                 return Ok(());
             }
         }
@@ -467,7 +465,7 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
             let version = mongo::cluster_time(&source.client).await?.version();
             info!(pipeline = %name, collections = added.len(), "namespaces added to the pipeline; snapshotting them");
             for (db, coll) in added {
-                if source.snapshot_collection(&db, &coll, None, version).await? == Ended::Cancelled {
+                if source.snapshot(&db, &coll, None, version).await? == Ended::Cancelled {
                     return Ok(());
                 }
             }

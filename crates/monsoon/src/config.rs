@@ -229,6 +229,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         // honours the same variable.
         resnapshot: std::env::var(monsoon_operator::workload::ENV_RESNAPSHOT).ok().filter(|t| !t.is_empty()),
         collection_streams: spec.mongodb.stream_scope == monsoon_api::StreamScope::Collection,
+        snapshot_split: spec.snapshot_split.as_ref().map(|s| (s.ranges, s.min_documents)),
         stream_from: spec.stream_start.as_ref().map(|s| match s.timestamp {
             Some(t) => StreamFrom::Seconds(t),
             None => StreamFrom::Oldest,

@@ -182,6 +182,28 @@ pub struct CollectionProgress {
     /// Every document with an `_id` up to this one (canonical extended JSON) is acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_id: Option<serde_json::Value>,
+    /// A snapshot split into `_id` ranges read at once (`snapshotSplit`): each range's progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<RangeProgress>,
+}
+
+/// Snapshot progress of one `_id` range of a split collection: the documents after `after`
+/// (from the first, when `None`) up to and including `upTo` (to the last, when `None`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RangeProgress {
+    /// Lower bound, exclusive (canonical extended JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
+    /// Upper bound, inclusive (canonical extended JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to: Option<serde_json::Value>,
+    /// Every document of the range up to this `_id` is acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_id: Option<serde_json::Value>,
+    /// Every document of the range is acknowledged.
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// A point in the source that the pipeline may resume from once acknowledged.
@@ -193,6 +215,24 @@ pub enum Position {
         ns: String,
         /// Last `_id` read.
         last_id: Bson,
+    },
+    /// The snapshot of `ns` is split into ranges at these `_id`s (each the inclusive end of a
+    /// range; the last range runs to the end).
+    SnapshotSplit {
+        /// Namespace.
+        ns: String,
+        /// Range ends, ascending.
+        bounds: Vec<Bson>,
+    },
+    /// Range `range` of the split snapshot of `ns` is acknowledged up to and including
+    /// `last_id` (`None`: the whole range).
+    SnapshotRangeRead {
+        /// Namespace.
+        ns: String,
+        /// Which range.
+        range: usize,
+        /// Last `_id` read; `None` when the range is done.
+        last_id: Option<Bson>,
     },
     /// Snapshot of `ns` is complete.
     SnapshotCollectionDone {
@@ -316,6 +356,26 @@ impl Checkpoint {
             Position::SnapshotRange { ns, last_id } => {
                 let entry = self.snapshot.collections.entry(ns.clone()).or_default();
                 entry.last_id = Some(last_id.clone().into_canonical_extjson());
+            }
+            Position::SnapshotSplit { ns, bounds } => {
+                let json = |b: &Bson| b.clone().into_canonical_extjson();
+                let entry = self.snapshot.collections.entry(ns.clone()).or_default();
+                entry.ranges = (0..=bounds.len())
+                    .map(|i| RangeProgress {
+                        after: i.checked_sub(1).map(|j| json(&bounds[j])),
+                        up_to: bounds.get(i).map(json),
+                        ..RangeProgress::default()
+                    })
+                    .collect();
+            }
+            Position::SnapshotRangeRead { ns, range, last_id } => {
+                let entry = self.snapshot.collections.entry(ns.clone()).or_default();
+                if let Some(r) = entry.ranges.get_mut(*range) {
+                    match last_id {
+                        Some(id) => r.last_id = Some(id.clone().into_canonical_extjson()),
+                        None => r.done = true,
+                    }
+                }
             }
             Position::SnapshotCollectionDone { ns } => {
                 self.snapshot.collections.entry(ns.clone()).or_default().done = true;
@@ -497,7 +557,7 @@ impl Checkpoint {
                             ns.clone(),
                             CollectionProgress {
                                 done: true,
-                                last_id: None,
+                                ..CollectionProgress::default()
                             },
                         );
                     }
@@ -544,6 +604,24 @@ mod tests {
 
     fn token(data: &str) -> ResumeToken {
         mongodb::bson::from_bson(Bson::Document(doc! {"_data": data})).expect("token")
+    }
+
+    /// A split snapshot records its ranges, then each range's progress on its own; a collection
+    /// is done only once `SnapshotCollectionDone` comes.
+    #[test]
+    fn a_split_snapshot_keeps_each_ranges_progress() {
+        let mut cp = Checkpoint::new("p");
+        cp.apply(&Position::SnapshotSplit { ns: "d.c".into(), bounds: vec![Bson::Int32(100), Bson::String("m".into())] });
+        cp.apply(&Position::SnapshotRangeRead { ns: "d.c".into(), range: 1, last_id: Some(Bson::Int32(150)) });
+        cp.apply(&Position::SnapshotRangeRead { ns: "d.c".into(), range: 0, last_id: None });
+        let c = &cp.snapshot.collections["d.c"];
+        assert_eq!(c.ranges.len(), 3);
+        assert_eq!((c.ranges[0].after.is_none(), c.ranges[0].up_to.is_some(), c.ranges[0].done), (true, true, true));
+        assert_eq!(c.ranges[1].last_id, Some(Bson::Int32(150).into_canonical_extjson()));
+        assert_eq!((c.ranges[2].after.clone(), c.ranges[2].up_to.is_none()), (Some(serde_json::json!("m")), true));
+        assert!(!c.done);
+        let text = serde_json::to_string(&cp).expect("json");
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).expect("read back"), cp);
     }
 
     /// One stream per collection: each collection resumes from its own token, or from where
@@ -599,10 +677,10 @@ mod tests {
         // A shard with a token but no event time yet is at least at its stream start.
         b.stream_time = None;
         b.snapshot.done = false;
-        b.snapshot.collections.insert("d.x".into(), CollectionProgress { done: true, last_id: None });
+        b.snapshot.collections.insert("d.x".into(), CollectionProgress { done: true, ..CollectionProgress::default() });
         b.snapshot.collections.insert(
             "d.y".into(),
-            CollectionProgress { done: false, last_id: Some(serde_json::json!(5)) },
+            CollectionProgress { done: false, last_id: Some(serde_json::json!(5)), ..CollectionProgress::default() },
         );
         let merged = Checkpoint::merge_for_reshard("p", &[b.clone(), a.clone()], two);
         assert_eq!(merged.stream_start, Some(at(100)));

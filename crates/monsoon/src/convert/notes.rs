@@ -21,7 +21,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ("http-server-addr", "use `monsoon run --http-addr`"),
     ("pprof", "not available"),
     ("fail-fast", "monsoon retries what can be retried and dead-letters what cannot; it stops only on errors a person must fix"),
-    ("direct-read-split-max", "the snapshot reads each collection in `_id` order, resumable after a crash"),
     ("direct-read-concur", "the snapshot reads collections one after another; bulk requests run `batch.concurrency` at once"),
     ("direct-read-no-timeout", "snapshot reads time out only when MongoDB stops answering, and then resume after the last `_id`"),
     ("elasticsearch-retry", "monsoon always retries retriable failures"),
@@ -73,7 +72,7 @@ const HANDLED: &[&str] = &[
     "direct-read-namespaces", "change-stream-namespaces", "dropped-collections", "mapping",
     "namespace-regex", "namespace-exclude-regex", "index-as-update", "index-oplog-time", "oplog-ts-field-name",
     "oplog-date-field-name", "oplog-date-field-format", "script", "filter", "pipeline",
-    "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect",
+    "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect", "direct-read-split-max",
 ];
 
 /// A note for every option no other part took.

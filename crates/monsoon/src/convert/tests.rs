@@ -525,3 +525,13 @@ fn aws_connect_that_cannot_sign_is_refused_naming_the_option() {
     let e = refused("elasticsearch-urls = [\"https://a:443\", \"https://b:443\"]\nchange-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\nstrategy = 2\nregion = \"us-east-1\"\n");
     assert!(e.contains("elasticsearch-urls") && e.contains("exactly one URL"), "{e}");
 }
+
+#[test]
+fn direct_read_split_max_becomes_a_snapshot_split() {
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\ndirect-read-split-max = 9\n");
+    let split = c.pipeline.spec.snapshot_split.as_ref().expect("split");
+    assert_eq!((split.ranges, split.min_documents), (9, 100_000));
+    assert!(noted(&c, "direct-read-split-max").is_some_and(|n| n.contains("ranges: 9")));
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\ndirect-read-split-max = 1\n");
+    assert!(c.pipeline.spec.snapshot_split.is_none());
+}

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::event::Action;
-use crate::checkpoint::{ClusterTime, Position};
+use crate::checkpoint::{ClusterTime, CollectionProgress, Position, RangeProgress};
 use crate::config::{MongoConfig, Routing, Shard};
 use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
@@ -292,6 +292,9 @@ pub struct Source<'a> {
     pub shapes: &'a Shapes,
     /// Keep change events' update descriptions (the scripts read them).
     pub keep_update: bool,
+    /// `snapshotSplit`: `_id` ranges read at once, and the fewest documents a collection split
+    /// has.
+    pub snapshot_split: Option<(u32, u64)>,
     /// The names of the collection changed last.
     pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
 }
@@ -408,22 +411,118 @@ impl Source<'_> {
         .await
     }
 
+    /// Read `db.coll`: the whole collection, or what `progress` (from the checkpoint) says is
+    /// left; in `_id` ranges at once when `snapshotSplit` says so and it is big enough.
+    ///
+    /// # Errors
+    /// Only when the stages after the source stopped; MongoDB errors are retried.
+    pub async fn snapshot(&self, db: &str, coll: &str, progress: Option<&CollectionProgress>, version: u64) -> Result<Ended, Error> {
+        if let Some(p) = progress.filter(|p| !p.ranges.is_empty()) {
+            let ranges = p.ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, r)| Range::from_progress(i, r)).collect();
+            return self.snapshot_ranges(db, coll, ranges, version).await;
+        }
+        let resume = progress.and_then(|p| p.last_id.as_ref()).and_then(id_from_json);
+        if resume.is_none() {
+            if let Some(bounds) = self.split_bounds(db, coll).await {
+                self.record(Position::SnapshotSplit { ns: format!("{db}.{coll}"), bounds: bounds.clone() });
+                return self.snapshot_ranges(db, coll, Range::all(&bounds), version).await;
+            }
+        }
+        self.snapshot_collection(db, coll, resume, version).await
+    }
+
+    /// Where to split `db.coll` (`snapshotSplit`): range ends taken from a `$sample` of its
+    /// `_id`s, or `None` to read it in one pass (not configured, too small, or the sample
+    /// failed: a split is only ever a speed-up).
+    async fn split_bounds(&self, db: &str, coll: &str) -> Option<Vec<Bson>> {
+        use futures_util::TryStreamExt;
+        let (ranges, min_documents) = self.snapshot_split?;
+        let collection = self.client.database(db).collection::<Document>(coll);
+        let estimate = collection.estimated_document_count().await.ok()?;
+        if estimate < min_documents {
+            return None;
+        }
+        let sample = vec![doc! {"$sample": {"size": i64::from(ranges) * 32}}, doc! {"$project": {"_id": 1}}, doc! {"$sort": {"_id": 1}}];
+        let ids: Vec<Bson> = match collection.aggregate(sample).await {
+            Ok(cursor) => match cursor.try_collect::<Vec<Document>>().await {
+                Ok(docs) => docs.into_iter().filter_map(|mut d| d.remove("_id")).collect(),
+                Err(e) => {
+                    warn!(namespace = %format!("{db}.{coll}"), error = %e, "sampling _ids to split the snapshot failed; reading it in one pass");
+                    return None;
+                }
+            },
+            Err(e) => {
+                warn!(namespace = %format!("{db}.{coll}"), error = %e, "sampling _ids to split the snapshot failed; reading it in one pass");
+                return None;
+            }
+        };
+        let mut bounds: Vec<Bson> = (1..ranges as usize).filter_map(|k| ids.get(k * ids.len() / ranges as usize).cloned()).collect();
+        bounds.dedup();
+        (!bounds.is_empty()).then_some(bounds)
+    }
+
+    /// Read the `ranges` of `db.coll` at once, each recording its own progress.
+    async fn snapshot_ranges(&self, db: &str, coll: &str, ranges: Vec<Range>, version: u64) -> Result<Ended, Error> {
+        use futures_util::StreamExt;
+        let ns = format!("{db}.{coll}");
+        info!(namespace = %ns, ranges = ranges.len(), "snapshot of collection started, in _id ranges read at once");
+        let mut running: futures_util::stream::FuturesUnordered<_> = ranges.into_iter().map(|r| self.read_range(db, coll, r, version)).collect();
+        let mut cancelled = false;
+        while let Some(ended) = running.next().await {
+            cancelled |= ended? == Ended::Cancelled;
+        }
+        if cancelled {
+            return Ok(Ended::Cancelled);
+        }
+        self.finish_collection(ns).await
+    }
+
+    /// Read one range of a split snapshot.
+    async fn read_range(&self, db: &str, coll: &str, range: Range, version: u64) -> Result<Ended, Error> {
+        let mut at = Reading::new(db, coll, range.last.or(range.after), version);
+        at.range = Some((range.index, range.up_to));
+        if self.read_all(db, coll, &mut at).await? == Ended::Cancelled {
+            return Ok(Ended::Cancelled);
+        }
+        self.record(Position::SnapshotRangeRead { ns: at.ns, range: range.index, last_id: None });
+        Ok(Ended::Complete)
+    }
+
     /// Read every document of `db.coll` in `_id` order, after `resume_after` if given, as
     /// writes with version `version`. Records snapshot positions as it goes.
     ///
     /// # Errors
     /// Only when the sink closed; MongoDB errors are retried from the last `_id` read.
     pub async fn snapshot_collection(&self, db: &str, coll: &str, resume_after: Option<Bson>, version: u64) -> Result<Ended, Error> {
-        let mut at = Reading {
-            ns: format!("{db}.{coll}"),
-            names: (Arc::from(db), Arc::from(coll)),
-            resume_after,
-            version,
-            backoff: Backoff::default(),
-        };
+        let mut at = Reading::new(db, coll, resume_after, version);
         info!(namespace = %at.ns, resume = at.resume_after.is_some(), "snapshot of collection started");
+        if self.read_all(db, coll, &mut at).await? == Ended::Cancelled {
+            return Ok(Ended::Cancelled);
+        }
+        if let Some(id) = at.resume_after.take() {
+            self.record(at.position(id));
+        }
+        self.finish_collection(at.ns).await
+    }
+
+    /// The collection's snapshot is read: record it and send partial batches now (snapshot
+    /// batches wait longer than stream batches to fill).
+    async fn finish_collection(&self, ns: String) -> Result<Ended, Error> {
+        self.record(Position::SnapshotCollectionDone { ns: ns.clone() });
+        match self.send(Change::Flush).await {
+            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+            other => other?,
+        }
+        info!(namespace = %ns, "snapshot of collection read; waiting for acknowledgement");
+        Ok(Ended::Complete)
+    }
+
+    /// Query and read until every document of `at` is handed on, querying again after the last
+    /// `_id` read when a read fails.
+    async fn read_all(&self, db: &str, coll: &str, at: &mut Reading) -> Result<Ended, Error> {
         loop {
-            let cursor = match self.snapshot_cursor(db, coll, at.resume_after.as_ref()).await {
+            let up_to = at.range.as_ref().and_then(|(_, up_to)| up_to.as_ref());
+            let cursor = match self.snapshot_cursor(db, coll, at.resume_after.as_ref(), up_to).await {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(namespace = %at.ns, error = %e, "snapshot query failed; retrying");
@@ -434,31 +533,19 @@ impl Source<'_> {
                     continue;
                 }
             };
-            match self.read_cursor(cursor, &mut at).await? {
-                Some(Ended::Complete) => break,
-                Some(Ended::Cancelled) => return Ok(Ended::Cancelled),
+            match self.read_cursor(cursor, at).await? {
+                Some(ended) => return Ok(ended),
                 // The read failed: query again after the last `_id` read.
                 None => {}
             }
         }
-        if let Some(id) = at.resume_after {
-            self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id });
-        }
-        self.record(Position::SnapshotCollectionDone { ns: at.ns.clone() });
-        // Partial snapshot batches wait longer than stream batches to fill: send them now.
-        match self.send(Change::Flush).await {
-            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
-            other => other?,
-        }
-        info!(namespace = %at.ns, "snapshot of collection read; waiting for acknowledgement");
-        Ok(Ended::Complete)
     }
 
-    /// The snapshot query of `db.coll` after `resume_after`, in `_id` order.
-    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>) -> Result<mongodb::Cursor<RawDocumentBuf>, mongodb::error::Error> {
+    /// The snapshot query of `db.coll` after `resume_after` (up to `up_to`), in `_id` order.
+    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>, up_to: Option<&Bson>) -> Result<mongodb::Cursor<RawDocumentBuf>, mongodb::error::Error> {
         let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
         let shape = self.shapes.for_ns(db, coll);
-        let filter = resume_after.map(filter::after_id).unwrap_or_default();
+        let filter = filter::between(resume_after, up_to);
         if shape.snapshot_stages.is_empty() {
             return collection.find(filter).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await;
         }
@@ -478,7 +565,7 @@ impl Source<'_> {
                 biased;
                 () = self.cancel.cancelled() => {
                     if let Some(id) = at.resume_after.take() {
-                        self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id });
+                        self.record(at.position(id));
                     }
                     return Ok(Some(Ended::Cancelled));
                 }
@@ -497,7 +584,7 @@ impl Source<'_> {
                     warn!(namespace = %at.ns, error = %e, "snapshot read failed; resuming after the last _id read");
                     self.health.source_beat(false);
                     if let Some(id) = &at.resume_after {
-                        self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id.clone() });
+                        self.record(at.position(id.clone()));
                     }
                     return Ok(at.backoff.wait(&self.cancel).await.is_err().then_some(Ended::Cancelled));
                 }
@@ -514,7 +601,7 @@ impl Source<'_> {
             if since_position >= POSITION_EVERY {
                 since_position = 0;
                 if let Some(id) = &at.resume_after {
-                    self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id.clone() });
+                    self.record(at.position(id.clone()));
                 }
             }
         }
@@ -950,7 +1037,32 @@ impl Source<'_> {
     }
 }
 
-/// Where the snapshot of one collection is.
+/// One `_id` range of a split snapshot.
+struct Range {
+    index: usize,
+    /// Exclusive lower bound.
+    after: Option<Bson>,
+    /// Inclusive upper bound.
+    up_to: Option<Bson>,
+    /// The last `_id` acknowledged.
+    last: Option<Bson>,
+}
+
+impl Range {
+    /// The ranges `bounds` (each an inclusive end) make.
+    fn all(bounds: &[Bson]) -> Vec<Range> {
+        (0..=bounds.len())
+            .map(|index| Range { index, after: index.checked_sub(1).map(|j| bounds[j].clone()), up_to: bounds.get(index).cloned(), last: None })
+            .collect()
+    }
+
+    fn from_progress(index: usize, p: &RangeProgress) -> Range {
+        let id = |v: &Option<serde_json::Value>| v.as_ref().and_then(id_from_json);
+        Range { index, after: id(&p.after), up_to: id(&p.up_to), last: id(&p.last_id) }
+    }
+}
+
+/// Where the snapshot of one collection (or one range of it) is.
 struct Reading {
     /// `db.collection`.
     ns: String,
@@ -961,6 +1073,22 @@ struct Reading {
     /// The version of every document read.
     version: u64,
     backoff: Backoff,
+    /// For one range of a split snapshot: which, and its inclusive end.
+    range: Option<(usize, Option<Bson>)>,
+}
+
+impl Reading {
+    fn new(db: &str, coll: &str, resume_after: Option<Bson>, version: u64) -> Self {
+        Self { ns: format!("{db}.{coll}"), names: (Arc::from(db), Arc::from(coll)), resume_after, version, backoff: Backoff::default(), range: None }
+    }
+
+    /// The position "read up to and including `last_id`".
+    fn position(&self, last_id: Bson) -> Position {
+        match &self.range {
+            None => Position::SnapshotRange { ns: self.ns.clone(), last_id },
+            Some((range, _)) => Position::SnapshotRangeRead { ns: self.ns.clone(), range: *range, last_id: Some(last_id) },
+        }
+    }
 }
 
 /// Where a followed stream is.
