@@ -29,6 +29,9 @@ pub struct Target {
     pub shape: Arc<Shape>,
 }
 
+/// A namespace's database and collection names, and its target.
+type Routed = (Arc<str>, Arc<str>, Target);
+
 /// A document change placed: decided now, or left to the namespace's scripts.
 pub enum Placed {
     /// Nothing to write (the keep-filter ignores the change).
@@ -59,7 +62,7 @@ pub struct Placer {
     /// Metrics.
     pub metrics: Metrics,
     /// The last namespace routed (consecutive changes mostly share one).
-    route_cache: Mutex<Option<(Arc<str>, Arc<str>, Target)>>,
+    route_cache: Mutex<Option<Routed>>,
 }
 
 impl Placer {

@@ -533,10 +533,9 @@ impl Source<'_> {
                     continue;
                 }
             };
-            match self.read_cursor(cursor, at).await? {
-                Some(ended) => return Ok(ended),
-                // The read failed: query again after the last `_id` read.
-                None => {}
+            // `None`: the read failed; query again after the last `_id` read.
+            if let Some(ended) = self.read_cursor(cursor, at).await? {
+                return Ok(ended);
             }
         }
     }
