@@ -102,6 +102,11 @@ pub struct SyncPipelineSpec {
     /// `direct-read-split-max`). Unset: each collection is read in one `_id`-ordered pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_split: Option<SnapshotSplit>,
+    /// Index GridFS files with their content (Monstache's `index-files`, `file-namespaces`,
+    /// `max-file-size`): each file's document of a files collection gets its raw content,
+    /// base64, in a `file` field, through an ingest pipeline that extracts the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesSpec>,
     /// Where the change stream starts when the pipeline has no checkpoint yet (ignored once
     /// it has one): `timestamp` (seconds since the Unix epoch, Monstache's
     /// `resume-from-timestamp`) or `oldest: true` (the oldest entry MongoDB's oplog still
@@ -363,6 +368,38 @@ fn stage_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "maxItems": 100,
         "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
     })
+}
+
+/// GridFS files indexed with their content (`spec.files`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FilesSpec {
+    /// The files collections whose files are indexed with their content: `db.fs.files`, or
+    /// `db.<bucket>.files` for a bucket of another name. Each must be synced.
+    #[schemars(length(min = 1, max = 100))]
+    pub namespaces: Vec<String>,
+    /// Files larger than this many bytes are indexed without their content (counted in
+    /// `monsoon_files_too_large_total`). At most 100 MiB, Elasticsearch's default request limit.
+    #[serde(default = "default_max_file_size")]
+    #[schemars(range(min = 1, max = 104_857_600))]
+    pub max_file_size: u64,
+    /// The ingest pipeline the files' documents go through.
+    #[serde(default = "default_file_pipeline")]
+    #[schemars(length(min = 1, max = 255))]
+    pub pipeline: String,
+    /// Create (or update) `pipeline` at start as an `attachment` processor on `file`, which
+    /// needs Elasticsearch 8.4+ or the `ingest-attachment` plugin (OpenSearch, older
+    /// Elasticsearch). `false`: the pipeline is yours and must exist.
+    #[serde(default = "default_true")]
+    pub create_pipeline: bool,
+}
+
+fn default_max_file_size() -> u64 {
+    16 << 20
+}
+
+fn default_file_pipeline() -> String {
+    "attachment".into()
 }
 
 /// How a big collection's snapshot is split (`spec.snapshotSplit`).

@@ -430,6 +430,29 @@ fn validate_snapshot_namespaces(spec: &SyncPipelineSpec, patterns: &[NamespacePa
             Err(m) => errs.push(field, m),
         }
     }
+    if let Some(files) = &spec.files {
+        for (i, ns) in files.namespaces.iter().enumerate() {
+            let field = format!("spec.files.namespaces[{i}]");
+            match ns.split_once('.') {
+                Some((db, coll)) if coll.ends_with(".files") && coll.len() > ".files".len() && !db.is_empty() => {
+                    let exact = NamespacePattern { database: db.to_string(), collection: Some(coll.to_string()) };
+                    if !is_synced(&exact, patterns, regex.as_ref()) {
+                        errs.push(field, format!("`{ns}` is not synced: add it (or its database) to `namespaces`"));
+                    } else if spec.scripts.iter().any(|sc| sc.namespace.as_deref().is_none_or(|n| n == ns || n == format!("{db}.*"))) {
+                        // A script would decide the write after the content is added: not yet.
+                        errs.push(field, format!("`{ns}` has a script (`spec.scripts`); files collections whose content is indexed cannot have one yet: shape them with `mappings` instead"));
+                    }
+                }
+                _ => errs.push(field, format!("`{ns}` is not a GridFS files collection: write `db.fs.files`, or `db.<bucket>.files`")),
+            }
+        }
+        if !(1..=100 << 20).contains(&files.max_file_size) {
+            errs.push("spec.files.maxFileSize", format!("{} bytes: use 1 to 104857600 (100 MiB, Elasticsearch's default request limit)", files.max_file_size));
+        }
+        if files.pipeline.is_empty() {
+            errs.push("spec.files.pipeline", "name the ingest pipeline (default `attachment`)".to_string());
+        }
+    }
     if let Some(split) = &spec.snapshot_split {
         if !(2..=64).contains(&split.ranges) {
             errs.push("spec.snapshotSplit.ranges", format!("{} ranges: use 2 to 64 (leave `snapshotSplit` out to read each collection in one pass)", split.ranges));

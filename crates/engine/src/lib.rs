@@ -40,6 +40,15 @@ pub enum Error {
     /// MongoDB could not be used, or the stream cannot continue.
     #[error("MongoDB source failed")]
     Source(#[from] mongo::Error),
+    /// The ingest pipeline of GridFS files could not be created.
+    #[error("Elasticsearch refused ingest pipeline `{name}` (an `attachment` processor on `file`, for `spec.files`): it needs Elasticsearch 8.4+ or the ingest-attachment plugin (OpenSearch: `bin/opensearch-plugin install ingest-attachment`); or set `files.createPipeline: false` and name a pipeline of yours in `files.pipeline`")]
+    FilePipeline {
+        /// The pipeline.
+        name: String,
+        /// What Elasticsearch said.
+        #[source]
+        source: sink::elasticsearch::Error,
+    },
     /// The transform stage stopped the pipeline.
     #[error("transform stage failed")]
     Transform(#[from] transform::stage::Error),
@@ -155,6 +164,11 @@ async fn run_inner<S: CheckpointStore>(
     if locations.is_some() {
         es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
     }
+    if let Some(files) = config.files.as_ref().filter(|f| f.create_pipeline) {
+        es.put_pipeline(&files.pipeline, &config::FilesConfig::pipeline_body())
+            .await
+            .map_err(|source| Error::FilePipeline { name: files.pipeline.clone(), source })?;
+    }
     let collections = cp
         .collection_starts(&store.location())?
         .into_iter()
@@ -184,8 +198,10 @@ async fn run_inner<S: CheckpointStore>(
     let stop_checkpointer = CancellationToken::new();
     let committer = checkpoint::committer::Committer::new(cp.clone(), store, acks, metrics.clone());
     let checkpointer = spawn_checkpointer(config, committer, &stop_checkpointer, &shutdown, &abort, options.shutdown_grace);
+    let mut placer = transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone());
+    placer.file_pipeline = config.files.as_ref().map(|f| Arc::from(f.pipeline.as_str()));
     let transform = transform::stage::Transform {
-        placer: transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone()),
+        placer,
         book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()),
         shard: config.shard,
         delete_index_on_drop: config.delete_index_on_drop,
@@ -206,6 +222,7 @@ async fn run_inner<S: CheckpointStore>(
         shapes: &shapes,
         keep_update: scripts.is_some(),
         snapshot_split: config.snapshot_split,
+        files: config.files.as_ref(),
         last_names: std::sync::Mutex::new(None),
     };
     let result = follow(config, &source, start, options.exit_after_snapshot).instrument(tracing::info_span!("source", pipeline = %name)).await;

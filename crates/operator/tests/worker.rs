@@ -54,6 +54,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         snapshot: true,
         collection_streams: false,
         snapshot_split: None,
+        files: None,
         stream_from: None,
         resnapshot: None,
         batch: BatchConfig::default(),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use mongodb::bson::{RawBsonRef, RawDocument, Timestamp};
 
-use super::change::{Doc, Unreadable};
+use super::change::{Doc, FileBody, Unreadable};
 use super::{script, Outcome, Shape, Shapes};
 use crate::checkpoint::ClusterTime;
 use crate::config::Routing;
@@ -61,6 +61,8 @@ pub struct Placer {
     pub pipeline: Arc<str>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The ingest pipeline of GridFS files' documents (`spec.files.pipeline`).
+    pub file_pipeline: Option<Arc<str>>,
     /// The last namespace routed (consecutive changes mostly share one).
     route_cache: Mutex<Option<Routed>>,
 }
@@ -68,7 +70,7 @@ pub struct Placer {
 impl Placer {
     /// A placer for a pipeline.
     pub fn new(routing: Routing, shapes: Arc<Shapes>, scripts: Option<Arc<monsoon_script::Scripts>>, pipeline: Arc<str>, metrics: Metrics) -> Self {
-        Self { routing, shapes, scripts, pipeline, metrics, route_cache: Mutex::new(None) }
+        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, route_cache: Mutex::new(None) }
     }
 
     /// The default index and shape of `db.coll`, cached for the common case of consecutive
@@ -107,7 +109,39 @@ impl Placer {
             }
         };
         write.from_snapshot = change.from_snapshot;
+        if let Some(file) = &change.file {
+            self.add_file(&mut write, file);
+        }
         Placed::Write(write)
+    }
+
+    /// Add a GridFS file's content to its document's write (`spec.files`): base64 in a `file`
+    /// field, through the files' ingest pipeline. A file over the size limit is indexed without
+    /// its content, and counted.
+    fn add_file(&self, write: &mut Write, file: &FileBody) {
+        use base64::Engine as _;
+        let content = match file {
+            FileBody::Content(c) => c,
+            FileBody::TooLarge(n) => {
+                tracing::warn!(namespace = %write.ns, id = %write.id_json, bytes = n, "GridFS file over files.maxFileSize: indexed without its content");
+                self.metrics.files_too_large.inc();
+                return;
+            }
+        };
+        let (Op::Index(source) | Op::Update(source)) = &mut write.op else { return };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(content);
+        let mut out = Vec::with_capacity(source.len() + encoded.len() + 12);
+        out.extend_from_slice(&source[..source.len().saturating_sub(1)]);
+        if source.len() > 2 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"file\":\"");
+        out.extend_from_slice(encoded.as_bytes());
+        out.extend_from_slice(b"\"}");
+        *source = Bytes::from(out);
+        if write.pipeline.is_none() {
+            write.pipeline = self.file_pipeline.clone();
+        }
     }
 
     /// Hand a shaped write's document to the namespace's scripts, which decide its operation on

@@ -19,6 +19,7 @@
 //! - [`notes`]: every option left, with why it is not needed or not supported yet.
 
 mod connection;
+mod files;
 mod mappings;
 mod namespaces;
 mod notes;
@@ -189,6 +190,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     connection::convert(&table, &mut spec, &mut notes)?;
     let membership = namespaces::convert(&table, &mut spec, &mut notes)?;
     let once = start::convert(&table, &mut spec, &mut notes)?;
+    files::convert(&table, &mut spec, &mut notes)?;
     mappings::convert(&table, &membership, &mut spec, &mut notes)?;
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
     notes::left_out(&table, &mut notes);
@@ -225,6 +227,7 @@ fn option_of(field: &str) -> &'static str {
         ("spec.filters", "[[filter]]"),
         ("spec.streamStart", "resume-from-timestamp"),
         ("spec.batch", "elasticsearch-max-docs"),
+        ("spec.files", "file-namespaces"),
     ];
     BY_PREFIX.iter().find(|(prefix, _)| field.starts_with(prefix)).map_or("the configuration", |(_, option)| option)
 }

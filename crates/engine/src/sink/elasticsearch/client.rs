@@ -357,6 +357,21 @@ impl Elastic {
         Ok(out)
     }
 
+    /// Create or replace ingest pipeline `name` with `body`.
+    ///
+    /// # Errors
+    /// Transport failures and refusals (an `attachment` processor without the plugin: the
+    /// server's reason is kept).
+    pub async fn put_pipeline(&self, name: &str, body: &serde_json::Value) -> Result<(), Error> {
+        let path = format!("/_ingest/pipeline/{}", encode_path(name));
+        let (status, response) = self.request(Method::Put, &path, None, Some(json_bytes(body)), None).await?;
+        match status {
+            200..=299 => Ok(()),
+            401 | 403 => Err(self.unauthorized(status, &response)),
+            _ => Err(status_error("PUT ingest pipeline", status, &response)),
+        }
+    }
+
     /// Create `index` with `body` (settings/mappings) unless it exists.
     ///
     /// # Errors

@@ -36,7 +36,7 @@ use crate::config::{MongoConfig, Routing, Shard};
 use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
-use crate::transform::change::{Change, Closed, Doc, Input, Unreadable};
+use crate::transform::change::{Change, Closed, Doc, FileBody, Input, Unreadable};
 use crate::transform::Shapes;
 
 /// MongoDB error code: the resume point is no longer in the oplog.
@@ -295,6 +295,8 @@ pub struct Source<'a> {
     /// `snapshotSplit`: `_id` ranges read at once, and the fewest documents a collection split
     /// has.
     pub snapshot_split: Option<(u32, u64)>,
+    /// GridFS files collections whose files are read with their content (`spec.files`).
+    pub files: Option<&'a crate::config::FilesConfig>,
     /// The names of the collection changed last.
     pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
 }
@@ -399,7 +401,12 @@ impl Source<'_> {
 
     /// Hand on a change of a document of `db.coll` (`doc` is `None` for a delete).
     async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), id: RawBsonRef<'_>, doc: Option<&RawDocument>, update: Option<&RawDocument>, version: u64, from_snapshot: bool) -> Result<(), Error> {
+        let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), doc) {
+            (Some(files), Some(d)) => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
+            _ => None,
+        };
         self.send(Change::Doc(Doc {
+            file,
             db: ns.0.clone(),
             coll: ns.1.clone(),
             id: id.to_raw_bson(),
@@ -990,6 +997,30 @@ impl Source<'_> {
         Ok(Next::Continue)
     }
 
+    /// The content of the GridFS file whose document of files collection `db.coll` is `doc`:
+    /// its chunks in order, read until the file is known to exceed `max` bytes. Retried until
+    /// MongoDB answers.
+    async fn file_body(&self, db: &str, coll: &str, id: RawBsonRef<'_>, doc: &RawDocument, max: u64) -> Result<FileBody, Error> {
+        let length = match doc.get("length") {
+            Ok(Some(RawBsonRef::Int64(n))) => u64::try_from(n).unwrap_or(0),
+            Ok(Some(RawBsonRef::Int32(n))) => u64::try_from(n).unwrap_or(0),
+            Ok(Some(RawBsonRef::Double(n))) if n >= 0.0 => n as u64,
+            _ => 0,
+        };
+        if length > max {
+            return Ok(FileBody::TooLarge(length));
+        }
+        let bucket = coll.strip_suffix(".files").unwrap_or(coll);
+        let chunks = self.client.database(db).collection::<RawDocumentBuf>(&format!("{bucket}.chunks"));
+        let id: Bson = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
+        crate::retry::until_ok(&self.cancel, || read_chunks(&chunks, &id, max), |e| {
+            warn!(namespace = %format!("{db}.{coll}"), error = %e, "reading a GridFS file's chunks failed; retrying");
+            self.health.source_beat(false);
+        })
+        .await
+        .map_err(|_| Error::Cancelled)
+    }
+
     /// `db` and `coll` as shared names, the last pair reused (consecutive events mostly share
     /// one collection).
     fn names(&self, db: &str, coll: &str) -> (Arc<str>, Arc<str>) {
@@ -1151,6 +1182,21 @@ impl StreamStart {
     fn is_start_after(&self, token: &ResumeToken) -> bool {
         matches!(self, StreamStart::StartAfter(t) if t == token)
     }
+}
+
+/// A GridFS file's chunks in order, their `data` joined; `TooLarge` once past `max` bytes.
+async fn read_chunks(chunks: &mongodb::Collection<RawDocumentBuf>, id: &Bson, max: u64) -> Result<FileBody, mongodb::error::Error> {
+    let mut cursor = chunks.find(doc! {"files_id": id.clone()}).sort(doc! {"n": 1}).await?;
+    let mut content = Vec::new();
+    while cursor.advance().await? {
+        if let Ok(Some(RawBsonRef::Binary(b))) = cursor.current().get("data") {
+            content.extend_from_slice(b.bytes);
+        }
+        if content.len() as u64 > max {
+            return Ok(FileBody::TooLarge(content.len() as u64));
+        }
+    }
+    Ok(FileBody::Content(content))
 }
 
 /// MongoDB error code: the resume token cannot be used (here: `resumeAfter` an invalidate).
