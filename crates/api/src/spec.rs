@@ -102,6 +102,14 @@ pub struct SyncPipelineSpec {
     /// `direct-read-split-max`). Unset: each collection is read in one `_id`-ordered pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_split: Option<SnapshotSplit>,
+    /// Indexes several namespaces may write (by `indexes` or `mappings[].index`), as
+    /// Monstache's view replication maps a collection and its view to one index. Without this,
+    /// two namespaces writing one index are refused: dropping one collection deletes its index.
+    /// A namespace writing a shared index keeps a location record per document, and its drop
+    /// (or a drop found after lost history) deletes only its own documents from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub shared_indexes: Vec<String>,
     /// Index GridFS files with their content (Monstache's `index-files`, `file-namespaces`,
     /// `max-file-size`): each file's document of a files collection gets its raw content,
     /// base64, in a `file` field, through an ingest pipeline that extracts the text.

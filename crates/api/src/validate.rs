@@ -255,6 +255,11 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
         }
     }
     check_shared_indexes(spec, &patterns, &mut errs);
+    for (i, index) in spec.shared_indexes.iter().enumerate() {
+        if let Err(why) = crate::check_index_name(index) {
+            errs.push(format!("spec.sharedIndexes[{i}]"), format!("`{index}` {why}"));
+        }
+    }
     validate_mappings(spec, &patterns, &mut errs);
     validate_scripts(spec, &patterns, &mut errs);
 
@@ -618,10 +623,13 @@ fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], 
     let exact = patterns.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
     let defaults = exact.filter(|ns| !indexes.contains_key(ns)).map(|ns| (ns.to_lowercase(), ns));
     for (index, ns) in defaults.chain(indexes.iter().map(|(ns, i)| (i.clone(), ns.clone()))) {
+        if spec.shared_indexes.contains(&index) {
+            continue;
+        }
         match owner.get(&index) {
             Some(first) if *first != ns => errs.push(
                 format!("spec.indexes[{ns:?}]"),
-                format!("index `{index}` is also written by `{first}`: dropping one collection would delete the other's documents; give each namespace its own index"),
+                format!("index `{index}` is also written by `{first}`: dropping one collection would delete the other's documents; give each namespace its own index, or list it in `spec.sharedIndexes`"),
             ),
             _ => {
                 owner.insert(index.clone(), ns.clone());
@@ -630,7 +638,7 @@ fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], 
     }
     // A wildcard's collections get `db.collection` lower-cased: an override naming such an index
     // collides with the collection of that name, whenever it exists.
-    for (ns, index) in &indexes {
+    for (ns, index) in indexes.iter().filter(|(_, i)| !spec.shared_indexes.contains(i)) {
         let wild = patterns.iter().find(|p| p.collection.is_none() && index.starts_with(&format!("{}.", p.database.to_lowercase())));
         if let Some(p) = wild {
             if *index != ns.to_lowercase() {
@@ -1192,7 +1200,9 @@ spec:
             .replace("    - shop.orders        #", "    - shop.users\n    - shop.orders        #")
             .replace("snapshot: true", "mappings:\n    - namespace: shop.users\n      index: shop.orders");
         let errs = errors_of(&yaml);
-        assert!(errs.iter().any(|e| e.message.contains("also written by")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.message.contains("also written by") && e.message.contains("sharedIndexes")), "{errs:#?}");
+        // Declared shared, the same pipeline is accepted.
+        parse_manifest(&yaml.replace("mappings:", "sharedIndexes: [shop.orders]\n  mappings:")).expect("a declared shared index is accepted");
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub snapshot_split: Option<(u32, u64)>,
     /// GridFS files indexed with their content (`spec.files`).
     pub files: Option<FilesConfig>,
+    /// Indexes several namespaces may write (`spec.sharedIndexes`).
+    pub shared_indexes: std::collections::BTreeSet<String>,
     /// A re-snapshot requested with this token (`MONSOON_RESNAPSHOT`, set by the operator from
     /// the `monsoon.dev/resnapshot` annotation): done once per token, remembered in the
     /// checkpoint.

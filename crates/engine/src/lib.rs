@@ -159,7 +159,7 @@ async fn run_inner<S: CheckpointStore>(
     });
     let shapes = Arc::new(transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?);
     let scripts = compile_scripts(config, &client)?;
-    let locations = (shapes.tracks_any() || scripts.is_some()).then(|| Arc::from(config.locations_index.as_str()));
+    let locations = (shapes.tracks_any() || scripts.is_some() || !config.shared_indexes.is_empty()).then(|| Arc::from(config.locations_index.as_str()));
     es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body()).await?;
     if locations.is_some() {
         es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
@@ -200,9 +200,10 @@ async fn run_inner<S: CheckpointStore>(
     let checkpointer = spawn_checkpointer(config, committer, &stop_checkpointer, &shutdown, &abort, options.shutdown_grace);
     let mut placer = transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone());
     placer.file_pipeline = config.files.as_ref().map(|f| Arc::from(f.pipeline.as_str()));
+    placer.shared = Arc::new(config.shared_indexes.clone());
     let transform = transform::stage::Transform {
         placer,
-        book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()),
+        book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()).with_shared(config.shared_indexes.clone()),
         shard: config.shard,
         delete_index_on_drop: config.delete_index_on_drop,
         metrics: metrics.clone(),

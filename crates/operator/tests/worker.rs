@@ -55,6 +55,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         collection_streams: false,
         snapshot_split: None,
         files: None,
+        shared_indexes: Default::default(),
         stream_from: None,
         resnapshot: None,
         batch: BatchConfig::default(),

@@ -34,6 +34,8 @@ pub fn lists(list: &str, index: &str) -> bool {
 pub struct IndexBook {
     written: Mutex<Book>,
     routing: Routing,
+    /// Indexes several namespaces may write (`spec.sharedIndexes`).
+    shared: BTreeSet<String>,
 }
 
 struct Book {
@@ -53,7 +55,12 @@ impl Book {
 impl IndexBook {
     /// The book as the checkpoint left it.
     pub fn new(written: BTreeMap<String, String>, routing: Routing) -> Self {
-        Self { written: Mutex::new(Book { listed: written, beyond: BTreeMap::new() }), routing }
+        Self { written: Mutex::new(Book { listed: written, beyond: BTreeMap::new() }), routing, shared: BTreeSet::new() }
+    }
+
+    /// The book, with indexes several namespaces may write.
+    pub fn with_shared(self, shared: BTreeSet<String>) -> Self {
+        Self { shared, ..self }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -73,7 +80,7 @@ impl IndexBook {
         }
         let live = |other: &String| other != ns && other.split_once('.').is_some_and(|(d, c)| self.routing.includes(d, c));
         let shared = book.listed.keys().chain(book.beyond.keys()).find(|other| live(other) && book.holds(other, index));
-        if let Some(other) = shared {
+        if let Some(other) = shared.filter(|_| !self.shared.contains(index)) {
             return Err(other.clone());
         }
         let list = match book.listed.get(ns).cloned() {

@@ -81,11 +81,11 @@ pub enum Control {
     Drop {
         /// The dropped namespace.
         ns: String,
-        /// Every index it wrote, or the first ones when `spread`.
+        /// The indexes to delete whole: those it wrote alone that `written` lists.
         indexes: Vec<String>,
-        /// It wrote more indexes than `written` lists: its documents elsewhere are found
-        /// through their location records and deleted one by one.
-        spread: bool,
+        /// Also delete its documents found through their location records, one by one: in
+        /// indexes it shares with other namespaces, or beyond those `written` lists.
+        by_records: bool,
         /// Cluster time of the drop.
         time: Option<mongodb::bson::Timestamp>,
     },
@@ -806,11 +806,11 @@ impl Deliverer {
     /// acknowledged, and the change that asked for it is read again on the next start.
     async fn apply(&self, control: Control) -> Result<(), crate::retry::Cancelled> {
         match control {
-            Control::Drop { ns, indexes, spread, time } => {
+            Control::Drop { ns, indexes, by_records, time } => {
                 for index in &indexes {
                     self.drop_index(&ns, index, time).await?;
                 }
-                if spread {
+                if by_records {
                     self.drop_located(&ns, time).await?;
                 }
             }
@@ -857,11 +857,11 @@ impl Deliverer {
     }
 
     /// Delete the documents of dropped namespace `ns` (older than the drop, this shard's)
-    /// wherever their location records say they are: a namespace whose documents chose more
-    /// indexes than `written` lists.
+    /// wherever their location records say they are: a namespace writing a shared index, or
+    /// whose documents chose more indexes than `written` lists.
     async fn drop_located(&self, ns: &str, time: Option<mongodb::bson::Timestamp>) -> Result<(), crate::retry::Cancelled> {
         let (Some(records), Some(time)) = (&self.settings.locations, time) else {
-            warn!(namespace = %ns, "drop of a namespace with unlisted indexes but no location records or cluster time; its documents there are kept");
+            warn!(namespace = %ns, "drop of a namespace writing shared or unlisted indexes, without location records or cluster time; its documents there are kept");
             return Ok(());
         };
         let below = crate::checkpoint::ClusterTime::from(time).version().saturating_add(1);
@@ -873,7 +873,7 @@ impl Deliverer {
             self.shared.health.sink_beat(false);
         })
         .await?;
-        tracing::info!(namespace = %ns, deleted = n, "collection dropped; its documents in indexes `written` does not list deleted through their location records");
+        tracing::info!(namespace = %ns, deleted = n, "collection dropped; its documents in shared or unlisted indexes deleted through their location records");
         Ok(())
     }
 

@@ -63,6 +63,9 @@ pub struct Placer {
     pub metrics: Metrics,
     /// The ingest pipeline of GridFS files' documents (`spec.files.pipeline`).
     pub file_pipeline: Option<Arc<str>>,
+    /// Indexes several namespaces may write (`spec.sharedIndexes`): documents written there
+    /// keep location records, so a drop deletes only its namespace's.
+    pub shared: Arc<std::collections::BTreeSet<String>>,
     /// The last namespace routed (consecutive changes mostly share one).
     route_cache: Mutex<Option<Routed>>,
 }
@@ -70,7 +73,13 @@ pub struct Placer {
 impl Placer {
     /// A placer for a pipeline.
     pub fn new(routing: Routing, shapes: Arc<Shapes>, scripts: Option<Arc<monsoon_script::Scripts>>, pipeline: Arc<str>, metrics: Metrics) -> Self {
-        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, route_cache: Mutex::new(None) }
+        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, shared: Arc::default(), route_cache: Mutex::new(None) }
+    }
+
+    /// Whether some documents keep location records (mappings placing them by their content,
+    /// scripts, shared indexes).
+    pub fn tracks_locations(&self) -> bool {
+        self.shapes.tracks_any() || self.scripts.is_some() || !self.shared.is_empty()
     }
 
     /// The default index and shape of `db.coll`, cached for the common case of consecutive
@@ -109,6 +118,12 @@ impl Placer {
             }
         };
         write.from_snapshot = change.from_snapshot;
+        if write.origin.is_none() && self.shared.contains(&*write.index) && !matches!(write.op, Op::Reject { .. }) {
+            // A shared index: the record names this namespace's documents there.
+            if let Ok(mongo_id) = convert::es_id_string(view.id) {
+                write.origin = Some(Arc::from(locations::record_id(&self.pipeline, &write.ns, &mongo_id)));
+            }
+        }
         if let Some(file) = &change.file {
             self.add_file(&mut write, file);
         }
