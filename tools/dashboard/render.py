@@ -113,7 +113,7 @@ def substitute(expr, variables):
 
     expr = re.sub(r"\$\{(\w+)(?::\w+)?\}", lambda m: value(m.group(1)), expr)
     expr = re.sub(r"\[\[(\w+)\]\]", lambda m: value(m.group(1)), expr)
-    # Longest names first so $__rate_interval is not read as $__rate.
+    # \w+ takes the whole name, so $__rate_interval is never read as $__rate.
     return re.sub(r"\$(\w+)", lambda m: value(m.group(1)), expr)
 
 
@@ -135,8 +135,12 @@ def resolve_variables(dashboard, prom, start, end, step, scrape):
         if kind == "datasource":
             variables[name] = "prometheus"
             continue
-        if kind == "constant" or kind == "custom" or kind == "textbox":
+        if kind in ("constant", "textbox"):
             variables[name] = str(var.get("query", ""))
+            continue
+        if kind == "custom":  # "a,b,c" at All
+            values = [v.strip() for v in str(var.get("query", "")).split(",") if v.strip()]
+            variables[name] = "(" + "|".join(regex_escape(v) for v in values) + ")" if values else ".*"
             continue
         if kind != "query":
             variables[name] = ".*"
