@@ -105,11 +105,13 @@ impl Placer {
         let target = self.route(&change.db, &change.coll);
         let view = View::of(change);
         let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
+        // Only a script naming `_meta_monstache` can move documents: only its get records.
+        let placing = scripts.is_some_and(|s| s.may_place(&target.ns));
         let mut write = if target.shape.is_plain() && scripts.is_none() {
             plain_write(target.ns, target.index, view, stats)
         } else {
             let shape = target.shape.clone();
-            match self.shaped_write(target, scripts.is_some(), view, stats) {
+            match self.shaped_write(target, placing, view, stats) {
                 None => return Placed::Nothing,
                 Some(w) => match scripts {
                     Some(scripts) if matches!(w.op, Op::Index(_) | Op::Update(_)) => return self.defer(scripts, &shape, view, w, stats),
@@ -182,7 +184,7 @@ impl Placer {
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).
-    fn shaped_write(&self, target: Target, scripted: bool, view: View<'_>, stats: &mut ConvertStats) -> Option<Write> {
+    fn shaped_write(&self, target: Target, placing: bool, view: View<'_>, stats: &mut ConvertStats) -> Option<Write> {
         let Target { ns, index, shape } = target;
         let View { id, doc, version, .. } = view;
         let outcome = match doc {
@@ -198,7 +200,7 @@ impl Placer {
         convert::write_json_str(&mongo_id, &mut default_id);
         let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
         // Scripts may choose the index, `_id` or routing: their documents are tracked too.
-        let origin = (shape.tracks_location() || scripted).then(|| Arc::from(locations::record_id(&self.pipeline, &ns, &mongo_id)));
+        let origin = (shape.tracks_location() || placing).then(|| Arc::from(locations::record_id(&self.pipeline, &ns, &mongo_id)));
         let mut write = match outcome {
             Ok(Outcome::Ignore) => {
                 self.metrics.events.with_label_values(&["ignored"]).inc();

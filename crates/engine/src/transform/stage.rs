@@ -260,7 +260,7 @@ impl Transform {
         let sharded = self.shard.is_split();
         let own_ids = |db: &str, coll: &str| {
             let ns = format!("{db}.{coll}");
-            !self.placer.shapes.for_ns(db, coll).custom_id() && !self.placer.scripts.as_ref().is_some_and(|s| s.has_map(&ns))
+            !self.placer.shapes.for_ns(db, coll).custom_id() && !self.placer.scripts.as_ref().is_some_and(|s| s.may_place(&ns))
         };
         let mut indexes: Vec<String> = existing
             .iter()
