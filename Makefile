@@ -87,10 +87,12 @@ demo: venv
 	$(CARGO) build --workspace --bins
 	$(TARGET_DIR)/debug/monsoon-demo $(TARGET_DIR)/debug/monsoon
 
-# Figures as ratios against baselines measured in the same run (see crates/bench).
-# BENCH_ARGS="--docs 200000 --stream 100000 --backlog 1000000" by default.
+# Figures as ratios against baselines measured in the same run (see crates/bench). Sections
+# hot, noida, opensearch (the real node: make opensearch) and scripts, all by default;
+# BENCH_ARGS="--only hot,scripts" or "--skip opensearch" chooses.
+# BENCH_ARGS="--docs 200000 --stream 100000 --backlog 1000000 --script-docs 40000" by default.
 BENCH_ARGS ?=
-bench: venv
+bench: venv opensearch
 	$(CARGO) build --release -p monsoon -p monsoon-bench
 	$(TARGET_DIR)/release/monsoon-bench $(TARGET_DIR)/release/monsoon $(BENCH_ARGS)
 
