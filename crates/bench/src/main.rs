@@ -22,6 +22,7 @@
 
 mod opensearch;
 mod scripts;
+mod split;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,10 +48,11 @@ enum Section {
     Noida,
     OpenSearch,
     Scripts,
+    Split,
 }
 
-const SECTIONS: [(&str, Section); 4] =
-    [("hot", Section::Hot), ("noida", Section::Noida), ("opensearch", Section::OpenSearch), ("scripts", Section::Scripts)];
+const SECTIONS: [(&str, Section); 5] =
+    [("hot", Section::Hot), ("noida", Section::Noida), ("opensearch", Section::OpenSearch), ("scripts", Section::Scripts), ("split", Section::Split)];
 
 fn sections(list: &str) -> anyhow::Result<Vec<Section>> {
     list.split(',')
@@ -59,7 +61,7 @@ fn sections(list: &str) -> anyhow::Result<Vec<Section>> {
                 .iter()
                 .find(|(n, _)| *n == name.trim())
                 .map(|(_, s)| *s)
-                .with_context(|| format!("unknown section {name:?}; sections: hot, noida, opensearch, scripts"))
+                .with_context(|| format!("unknown section {name:?}; sections: hot, noida, opensearch, scripts, split"))
         })
         .collect()
 }
@@ -80,7 +82,7 @@ impl Args {
     }
 }
 
-const USAGE: &str = "usage: monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K] [--script-docs S] [--only LIST | --skip LIST] (sections: hot, noida, opensearch, scripts)";
+const USAGE: &str = "usage: monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K] [--script-docs S] [--only LIST | --skip LIST] (sections: hot, noida, opensearch, scripts, split)";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
@@ -128,6 +130,9 @@ fn main() -> anyhow::Result<()> {
         }
         if args.runs(Section::Scripts) {
             scripts::run(&args.monsoon, args.script_docs, micro).await?;
+        }
+        if args.runs(Section::Split) {
+            split::run(&args.monsoon, args.docs).await?;
         }
         Ok(())
     })
