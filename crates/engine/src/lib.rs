@@ -172,8 +172,10 @@ async fn run_inner<S: CheckpointStore>(
     let stop_checkpointer = CancellationToken::new();
     let committer = checkpoint::committer::Committer::new(cp.clone(), store, acks, metrics.clone());
     let checkpointer = spawn_checkpointer(config, committer, &stop_checkpointer, &shutdown, &abort, options.shutdown_grace);
+    let mut placer = transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone());
+    placer.time_machine = config.time_machine.as_ref().map(transform::time_machine::TimeMachine::new).transpose().map_err(Error::Mapping)?;
     let transform = transform::stage::Transform {
-        placer: transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone()),
+        placer,
         book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()),
         shard: config.shard,
         delete_index_on_drop: config.delete_index_on_drop,
