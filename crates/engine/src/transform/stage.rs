@@ -15,6 +15,8 @@
 //!   handed on ahead of the write, so a checkpoint past the write knows the index.
 //! - A namespace is forgotten only after its drop, in order: a checkpoint that forgot it has
 //!   its drop done.
+//! - A time machine entry follows its write, before the change's position, and its log index
+//!   is never in `written`: no drop, sweep or `onDrop` deletes a log.
 //! - The window holds at most [`WINDOW`] chunks: back-pressure reaches the source.
 
 use std::sync::Arc;
@@ -429,8 +431,8 @@ mod tests {
     }
 
     /// A logged change becomes its write and then its entry, both before the change's
-    /// position; the log index is never noted in `written`, so the collection's drop deletes
-    /// only its own index and the log stays.
+    /// position; the log index is never noted in `written`, so the re-snapshot sweep and the
+    /// collection's drop delete only its own index and the log stays.
     #[tokio::test]
     async fn a_drop_never_deletes_the_time_machine_log() {
         let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
@@ -450,12 +452,18 @@ mod tests {
         t.hand_on(Step::Write(delete, default, Some(logged)), &mut out).await.expect("handed on");
         assert_eq!(out.chunk.len(), 3, "a delete is not logged");
         assert_eq!(t.book.indexes_of("db", "c"), ["db.c"]);
+        // The re-snapshot sweep, then the drop: each names the collection's index only.
+        t.sweep(&[("db".to_string(), "c".to_string())], 1, &mut out);
         t.dropped("db", "c", None, &mut out);
-        let drops: Vec<&Vec<String>> = out.chunk.controls().filter_map(|c| match c {
-            Control::Drop { indexes, .. } => Some(indexes),
-            _ => None,
-        }).collect();
-        assert_eq!(drops, [&vec!["db.c".to_string()]]);
+        let deleting: Vec<&Vec<String>> = out
+            .chunk
+            .controls()
+            .filter_map(|c| match c {
+                Control::Drop { indexes, .. } | Control::Sweep { indexes, .. } => Some(indexes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleting, [&vec!["db.c".to_string()], &vec!["db.c".to_string()]]);
         // The entry (second write) is acknowledged with its write before the position passes.
         out.send().await.expect("sent");
         shared.ack_for_test(&[0]);
