@@ -218,9 +218,10 @@ async fn sigkill_while_changing_logs_each_change_exactly_once() -> anyhow::Resul
     monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
 
     let stop = Arc::new(AtomicBool::new(false));
+    let writer_done_early = Arc::new(AtomicBool::new(false));
     let changes = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (orders, stop, changes) = (orders.clone(), stop.clone(), changes.clone());
+        let (orders, stop, changes, done_early) = (orders.clone(), stop.clone(), changes.clone(), writer_done_early.clone());
         tokio::spawn(async move {
             let mut i: i64 = 0;
             // At most 1399 changes: `hits` reads up to 2000.
@@ -232,7 +233,10 @@ async fn sigkill_while_changing_logs_each_change_exactly_once() -> anyhow::Resul
                     changes.fetch_add(1, Ordering::Relaxed);
                 }
                 i += 1;
+                // Paced so that the writer runs through both kills (about 100 changes/s).
+                tokio::time::sleep(Duration::from_millis(8)).await;
             }
+            done_early.store(!stop.load(Ordering::Relaxed), Ordering::Relaxed);
             anyhow::Ok(())
         })
     };
@@ -247,6 +251,7 @@ async fn sigkill_while_changing_logs_each_change_exactly_once() -> anyhow::Resul
     writer.await??;
     let changes = changes.load(Ordering::Relaxed) as usize;
     assert!(changes > 100, "the writer made only {changes} changes");
+    assert!(!writer_done_early.load(Ordering::Relaxed), "the writer stopped before the kills");
     assert!(changes < 2000);
     let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", WAIT).await?;
     assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 40));
