@@ -25,7 +25,7 @@ CARGO ?= cargo
 # config, as cargo itself does (many developers share one target directory).
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e opensearch k8s-bins clean
+.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e opensearch k8s-bins dashboard-picture clean
 
 all: build
 
@@ -87,10 +87,12 @@ demo: venv
 	$(CARGO) build --workspace --bins
 	$(TARGET_DIR)/debug/monsoon-demo $(TARGET_DIR)/debug/monsoon
 
-# Figures as ratios against baselines measured in the same run (see crates/bench).
-# BENCH_ARGS="--docs 200000 --stream 100000 --backlog 1000000" by default.
+# Figures as ratios against baselines measured in the same run (see crates/bench). Sections
+# hot, noida, opensearch (the real node: make opensearch) and scripts, all by default;
+# BENCH_ARGS="--only hot,scripts" or "--skip opensearch" chooses.
+# BENCH_ARGS="--docs 200000 --stream 100000 --backlog 1000000 --script-docs 40000" by default.
 BENCH_ARGS ?=
-bench: venv
+bench: venv opensearch
 	$(CARGO) build --release -p monsoon -p monsoon-bench
 	$(TARGET_DIR)/release/monsoon-bench $(TARGET_DIR)/release/monsoon $(BENCH_ARGS)
 
@@ -99,6 +101,14 @@ bench: venv
 # version, ${MONSOON_K8S_CACHE:-~/.cache/monsoon/k8s}; does nothing when they are there.
 k8s-bins:
 	tools/k8s/build.sh
+
+# docs/dashboard.png: the Grafana dashboard (charts/monsoon/dashboards/monsoon.json) drawn from a
+# real Prometheus over a ten-minute run of the operator and its workers against the stand-ins
+# (tools/dashboard/run.sh; Prometheus built from its Go module by tools/prometheus). Not part of
+# `test`: it takes about a quarter of an hour and checks nothing. DASHBOARD_ARGS="--minutes 3".
+DASHBOARD_ARGS ?=
+dashboard-picture: venv k8s-bins
+	tools/dashboard/run.sh $(DASHBOARD_ARGS)
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -98,6 +98,23 @@ pub struct SyncPipelineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
     pub snapshot_namespaces: Vec<String>,
+    /// Read big collections' snapshots in `_id` ranges at once (Monstache's
+    /// `direct-read-split-max`). Unset: each collection is read in one `_id`-ordered pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_split: Option<SnapshotSplit>,
+    /// Indexes several namespaces may write (by `indexes` or `mappings[].index`), as
+    /// Monstache's view replication maps a collection and its view to one index. Without this,
+    /// two namespaces writing one index are refused: dropping one collection deletes its index.
+    /// A namespace writing a shared index keeps a location record per document, and its drop
+    /// (or a drop found after lost history) deletes only its own documents from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub shared_indexes: Vec<String>,
+    /// Index GridFS files with their content (Monstache's `index-files`, `file-namespaces`,
+    /// `max-file-size`): each file's document of a files collection gets its raw content,
+    /// base64, in a `file` field, through an ingest pipeline that extracts the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesSpec>,
     /// Where the change stream starts when the pipeline has no checkpoint yet (ignored once
     /// it has one): `timestamp` (seconds since the Unix epoch, Monstache's
     /// `resume-from-timestamp`) or `oldest: true` (the oldest entry MongoDB's oplog still
@@ -410,6 +427,65 @@ fn stage_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// GridFS files indexed with their content (`spec.files`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FilesSpec {
+    /// The files collections whose files are indexed with their content: `db.fs.files`, or
+    /// `db.<bucket>.files` for a bucket of another name. Each must be synced.
+    #[schemars(length(min = 1, max = 100))]
+    pub namespaces: Vec<String>,
+    /// Files larger than this many bytes are indexed without their content (counted in
+    /// `monsoon_files_too_large_total`). At most 100 MiB, Elasticsearch's default request limit.
+    #[serde(default = "default_max_file_size")]
+    #[schemars(range(min = 1, max = 104_857_600))]
+    pub max_file_size: u64,
+    /// The ingest pipeline the files' documents go through.
+    #[serde(default = "default_file_pipeline")]
+    #[schemars(length(min = 1, max = 255))]
+    pub pipeline: String,
+    /// Create (or update) `pipeline` at start as an `attachment` processor on `file`, which
+    /// needs Elasticsearch 8.4+ or the `ingest-attachment` plugin (OpenSearch, older
+    /// Elasticsearch). `false`: the pipeline is yours and must exist.
+    #[serde(default = "default_true")]
+    pub create_pipeline: bool,
+}
+
+fn default_max_file_size() -> u64 {
+    16 << 20
+}
+
+fn default_file_pipeline() -> String {
+    "attachment".into()
+}
+
+/// How a big collection's snapshot is split (`spec.snapshotSplit`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSplit {
+    /// `_id` ranges read at once, each resumable on its own after a crash.
+    #[schemars(range(min = 2, max = 64))]
+    pub ranges: u32,
+    /// Split only collections estimated to hold at least this many documents.
+    #[serde(default = "default_split_min_documents")]
+    #[schemars(range(min = 1))]
+    pub min_documents: u64,
+}
+
+fn default_split_min_documents() -> u64 {
+    100_000
+}
+
+/// Which change streams a pipeline follows (`spec.mongodb.streamScope`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StreamScope {
+    /// One stream for the pipeline: database-level or deployment-level.
+    #[default]
+    Auto,
+    /// One stream per synced collection.
+    Collection,
+}
+
 /// How a document is written.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum WriteMode {
@@ -510,6 +586,13 @@ pub struct MongoSource {
     /// Secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key_from: Option<ValueFrom>,
+    /// Which change streams to follow. `Auto` (default): one stream for the whole pipeline,
+    /// database-level when every namespace is in one database, deployment-level otherwise.
+    /// `Collection`: one stream per synced collection, each resumed from its own token, for
+    /// servers that only stream collections (Amazon DocumentDB); collections created later are
+    /// found by listing the databases every few seconds.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub stream_scope: StreamScope,
 }
 
 /// An Elasticsearch 7.x/8.x/9.x or OpenSearch 2.x cluster.
@@ -842,4 +925,8 @@ pub struct Condition {
     /// The generation this condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }

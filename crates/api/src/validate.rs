@@ -256,6 +256,11 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
         }
     }
     check_shared_indexes(spec, &patterns, &mut errs);
+    for (i, index) in spec.shared_indexes.iter().enumerate() {
+        if let Err(why) = crate::check_index_name(index) {
+            errs.push(format!("spec.sharedIndexes[{i}]"), format!("`{index}` {why}"));
+        }
+    }
     validate_mappings(spec, &patterns, &mut errs);
     validate_scripts(spec, &patterns, &mut errs);
 
@@ -429,6 +434,37 @@ fn validate_snapshot_namespaces(spec: &SyncPipelineSpec, patterns: &[NamespacePa
             }
             Ok(_) => {}
             Err(m) => errs.push(field, m),
+        }
+    }
+    if let Some(files) = &spec.files {
+        for (i, ns) in files.namespaces.iter().enumerate() {
+            let field = format!("spec.files.namespaces[{i}]");
+            match ns.split_once('.') {
+                Some((db, coll)) if coll.ends_with(".files") && coll.len() > ".files".len() && !db.is_empty() => {
+                    let exact = NamespacePattern { database: db.to_string(), collection: Some(coll.to_string()) };
+                    if !is_synced(&exact, patterns, regex.as_ref()) {
+                        errs.push(field, format!("`{ns}` is not synced: add it (or its database) to `namespaces`"));
+                    } else if spec.scripts.iter().any(|sc| sc.namespace.as_deref().is_none_or(|n| n == ns || n == format!("{db}.*"))) {
+                        // A script would decide the write after the content is added: not yet.
+                        errs.push(field, format!("`{ns}` has a script (`spec.scripts`); files collections whose content is indexed cannot have one yet: shape them with `mappings` instead"));
+                    }
+                }
+                _ => errs.push(field, format!("`{ns}` is not a GridFS files collection: write `db.fs.files`, or `db.<bucket>.files`")),
+            }
+        }
+        if !(1..=100 << 20).contains(&files.max_file_size) {
+            errs.push("spec.files.maxFileSize", format!("{} bytes: use 1 to 104857600 (100 MiB, Elasticsearch's default request limit)", files.max_file_size));
+        }
+        if files.pipeline.is_empty() {
+            errs.push("spec.files.pipeline", "name the ingest pipeline (default `attachment`)".to_string());
+        }
+    }
+    if let Some(split) = &spec.snapshot_split {
+        if !(2..=64).contains(&split.ranges) {
+            errs.push("spec.snapshotSplit.ranges", format!("{} ranges: use 2 to 64 (leave `snapshotSplit` out to read each collection in one pass)", split.ranges));
+        }
+        if split.min_documents == 0 {
+            errs.push("spec.snapshotSplit.minDocuments", "must be at least 1".to_string());
         }
     }
     if !spec.snapshot && !spec.snapshot_namespaces.is_empty() {
@@ -619,10 +655,13 @@ fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], 
     let exact = patterns.iter().filter_map(|p| p.collection.as_ref().map(|c| format!("{}.{c}", p.database)));
     let defaults = exact.filter(|ns| !indexes.contains_key(ns)).map(|ns| (ns.to_lowercase(), ns));
     for (index, ns) in defaults.chain(indexes.iter().map(|(ns, i)| (i.clone(), ns.clone()))) {
+        if spec.shared_indexes.contains(&index) {
+            continue;
+        }
         match owner.get(&index) {
             Some(first) if *first != ns => errs.push(
                 format!("spec.indexes[{ns:?}]"),
-                format!("index `{index}` is also written by `{first}`: dropping one collection would delete the other's documents; give each namespace its own index"),
+                format!("index `{index}` is also written by `{first}`: dropping one collection would delete the other's documents; give each namespace its own index, or list it in `spec.sharedIndexes`"),
             ),
             _ => {
                 owner.insert(index.clone(), ns.clone());
@@ -631,7 +670,7 @@ fn check_shared_indexes(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], 
     }
     // A wildcard's collections get `db.collection` lower-cased: an override naming such an index
     // collides with the collection of that name, whenever it exists.
-    for (ns, index) in &indexes {
+    for (ns, index) in indexes.iter().filter(|(_, i)| !spec.shared_indexes.contains(i)) {
         let wild = patterns.iter().find(|p| p.collection.is_none() && index.starts_with(&format!("{}.", p.database.to_lowercase())));
         if let Some(p) = wild {
             if *index != ns.to_lowercase() {
@@ -1218,7 +1257,9 @@ spec:
             .replace("    - shop.orders        #", "    - shop.users\n    - shop.orders        #")
             .replace("snapshot: true", "mappings:\n    - namespace: shop.users\n      index: shop.orders");
         let errs = errors_of(&yaml);
-        assert!(errs.iter().any(|e| e.message.contains("also written by")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.message.contains("also written by") && e.message.contains("sharedIndexes")), "{errs:#?}");
+        // Declared shared, the same pipeline is accepted.
+        parse_manifest(&yaml.replace("mappings:", "sharedIndexes: [shop.orders]\n  mappings:")).expect("a declared shared index is accepted");
     }
 
     #[test]

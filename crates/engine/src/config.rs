@@ -23,6 +23,16 @@ pub struct EngineConfig {
     pub snapshot: bool,
     /// Where the change stream of a pipeline without a checkpoint starts; `None`: now.
     pub stream_from: Option<StreamFrom>,
+    /// One change stream per collection (`streamScope: Collection`) instead of one for the
+    /// pipeline.
+    pub collection_streams: bool,
+    /// Read a collection estimated to hold at least `.1` documents in `.0` `_id` ranges at
+    /// once (`snapshotSplit`); `None`: one pass per collection.
+    pub snapshot_split: Option<(u32, u64)>,
+    /// GridFS files indexed with their content (`spec.files`).
+    pub files: Option<FilesConfig>,
+    /// Indexes several namespaces may write (`spec.sharedIndexes`).
+    pub shared_indexes: std::collections::BTreeSet<String>,
     /// A re-snapshot requested with this token (`MONSOON_RESNAPSHOT`, set by the operator from
     /// the `monsoon.dev/resnapshot` annotation): done once per token, remembered in the
     /// checkpoint.
@@ -512,5 +522,37 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
         };
         assert!(!format!("{m:?}").contains("hunter2"));
+    }
+}
+
+/// GridFS files indexed with their content (`spec.files`).
+#[derive(Clone, Debug)]
+pub struct FilesConfig {
+    /// Files collections, `db.<bucket>.files`.
+    pub namespaces: Vec<String>,
+    /// Larger files are indexed without content.
+    pub max_file_size: u64,
+    /// Ingest pipeline of the files' documents.
+    pub pipeline: String,
+    /// Create `pipeline` at start.
+    pub create_pipeline: bool,
+}
+
+impl FilesConfig {
+    /// Whether `db.coll` is a files collection whose files are indexed with their content.
+    pub fn indexes_content(&self, db: &str, coll: &str) -> bool {
+        self.namespaces.iter().any(|ns| ns.split_once('.').is_some_and(|(d, c)| d == db && c == coll))
+    }
+
+    /// The body of the pipeline monsoon creates: extract the text of `file`, then drop the
+    /// base64 (the extracted `attachment` holds what search needs).
+    pub fn pipeline_body() -> serde_json::Value {
+        serde_json::json!({
+            "description": "monsoon: the text of GridFS files (the base64 `file` field)",
+            "processors": [
+                {"attachment": {"field": "file", "ignore_missing": true}},
+                {"remove": {"field": "file", "ignore_missing": true}}
+            ]
+        })
     }
 }

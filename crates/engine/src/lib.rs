@@ -40,6 +40,15 @@ pub enum Error {
     /// MongoDB could not be used, or the stream cannot continue.
     #[error("MongoDB source failed")]
     Source(#[from] mongo::Error),
+    /// The ingest pipeline of GridFS files could not be created.
+    #[error("Elasticsearch refused ingest pipeline `{name}` (an `attachment` processor on `file`, for `spec.files`): it needs Elasticsearch 8.4+ or the ingest-attachment plugin (OpenSearch: `bin/opensearch-plugin install ingest-attachment`); or set `files.createPipeline: false` and name a pipeline of yours in `files.pipeline`")]
+    FilePipeline {
+        /// The pipeline.
+        name: String,
+        /// What Elasticsearch said.
+        #[source]
+        source: sink::elasticsearch::Error,
+    },
     /// The transform stage stopped the pipeline.
     #[error("transform stage failed")]
     Transform(#[from] transform::stage::Error),
@@ -150,12 +159,29 @@ async fn run_inner<S: CheckpointStore>(
     });
     let shapes = Arc::new(transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?);
     let scripts = compile_scripts(config, &client)?;
-    let locations = (shapes.tracks_any() || scripts.is_some()).then(|| Arc::from(config.locations_index.as_str()));
+    let locations = (shapes.tracks_any() || scripts.is_some() || !config.shared_indexes.is_empty()).then(|| Arc::from(config.locations_index.as_str()));
     es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body()).await?;
     if locations.is_some() {
         es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
     }
-    let start = Start { stream_start, resume, snapshot: cp.snapshot.clone(), sweep_below: cp.sweep_below };
+    if let Some(files) = config.files.as_ref().filter(|f| f.create_pipeline) {
+        es.put_pipeline(&files.pipeline, &config::FilesConfig::pipeline_body())
+            .await
+            .map_err(|source| Error::FilePipeline { name: files.pipeline.clone(), source })?;
+    }
+    let collections = cp
+        .collection_starts(&store.location())?
+        .into_iter()
+        .map(|(ns, start)| {
+            let start = match start {
+                checkpoint::CollectionStart::Token { token, after_invalidate: true } => StreamStart::StartAfter(token),
+                checkpoint::CollectionStart::Token { token, .. } => StreamStart::ResumeAfter(token),
+                checkpoint::CollectionStart::At(t) => StreamStart::At(t),
+            };
+            (ns, start)
+        })
+        .collect();
+    let start = Start { stream_start, resume, snapshot: cp.snapshot.clone(), sweep_below: cp.sweep_below, collections, listed_at: cp.collections_listed_at };
 
     // The stages, each a task joined to the next by a bounded channel.
     let acks = Arc::new(checkpoint::acks::Acks::default());
@@ -173,10 +199,12 @@ async fn run_inner<S: CheckpointStore>(
     let committer = checkpoint::committer::Committer::new(cp.clone(), store, acks, metrics.clone());
     let checkpointer = spawn_checkpointer(config, committer, &stop_checkpointer, &shutdown, &abort, options.shutdown_grace);
     let mut placer = transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone());
+    placer.file_pipeline = config.files.as_ref().map(|f| Arc::from(f.pipeline.as_str()));
+    placer.shared = Arc::new(config.shared_indexes.clone());
     placer.time_machine = config.time_machine.as_ref().map(transform::time_machine::TimeMachine::new).transpose().map_err(Error::Mapping)?;
     let transform = transform::stage::Transform {
         placer,
-        book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()),
+        book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()).with_shared(config.shared_indexes.clone()),
         shard: config.shard,
         delete_index_on_drop: config.delete_index_on_drop,
         metrics: metrics.clone(),
@@ -195,6 +223,8 @@ async fn run_inner<S: CheckpointStore>(
         shard: config.shard,
         shapes: &shapes,
         keep_update: scripts.is_some(),
+        snapshot_split: config.snapshot_split,
+        files: config.files.as_ref(),
         last_names: std::sync::Mutex::new(None),
     };
     let result = follow(config, &source, start, options.exit_after_snapshot).instrument(tracing::info_span!("source", pipeline = %name)).await;
@@ -316,7 +346,7 @@ async fn follow_until_error(config: &EngineConfig, source: &Source<'_>, mut star
                 source.barrier().await?;
                 let t1 = mongo::cluster_time(&source.client).await?;
                 source.record(Position::Reset { stream_start: t1 });
-                start = Start { stream_start: t1, resume: None, snapshot: checkpoint::SnapshotProgress::default(), sweep_below: Some(t1.version()) };
+                start = Start { stream_start: t1, resume: None, snapshot: checkpoint::SnapshotProgress::default(), sweep_below: Some(t1.version()), collections: Default::default(), listed_at: None };
             }
             other => return other,
         }
@@ -400,6 +430,11 @@ struct Start {
     resume: Option<StreamStart>,
     snapshot: checkpoint::SnapshotProgress,
     sweep_below: Option<u64>,
+    /// With one stream per collection: where each collection's stream resumes.
+    collections: std::collections::BTreeMap<String, StreamStart>,
+    /// With one stream per collection: where the streams of collections not in `collections`
+    /// start.
+    listed_at: Option<ClusterTime>,
 }
 
 /// Snapshot what needs it, sweep after a re-snapshot, then follow the stream until
@@ -422,10 +457,7 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
             if progress.is_some_and(|p| p.done) {
                 continue;
             }
-            let resume = progress
-                .and_then(|p| p.last_id.as_ref())
-                .and_then(mongo::id_from_json);
-            if source.snapshot_collection(&db, &coll, resume, start.stream_start.version()).await? == Ended::Cancelled {
+            if source.snapshot(&db, &coll, progress, start.stream_start.version()).await? == Ended::Cancelled {
                 return Ok(());
             }
         }
@@ -452,7 +484,7 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
             let version = mongo::cluster_time(&source.client).await?.version();
             info!(pipeline = %name, collections = added.len(), "namespaces added to the pipeline; snapshotting them");
             for (db, coll) in added {
-                if source.snapshot_collection(&db, &coll, None, version).await? == Ended::Cancelled {
+                if source.snapshot(&db, &coll, None, version).await? == Ended::Cancelled {
                     return Ok(());
                 }
             }
@@ -469,6 +501,10 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
     if once {
         info!(pipeline = %name, "--once: waiting until Elasticsearch acknowledged every write");
         return source.barrier().await;
+    }
+    if config.collection_streams {
+        let from = start.listed_at.unwrap_or(start.stream_start);
+        return source.stream_collections(start.collections.clone(), from).await.map(|_| ());
     }
     let stream_start = start.resume.clone().unwrap_or(StreamStart::At(start.stream_start));
     source.stream(stream_start).await.map(|_| ())

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub lag_seconds: IntGauge,
     /// Double NaN/±Infinity values written as null (Elasticsearch rejects them).
     pub non_finite_nulled: IntCounter,
+    /// GridFS files indexed without their content: larger than `files.maxFileSize`.
+    pub files_too_large: IntCounter,
     /// Share of the last 1000 answered writes that came back stale (409).
     pub stale_share: Gauge,
     /// Change stream re-opened after an error.
@@ -144,6 +146,7 @@ impl Metrics {
             snapshot_estimate: gauge(&registry, "snapshot_documents_estimated", "Documents the snapshot expects to read (from collection size estimates)"),
             lag_seconds: gauge(&registry, "lag_seconds", "Seconds from a change's cluster time to its acknowledgement"),
             non_finite_nulled: counter(&registry, "non_finite_values_nulled_total", "NaN/Infinity values written as null"),
+            files_too_large: counter(&registry, "files_too_large_total", "GridFS files indexed without their content (larger than files.maxFileSize)"),
             stale_share: {
                 let g = Gauge::new("stale_write_share", "Share of the last 1000 answered writes that came back stale (409); lasting near 1, another writer versions the documents higher").expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");

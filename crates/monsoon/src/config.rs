@@ -228,6 +228,15 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         // The operator passes the `monsoon.dev/resnapshot` annotation's token; `monsoon run`
         // honours the same variable.
         resnapshot: std::env::var(monsoon_operator::workload::ENV_RESNAPSHOT).ok().filter(|t| !t.is_empty()),
+        collection_streams: spec.mongodb.stream_scope == monsoon_api::StreamScope::Collection,
+        snapshot_split: spec.snapshot_split.as_ref().map(|s| (s.ranges, s.min_documents)),
+        shared_indexes: spec.shared_indexes.iter().cloned().collect(),
+        files: spec.files.as_ref().map(|f| monsoon_engine::config::FilesConfig {
+            namespaces: f.namespaces.clone(),
+            max_file_size: f.max_file_size,
+            pipeline: f.pipeline.clone(),
+            create_pipeline: f.create_pipeline,
+        }),
         stream_from: spec.stream_start.as_ref().map(|s| match s.timestamp {
             Some(t) => StreamFrom::Seconds(t),
             None => StreamFrom::Oldest,

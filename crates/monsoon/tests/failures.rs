@@ -21,6 +21,13 @@ fn streaming_shop(mongo: &Mongo, es: &Elastic, extra: &str) -> anyhow::Result<(T
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], extra);
     let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
     monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    // Tests killing it from here on test the stream: wait until the snapshot's end is
+    // checkpointed too (acknowledged, then stored at the next tick; slower on a loaded machine).
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while monsoon.checkpoint("shop").is_none_or(|c| c["snapshot"]["done"] != true) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the snapshot was never checkpointed\n{}", tail(&monsoon.log(), 30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok((state, monsoon))
 }
 

@@ -114,6 +114,13 @@ async fn sigkill_mid_stream_then_restart_converges_on_opensearch() -> anyhow::Re
     let state = TempDir::new("state");
     let mut monsoon = Monsoon::start(bin(), &s.pipeline("shop", &["shop.orders"], ""), state.path())?;
     monsoon.wait_stats(CONVERGE, |st| st["phase"] == "Streaming")?;
+    // The kills below test the stream's replay: wait until the snapshot's end is checkpointed
+    // (acknowledged, then stored at the next tick; a loaded machine takes a while).
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while monsoon.checkpoint("shop").is_none_or(|c| c["snapshot"]["done"] != true) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the snapshot was never checkpointed\n{}", tail(&monsoon.log(), 30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {

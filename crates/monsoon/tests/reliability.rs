@@ -118,9 +118,9 @@ async fn an_oversize_document_is_dead_lettered_and_the_stream_goes_on() -> anyho
 /// Fault matrix, drop phase (issue 10, item 3). Seen on the old code with SIGTERM: with
 /// Elasticsearch down, a dropped collection's index delete was backing off when the signal
 /// came; the token after the drop was checkpointed and the index stayed for good.
-async fn stop_during_a_drop(stop: Stop) -> anyhow::Result<()> {
+async fn stop_during_a_drop(kind: SearchKind, stop: Stop) -> anyhow::Result<()> {
     let mongo = Mongo::start(&[])?;
-    let mut es = Elastic::start()?;
+    let mut es = SearchServer::start(kind)?;
     let client = mongo.client().await?;
     let coll = client.database("shop").collection::<Document>("orders");
     insert_all(&coll, sample_docs(0, 100)).await?;
@@ -138,13 +138,19 @@ async fn stop_during_a_drop(stop: Stop) -> anyhow::Result<()> {
     let esc = es.client()?;
     assert!(index_exists(&esc, "shop.orders").await?, "the index must still exist before the restart");
     monsoon.restart()?;
-    wait_index_gone(&esc, "shop.orders", &monsoon, &format!("{stop:?}: the collection was dropped")).await
+    wait_index_gone(&esc, "shop.orders", &monsoon, &format!("{kind:?}, {stop:?}: the collection was dropped")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix_drop_phase() -> anyhow::Result<()> {
-    stop_during_a_drop(Stop::Term).await?;
-    stop_during_a_drop(Stop::Kill).await
+    stop_during_a_drop(SearchKind::Noida, Stop::Term).await?;
+    stop_during_a_drop(SearchKind::Noida, Stop::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_drop_phase_on_opensearch() -> anyhow::Result<()> {
+    stop_during_a_drop(SearchKind::OpenSearch, Stop::Term).await?;
+    stop_during_a_drop(SearchKind::OpenSearch, Stop::Kill).await
 }
 
 /// Fault matrix, renamed-in snapshot phase (issue 10, item 6): stopped while the collection
@@ -183,8 +189,10 @@ async fn fault_matrix_renamed_in_snapshot_phase() -> anyhow::Result<()> {
 }
 
 /// Fault matrix, snapshot phase: stopped half-way through the initial snapshot.
-async fn stop_during_the_snapshot(stop: Stop) -> anyhow::Result<()> {
-    let Stack { mongo, es, client, esc } = Stack::start(&["--oplog-max-entries", "200000"]).await?;
+async fn stop_during_the_snapshot(kind: SearchKind, stop: Stop) -> anyhow::Result<()> {
+    let mongo = Mongo::start(&["--oplog-max-entries", "200000"])?;
+    let es = SearchServer::start(kind)?;
+    let (client, esc) = (mongo.client().await?, es.client()?);
     let coll = client.database("shop").collection::<Document>("orders");
     for start in (0..30_000).step_by(10_000) {
         insert_all(&coll, sample_docs(start, 10_000)).await?;
@@ -200,20 +208,26 @@ async fn stop_during_the_snapshot(stop: Stop) -> anyhow::Result<()> {
     stop.apply(&mut monsoon)?;
     monsoon.restart()?;
     let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
-    assert!(r.converged(), "{stop:?}: {r:?}\n{}", tail(&monsoon.log(), 30));
+    assert!(r.converged(), "{kind:?}, {stop:?}: {r:?}\n{}", tail(&monsoon.log(), 30));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix_snapshot_phase() -> anyhow::Result<()> {
-    stop_during_the_snapshot(Stop::Term).await?;
-    stop_during_the_snapshot(Stop::Kill).await
+    stop_during_the_snapshot(SearchKind::Noida, Stop::Term).await?;
+    stop_during_the_snapshot(SearchKind::Noida, Stop::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_snapshot_phase_on_opensearch() -> anyhow::Result<()> {
+    stop_during_the_snapshot(SearchKind::OpenSearch, Stop::Term).await?;
+    stop_during_the_snapshot(SearchKind::OpenSearch, Stop::Kill).await
 }
 
 /// Fault matrix, Elasticsearch outage: stopped while writes wait for Elasticsearch.
-async fn stop_during_an_outage(stop: Stop) -> anyhow::Result<()> {
+async fn stop_during_an_outage(kind: SearchKind, stop: Stop) -> anyhow::Result<()> {
     let mongo = Mongo::start(&[])?;
-    let mut es = Elastic::start()?;
+    let mut es = SearchServer::start(kind)?;
     let client = mongo.client().await?;
     let coll = client.database("shop").collection::<Document>("orders");
     insert_all(&coll, sample_docs(0, 200)).await?;
@@ -231,14 +245,20 @@ async fn stop_during_an_outage(stop: Stop) -> anyhow::Result<()> {
     let esc = es.client()?;
     monsoon.restart()?;
     let r = wait_converged(&client, &esc, "shop", "orders", "shop.orders", CONVERGE).await?;
-    assert!(r.converged(), "{stop:?}: {r:?}\n{}", tail(&monsoon.log(), 30));
+    assert!(r.converged(), "{kind:?}, {stop:?}: {r:?}\n{}", tail(&monsoon.log(), 30));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix_elasticsearch_outage_phase() -> anyhow::Result<()> {
-    stop_during_an_outage(Stop::Term).await?;
-    stop_during_an_outage(Stop::Kill).await
+    stop_during_an_outage(SearchKind::Noida, Stop::Term).await?;
+    stop_during_an_outage(SearchKind::Noida, Stop::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_elasticsearch_outage_phase_on_opensearch() -> anyhow::Result<()> {
+    stop_during_an_outage(SearchKind::OpenSearch, Stop::Term).await?;
+    stop_during_an_outage(SearchKind::OpenSearch, Stop::Kill).await
 }
 
 /// Fault matrix, re-snapshot and sweep after lost history (issue 10, item 4): stopped once the
@@ -246,8 +266,10 @@ async fn fault_matrix_elasticsearch_outage_phase() -> anyhow::Result<()> {
 /// gap's drop. Seen on the old code (without the stop): with `shop.*`, the collection dropped
 /// while monsoon was stopped kept all 200 of its documents searchable, since only exactly named
 /// namespaces were swept.
-async fn stop_during_a_resnapshot(stop: Stop) -> anyhow::Result<()> {
-    let Stack { mongo, es, client, esc } = Stack::start(&["--oplog-max-entries", "1000"]).await?;
+async fn stop_during_a_resnapshot(kind: SearchKind, stop: Stop) -> anyhow::Result<()> {
+    let mongo = Mongo::start(&["--oplog-max-entries", "1000"])?;
+    let es = SearchServer::start(kind)?;
+    let (client, esc) = (mongo.client().await?, es.client()?);
     let db = client.database("shop");
     let a = db.collection::<Document>("a");
     let b = db.collection::<Document>("b");
@@ -276,14 +298,20 @@ async fn stop_during_a_resnapshot(stop: Stop) -> anyhow::Result<()> {
     stop.apply(&mut monsoon)?;
     monsoon.restart()?;
     let r = wait_converged(&client, &esc, "shop", "a", "shop.a", CONVERGE).await?;
-    assert!(r.converged(), "{stop:?}: gap deletes must be swept: {r:?}\n{}", tail(&monsoon.log(), 30));
-    wait_index_gone(&esc, "shop.b", &monsoon, &format!("{stop:?}: shop.b was dropped during the lost history")).await
+    assert!(r.converged(), "{kind:?}, {stop:?}: gap deletes must be swept: {r:?}\n{}", tail(&monsoon.log(), 30));
+    wait_index_gone(&esc, "shop.b", &monsoon, &format!("{kind:?}, {stop:?}: shop.b was dropped during the lost history")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix_resnapshot_and_sweep_phase() -> anyhow::Result<()> {
-    stop_during_a_resnapshot(Stop::Term).await?;
-    stop_during_a_resnapshot(Stop::Kill).await
+    stop_during_a_resnapshot(SearchKind::Noida, Stop::Term).await?;
+    stop_during_a_resnapshot(SearchKind::Noida, Stop::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_resnapshot_and_sweep_phase_on_opensearch() -> anyhow::Result<()> {
+    stop_during_a_resnapshot(SearchKind::OpenSearch, Stop::Term).await?;
+    stop_during_a_resnapshot(SearchKind::OpenSearch, Stop::Kill).await
 }
 
 /// Issue 10, item 2. Seen on the old code (driver built without the feature): "mongodb+srv

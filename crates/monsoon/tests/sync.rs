@@ -303,3 +303,43 @@ async fn a_namespace_regex_selects_collections_across_databases() -> anyhow::Res
     }
     Ok(())
 }
+
+/// Two collections written into one index the user declared shared (`sharedIndexes`, as
+/// Monstache's view replication maps a collection and its view to one index): dropping one
+/// collection deletes only its own documents, found through their location records; the index
+/// and the other collection's documents stay. A collection created again under the name is
+/// followed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_one_of_two_collections_sharing_an_index_deletes_only_its_documents() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let db = client.database("app");
+    let (a, b) = (db.collection::<Document>("a"), db.collection::<Document>("b"));
+    insert_all(&a, sample_docs(0, 100)).await?;
+    insert_all(&b, sample_docs(1000, 150)).await?;
+    let state = TempDir::new("state");
+    let extra = "  indexes:\n    app.a: both\n    app.b: both\n  sharedIndexes: [both]\n";
+    let yaml = pipeline_yaml("app", &mongo.uri(), &es.url(), &["app.a", "app.b"], extra);
+    let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while count(&esc, "both").await? < 250 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "not all indexed\n{}", tail(&monsoon.log(), 30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.update_one(doc! {"_id": 5}, doc! {"$set": {"status": "moved on"}}).await?;
+    a.drop().await?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while count(&esc, "both").await? != 150 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{} documents in the shared index after the drop\n{}", count(&esc, "both").await?, tail(&monsoon.log(), 30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The other collection's documents are all there, as in MongoDB.
+    let ids: std::collections::BTreeSet<i64> = hits(&esc, "both").await?.iter().filter_map(|h| h["_id"].as_str()?.parse().ok()).collect();
+    assert_eq!(ids, (1000..1150).collect(), "{}", tail(&monsoon.log(), 30));
+    insert_all(&a, sample_docs(0, 10)).await?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while count(&esc, "both").await? != 160 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the re-created collection is not followed\n{}", tail(&monsoon.log(), 30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

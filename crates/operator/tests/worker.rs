@@ -52,6 +52,10 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
             ..Routing::default()
         },
         snapshot: true,
+        collection_streams: false,
+        snapshot_split: None,
+        files: None,
+        shared_indexes: Default::default(),
         stream_from: None,
         resnapshot: None,
         batch: BatchConfig::default(),
@@ -74,13 +78,18 @@ struct Running {
 }
 
 fn start(stack: &Stack, api: &Api<ConfigMap>, shard: Shard, pod: &str, lease: Duration) -> Running {
+    start_with(api, engine(stack, shard), pod, lease)
+}
+
+fn start_with(api: &Api<ConfigMap>, engine: EngineConfig, pod: &str, lease: Duration) -> Running {
+    let shard = engine.shard;
     let metrics = Metrics::new(NAME);
     let health = Arc::new(Health::new(Duration::from_secs(120)));
     let stop = CancellationToken::new();
     let task = tokio::spawn(worker::run(
         api.clone(),
         worker::Shard {
-            engine: engine(stack, shard),
+            engine,
             configmap: monsoon_operator::workload::checkpoint_name(NAME, shard.index, shard.count),
             pod: pod.into(),
             lease,
@@ -240,6 +249,74 @@ async fn with_shards_a_drop_removes_each_shards_documents_but_not_newer_ones() {
     insert_all(&orders, sample_docs(10_000, 50)).await.expect("re-create");
     converge(&stack).await;
     assert_eq!(monsoon_testkit::count(&stack.esc, "shop.orders").await.expect("count"), 50);
+    for w in two {
+        w.stop().await.expect("clean stop");
+    }
+}
+
+/// Issue 16, fault 3, end to end: shards own documents by their MongoDB `_id`, but with
+/// `mappings[].id` the Elasticsearch `_id` is another field. A re-snapshot's sweep that owned
+/// documents by the Elasticsearch `_id` would have each shard delete live documents the other
+/// wrote. Here both shards re-snapshot (asked for by hand) after deletes made while they were
+/// stopped: the deleted documents go, every other one stays.
+#[tokio::test]
+async fn sharded_resnapshots_with_ids_from_a_field_sweep_only_what_is_gone() {
+    let stack = Stack::start(&[]).await.expect("stand-ins");
+    let orders = stack.client.database("shop").collection::<Document>("orders");
+    let docs: Vec<Document> = (0..400).map(|i| doc! {"_id": i, "sku": format!("sku-{i:04}"), "n": i}).collect();
+    orders.insert_many(docs).await.expect("seed");
+    let api = kube_api().await;
+    let mapping: monsoon_api::Mapping = serde_json::from_value(serde_json::json!({"namespace": "shop.orders", "id": "sku"})).expect("mapping");
+    let config = |index: u32, resnapshot: Option<&str>| EngineConfig {
+        mappings: vec![mapping.clone()],
+        resnapshot: resnapshot.map(Into::into),
+        ..engine(&stack, Shard { index, count: 2 })
+    };
+    let count = || async { monsoon_testkit::count(&stack.esc, "shop.orders").await.expect("count") };
+    let lease = Duration::from_secs(3);
+    let two: Vec<Running> = (0..2).map(|i| start_with(&api, config(i, None), &format!("w-{i}"), lease)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while count().await < 400 {
+        assert!(Instant::now() < deadline, "not all indexed: {}", count().await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for w in two {
+        w.stop().await.expect("clean stop");
+    }
+    // Deleted while both shards are stopped; the re-snapshot does not stream these deletes (it
+    // starts after them), so only its sweep can remove them.
+    orders.delete_many(doc! {"_id": {"$lt": 20}}).await.expect("delete");
+    let two: Vec<Running> = (0..2).map(|i| start_with(&api, config(i, Some("again")), &format!("w-{i}"), lease)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut done = true;
+        for i in 0..2 {
+            let (_, cp) = checkpoint_of(&api, &monsoon_operator::workload::checkpoint_name(NAME, i, 2)).await;
+            done &= cp.resnapshot_token.as_deref() == Some("again") && cp.snapshot.done && cp.sweep_below.is_none();
+        }
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the re-snapshots did not finish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count().await != 380 {
+        if Instant::now() >= deadline {
+            let records = monsoon_testkit::hits(&stack.esc, "monsoon-locations").await.expect("records");
+            eprintln!("{} location records left; the first: {:?}", records.len(), records.iter().take(3).collect::<Vec<_>>());
+        }
+        assert!(Instant::now() < deadline, "expected the 380 live documents, found {}", count().await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let ids: std::collections::BTreeSet<String> = monsoon_testkit::hits(&stack.esc, "shop.orders")
+        .await
+        .expect("hits")
+        .iter()
+        .filter_map(|h| h["_id"].as_str().map(str::to_owned))
+        .collect();
+    let want: std::collections::BTreeSet<String> = (20..400).map(|i| format!("sku-{i:04}")).collect();
+    assert_eq!(ids, want);
     for w in two {
         w.stop().await.expect("clean stop");
     }

@@ -190,11 +190,17 @@ impl Coverage {
     }
 }
 
+/// The field of a script's output through which it chooses where a document goes.
+pub const META_KEY: &str = "_meta_monstache";
+
 /// The compiled scripts and the workers that run them. Cheap to share (`Arc<Scripts>`); every
 /// method takes `&self` and may be called from many threads at once.
 pub struct Scripts {
     pool: Pool,
     maps: Coverage,
+    /// The map scripts whose source names `_meta_monstache`: only they can choose where a
+    /// document goes.
+    placing: Coverage,
     filters: Coverage,
     pipelines: Coverage,
 }
@@ -230,10 +236,12 @@ impl Scripts {
             config.workers
         };
         let maps = Coverage::of(&config.scripts);
+        let placing: Vec<ScriptSource> = config.scripts.iter().filter(|s| s.source.contains(META_KEY)).cloned().collect();
+        let placing = Coverage::of(&placing);
         let filters = Coverage::of(&config.filters);
         let pipelines = Coverage::of(&config.pipelines);
         let pool = Pool::start(Arc::new(config), lookup, workers)?;
-        Ok(Scripts { pool, maps, filters, pipelines })
+        Ok(Scripts { pool, maps, placing, filters, pipelines })
     }
 
     /// Number of worker threads.
@@ -245,6 +253,13 @@ impl Scripts {
     /// [`MapOutcome::Keep`] at once).
     pub fn has_map(&self, ns: &str) -> bool {
         self.maps.applies(ns)
+    }
+
+    /// True when a `[[script]]` applying to `ns` may choose where a document goes: its source
+    /// names `_meta_monstache` (whose `index`, `id` and `routing` place it). A script that never
+    /// names it keeps every document at its namespace's place.
+    pub fn may_place(&self, ns: &str) -> bool {
+        self.placing.applies(ns)
     }
 
     /// True when a `[[filter]]` applies to `ns`.

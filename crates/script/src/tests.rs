@@ -887,3 +887,18 @@ fn an_empty_configuration_starts_no_workers() {
     assert_eq!(s.filter("a.b", "{}", None), Ok(true));
     assert_eq!(s.pipeline("a.b", true), Ok(vec![]));
 }
+
+#[test]
+fn only_scripts_naming_meta_may_place_documents() {
+    let config = Config {
+        scripts: vec![
+            ScriptSource::for_namespace("db.plain", "module.exports = function(doc) { doc.x = 1; return doc; }"),
+            ScriptSource::for_namespace("db.routed", "module.exports = function(doc) { doc._meta_monstache = { routing: doc.r }; return doc; }"),
+        ],
+        ..Config::default()
+    };
+    let scripts = Scripts::new(config).expect("compiles");
+    assert!(!scripts.may_place("db.plain"));
+    assert!(scripts.may_place("db.routed"));
+    assert!(!scripts.may_place("db.other"));
+}

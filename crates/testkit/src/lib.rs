@@ -773,4 +773,20 @@ impl SearchServer {
             Self::OpenSearch(o) => o.client(),
         }
     }
+
+    /// Stop it gracefully (SIGTERM), keeping its data: an outage.
+    pub fn stop(&mut self) {
+        match self {
+            Self::Noida(e) => e.stop(),
+            Self::OpenSearch(o) => o.stop(),
+        }
+    }
+
+    /// Start it again on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Noida(e) => e.restart(),
+            Self::OpenSearch(o) => o.restart(),
+        }
+    }
 }

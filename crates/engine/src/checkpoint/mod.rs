@@ -68,6 +68,34 @@ pub struct Checkpoint {
     /// each request runs once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resnapshot_token: Option<String>,
+    /// With one change stream per collection (`streamScope: Collection`): where each
+    /// collection's stream is, by namespace.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub collection_streams: BTreeMap<String, CollectionStream>,
+    /// With one change stream per collection: the cluster time taken before the last listing
+    /// of collections whose streams were all opened. A collection not in `collectionStreams`
+    /// was created after it, so its stream starts there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collections_listed_at: Option<ClusterTime>,
+}
+
+/// Where one collection's change stream is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectionStream {
+    /// Where the stream was opened, before it recorded a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<ClusterTime>,
+    /// Resume token (canonical extended JSON) after the last acknowledged change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<serde_json::Value>,
+    /// `token` is an invalidate event's (the collection was dropped or renamed): re-open with
+    /// `startAfter`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_invalidate: bool,
+    /// Cluster time of the last change read before `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<ClusterTime>,
 }
 
 /// Why a checkpoint is fenced, for [`Error::Fenced`]'s message.
@@ -154,6 +182,28 @@ pub struct CollectionProgress {
     /// Every document with an `_id` up to this one (canonical extended JSON) is acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_id: Option<serde_json::Value>,
+    /// A snapshot split into `_id` ranges read at once (`snapshotSplit`): each range's progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<RangeProgress>,
+}
+
+/// Snapshot progress of one `_id` range of a split collection: the documents after `after`
+/// (from the first, when `None`) up to and including `upTo` (to the last, when `None`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RangeProgress {
+    /// Lower bound, exclusive (canonical extended JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
+    /// Upper bound, inclusive (canonical extended JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to: Option<serde_json::Value>,
+    /// Every document of the range up to this `_id` is acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_id: Option<serde_json::Value>,
+    /// Every document of the range is acknowledged.
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// A point in the source that the pipeline may resume from once acknowledged.
@@ -165,6 +215,24 @@ pub enum Position {
         ns: String,
         /// Last `_id` read.
         last_id: Bson,
+    },
+    /// The snapshot of `ns` is split into ranges at these `_id`s (each the inclusive end of a
+    /// range; the last range runs to the end).
+    SnapshotSplit {
+        /// Namespace.
+        ns: String,
+        /// Range ends, ascending.
+        bounds: Vec<Bson>,
+    },
+    /// Range `range` of the split snapshot of `ns` is acknowledged up to and including
+    /// `last_id` (`None`: the whole range).
+    SnapshotRangeRead {
+        /// Namespace.
+        ns: String,
+        /// Which range.
+        range: usize,
+        /// Last `_id` read; `None` when the range is done.
+        last_id: Option<Bson>,
     },
     /// Snapshot of `ns` is complete.
     SnapshotCollectionDone {
@@ -204,6 +272,29 @@ pub enum Position {
     Forgotten {
         /// Namespace.
         ns: String,
+    },
+    /// The change stream of collection `ns` was opened at `at` (one stream per collection).
+    CollectionOpened {
+        /// Namespace.
+        ns: String,
+        /// Where it starts.
+        at: ClusterTime,
+    },
+    /// The change stream of collection `ns` is acknowledged up to this token.
+    CollectionStream {
+        /// Namespace.
+        ns: String,
+        /// Resume token.
+        token: ResumeToken,
+        /// Cluster time of the last change read before the token, if any was.
+        time: Option<ClusterTime>,
+        /// The token is an invalidate event's.
+        after_invalidate: bool,
+    },
+    /// Every collection listed after cluster time `at` has its stream opened (and recorded).
+    CollectionsListed {
+        /// Taken before the listing.
+        at: ClusterTime,
     },
 }
 
@@ -266,6 +357,26 @@ impl Checkpoint {
                 let entry = self.snapshot.collections.entry(ns.clone()).or_default();
                 entry.last_id = Some(last_id.clone().into_canonical_extjson());
             }
+            Position::SnapshotSplit { ns, bounds } => {
+                let json = |b: &Bson| b.clone().into_canonical_extjson();
+                let entry = self.snapshot.collections.entry(ns.clone()).or_default();
+                entry.ranges = (0..=bounds.len())
+                    .map(|i| RangeProgress {
+                        after: i.checked_sub(1).map(|j| json(&bounds[j])),
+                        up_to: bounds.get(i).map(json),
+                        ..RangeProgress::default()
+                    })
+                    .collect();
+            }
+            Position::SnapshotRangeRead { ns, range, last_id } => {
+                let entry = self.snapshot.collections.entry(ns.clone()).or_default();
+                if let Some(r) = entry.ranges.get_mut(*range) {
+                    match last_id {
+                        Some(id) => r.last_id = Some(id.clone().into_canonical_extjson()),
+                        None => r.done = true,
+                    }
+                }
+            }
             Position::SnapshotCollectionDone { ns } => {
                 self.snapshot.collections.entry(ns.clone()).or_default().done = true;
             }
@@ -278,7 +389,25 @@ impl Checkpoint {
                 self.stream_time = None;
                 self.snapshot = SnapshotProgress::default();
                 self.sweep_below = Some(stream_start.version());
+                self.collection_streams.clear();
+                self.collections_listed_at = None;
             }
+            Position::CollectionOpened { ns, at } => {
+                self.collection_streams.entry(ns.clone()).or_insert_with(|| CollectionStream { start: Some(*at), ..CollectionStream::default() });
+                self.note_collection_times();
+            }
+            Position::CollectionStream { ns, token, time, after_invalidate } => {
+                let mark = self.collection_streams.entry(ns.clone()).or_default();
+                if let Ok(bson) = mongodb::bson::to_bson(token) {
+                    mark.token = Some(bson.into_canonical_extjson());
+                    mark.after_invalidate = *after_invalidate;
+                }
+                if time.is_some() {
+                    mark.time = *time;
+                }
+                self.note_collection_times();
+            }
+            Position::CollectionsListed { at } => self.collections_listed_at = Some(*at),
             Position::SweepDone => self.sweep_below = None,
             Position::Written { ns, index } => {
                 self.written.insert(ns.clone(), index.clone());
@@ -296,6 +425,35 @@ impl Checkpoint {
                 }
             }
         }
+    }
+
+    /// With one stream per collection, `stream_time` is the earliest any collection's stream
+    /// reached: where a re-shard restarts every stream.
+    fn note_collection_times(&mut self) {
+        self.stream_time = self.collection_streams.values().filter_map(|m| m.time.or(m.start)).min();
+    }
+
+    /// Where each collection's stream resumes (one stream per collection): its token, and
+    /// whether it is an invalidate's; or, before it recorded one, where it was opened.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a stored value is not a token.
+    pub fn collection_starts(&self, location: &str) -> Result<BTreeMap<String, CollectionStart>, Error> {
+        let mut out = BTreeMap::new();
+        for (ns, mark) in &self.collection_streams {
+            let start = match (&mark.token, mark.start) {
+                (Some(json), _) => {
+                    let corrupt = |e: String| Error::Corrupt { location: location.to_string(), reason: format!("resume token of {ns}: {e}") };
+                    let bson = Bson::try_from(json.clone()).map_err(|e| corrupt(e.to_string()))?;
+                    let token: ResumeToken = mongodb::bson::from_bson(bson).map_err(|e| corrupt(e.to_string()))?;
+                    CollectionStart::Token { token, after_invalidate: mark.after_invalidate }
+                }
+                (None, Some(at)) => CollectionStart::At(at),
+                (None, None) => continue,
+            };
+            out.insert(ns.clone(), start);
+        }
+        Ok(out)
     }
 
     /// The stored resume token, decoded.
@@ -399,7 +557,7 @@ impl Checkpoint {
                             ns.clone(),
                             CollectionProgress {
                                 done: true,
-                                last_id: None,
+                                ..CollectionProgress::default()
                             },
                         );
                     }
@@ -408,6 +566,20 @@ impl Checkpoint {
         }
         merged
     }
+}
+
+/// Where a collection's stream resumes.
+#[derive(Debug, Clone)]
+pub enum CollectionStart {
+    /// After this token (with `startAfter` when it is an invalidate's).
+    Token {
+        /// The token.
+        token: ResumeToken,
+        /// It is an invalidate event's.
+        after_invalidate: bool,
+    },
+    /// At this cluster time.
+    At(ClusterTime),
 }
 
 /// Where checkpoints live. Implementations must make `save` atomic: a crash leaves either
@@ -428,6 +600,53 @@ mod tests {
 
     fn at(t: u32) -> ClusterTime {
         ClusterTime { t, i: 1 }
+    }
+
+    fn token(data: &str) -> ResumeToken {
+        mongodb::bson::from_bson(Bson::Document(doc! {"_data": data})).expect("token")
+    }
+
+    /// A split snapshot records its ranges, then each range's progress on its own; a collection
+    /// is done only once `SnapshotCollectionDone` comes.
+    #[test]
+    fn a_split_snapshot_keeps_each_ranges_progress() {
+        let mut cp = Checkpoint::new("p");
+        cp.apply(&Position::SnapshotSplit { ns: "d.c".into(), bounds: vec![Bson::Int32(100), Bson::String("m".into())] });
+        cp.apply(&Position::SnapshotRangeRead { ns: "d.c".into(), range: 1, last_id: Some(Bson::Int32(150)) });
+        cp.apply(&Position::SnapshotRangeRead { ns: "d.c".into(), range: 0, last_id: None });
+        let c = &cp.snapshot.collections["d.c"];
+        assert_eq!(c.ranges.len(), 3);
+        assert_eq!((c.ranges[0].after.is_none(), c.ranges[0].up_to.is_some(), c.ranges[0].done), (true, true, true));
+        assert_eq!(c.ranges[1].last_id, Some(Bson::Int32(150).into_canonical_extjson()));
+        assert_eq!((c.ranges[2].after.clone(), c.ranges[2].up_to.is_none()), (Some(serde_json::json!("m")), true));
+        assert!(!c.done);
+        let text = serde_json::to_string(&cp).expect("json");
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).expect("read back"), cp);
+    }
+
+    /// One stream per collection: each collection resumes from its own token, or from where
+    /// it was opened before it had one; an invalidate's token resumes with `startAfter`; a
+    /// re-shard restarts every stream at the earliest any reached; lost history forgets them.
+    #[test]
+    fn collection_streams_resume_each_from_its_own_place() {
+        let mut cp = Checkpoint::new("p");
+        cp.apply(&Position::CollectionOpened { ns: "d.a".into(), at: at(100) });
+        cp.apply(&Position::CollectionOpened { ns: "d.b".into(), at: at(100) });
+        cp.apply(&Position::CollectionsListed { at: at(105) });
+        cp.apply(&Position::CollectionStream { ns: "d.a".into(), token: token("a1"), time: Some(at(110)), after_invalidate: false });
+        cp.apply(&Position::CollectionStream { ns: "d.c".into(), token: token("c1"), time: Some(at(120)), after_invalidate: true });
+        // A second open of a collection with a token keeps the token.
+        cp.apply(&Position::CollectionOpened { ns: "d.a".into(), at: at(130) });
+        let starts = cp.collection_starts("here").expect("starts");
+        assert!(matches!(&starts["d.a"], CollectionStart::Token { token: t, after_invalidate: false } if *t == token("a1")), "{starts:?}");
+        assert!(matches!(starts["d.b"], CollectionStart::At(t) if t == at(100)), "{starts:?}");
+        assert!(matches!(&starts["d.c"], CollectionStart::Token { after_invalidate: true, .. }), "{starts:?}");
+        assert_eq!(cp.collections_listed_at, Some(at(105)));
+        assert_eq!(cp.stream_time, Some(at(100)), "the earliest place any stream reached");
+        let text = serde_json::to_string(&cp).expect("json");
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).expect("read back"), cp);
+        cp.apply(&Position::Reset { stream_start: at(200) });
+        assert!(cp.collection_streams.is_empty() && cp.collections_listed_at.is_none());
     }
 
     #[test]
@@ -458,10 +677,10 @@ mod tests {
         // A shard with a token but no event time yet is at least at its stream start.
         b.stream_time = None;
         b.snapshot.done = false;
-        b.snapshot.collections.insert("d.x".into(), CollectionProgress { done: true, last_id: None });
+        b.snapshot.collections.insert("d.x".into(), CollectionProgress { done: true, ..CollectionProgress::default() });
         b.snapshot.collections.insert(
             "d.y".into(),
-            CollectionProgress { done: false, last_id: Some(serde_json::json!(5)) },
+            CollectionProgress { done: false, last_id: Some(serde_json::json!(5)), ..CollectionProgress::default() },
         );
         let merged = Checkpoint::merge_for_reshard("p", &[b.clone(), a.clone()], two);
         assert_eq!(merged.stream_start, Some(at(100)));

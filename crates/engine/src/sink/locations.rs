@@ -266,20 +266,24 @@ pub struct Swept {
 /// document's Elasticsearch `_id` may come from one of its fields; a record whose id was hashed
 /// (an `_id` over ~500 bytes) names no owner and is left to the unsharded sweep (counted in the
 /// second value).
-pub fn swept(hits: &[(String, u64, Record)], pipeline: &str, below: u64, owns: impl Fn(&str) -> bool) -> (Vec<Swept>, u64) {
+pub fn swept(hits: &[(String, u64, Record)], pipeline: &str, below: u64, scope: &Scope<'_>) -> (Vec<Swept>, u64) {
     let mut out = Vec::new();
     let mut ownerless = 0;
     for (id, version, record) in hits {
-        if *version >= below {
+        if *version >= below || scope.ns.is_some_and(|ns| ns != record.ns) {
             continue;
         }
         let Some(rest) = id.strip_prefix(pipeline).and_then(|r| r.strip_prefix('/')) else { continue };
-        let Some(mongo_id) = rest.strip_prefix(record.ns.as_str()).and_then(|r| r.strip_prefix('/')) else {
-            ownerless += u64::from(rest.starts_with("sha256/"));
-            continue;
-        };
-        if !owns(mongo_id) {
-            continue;
+        match rest.strip_prefix(record.ns.as_str()).and_then(|r| r.strip_prefix('/')) {
+            Some(mongo_id) if (scope.owns)(mongo_id) => {}
+            Some(_) => continue,
+            None if !rest.starts_with("sha256/") => continue,
+            // A hashed id names no owner: only an unsharded pipeline owns it.
+            None if scope.sharded => {
+                ownerless += 1;
+                continue;
+            }
+            None => {}
         }
         let mut places = Vec::with_capacity(1 + record.stale.len());
         if !record.gone {
@@ -289,6 +293,17 @@ pub fn swept(hits: &[(String, u64, Record)], pipeline: &str, below: u64, owns: i
         out.push(Swept { record_id: id.clone(), places });
     }
     (out, ownerless)
+}
+
+/// Which location records a sweep reads.
+pub struct Scope<'a> {
+    /// Only this namespace's (a drop), or every namespace's (the re-snapshot sweep).
+    pub ns: Option<&'a str>,
+    /// Whether the pipeline is split over several workers: then records whose id was hashed
+    /// (an `_id` over ~500 bytes) name no owner and are left alone (counted).
+    pub sharded: bool,
+    /// Whether this worker owns the document with this MongoDB `_id` (Elasticsearch form).
+    pub owns: &'a (dyn Fn(&str) -> bool + Sync),
 }
 
 /// A [`Record`] as JSON, written directly (one per tracked write, on the hot path).
@@ -474,7 +489,8 @@ mod tests {
             ("q/shop.items/1".to_string(), 5, rec("shop.items", "sku-z")),
             ("p/sha256/abc".to_string(), 5, rec("shop.items", "sku-y")),
         ];
-        let (swept, ownerless) = swept(&hits, "p", 10, |mongo_id| mongo_id == "1" || mongo_id == "3");
+        let owns = |mongo_id: &str| mongo_id == "1" || mongo_id == "3";
+        let (swept, ownerless) = swept(&hits, "p", 10, &Scope { ns: None, sharded: true, owns: &owns });
         assert_eq!(swept, vec![Swept { record_id: "p/shop.items/1".into(), places: vec![Place { index: "shop.items".into(), id: "\"sku-b\"".into(), routing: None, v: None }] }]);
         assert_eq!(ownerless, 1);
     }

@@ -84,8 +84,11 @@ pub enum Control {
     Drop {
         /// The dropped namespace.
         ns: String,
-        /// Every index it wrote.
+        /// The indexes to delete whole: those it wrote alone that `written` lists.
         indexes: Vec<String>,
+        /// Also delete its documents found through their location records, one by one: in
+        /// indexes it shares with other namespaces, or beyond those `written` lists.
+        by_records: bool,
         /// Cluster time of the drop.
         time: Option<mongodb::bson::Timestamp>,
     },
@@ -815,9 +818,12 @@ impl Deliverer {
     /// acknowledged, and the change that asked for it is read again on the next start.
     async fn apply(&self, control: Control) -> Result<(), crate::retry::Cancelled> {
         match control {
-            Control::Drop { ns, indexes, time } => {
+            Control::Drop { ns, indexes, by_records, time } => {
                 for index in &indexes {
                     self.drop_index(&ns, index, time).await?;
+                }
+                if by_records {
+                    self.drop_located(&ns, time).await?;
                 }
             }
             Control::Sweep { indexes, located, below } => self.sweep(&indexes, located, below).await?,
@@ -862,6 +868,27 @@ impl Deliverer {
         Ok(())
     }
 
+    /// Delete the documents of dropped namespace `ns` (older than the drop, this shard's)
+    /// wherever their location records say they are: a namespace writing a shared index, or
+    /// whose documents chose more indexes than `written` lists.
+    async fn drop_located(&self, ns: &str, time: Option<mongodb::bson::Timestamp>) -> Result<(), crate::retry::Cancelled> {
+        let (Some(records), Some(time)) = (&self.settings.locations, time) else {
+            warn!(namespace = %ns, "drop of a namespace writing shared or unlisted indexes, without location records or cluster time; its documents there are kept");
+            return Ok(());
+        };
+        let below = crate::checkpoint::ClusterTime::from(time).version().saturating_add(1);
+        let shard = self.settings.shard;
+        let owns = |mongo_id: &str| shard.owns(mongo_id);
+        let scope = locations::Scope { ns: Some(ns), sharded: shard.is_split(), owns: &owns };
+        let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, &scope), |e| {
+            warn!(namespace = %ns, error = %crate::error_chain(e), "failed to delete the documents of a dropped collection from their recorded places; retrying");
+            self.shared.health.sink_beat(false);
+        })
+        .await?;
+        tracing::info!(namespace = %ns, deleted = n, "collection dropped; its documents in shared or unlisted indexes deleted through their location records");
+        Ok(())
+    }
+
     /// The re-snapshot sweep: from each of `indexes`, and through the location records when
     /// `located`, delete this shard's documents versioned below `below`. Retried whole until it
     /// succeeds (versioned deletes: a retry deletes nothing written since).
@@ -876,7 +903,9 @@ impl Deliverer {
             tracing::info!(index = %index, deleted = n, "swept documents deleted during the lost history");
         }
         if let (true, Some(records)) = (located, &self.settings.locations) {
-            let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, |mongo_id| shard.owns(mongo_id)), |e| {
+            let owns = |mongo_id: &str| shard.owns(mongo_id);
+            let scope = locations::Scope { ns: None, sharded: shard.is_split(), owns: &owns };
+            let n = crate::retry::until_ok(&self.abort, || self.es.sweep_located(records, &self.settings.pipeline, below, &scope), |e| {
                 warn!(error = %crate::error_chain(e), "sweep of located documents failed; retrying");
                 self.shared.health.sink_beat(false);
             })

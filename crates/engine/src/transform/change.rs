@@ -30,6 +30,18 @@ pub struct Doc {
     pub version: u64,
     /// Read by a snapshot rather than the change stream.
     pub from_snapshot: bool,
+    /// For a document of a GridFS files collection indexed with content (`spec.files`): the
+    /// file's content, read from its chunks.
+    pub file: Option<FileBody>,
+}
+
+/// A GridFS file's content, as the source read it.
+#[derive(Debug)]
+pub enum FileBody {
+    /// The bytes.
+    Content(Vec<u8>),
+    /// Larger than `files.maxFileSize` (this many bytes, or more): indexed without content.
+    TooLarge(u64),
 }
 
 /// A change event the source could not read: dead-lettered whole, never skipped.
@@ -110,6 +122,9 @@ impl Input {
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
         if let Change::Doc(d) = &change {
             staged.1 += d.doc.as_ref().map_or(0, |d| d.as_bytes().len());
+            if let Some(FileBody::Content(c)) = &d.file {
+                staged.1 += c.len();
+            }
         }
         let control = !matches!(change, Change::Doc(_) | Change::Position(_) | Change::Unreadable(_));
         staged.0.push(change);

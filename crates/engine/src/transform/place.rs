@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use mongodb::bson::{RawBsonRef, RawDocument, Timestamp};
 
-use super::change::{Doc, Unreadable};
+use super::change::{Doc, FileBody, Unreadable};
 use super::time_machine::{Logged, TimeMachine};
 use super::{script, Outcome, Shape, Shapes};
 use crate::checkpoint::ClusterTime;
@@ -29,6 +29,9 @@ pub struct Target {
     /// Its mapping.
     pub shape: Arc<Shape>,
 }
+
+/// A namespace's database and collection names, and its target.
+type Routed = (Arc<str>, Arc<str>, Target);
 
 /// A document change placed: decided now, or left to the namespace's scripts.
 pub enum Placed {
@@ -59,16 +62,27 @@ pub struct Placer {
     pub pipeline: Arc<str>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The ingest pipeline of GridFS files' documents (`spec.files.pipeline`).
+    pub file_pipeline: Option<Arc<str>>,
+    /// Indexes several namespaces may write (`spec.sharedIndexes`): documents written there
+    /// keep location records, so a drop deletes only its namespace's.
+    pub shared: Arc<std::collections::BTreeSet<String>>,
     /// Time machines (`spec.timeMachine`): which changes are also logged, and where.
     pub time_machine: Option<TimeMachine>,
     /// The last namespace routed (consecutive changes mostly share one).
-    route_cache: Mutex<Option<(Arc<str>, Arc<str>, Target)>>,
+    route_cache: Mutex<Option<Routed>>,
 }
 
 impl Placer {
     /// A placer for a pipeline.
     pub fn new(routing: Routing, shapes: Arc<Shapes>, scripts: Option<Arc<monsoon_script::Scripts>>, pipeline: Arc<str>, metrics: Metrics) -> Self {
-        Self { routing, shapes, scripts, pipeline, metrics, time_machine: None, route_cache: Mutex::new(None) }
+        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, shared: Arc::default(), time_machine: None, route_cache: Mutex::new(None) }
+    }
+
+    /// Whether some documents keep location records (mappings placing them by their content,
+    /// scripts, shared indexes).
+    pub fn tracks_locations(&self) -> bool {
+        self.shapes.tracks_any() || self.scripts.is_some() || !self.shared.is_empty()
     }
 
     /// What the time machine entry of `change` needs, when its namespace's changes are logged.
@@ -106,11 +120,13 @@ impl Placer {
         let target = self.route(&change.db, &change.coll);
         let view = View::of(change);
         let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
+        // Only a script naming `_meta_monstache` can move documents: only its get records.
+        let placing = scripts.is_some_and(|s| s.may_place(&target.ns));
         let mut write = if target.shape.is_plain() && scripts.is_none() {
             plain_write(target.ns, target.index, view, stats)
         } else {
             let shape = target.shape.clone();
-            match self.shaped_write(target, scripts.is_some(), view, stats) {
+            match self.shaped_write(target, placing, view, stats) {
                 None => return Placed::Nothing,
                 Some(w) => match scripts {
                     Some(scripts) if matches!(w.op, Op::Index(_) | Op::Update(_)) => return self.defer(scripts, &shape, view, w, stats),
@@ -119,7 +135,45 @@ impl Placer {
             }
         };
         write.from_snapshot = change.from_snapshot;
+        if write.origin.is_none() && self.shared.contains(&*write.index) && !matches!(write.op, Op::Reject { .. }) {
+            // A shared index: the record names this namespace's documents there.
+            if let Ok(mongo_id) = convert::es_id_string(view.id) {
+                write.origin = Some(Arc::from(locations::record_id(&self.pipeline, &write.ns, &mongo_id)));
+            }
+        }
+        if let Some(file) = &change.file {
+            self.add_file(&mut write, file);
+        }
         Placed::Write(write)
+    }
+
+    /// Add a GridFS file's content to its document's write (`spec.files`): base64 in a `file`
+    /// field, through the files' ingest pipeline. A file over the size limit is indexed without
+    /// its content, and counted.
+    fn add_file(&self, write: &mut Write, file: &FileBody) {
+        use base64::Engine as _;
+        let content = match file {
+            FileBody::Content(c) => c,
+            FileBody::TooLarge(n) => {
+                tracing::warn!(namespace = %write.ns, id = %write.id_json, bytes = n, "GridFS file over files.maxFileSize: indexed without its content");
+                self.metrics.files_too_large.inc();
+                return;
+            }
+        };
+        let (Op::Index(source) | Op::Update(source)) = &mut write.op else { return };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(content);
+        let mut out = Vec::with_capacity(source.len() + encoded.len() + 12);
+        out.extend_from_slice(&source[..source.len().saturating_sub(1)]);
+        if source.len() > 2 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"file\":\"");
+        out.extend_from_slice(encoded.as_bytes());
+        out.extend_from_slice(b"\"}");
+        *source = Bytes::from(out);
+        if write.pipeline.is_none() {
+            write.pipeline = self.file_pipeline.clone();
+        }
     }
 
     /// Hand a shaped write's document to the namespace's scripts, which decide its operation on
@@ -145,7 +199,7 @@ impl Placer {
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).
-    fn shaped_write(&self, target: Target, scripted: bool, view: View<'_>, stats: &mut ConvertStats) -> Option<Write> {
+    fn shaped_write(&self, target: Target, placing: bool, view: View<'_>, stats: &mut ConvertStats) -> Option<Write> {
         let Target { ns, index, shape } = target;
         let View { id, doc, version, .. } = view;
         let outcome = match doc {
@@ -161,7 +215,7 @@ impl Placer {
         convert::write_json_str(&mongo_id, &mut default_id);
         let default_id: Box<str> = String::from_utf8_lossy(&default_id).into();
         // Scripts may choose the index, `_id` or routing: their documents are tracked too.
-        let origin = (shape.tracks_location() || scripted).then(|| Arc::from(locations::record_id(&self.pipeline, &ns, &mongo_id)));
+        let origin = (shape.tracks_location() || placing).then(|| Arc::from(locations::record_id(&self.pipeline, &ns, &mongo_id)));
         let mut write = match outcome {
             Ok(Outcome::Ignore) => {
                 self.metrics.events.with_label_values(&["ignored"]).inc();

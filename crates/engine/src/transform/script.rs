@@ -16,8 +16,10 @@
 //! - `true`: indexed as it was handed in; an object: indexed instead (its `_id` field is
 //!   dropped: it is the document's `_id`, or `_meta_monstache.id`);
 //! - `_meta_monstache` `index`, `id`, `routing`, `pipeline` choose where it goes. Since a script
-//!   may move documents, scripted namespaces keep location records (`sink::locations`), and an
-//!   index a script chooses is recorded as the namespace's (a drop deletes it too).
+//!   may move documents, the documents of a namespace whose script names `_meta_monstache` keep
+//!   location records (`sink::locations`; a script that never names it cannot move them, and
+//!   its documents skip the records' cost), and an index a script chooses is recorded as the
+//!   namespace's (a drop deletes it too).
 //!   `version` and `versionType` are ignored: monsoon versions every write by its cluster time.
 //!
 //! A script that throws, loops past its time limit, exhausts its memory or returns garbage
@@ -264,6 +266,15 @@ fn replaced(plan: &Planned, write: Write, doc: &str, meta: monsoon_script::Meta)
         Ok(s) => Bytes::from(s),
         Err(e) => return Some(rejected(plan, write, &ScriptError::Internal(e))),
     };
+    if write.origin.is_none() && (meta.index.is_some() || meta.id.is_some() || meta.routing.is_some()) {
+        // Documents of a script whose source never names `_meta_monstache` have no location
+        // record: a place chosen anyway (a key built at run time) could not be cleaned later.
+        let e = ScriptError::Meta {
+            script: format!("a script of {}", plan.ns),
+            reason: "it chose the document's index, `_id` or routing through a `_meta_monstache` its source does not name; write `_meta_monstache` literally in the script so monsoon records where its documents go".into(),
+        };
+        return Some(rejected(plan, write, &e));
+    }
     if let Some(index) = &meta.index {
         if let Err(why) = monsoon_api::check_index_name(index) {
             let e = ScriptError::Meta { script: format!("a script of {}", plan.ns), reason: format!("index `{index}` {why}") };

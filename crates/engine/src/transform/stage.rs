@@ -224,7 +224,9 @@ impl Transform {
     fn dropped(&self, db: &str, coll: &str, time: Option<mongodb::bson::Timestamp>, out: &mut Out<'_>) {
         let ns = format!("{db}.{coll}");
         if self.delete_index_on_drop {
-            out.chunk.control(Control::Drop { ns: ns.clone(), indexes: self.book.indexes_of(db, coll), time });
+            let (shared, alone): (Vec<String>, Vec<String>) = self.book.indexes_of(db, coll).into_iter().partition(|i| self.placer.shared.contains(i));
+            let by_records = !shared.is_empty() || self.book.is_spread(&ns);
+            out.chunk.control(Control::Drop { ns: ns.clone(), indexes: alone, by_records, time });
         } else {
             info!(namespace = %ns, "collection dropped; index kept (onDrop: Keep)");
         }
@@ -242,7 +244,7 @@ impl Transform {
             info!(namespace = %format!("{db}.{coll}"), "collection dropped during the lost history; applying its drop");
             self.dropped(&db, &coll, Some(at), out);
         }
-        let located = self.placer.shapes.tracks_any() || self.placer.scripts.is_some();
+        let located = self.placer.tracks_locations();
         out.chunk.control(Control::Sweep { indexes: self.sweepable_indexes(existing), located, below });
     }
 
@@ -272,7 +274,7 @@ impl Transform {
         let sharded = self.shard.is_split();
         let own_ids = |db: &str, coll: &str| {
             let ns = format!("{db}.{coll}");
-            !self.placer.shapes.for_ns(db, coll).custom_id() && !self.placer.scripts.as_ref().is_some_and(|s| s.has_map(&ns))
+            !self.placer.shapes.for_ns(db, coll).custom_id() && !self.placer.scripts.as_ref().is_some_and(|s| s.may_place(&ns))
         };
         let mut indexes: Vec<String> = existing
             .iter()

@@ -20,6 +20,7 @@
 //! - [`notes`]: every option left, with why it is not needed or not supported yet.
 
 mod connection;
+mod files;
 mod mappings;
 mod namespaces;
 mod notes;
@@ -191,6 +192,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     connection::convert(&table, &mut spec, &mut notes)?;
     let membership = namespaces::convert(&table, &mut spec, &mut notes)?;
     let once = start::convert(&table, &mut spec, &mut notes)?;
+    files::convert(&table, &mut spec, &mut notes)?;
     mappings::convert(&table, &membership, &mut spec, &mut notes)?;
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
     time_machine::convert(&table, &membership, &mut spec, &mut notes)?;
@@ -232,6 +234,7 @@ fn option_of(field: &str) -> &'static str {
         ("spec.timeMachine.snapshot", "time-machine-direct-reads"),
         ("spec.timeMachine", "time-machine-namespaces"),
         ("spec.batch", "elasticsearch-max-docs"),
+        ("spec.files", "file-namespaces"),
     ];
     BY_PREFIX.iter().find(|(prefix, _)| field.starts_with(prefix)).map_or("the configuration", |(_, option)| option)
 }

@@ -20,8 +20,8 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ("enable-http-server", "/healthz, /readyz, /metrics and /stats are always served on --http-addr"),
     ("http-server-addr", "use `monsoon run --http-addr`"),
     ("pprof", "not available"),
+    ("file-highlighting", "highlighting is a search option: ask for `highlight` on `attachment.content` in the query"),
     ("fail-fast", "monsoon retries what can be retried and dead-letters what cannot; it stops only on errors a person must fix"),
-    ("direct-read-split-max", "the snapshot reads each collection in `_id` order, resumable after a crash"),
     ("direct-read-concur", "the snapshot reads collections one after another; bulk requests run `batch.concurrency` at once"),
     ("direct-read-no-timeout", "snapshot reads time out only when MongoDB stops answering, and then resume after the last `_id`"),
     ("elasticsearch-retry", "monsoon always retries retriable failures"),
@@ -47,9 +47,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
 /// Options monsoon does not support yet.
 const NOT_YET: &[&str] = &[
     "namespace-drop-exclude-regex",
-    "index-files",
-    "file-namespaces",
-    "file-highlighting",
     "relate",
     "relate-threads",
     "relate-buffer",
@@ -69,7 +66,7 @@ const HANDLED: &[&str] = &[
     "direct-read-namespaces", "change-stream-namespaces", "dropped-collections", "mapping",
     "namespace-regex", "namespace-exclude-regex", "index-as-update", "index-oplog-time", "oplog-ts-field-name",
     "oplog-date-field-name", "oplog-date-field-format", "script", "filter", "pipeline",
-    "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect", "time-machine-namespaces",
+    "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect", "direct-read-split-max", "index-files", "file-namespaces", "max-file-size", "time-machine-namespaces",
     "time-machine-index-prefix", "time-machine-index-suffix", "time-machine-direct-reads",
 ];
 

@@ -1,7 +1,7 @@
 //! Where a new pipeline's stream starts (`resume-from-timestamp`, `replay`:
 //! `spec.streamStart`) and one-shot runs (`exit-after-direct-reads`: `monsoon run --once`).
 
-use monsoon_api::{StreamStart, SyncPipelineSpec};
+use monsoon_api::{SnapshotSplit, StreamStart, SyncPipelineSpec};
 use toml::Table;
 
 use super::{boolean, integer, Error, Notes};
@@ -26,6 +26,7 @@ pub(super) fn convert(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut No
         spec.stream_start = Some(StreamStart { timestamp: Some(seconds), oldest: false });
         notes.add("resume-from-timestamp", format!("`streamStart: {{timestamp: {seconds}}}`: used when the pipeline has no checkpoint yet (Monstache starts there at every start); afterwards it resumes from its checkpoint"));
     }
+    split(table, spec, notes)?;
     let once = boolean(table, "exit-after-direct-reads")? == Some(true);
     if once {
         if spec.snapshot {
@@ -35,4 +36,19 @@ pub(super) fn convert(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut No
         }
     }
     Ok(once && spec.snapshot)
+}
+
+/// `direct-read-split-max` (how many times Monstache may split a collection for parallel direct
+/// reads): `spec.snapshotSplit` with that many ranges (2 to 64). Monstache splits by default;
+/// monsoon reads one pass unless told, so only a value written in the configuration carries.
+fn split(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut Notes) -> Result<(), Error> {
+    let Some(max) = integer(table, "direct-read-split-max")? else { return Ok(()) };
+    if max < 2 || !spec.snapshot {
+        notes.add("direct-read-split-max", "not carried: each collection is read in one `_id`-ordered pass");
+        return Ok(());
+    }
+    let ranges = u32::try_from(max.min(64)).unwrap_or(64);
+    spec.snapshot_split = Some(SnapshotSplit { ranges, min_documents: 100_000 });
+    notes.add("direct-read-split-max", format!("`snapshotSplit: {{ranges: {ranges}, minDocuments: 100000}}`: collections of 100,000 documents or more are read in {ranges} `_id` ranges at once, each resumable on its own"));
+    Ok(())
 }

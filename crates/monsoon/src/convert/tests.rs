@@ -559,3 +559,23 @@ time-machine-direct-reads = true
         assert!(e.starts_with(&format!("`{option}`")) && !e.contains('\n'), "{e}");
     }
 }
+
+#[test]
+fn direct_read_split_max_becomes_a_snapshot_split() {
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\ndirect-read-split-max = 9\n");
+    let split = c.pipeline.spec.snapshot_split.as_ref().expect("split");
+    assert_eq!((split.ranges, split.min_documents), (9, 100_000));
+    assert!(noted(&c, "direct-read-split-max").is_some_and(|n| n.contains("ranges: 9")));
+    let c = converted("direct-read-namespaces = [\"shop.orders\"]\ndirect-read-split-max = 1\n");
+    assert!(c.pipeline.spec.snapshot_split.is_none());
+}
+
+#[test]
+fn gridfs_options_become_files() {
+    let c = converted("change-stream-namespaces = [\"users.fs.files\"]\nindex-files = true\nfile-namespaces = [\"users.fs.files\"]\nfile-highlighting = true\nmax-file-size = 5000000\n");
+    let files = c.pipeline.spec.files.as_ref().expect("files");
+    assert_eq!((files.namespaces.clone(), files.max_file_size, files.pipeline.as_str(), files.create_pipeline), (vec!["users.fs.files".to_string()], 5_000_000, "attachment", true));
+    assert!(noted(&c, "file-highlighting").is_some_and(|n| n.contains("highlight")));
+    let c = converted("change-stream-namespaces = [\"users.fs.files\"]\nfile-namespaces = [\"users.fs.files\"]\n");
+    assert!(c.pipeline.spec.files.is_none() && noted(&c, "file-namespaces").is_some());
+}

@@ -357,6 +357,21 @@ impl Elastic {
         Ok(out)
     }
 
+    /// Create or replace ingest pipeline `name` with `body`.
+    ///
+    /// # Errors
+    /// Transport failures and refusals (an `attachment` processor without the plugin: the
+    /// server's reason is kept).
+    pub async fn put_pipeline(&self, name: &str, body: &serde_json::Value) -> Result<(), Error> {
+        let path = format!("/_ingest/pipeline/{}", encode_path(name));
+        let (status, response) = self.request(Method::Put, &path, None, Some(json_bytes(body)), None).await?;
+        match status {
+            200..=299 => Ok(()),
+            401 | 403 => Err(self.unauthorized(status, &response)),
+            _ => Err(status_error("PUT ingest pipeline", status, &response)),
+        }
+    }
+
     /// Create `index` with `body` (settings/mappings) unless it exists.
     ///
     /// # Errors
@@ -413,15 +428,15 @@ impl Elastic {
         .await
     }
 
-    /// The re-snapshot sweep of documents whose location is recorded ([`locations::swept`]):
-    /// delete, in `locations_index`'s records of `pipeline`, every copy of the documents this
-    /// shard owns that the re-snapshot did not write again (versioned `below - 1`), then the
-    /// records. Returns how many deletes were done.
+    /// The sweep of documents whose location is recorded ([`crate::sink::locations::swept`]):
+    /// delete, in `locations_index`'s records of `pipeline` (of one namespace, for a drop),
+    /// every copy of the documents this shard owns that were not written since (versioned
+    /// `below - 1`), then the records. Returns how many deletes were done.
     ///
     /// # Errors
     /// As [`Elastic::sweep`]; idempotent, retried whole by the caller.
-    pub async fn sweep_located(&self, locations_index: &str, pipeline: &str, below: u64, owns: impl Fn(&str) -> bool) -> Result<u64, Error> {
-        use crate::sink::locations::{self, Record};
+    pub async fn sweep_located(&self, locations_index: &str, pipeline: &str, below: u64, scope: &crate::sink::locations::Scope<'_>) -> Result<u64, Error> {
+        use crate::sink::locations::Record;
         if below == 0 {
             return Ok(0);
         }
@@ -436,7 +451,7 @@ impl Elastic {
                         Some((h["_id"].as_str()?.to_string(), h["_version"].as_u64()?, record))
                     })
                     .collect();
-                let (swept, hashed) = locations::swept(&records, pipeline, below, &owns);
+                let (swept, hashed) = crate::sink::locations::swept(&records, pipeline, below, scope);
                 ownerless += hashed;
                 let mut actions = 0;
                 for s in swept {
@@ -460,6 +475,13 @@ impl Elastic {
     /// Scroll `index` with `query` and, page by page, send the deletes `plan` writes into a bulk
     /// body (returning how many), reading every item's outcome. Returns how many were deleted.
     async fn delete_page_by_page(&self, index: &str, query: &serde_json::Value, mut plan: impl FnMut(&[serde_json::Value], &mut Vec<u8>) -> usize) -> Result<u64, Error> {
+        // Search sees only what was refreshed (every second by default): without this, the
+        // documents written in the last second before a drop or a sweep (acknowledged, but not
+        // yet searchable) would escape it and stay for good.
+        let (status, body) = self.request(Method::Post, &format!("/{}/_refresh", encode_path(index)), None, None, None).await?;
+        if !matches!(status, 200 | 404) {
+            return Err(status_error("refresh before a sweep", status, &body));
+        }
         let path = format!("/{}/_search", encode_path(index));
         let (status, mut body) = self
             .request(Method::Post, &path, Some(&[("scroll", "2m")]), Some(json_bytes(query)), None)

@@ -1,4 +1,5 @@
-//! Query filters for resuming a snapshot after a given `_id`.
+//! Query filters for resuming a snapshot after a given `_id`, and for the `_id` ranges of a
+//! split snapshot.
 //!
 //! MongoDB compares values of different BSON types by a fixed type order, but `$gt` only
 //! matches values of the same type bracket. A collection whose `_id`s mix types (numbers and
@@ -63,6 +64,28 @@ pub fn after_id(last: &Bson) -> Document {
     ]}
 }
 
+/// Filter for every document whose `_id` sorts at or before `last`.
+pub fn up_to_id(last: &Bson) -> Document {
+    let earlier: Vec<&str> = TYPE_ORDER[..bracket(last)].iter().flat_map(|b| b.iter().copied()).collect();
+    if earlier.is_empty() {
+        return doc! {"_id": {"$lte": last.clone()}};
+    }
+    doc! {"$or": [
+        {"_id": {"$lte": last.clone()}},
+        {"_id": {"$type": earlier}},
+    ]}
+}
+
+/// Filter for the documents whose `_id` sorts after `after` (from the first when `None`) and
+/// at or before `up_to` (to the last when `None`).
+pub fn between(after: Option<&Bson>, up_to: Option<&Bson>) -> Document {
+    match (after.map(after_id), up_to.map(up_to_id)) {
+        (None, None) => Document::new(),
+        (Some(f), None) | (None, Some(f)) => f,
+        (Some(a), Some(b)) => doc! {"$and": [a, b]},
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +117,15 @@ mod tests {
     #[test]
     fn max_key_has_nothing_after() {
         assert_eq!(after_id(&Bson::MaxKey), doc! {"_id": {"$gt": Bson::MaxKey}});
+    }
+
+    #[test]
+    fn a_range_takes_earlier_type_brackets_below_its_end_only() {
+        let f = up_to_id(&Bson::String("m".into()));
+        let text = f.to_string();
+        assert!(text.contains("\"int\"") && text.contains("null") && !text.contains("objectId"), "{text}");
+        assert_eq!(up_to_id(&Bson::MinKey), doc! {"_id": {"$lte": Bson::MinKey}});
+        assert_eq!(between(None, None), Document::new());
+        assert!(between(Some(&Bson::Int32(1)), Some(&Bson::Int32(9))).contains_key("$and"));
     }
 }

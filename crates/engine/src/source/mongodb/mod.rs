@@ -15,6 +15,7 @@
 pub mod event;
 pub mod filter;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,12 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::event::Action;
-use crate::checkpoint::{ClusterTime, Position};
+use crate::checkpoint::{ClusterTime, CollectionProgress, Position, RangeProgress};
 use crate::config::{MongoConfig, Routing, Shard};
 use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
-use crate::transform::change::{Change, Closed, Doc, Input, Unreadable};
+use crate::transform::change::{Change, Closed, Doc, FileBody, Input, Unreadable};
 use crate::transform::Shapes;
 
 /// MongoDB error code: the resume point is no longer in the oplog.
@@ -60,6 +61,10 @@ const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for one batch of a snapshot query (the first batch of a sorted query on a
 /// huge collection can take a while on some servers).
 const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often a pipeline with one change stream per collection lists the collections, to open
+/// streams for new ones.
+pub const COLLECTION_POLL: Duration = Duration::from_secs(5);
 
 /// How often (in documents or events) a busy source beats its heartbeat: reading the clock
 /// per document shows up in profiles.
@@ -287,6 +292,11 @@ pub struct Source<'a> {
     pub shapes: &'a Shapes,
     /// Keep change events' update descriptions (the scripts read them).
     pub keep_update: bool,
+    /// `snapshotSplit`: `_id` ranges read at once, and the fewest documents a collection split
+    /// has.
+    pub snapshot_split: Option<(u32, u64)>,
+    /// GridFS files collections whose files are read with their content (`spec.files`).
+    pub files: Option<&'a crate::config::FilesConfig>,
     /// The names of the collection changed last.
     pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
 }
@@ -391,7 +401,12 @@ impl Source<'_> {
 
     /// Hand on a change of a document of `db.coll` (`doc` is `None` for a delete).
     async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), id: RawBsonRef<'_>, doc: Option<&RawDocument>, update: Option<&RawDocument>, version: u64, from_snapshot: bool) -> Result<(), Error> {
+        let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), doc) {
+            (Some(files), Some(d)) => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
+            _ => None,
+        };
         self.send(Change::Doc(Doc {
+            file,
             db: ns.0.clone(),
             coll: ns.1.clone(),
             id: id.to_raw_bson(),
@@ -403,22 +418,118 @@ impl Source<'_> {
         .await
     }
 
+    /// Read `db.coll`: the whole collection, or what `progress` (from the checkpoint) says is
+    /// left; in `_id` ranges at once when `snapshotSplit` says so and it is big enough.
+    ///
+    /// # Errors
+    /// Only when the stages after the source stopped; MongoDB errors are retried.
+    pub async fn snapshot(&self, db: &str, coll: &str, progress: Option<&CollectionProgress>, version: u64) -> Result<Ended, Error> {
+        if let Some(p) = progress.filter(|p| !p.ranges.is_empty()) {
+            let ranges = p.ranges.iter().enumerate().filter(|(_, r)| !r.done).map(|(i, r)| Range::from_progress(i, r)).collect();
+            return self.snapshot_ranges(db, coll, ranges, version).await;
+        }
+        let resume = progress.and_then(|p| p.last_id.as_ref()).and_then(id_from_json);
+        if resume.is_none() {
+            if let Some(bounds) = self.split_bounds(db, coll).await {
+                self.record(Position::SnapshotSplit { ns: format!("{db}.{coll}"), bounds: bounds.clone() });
+                return self.snapshot_ranges(db, coll, Range::all(&bounds), version).await;
+            }
+        }
+        self.snapshot_collection(db, coll, resume, version).await
+    }
+
+    /// Where to split `db.coll` (`snapshotSplit`): range ends taken from a `$sample` of its
+    /// `_id`s, or `None` to read it in one pass (not configured, too small, or the sample
+    /// failed: a split is only ever a speed-up).
+    async fn split_bounds(&self, db: &str, coll: &str) -> Option<Vec<Bson>> {
+        use futures_util::TryStreamExt;
+        let (ranges, min_documents) = self.snapshot_split?;
+        let collection = self.client.database(db).collection::<Document>(coll);
+        let estimate = collection.estimated_document_count().await.ok()?;
+        if estimate < min_documents {
+            return None;
+        }
+        let sample = vec![doc! {"$sample": {"size": i64::from(ranges) * 32}}, doc! {"$project": {"_id": 1}}, doc! {"$sort": {"_id": 1}}];
+        let ids: Vec<Bson> = match collection.aggregate(sample).await {
+            Ok(cursor) => match cursor.try_collect::<Vec<Document>>().await {
+                Ok(docs) => docs.into_iter().filter_map(|mut d| d.remove("_id")).collect(),
+                Err(e) => {
+                    warn!(namespace = %format!("{db}.{coll}"), error = %e, "sampling _ids to split the snapshot failed; reading it in one pass");
+                    return None;
+                }
+            },
+            Err(e) => {
+                warn!(namespace = %format!("{db}.{coll}"), error = %e, "sampling _ids to split the snapshot failed; reading it in one pass");
+                return None;
+            }
+        };
+        let mut bounds: Vec<Bson> = (1..ranges as usize).filter_map(|k| ids.get(k * ids.len() / ranges as usize).cloned()).collect();
+        bounds.dedup();
+        (!bounds.is_empty()).then_some(bounds)
+    }
+
+    /// Read the `ranges` of `db.coll` at once, each recording its own progress.
+    async fn snapshot_ranges(&self, db: &str, coll: &str, ranges: Vec<Range>, version: u64) -> Result<Ended, Error> {
+        use futures_util::StreamExt;
+        let ns = format!("{db}.{coll}");
+        info!(namespace = %ns, ranges = ranges.len(), "snapshot of collection started, in _id ranges read at once");
+        let mut running: futures_util::stream::FuturesUnordered<_> = ranges.into_iter().map(|r| self.read_range(db, coll, r, version)).collect();
+        let mut cancelled = false;
+        while let Some(ended) = running.next().await {
+            cancelled |= ended? == Ended::Cancelled;
+        }
+        if cancelled {
+            return Ok(Ended::Cancelled);
+        }
+        self.finish_collection(ns).await
+    }
+
+    /// Read one range of a split snapshot.
+    async fn read_range(&self, db: &str, coll: &str, range: Range, version: u64) -> Result<Ended, Error> {
+        let mut at = Reading::new(db, coll, range.last.or(range.after), version);
+        at.range = Some((range.index, range.up_to));
+        if self.read_all(db, coll, &mut at).await? == Ended::Cancelled {
+            return Ok(Ended::Cancelled);
+        }
+        self.record(Position::SnapshotRangeRead { ns: at.ns, range: range.index, last_id: None });
+        Ok(Ended::Complete)
+    }
+
     /// Read every document of `db.coll` in `_id` order, after `resume_after` if given, as
     /// writes with version `version`. Records snapshot positions as it goes.
     ///
     /// # Errors
     /// Only when the sink closed; MongoDB errors are retried from the last `_id` read.
     pub async fn snapshot_collection(&self, db: &str, coll: &str, resume_after: Option<Bson>, version: u64) -> Result<Ended, Error> {
-        let mut at = Reading {
-            ns: format!("{db}.{coll}"),
-            names: (Arc::from(db), Arc::from(coll)),
-            resume_after,
-            version,
-            backoff: Backoff::default(),
-        };
+        let mut at = Reading::new(db, coll, resume_after, version);
         info!(namespace = %at.ns, resume = at.resume_after.is_some(), "snapshot of collection started");
+        if self.read_all(db, coll, &mut at).await? == Ended::Cancelled {
+            return Ok(Ended::Cancelled);
+        }
+        if let Some(id) = at.resume_after.take() {
+            self.record(at.position(id));
+        }
+        self.finish_collection(at.ns).await
+    }
+
+    /// The collection's snapshot is read: record it and send partial batches now (snapshot
+    /// batches wait longer than stream batches to fill).
+    async fn finish_collection(&self, ns: String) -> Result<Ended, Error> {
+        self.record(Position::SnapshotCollectionDone { ns: ns.clone() });
+        match self.send(Change::Flush).await {
+            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
+            other => other?,
+        }
+        info!(namespace = %ns, "snapshot of collection read; waiting for acknowledgement");
+        Ok(Ended::Complete)
+    }
+
+    /// Query and read until every document of `at` is handed on, querying again after the last
+    /// `_id` read when a read fails.
+    async fn read_all(&self, db: &str, coll: &str, at: &mut Reading) -> Result<Ended, Error> {
         loop {
-            let cursor = match self.snapshot_cursor(db, coll, at.resume_after.as_ref()).await {
+            let up_to = at.range.as_ref().and_then(|(_, up_to)| up_to.as_ref());
+            let cursor = match self.snapshot_cursor(db, coll, at.resume_after.as_ref(), up_to).await {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(namespace = %at.ns, error = %e, "snapshot query failed; retrying");
@@ -429,31 +540,18 @@ impl Source<'_> {
                     continue;
                 }
             };
-            match self.read_cursor(cursor, &mut at).await? {
-                Some(Ended::Complete) => break,
-                Some(Ended::Cancelled) => return Ok(Ended::Cancelled),
-                // The read failed: query again after the last `_id` read.
-                None => {}
+            // `None`: the read failed; query again after the last `_id` read.
+            if let Some(ended) = self.read_cursor(cursor, at).await? {
+                return Ok(ended);
             }
         }
-        if let Some(id) = at.resume_after {
-            self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id });
-        }
-        self.record(Position::SnapshotCollectionDone { ns: at.ns.clone() });
-        // Partial snapshot batches wait longer than stream batches to fill: send them now.
-        match self.send(Change::Flush).await {
-            Err(Error::Cancelled) => return Ok(Ended::Cancelled),
-            other => other?,
-        }
-        info!(namespace = %at.ns, "snapshot of collection read; waiting for acknowledgement");
-        Ok(Ended::Complete)
     }
 
-    /// The snapshot query of `db.coll` after `resume_after`, in `_id` order.
-    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>) -> Result<mongodb::Cursor<RawDocumentBuf>, mongodb::error::Error> {
+    /// The snapshot query of `db.coll` after `resume_after` (up to `up_to`), in `_id` order.
+    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>, up_to: Option<&Bson>) -> Result<mongodb::Cursor<RawDocumentBuf>, mongodb::error::Error> {
         let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
         let shape = self.shapes.for_ns(db, coll);
-        let filter = resume_after.map(filter::after_id).unwrap_or_default();
+        let filter = filter::between(resume_after, up_to);
         if shape.snapshot_stages.is_empty() {
             return collection.find(filter).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await;
         }
@@ -473,7 +571,7 @@ impl Source<'_> {
                 biased;
                 () = self.cancel.cancelled() => {
                     if let Some(id) = at.resume_after.take() {
-                        self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id });
+                        self.record(at.position(id));
                     }
                     return Ok(Some(Ended::Cancelled));
                 }
@@ -492,7 +590,7 @@ impl Source<'_> {
                     warn!(namespace = %at.ns, error = %e, "snapshot read failed; resuming after the last _id read");
                     self.health.source_beat(false);
                     if let Some(id) = &at.resume_after {
-                        self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id.clone() });
+                        self.record(at.position(id.clone()));
                     }
                     return Ok(at.backoff.wait(&self.cancel).await.is_err().then_some(Ended::Cancelled));
                 }
@@ -509,7 +607,7 @@ impl Source<'_> {
             if since_position >= POSITION_EVERY {
                 since_position = 0;
                 if let Some(id) = &at.resume_after {
-                    self.record(Position::SnapshotRange { ns: at.ns.clone(), last_id: id.clone() });
+                    self.record(at.position(id.clone()));
                 }
             }
         }
@@ -531,12 +629,11 @@ impl Source<'_> {
         Ok(())
     }
 
-    async fn open_stream(
-        &self,
-        start: &StreamStart,
-        lean: bool,
-    ) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
-        let dbs = self.routing.databases();
+    async fn open_stream(&self, start: &StreamStart, lean: bool, scope: Option<&(String, String)>) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
+        let dbs = match scope {
+            Some((db, _)) => Some(vec![db.clone()]),
+            None => self.routing.databases(),
+        };
         let mut pipeline = stream_pipeline(dbs.as_deref(), lean, self.keep_update);
         if !lean {
             // The mappings' own `$match` stages, before `updateDescription` is projected away
@@ -553,8 +650,11 @@ impl Source<'_> {
             StreamStart::StartAfter(token) => options.start_after = Some(token.clone()),
         }
         // One stream per pipeline: database-level when every namespace is in one database,
-        // deployment-level otherwise (filtered to the routed databases above).
-        let stream = if let Some([db]) = dbs.as_deref() {
+        // deployment-level otherwise (filtered to the routed databases above); or one per
+        // collection.
+        let stream = if let Some((db, coll)) = scope {
+            self.client.database(db).collection::<Document>(coll).watch().pipeline(pipeline).with_options(options).await?
+        } else if let Some([db]) = dbs.as_deref() {
             self.client
                 .database(db)
                 .watch()
@@ -577,7 +677,7 @@ impl Source<'_> {
     /// [`Error::HistoryLost`] when the resume point is gone; [`Error::Closed`].
     pub async fn stream(&self, start: StreamStart) -> Result<Ended, Error> {
         self.health.set_phase(Phase::Streaming);
-        let mut at = Following { start, lean_left: 0, last_time: None, backoff: Backoff::default() };
+        let mut at = Following::new(start, None);
         loop {
             let Some(stream) = self.open_or_wait(&mut at).await? else {
                 if self.cancel.is_cancelled() {
@@ -595,7 +695,7 @@ impl Source<'_> {
     /// re-opening differently.
     async fn open_or_wait(&self, at: &mut Following) -> Result<Option<ChangeStream<RawDocumentBuf>>, Error> {
         let lean = at.lean_left > 0;
-        let e = match self.open_stream(&at.start, lean).await {
+        let e = match self.open_stream(&at.start, lean, at.scope.as_ref()).await {
             Ok(s) => {
                 info!(lean, "change stream open");
                 return Ok(Some(s));
@@ -655,6 +755,7 @@ impl Source<'_> {
                             self.record_token(at, token.clone(), true);
                             at.start = StreamStart::StartAfter(token);
                         }
+                        at.invalidated = true;
                         return Ok(Ended::Complete);
                     }
                     // The token is cloned only when recorded, not per event.
@@ -725,7 +826,94 @@ impl Source<'_> {
     /// Record the stream's position at `token`.
     fn record_token(&self, at: &Following, token: ResumeToken, after_invalidate: bool) {
         let after_invalidate = after_invalidate || at.start.is_start_after(&token);
-        self.record(Position::Stream { token, time: at.last_time.map(ClusterTime::from), after_invalidate });
+        let time = at.last_time.map(ClusterTime::from);
+        match &at.scope {
+            None => self.record(Position::Stream { token, time, after_invalidate }),
+            Some((db, coll)) => self.record(Position::CollectionStream { ns: format!("{db}.{coll}"), token, time, after_invalidate }),
+        }
+    }
+
+    /// Follow one change stream per synced collection (`streamScope: Collection`) until
+    /// cancelled: those in `marks` from where they were, and every other one listed from
+    /// `listed_at` (a collection not listed before was created after it). Collections are
+    /// listed again every [`COLLECTION_POLL`]; a collection's stream ends when it is dropped or
+    /// renamed away, and starts again after that if the collection comes back.
+    ///
+    /// # Errors
+    /// [`Error::HistoryLost`] when a stream's resume point is gone; [`Error::Closed`].
+    pub async fn stream_collections(&self, mut marks: BTreeMap<String, StreamStart>, mut listed_at: ClusterTime) -> Result<Ended, Error> {
+        use futures_util::StreamExt;
+        self.health.set_phase(Phase::Streaming);
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        let mut active = std::collections::BTreeSet::new();
+        loop {
+            match (cluster_time(&self.client).await, self.collections().await) {
+                (Ok(now), Ok(collections)) => {
+                    for (db, coll) in collections {
+                        let ns = format!("{db}.{coll}");
+                        if !active.insert(ns.clone()) {
+                            continue;
+                        }
+                        let start = marks.remove(&ns).unwrap_or_else(|| {
+                            self.record(Position::CollectionOpened { ns: ns.clone(), at: listed_at });
+                            StreamStart::At(listed_at)
+                        });
+                        info!(namespace = %ns, "change stream of collection opening");
+                        running.push(self.stream_one(db, coll, start));
+                    }
+                    self.record(Position::CollectionsListed { at: now });
+                    listed_at = now;
+                }
+                _ if self.cancel.is_cancelled() => break,
+                (Err(e), _) | (_, Err(e)) => warn!(error = %e, "failed to list collections for their change streams; retrying"),
+            }
+            let poll = tokio::time::sleep(COLLECTION_POLL);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    Some((ns, ended, start)) = running.next(), if !running.is_empty() => match ended? {
+                        Ended::Cancelled => {}
+                        Ended::Complete => {
+                            // Dropped or renamed away: from after its invalidate if it comes back.
+                            info!(namespace = %ns, "collection gone; its change stream ends");
+                            active.remove(&ns);
+                            marks.insert(ns, start);
+                        }
+                    },
+                    () = &mut poll => break,
+                    () = self.cancel.cancelled() => break,
+                }
+            }
+            if self.cancel.is_cancelled() {
+                break;
+            }
+        }
+        // Each stream records where it stopped.
+        while let Some((_, ended, _)) = running.next().await {
+            ended?;
+        }
+        Ok(Ended::Cancelled)
+    }
+
+    /// Follow the change stream of `db.coll` from `start` until cancelled (`Cancelled`) or the
+    /// collection is gone (`Complete`, with where to start if it comes back).
+    async fn stream_one(&self, db: String, coll: String, start: StreamStart) -> (String, Result<Ended, Error>, StreamStart) {
+        let ns = format!("{db}.{coll}");
+        let mut at = Following::new(start, Some((db, coll)));
+        let ended = loop {
+            let stream = match self.open_or_wait(&mut at).await {
+                Ok(Some(s)) => s,
+                Ok(None) if self.cancel.is_cancelled() => break Ok(Ended::Cancelled),
+                Ok(None) => continue,
+                Err(e) => break Err(e),
+            };
+            match self.follow_open(stream, &mut at).await {
+                Ok(Ended::Complete) if at.invalidated => break Ok(Ended::Complete),
+                Ok(Ended::Complete) => {}
+                other => break other,
+            }
+        };
+        (ns, ended, at.start)
     }
 
     async fn handle_event(&self, raw: &RawDocument, last_time: &mut Option<Timestamp>) -> Result<Next, Error> {
@@ -809,6 +997,30 @@ impl Source<'_> {
         Ok(Next::Continue)
     }
 
+    /// The content of the GridFS file whose document of files collection `db.coll` is `doc`:
+    /// its chunks in order, read until the file is known to exceed `max` bytes. Retried until
+    /// MongoDB answers.
+    async fn file_body(&self, db: &str, coll: &str, id: RawBsonRef<'_>, doc: &RawDocument, max: u64) -> Result<FileBody, Error> {
+        let length = match doc.get("length") {
+            Ok(Some(RawBsonRef::Int64(n))) => u64::try_from(n).unwrap_or(0),
+            Ok(Some(RawBsonRef::Int32(n))) => u64::try_from(n).unwrap_or(0),
+            Ok(Some(RawBsonRef::Double(n))) if n >= 0.0 => n as u64,
+            _ => 0,
+        };
+        if length > max {
+            return Ok(FileBody::TooLarge(length));
+        }
+        let bucket = coll.strip_suffix(".files").unwrap_or(coll);
+        let chunks = self.client.database(db).collection::<RawDocumentBuf>(&format!("{bucket}.chunks"));
+        let id: Bson = id.to_raw_bson().try_into().unwrap_or(Bson::Null);
+        crate::retry::until_ok(&self.cancel, || read_chunks(&chunks, &id, max), |e| {
+            warn!(namespace = %format!("{db}.{coll}"), error = %e, "reading a GridFS file's chunks failed; retrying");
+            self.health.source_beat(false);
+        })
+        .await
+        .map_err(|_| Error::Cancelled)
+    }
+
     /// `db` and `coll` as shared names, the last pair reused (consecutive events mostly share
     /// one collection).
     fn names(&self, db: &str, coll: &str) -> (Arc<str>, Arc<str>) {
@@ -855,7 +1067,32 @@ impl Source<'_> {
     }
 }
 
-/// Where the snapshot of one collection is.
+/// One `_id` range of a split snapshot.
+struct Range {
+    index: usize,
+    /// Exclusive lower bound.
+    after: Option<Bson>,
+    /// Inclusive upper bound.
+    up_to: Option<Bson>,
+    /// The last `_id` acknowledged.
+    last: Option<Bson>,
+}
+
+impl Range {
+    /// The ranges `bounds` (each an inclusive end) make.
+    fn all(bounds: &[Bson]) -> Vec<Range> {
+        (0..=bounds.len())
+            .map(|index| Range { index, after: index.checked_sub(1).map(|j| bounds[j].clone()), up_to: bounds.get(index).cloned(), last: None })
+            .collect()
+    }
+
+    fn from_progress(index: usize, p: &RangeProgress) -> Range {
+        let id = |v: &Option<serde_json::Value>| v.as_ref().and_then(id_from_json);
+        Range { index, after: id(&p.after), up_to: id(&p.up_to), last: id(&p.last_id) }
+    }
+}
+
+/// Where the snapshot of one collection (or one range of it) is.
 struct Reading {
     /// `db.collection`.
     ns: String,
@@ -866,6 +1103,22 @@ struct Reading {
     /// The version of every document read.
     version: u64,
     backoff: Backoff,
+    /// For one range of a split snapshot: which, and its inclusive end.
+    range: Option<(usize, Option<Bson>)>,
+}
+
+impl Reading {
+    fn new(db: &str, coll: &str, resume_after: Option<Bson>, version: u64) -> Self {
+        Self { ns: format!("{db}.{coll}"), names: (Arc::from(db), Arc::from(coll)), resume_after, version, backoff: Backoff::default(), range: None }
+    }
+
+    /// The position "read up to and including `last_id`".
+    fn position(&self, last_id: Bson) -> Position {
+        match &self.range {
+            None => Position::SnapshotRange { ns: self.ns.clone(), last_id },
+            Some((range, _)) => Position::SnapshotRangeRead { ns: self.ns.clone(), range: *range, last_id: Some(last_id) },
+        }
+    }
 }
 
 /// Where a followed stream is.
@@ -877,9 +1130,17 @@ struct Following {
     /// Cluster time of the last event read (stored beside the token, for re-sharding).
     last_time: Option<Timestamp>,
     backoff: Backoff,
+    /// The collection, for a stream of one collection.
+    scope: Option<(String, String)>,
+    /// The stream read an invalidate (its collection was dropped or renamed away).
+    invalidated: bool,
 }
 
 impl Following {
+    fn new(start: StreamStart, scope: Option<(String, String)>) -> Self {
+        Self { start, lean_left: 0, last_time: None, backoff: Backoff::default(), scope, invalidated: false }
+    }
+
     /// Re-open after `token`, the last one read, if any.
     fn continue_after(&mut self, token: Option<ResumeToken>) {
         if let Some(token) = token {
@@ -921,6 +1182,21 @@ impl StreamStart {
     fn is_start_after(&self, token: &ResumeToken) -> bool {
         matches!(self, StreamStart::StartAfter(t) if t == token)
     }
+}
+
+/// A GridFS file's chunks in order, their `data` joined; `TooLarge` once past `max` bytes.
+async fn read_chunks(chunks: &mongodb::Collection<RawDocumentBuf>, id: &Bson, max: u64) -> Result<FileBody, mongodb::error::Error> {
+    let mut cursor = chunks.find(doc! {"files_id": id.clone()}).sort(doc! {"n": 1}).await?;
+    let mut content = Vec::new();
+    while cursor.advance().await? {
+        if let Ok(Some(RawBsonRef::Binary(b))) = cursor.current().get("data") {
+            content.extend_from_slice(b.bytes);
+        }
+        if content.len() as u64 > max {
+            return Ok(FileBody::TooLarge(content.len() as u64));
+        }
+    }
+    Ok(FileBody::Content(content))
 }
 
 /// MongoDB error code: the resume token cannot be used (here: `resumeAfter` an invalidate).
