@@ -344,3 +344,142 @@ mod tests {
         }
     }
 }
+
+/// One piece of a date format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DatePart {
+    Year,
+    ShortYear,
+    Month,
+    Day,
+    DayOfYear,
+    Hour,
+}
+
+/// A date format for index names (`spec.timeMachine.indexSuffix`): `%Y` year, `%y` two-digit
+/// year, `%m` month, `%d` day, `%j` day of the year, `%H` hour (all zero-padded, UTC), `%%` a
+/// percent sign, other text as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DateFormat(Vec<Result<DatePart, String>>);
+
+impl DateFormat {
+    /// Parse a format.
+    ///
+    /// # Errors
+    /// An unknown `%` directive, a lone `%` at the end, text no index name may hold, or a
+    /// format without any date part.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                literal.push(c);
+                continue;
+            }
+            let part = match chars.next() {
+                Some('%') => {
+                    literal.push('%');
+                    continue;
+                }
+                Some('Y') => DatePart::Year,
+                Some('y') => DatePart::ShortYear,
+                Some('m') => DatePart::Month,
+                Some('d') => DatePart::Day,
+                Some('j') => DatePart::DayOfYear,
+                Some('H') => DatePart::Hour,
+                Some(other) => return Err(format!("`%{other}` is not a date part monsoon writes; use %Y %y %m %d %j %H (or %% for a percent sign)")),
+                None => return Err("ends with a lone `%`; write `%%` for a percent sign".into()),
+            };
+            if !literal.is_empty() {
+                parts.push(Err(std::mem::take(&mut literal)));
+            }
+            parts.push(Ok(part));
+        }
+        if !literal.is_empty() {
+            parts.push(Err(literal));
+        }
+        if !parts.iter().any(Result::is_ok) {
+            return Err("holds no date part (%Y %y %m %d %j %H): every change would go to one index".into());
+        }
+        for text in parts.iter().filter_map(|p| p.as_ref().err()) {
+            if text != &text.to_lowercase() || text.chars().any(|c| matches!(c, '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':')) {
+                return Err(format!("text `{text}` cannot be part of an index name (lower-case, without `\\ / * ? \" < > | , # :` or spaces)"));
+            }
+        }
+        Ok(Self(parts))
+    }
+
+    /// The date of `unix_seconds` (UTC) in this format.
+    pub fn format(&self, unix_seconds: i64) -> String {
+        let days = unix_seconds.div_euclid(86_400);
+        let hour = unix_seconds.rem_euclid(86_400) / 3600;
+        let (year, month, day) = civil_from_days(days);
+        let day_of_year = days - days_from_civil(year, 1, 1) + 1;
+        let mut out = String::with_capacity(16);
+        for part in &self.0 {
+            match part {
+                Err(text) => out.push_str(text),
+                Ok(DatePart::Year) => out.push_str(&format!("{year:04}")),
+                Ok(DatePart::ShortYear) => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+                Ok(DatePart::Month) => out.push_str(&format!("{month:02}")),
+                Ok(DatePart::Day) => out.push_str(&format!("{day:02}")),
+                Ok(DatePart::DayOfYear) => out.push_str(&format!("{day_of_year:03}")),
+                Ok(DatePart::Hour) => out.push_str(&format!("{hour:02}")),
+            }
+        }
+        out
+    }
+}
+
+/// Year, month, day of the day `days` after 1970-01-01 (proleptic Gregorian; Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days from 1970-01-01 to `year-month-day` (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod date_format_tests {
+    use super::DateFormat;
+
+    #[test]
+    fn formats_dates_of_cluster_times_in_utc() {
+        let daily = DateFormat::parse("%Y-%m-%d").expect("parses");
+        // 2023-11-14T22:13:20Z.
+        assert_eq!(daily.format(1_700_000_000), "2023-11-14");
+        assert_eq!(daily.format(0), "1970-01-01");
+        // Leap day, and the last second of a year.
+        assert_eq!(daily.format(1_709_164_800), "2024-02-29");
+        assert_eq!(DateFormat::parse("%Y.%j.%H").expect("parses").format(1_704_067_199), "2023.365.23");
+        assert_eq!(DateFormat::parse("%y%m-100%%").expect("parses").format(1_709_164_800), "2402-100%");
+    }
+
+    #[test]
+    fn refuses_what_no_index_name_can_hold() {
+        assert!(DateFormat::parse("%Y-%b").expect_err("unknown").contains("%b"));
+        assert!(DateFormat::parse("%Y%").is_err());
+        assert!(DateFormat::parse("daily").expect_err("no date").contains("no date part"));
+        assert!(DateFormat::parse("%Y/%m").is_err());
+        assert!(DateFormat::parse("%Y-W").is_err());
+    }
+}

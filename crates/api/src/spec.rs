@@ -122,6 +122,14 @@ pub struct SyncPipelineSpec {
     /// starts. A start the oplog no longer holds is lost history (see `onHistoryLost`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_start: Option<StreamStart>,
+    /// Keep every version of some namespaces' documents (Monstache's time machines): each
+    /// insert, update and replace of these namespaces is also appended to a dated log index,
+    /// `<indexPrefix>.<index>.<date>` (`log.shop.orders.2026-12-06`), routed by the MongoDB
+    /// `_id`, with `_source_id` (that `_id`), `oplog_ts` and `oplog_date` (the change's time) in
+    /// the entry. Deletes are not logged (as in Monstache). Log indexes are never deleted by
+    /// monsoon (not by a drop, `onDrop` or the re-snapshot sweep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_machine: Option<TimeMachine>,
     /// Batching and concurrency of bulk requests.
     #[serde(default)]
     pub batch: BatchSpec,
@@ -244,6 +252,47 @@ pub struct StreamStart {
     /// not a sharded cluster's router).
     #[serde(default, skip_serializing_if = "is_false")]
     pub oldest: bool,
+}
+
+/// Time machines: a log of every version of some namespaces' documents, in dated indexes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeMachine {
+    /// Namespaces whose changes are logged (`db.collection` or `db.*`, each synced by the
+    /// pipeline; Monstache's `time-machine-namespaces`).
+    #[schemars(length(min = 1, max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
+    pub namespaces: Vec<String>,
+    /// First part of each log index's name (Monstache's `time-machine-index-prefix`):
+    /// lower-case, without `\ / * ? " < > | , # :` or spaces.
+    #[serde(default = "default_time_machine_prefix")]
+    #[schemars(regex(pattern = r#"^[^-_+A-Z\\/*?"<>| ,#:][^A-Z\\/*?"<>| ,#:]{0,99}$"#))]
+    pub index_prefix: String,
+    /// Last part of each log index's name: the date of the change (its cluster time, UTC) in
+    /// this format (Monstache's `time-machine-index-suffix`, which takes Go's layout
+    /// `2006-01-02`): `%Y` year, `%y` two-digit year, `%m` month, `%d` day, `%j` day of the
+    /// year, `%H` hour, `%%` a percent sign; other text is kept as written. `%Y-%m` makes
+    /// monthly indexes.
+    #[serde(default = "default_time_machine_suffix")]
+    #[schemars(length(min = 1, max = 100))]
+    pub index_suffix: String,
+    /// Also log the documents the snapshot reads (Monstache's `time-machine-direct-reads`),
+    /// dated at the snapshot's start.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub snapshot: bool,
+}
+
+fn default_time_machine_prefix() -> String {
+    "log".to_string()
+}
+
+fn default_time_machine_suffix() -> String {
+    "%Y-%m-%d".to_string()
+}
+
+impl Default for TimeMachine {
+    fn default() -> Self {
+        Self { namespaces: Vec::new(), index_prefix: default_time_machine_prefix(), index_suffix: default_time_machine_suffix(), snapshot: false }
+    }
 }
 
 /// Bounds on each script call (all the scripts and filters that apply to one document).

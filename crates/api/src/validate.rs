@@ -247,6 +247,7 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     }
 
     validate_snapshot_namespaces(spec, &patterns, &mut errs);
+    validate_time_machine(spec, &patterns, &mut errs);
     if let Some(start) = &spec.stream_start {
         match (start.timestamp, start.oldest) {
             (Some(0), _) => errs.push("spec.streamStart.timestamp", "must be seconds since the Unix epoch (1 or more)"),
@@ -468,6 +469,37 @@ fn validate_snapshot_namespaces(spec: &SyncPipelineSpec, patterns: &[NamespacePa
     }
     if !spec.snapshot && !spec.snapshot_namespaces.is_empty() {
         errs.push("spec.snapshotNamespaces", "has no effect with `snapshot: false`; set `snapshot: true`, or remove it");
+    }
+}
+
+/// `spec.timeMachine`: namespaces the pipeline syncs, a prefix and a date format that make
+/// valid index names.
+fn validate_time_machine(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
+    let Some(tm) = &spec.time_machine else { return };
+    let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    if tm.namespaces.is_empty() {
+        errs.push("spec.timeMachine.namespaces", "must list at least one namespace (`db.collection` or `db.*`) whose changes are logged");
+    }
+    for (i, ns) in tm.namespaces.iter().enumerate() {
+        let field = format!("spec.timeMachine.namespaces[{i}]");
+        match NamespacePattern::parse(ns) {
+            Ok(p) if !is_synced(&p, patterns, regex.as_ref()) => {
+                errs.push(field, format!("`{ns}` is not synced by this pipeline; add it to `spec.namespaces` or remove it here"));
+            }
+            Ok(_) => {}
+            Err(m) => errs.push(field, m),
+        }
+    }
+    if let Err(m) = check_index_name(&tm.index_prefix) {
+        errs.push("spec.timeMachine.indexPrefix", m);
+    } else if tm.index_prefix.len() > 100 {
+        errs.push("spec.timeMachine.indexPrefix", "must be at most 100 bytes long");
+    }
+    if let Err(m) = crate::shape::DateFormat::parse(&tm.index_suffix) {
+        errs.push("spec.timeMachine.indexSuffix", m);
+    }
+    if tm.snapshot && !spec.snapshot {
+        errs.push("spec.timeMachine.snapshot", "has no effect with `snapshot: false`; set `snapshot: true`, or remove it");
     }
 }
 
@@ -1104,6 +1136,31 @@ spec:
         let bad = MINIMAL.replace("snapshot: true", "snapshot: false\n  snapshotNamespaces: [shop.users, admin.x]\n  streamStart: {timestamp: 5, oldest: true}");
         let fields: Vec<String> = errors_of(&bad).into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["spec.snapshotNamespaces[0]", "spec.snapshotNamespaces[1]", "spec.snapshotNamespaces", "spec.streamStart"]);
+    }
+
+    #[test]
+    fn time_machine_is_checked() {
+        let ok = MINIMAL.replace("snapshot: true", "snapshot: true\n  timeMachine: {namespaces: [shop.orders], snapshot: true}");
+        let p = parse_manifest(&ok).unwrap_or_else(|e| panic!("{e}\n{ok}"));
+        let tm = p.spec.time_machine.expect("time machine");
+        assert_eq!((tm.index_prefix.as_str(), tm.index_suffix.as_str(), tm.snapshot), ("log", "%Y-%m-%d", true));
+        let bad = MINIMAL.replace(
+            "snapshot: true",
+            "snapshot: false\n  timeMachine: {namespaces: [shop.users, 'bad'], indexPrefix: Log, indexSuffix: '%Y-%b', snapshot: true}",
+        );
+        let fields: Vec<String> = errors_of(&bad).into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.timeMachine.namespaces[0]",
+                "spec.timeMachine.namespaces[1]",
+                "spec.timeMachine.indexPrefix",
+                "spec.timeMachine.indexSuffix",
+                "spec.timeMachine.snapshot"
+            ]
+        );
+        let empty = MINIMAL.replace("snapshot: true", "snapshot: true\n  timeMachine: {namespaces: []}");
+        assert_eq!(errors_of(&empty)[0].field, "spec.timeMachine.namespaces");
     }
 
     #[test]

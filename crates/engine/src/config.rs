@@ -56,6 +56,8 @@ pub struct EngineConfig {
     pub locations_index: String,
     /// JavaScript scripts and filters, sources resolved (`spec.scripts`, `spec.filters`).
     pub scripts: monsoon_script::Config,
+    /// Time machines (`spec.timeMachine`, validated): changes also logged into dated indexes.
+    pub time_machine: Option<monsoon_api::TimeMachine>,
 }
 
 /// Where a new pipeline's change stream starts (`spec.streamStart`).

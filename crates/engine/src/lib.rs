@@ -201,6 +201,7 @@ async fn run_inner<S: CheckpointStore>(
     let mut placer = transform::place::Placer::new(config.routing.clone(), shapes.clone(), scripts.clone(), Arc::from(name), metrics.clone());
     placer.file_pipeline = config.files.as_ref().map(|f| Arc::from(f.pipeline.as_str()));
     placer.shared = Arc::new(config.shared_indexes.clone());
+    placer.time_machine = config.time_machine.as_ref().map(transform::time_machine::TimeMachine::new).transpose().map_err(Error::Mapping)?;
     let transform = transform::stage::Transform {
         placer,
         book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()).with_shared(config.shared_indexes.clone()),

@@ -258,6 +258,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         mappings: spec.mappings.clone(),
         locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
         scripts: scripts_config(spec)?,
+        time_machine: spec.time_machine.clone(),
     })
 }
 

@@ -66,6 +66,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         shard,
         mappings: Vec::new(),
         locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
+        time_machine: None,
         scripts: Default::default(),
     }
 }

@@ -57,6 +57,9 @@ pub enum Op {
     /// Merge this JSON object into the indexed document, creating it when missing (partial
     /// update with `doc_as_upsert`; unversioned).
     Update(Bytes),
+    /// Create the document with this `_source`, unversioned; one already there stays as it is
+    /// (409, success): a time machine's log entry, written once.
+    Create(Bytes),
     /// Delete the document.
     Delete,
     /// The source could not turn the change into a write (an `_id` over Elasticsearch's 512
@@ -362,6 +365,15 @@ impl Chunk {
     /// Whether the chunk holds nothing.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.marks.is_empty()
+    }
+
+    /// The index operations among the writes, in order.
+    #[cfg(test)]
+    pub(crate) fn controls(&self) -> impl Iterator<Item = &Control> {
+        self.marks.iter().filter_map(|(_, m)| match m {
+            Mark::Control(c) => Some(c),
+            Mark::Position(_) => None,
+        })
     }
 }
 

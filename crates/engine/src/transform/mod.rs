@@ -9,7 +9,8 @@
 //!   converting to JSON);
 //! - [`script`]: the JavaScript middleware and its MongoDB lookups (the stage's declared I/O);
 //! - [`stage`]: the task: places changes, awaits script decisions in order, keeps `written`, and
-//!   hands writes, positions, drops and sweeps to the sink.
+//!   hands writes, positions, drops and sweeps to the sink;
+//! - [`time_machine`]: the log entry a change of a time machine namespace also becomes.
 //!
 //! A namespace without a mapping has the plain shape, for which the stage keeps its direct path
 //! (one conversion, nothing else), so a pipeline pays only for what it uses.
@@ -27,6 +28,7 @@ pub mod place;
 pub mod query;
 pub mod script;
 pub mod stage;
+pub mod time_machine;
 
 use std::sync::Arc;
 
@@ -187,6 +189,11 @@ impl Shape {
         self.index.is_some() || self.id.is_some() || self.routing.is_some()
     }
 
+    /// Whether documents carry the change's time (`oplogTime`).
+    pub fn has_oplog_time(&self) -> bool {
+        self.oplog_time.is_some()
+    }
+
     /// Whether the Elasticsearch `_id` comes from a field rather than the MongoDB `_id`.
     pub fn custom_id(&self) -> bool {
         self.id.is_some()
@@ -271,7 +278,7 @@ fn build_index(t: &IndexTemplate, doc: &RawDocument) -> Result<String, ShapeErro
 
 /// `"ts":{"T":seconds,"I":increment},"date":"yyyy/MM/dd HH:mm:ss"`, as Monstache's
 /// `index-oplog-time` writes them (its date format `2006/01/02 15:04:05`, UTC).
-fn oplog_members(ts: &str, date: &str, time: Timestamp) -> Vec<u8> {
+pub(crate) fn oplog_members(ts: &str, date: &str, time: Timestamp) -> Vec<u8> {
     let mut out = Vec::with_capacity(80);
     crate::convert::write_json_str(ts, &mut out);
     out.extend_from_slice(format!(":{{\"T\":{},\"I\":{}}},", time.time, time.increment).as_bytes());

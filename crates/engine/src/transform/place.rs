@@ -11,6 +11,7 @@ use bytes::Bytes;
 use mongodb::bson::{RawBsonRef, RawDocument, Timestamp};
 
 use super::change::{Doc, FileBody, Unreadable};
+use super::time_machine::{Logged, TimeMachine};
 use super::{script, Outcome, Shape, Shapes};
 use crate::checkpoint::ClusterTime;
 use crate::config::Routing;
@@ -66,6 +67,8 @@ pub struct Placer {
     /// Indexes several namespaces may write (`spec.sharedIndexes`): documents written there
     /// keep location records, so a drop deletes only its namespace's.
     pub shared: Arc<std::collections::BTreeSet<String>>,
+    /// Time machines (`spec.timeMachine`): which changes are also logged, and where.
+    pub time_machine: Option<TimeMachine>,
     /// The last namespace routed (consecutive changes mostly share one).
     route_cache: Mutex<Option<Routed>>,
 }
@@ -73,13 +76,25 @@ pub struct Placer {
 impl Placer {
     /// A placer for a pipeline.
     pub fn new(routing: Routing, shapes: Arc<Shapes>, scripts: Option<Arc<monsoon_script::Scripts>>, pipeline: Arc<str>, metrics: Metrics) -> Self {
-        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, shared: Arc::default(), route_cache: Mutex::new(None) }
+        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, shared: Arc::default(), time_machine: None, route_cache: Mutex::new(None) }
     }
 
     /// Whether some documents keep location records (mappings placing them by their content,
     /// scripts, shared indexes).
     pub fn tracks_locations(&self) -> bool {
         self.shapes.tracks_any() || self.scripts.is_some() || !self.shared.is_empty()
+    }
+
+    /// What the time machine entry of `change` needs, when its namespace's changes are logged.
+    pub fn logged(&self, change: &Doc) -> Option<Logged> {
+        let tm = self.time_machine.as_ref()?;
+        if !tm.logs(&change.db, &change.coll, change.from_snapshot) {
+            return None;
+        }
+        // An `_id` Elasticsearch cannot take is refused with the write itself.
+        let source_id = convert::es_id_string(change.id.as_raw_bson_ref()).ok()?;
+        let has_time = self.shapes.for_ns(&change.db, &change.coll).has_oplog_time();
+        Some(Logged { source_id: source_id.into(), has_time })
     }
 
     /// The default index and shape of `db.coll`, cached for the common case of consecutive
@@ -167,7 +182,7 @@ impl Placer {
         let source = match &fallback.op {
             // Shared, not copied: the scripts read it, and keep it as it is for `true`.
             Op::Index(s) | Op::Update(s) => s.clone(),
-            Op::Delete | Op::Reject { .. } => return Placed::Write(fallback),
+            Op::Create(_) | Op::Delete | Op::Reject { .. } => return Placed::Write(fallback),
         };
         let mut id_value = Vec::new();
         if convert::write_value(view.id, &mut id_value, stats).is_err() {

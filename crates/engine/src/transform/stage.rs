@@ -15,6 +15,8 @@
 //!   handed on ahead of the write, so a checkpoint past the write knows the index.
 //! - A namespace is forgotten only after its drop, in order: a checkpoint that forgot it has
 //!   its drop done.
+//! - A time machine entry follows its write, before the change's position, and its log index
+//!   is never in `written`: no drop, sweep or `onDrop` deletes a log.
 //! - The window holds at most [`WINDOW`] chunks: back-pressure reaches the source.
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tracing::{error, info};
 
 use super::change::Change;
 use super::place::{Placed, Placer};
+use super::time_machine::Logged;
 use crate::checkpoint::written::IndexBook;
 use crate::checkpoint::ClusterTime;
 use crate::config::Shard;
@@ -56,10 +59,11 @@ pub enum Error {
 
 /// A change placed, waiting its turn to be handed on.
 enum Step {
-    /// A write decided now.
-    Write(Write, Arc<str>),
-    /// A write the scripts decide; the namespace's default index.
-    Deferred(Write, tokio::task::JoinHandle<Option<Write>>, Arc<str>),
+    /// A write decided now; the namespace's default index; what its time machine entry needs,
+    /// when the change is logged.
+    Write(Write, Arc<str>, Option<Logged>),
+    /// A write the scripts decide; the namespace's default index; as for [`Step::Write`].
+    Deferred(Write, tokio::task::JoinHandle<Option<Write>>, Arc<str>, Option<Logged>),
     /// Anything else, handed on as it came.
     Other(Change),
 }
@@ -127,9 +131,9 @@ impl Transform {
 
     async fn hand_on(&self, step: Step, out: &mut Out<'_>) -> Result<(), Error> {
         match step {
-            Step::Write(write, default) => self.hand_on_write(write, &default, out).await,
-            Step::Deferred(fallback, decision, default) => match self.decided(fallback, decision).await? {
-                Some(write) => self.hand_on_write(write, &default, out).await,
+            Step::Write(write, default, logged) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
+            Step::Deferred(fallback, decision, default, logged) => match self.decided(fallback, decision).await? {
+                Some(write) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
                 None => {
                     self.metrics.events.with_label_values(&["ignored"]).inc();
                     Ok(())
@@ -161,8 +165,9 @@ impl Transform {
         }))
     }
 
-    /// Note the write's index in `written` (handing the note on before it), then the write.
-    async fn hand_on_write(&self, mut write: Write, default: &Arc<str>, out: &mut Out<'_>) -> Result<(), Error> {
+    /// Note the write's index in `written` (handing the note on before it), then the write,
+    /// then its time machine entry (never noted: no drop or sweep deletes a log index).
+    async fn hand_on_write(&self, mut write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<(), Error> {
         if !matches!(write.op, Op::Reject { .. }) && !out.noted(&write) {
             match self.book.note(&write.ns, &write.index) {
                 Ok(Some(position)) => out.chunk.record(position),
@@ -179,7 +184,16 @@ impl Transform {
                 out.last_noted = Some((write.ns.clone(), write.index.clone()));
             }
         }
+        let entry = match (&self.placer.time_machine, logged) {
+            (Some(tm), Some(logged)) if !matches!(write.op, Op::Reject { .. }) => tm.entry(&write, logged),
+            _ => None,
+        };
         out.chunk.push(write);
+        if let Some(entry) = entry {
+            // After its write and before the change's position: the checkpoint passes the
+            // change only once both are acknowledged.
+            out.chunk.push(entry);
+        }
         if out.chunk.len() >= CHUNK {
             out.send().await?;
         }
@@ -315,17 +329,18 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<St
     match change {
         Change::Doc(doc) => {
             let default = placer.route(&doc.db, &doc.coll).index;
+            let logged = placer.logged(&doc);
             match placer.place(&doc, stats) {
                 Placed::Nothing => None,
-                Placed::Write(w) => Some(Step::Write(w, default)),
-                Placed::Deferred { fallback, decision } => Some(Step::Deferred(fallback, decision, default)),
+                Placed::Write(w) => Some(Step::Write(w, default, logged)),
+                Placed::Deferred { fallback, decision } => Some(Step::Deferred(fallback, decision, default, logged)),
             }
         }
         Change::Unreadable(event) => {
             let w = placer.unreadable(&event, stats);
             error!(namespace = %w.ns, id = %w.id_json, error = %event.why, "unreadable change event; dead-lettered");
             let default = w.index.clone();
-            Some(Step::Write(w, default))
+            Some(Step::Write(w, default, None))
         }
         other => Some(Step::Other(other)),
     }
@@ -377,9 +392,9 @@ mod tests {
             Some(write("chosen", "a"))
         });
         let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Deferred(write("db.c", "a"), decision, default.clone()), &mut out).await.expect("handed on");
+        t.hand_on(Step::Deferred(write("db.c", "a"), decision, default.clone(), None), &mut out).await.expect("handed on");
         t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut out).await.expect("handed on");
-        t.hand_on(Step::Write(write("db.c", "b"), default), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut out).await.expect("handed on");
         out.send().await.expect("sent");
         // The scripted write is the first numbered; acknowledge it alone.
         shared.ack_for_test(&[0]);
@@ -401,9 +416,9 @@ mod tests {
         let t = stage(health);
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Write(write("db.c", "a"), default.clone()), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), None), &mut out).await.expect("handed on");
         t.hand_on(Step::Other(Change::Dropped { db: "db".into(), coll: "c".into(), time: None }), &mut out).await.expect("handed on");
-        t.hand_on(Step::Write(write("db.c", "b"), default), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut out).await.expect("handed on");
         out.send().await.expect("sent");
         // Write 0, the drop (1), write 2. Acknowledge the writes, not the drop.
         shared.ack_for_test(&[0, 2]);
@@ -415,5 +430,49 @@ mod tests {
             matches!(committable.as_slice(), [Position::Forgotten { .. }, Position::Written { index, .. }] if index == "db.c"),
             "{committable:?}"
         );
+    }
+
+    /// A logged change becomes its write and then its entry, both before the change's
+    /// position; the log index is never noted in `written`, so the re-snapshot sweep and the
+    /// collection's drop delete only its own index and the log stays.
+    #[tokio::test]
+    async fn a_drop_never_deletes_the_time_machine_log() {
+        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
+        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
+        let sink = crate::sink::idle(shared.clone());
+        let mut t = stage(health);
+        let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
+        t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
+        let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+        let default: Arc<str> = Arc::from("db.c");
+        let logged = Logged { source_id: "a".into(), has_time: false };
+        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), Some(logged.clone())), &mut out).await.expect("handed on");
+        t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut out).await.expect("handed on");
+        assert_eq!(out.chunk.len(), 2, "the write and its entry");
+        let mut delete = write("db.c", "a");
+        delete.op = Op::Delete;
+        t.hand_on(Step::Write(delete, default, Some(logged)), &mut out).await.expect("handed on");
+        assert_eq!(out.chunk.len(), 3, "a delete is not logged");
+        assert_eq!(t.book.indexes_of("db", "c"), ["db.c"]);
+        // The re-snapshot sweep, then the drop: each names the collection's index only.
+        t.sweep(&[("db".to_string(), "c".to_string())], 1, &mut out);
+        t.dropped("db", "c", None, &mut out);
+        let deleting: Vec<&Vec<String>> = out
+            .chunk
+            .controls()
+            .filter_map(|c| match c {
+                Control::Drop { indexes, .. } | Control::Sweep { indexes, .. } => Some(indexes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleting, [&vec!["db.c".to_string()], &vec!["db.c".to_string()]]);
+        // The entry (second write) is acknowledged with its write before the position passes.
+        out.send().await.expect("sent");
+        shared.ack_for_test(&[0]);
+        let committable = shared.acks.take_committable();
+        assert!(!committable.iter().any(|p| matches!(p, Position::SnapshotDone)), "passed an unacknowledged entry: {committable:?}");
+        shared.ack_for_test(&[1]);
+        let committable = shared.acks.take_committable();
+        assert!(committable.iter().any(|p| matches!(p, Position::SnapshotDone)), "{committable:?}");
     }
 }

@@ -16,6 +16,7 @@
 //! - [`start`]: where a new pipeline's stream starts, and one-shot runs;
 //! - [`mappings`]: `[[mapping]]`, `index-as-update`, `index-oplog-time`;
 //! - [`scripts`]: `[[script]]`, `[[filter]]`, `[[pipeline]]`;
+//! - [`time_machine`]: `time-machine-*`, `spec.timeMachine`;
 //! - [`notes`]: every option left, with why it is not needed or not supported yet.
 
 mod connection;
@@ -25,6 +26,7 @@ mod namespaces;
 mod notes;
 mod scripts;
 mod start;
+mod time_machine;
 #[cfg(test)]
 mod tests;
 
@@ -193,6 +195,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     files::convert(&table, &mut spec, &mut notes)?;
     mappings::convert(&table, &membership, &mut spec, &mut notes)?;
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
+    time_machine::convert(&table, &membership, &mut spec, &mut notes)?;
     notes::left_out(&table, &mut notes);
 
     let pipeline = SyncPipeline::new(name, spec);
@@ -226,6 +229,10 @@ fn option_of(field: &str) -> &'static str {
         ("spec.scripts", "[[script]]"),
         ("spec.filters", "[[filter]]"),
         ("spec.streamStart", "resume-from-timestamp"),
+        ("spec.timeMachine.indexPrefix", "time-machine-index-prefix"),
+        ("spec.timeMachine.indexSuffix", "time-machine-index-suffix"),
+        ("spec.timeMachine.snapshot", "time-machine-direct-reads"),
+        ("spec.timeMachine", "time-machine-namespaces"),
         ("spec.batch", "elasticsearch-max-docs"),
         ("spec.files", "file-namespaces"),
     ];

@@ -89,7 +89,8 @@ script = "module.exports = function(doc) { return doc; }"
     );
     assert!(noted(&c, "resume").is_some_and(|r| r.starts_with("not needed")));
     assert!(noted(&c, "workers").is_some_and(|r| r.contains("spec.workers")));
-    assert_eq!(noted(&c, "time-machine-namespaces"), Some("not supported yet"));
+    assert!(noted(&c, "time-machine-namespaces").is_some_and(|r| r.starts_with("`timeMachine`")));
+    assert_eq!(c.pipeline.spec.time_machine.as_ref().map(|t| t.namespaces.clone()), Some(vec!["shop.orders".to_string()]));
     assert_eq!(c.pipeline.spec.scripts.len(), 1, "[[script]] is carried");
     assert!(noted(&c, "no-such-option").is_some_and(|r| r.contains("ignored")));
     // A direct-read namespace outside the change streams is synced anyway, and said so.
@@ -524,6 +525,39 @@ fn aws_connect_that_cannot_sign_is_refused_naming_the_option() {
     assert!(e.contains("[aws-connect]") && e.contains("spec.elasticsearch.aws.region"), "{e}");
     let e = refused("elasticsearch-urls = [\"https://a:443\", \"https://b:443\"]\nchange-stream-namespaces = [\"shop.orders\"]\n[aws-connect]\nstrategy = 2\nregion = \"us-east-1\"\n");
     assert!(e.contains("elasticsearch-urls") && e.contains("exactly one URL"), "{e}");
+}
+
+#[test]
+fn time_machines_carry_over_with_their_index_names() {
+    let c = converted(
+        r#"
+change-stream-namespaces = ["shop.orders", "shop.users"]
+direct-read-namespaces = ["shop.orders"]
+time-machine-namespaces = ["shop.orders", "other.things"]
+time-machine-index-prefix = "History"
+time-machine-index-suffix = "2006.01"
+time-machine-direct-reads = true
+"#,
+    );
+    let tm = c.pipeline.spec.time_machine.clone().expect("time machine");
+    assert_eq!(tm.namespaces, ["shop.orders"]);
+    assert_eq!((tm.index_prefix.as_str(), tm.index_suffix.as_str(), tm.snapshot), ("history", "%Y.%m", true));
+    assert!(noted(&c, "time-machine-namespaces").is_some_and(|r| r.contains("other.things")), "{:?}", c.notes);
+    assert!(noted(&c, "time-machine-index-suffix").is_some_and(|r| r.contains("%Y.%m")));
+    // Monstache's defaults are monsoon's; without direct reads there is nothing to log from a snapshot.
+    let c = converted("change-stream-namespaces = [\"shop.orders\"]\ntime-machine-namespaces = [\"shop.orders\"]\ntime-machine-direct-reads = true\n");
+    let tm = c.pipeline.spec.time_machine.clone().expect("time machine");
+    assert_eq!((tm.index_prefix.as_str(), tm.index_suffix.as_str(), tm.snapshot), ("log", "%Y-%m-%d", false));
+    assert!(noted(&c, "time-machine-direct-reads").is_some_and(|r| r.starts_with("ignored")));
+    // A layout monsoon cannot write, and a namespace without a database: one line each.
+    for (text, option) in [
+        ("change-stream-namespaces = [\"shop.orders\"]\ntime-machine-namespaces = [\"shop.orders\"]\ntime-machine-index-suffix = \"2006-01-02 15:04\"\n", "time-machine-index-suffix"),
+        ("change-stream-namespaces = [\"shop.orders\"]\ntime-machine-namespaces = [\"orders\"]\n", "time-machine-namespaces"),
+        ("change-stream-namespaces = [\"shop.orders\"]\ntime-machine-namespaces = [\"shop.orders\"]\ntime-machine-index-prefix = \"_log\"\n", "time-machine-index-prefix"),
+    ] {
+        let e = convert(text, "tm").expect_err(text).to_string();
+        assert!(e.starts_with(&format!("`{option}`")) && !e.contains('\n'), "{e}");
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
     let action: &[u8] = match write.op {
         Op::Index(_) => b"{\"index\":{\"_index\":",
         Op::Update(_) => b"{\"update\":{\"_index\":",
+        Op::Create(_) => b"{\"create\":{\"_index\":",
         Op::Delete => b"{\"delete\":{\"_index\":",
         // Never sent: the sink dead-letters these before building a body.
         Op::Reject { .. } => return,
@@ -41,6 +42,18 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
                 write_json_str(pipeline, body);
             }
         }
+        Op::Create(source) => {
+            // Elasticsearch versions `create` internally only: a replayed entry finds its
+            // `_id` taken and answers 409, which keeps the first copy.
+            if let Some(pipeline) = &write.pipeline {
+                body.extend_from_slice(b",\"pipeline\":");
+                write_json_str(pipeline, body);
+            }
+            body.extend_from_slice(b"}}\n");
+            body.extend_from_slice(source);
+            body.push(b'\n');
+            return;
+        }
         _ => {}
     }
     body.extend_from_slice(b",\"version\":");
@@ -61,7 +74,7 @@ pub fn encoded_len(write: &Write) -> usize {
     // byte, for control characters).
     let fixed = fixed + write.routing.as_ref().map_or(0, |r| 13 + 6 * r.len()) + write.pipeline.as_ref().map_or(0, |p| 14 + 6 * p.len());
     match &write.op {
-        Op::Index(source) => fixed + source.len() + 1,
+        Op::Index(source) | Op::Create(source) => fixed + source.len() + 1,
         Op::Update(source) => fixed + source.len() + 28,
         Op::Delete => fixed,
         Op::Reject { document, reason, .. } => {
@@ -139,13 +152,26 @@ mod tests {
         assert_eq!(lines.len(), 5);
     }
 
+    /// A time machine entry is created, unversioned (Elasticsearch refuses external versions on
+    /// `create`), so a replay answers 409 and the first copy stays.
+    #[test]
+    fn entries_are_created_without_versions() {
+        let mut w = write(Op::Create(Bytes::from_static(b"{\"x\":1}")));
+        w.routing = Some("a1".into());
+        let text = String::from_utf8(body_for(&[w], 0)).expect("utf8");
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        assert_eq!(lines[0], serde_json::json!({"create": {"_index": "shop.orders", "_id": "a\"b", "routing": "a1"}}));
+        assert_eq!(lines[1], serde_json::json!({"x": 1}));
+        assert_eq!(lines.len(), 2);
+    }
+
     /// A body built with `encoded_len` as its capacity never grows (a realloc doubles a
     /// large buffer and copies it).
     #[test]
     fn encoded_len_is_an_upper_bound() {
         // A 2026 cluster time as a version (seconds << 32 | increment) has 19 digits.
         for version in [0, 42, (1_795_000_000u64 << 32) | 7, u64::MAX] {
-            for op in [Op::Index(Bytes::from_static(b"{}")), Op::Update(Bytes::from_static(b"{}")), Op::Delete] {
+            for op in [Op::Index(Bytes::from_static(b"{}")), Op::Update(Bytes::from_static(b"{}")), Op::Create(Bytes::from_static(b"{}")), Op::Delete] {
                 let mut w = write(op);
                 w.version = version;
                 w.routing = Some("\u{1}\"".into());

@@ -1,0 +1,196 @@
+//! Time machines (`spec.timeMachine`, Monstache's `time-machine-namespaces`): every insert,
+//! update and replace of a logged namespace also becomes an entry in a dated log index,
+//! `<prefix>.<index>.<date>`, so every version of a document can be found again.
+//!
+//! Pure: [`TimeMachine::entry`] turns the write a change became into its log entry, a second
+//! write that the stage hands on right after it (before the change's position, so the
+//! checkpoint passes the change only once both are acknowledged).
+//!
+//! # Invariants
+//! - An entry's `_id` is the MongoDB `_id` and the change's cluster time
+//!   (`<source id>@<seconds>.<increment>`), and its index's date is that cluster time's: a
+//!   replay after a crash writes the same entry to the same place again.
+//! - Entries are created, never overwritten (`create`: a replayed entry answers 409, which is
+//!   success), so the first write of an entry is the one kept.
+//! - Log indexes are never in `written`: no drop, sweep or `onDrop` deletes them.
+//! - Deletes are not logged (Monstache logs only what it indexes).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use monsoon_api::shape::DateFormat;
+use monsoon_api::NamespacePattern;
+
+use crate::checkpoint::ClusterTime;
+use crate::convert;
+use crate::sink::{Op, Write};
+
+/// Monstache's field names for the change's time in a log entry (`oplog-ts-field-name`,
+/// `oplog-date-field-name` defaults).
+const TS_FIELD: &str = "oplog_ts";
+/// See [`TS_FIELD`].
+const DATE_FIELD: &str = "oplog_date";
+/// The MongoDB `_id` of the logged document, as Monstache names it.
+pub const SOURCE_ID_FIELD: &str = "_source_id";
+
+/// The compiled `spec.timeMachine`.
+#[derive(Debug)]
+pub struct TimeMachine {
+    namespaces: Vec<NamespacePattern>,
+    prefix: String,
+    suffix: DateFormat,
+    snapshot: bool,
+}
+
+/// What a change's log entry needs beyond its write.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// The MongoDB `_id` as text (an ObjectId in hex), as the default Elasticsearch `_id`.
+    pub source_id: Box<str>,
+    /// The document already carries the change's time (the mapping's `oplogTime`).
+    pub has_time: bool,
+}
+
+impl TimeMachine {
+    /// Compile a validated `spec.timeMachine`.
+    ///
+    /// # Errors
+    /// A namespace or format that does not parse (validation refuses these first).
+    pub fn new(spec: &monsoon_api::TimeMachine) -> Result<Self, String> {
+        let namespaces = spec.namespaces.iter().map(|n| NamespacePattern::parse(n)).collect::<Result<Vec<_>, _>>()?;
+        let suffix = DateFormat::parse(&spec.index_suffix).map_err(|e| format!("timeMachine.indexSuffix: {e}"))?;
+        Ok(Self { namespaces, prefix: spec.index_prefix.to_lowercase(), suffix, snapshot: spec.snapshot })
+    }
+
+    /// Whether a change of `db.coll` is logged (a snapshot read only with `snapshot: true`).
+    pub fn logs(&self, db: &str, coll: &str, from_snapshot: bool) -> bool {
+        (!from_snapshot || self.snapshot) && self.namespaces.iter().any(|p| p.matches(db, coll))
+    }
+
+    /// The log index of a write to `index` at cluster time `version`.
+    pub fn index_for(&self, index: &str, version: u64) -> String {
+        let t = ClusterTime::from_version(version);
+        format!("{}.{}.{}", self.prefix, index, self.suffix.format(i64::from(t.t))).to_lowercase()
+    }
+
+    /// The log entry of `write` (the write a logged change became), or `None` when the write
+    /// indexes nothing (a delete, a refusal).
+    pub fn entry(&self, write: &Write, logged: &Logged) -> Option<Write> {
+        let source = match &write.op {
+            Op::Index(s) | Op::Update(s) => s,
+            Op::Create(_) | Op::Delete | Op::Reject { .. } => return None,
+        };
+        let time = ClusterTime::from_version(write.version);
+        let index = self.index_for(&write.index, write.version);
+        let id = format!("{}@{}.{}", logged.source_id, time.t, time.i);
+        let mut id_json = Vec::with_capacity(id.len() + 2);
+        convert::write_json_str(&id, &mut id_json);
+        let id_json: Box<str> = String::from_utf8_lossy(&id_json).into();
+        let op = if let Err(why) = monsoon_api::check_index_name(&index) {
+            Op::Reject { error_type: "time_machine_index", reason: format!("time machine index `{index}` {why}"), document: Some(source.clone()) }
+        } else if id.len() > 512 {
+            let reason = format!("the time machine entry's _id (the MongoDB _id and the change's time) is {} bytes; Elasticsearch takes at most 512", id.len());
+            Op::Reject { error_type: "invalid_id", reason, document: Some(source.clone()) }
+        } else {
+            Op::Create(Bytes::from(entry_source(source, logged, time)))
+        };
+        let mut entry = Write::new(write.ns.clone(), Arc::from(index), id_json, write.version, op);
+        // Routed by the MongoDB `_id`: a document's versions share a shard, and a search with
+        // `?routing=<id>` reads only that one.
+        entry.routing = Some(logged.source_id.clone());
+        entry.pipeline = write.pipeline.clone();
+        entry.from_snapshot = write.from_snapshot;
+        Some(entry)
+    }
+}
+
+/// The entry's `_source`: the document as written, with `_source_id` and, unless it has them,
+/// the change's time (`oplog_ts`, `oplog_date`, as Monstache adds them).
+fn entry_source(source: &[u8], logged: &Logged, time: ClusterTime) -> Vec<u8> {
+    let mut out = Vec::with_capacity(source.len() + 120);
+    // The converter writes an object: `{...}`, possibly with white space after it.
+    let body = source.trim_ascii_end();
+    let body = body.strip_suffix(b"}").unwrap_or(body);
+    out.extend_from_slice(body);
+    if body.trim_ascii() != b"{" {
+        out.push(b',');
+    }
+    convert::write_json_str(SOURCE_ID_FIELD, &mut out);
+    out.push(b':');
+    convert::write_json_str(&logged.source_id, &mut out);
+    if !logged.has_time {
+        out.push(b',');
+        out.extend_from_slice(&super::oplog_members(TS_FIELD, DATE_FIELD, time.into()));
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(json: serde_json::Value) -> TimeMachine {
+        TimeMachine::new(&serde_json::from_value(json).expect("spec")).expect("compiles")
+    }
+
+    fn logged(id: &str) -> Logged {
+        Logged { source_id: id.into(), has_time: false }
+    }
+
+    const T: ClusterTime = ClusterTime { t: 1_700_000_000, i: 3 };
+
+    fn write(op: Op) -> Write {
+        Write::new(Arc::from("shop.orders"), Arc::from("orders"), "\"a1\"".into(), T.version(), op)
+    }
+
+    #[test]
+    fn an_update_becomes_an_entry_in_the_dated_log_index() {
+        let tm = machine(serde_json::json!({"namespaces": ["shop.*"]}));
+        let mut w = write(Op::Update(Bytes::from_static(b"{\"n\":1}")));
+        w.pipeline = Some(Arc::from("enrich"));
+        let e = tm.entry(&w, &logged("a1")).expect("entry");
+        assert_eq!(&*e.index, "log.orders.2023-11-14");
+        assert_eq!(&*e.id_json, "\"a1@1700000000.3\"");
+        assert_eq!(e.routing.as_deref(), Some("a1"));
+        assert_eq!(e.pipeline.as_deref(), Some("enrich"));
+        assert_eq!(e.version, w.version);
+        let Op::Create(body) = &e.op else { panic!("{:?}", e.op) };
+        let v: serde_json::Value = serde_json::from_slice(body).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"n": 1, "_source_id": "a1", "oplog_ts": {"T": 1_700_000_000u32, "I": 3}, "oplog_date": "2023/11/14 22:13:20"})
+        );
+    }
+
+    #[test]
+    fn a_replay_makes_the_same_entry() {
+        let tm = machine(serde_json::json!({"namespaces": ["shop.orders"], "indexPrefix": "hist", "indexSuffix": "%Y.%m"}));
+        let a = tm.entry(&write(Op::Index(Bytes::from_static(b"{}"))), &logged("x")).expect("entry");
+        let b = tm.entry(&write(Op::Index(Bytes::from_static(b"{}"))), &logged("x")).expect("entry");
+        assert_eq!((&*a.index, &*a.id_json), (&*b.index, &*b.id_json));
+        assert_eq!(&*a.index, "hist.orders.2023.11");
+        let Op::Create(body) = &a.op else { panic!() };
+        assert!(body.starts_with(b"{\"_source_id\":\"x\",\"oplog_ts\""), "{}", String::from_utf8_lossy(body));
+    }
+
+    #[test]
+    fn deletes_and_refusals_are_not_logged_and_snapshots_only_when_asked() {
+        let tm = machine(serde_json::json!({"namespaces": ["shop.orders"]}));
+        assert!(tm.entry(&write(Op::Delete), &logged("a")).is_none());
+        assert!(tm.entry(&write(Op::Reject { error_type: "x", reason: String::new(), document: None }), &logged("a")).is_none());
+        assert!(tm.logs("shop", "orders", false) && !tm.logs("shop", "orders", true) && !tm.logs("shop", "users", false));
+        assert!(machine(serde_json::json!({"namespaces": ["shop.*"], "snapshot": true})).logs("shop", "users", true));
+    }
+
+    #[test]
+    fn a_document_with_its_time_keeps_it_and_oversize_ids_are_refused() {
+        let tm = machine(serde_json::json!({"namespaces": ["shop.orders"]}));
+        let e = tm.entry(&write(Op::Index(Bytes::from_static(b"{\"oplog_ts\":1}"))), &Logged { source_id: "a".into(), has_time: true }).expect("entry");
+        let Op::Create(body) = &e.op else { panic!() };
+        assert_eq!(&body[..], b"{\"oplog_ts\":1,\"_source_id\":\"a\"}");
+        let long = "x".repeat(500);
+        let e = tm.entry(&write(Op::Index(Bytes::from_static(b"{}"))), &logged(&long)).expect("entry");
+        assert!(matches!(e.op, Op::Reject { error_type: "invalid_id", .. }));
+    }
+}
