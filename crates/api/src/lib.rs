@@ -8,10 +8,12 @@
 //! binary turns into the engine's own configuration.
 
 pub mod crd;
+pub mod patches;
 pub mod shape;
 mod spec;
 mod validate;
 
+pub use patches::MergePatches;
 pub use spec::*;
 pub use validate::{
     check_connection_string, check_index_name, namespace_regex, parse_manifest, validate, validate_for_cluster, value_sources, FieldError, ManifestError, NamespacePattern,

@@ -130,6 +130,14 @@ pub struct SyncPipelineSpec {
     /// monsoon (not by a drop, `onDrop` or the re-snapshot sweep).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_machine: Option<TimeMachine>,
+    /// Keep every version of some namespaces' documents in the documents themselves
+    /// (Monstache's `enable-patches`, `patch-namespaces`, `merge-patch-attribute`): each insert,
+    /// update and replace appends an RFC 7396 merge patch to the document's history (the
+    /// `attribute` field), so any version can be rebuilt from `{}`. Each change is applied
+    /// exactly, from its update description, so every version is there once, across restarts
+    /// and replays. See the README's "Merge patches".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_patches: Option<crate::patches::MergePatches>,
     /// Batching and concurrency of bulk requests.
     #[serde(default)]
     pub batch: BatchSpec,

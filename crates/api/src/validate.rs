@@ -248,6 +248,8 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
 
     validate_snapshot_namespaces(spec, &patterns, &mut errs);
     validate_time_machine(spec, &patterns, &mut errs);
+    let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    crate::patches::validate(spec, |p| is_synced(p, &patterns, regex.as_ref()), &mut errs.0);
     if let Some(start) = &spec.stream_start {
         match (start.timestamp, start.oldest) {
             (Some(0), _) => errs.push("spec.streamStart.timestamp", "must be seconds since the Unix epoch (1 or more)"),

@@ -58,6 +58,8 @@ pub struct EngineConfig {
     pub scripts: monsoon_script::Config,
     /// Time machines (`spec.timeMachine`, validated): changes also logged into dated indexes.
     pub time_machine: Option<monsoon_api::TimeMachine>,
+    /// Merge patches (`spec.mergePatches`, validated): documents keeping their patch history.
+    pub merge_patches: Option<monsoon_api::MergePatches>,
 }
 
 /// Where a new pipeline's change stream starts (`spec.streamStart`).

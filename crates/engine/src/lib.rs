@@ -202,6 +202,7 @@ async fn run_inner<S: CheckpointStore>(
     placer.file_pipeline = config.files.as_ref().map(|f| Arc::from(f.pipeline.as_str()));
     placer.shared = Arc::new(config.shared_indexes.clone());
     placer.time_machine = config.time_machine.as_ref().map(transform::time_machine::TimeMachine::new).transpose().map_err(Error::Mapping)?;
+    placer.patches = config.merge_patches.as_ref().map(transform::patch::Patches::new).transpose().map_err(Error::Mapping)?;
     let transform = transform::stage::Transform {
         placer,
         book: checkpoint::written::IndexBook::new(cp.written.clone(), config.routing.clone()).with_shared(config.shared_indexes.clone()),
@@ -222,7 +223,8 @@ async fn run_inner<S: CheckpointStore>(
         cancel: shutdown.clone(),
         shard: config.shard,
         shapes: &shapes,
-        keep_update: scripts.is_some(),
+        // Scripts get the update description; merge patches apply it.
+        keep_update: scripts.is_some() || config.merge_patches.is_some(),
         snapshot_split: config.snapshot_split,
         files: config.files.as_ref(),
         last_names: std::sync::Mutex::new(None),

@@ -67,6 +67,7 @@ fn engine(stack: &Stack, shard: Shard) -> EngineConfig {
         mappings: Vec::new(),
         locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
         time_machine: None,
+        merge_patches: None,
         scripts: Default::default(),
     }
 }

@@ -26,6 +26,7 @@
 pub mod dead_letter;
 pub mod elasticsearch;
 pub mod locations;
+pub mod patches;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -62,6 +63,9 @@ pub enum Op {
     Create(Bytes),
     /// Delete the document.
     Delete,
+    /// A change of a document that keeps its patch history (`spec.mergePatches`): carried out
+    /// as a read-modify-write of that document ([`patches`]), never coalesced.
+    Patch(Box<patches::Patch>),
     /// The source could not turn the change into a write (an `_id` over Elasticsearch's 512
     /// bytes, malformed BSON): dead-letter it with this reason, in order with the rest.
     Reject {
@@ -937,6 +941,10 @@ impl Deliverer {
     async fn deliver(&self, writes: Vec<Write>) -> Result<(), crate::retry::Cancelled> {
         let (refused, sendable): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
         let mut rejected: Vec<(Write, Refusal)> = Vec::new();
+        let (patched, sendable): (Vec<Write>, Vec<Write>) = sendable.into_iter().partition(|w| matches!(w.op, Op::Patch(_)));
+        if !patched.is_empty() {
+            self.deliver_patches(patched, &mut rejected).await?;
+        }
         for w in refused {
             if let Op::Reject { error_type, reason, .. } = &w.op {
                 let why = Refusal { status: 0, error_type: error_type.to_string(), reason: reason.clone() };
@@ -1253,7 +1261,8 @@ pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
     if batch.iter().all(|w| w.from_snapshot) {
         return (batch, Vec::new());
     }
-    let is_reject = |w: &Write| matches!(w.op, Op::Reject { .. });
+    // Patches take no part either: each is a version of its document, applied in order.
+    let is_reject = |w: &Write| matches!(w.op, Op::Reject { .. } | Op::Patch(_));
     // Borrowed keys: no allocation per document on this per-batch path.
     let is_last: Vec<bool> = {
         let mut last: HashMap<(&str, &str), usize, BuildHasherDefault<Fnv>> =

@@ -10,7 +10,9 @@
 //! - [`script`]: the JavaScript middleware and its MongoDB lookups (the stage's declared I/O);
 //! - [`stage`]: the task: places changes, awaits script decisions in order, keeps `written`, and
 //!   hands writes, positions, drops and sweeps to the sink;
-//! - [`time_machine`]: the log entry a change of a time machine namespace also becomes.
+//! - [`time_machine`]: the log entry a change of a time machine namespace also becomes;
+//! - [`patch`]: what a change of a namespace with merge patches becomes (the sink keeps the
+//!   history).
 //!
 //! A namespace without a mapping has the plain shape, for which the stage keeps its direct path
 //! (one conversion, nothing else), so a pipeline pays only for what it uses.
@@ -24,6 +26,7 @@
 
 pub mod change;
 pub mod fields;
+pub mod patch;
 pub mod place;
 pub mod query;
 pub mod script;

@@ -69,6 +69,8 @@ pub struct Placer {
     pub shared: Arc<std::collections::BTreeSet<String>>,
     /// Time machines (`spec.timeMachine`): which changes are also logged, and where.
     pub time_machine: Option<TimeMachine>,
+    /// Merge patches (`spec.mergePatches`): which documents keep their patch history.
+    pub patches: Option<super::patch::Patches>,
     /// The last namespace routed (consecutive changes mostly share one).
     route_cache: Mutex<Option<Routed>>,
 }
@@ -76,7 +78,7 @@ pub struct Placer {
 impl Placer {
     /// A placer for a pipeline.
     pub fn new(routing: Routing, shapes: Arc<Shapes>, scripts: Option<Arc<monsoon_script::Scripts>>, pipeline: Arc<str>, metrics: Metrics) -> Self {
-        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, shared: Arc::default(), time_machine: None, route_cache: Mutex::new(None) }
+        Self { routing, shapes, scripts, pipeline, metrics, file_pipeline: None, shared: Arc::default(), time_machine: None, patches: None, route_cache: Mutex::new(None) }
     }
 
     /// Whether some documents keep location records (mappings placing them by their content,
@@ -144,6 +146,10 @@ impl Placer {
         if let Some(file) = &change.file {
             self.add_file(&mut write, file);
         }
+        if let Some(patches) = self.patches.as_ref().filter(|p| p.applies(&change.db, &change.coll)) {
+            let logged = self.time_machine.as_ref().zip(self.logged(change));
+            patches.decide(change, &mut write, stats, logged.as_ref().map(|(tm, l)| (*tm, l)));
+        }
         Placed::Write(write)
     }
 
@@ -182,7 +188,7 @@ impl Placer {
         let source = match &fallback.op {
             // Shared, not copied: the scripts read it, and keep it as it is for `true`.
             Op::Index(s) | Op::Update(s) => s.clone(),
-            Op::Create(_) | Op::Delete | Op::Reject { .. } => return Placed::Write(fallback),
+            Op::Create(_) | Op::Delete | Op::Reject { .. } | Op::Patch(_) => return Placed::Write(fallback),
         };
         let mut id_value = Vec::new();
         if convert::write_value(view.id, &mut id_value, stats).is_err() {

@@ -23,6 +23,7 @@ use monsoon_api::NamespacePattern;
 
 use crate::checkpoint::ClusterTime;
 use crate::convert;
+use crate::sink::patches::PatchChange;
 use crate::sink::{Op, Write};
 
 /// Monstache's field names for the change's time in a log entry (`oplog-ts-field-name`,
@@ -75,9 +76,38 @@ impl TimeMachine {
 
     /// The log entry of `write` (the write a logged change became), or `None` when the write
     /// indexes nothing (a delete, a refusal).
+    ///
+    /// A patched document's change ([`Op::Patch`]) carries its entry itself (see
+    /// [`TimeMachine::patch_log`]): the sink knows that change's own version only once it has
+    /// applied it to the document's history. Only an entry refused here is a write of its own.
     pub fn entry(&self, write: &Write, logged: &Logged) -> Option<Write> {
+        let entry = self.entry_of(write, logged)?;
+        let carried = matches!(write.op, Op::Patch(_)) && matches!(entry.op, Op::Create(_));
+        (!carried).then_some(entry)
+    }
+
+    /// Where a patched document's change is logged, and the members its entry adds to the
+    /// version the sink rebuilds; `None` when [`TimeMachine::entry`] makes it a write of its own
+    /// (refused) or logs nothing.
+    pub fn patch_log(&self, write: &Write, logged: &Logged) -> Option<crate::sink::patches::PatchLog> {
+        let entry = self.entry_of(write, logged)?;
+        if !matches!(entry.op, Op::Create(_)) {
+            return None;
+        }
+        let mut members = Vec::with_capacity(120);
+        entry_members(logged, ClusterTime::from_version(write.version), &mut members);
+        Some(crate::sink::patches::PatchLog { index: entry.index, id_json: entry.id_json, routing: entry.routing, pipeline: entry.pipeline, members: Bytes::from(members) })
+    }
+
+    fn entry_of(&self, write: &Write, logged: &Logged) -> Option<Write> {
         let source = match &write.op {
             Op::Index(s) | Op::Update(s) => s,
+            // A patched document's change: the whole document it carries (an update's is the
+            // one MongoDB looked up, as for every other update).
+            Op::Patch(p) => match &p.change {
+                PatchChange::Whole { source, .. } | PatchChange::Update { lookup: Some(source), .. } => source,
+                PatchChange::Update { lookup: None, .. } | PatchChange::Delete => return None,
+            },
             Op::Create(_) | Op::Delete | Op::Reject { .. } => return None,
         };
         let time = ClusterTime::from_version(write.version);
@@ -115,15 +145,21 @@ fn entry_source(source: &[u8], logged: &Logged, time: ClusterTime) -> Vec<u8> {
     if body.trim_ascii() != b"{" {
         out.push(b',');
     }
-    convert::write_json_str(SOURCE_ID_FIELD, &mut out);
+    entry_members(logged, time, &mut out);
+    out.push(b'}');
+    out
+}
+
+/// The members an entry adds to the document: `_source_id` and, unless it has them, the
+/// change's time.
+fn entry_members(logged: &Logged, time: ClusterTime, out: &mut Vec<u8>) {
+    convert::write_json_str(SOURCE_ID_FIELD, out);
     out.push(b':');
-    convert::write_json_str(&logged.source_id, &mut out);
+    convert::write_json_str(&logged.source_id, out);
     if !logged.has_time {
         out.push(b',');
         out.extend_from_slice(&super::oplog_members(TS_FIELD, DATE_FIELD, time.into()));
     }
-    out.push(b'}');
-    out
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod files;
 mod mappings;
 mod namespaces;
 mod notes;
+mod patches;
 mod scripts;
 mod start;
 mod time_machine;
@@ -196,6 +197,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     mappings::convert(&table, &membership, &mut spec, &mut notes)?;
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
     time_machine::convert(&table, &membership, &mut spec, &mut notes)?;
+    patches::convert(&table, &membership, &mut spec, &mut notes)?;
     notes::left_out(&table, &mut notes);
 
     let pipeline = SyncPipeline::new(name, spec);
@@ -235,6 +237,8 @@ fn option_of(field: &str) -> &'static str {
         ("spec.timeMachine", "time-machine-namespaces"),
         ("spec.batch", "elasticsearch-max-docs"),
         ("spec.files", "file-namespaces"),
+        ("spec.mergePatches.attribute", "merge-patch-attribute"),
+        ("spec.mergePatches", "patch-namespaces"),
     ];
     BY_PREFIX.iter().find(|(prefix, _)| field.starts_with(prefix)).map_or("the configuration", |(_, option)| option)
 }

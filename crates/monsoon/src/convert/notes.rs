@@ -50,7 +50,6 @@ const NOT_YET: &[&str] = &[
     "relate",
     "relate-threads",
     "relate-buffer",
-    "merge-patch-namespaces",
     "mapper-plugin-path",
     "post-processors",
     "prune-invalid-json",
@@ -67,7 +66,8 @@ const HANDLED: &[&str] = &[
     "namespace-regex", "namespace-exclude-regex", "index-as-update", "index-oplog-time", "oplog-ts-field-name",
     "oplog-date-field-name", "oplog-date-field-format", "script", "filter", "pipeline",
     "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect", "direct-read-split-max", "index-files", "file-namespaces", "max-file-size", "time-machine-namespaces",
-    "time-machine-index-prefix", "time-machine-index-suffix", "time-machine-direct-reads",
+    "time-machine-index-prefix", "time-machine-index-suffix", "time-machine-direct-reads", "enable-patches", "patch-namespaces",
+    "merge-patch-attribute",
 ];
 
 /// A note for every option no other part took.

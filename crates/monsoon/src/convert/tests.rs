@@ -579,3 +579,35 @@ fn gridfs_options_become_files() {
     let c = converted("change-stream-namespaces = [\"users.fs.files\"]\nfile-namespaces = [\"users.fs.files\"]\n");
     assert!(c.pipeline.spec.files.is_none() && noted(&c, "file-namespaces").is_some());
 }
+
+#[test]
+fn merge_patches_carry_over() {
+    let c = converted(
+        r#"
+change-stream-namespaces = ["test.test", "test.other"]
+enable-patches = true
+patch-namespaces = ["test.test", "elsewhere.things"]
+merge-patch-attribute = "custom-merge-attr"
+"#,
+    );
+    let mp = c.pipeline.spec.merge_patches.clone().expect("merge patches");
+    assert_eq!((mp.namespaces, mp.attribute.as_str()), (vec!["test.test".to_string()], "custom-merge-attr"));
+    assert!(noted(&c, "patch-namespaces").is_some_and(|r| r.contains("elsewhere.things")), "{:?}", c.notes);
+    // Monstache's default attribute; nothing without `enable-patches`.
+    let c = converted("change-stream-namespaces = [\"test.test\"]\nenable-patches = true\npatch-namespaces = [\"test.test\"]\n");
+    assert_eq!(c.pipeline.spec.merge_patches.as_ref().map(|m| m.attribute.as_str()), Some("json-merge-patches"));
+    let c = converted("change-stream-namespaces = [\"test.test\"]\npatch-namespaces = [\"test.test\"]\n");
+    assert!(c.pipeline.spec.merge_patches.is_none() && noted(&c, "patch-namespaces").is_some_and(|r| r.starts_with("ignored")));
+    // What monsoon cannot carry is refused in one line naming the option.
+    for (text, option) in [
+        ("change-stream-namespaces = [\"test.test\"]\nenable-patches = true\npatch-namespaces = [\"test\"]\n", "patch-namespaces"),
+        ("change-stream-namespaces = [\"test.test\"]\nenable-patches = true\npatch-namespaces = [\"test.test\"]\nmerge-patch-attribute = \"_patches\"\n", "merge-patch-attribute"),
+        (
+            "change-stream-namespaces = [\"test.test\"]\nenable-patches = true\npatch-namespaces = [\"test.test\"]\n[[script]]\nnamespace = \"test.test\"\nscript = \"module.exports = function(doc) { return doc; }\"\n",
+            "patch-namespaces",
+        ),
+    ] {
+        let e = convert(text, "mp").expect_err(text).to_string();
+        assert!(e.starts_with(&format!("`{option}`")) && !e.contains('\n'), "{e}");
+    }
+}

@@ -357,6 +357,60 @@ impl Elastic {
         Ok(out)
     }
 
+    /// The documents `(index, _id JSON literal, routing)` as they are now, for a
+    /// read-modify-write (`POST /_mget`, real-time: it sees writes not yet refreshed): each
+    /// found document's `_source` with its `_seq_no` and `_primary_term`, in the order asked;
+    /// `None` for a document (or index) that does not exist.
+    ///
+    /// # Errors
+    /// Transport failures, unexpected statuses, or a reply that does not read as a multi-get
+    /// (the caller retries: guessing "not found" would start a history over).
+    pub async fn current_documents(&self, docs: &[(&str, &str, Option<&str>)]) -> Result<Vec<Option<crate::sink::patches::Current>>, Error> {
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked: Vec<serde_json::Value> = docs
+            .iter()
+            .map(|(index, id_json, routing)| {
+                let id: serde_json::Value = serde_json::from_str(id_json).unwrap_or(serde_json::Value::Null);
+                let mut d = serde_json::json!({"_index": index, "_id": id});
+                if let Some(r) = routing {
+                    d["routing"] = serde_json::Value::from(*r);
+                }
+                d
+            })
+            .collect();
+        let body = serde_json::json!({ "docs": asked });
+        let params = [("filter_path", "docs._seq_no,docs._primary_term,docs.found,docs._source,docs.error.type,docs.error.reason")];
+        let (status, response) = self.request(Method::Post, "/_mget", Some(&params), Some(json_bytes(&body)), None).await?;
+        if status != 200 {
+            return Err(status_error("read documents for their patch history", status, &response));
+        }
+        let unreadable = || status_error("read documents for their patch history", status, &response);
+        let mut page: serde_json::Value = serde_json::from_slice(&response).map_err(|_| unreadable())?;
+        let found = page["docs"].as_array_mut().filter(|d| d.len() == docs.len()).ok_or_else(unreadable)?;
+        let mut out = Vec::with_capacity(found.len());
+        for doc in found {
+            if let Some(e) = doc.get("error") {
+                // A missing index holds no document; any other error is retried.
+                if e["type"] == "index_not_found_exception" {
+                    out.push(None);
+                    continue;
+                }
+                return Err(status_error("read a document for its patch history", status, doc.to_string().as_bytes()));
+            }
+            if doc["found"].as_bool() != Some(true) {
+                out.push(None);
+                continue;
+            }
+            let (Some(seq_no), Some(primary_term)) = (doc["_seq_no"].as_u64(), doc["_primary_term"].as_u64()) else {
+                return Err(unreadable());
+            };
+            out.push(Some(crate::sink::patches::Current { seq_no, primary_term, source: doc["_source"].take() }));
+        }
+        Ok(out)
+    }
+
     /// Create or replace ingest pipeline `name` with `body`.
     ///
     /// # Errors

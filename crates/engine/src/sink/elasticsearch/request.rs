@@ -16,8 +16,9 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
         Op::Update(_) => b"{\"update\":{\"_index\":",
         Op::Create(_) => b"{\"create\":{\"_index\":",
         Op::Delete => b"{\"delete\":{\"_index\":",
-        // Never sent: the sink dead-letters these before building a body.
-        Op::Reject { .. } => return,
+        // Never sent: the sink dead-letters these before building a body, and carries
+        // patches out as read-modify-writes (`sink::patches`).
+        Op::Reject { .. } | Op::Patch(_) => return,
     };
     body.extend_from_slice(action);
     write_json_str(&write.index, body);
@@ -77,6 +78,8 @@ pub fn encoded_len(write: &Write) -> usize {
         Op::Index(source) | Op::Create(source) => fixed + source.len() + 1,
         Op::Update(source) => fixed + source.len() + 28,
         Op::Delete => fixed,
+        // The document with its history is rebuilt in the sink; count what the change holds.
+        Op::Patch(p) => fixed + p.change.len(),
         Op::Reject { document, reason, .. } => {
             fixed + reason.len() + document.as_ref().map_or(0, Bytes::len)
         }

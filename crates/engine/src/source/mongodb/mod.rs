@@ -1256,8 +1256,9 @@ pub fn id_from_json(json: &serde_json::Value) -> Option<Bson> {
 pub fn stream_pipeline(dbs: Option<&[String]>, lean: bool, keep_update: bool) -> Vec<Document> {
     let project = match (lean, keep_update) {
         (true, _) => doc! {"$project": {"updateDescription": 0, "fullDocument": 0}},
-        // Scripts get the update description (their third argument).
-        (false, true) => doc! {"$project": {"updateDescription.truncatedArrays": 0}},
+        // Scripts get the update description (their third argument); merge patches apply it,
+        // truncations included.
+        (false, true) => doc! {"$project": {"updateDescription.disambiguatedPaths": 0}},
         (false, false) => doc! {"$project": {"updateDescription": 0}},
     };
     let select = match dbs {
