@@ -6,16 +6,24 @@
 //! The transform decides what a change does ([`Patch`]: the whole document, an update
 //! description, or a delete); this module carries it out against the index, the only
 //! read-modify-write of the sink:
-//! 1. read the documents (one real-time multi-get per round) with their `_seq_no` and
-//!    `_primary_term`;
+//! 1. read the documents (one real-time multi-get per round) with their `_version`;
 //! 2. for each document, fold its changes of the batch, in order, into its [`History`]: the
 //!    previous version is the one the history rebuilds, the change is applied exactly (its
 //!    update description: `updatedFields` with dotted and array-index paths, `removedFields`,
 //!    `truncatedArrays`; or the whole document an insert, replace or snapshot read carries),
 //!    and the patch appended is the diff of the two versions;
-//! 3. write each changed document back only if nobody wrote it since the read (`if_seq_no`,
-//!    `if_primary_term`; `create` when it did not exist), and go back to 1 for those that
-//!    conflicted or failed retriably.
+//! 3. write each changed document back versioned by its newest change's cluster time
+//!    (`external_gte`, as every write of the engine), and go back to 1 for those that lost
+//!    (409: a newer version is there) or failed retriably.
+//!
+//! # Why external versions, not `if_seq_no`
+//! A compare-and-set on `_seq_no` would need internal versions, which the re-snapshot sweep
+//! (it deletes documents versioned below the new snapshot) and the other writes of the engine
+//! (deletes, external versions) cannot live with. The sink never has two writes of one
+//! document in flight, so a competing writer is another process (a worker that lost its
+//! lease, a shard being handed over) folding the same changes in the same order into the same
+//! history: the writer with the newer change wins, an older one gets 409, reads again and
+//! finds its changes there.
 //!
 //! # Invariants
 //! - Every change is in its document's history exactly once: a change at or before the last
@@ -125,10 +133,8 @@ impl PatchChange {
 /// A document as the index holds it now, for a read-modify-write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Current {
-    /// `_seq_no` of the read.
-    pub seq_no: u64,
-    /// `_primary_term` of the read.
-    pub primary_term: u64,
+    /// `_version`: the cluster time of the newest change written.
+    pub version: u64,
     /// `_source`.
     pub source: Value,
 }
@@ -343,6 +349,9 @@ pub enum Applied {
 /// One document's history, folded change by change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct History {
+    /// A document indexed without a history (before patches were on): the cluster time of
+    /// its version, at or before which changes are in it already.
+    indexed_at: Option<(u32, u32)>,
     /// The current version as MongoDB has it (`null` members kept); `None`: no document.
     doc: Option<Value>,
     /// The version the entries rebuild (what the next patch is a diff from).
@@ -353,11 +362,13 @@ pub struct History {
 }
 
 impl History {
-    /// The history of a document as read (`None`: not in the index).
-    pub fn read(source: Option<&Value>, attribute: &str) -> Self {
+    /// The history of a document as read (`None`: not in the index), and its `_version`.
+    pub fn read(source: Option<&Value>, version: u64, attribute: &str) -> Self {
         let Some(source) = source else {
-            return Self { doc: None, rebuilt: Value::Object(Map::new()), entries: Vec::new(), changed: false };
+            return Self { indexed_at: None, doc: None, rebuilt: Value::Object(Map::new()), entries: Vec::new(), changed: false };
         };
+        let t = ClusterTime::from_version(version);
+        let indexed_at = Some((t.t, t.i));
         let mut doc = source.clone();
         let stored = doc.as_object_mut().and_then(|m| m.remove(attribute));
         let entries: Vec<Entry> = match stored.map(serde_json::from_value::<Vec<Entry>>) {
@@ -373,11 +384,11 @@ impl History {
                 // The stored document is the exact last version (with its `null` members) when
                 // it agrees with the history; otherwise the history is what holds.
                 let doc = if entries.is_empty() || without_null_members(&doc) == rebuilt { doc } else { rebuilt.clone() };
-                Self { doc: Some(doc), rebuilt, entries, changed: false }
+                Self { indexed_at, doc: Some(doc), rebuilt, entries, changed: false }
             }
             Err(e) => {
                 warn!(attribute, error = %e, "a document's patch history does not rebuild; it starts again from the document");
-                Self { doc: Some(doc), rebuilt: Value::Object(Map::new()), entries: Vec::new(), changed: false }
+                Self { indexed_at, doc: Some(doc), rebuilt: Value::Object(Map::new()), entries: Vec::new(), changed: false }
             }
         }
     }
@@ -404,7 +415,7 @@ impl History {
     /// history is left as it was.
     pub fn apply(&mut self, time: ClusterTime, change: &PatchChange) -> Result<Applied, String> {
         let at = (time.t, time.i);
-        let last = self.entries.last().map(Entry::time);
+        let last = self.entries.last().map(Entry::time).or(self.indexed_at.filter(|_| self.doc.is_some()));
         if self.doc.is_some() && last.is_some_and(|l| l > at) {
             return Ok(Applied::AlreadyThere);
         }
@@ -414,7 +425,7 @@ impl History {
                 if self.doc.is_none() {
                     return Ok(Applied::AlreadyThere);
                 }
-                *self = Self { doc: None, rebuilt: Value::Object(Map::new()), entries: Vec::new(), changed: true };
+                *self = Self { indexed_at: None, doc: None, rebuilt: Value::Object(Map::new()), entries: Vec::new(), changed: true };
                 return Ok(Applied::Deleted);
             }
             PatchChange::Whole { source, snapshot } => {
@@ -503,10 +514,10 @@ struct DocWrites {
 enum Action {
     /// Nothing changed.
     Nothing,
-    /// Index this `_source`: `create` when the read found nothing, else only over that read.
-    Index(Vec<u8>, Option<(u64, u64)>),
-    /// Delete, only over that read.
-    Delete((u64, u64)),
+    /// Index this `_source`, versioned by the newest change applied.
+    Index(Vec<u8>, u64),
+    /// Delete, versioned by the delete's change.
+    Delete(u64),
 }
 
 impl super::Deliverer {
@@ -550,7 +561,9 @@ impl super::Deliverer {
                     _ => None,
                 });
                 let attribute = attribute.unwrap_or_else(|| Arc::from(monsoon_api::patches::DEFAULT_ATTRIBUTE));
-                let mut history = History::read(cur.as_ref().map(|c| &c.source), &attribute);
+                let mut history = History::read(cur.as_ref().map(|c| &c.source), cur.as_ref().map_or(0, |c| c.version), &attribute);
+                // The newest change applied: the version written.
+                let mut newest = 0;
                 // [versions added, deletes, replays]
                 let mut counts = [0u64; 3];
                 let mut logs: Vec<(PatchLog, Vec<u8>, u64)> = Vec::new();
@@ -573,6 +586,9 @@ impl super::Deliverer {
                         Applied::Deleted => 1,
                         Applied::AlreadyThere => 2,
                     }] += 1;
+                    if applied != Applied::AlreadyThere {
+                        newest = newest.max(w.version);
+                    }
                     // The entry holds this change's own version: the one just made, or, for a
                     // replay, the one the history holds for its time (created again, a 409 if
                     // it is there already).
@@ -589,12 +605,11 @@ impl super::Deliverer {
                     kept.push(w);
                 }
                 d.writes = kept;
-                let cas = cur.as_ref().map(|c| (c.seq_no, c.primary_term));
-                let action = match (history.changed(), history.source(&attribute), cas) {
-                    (false, _, _) => Action::Nothing,
-                    (true, Some(source), cas) => Action::Index(source, cas),
-                    (true, None, Some(cas)) => Action::Delete(cas),
-                    (true, None, None) => Action::Nothing,
+                let action = match (history.changed(), history.source(&attribute)) {
+                    (false, _) => Action::Nothing,
+                    (true, Some(source)) => Action::Index(source, newest),
+                    (true, None) if cur.is_some() => Action::Delete(newest),
+                    (true, None) => Action::Nothing,
                 };
                 if matches!(action, Action::Nothing) && logs.is_empty() {
                     m.hot.stale.inc_by(counts[2]);
@@ -714,13 +729,12 @@ fn encode_entry(log: &PatchLog, source: &[u8], body: &mut Vec<u8>) {
     body.push(b'\n');
 }
 
-/// The bulk lines of one document's conditional write.
+/// The bulk lines of one document's versioned write.
 fn encode(d: &DocWrites, action: &Action, body: &mut Vec<u8>) {
-    let (verb, cas): (&[u8], Option<(u64, u64)>) = match action {
+    let (verb, version): (&[u8], u64) = match action {
         Action::Nothing => return,
-        Action::Index(_, None) => (b"{\"create\":{\"_index\":", None),
-        Action::Index(_, Some(cas)) => (b"{\"index\":{\"_index\":", Some(*cas)),
-        Action::Delete(cas) => (b"{\"delete\":{\"_index\":", Some(*cas)),
+        Action::Index(_, v) => (b"{\"index\":{\"_index\":", *v),
+        Action::Delete(v) => (b"{\"delete\":{\"_index\":", *v),
     };
     body.extend_from_slice(verb);
     write_json_str(&d.index, body);
@@ -730,10 +744,9 @@ fn encode(d: &DocWrites, action: &Action, body: &mut Vec<u8>) {
         body.extend_from_slice(b",\"routing\":");
         write_json_str(routing, body);
     }
-    if let Some((seq_no, primary_term)) = cas {
-        body.extend_from_slice(format!(",\"if_seq_no\":{seq_no},\"if_primary_term\":{primary_term}").as_bytes());
-    }
-    body.extend_from_slice(b"}}\n");
+    body.extend_from_slice(b",\"version\":");
+    body.extend_from_slice(itoa::Buffer::new().format(version).as_bytes());
+    body.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
     if let Action::Index(source, _) = action {
         body.extend_from_slice(source);
         body.push(b'\n');
@@ -747,8 +760,11 @@ mod tests {
 
     const ATTR: &str = "json-merge-patches";
 
+    /// Seconds after `T0`: cluster times as versions start in 2020.
+    const T0: u32 = 1_700_000_000;
+
     fn t(t: u32, i: u32) -> ClusterTime {
-        ClusterTime { t, i }
+        ClusterTime { t: T0 + t, i }
     }
 
     fn whole(v: Value) -> PatchChange {
@@ -820,7 +836,7 @@ mod tests {
     /// own, whatever MongoDB's lookup returned by the time the stream read it.
     #[test]
     fn every_change_is_one_version_and_every_version_rebuilds() {
-        let mut h = History::read(None, ATTR);
+        let mut h = History::read(None, 0, ATTR);
         assert_eq!(h.apply(t(10, 1), &whole(json!({"name": "Joe", "age": 16, "friends": [1, 2, 3]}))), Ok(Applied::Version(1)));
         assert_eq!(h.apply(t(10, 2), &update(json!({"updatedFields": {"age": 21, "friends": [1, 3]}, "removedFields": []}))), Ok(Applied::Version(2)));
         assert_eq!(h.apply(t(11, 1), &update(json!({"updatedFields": {"age": 22}, "removedFields": ["name"]}))), Ok(Applied::Version(3)));
@@ -835,13 +851,13 @@ mod tests {
             ]
         );
         let e = &h.entries()[1];
-        assert_eq!((e.ts, e.i, e.v), (10, 2, 2));
+        assert_eq!((e.ts, e.i, e.v), (T0 + 10, 2, 2));
         assert_eq!(serde_json::from_str::<Value>(&e.p).expect("json"), json!({"age": 21, "friends": [1, 3]}));
         // The indexed document is the last version with its history.
         let source: Value = serde_json::from_slice(&h.source(ATTR).expect("source")).expect("json");
         assert_eq!(source["replaced"], true);
         assert_eq!(source[ATTR].as_array().map(Vec::len), Some(4));
-        assert_eq!(source[ATTR][0]["ts"], 10);
+        assert_eq!(source[ATTR][0]["ts"], T0 + 10);
     }
 
     /// A replay after a crash finds its changes in the history: nothing is added, in whatever
@@ -853,12 +869,12 @@ mod tests {
             (t(10, 2), update(json!({"updatedFields": {"n": 1}, "removedFields": []}))),
             (t(10, 3), update(json!({"updatedFields": {"n": 2}, "removedFields": []}))),
         ];
-        let mut h = History::read(None, ATTR);
+        let mut h = History::read(None, 0, ATTR);
         for (time, c) in &changes {
             h.apply(*time, c).expect("applies");
         }
         let stored: Value = serde_json::from_slice(&h.source(ATTR).expect("source")).expect("json");
-        let mut again = History::read(Some(&stored), ATTR);
+        let mut again = History::read(Some(&stored), t(10, 3).version(), ATTR);
         for (time, c) in &changes {
             assert_eq!(again.apply(*time, c), Ok(Applied::AlreadyThere), "{time:?}");
         }
@@ -869,7 +885,7 @@ mod tests {
 
     #[test]
     fn deletes_end_the_history_and_an_insert_starts_a_new_one() {
-        let mut h = History::read(None, ATTR);
+        let mut h = History::read(None, 0, ATTR);
         h.apply(t(5, 1), &whole(json!({"a": 1}))).expect("applies");
         h.apply(t(5, 2), &update(json!({"updatedFields": {"a": 2}}))).expect("applies");
         // A stale delete (before the last version) is a replay.
@@ -884,12 +900,13 @@ mod tests {
     #[test]
     fn snapshot_reads_start_a_history_or_add_a_version_only_when_different() {
         let snap = |v: Value| PatchChange::Whole { source: Bytes::from(v.to_string()), snapshot: true };
-        let mut h = History::read(None, ATTR);
+        let mut h = History::read(None, 0, ATTR);
         assert_eq!(h.apply(t(1, 0), &snap(json!({"a": 1}))), Ok(Applied::Version(1)));
         assert_eq!(h.apply(t(2, 0), &snap(json!({"a": 1}))), Ok(Applied::AlreadyThere));
         assert_eq!(h.apply(t(2, 0), &snap(json!({"a": 2}))), Ok(Applied::Version(2)));
         // A document indexed before patches were on: its history starts with what it is.
-        let mut old = History::read(Some(&json!({"a": 1, "b": null})), ATTR);
+        let mut old = History::read(Some(&json!({"a": 1, "b": null})), t(2, 0).version(), ATTR);
+        assert_eq!(old.apply(t(2, 0), &update(json!({"updatedFields": {"a": 1}}))), Ok(Applied::AlreadyThere), "older than the document");
         assert_eq!(old.apply(t(3, 0), &update(json!({"updatedFields": {"c": 1}}))), Ok(Applied::Version(1)));
         assert_eq!(old.document(), Some(&json!({"a": 1, "b": null, "c": 1})));
         assert_eq!(versions(&old), [json!({"a": 1, "c": 1})]);
@@ -898,7 +915,7 @@ mod tests {
     #[test]
     fn monstaches_entries_read_and_unreadable_changes_are_refused() {
         let stored = json!({"a": 2, ATTR: [{"p": "{\"a\":1}", "ts": 7, "v": 1}, {"p": "{\"a\":2}", "ts": 8, "v": 2}]});
-        let mut h = History::read(Some(&stored), ATTR);
+        let mut h = History::read(Some(&stored), t(8, 0).version(), ATTR);
         assert_eq!(h.entries().len(), 2);
         assert_eq!(h.apply(t(9, 1), &update(json!({"updatedFields": {"a": 3}}))), Ok(Applied::Version(3)));
         assert!(h.apply(t(9, 2), &PatchChange::Update { description: Bytes::from_static(b"not json"), lookup: None }).is_err());
@@ -906,16 +923,16 @@ mod tests {
     }
 
     #[test]
-    fn conditional_writes_carry_the_read_sequence_number() {
+    fn writes_are_versioned_by_their_newest_change() {
         let d = DocWrites { index: Arc::from("shop.orders"), id_json: "\"a\"".into(), routing: Some("r".into()), writes: Vec::new() };
         let mut body = Vec::new();
-        encode(&d, &Action::Index(b"{}".to_vec(), Some((4, 1))), &mut body);
-        encode(&d, &Action::Index(b"{}".to_vec(), None), &mut body);
-        encode(&d, &Action::Delete((5, 2)), &mut body);
+        encode(&d, &Action::Index(b"{}".to_vec(), 42), &mut body);
+        encode(&d, &Action::Delete(43), &mut body);
+        encode(&d, &Action::Nothing, &mut body);
         let lines: Vec<Value> = String::from_utf8(body).expect("utf8").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
-        assert_eq!(lines[0], json!({"index": {"_index": "shop.orders", "_id": "a", "routing": "r", "if_seq_no": 4, "if_primary_term": 1}}));
-        assert_eq!(lines[2], json!({"create": {"_index": "shop.orders", "_id": "a", "routing": "r"}}));
-        assert_eq!(lines[4], json!({"delete": {"_index": "shop.orders", "_id": "a", "routing": "r", "if_seq_no": 5, "if_primary_term": 2}}));
-        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[0], json!({"index": {"_index": "shop.orders", "_id": "a", "routing": "r", "version": 42, "version_type": "external_gte"}}));
+        assert_eq!(lines[1], json!({}));
+        assert_eq!(lines[2], json!({"delete": {"_index": "shop.orders", "_id": "a", "routing": "r", "version": 43, "version_type": "external_gte"}}));
+        assert_eq!(lines.len(), 3);
     }
 }

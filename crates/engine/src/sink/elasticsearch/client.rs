@@ -359,7 +359,7 @@ impl Elastic {
 
     /// The documents `(index, _id JSON literal, routing)` as they are now, for a
     /// read-modify-write (`POST /_mget`, real-time: it sees writes not yet refreshed): each
-    /// found document's `_source` with its `_seq_no` and `_primary_term`, in the order asked;
+    /// found document's `_source` with its `_version`, in the order asked;
     /// `None` for a document (or index) that does not exist.
     ///
     /// # Errors
@@ -381,7 +381,7 @@ impl Elastic {
             })
             .collect();
         let body = serde_json::json!({ "docs": asked });
-        let params = [("filter_path", "docs._seq_no,docs._primary_term,docs.found,docs._source,docs.error.type,docs.error.reason")];
+        let params = [("filter_path", "docs._version,docs.found,docs._source,docs.error.type,docs.error.reason")];
         let (status, response) = self.request(Method::Post, "/_mget", Some(&params), Some(json_bytes(&body)), None).await?;
         if status != 200 {
             return Err(status_error("read documents for their patch history", status, &response));
@@ -403,10 +403,10 @@ impl Elastic {
                 out.push(None);
                 continue;
             }
-            let (Some(seq_no), Some(primary_term)) = (doc["_seq_no"].as_u64(), doc["_primary_term"].as_u64()) else {
+            let Some(version) = doc["_version"].as_u64() else {
                 return Err(unreadable());
             };
-            out.push(Some(crate::sink::patches::Current { seq_no, primary_term, source: doc["_source"].take() }));
+            out.push(Some(crate::sink::patches::Current { version, source: doc["_source"].take() }));
         }
         Ok(out)
     }
