@@ -229,4 +229,26 @@ mod tests {
         let e = tm.entry(&write(Op::Index(Bytes::from_static(b"{}"))), &logged(&long)).expect("entry");
         assert!(matches!(e.op, Op::Reject { error_type: "invalid_id", .. }));
     }
+
+    /// A patched document's change carries its entry (the sink writes it with the change's own
+    /// version): no separate entry write, and the members the entry adds to that version.
+    #[test]
+    fn a_patched_change_carries_its_entry() {
+        use crate::sink::patches::{Patch, PatchChange};
+        let tm = machine(serde_json::json!({"namespaces": ["shop.orders"]}));
+        let change = PatchChange::Update { description: Bytes::from_static(b"{}"), lookup: Some(Bytes::from_static(b"{\"n\":1}")) };
+        let w = write(Op::Patch(Box::new(Patch { attribute: Arc::from("p"), change, log: None })));
+        assert!(tm.entry(&w, &logged("a1")).is_none(), "carried by the patch, not a write of its own");
+        let log = tm.patch_log(&w, &logged("a1")).expect("logged");
+        assert_eq!((&*log.index, &*log.id_json, log.routing.as_deref()), ("log.orders.2023-11-14", "\"a1@1700000000.3\"", Some("a1")));
+        let members: serde_json::Value = serde_json::from_slice(&[b"{", &log.members[..], b"}"].concat()).expect("json");
+        assert_eq!(members["_source_id"], "a1");
+        assert_eq!(members["oplog_ts"], serde_json::json!({"T": 1_700_000_000u32, "I": 3}));
+        // A delete logs nothing; an entry refused here stays a write of its own (dead-lettered).
+        let deleted = write(Op::Patch(Box::new(Patch { attribute: Arc::from("p"), change: PatchChange::Delete, log: None })));
+        assert!(tm.entry(&deleted, &logged("a1")).is_none() && tm.patch_log(&deleted, &logged("a1")).is_none());
+        let long = "x".repeat(500);
+        assert!(matches!(tm.entry(&w, &logged(&long)).map(|e| e.op), Some(Op::Reject { .. })));
+        assert!(tm.patch_log(&w, &logged(&long)).is_none());
+    }
 }
