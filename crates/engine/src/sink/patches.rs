@@ -541,6 +541,8 @@ impl super::Deliverer {
         }
         let m = &self.shared.metrics;
         let mut backoff = Backoff::default();
+        // Send each document in a request of its own (after one was refused whole).
+        let mut alone = false;
         while !docs.is_empty() {
             let asked: Vec<(&str, &str, Option<&str>)> = docs.iter().map(|d| (&*d.index, &*d.id_json, d.routing.as_deref())).collect();
             let current = match self.es.current_documents(&asked).await {
@@ -553,7 +555,6 @@ impl super::Deliverer {
                 }
             };
             // Fold each document's changes into its history.
-            let mut body = Vec::new();
             let mut sent: Vec<Round> = Vec::new();
             for (mut d, cur) in docs.drain(..).zip(current) {
                 let attribute = d.writes.iter().find_map(|w| match &w.op {
@@ -616,25 +617,79 @@ impl super::Deliverer {
                     self.shared.note_outcomes(0, counts[2]);
                     continue;
                 }
-                encode(&d, &action, &mut body);
+                let mut lines = Vec::new();
+                encode(&d, &action, &mut lines);
                 for (log, source, _) in &logs {
-                    encode_entry(log, source, &mut body);
+                    encode_entry(log, source, &mut lines);
                 }
                 let is_delete = match action {
                     Action::Nothing => None,
                     Action::Delete(_) => Some(true),
                     Action::Index(..) => Some(false),
                 };
-                sent.push(Round { doc: d, is_delete, counts, logs });
+                sent.push(Round { doc: d, is_delete, counts, logs, lines });
             }
-            if sent.is_empty() {
-                break;
+            // Requests within the batch byte limit (one per document after a request was too
+            // large); a document too large alone is refused.
+            let mut again = 0;
+            let mut failed = false;
+            let mut requests: Vec<Vec<Round>> = Vec::new();
+            let mut bytes = 0;
+            for r in sent {
+                let fits = requests.last().is_some_and(|_| !alone && bytes + r.lines.len() <= self.settings.batch.max_bytes);
+                if !fits {
+                    requests.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += r.lines.len();
+                if let Some(q) = requests.last_mut() {
+                    q.push(r);
+                }
             }
-            let is_delete: Vec<bool> = sent.iter().flat_map(|r| r.is_delete.into_iter().chain(r.logs.iter().map(|_| false))).collect();
-            let outcomes = match self.es.bulk(body).await {
+            for sent in requests {
+                let (retry, split) = self.send_round(sent, &mut docs, rejected).await;
+                again += retry;
+                failed |= split;
+            }
+            if failed {
+                alone = true;
+            }
+            if again > 0 {
+                m.retried_items.inc_by(again);
+                backoff.wait(&self.abort).await?;
+            } else {
+                self.shared.health.sink_beat(true);
+                backoff.reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Send one request of documents' writes and sort its answers: documents to read again go
+    /// back to `docs`, refusals to `rejected`. Returns how many go back, and whether the request
+    /// was refused whole for holding several documents (send them one by one).
+    async fn send_round(&self, sent: Vec<Round>, docs: &mut Vec<DocWrites>, rejected: &mut Vec<(Write, Refusal)>) -> (u64, bool) {
+        let m = &self.shared.metrics;
+        let body: Vec<u8> = sent.iter().flat_map(|r| r.lines.iter().copied()).collect();
+        let is_delete: Vec<bool> = sent.iter().flat_map(|r| r.is_delete.into_iter().chain(r.logs.iter().map(|_| false))).collect();
+        let outcomes = match self.es.bulk(body).await {
                 Ok((status, response)) => match classify_status(status) {
                     RequestOutcome::ReadItems => classify_response(&response, &is_delete).map_err(|e| crate::error_chain(&e)),
-                    other => Err(format!("bulk request answered {status} ({other:?}): {}", String::from_utf8_lossy(&response[..response.len().min(300)]))),
+                    RequestOutcome::Split if sent.len() == 1 => {
+                        let reason = format!("the document with its patch history was refused ({status}): {}", String::from_utf8_lossy(&response[..response.len().min(300)]));
+                        for r in sent {
+                            for w in r.doc.writes {
+                                rejected.push((w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() }));
+                            }
+                        }
+                        return (0, false);
+                    }
+                    RequestOutcome::Split => {
+                        warn!(status, documents = sent.len(), "a request of patched documents was refused whole; sending them one by one");
+                        docs.extend(sent.into_iter().map(|r| r.doc));
+                        return (0, true);
+                    }
+                    RequestOutcome::Retry => Err(format!("bulk request answered {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)]))),
                 },
                 Err(e) => Err(crate::error_chain(&e)),
             };
@@ -643,9 +698,9 @@ impl super::Deliverer {
                 Err(reason) => {
                     warn!(reason = %reason, documents = sent.len(), "writing patched documents failed; reading them again and retrying");
                     self.shared.health.sink_beat(false);
-                    docs = sent.into_iter().map(|r| r.doc).collect();
-                    backoff.wait(&self.abort).await?;
-                    continue;
+                    let n = sent.len() as u64;
+                    docs.extend(sent.into_iter().map(|r| r.doc));
+                    return (n, false);
                 }
             };
             let mut outcomes = outcomes.into_iter();
@@ -687,15 +742,7 @@ impl super::Deliverer {
                     self.shared.note_outcomes(r.counts[0] + r.counts[1], r.counts[2]);
                 }
             }
-            if again > 0 {
-                m.retried_items.inc_by(again);
-                backoff.wait(&self.abort).await?;
-            } else {
-                self.shared.health.sink_beat(true);
-                backoff.reset();
-            }
-        }
-        Ok(())
+            (again, false)
     }
 }
 
@@ -708,6 +755,8 @@ struct Round {
     counts: [u64; 3],
     /// Its time machine entries: where, the entry, the change's version.
     logs: Vec<(PatchLog, Vec<u8>, u64)>,
+    /// Its bulk lines.
+    lines: Vec<u8>,
 }
 
 /// The bulk lines creating a time machine entry (a replayed one answers 409: the first stays).
