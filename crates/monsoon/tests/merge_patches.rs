@@ -361,3 +361,39 @@ async fn sigkill_while_updating_keeps_every_version_once() -> anyhow::Result<()>
     eprintln!("{} versions in 12 histories over {rounds} rounds; {stats}", expected.total());
     Ok(())
 }
+
+/// A measurement, not a check: 1,000 documents inserted and updated three times (4,000
+/// changes), from the first write until the index holds the last version of each, with and
+/// without merge patches. `cargo test --test merge_patches -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement"]
+async fn patched_changes_per_second() -> anyhow::Result<()> {
+    for patched in [false, true] {
+        let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+        let orders = client.database("shop").collection::<Document>("orders");
+        let state = TempDir::new("state");
+        let patches = if patched { "  mergePatches:\n    namespaces: [shop.orders]\n" } else { "" };
+        let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], &format!("  snapshot: false\n{patches}"));
+        let monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+        monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+        let started = Instant::now();
+        insert_all(&orders, (0..1000).map(|n| doc! {"_id": n, "n": 0, "text": "x".repeat(200)}).collect()).await?;
+        for _ in 0..3 {
+            orders.update_many(doc! {}, doc! {"$inc": {"n": 1}}).await?;
+        }
+        let written = started.elapsed();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = indexed(&esc).await?;
+            let done = got.len() == 1000 && got.values().all(|s| s["n"] == 3 && (!patched || s[ATTR].as_array().map(Vec::len) == Some(4)));
+            if done {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "not done\n{}", tail(&monsoon.log(), 20));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = started.elapsed();
+        eprintln!("patched={patched}: 4000 changes written in {:.2}s, indexed after {:.2}s: {:.0} changes/s", written.as_secs_f64(), took.as_secs_f64(), 4000.0 / took.as_secs_f64());
+    }
+    Ok(())
+}
