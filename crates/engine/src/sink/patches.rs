@@ -29,8 +29,11 @@
 //! - Every change is in its document's history exactly once: a change at or before the last
 //!   entry's cluster time (`ts`, `i`) is a replay and adds nothing (the one at the same time is
 //!   applied again, which changes nothing unless a transaction changed the document twice).
-//! - A write never overwrites a version it did not read (optimistic concurrency), so two
-//!   writers, a replay and a zombie worker cannot lose each other's entries.
+//! - A write never regresses a document: it carries its newest change's cluster time as an
+//!   `external_gte` version, so an older write (a replay, a worker that lost its lease) loses
+//!   with 409 and is read again; the `_version` of a document is its last entry's time.
+//! - A request is at most `batch.maxBytes` (one document alone after a 413); a document too
+//!   large alone is dead-lettered, never retried forever.
 //! - Writes of a patched document are never coalesced (each is a version) and, as every write,
 //!   never in flight twice (the batcher's rule).
 
