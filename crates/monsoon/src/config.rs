@@ -259,6 +259,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         locations_index: monsoon_engine::sink::locations::DEFAULT_INDEX.into(),
         scripts: scripts_config(spec)?,
         time_machine: spec.time_machine.clone(),
+        relate: spec.relate.clone(),
     })
 }
 

@@ -11,6 +11,8 @@
 //! - [`stage`]: the task: places changes, awaits script decisions in order, keeps `written`, and
 //!   hands writes, positions, drops and sweeps to the sink;
 //! - [`time_machine`]: the log entry a change of a time machine namespace also becomes.
+//! - [`relate`]: the relations' lookups (`spec.relate`): the documents of other namespaces a
+//!   change re-syncs, read by a task per change and handed back in order.
 //!
 //! A namespace without a mapping has the plain shape, for which the stage keeps its direct path
 //! (one conversion, nothing else), so a pipeline pays only for what it uses.
@@ -28,6 +30,7 @@ pub mod place;
 pub mod query;
 pub mod script;
 pub mod stage;
+pub mod relate;
 pub mod time_machine;
 
 use std::sync::Arc;

@@ -24,6 +24,7 @@ mod files;
 mod mappings;
 mod namespaces;
 mod notes;
+mod relate;
 mod scripts;
 mod start;
 mod time_machine;
@@ -196,6 +197,8 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     mappings::convert(&table, &membership, &mut spec, &mut notes)?;
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
     time_machine::convert(&table, &membership, &mut spec, &mut notes)?;
+    relate::convert(&table, &membership, &mut spec, &mut notes)?;
+    relate::share_indexes(&mut spec, &mut notes);
     notes::left_out(&table, &mut notes);
 
     let pipeline = SyncPipeline::new(name, spec);
@@ -235,6 +238,8 @@ fn option_of(field: &str) -> &'static str {
         ("spec.timeMachine", "time-machine-namespaces"),
         ("spec.batch", "elasticsearch-max-docs"),
         ("spec.files", "file-namespaces"),
+        ("spec.relate", "[[relate]]"),
+        ("spec.sharedIndexes", "[[mapping]].index"),
     ];
     BY_PREFIX.iter().find(|(prefix, _)| field.starts_with(prefix)).map_or("the configuration", |(_, option)| option)
 }
