@@ -138,6 +138,15 @@ pub struct SyncPipelineSpec {
     /// and replays. See the README's "Merge patches".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge_patches: Option<crate::patches::MergePatches>,
+    /// Re-sync documents of another namespace when a document changes (Monstache's
+    /// `[[relate]]`, and with a view as `withNamespace`, its view replication): a change in
+    /// `namespace` finds the documents of `withNamespace` whose `matchField` equals the changed
+    /// document's `srcField`, reads them (through the view, for a view) and writes them as
+    /// changes of `withNamespace`, in order with the change, before its position is
+    /// checkpointed. Change-stream changes only (a snapshot reads each namespace itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub relate: Vec<Relate>,
     /// Batching and concurrency of bulk requests.
     #[serde(default)]
     pub batch: BatchSpec,
@@ -260,6 +269,74 @@ pub struct StreamStart {
     /// not a sharded cluster's router).
     #[serde(default, skip_serializing_if = "is_false")]
     pub oldest: bool,
+}
+
+/// One relation (`spec.relate[]`, Monstache's `[[relate]]`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Relate {
+    /// The namespace whose changes trigger the re-sync (`db.collection`, synced by the
+    /// pipeline so its changes are followed).
+    #[schemars(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.[^$*]+$"#))]
+    pub namespace: String,
+    /// The namespace whose documents are re-synced (`db.collection`, or a view: read through
+    /// it). Its documents go where its own changes would (its index, mapping and scripts).
+    #[schemars(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.[^$*]+$"#))]
+    pub with_namespace: String,
+    /// The changed document's field whose value is looked for (dotted path). Default `_id`.
+    #[serde(default = "default_relate_field")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub src_field: String,
+    /// The field of `withNamespace`'s documents that must equal it (dotted path). Default
+    /// `_id`.
+    #[serde(default = "default_relate_field")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub match_field: String,
+    /// Convert the value before matching: `objectId` (from its hex text), `string`, `int` or
+    /// `long` (64-bit integer), `decimal` (128-bit decimal). Unset: matched as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_field_type: Option<MatchFieldType>,
+    /// Also write the changed document itself (as any change of `namespace`). When no
+    /// relation of a namespace keeps its source, its changes only trigger re-syncs (as in
+    /// Monstache, whose `keep-src` defaults to false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keep_src: bool,
+    /// How many relations deep a change re-syncs (a re-synced document whose namespace has
+    /// relations of its own triggers them in turn): 1 = this relation only. 0 (the default):
+    /// no limit; a document is never re-synced twice for one change, so cycles end.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = 100))]
+    pub max_depth: u32,
+    /// Match `matchField` as a dotted path (`{"a.b": value}`: any document whose `a.b` equals
+    /// the value). False (Monstache's default): a nested selector (`{"a": {"b": value}}`,
+    /// which matches only when `a` is exactly that sub-document). No difference for a
+    /// top-level field.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dot_notation: bool,
+}
+
+fn default_relate_field() -> String {
+    "_id".to_string()
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How a relation converts the value it matches (`spec.relate[].matchFieldType`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MatchFieldType {
+    /// An ObjectId, from its 24-digit hex text (or as it is).
+    ObjectId,
+    /// Text (an ObjectId as its hex digits).
+    String,
+    /// A 64-bit integer.
+    Int,
+    /// A 64-bit integer.
+    Long,
+    /// A 128-bit decimal.
+    Decimal,
 }
 
 /// Time machines: a log of every version of some namespaces' documents, in dated indexes.

@@ -250,6 +250,7 @@ pub fn validate(pipeline: &SyncPipeline) -> Result<ValidatedPipeline, Vec<FieldE
     validate_time_machine(spec, &patterns, &mut errs);
     let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
     crate::patches::validate(spec, |p| is_synced(p, &patterns, regex.as_ref()), &mut errs.0);
+    validate_relate(spec, &patterns, &mut errs);
     if let Some(start) = &spec.stream_start {
         match (start.timestamp, start.oldest) {
             (Some(0), _) => errs.push("spec.streamStart.timestamp", "must be seconds since the Unix epoch (1 or more)"),
@@ -502,6 +503,34 @@ fn validate_time_machine(spec: &SyncPipelineSpec, patterns: &[NamespacePattern],
     }
     if tm.snapshot && !spec.snapshot {
         errs.push("spec.timeMachine.snapshot", "has no effect with `snapshot: false`; set `snapshot: true`, or remove it");
+    }
+}
+
+/// `spec.relate`: each relation joins a namespace the pipeline follows to an exact namespace,
+/// through field paths that parse.
+fn validate_relate(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
+    let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    for (i, r) in spec.relate.iter().enumerate() {
+        let at = |field: &str| format!("spec.relate[{i}].{field}");
+        match NamespacePattern::parse(&r.namespace) {
+            Ok(p) if p.collection.is_none() => errs.push(at("namespace"), format!("`{}` names no collection: a relation starts from one collection; write `db.collection`", r.namespace)),
+            Ok(p) if !is_synced(&p, patterns, regex.as_ref()) => errs.push(
+                at("namespace"),
+                format!("`{}` is not synced by this pipeline, so its changes are never read; add it to `spec.namespaces`", r.namespace),
+            ),
+            Ok(_) => {}
+            Err(m) => errs.push(at("namespace"), m),
+        }
+        match NamespacePattern::parse(&r.with_namespace) {
+            Ok(p) if p.collection.is_none() => errs.push(at("withNamespace"), format!("`{}` names no collection: write `db.collection` (a collection or a view)", r.with_namespace)),
+            Ok(_) => {}
+            Err(m) => errs.push(at("withNamespace"), m),
+        }
+        for (field, path) in [("srcField", &r.src_field), ("matchField", &r.match_field)] {
+            if let Err(m) = crate::shape::FieldPath::parse(path) {
+                errs.push(at(field), m);
+            }
+        }
     }
 }
 

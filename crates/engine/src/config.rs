@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub time_machine: Option<monsoon_api::TimeMachine>,
     /// Merge patches (`spec.mergePatches`, validated): documents keeping their patch history.
     pub merge_patches: Option<monsoon_api::MergePatches>,
+    /// Relations (`spec.relate`): changes that re-sync documents of other namespaces.
+    pub relate: Vec<monsoon_api::Relate>,
 }
 
 /// Where a new pipeline's change stream starts (`spec.streamStart`).
@@ -345,6 +347,12 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Whether the pipeline names `db.coll` exactly (in `namespaces` or `snapshotNamespaces`),
+    /// not through `db.*` or a regular expression.
+    pub fn names(&self, db: &str, coll: &str) -> bool {
+        self.include.iter().chain(&self.snapshot_only).any(|p| p.database == db && p.collection.as_deref() == Some(coll))
+    }
+
     /// Whether `db.coll` is synced. Without regular expressions this allocates nothing (it runs
     /// for every change event).
     pub fn includes(&self, db: &str, coll: &str) -> bool {

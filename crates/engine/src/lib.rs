@@ -211,7 +211,10 @@ async fn run_inner<S: CheckpointStore>(
         metrics: metrics.clone(),
         health: health.clone(),
         abort: abort.clone(),
+        relations: (!config.relate.is_empty())
+            .then(|| Arc::new(transform::relate::Relations::new(&config.relate, client.clone(), config.shard, abort.clone(), metrics.clone()))),
     };
+    let relating: std::collections::BTreeSet<String> = config.relate.iter().map(|r| r.namespace.clone()).collect();
     let (input, changes) = transform::change::Input::channel();
     let transform = tokio::spawn(transform.run(changes, sink).instrument(tracing::info_span!("transform", pipeline = %name)));
     let source = Source {
@@ -227,6 +230,8 @@ async fn run_inner<S: CheckpointStore>(
         keep_update: scripts.is_some() || config.merge_patches.is_some(),
         snapshot_split: config.snapshot_split,
         files: config.files.as_ref(),
+        relating: &relating,
+        views: std::sync::Mutex::default(),
         last_names: std::sync::Mutex::new(None),
     };
     let result = follow(config, &source, start, options.exit_after_snapshot).instrument(tracing::info_span!("source", pipeline = %name)).await;

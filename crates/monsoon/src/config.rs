@@ -260,6 +260,7 @@ pub fn engine_config(p: &ValidatedPipeline) -> Result<EngineConfig, Error> {
         scripts: scripts_config(spec)?,
         time_machine: spec.time_machine.clone(),
         merge_patches: spec.merge_patches.clone(),
+        relate: spec.relate.clone(),
     })
 }
 

@@ -33,6 +33,9 @@ pub struct Doc {
     /// For a document of a GridFS files collection indexed with content (`spec.files`): the
     /// file's content, read from its chunks.
     pub file: Option<FileBody>,
+    /// This worker owns the document. A change of a document another shard owns is handed on
+    /// only for its relations (`spec.relate`), never written itself.
+    pub owned: bool,
 }
 
 /// A GridFS file's content, as the source read it.

@@ -13,6 +13,8 @@
 //! - [`time_machine`]: the log entry a change of a time machine namespace also becomes;
 //! - [`patch`]: what a change of a namespace with merge patches becomes (the sink keeps the
 //!   history).
+//! - [`relate`]: the relations' lookups (`spec.relate`): the documents of other namespaces a
+//!   change re-syncs, read by a task per change and handed back in order.
 //!
 //! A namespace without a mapping has the plain shape, for which the stage keeps its direct path
 //! (one conversion, nothing else), so a pipeline pays only for what it uses.
@@ -31,6 +33,7 @@ pub mod place;
 pub mod query;
 pub mod script;
 pub mod stage;
+pub mod relate;
 pub mod time_machine;
 
 use std::sync::Arc;

@@ -94,6 +94,7 @@ mod tests {
             version: 1,
             from_snapshot: snapshot,
             file: None,
+            owned: true,
         }
     }
 

@@ -267,6 +267,21 @@ impl Placer {
     }
 }
 
+impl Placer {
+    /// The dead letter of a relation that could not be followed from the change of document
+    /// `id` in `ns` (`spec.relate`).
+    pub fn relation_failed(&self, ns: &Arc<str>, id: &mongodb::bson::RawBson, version: u64, reason: String, stats: &mut ConvertStats) -> Write {
+        let index = ns.split_once('.').map_or_else(String::new, |(db, coll)| self.routing.index_for(db, coll));
+        let mut id_json = Vec::new();
+        let id_json: Box<str> = match convert::write_es_id(id.as_raw_bson_ref(), &mut id_json) {
+            Ok(()) => String::from_utf8_lossy(&id_json).into(),
+            Err(_) => "null".into(),
+        };
+        let _ = stats;
+        Write::new(ns.clone(), Arc::from(index), id_json, version, Op::Reject { error_type: "relate_failed", reason, document: None })
+    }
+}
+
 /// A change, borrowed from its [`Doc`].
 #[derive(Clone, Copy)]
 struct View<'a> {

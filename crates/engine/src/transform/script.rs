@@ -60,7 +60,7 @@ pub struct MongoLookup {
 /// Whether MongoDB refused a lookup for a reason retrying cannot change: a command error (a
 /// malformed query, an unknown operator) that is not one of the transient ones a failover or a
 /// busy server answers. Network, selection and pool errors are outages, to be waited out.
-fn refused_for_good(e: &mongodb::error::Error) -> bool {
+pub(crate) fn refused_for_good(e: &mongodb::error::Error) -> bool {
     use mongodb::error::ErrorKind;
     // Not primary, shutting down, interrupted, stepped down, host unreachable, network timeout,
     // time limit exceeded: a failover or an overloaded server.

@@ -27,6 +27,7 @@ use tracing::{error, info};
 
 use super::change::Change;
 use super::place::{Placed, Placer};
+use super::relate::{Related, Relations};
 use super::time_machine::Logged;
 use crate::checkpoint::written::IndexBook;
 use crate::checkpoint::ClusterTime;
@@ -64,6 +65,10 @@ enum Step {
     Write(Write, Arc<str>, Option<Logged>),
     /// A write the scripts decide; the namespace's default index; as for [`Step::Write`].
     Deferred(Write, tokio::task::JoinHandle<Option<Write>>, Arc<str>, Option<Logged>),
+    /// A change of a namespace with relations: its own step, if it writes one, then the
+    /// related documents as the re-sync reads them; the change's namespace and `_id` (where a
+    /// relation that cannot be followed is dead-lettered).
+    Related(Option<Box<Step>>, mpsc::Receiver<Related>, Arc<str>, mongodb::bson::RawBson, u64),
     /// Anything else, handed on as it came.
     Other(Change),
 }
@@ -84,6 +89,8 @@ pub struct Transform {
     pub health: Arc<Health>,
     /// Forced stop: give up waiting on decisions.
     pub abort: CancellationToken,
+    /// Relations (`spec.relate`), when the pipeline has any.
+    pub relations: Option<Arc<Relations>>,
 }
 
 impl Transform {
@@ -95,7 +102,7 @@ impl Transform {
     pub async fn run(self, input: mpsc::Receiver<Vec<Change>>, sink: Sink) -> Result<(), Error> {
         let (window_tx, window_rx) = mpsc::channel(WINDOW);
         let result = {
-            let placing = place_all(&self.placer, &self.metrics, input, window_tx);
+            let placing = place_all(&self.placer, self.relations.as_ref(), &self.metrics, input, window_tx);
             let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
             let handing_on = self.hand_on_all(window_rx, &mut out);
             tokio::pin!(placing, handing_on);
@@ -139,7 +146,57 @@ impl Transform {
                     Ok(())
                 }
             },
+            Step::Related(own, related, ns, id, version) => {
+                if let Some(own) = own {
+                    Box::pin(self.hand_on(*own, out)).await?;
+                }
+                self.hand_on_related(related, &ns, &id, version, out).await
+            }
             Step::Other(change) => self.hand_on_change(change, out).await,
+        }
+    }
+
+    /// Hand on the related documents of a change, as its re-sync reads them, until it is done
+    /// (while it reads, `/stats` says the stage is waiting, and `/healthz` fails once the wait
+    /// outlasts a loop's allowed silence).
+    async fn hand_on_related(&self, mut related: mpsc::Receiver<Related>, ns: &Arc<str>, id: &mongodb::bson::RawBson, version: u64, out: &mut Out<'_>) -> Result<(), Error> {
+        let mut stats = ConvertStats::default();
+        loop {
+            let next = match related.try_recv() {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    // Hand on what is ready rather than hold it while the lookups run.
+                    out.send().await?;
+                    self.health.transform_waiting(true);
+                    let r = tokio::select! {
+                        r = related.recv() => r,
+                        () = self.abort.cancelled() => None,
+                    };
+                    self.health.transform_waiting(false);
+                    r
+                }
+            };
+            match next {
+                Some(Related::Doc(doc)) => {
+                    let default = self.placer.route(&doc.db, &doc.coll).index;
+                    let logged = self.placer.logged(&doc);
+                    let step = match self.placer.place(&doc, &mut stats) {
+                        Placed::Nothing => continue,
+                        Placed::Write(w) => Step::Write(w, default, logged),
+                        Placed::Deferred { fallback, decision } => Step::Deferred(fallback, decision, default, logged),
+                    };
+                    Box::pin(self.hand_on(step, out)).await?;
+                }
+                Some(Related::Failed { reason }) => {
+                    error!(namespace = %ns, reason = %reason, "relation not followed; dead-lettered");
+                    let w = self.placer.relation_failed(ns, id, version, reason, &mut stats);
+                    let default = w.index.clone();
+                    self.hand_on_write(w, &default, None, out).await?;
+                }
+                Some(Related::Done) => return Ok(()),
+                // Stopped before it was done: nothing after this change may be acknowledged.
+                None => return Err(Error::SinkClosed(Closed)),
+            }
         }
     }
 
@@ -310,10 +367,10 @@ impl Out<'_> {
 }
 
 /// Place every chunk the source hands on, in order, into the window.
-async fn place_all(placer: &Placer, metrics: &Metrics, mut input: mpsc::Receiver<Vec<Change>>, window: mpsc::Sender<Vec<Step>>) {
+async fn place_all(placer: &Placer, relations: Option<&Arc<Relations>>, metrics: &Metrics, mut input: mpsc::Receiver<Vec<Change>>, window: mpsc::Sender<Vec<Step>>) {
     let mut stats = ConvertStats::default();
     while let Some(changes) = input.recv().await {
-        let steps = changes.into_iter().filter_map(|c| place(placer, c, &mut stats)).collect();
+        let steps = changes.into_iter().filter_map(|c| place_related(placer, relations, c, &mut stats)).collect();
         if stats.non_finite_nulled > 0 {
             metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
             stats = ConvertStats::default();
@@ -325,8 +382,25 @@ async fn place_all(placer: &Placer, metrics: &Metrics, mut input: mpsc::Receiver
     }
 }
 
+/// Place a change, starting the re-sync of what it relates to (`spec.relate`) for a
+/// change-stream change of a namespace with relations.
+fn place_related(placer: &Placer, relations: Option<&Arc<Relations>>, change: Change, stats: &mut ConvertStats) -> Option<Step> {
+    let Some(relations) = relations else { return place(placer, change, stats) };
+    let Change::Doc(doc) = &change else { return place(placer, change, stats) };
+    let ns = format!("{}.{}", doc.db, doc.coll);
+    if doc.from_snapshot || !relations.triggers(&ns) {
+        return place(placer, change, stats);
+    }
+    let related = relations.resync(doc);
+    let (id, version) = (doc.id.clone(), doc.version);
+    let own = if doc.owned && relations.writes_own(&ns) { place(placer, change, stats).map(Box::new) } else { None };
+    Some(Step::Related(own, related, Arc::from(ns), id, version))
+}
+
 fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<Step> {
     match change {
+        // Another shard's document, handed on for its relations only.
+        Change::Doc(doc) if !doc.owned => None,
         Change::Doc(doc) => {
             let default = placer.route(&doc.db, &doc.coll).index;
             let logged = placer.logged(&doc);
@@ -372,6 +446,7 @@ mod tests {
             metrics,
             health,
             abort: CancellationToken::new(),
+            relations: None,
         }
     }
 

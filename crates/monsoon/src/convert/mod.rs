@@ -25,6 +25,7 @@ mod mappings;
 mod namespaces;
 mod notes;
 mod patches;
+mod relate;
 mod scripts;
 mod start;
 mod time_machine;
@@ -198,6 +199,8 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
     time_machine::convert(&table, &membership, &mut spec, &mut notes)?;
     patches::convert(&table, &membership, &mut spec, &mut notes)?;
+    relate::convert(&table, &membership, &mut spec, &mut notes)?;
+    relate::share_indexes(&mut spec, &mut notes);
     notes::left_out(&table, &mut notes);
 
     let pipeline = SyncPipeline::new(name, spec);
@@ -239,6 +242,8 @@ fn option_of(field: &str) -> &'static str {
         ("spec.files", "file-namespaces"),
         ("spec.mergePatches.attribute", "merge-patch-attribute"),
         ("spec.mergePatches", "patch-namespaces"),
+        ("spec.relate", "[[relate]]"),
+        ("spec.sharedIndexes", "[[mapping]].index"),
     ];
     BY_PREFIX.iter().find(|(prefix, _)| field.starts_with(prefix)).map_or("the configuration", |(_, option)| option)
 }

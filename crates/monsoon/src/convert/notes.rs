@@ -41,15 +41,14 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ("dropped-databases", "a dropped database drops each of its synced collections, per `onDrop`"),
     ("routing-namespaces", "a namespace is routed when its mapping sets `routing` (or an index or `_id` from a field); monsoon then records where each document went"),
     ("delete-strategy", "deletes of routed or re-indexed documents go where monsoon recorded them (index `monsoon-locations`): precise, with no search per delete and no state in MongoDB"),
+    ("relate-threads", "relations are followed in the transform stage, many changes at once, each in order"),
+    ("relate-buffer", "related changes wait in the transform stage's bounded window; none is skipped when it is full (Monstache skips them)"),
     ("delete-index-pattern", "deletes go where monsoon recorded each routed document; no index pattern is searched"),
 ];
 
 /// Options monsoon does not support yet.
 const NOT_YET: &[&str] = &[
     "namespace-drop-exclude-regex",
-    "relate",
-    "relate-threads",
-    "relate-buffer",
     "mapper-plugin-path",
     "post-processors",
     "prune-invalid-json",
@@ -67,7 +66,7 @@ const HANDLED: &[&str] = &[
     "oplog-date-field-name", "oplog-date-field-format", "script", "filter", "pipeline",
     "resume-from-timestamp", "replay", "exit-after-direct-reads", "aws-connect", "direct-read-split-max", "index-files", "file-namespaces", "max-file-size", "time-machine-namespaces",
     "time-machine-index-prefix", "time-machine-index-suffix", "time-machine-direct-reads", "enable-patches", "patch-namespaces",
-    "merge-patch-attribute",
+    "merge-patch-attribute", "relate",
 ];
 
 /// A note for every option no other part took.

@@ -404,14 +404,14 @@ fn every_realistic_config_converts_into_a_valid_pipeline_or_one_clear_refusal() 
         ("url credentials", "elasticsearch-urls = [\"https://elastic:s3cr3t@search.example.com:443\"]\nchange-stream-namespaces = [\"shop\"]\n[[mapping]]\nnamespace = \"shop.Orders\"\nindex = \"Shop_Orders\"\n", None),
         ("no scheme", "elasticsearch-urls = [\"elasticsearch:9200\"]\n", None),
         ("mapping without a database", "direct-read-namespaces = [\"test.users\"]\n[[mapping]]\nnamespace = \"users\"\nindex = \"users\"\n", Some("[[mapping]].namespace")),
-        ("two namespaces one index", "change-stream-namespaces = [\"a.x\", \"b.x\"]\n[[mapping]]\nnamespace = \"a.x\"\nindex = \"x\"\n[[mapping]]\nnamespace = \"b.x\"\nindex = \"x\"\n", Some("[[mapping]].index")),
+        ("two namespaces one index", "change-stream-namespaces = [\"a.x\", \"b.x\"]\n[[mapping]]\nnamespace = \"a.x\"\nindex = \"x\"\n[[mapping]]\nnamespace = \"b.x\"\nindex = \"x\"\n", None),
         ("bad index", "change-stream-namespaces = [\"a.x\"]\n[[mapping]]\nnamespace = \"a.x\"\nindex = \"_x\"\n", Some("[[mapping]].index")),
         ("system database", "direct-read-namespaces = [\"admin.system.users\"]\n", Some("direct-read-namespaces")),
         ("bad regex", "namespace-regex = \"(?<=shop)\\\\.x\"\n", Some("namespace-regex")),
         ("regex selects nothing listed", "change-stream-namespaces = [\"shop.orders\"]\nnamespace-regex = \"^logs\\\\.\"\n", Some("namespace-regex")),
         ("no change events, no reads", "disable-change-events = true\n", Some("direct-read-namespaces")),
         ("one-shot reindex", "direct-read-namespaces = [\"shop.orders\"]\nexit-after-direct-reads = true\nelasticsearch-max-seconds = 5\nelasticsearch-max-bytes = 8000000\n", None),
-        ("view replication", "direct-read-namespaces = [\"thingdb.thingview\"]\nchange-stream-namespaces = [\"thingdb.thing\", \"thingdb.state\"]\n[[mapping]]\nnamespace = \"thingdb.thing\"\nindex = \"things\"\n[[mapping]]\nnamespace = \"thingdb.thingview\"\nindex = \"things\"\n[[relate]]\nnamespace = \"thingdb.thing\"\nwith-namespace = \"thingdb.thingview\"\n", Some("[[mapping]].index")),
+        ("view replication", "direct-read-namespaces = [\"thingdb.thingview\"]\nchange-stream-namespaces = [\"thingdb.thing\", \"thingdb.state\"]\n[[mapping]]\nnamespace = \"thingdb.thing\"\nindex = \"things\"\n[[mapping]]\nnamespace = \"thingdb.thingview\"\nindex = \"things\"\n[[relate]]\nnamespace = \"thingdb.thing\"\nwith-namespace = \"thingdb.thingview\"\n", None),
         ("time machine and patches", "change-stream-namespaces = [\"test.test\"]\ntime-machine-namespaces = [\"test.test\"]\nenable-patches = true\npatch-namespaces = [\"test.test\"]\n", None),
         ("documentdb", "mongo-url = \"mongodb://user:pass@docdb.cluster.example:27017/?tls=true&replicaSet=rs0&readPreference=primary\"\nchange-stream-namespaces = [\"db1.col1\", \"db2.col2\"]\nresume-strategy = 1\n", None),
         ("start points", "resume-from-timestamp = 1717243200\nchange-stream-namespaces = [\"shop\"]\nindex-as-update = true\nindex-oplog-time = true\n", None),
@@ -609,5 +609,65 @@ merge-patch-attribute = "custom-merge-attr"
     ] {
         let e = convert(text, "mp").expect_err(text).to_string();
         assert!(e.starts_with(&format!("`{option}`")) && !e.contains('\n'), "{e}");
+    }
+}
+
+/// Monstache's view replication example (its documentation's "thing / state / thingview"),
+/// unchanged: both relations carry over, the view is snapshotted (and only it), and the index
+/// the collection and its view share is listed in `sharedIndexes`.
+pub(crate) const THINGS: &str = r#"
+direct-read-namespaces = ["thingdb.thingview"] # read direct from the view of the collection to seed index
+
+change-stream-namespaces = ["thingdb.thing", "thingdb.state"] # change events happen on the underlying collections not views
+
+[[mapping]]
+namespace = "thingdb.thing" # map change events on the thing collection to the things index
+index = "things"
+
+[[mapping]]
+namespace = "thingdb.thingview" # map direct reads of the thingview to the same things index
+index = "things"
+
+[[relate]]
+namespace = "thingdb.thing"  # when a thing changes look it up in the assoicated view by _id and index that
+with-namespace = "thingdb.thingview"
+keep-src = false # ignore the original thing that changed and instead just use the lookup of that thing via the view
+
+[[relate]]
+namespace = "thingdb.state" # when a state changes trigger a thing change event since thing is associated to a state
+with-namespace = "thingdb.thing"
+src-field = "_id" # use the _id field of the state that changed to lookup associated things
+match-field = "s" # only trigger change events for the things where thing.s (match-field) = state._id (src-field).
+keep-src = false
+"#;
+
+#[test]
+fn relations_and_view_replication_carry_over() {
+    let c = converted(THINGS);
+    let spec = &c.pipeline.spec;
+    assert_eq!(spec.relate.len(), 2);
+    let (thing, state) = (&spec.relate[0], &spec.relate[1]);
+    assert_eq!((thing.namespace.as_str(), thing.with_namespace.as_str(), thing.src_field.as_str(), thing.match_field.as_str(), thing.keep_src), ("thingdb.thing", "thingdb.thingview", "_id", "_id", false));
+    assert_eq!((state.namespace.as_str(), state.with_namespace.as_str(), state.src_field.as_str(), state.match_field.as_str()), ("thingdb.state", "thingdb.thing", "_id", "s"));
+    assert_eq!(spec.snapshot_namespaces, ["thingdb.thingview"]);
+    assert!(spec.namespaces.contains(&"thingdb.thingview".to_string()), "{:?}", spec.namespaces);
+    assert_eq!(spec.shared_indexes, ["things"]);
+    assert!(noted(&c, "[[mapping]].index").is_some_and(|n| n.contains("things") && n.contains("sharedIndexes")));
+    assert!(noted(&c, "relate").is_none(), "relate is converted, not left out");
+
+    let c = converted("change-stream-namespaces = [\"a.orders\", \"a.customers\"]\nrelate-buffer = 10\n[[relate]]\nnamespace = \"a.orders\"\nwith-namespace = \"a.customers\"\nsrc-field = \"customer.id\"\nmatch-field = \"_id\"\nmatch-field-type = \"objectId\"\nkeep-src = true\nmax-depth = 2\ndot-notation = true\n");
+    let r = &c.pipeline.spec.relate[0];
+    assert_eq!((r.src_field.as_str(), r.match_field_type, r.keep_src, r.max_depth, r.dot_notation), ("customer.id", Some(monsoon_api::MatchFieldType::ObjectId), true, 2, true));
+    assert!(noted(&c, "relate-buffer").is_some_and(|n| n.contains("none is skipped")));
+    // A relation from a namespace the configuration does not follow is noted, not kept.
+    let c = converted("change-stream-namespaces = [\"a.orders\"]\n[[relate]]\nnamespace = \"b.x\"\nwith-namespace = \"a.orders\"\n");
+    assert!(c.pipeline.spec.relate.is_empty());
+    assert!(noted(&c, "[[relate]]").is_some_and(|n| n.contains("b.x")));
+    for (text, option) in [
+        ("[[relate]]\nnamespace = \"a.x\"\n", "[[relate]]"),
+        ("[[relate]]\nnamespace = \"a.x\"\nwith-namespace = \"y\"\n", "[[relate]].with-namespace"),
+        ("[[relate]]\nnamespace = \"a.x\"\nwith-namespace = \"a.y\"\nmatch-field-type = \"uuid\"\n", "[[relate]].match-field-type"),
+    ] {
+        assert!(refused(text).starts_with(&format!("`{option}`")), "{text}: {}", refused(text));
     }
 }

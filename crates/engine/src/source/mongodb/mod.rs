@@ -232,21 +232,43 @@ impl Source<'_> {
     /// # Errors
     /// [`Error::Cancelled`] when shutdown came first.
     pub async fn collections(&self) -> Result<Vec<(String, String)>, Error> {
-        crate::retry::until_ok(&self.cancel, || list_collections(&self.client, self.routing), |e| {
+        let listed = crate::retry::until_ok(&self.cancel, || list_collections(&self.client, self.routing), |e| {
             warn!(error = %crate::error_chain(e), "failed to list collections; retrying");
             self.health.source_beat(false);
         })
         .await
-        .map_err(|_| Error::Cancelled)
+        .map_err(|_| Error::Cancelled)?;
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        views.extend(listed.views);
+        Ok(listed.synced)
+    }
+
+    /// Whether `db.coll` was listed as a view: read by the snapshot, never streamed.
+    fn is_view(&self, db: &str, coll: &str) -> bool {
+        let views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        !views.is_empty() && views.contains(&format!("{db}.{coll}"))
     }
 }
 
-/// The synced collections of the routed databases, sorted.
+/// What [`list_collections`] finds.
+#[derive(Debug, Default)]
+pub struct Listed {
+    /// The synced collections, and the views named exactly by the pipeline, sorted.
+    pub synced: Vec<(String, String)>,
+    /// The views among them (`db.view`).
+    pub views: Vec<String>,
+}
+
+/// The synced collections of the routed databases, and the views the pipeline names exactly
+/// (`db.view` in `namespaces`): a view has no change stream, but the snapshot reads it (as
+/// Monstache's view replication does). A `db.*` pattern or a regular expression selects
+/// collections only.
 ///
 /// # Errors
 /// The driver's error when a listing fails.
-pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<(String, String)>, mongodb::error::Error> {
-    let mut out = Vec::new();
+pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Listed, mongodb::error::Error> {
+    use futures_util::TryStreamExt;
+    let mut out = Listed::default();
     let dbs = match routing.databases() {
         Some(dbs) => dbs,
         None => client
@@ -257,18 +279,28 @@ pub async fn list_collections(client: &Client, routing: &Routing) -> Result<Vec<
             .collect(),
     };
     for db in dbs {
-        let names = client
+        let specs: Vec<mongodb::results::CollectionSpecification> = client
             .database(&db)
-            .list_collection_names()
-            .filter(doc! {"type": "collection"})
+            .list_collections()
+            .filter(doc! {"type": {"$in": ["collection", "view"]}})
+            .await?
+            .try_collect()
             .await?;
-        for coll in names {
+        for spec in specs {
+            let coll = spec.name;
+            let view = spec.collection_type == mongodb::results::CollectionType::View;
+            if view && !routing.names(&db, &coll) {
+                continue;
+            }
             if routing.includes(&db, &coll) {
-                out.push((db.clone(), coll));
+                if view {
+                    out.views.push(format!("{db}.{coll}"));
+                }
+                out.synced.push((db.clone(), coll));
             }
         }
     }
-    out.sort();
+    out.synced.sort();
     Ok(out)
 }
 
@@ -297,6 +329,11 @@ pub struct Source<'a> {
     pub snapshot_split: Option<(u32, u64)>,
     /// GridFS files collections whose files are read with their content (`spec.files`).
     pub files: Option<&'a crate::config::FilesConfig>,
+    /// Namespaces with relations (`spec.relate`): their changes are handed on even when
+    /// another shard owns the document.
+    pub relating: &'a std::collections::BTreeSet<String>,
+    /// The views listed (`db.view`): read without an index hint, never streamed.
+    pub views: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The names of the collection changed last.
     pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
 }
@@ -387,6 +424,13 @@ impl Source<'_> {
         }
     }
 
+    /// Whether a change of document `id` in `db.coll` is handed on: the namespace is synced,
+    /// and this worker owns the document, or the namespace has relations (`spec.relate`, which
+    /// every shard follows for the related documents it owns).
+    fn follows(&self, db: &str, coll: &str, id: RawBsonRef<'_>) -> bool {
+        self.routing.includes(db, coll) && (self.owns(id) || (!self.relating.is_empty() && self.relating.contains(&format!("{db}.{coll}"))))
+    }
+
     /// Whether this worker's shard owns the document with MongoDB `_id` `id`. An `_id` with
     /// no Elasticsearch form (too long) belongs to shard 0, which dead-letters it.
     fn owns(&self, id: RawBsonRef<'_>) -> bool {
@@ -401,12 +445,15 @@ impl Source<'_> {
 
     /// Hand on a change of a document of `db.coll` (`doc` is `None` for a delete).
     async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), id: RawBsonRef<'_>, doc: Option<&RawDocument>, update: Option<&RawDocument>, version: u64, from_snapshot: bool) -> Result<(), Error> {
+        // Not owned: handed on only for its relations (`spec.relate`), which every shard follows.
+        let owned = self.owns(id);
         let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), doc) {
-            (Some(files), Some(d)) => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
+            (Some(files), Some(d)) if owned => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
             _ => None,
         };
         self.send(Change::Doc(Doc {
             file,
+            owned,
             db: ns.0.clone(),
             coll: ns.1.clone(),
             id: id.to_raw_bson(),
@@ -553,7 +600,9 @@ impl Source<'_> {
         let shape = self.shapes.for_ns(db, coll);
         let filter = filter::between(resume_after, up_to);
         if shape.snapshot_stages.is_empty() {
-            return collection.find(filter).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await;
+            let find = collection.find(filter).sort(doc! {"_id": 1}).batch_size(1000);
+            // A view takes no hint (MongoDB refuses one); its pipeline decides.
+            return if self.is_view(db, coll) { find.await } else { find.hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).await };
         }
         // The mapping's stages after monsoon's own: resume after the last `_id`, in `_id` order
         // (the stages must keep both).
@@ -849,7 +898,7 @@ impl Source<'_> {
         loop {
             match (cluster_time(&self.client).await, self.collections().await) {
                 (Ok(now), Ok(collections)) => {
-                    for (db, coll) in collections {
+                    for (db, coll) in collections.into_iter().filter(|(db, coll)| !self.is_view(db, coll)) {
                         let ns = format!("{db}.{coll}");
                         if !active.insert(ns.clone()) {
                             continue;
@@ -944,19 +993,19 @@ impl Source<'_> {
         match action {
             Action::Upsert { db, coll, id, doc, time, update } => {
                 self.metrics.hot.upserts.inc();
-                if self.routing.includes(db, coll) && self.owns(id) {
+                if self.follows(db, coll, id) {
                     self.send_doc(&self.names(db, coll), id, Some(doc), update, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Delete { db, coll, id, time } => {
                 self.metrics.hot.deletes.inc();
-                if self.routing.includes(db, coll) && self.owns(id) {
+                if self.follows(db, coll, id) {
                     self.send_doc(&self.names(db, coll), id, None, None, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
-                if self.routing.includes(db, coll) && self.owns(id) {
+                if self.follows(db, coll, id) {
                     let doc = self.lookup(db, coll, id).await?;
                     self.send_doc(&self.names(db, coll), id, doc.as_deref(), None, ClusterTime::from(time).version(), false).await?;
                 }

@@ -1,0 +1,162 @@
+//! Relations (`spec.relate`, Monstache's `[[relate]]`) and view replication end to end, through
+//! the real `monsoon` binary against the stand-ins.
+//!
+//! The main case is Monstache's own documented example, its configuration unchanged (the
+//! connection lines put before it): a view `thingview` of `thing` with its `state` looked up,
+//! snapshotted into `things`, then kept in sync by relations from `thing` and `state`. The
+//! index must equal the view after every kind of change, including a delete of a state (the
+//! things still exist: monsoon re-syncs them where Monstache deletes them).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{doc, Document};
+use monsoon_testkit::*;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_monsoon"))
+}
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// Monstache's view replication example, as its documentation prints it.
+const THINGS: &str = r#"
+direct-read-namespaces = ["thingdb.thingview"] # read direct from the view of the collection to seed index
+
+change-stream-namespaces = ["thingdb.thing", "thingdb.state"] # change events happen on the underlying collections not views
+
+[[mapping]]
+namespace = "thingdb.thing" # map change events on the thing collection to the things index
+index = "things"
+
+[[mapping]]
+namespace = "thingdb.thingview" # map direct reads of the thingview to the same things index
+index = "things"
+
+[[relate]]
+namespace = "thingdb.thing"  # when a thing changes look it up in the assoicated view by _id and index that
+with-namespace = "thingdb.thingview"
+keep-src = false # ignore the original thing that changed and instead just use the lookup of that thing via the view
+
+[[relate]]
+namespace = "thingdb.state" # when a state changes trigger a thing change event since thing is associated to a state
+with-namespace = "thingdb.thing"
+src-field = "_id" # use the _id field of the state that changed to lookup associated things
+match-field = "s" # only trigger change events for the things where thing.s (match-field) = state._id (src-field).
+keep-src = false
+"#;
+
+/// The example converted by `monsoon convert`, connected to the stand-ins.
+fn converted(dir: &TempDir, mongo: &str, es: &str) -> anyhow::Result<String> {
+    let toml = dir.path().join("monstache.toml");
+    std::fs::write(&toml, format!("mongo-url = \"{mongo}\"\nelasticsearch-urls = [\"{es}\"]\n{THINGS}"))?;
+    let out = Command::new(bin()).arg("convert").arg(&toml).output()?;
+    anyhow::ensure!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `thing` (with `s` pointing at a state), `state`, and the view of the example.
+async fn seed(client: &mongodb::Client, things: i32) -> anyhow::Result<()> {
+    let db = client.database("thingdb");
+    db.collection::<Document>("state").insert_many(vec![doc! {"_id": 1, "name": "new"}, doc! {"_id": 2, "name": "done"}]).await?;
+    let docs: Vec<Document> = (0..things).map(|i| doc! {"_id": i, "title": format!("thing {i}"), "s": 1 + i % 2}).collect();
+    db.collection::<Document>("thing").insert_many(docs).await?;
+    db.create_collection("thingview")
+        .view_on("thing".to_string())
+        .pipeline(vec![doc! {"$lookup": {"from": "state", "localField": "s", "foreignField": "_id", "as": "s"}}])
+        .await?;
+    Ok(())
+}
+
+async fn converged(client: &mongodb::Client, esc: &elasticsearch::Elasticsearch, monsoon: &Monsoon, what: &str) -> anyhow::Result<()> {
+    let report = wait_converged(client, esc, "thingdb", "thingview", "things", CONVERGE).await?;
+    anyhow::ensure!(report.converged(), "{what}: {report:?}\n{}", tail(&monsoon.log(), 40));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monstaches_view_replication_example_keeps_the_index_equal_to_the_view() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    seed(&client, 40).await?;
+    let dir = TempDir::new("relate");
+    let yaml = converted(&dir, &mongo.uri(), &es.url())?;
+    let monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
+
+    // The snapshot reads the view (and only it).
+    converged(&client, &esc, &monsoon, "after the snapshot of the view").await?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let db = client.database("thingdb");
+    let (thing, state) = (db.collection::<Document>("thing"), db.collection::<Document>("state"));
+
+    // A thing moves to the other state; a state is renamed (20 things re-synced); a thing is
+    // inserted; a thing is deleted; a thing is replaced.
+    thing.update_one(doc! {"_id": 3}, doc! {"$set": {"s": 1}}).await?;
+    state.update_one(doc! {"_id": 1}, doc! {"$set": {"name": "open"}}).await?;
+    thing.insert_one(doc! {"_id": 100, "title": "thing 100", "s": 2}).await?;
+    thing.delete_one(doc! {"_id": 4}).await?;
+    thing.replace_one(doc! {"_id": 5}, doc! {"title": "five", "s": 2}).await?;
+    converged(&client, &esc, &monsoon, "after thing and state changes").await?;
+
+    // A state is deleted: its things still exist, their view shows no state, and so must the
+    // index (Monstache deletes them from the index).
+    state.delete_one(doc! {"_id": 2}).await?;
+    converged(&client, &esc, &monsoon, "after a state was deleted").await?;
+    let five = hits(&esc, "things").await?.into_iter().find(|h| h["_id"] == "5").expect("thing 5 indexed");
+    assert_eq!(five["_source"]["s"], serde_json::json!([]), "{five}");
+
+    // `thing` itself is never written (`keep-src = false`): every document is the view's.
+    assert_eq!(count(&esc, "things").await?, 40, "{}", tail(&monsoon.log(), 20));
+    let metrics = monsoon.get("/metrics").map(|(_, m)| m).unwrap_or_default();
+    assert!(metrics.lines().any(|l| l.starts_with("monsoon_change_events_total") && l.contains("op=\"related\"")), "{metrics}");
+    assert!(dead_letters(&esc).await.unwrap_or_default().is_empty());
+    Ok(())
+}
+
+/// A change relating to many documents is checkpointed only once every related write is
+/// acknowledged: killed (SIGKILL) while its re-sync runs, the pipeline re-syncs all of them on
+/// the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_checkpointed_only_after_its_related_writes() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    seed(&client, 1200).await?;
+    let dir = TempDir::new("relate-kill");
+    let yaml = converted(&dir, &mongo.uri(), &es.url())?;
+    let mut monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
+    converged(&client, &esc, &monsoon, "after the snapshot").await?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let deadline = Instant::now() + CONVERGE;
+    while monsoon.checkpoint(&pipeline_name(&yaml)).is_none_or(|c| c["snapshot"]["done"] != true) {
+        anyhow::ensure!(Instant::now() < deadline, "no checkpoint after the snapshot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 600 things re-synced by one change; then a marker change after it.
+    let db = client.database("thingdb");
+    db.collection::<Document>("state").update_one(doc! {"_id": 1}, doc! {"$set": {"name": "renamed"}}).await?;
+    db.collection::<Document>("thing").update_one(doc! {"_id": 0}, doc! {"$set": {"title": "marker"}}).await?;
+    // Kill while the re-sync is under way (some, not all, of the 600 written).
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let renamed = renamed_count(&esc).await?;
+        if renamed > 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    monsoon.kill();
+    let at_kill = renamed_count(&esc).await?;
+    eprintln!("killed with {at_kill} of 600 related documents re-synced");
+    monsoon.restart()?;
+    converged(&client, &esc, &monsoon, "after SIGKILL and restart").await?;
+    assert_eq!(renamed_count(&esc).await?, 600);
+    Ok(())
+}
+
+async fn renamed_count(esc: &elasticsearch::Elasticsearch) -> anyhow::Result<usize> {
+    Ok(hits(esc, "things").await?.iter().filter(|h| h["_source"]["s"][0]["name"] == "renamed").count())
+}
+
+fn pipeline_name(yaml: &str) -> String {
+    yaml.lines().find_map(|l| l.trim().strip_prefix("name: ")).unwrap_or("pipeline").trim().to_string()
+}
