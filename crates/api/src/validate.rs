@@ -510,6 +510,9 @@ fn validate_time_machine(spec: &SyncPipelineSpec, patterns: &[NamespacePattern],
 /// through field paths that parse.
 fn validate_relate(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs: &mut Errors) {
     let regex = spec.namespace_regex.as_deref().and_then(|r| namespace_regex(r).ok());
+    let patched = |ns: &str| {
+        spec.merge_patches.as_ref().is_some_and(|m| m.namespaces.iter().filter_map(|n| NamespacePattern::parse(n).ok()).any(|p| p.matches_ns(ns)))
+    };
     for (i, r) in spec.relate.iter().enumerate() {
         let at = |field: &str| format!("spec.relate[{i}].{field}");
         match NamespacePattern::parse(&r.namespace) {
@@ -523,6 +526,10 @@ fn validate_relate(spec: &SyncPipelineSpec, patterns: &[NamespacePattern], errs:
         }
         match NamespacePattern::parse(&r.with_namespace) {
             Ok(p) if p.collection.is_none() => errs.push(at("withNamespace"), format!("`{}` names no collection: write `db.collection` (a collection or a view)", r.with_namespace)),
+            Ok(_) if patched(&r.with_namespace) => errs.push(
+                at("withNamespace"),
+                format!("`{}` keeps merge patches (`spec.mergePatches`), whose versions come from change events, not lookups: relate into a namespace without merge patches", r.with_namespace),
+            ),
             Ok(_) => {}
             Err(m) => errs.push(at("withNamespace"), m),
         }
