@@ -21,31 +21,7 @@ fn bin() -> &'static Path {
 const CONVERGE: Duration = Duration::from_secs(120);
 
 /// Monstache's view replication example, as its documentation prints it.
-const THINGS: &str = r#"
-direct-read-namespaces = ["thingdb.thingview"] # read direct from the view of the collection to seed index
-
-change-stream-namespaces = ["thingdb.thing", "thingdb.state"] # change events happen on the underlying collections not views
-
-[[mapping]]
-namespace = "thingdb.thing" # map change events on the thing collection to the things index
-index = "things"
-
-[[mapping]]
-namespace = "thingdb.thingview" # map direct reads of the thingview to the same things index
-index = "things"
-
-[[relate]]
-namespace = "thingdb.thing"  # when a thing changes look it up in the assoicated view by _id and index that
-with-namespace = "thingdb.thingview"
-keep-src = false # ignore the original thing that changed and instead just use the lookup of that thing via the view
-
-[[relate]]
-namespace = "thingdb.state" # when a state changes trigger a thing change event since thing is associated to a state
-with-namespace = "thingdb.thing"
-src-field = "_id" # use the _id field of the state that changed to lookup associated things
-match-field = "s" # only trigger change events for the things where thing.s (match-field) = state._id (src-field).
-keep-src = false
-"#;
+const THINGS: &str = include_str!("../../../examples/monstache-view-replication.toml");
 
 /// The example converted by `monsoon convert`, connected to the stand-ins.
 fn converted(dir: &TempDir, mongo: &str, es: &str) -> anyhow::Result<String> {

@@ -615,31 +615,7 @@ merge-patch-attribute = "custom-merge-attr"
 /// Monstache's view replication example (its documentation's "thing / state / thingview"),
 /// unchanged: both relations carry over, the view is snapshotted (and only it), and the index
 /// the collection and its view share is listed in `sharedIndexes`.
-pub(crate) const THINGS: &str = r#"
-direct-read-namespaces = ["thingdb.thingview"] # read direct from the view of the collection to seed index
-
-change-stream-namespaces = ["thingdb.thing", "thingdb.state"] # change events happen on the underlying collections not views
-
-[[mapping]]
-namespace = "thingdb.thing" # map change events on the thing collection to the things index
-index = "things"
-
-[[mapping]]
-namespace = "thingdb.thingview" # map direct reads of the thingview to the same things index
-index = "things"
-
-[[relate]]
-namespace = "thingdb.thing"  # when a thing changes look it up in the assoicated view by _id and index that
-with-namespace = "thingdb.thingview"
-keep-src = false # ignore the original thing that changed and instead just use the lookup of that thing via the view
-
-[[relate]]
-namespace = "thingdb.state" # when a state changes trigger a thing change event since thing is associated to a state
-with-namespace = "thingdb.thing"
-src-field = "_id" # use the _id field of the state that changed to lookup associated things
-match-field = "s" # only trigger change events for the things where thing.s (match-field) = state._id (src-field).
-keep-src = false
-"#;
+const THINGS: &str = include_str!("../../../../examples/monstache-view-replication.toml");
 
 #[test]
 fn relations_and_view_replication_carry_over() {
