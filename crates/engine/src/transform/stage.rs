@@ -328,12 +328,11 @@ async fn place_all(placer: &Placer, metrics: &Metrics, mut input: mpsc::Receiver
 fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<Step> {
     match change {
         Change::Doc(doc) => {
-            let default = placer.route(&doc.db, &doc.coll).index;
             let logged = placer.logged(&doc);
             match placer.place(&doc, stats) {
-                Placed::Nothing => None,
-                Placed::Write(w) => Some(Step::Write(w, default, logged)),
-                Placed::Deferred { fallback, decision } => Some(Step::Deferred(fallback, decision, default, logged)),
+                (Placed::Nothing, _) => None,
+                (Placed::Write(w), default) => Some(Step::Write(w, default, logged)),
+                (Placed::Deferred { fallback, decision }, default) => Some(Step::Deferred(fallback, decision, default, logged)),
             }
         }
         Change::Unreadable(event) => {
