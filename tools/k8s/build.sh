@@ -17,11 +17,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../go-cached-build.sh
+source "$here/../go-cached-build.sh"
 
-# `module version` of a require line in a go.mod (one-line or inside a block).
-required() {
-  awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) { print ($1 == m ? $2 : $3); exit }' "$1"
-}
 kube_version=$(required "$here/go.mod" k8s.io/kubernetes)
 etcd_version=$(required "$here/etcd/go.mod" go.etcd.io/etcd/server/v3)
 if [[ -z "$kube_version" || -z "$etcd_version" ]]; then
@@ -31,42 +29,14 @@ fi
 
 cache=${MONSOON_K8S_CACHE:-$HOME/.cache/monsoon/k8s}
 dir="$cache/$kube_version-etcd-$etcd_version"
-bin="$dir/bin"
 binaries=(etcd kube-apiserver kube-controller-manager)
 
 complete() {
   local b
-  for b in "${binaries[@]}"; do [[ -x "$bin/$b" ]] || return 1; done
+  for b in "${binaries[@]}"; do [[ -x "$dir/bin/$b" ]] || return 1; done
 }
 
-if complete; then
-  echo "$bin"
-  exit 0
-fi
-
-command -v go >/dev/null || { echo "build.sh: Go is needed to build the control plane (go version >= 1.26)" >&2; exit 1; }
-mkdir -p "$dir"
-# One build at a time per version (two test runs, or make -j, may ask at once).
-exec 9>"$dir/.lock"
-flock 9
-if complete; then
-  echo "$bin"
-  exit 0
-fi
-
-export CGO_ENABLED=0 GOWORK=off GOTOOLCHAIN=local
-staging=$(mktemp -d "$dir/.build.XXXXXX")
-chmod 755 "$staging"
-# Go's build cache grows by ~3.7 GB for these binaries, which are themselves cached: unless the
-# caller chose a GOCACHE, build with a private one and delete it afterwards (CI machines may
-# have little disk).
-private_gocache=
-if [[ -z "${GOCACHE:-}" ]]; then
-  private_gocache=$(mktemp -d "$dir/.gocache.XXXXXX")
-  export GOCACHE=$private_gocache
-fi
-trap 'rm -rf "$staging" ${private_gocache:+"$private_gocache"}' EXIT
-started=$(date +%s)
+cached_build_begin "the control plane" 1.26
 echo "build.sh: building kube-apiserver, kube-controller-manager $kube_version and etcd $etcd_version into $bin (a cold build takes minutes)" >&2
 
 # As Kubernetes' own release build (hack/lib/golang.sh, hack/lib/version.sh): the version
@@ -88,11 +58,4 @@ done
 # sed reads all of it: `head -1` could close the pipe early, and with pipefail the
 # SIGPIPE etcd then gets would fail the build.
 "$staging/etcd" --version | sed -n 1p >&2
-rm -rf "$bin"
-mv "$staging" "$bin"
-trap - EXIT
-if [[ -n "$private_gocache" ]]; then
-  rm -rf "$private_gocache"
-fi
-echo "build.sh: built in $(($(date +%s) - started)) s" >&2
-echo "$bin"
+cached_build_finish

@@ -13,11 +13,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../go-cached-build.sh
+source "$here/../go-cached-build.sh"
 
-# `module version` of a require line in a go.mod (one-line or inside a block).
-required() {
-  awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) { print ($1 == m ? $2 : $3); exit }' "$1"
-}
 version=$(required "$here/go.mod" github.com/prometheus/prometheus)
 if [[ -z "$version" ]]; then
   echo "build.sh: cannot read the pinned Prometheus version from $here/go.mod" >&2
@@ -29,34 +27,12 @@ release=$((minor / 100)).$((minor % 100)).$patch
 
 cache=${MONSOON_PROMETHEUS_CACHE:-$HOME/.cache/monsoon/prometheus}
 dir="$cache/$version"
-bin="$dir/bin"
 
-if [[ -x "$bin/prometheus" ]]; then
-  echo "$bin"
-  exit 0
-fi
+complete() {
+  [[ -x "$dir/bin/prometheus" ]]
+}
 
-command -v go >/dev/null || { echo "build.sh: Go is needed to build Prometheus (go version >= 1.26.7)" >&2; exit 1; }
-mkdir -p "$dir"
-exec 9>"$dir/.lock"
-flock 9
-if [[ -x "$bin/prometheus" ]]; then
-  echo "$bin"
-  exit 0
-fi
-
-export CGO_ENABLED=0 GOWORK=off GOTOOLCHAIN=local
-staging=$(mktemp -d "$dir/.build.XXXXXX")
-chmod 755 "$staging"
-# The binary is cached; Go's build cache for it need not be: unless the caller chose a GOCACHE,
-# build with a private one and delete it afterwards.
-private_gocache=
-if [[ -z "${GOCACHE:-}" ]]; then
-  private_gocache=$(mktemp -d "$dir/.gocache.XXXXXX")
-  export GOCACHE=$private_gocache
-fi
-trap 'rm -rf "$staging" ${private_gocache:+"$private_gocache"}' EXIT
-started=$(date +%s)
+cached_build_begin Prometheus 1.26.7
 echo "build.sh: building Prometheus $release (module $version) into $bin (a cold build takes minutes)" >&2
 
 # As Prometheus' own release build (.promu.yml): the version through -X, netgo; stripped.
@@ -66,11 +42,4 @@ ldflags="-s -w -X $v.Version=$release -X $v.Revision=module-$version -X $v.Branc
   github.com/prometheus/prometheus/cmd/prometheus)
 
 "$staging/prometheus" --version | sed -n 1p >&2
-rm -rf "$bin"
-mv "$staging" "$bin"
-trap - EXIT
-if [[ -n "$private_gocache" ]]; then
-  rm -rf "$private_gocache"
-fi
-echo "build.sh: built in $(($(date +%s) - started)) s" >&2
-echo "$bin"
+cached_build_finish

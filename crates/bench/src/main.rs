@@ -441,7 +441,7 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     let mongo_insert = n as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     let raw = client.database("bench").collection::<RawDocumentBuf>("items");
-    let read: Vec<RawDocumentBuf> = raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?.try_collect().await?;
+    let read = read_sorted(&raw).await?;
     let mongo_read = read.len() as f64 / t.elapsed().as_secs_f64();
     let bodies = bulk_bodies(&read, "ceiling")?;
     drop(read);
@@ -460,22 +460,8 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     // Snapshot.
     let state = TempDir::new("bench");
     let yaml = pipeline_yaml("bench", &mongo.uri(), &es.url(), &["bench.items"], "");
-    let t = Instant::now();
-    let mut monsoon = Monsoon::start(&args.monsoon, &yaml, state.path())?;
-    let pid = monsoon_pid(&monsoon)?;
-    let done = wait_indexed(&monsoon, n as u64, Duration::from_secs(1800)).await?;
-    let snap_wall = done.duration_since(t).as_secs_f64();
-    let (snap_cpu, snap_rss) = proc_usage(pid).context("proc usage")?;
-    let rss_now = rss_split(pid);
-    let requests = request_counts(&monsoon);
-    // Whether monsoon or the stand-ins set the pace: the share of the wall time its request
-    // slots spent waiting on bulk requests. Near 100 % means Elasticsearch always had as many
-    // requests as monsoon may send (start-up and the last partial round count against it).
-    let slots = monsoon_engine::config::BatchConfig::default().concurrency as f64;
-    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
-    let busy = metric_sum(&metrics, "monsoon_bulk_request_seconds_sum") / (snap_wall * slots);
-    let (code, _) = monsoon.terminate()?;
-    anyhow::ensure!(code == Some(0), "monsoon did not stop cleanly");
+    let SnapshotRun { wall: snap_wall, cpu: snap_cpu, rss: snap_rss, rss_now, requests, busy } = snapshot_run(&args.monsoon, &yaml, state.path(), n).await?;
+    let slots = BatchConfig::default().concurrency;
     delete_index(&esc, "bench.items").await?;
     // The stand-ins' speed drifts within a run (other work on the machine): bracket monsoon's
     // run with a second measurement of their ceiling and compare with the mean of the two.
@@ -557,19 +543,67 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SecantusDB's change-stream ceiling: the bench opens the stream monsoon opens (database
-/// level, the same pipeline and options, raw events) and inserts `m` documents. Returns
-/// (events/s from the first insert, seconds from the last insert to the last event read).
-async fn stream_ceiling(client: &mongodb::Client, m: i64) -> anyhow::Result<(f64, f64)> {
+/// What [`snapshot_run`] measured.
+struct SnapshotRun {
+    /// Start to the last document indexed, seconds.
+    wall: f64,
+    /// CPU seconds (user + system) of the monsoon process until then.
+    cpu: f64,
+    /// Its peak RSS, KiB.
+    rss: u64,
+    /// Its resident memory then, split (see [`rss_split`]).
+    rss_now: String,
+    /// "bulk requests, checkpoint writes".
+    requests: String,
+    /// The share of the wall time its request slots spent waiting on bulk requests: whether
+    /// monsoon or the server set the pace. Near 100 % means the server always had as many
+    /// requests as monsoon may send (start-up and the last partial round count against it).
+    busy: f64,
+}
+
+/// Run monsoon (`bin`) on pipeline `yaml` until it has indexed `n` documents, measure it, and
+/// stop it (SIGTERM; it must exit 0). The snapshot scenario of the `noida` and `opensearch`
+/// sections.
+async fn snapshot_run(bin: &std::path::Path, yaml: &str, state: &std::path::Path, n: i64) -> anyhow::Result<SnapshotRun> {
+    let t = Instant::now();
+    let mut monsoon = Monsoon::start(bin, yaml, state)?;
+    let pid = monsoon_pid(&monsoon)?;
+    let done = wait_indexed(&monsoon, n as u64, Duration::from_secs(1800)).await?;
+    let wall = done.duration_since(t).as_secs_f64();
+    let (cpu, rss) = proc_usage(pid).context("proc usage")?;
+    let rss_now = rss_split(pid);
+    let requests = request_counts(&monsoon);
+    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+    let busy = metric_sum(&metrics, "monsoon_bulk_request_seconds_sum") / (wall * BatchConfig::default().concurrency as f64);
+    let (code, _) = monsoon.terminate()?;
+    anyhow::ensure!(code == Some(0), "monsoon did not stop cleanly");
+    Ok(SnapshotRun { wall, cpu, rss, rss_now, requests, busy })
+}
+
+/// The change stream monsoon opens for database `bench` (database level, the same pipeline and
+/// options), as raw events: what the bench's stream ceilings read.
+async fn bench_stream(client: &mongodb::Client) -> anyhow::Result<mongodb::change_stream::ChangeStream<RawDocumentBuf>> {
     use monsoon_engine::source::mongodb::{stream_options, stream_pipeline};
-    let coll = client.database("bench").collection::<Document>("watched");
-    let mut stream = client
+    Ok(client
         .database("bench")
         .watch()
         .pipeline(stream_pipeline(Some(&["bench".to_string()]), false, false))
         .with_options(stream_options(false))
         .await?
-        .with_type::<RawDocumentBuf>();
+        .with_type::<RawDocumentBuf>())
+}
+
+/// Every document of `raw`, read sorted by `_id` with one cursor (as the snapshot reads).
+async fn read_sorted(raw: &mongodb::Collection<RawDocumentBuf>) -> anyhow::Result<Vec<RawDocumentBuf>> {
+    Ok(raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?.try_collect().await?)
+}
+
+/// SecantusDB's change-stream ceiling: the bench opens the stream monsoon opens (database
+/// level, the same pipeline and options, raw events) and inserts `m` documents. Returns
+/// (events/s from the first insert, seconds from the last insert to the last event read).
+async fn stream_ceiling(client: &mongodb::Client, m: i64) -> anyhow::Result<(f64, f64)> {
+    let coll = client.database("bench").collection::<Document>("watched");
+    let mut stream = bench_stream(client).await?;
     let reader = tokio::spawn(async move {
         let mut seen = 0;
         while seen < m {
@@ -644,7 +678,7 @@ async fn together_ceiling(
 ) -> anyhow::Result<f64> {
     let t = Instant::now();
     let reading = async {
-        let docs: Vec<RawDocumentBuf> = raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?.try_collect().await?;
+        let docs = read_sorted(raw).await?;
         Ok::<_, anyhow::Error>(docs.len())
     };
     let (read_back, _) = tokio::try_join!(reading, es_ceiling(esc, bodies))?;

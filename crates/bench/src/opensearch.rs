@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use elasticsearch::Elasticsearch;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use mongodb::bson::{doc, Document, RawDocumentBuf};
 use monsoon_engine::config::BatchConfig;
 use monsoon_engine::convert::{self, ConvertStats};
@@ -29,7 +29,7 @@ use monsoon_engine::source::mongodb::event::{self, Action};
 use monsoon_testkit::opensearch::OpenSearch;
 use monsoon_testkit::*;
 
-use super::{delete_index, es_ceiling, metric_sum, monsoon_pid, proc_usage, request_counts, rss_split, together_ceiling, wait_indexed};
+use super::{delete_index, es_ceiling, monsoon_pid, proc_usage, request_counts, rss_split, together_ceiling, wait_indexed};
 
 /// How often the bench asks the node whether the last documents are visible.
 const POLL: Duration = Duration::from_millis(50);
@@ -49,7 +49,7 @@ pub async fn run(bin: &Path, n: i64, m: i64) -> anyhow::Result<()> {
     let coll = client.database("bench").collection::<Document>("items");
     insert_all(&coll, sample_docs(0, n)).await?;
     let raw = client.database("bench").collection::<RawDocumentBuf>("items");
-    let read: Vec<RawDocumentBuf> = raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?.try_collect().await?;
+    let read = super::read_sorted(&raw).await?;
     let bodies = super::bulk_bodies(&read, "ceiling")?;
     drop(read);
 
@@ -62,18 +62,7 @@ pub async fn run(bin: &Path, n: i64, m: i64) -> anyhow::Result<()> {
 
     let state = TempDir::new("bench-os");
     let yaml = pipeline_yaml("bench", &mongo.uri(), &os.url(), &["bench.items"], "");
-    let t = Instant::now();
-    let mut monsoon = Monsoon::start(bin, &yaml, state.path())?;
-    let pid = monsoon_pid(&monsoon)?;
-    let done = wait_indexed(&monsoon, n as u64, Duration::from_secs(1800)).await?;
-    let wall = done.duration_since(t).as_secs_f64();
-    let (cpu, rss) = proc_usage(pid).context("proc usage")?;
-    let rss_now = rss_split(pid);
-    let requests = request_counts(&monsoon);
-    let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
-    let busy = metric_sum(&metrics, "monsoon_bulk_request_seconds_sum") / (wall * batch.concurrency as f64);
-    let (code, _) = monsoon.terminate()?;
-    anyhow::ensure!(code == Some(0), "monsoon did not stop cleanly");
+    let super::SnapshotRun { wall, cpu, rss, rss_now, requests, busy } = super::snapshot_run(bin, &yaml, state.path(), n).await?;
     wait_visible(&osc, "bench.items", n as u64).await?;
     delete_index(&osc, "bench.items").await?;
     let alone_after = es_ceiling(&osc, bodies).await?;
@@ -167,16 +156,9 @@ struct StreamCeiling {
 /// and bulk-loaded with as many requests in flight. No checkpoint, no ordering per document,
 /// no retries: what is left is the servers' own pace.
 async fn stream_ceiling(client: &mongodb::Client, osc: &Elasticsearch, m: i64) -> anyhow::Result<StreamCeiling> {
-    use monsoon_engine::source::mongodb::{stream_options, stream_pipeline};
     let batch = BatchConfig::default();
     let coll = client.database("bench").collection::<Document>("watched");
-    let mut stream = client
-        .database("bench")
-        .watch()
-        .pipeline(stream_pipeline(Some(&["bench".to_string()]), false, false))
-        .with_options(stream_options(false))
-        .await?
-        .with_type::<RawDocumentBuf>();
+    let mut stream = super::bench_stream(client).await?;
     // Bodies from the reader to the loader; a few batches are enough to keep every slot busy.
     let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, usize)>(batch.concurrency * 2);
     let index: Arc<str> = Arc::from("watched");

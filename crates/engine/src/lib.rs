@@ -115,8 +115,9 @@ impl Default for RunOptions {
 /// Run one pipeline until `shutdown` fires or it fails.
 ///
 /// # Errors
-/// Start-up failures (unreachable servers, refused credentials, unusable checkpoint) and
-/// fatal stream errors (history lost under policy `Fail`). Transient failures are retried.
+/// Start-up failures (an unreachable MongoDB, refused credentials, an unusable checkpoint) and
+/// fatal stream errors (history lost under policy `Fail`). Transient failures are retried, and
+/// an Elasticsearch unreachable at start-up is waited for.
 pub async fn run<S: CheckpointStore>(
     config: EngineConfig,
     store: S,
@@ -143,13 +144,18 @@ async fn run_inner<S: CheckpointStore>(
 ) -> Result<(), Error> {
     let name = config.name.as_str();
     let es = Elastic::new(&config.elasticsearch)?;
-    let server = es.info().await?;
+    let reach = Reach { name, health, shutdown: &shutdown };
+    let Some(server) = reach.call("GET /", || es.info()).await? else {
+        return Ok(());
+    };
     info!(pipeline = %name, distribution = %server.distribution, version = %server.version, "Elasticsearch reachable");
     let client = mongo::connect(&config.mongodb).await?;
     info!(pipeline = %name, "MongoDB reachable");
     let mut cp = load_checkpoint(config, &store, &client).await?;
     let stream_start = stream_start(config, &store, &client, &mut cp).await?;
-    check_target_versions(&es, config, mongo::cluster_time(&client).await?).await?;
+    if check_target_versions(&es, &reach, config, mongo::cluster_time(&client).await?).await?.is_none() {
+        return Ok(());
+    }
     let resume = cp.resume_token(&store.location())?.map(|token| {
         if cp.resume_after_invalidate {
             StreamStart::StartAfter(token)
@@ -160,14 +166,25 @@ async fn run_inner<S: CheckpointStore>(
     let shapes = Arc::new(transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?);
     let scripts = compile_scripts(config, &client)?;
     let locations = (shapes.tracks_any() || scripts.is_some() || !config.shared_indexes.is_empty()).then(|| Arc::from(config.locations_index.as_str()));
-    es.create_index_if_missing(&config.dead_letter_index, &sink::dead_letter::index_body()).await?;
+    let dead_letter_body = sink::dead_letter::index_body();
+    if reach.call("create the dead-letter index", || es.create_index_if_missing(&config.dead_letter_index, &dead_letter_body)).await?.is_none() {
+        return Ok(());
+    }
     if locations.is_some() {
-        es.create_index_if_missing(&config.locations_index, &sink::locations::index_body()).await?;
+        let body = sink::locations::index_body();
+        if reach.call("create the locations index", || es.create_index_if_missing(&config.locations_index, &body)).await?.is_none() {
+            return Ok(());
+        }
     }
     if let Some(files) = config.files.as_ref().filter(|f| f.create_pipeline) {
-        es.put_pipeline(&files.pipeline, &config::FilesConfig::pipeline_body())
-            .await
-            .map_err(|source| Error::FilePipeline { name: files.pipeline.clone(), source })?;
+        let body = config::FilesConfig::pipeline_body();
+        let created = reach.call("create the files' ingest pipeline", || es.put_pipeline(&files.pipeline, &body)).await.map_err(|e| match e {
+            Error::Elastic(source) => Error::FilePipeline { name: files.pipeline.clone(), source },
+            other => other,
+        })?;
+        if created.is_none() {
+            return Ok(());
+        }
     }
     let collections = cp
         .collection_starts(&store.location())?
@@ -244,6 +261,52 @@ async fn run_inner<S: CheckpointStore>(
         Ok(Ok(())) => info!(pipeline = %name, "final checkpoint written"),
     }
     result
+}
+
+/// Start-up's calls to Elasticsearch. While it is out of reach (not yet started, restarting, a
+/// name that does not resolve yet) each is retried with back-off, the pipeline not ready and
+/// saying so, instead of exiting (which crash-loops a worker's pod and shows the pipeline as
+/// Failed); a refusal (credentials, a bad index or pipeline, a failed TLS handshake) fails at
+/// once with its error.
+struct Reach<'a> {
+    name: &'a str,
+    health: &'a Health,
+    shutdown: &'a CancellationToken,
+}
+
+impl Reach<'_> {
+    /// `op` once it succeeds; `None` when shutdown came while waiting (a clean stop).
+    ///
+    /// # Errors
+    /// [`Error::Elastic`] when Elasticsearch refused.
+    async fn call<T, F: std::future::Future<Output = Result<T, sink::elasticsearch::Error>>>(&self, what: &str, op: impl FnMut() -> F) -> Result<Option<T>, Error> {
+        let name = self.name;
+        let mut attempts = 0u32;
+        let result = retry::retry(retry::Pace::until_cancelled(self.shutdown), op, |e| {
+            if !e.is_unreachable() {
+                return false;
+            }
+            attempts += 1;
+            self.health.sink_beat(false);
+            warn!(pipeline = %name, operation = what, attempts, error = %error_chain(e), "Elasticsearch is unreachable; waiting for it (not ready meanwhile)");
+            true
+        })
+        .await;
+        match result {
+            Ok(v) => {
+                if attempts > 0 {
+                    info!(pipeline = %name, operation = what, attempts, "Elasticsearch answered after waiting");
+                }
+                self.health.sink_beat(true);
+                Ok(Some(v))
+            }
+            Err(retry::Stopped::Cancelled(_)) => {
+                info!(pipeline = %name, "shutdown while waiting for Elasticsearch at start-up");
+                Ok(None)
+            }
+            Err(retry::Stopped::Refused(e) | retry::Stopped::Deadline(e)) => Err(Error::Elastic(e)),
+        }
+    }
 }
 
 /// The checkpoint, or a new one; with a re-snapshot asked for (`MONSOON_RESNAPSHOT`, once per
@@ -402,8 +465,9 @@ const FOREIGN_VERSION_MARGIN: u64 = 86_400 << 32;
 
 /// Refuse to start on target indexes another tool versioned beyond monsoon's scale (see
 /// [`Error::ForeignVersions`]); a sample of their documents is enough, since such a tool
-/// versions every document it writes that way.
-async fn check_target_versions(es: &Elastic, config: &EngineConfig, now: ClusterTime) -> Result<(), Error> {
+/// versions every document it writes that way. `None` when shutdown came while waiting for
+/// Elasticsearch.
+async fn check_target_versions(es: &Elastic, reach: &Reach<'_>, config: &EngineConfig, now: ClusterTime) -> Result<Option<()>, Error> {
     let mut targets: Vec<String> = config
         .routing
         .include
@@ -419,15 +483,19 @@ async fn check_target_versions(es: &Elastic, config: &EngineConfig, now: Cluster
     // Indexes a regular expression selects are not known before the collections are listed;
     // they are not sampled (an empty list would search every index).
     if targets.is_empty() {
-        return Ok(());
+        return Ok(Some(()));
     }
     let ours = now.version();
-    if let Some((index, found)) = es.largest_version(&targets.join(","), 20).await? {
+    let expression = targets.join(",");
+    let Some(largest) = reach.call("sample the target indexes' versions", || es.largest_version(&expression, 20)).await? else {
+        return Ok(None);
+    };
+    if let Some((index, found)) = largest {
         if found > ours.saturating_add(FOREIGN_VERSION_MARGIN) {
             return Err(Error::ForeignVersions { index, found, ours });
         }
     }
-    Ok(())
+    Ok(Some(()))
 }
 
 /// Where the source starts: from the checkpoint, or anew after lost history.

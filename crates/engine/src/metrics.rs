@@ -363,6 +363,10 @@ impl Health {
         self.live()?;
         match self.phase() {
             Phase::Snapshotting | Phase::Streaming => {}
+            // Start-up marks Elasticsearch unreachable while it waits for it.
+            Phase::Starting if !self.sink_ok() && self.sink_beat.load(Ordering::Relaxed) > 0 => {
+                return Err("phase is Starting: waiting for Elasticsearch, which is unreachable".into());
+            }
             p => return Err(format!("phase is {}", p.as_str())),
         }
         if !self.source_ok.load(Ordering::Relaxed) {

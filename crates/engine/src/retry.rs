@@ -1,4 +1,5 @@
-//! Exponential back-off with jitter, shared by the source and the sink.
+//! Exponential back-off with jitter, and the one retry loop ([`retry`], [`until_ok`]) every
+//! stage uses.
 
 use std::time::Duration;
 
@@ -77,23 +78,104 @@ impl Backoff {
     }
 }
 
-/// Run `op` until it succeeds: after each failure, `failed` hears of it (log it, mark the stage
-/// unhealthy) and the next attempt waits out a [`Backoff`], giving way to `cancel`. The one
-/// "retry until it works or we stop" loop of the engine.
+/// How [`retry`] paces and bounds its attempts: back-off from 100 ms doubling to 30 s (or to
+/// [`Pace::capped`]), giving way to a cancellation token when there is one, and stopping before
+/// a wait that would end past a deadline when there is one.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace<'a> {
+    cancel: Option<&'a CancellationToken>,
+    max: Duration,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl<'a> Pace<'a> {
+    /// Retry until `cancel` fires.
+    pub fn until_cancelled(cancel: &'a CancellationToken) -> Self {
+        Self { cancel: Some(cancel), ..Self::unbounded() }
+    }
+
+    /// Retry for as long as failures are retriable (the caller has no cancellation to give
+    /// way to).
+    pub fn unbounded() -> Self {
+        Self { cancel: None, max: Duration::from_secs(30), deadline: None }
+    }
+
+    /// Waits grow to at most `max`.
+    #[must_use]
+    pub fn capped(self, max: Duration) -> Self {
+        Self { max, ..self }
+    }
+
+    /// Give up rather than wait past `deadline`.
+    #[must_use]
+    pub fn deadline(self, deadline: tokio::time::Instant) -> Self {
+        Self { deadline: Some(deadline), ..self }
+    }
+}
+
+/// Why [`retry`] stopped without a success; each carries the last failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped<E> {
+    /// The pace's cancellation token fired while backing off.
+    Cancelled(E),
+    /// `failed` said the failure is not one to retry.
+    Refused(E),
+    /// The next wait would have ended past the pace's deadline.
+    Deadline(E),
+}
+
+impl<E> Stopped<E> {
+    /// The last failure, whatever stopped the retrying.
+    pub fn into_inner(self) -> E {
+        match self {
+            Self::Cancelled(e) | Self::Refused(e) | Self::Deadline(e) => e,
+        }
+    }
+}
+
+/// The one "retry until it works" loop of the engine: run `op` until it succeeds. After each
+/// failure `failed` hears of it (log it, mark the stage unhealthy) and answers whether to try
+/// again; the next attempt then waits out a [`Backoff`] as `pace` says. Nothing is allocated
+/// or timed until a first failure, so a hot path may call it for every item.
+///
+/// # Errors
+/// [`Stopped`], with the last failure: cancelled, refused by `failed`, or out of time.
+pub async fn retry<T, E, F: std::future::Future<Output = Result<T, E>>>(pace: Pace<'_>, mut op: impl FnMut() -> F, mut failed: impl FnMut(&E) -> bool) -> Result<T, Stopped<E>> {
+    let mut backoff: Option<Backoff> = None;
+    loop {
+        let e = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if !failed(&e) {
+            return Err(Stopped::Refused(e));
+        }
+        let delay = backoff.get_or_insert_with(|| Backoff::new(Duration::from_millis(100), pace.max)).next_delay();
+        if pace.deadline.is_some_and(|d| tokio::time::Instant::now() + delay >= d) {
+            return Err(Stopped::Deadline(e));
+        }
+        match pace.cancel {
+            Some(cancel) => tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => return Err(Stopped::Cancelled(e)),
+            },
+            None => tokio::time::sleep(delay).await,
+        }
+    }
+}
+
+/// [`retry`] every failure until `op` succeeds or `cancel` fires; `failed` hears of each.
 ///
 /// # Errors
 /// [`Cancelled`] when `cancel` fired while backing off.
-pub async fn until_ok<T, E, F: std::future::Future<Output = Result<T, E>>>(cancel: &CancellationToken, mut op: impl FnMut() -> F, mut failed: impl FnMut(&E)) -> Result<T, Cancelled> {
-    let mut backoff = Backoff::default();
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) => {
-                failed(&e);
-                backoff.wait(cancel).await?;
-            }
-        }
-    }
+pub async fn until_ok<T, E, F: std::future::Future<Output = Result<T, E>>>(cancel: &CancellationToken, op: impl FnMut() -> F, mut failed: impl FnMut(&E)) -> Result<T, Cancelled> {
+    // Every failure is retried and there is no deadline: only cancellation stops it.
+    retry(Pace::until_cancelled(cancel), op, |e| {
+        failed(e);
+        true
+    })
+    .await
+    .map_err(|_| Cancelled)
 }
 
 #[cfg(test)]
@@ -114,6 +196,24 @@ mod tests {
         cancel.cancel();
         let got: Result<(), Cancelled> = until_ok(&cancel, || async { Err::<(), _>("down") }, |_| {}).await;
         assert_eq!(got, Err(Cancelled));
+    }
+
+    #[tokio::test]
+    async fn retry_stops_on_a_refusal_or_at_the_deadline_with_the_last_failure() {
+        let mut calls = 0;
+        let got: Result<(), _> = retry(Pace::unbounded(), || {
+            calls += 1;
+            let e = if calls < 3 { "busy" } else { "refused" };
+            async move { Err(e) }
+        }, |e| *e == "busy")
+        .await;
+        assert_eq!((got, calls), (Err(Stopped::Refused("refused")), 3));
+        let start = tokio::time::Instant::now();
+        let deadline = start + Duration::from_millis(700);
+        let got: Result<(), _> = retry(Pace::unbounded().capped(Duration::from_millis(200)).deadline(deadline), || async { Err("down") }, |_| true).await;
+        assert_eq!(got, Err(Stopped::Deadline("down")));
+        assert!(tokio::time::Instant::now() < deadline, "it never waits past the deadline");
+        assert!(tokio::time::Instant::now() >= start + Duration::from_millis(400), "it retried until close to it");
     }
 
     #[test]

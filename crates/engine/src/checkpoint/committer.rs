@@ -83,23 +83,23 @@ impl<S: CheckpointStore> Committer<S> {
                 Err(e) => error!(error = %crate::error_chain(&e), "failed to store checkpoint; retrying at the next tick"),
             }
         }
-        // Final checkpoint: everything acknowledged before shutdown.
-        let deadline = tokio::time::Instant::now() + final_limit;
-        let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        loop {
-            match self.commit().await {
-                Ok(()) => return Ok(()),
-                Err(e @ Error::Fenced { .. }) => return Err(e),
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    if tokio::time::Instant::now() + delay >= deadline {
-                        return Err(e);
-                    }
-                    warn!(error = %crate::error_chain(&e), "failed to store the final checkpoint; retrying");
-                    tokio::time::sleep(delay).await;
-                }
+        // Final checkpoint: everything acknowledged before shutdown, retried (backing off to at
+        // most 2 s) until it is stored, fenced, or the next wait would end past `final_limit`.
+        let pace = crate::retry::Pace::unbounded().capped(Duration::from_secs(2)).deadline(tokio::time::Instant::now() + final_limit);
+        // `commit` borrows the committer mutably, which a future returned by the retried closure
+        // cannot (async closures can, but their futures are not `Send` for a spawned task yet):
+        // the attempts, one at a time, take it from a lock instead.
+        let this = tokio::sync::Mutex::new(&mut self);
+        let this = &this;
+        crate::retry::retry(pace, move || async move { this.lock().await.commit().await }, |e| {
+            if matches!(e, Error::Fenced { .. }) {
+                return false;
             }
-        }
+            warn!(error = %crate::error_chain(e), "failed to store the final checkpoint; retrying");
+            true
+        })
+        .await
+        .map_err(crate::retry::Stopped::into_inner)
     }
 }
 

@@ -296,8 +296,9 @@ enum Msg {
 /// How many flush intervals a batch of snapshot writes may wait to fill.
 const SNAPSHOT_FLUSH_FACTOR: u32 = 10;
 
-/// Writes per chunk the transform stage hands over (one channel send and one wake-up per chunk
-/// instead of per document).
+/// Items per chunk handed from one stage to the next: changes from the source to the
+/// transform (`transform::change`), writes from the transform to the sink. One channel send
+/// and one wake-up per chunk instead of per document.
 pub const CHUNK: usize = 64;
 
 /// The sink: one batcher that delivers bulk requests to Elasticsearch.

@@ -12,6 +12,9 @@ use mongodb::bson::{RawBson, RawDocumentBuf, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::Position;
+// Changes staged before they go through the channel in one message: the same chunk size as
+// the transform's hand-over to the sink.
+use crate::sink::CHUNK;
 
 /// One document's change, owned (it crosses a task boundary).
 #[derive(Debug)]
@@ -94,9 +97,6 @@ pub enum Change {
     Barrier(oneshot::Sender<()>),
 }
 
-/// Changes staged before they go through the channel in one message: one send and one
-/// wake-up per chunk rather than per document.
-pub const CHUNK: usize = 64;
 /// Bytes of documents a chunk holds at most before it is handed on.
 const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks in the channel between source and transform.

@@ -117,9 +117,14 @@ impl Placer {
         target
     }
 
-    /// What `change` becomes.
-    pub fn place(&self, change: &Doc, stats: &mut ConvertStats) -> Placed {
+    /// What `change` becomes, and the default index of its namespace (routed once for both).
+    pub fn place(&self, change: &Doc, stats: &mut ConvertStats) -> (Placed, Arc<str>) {
         let target = self.route(&change.db, &change.coll);
+        let default = target.index.clone();
+        (self.place_at(target, change, stats), default)
+    }
+
+    fn place_at(&self, target: Target, change: &Doc, stats: &mut ConvertStats) -> Placed {
         let view = View::of(change);
         let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
         // Only a script naming `_meta_monstache` can move documents: only its get records.

@@ -288,19 +288,21 @@ fn replaced(plan: &Planned, write: Write, doc: &str, meta: monsoon_script::Meta)
 /// found MongoDB unreachable, or the pool is restarting a worker): an outage is waited out,
 /// never dead-lettered. Other failures are returned at once.
 async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: monsoon_script::Pending<T>, again: F) -> Result<T, ScriptError> {
-    let mut result = first.await;
+    let mut first = Some(first);
     let mut attempt: u32 = 0;
-    while let Err(e) = &result {
+    // No cancellation token reaches a decision's task (nor did before this used the helper):
+    // it ends with the runtime.
+    let pace = crate::retry::Pace::unbounded().capped(LOOKUP_RETRY_MAX);
+    crate::retry::retry(pace, || first.take().unwrap_or_else(&again), |e: &ScriptError| {
         if !e.is_retriable() {
-            break;
+            return false;
         }
         attempt += 1;
-        let delay = Duration::from_millis(100u64 << attempt.min(6)).min(LOOKUP_RETRY_MAX);
         tracing::warn!(namespace = %ns, error = %e, attempt, "script call failed retriably (MongoDB unreachable?); the document waits and is tried again");
-        tokio::time::sleep(delay).await;
-        result = again().await;
-    }
-    result
+        true
+    })
+    .await
+    .map_err(crate::retry::Stopped::into_inner)
 }
 
 fn decided(plan: &Planned, mut write: Write, source: Bytes, meta: Option<monsoon_script::Meta>) -> Write {

@@ -178,14 +178,9 @@ impl Transform {
             };
             match next {
                 Some(Related::Doc(doc)) => {
-                    let default = self.placer.route(&doc.db, &doc.coll).index;
-                    let logged = self.placer.logged(&doc);
-                    let step = match self.placer.place(&doc, &mut stats) {
-                        Placed::Nothing => continue,
-                        Placed::Write(w) => Step::Write(w, default, logged),
-                        Placed::Deferred { fallback, decision } => Step::Deferred(fallback, decision, default, logged),
-                    };
-                    Box::pin(self.hand_on(step, out)).await?;
+                    if let Some(step) = place(&self.placer, Change::Doc(doc), &mut stats) {
+                        Box::pin(self.hand_on(step, out)).await?;
+                    }
                 }
                 Some(Related::Failed { reason }) => {
                     error!(namespace = %ns, reason = %reason, "relation not followed; dead-lettered");
@@ -402,12 +397,11 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<St
         // Another shard's document, handed on for its relations only.
         Change::Doc(doc) if !doc.owned => None,
         Change::Doc(doc) => {
-            let default = placer.route(&doc.db, &doc.coll).index;
             let logged = placer.logged(&doc);
             match placer.place(&doc, stats) {
-                Placed::Nothing => None,
-                Placed::Write(w) => Some(Step::Write(w, default, logged)),
-                Placed::Deferred { fallback, decision } => Some(Step::Deferred(fallback, decision, default, logged)),
+                (Placed::Nothing, _) => None,
+                (Placed::Write(w), default) => Some(Step::Write(w, default, logged)),
+                (Placed::Deferred { fallback, decision }, default) => Some(Step::Deferred(fallback, decision, default, logged)),
             }
         }
         Change::Unreadable(event) => {

@@ -73,6 +73,34 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether Elasticsearch is out of reach rather than refusing: no HTTP answer (connection
+    /// refused or reset, a timeout, a name that does not resolve yet), or an answer that says
+    /// "not now" (429, 502, 503, 504: a proxy in front of it, a node still recovering). Waiting
+    /// may help these; it cannot help a refusal (credentials, a bad index or pipeline, a TLS
+    /// handshake that fails on a certificate).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Transport(e) => !failed_tls_handshake(e),
+            Self::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
+}
+
+/// A TLS handshake that failed (an unknown CA, a refused client certificate): rustls reports it
+/// as an I/O error of kind `InvalidData` somewhere in the chain.
+fn failed_tls_handshake(e: &elasticsearch::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The `Authorization` header for basic or API key authentication, marked sensitive (kept out
 /// of debug output).
 ///
