@@ -284,6 +284,8 @@ pub struct Relate {
     #[schemars(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.[^$*]+$"#))]
     pub with_namespace: String,
     /// The changed document's field whose value is looked for (dotted path). Default `_id`.
+    /// Another field follows deletes (and the old value of a changed field) through MongoDB
+    /// 6.0+ pre-images: enable `changeStreamPreAndPostImages` on the collection.
     #[serde(default = "default_relate_field")]
     #[schemars(length(min = 1, max = 1024))]
     pub src_field: String,

@@ -588,7 +588,7 @@ async fn bench_stream(client: &mongodb::Client) -> anyhow::Result<mongodb::chang
         .database("bench")
         .watch()
         .pipeline(stream_pipeline(Some(&["bench".to_string()]), false, false))
-        .with_options(stream_options(false))
+        .with_options(stream_options(false, false))
         .await?
         .with_type::<RawDocumentBuf>())
 }

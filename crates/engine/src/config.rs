@@ -3,7 +3,7 @@
 //! The binary builds it from a validated `SyncPipeline` spec; tests build it directly. Nothing
 //! here knows about Kubernetes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -79,6 +79,17 @@ impl EngineConfig {
     /// gone, so reading them again is the only way to lose nothing.
     pub fn snapshots(&self, db: &str, coll: &str) -> bool {
         self.snapshot && self.routing.snapshots(db, coll)
+    }
+
+    /// Namespaces with relations (`spec.relate`): their changes trigger re-syncs.
+    pub fn relating(&self) -> BTreeSet<String> {
+        self.relate.iter().map(|r| r.namespace.clone()).collect()
+    }
+
+    /// Namespaces with a relation from a field other than `_id`: a delete of theirs needs the
+    /// document before the change (a pre-image) to know what it related to.
+    pub fn relating_by_field(&self) -> BTreeSet<String> {
+        self.relate.iter().filter(|r| r.src_field != "_id").map(|r| r.namespace.clone()).collect()
     }
 }
 

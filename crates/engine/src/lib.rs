@@ -149,7 +149,9 @@ async fn run_inner<S: CheckpointStore>(
         return Ok(());
     };
     info!(pipeline = %name, distribution = %server.distribution, version = %server.version, "Elasticsearch reachable");
-    let client = mongo::connect(&config.mongodb).await?;
+    let Some(client) = reach.mongodb(&config.mongodb).await? else {
+        return Ok(());
+    };
     info!(pipeline = %name, "MongoDB reachable");
     let mut cp = load_checkpoint(config, &store, &client).await?;
     let stream_start = stream_start(config, &store, &client, &mut cp).await?;
@@ -163,6 +165,7 @@ async fn run_inner<S: CheckpointStore>(
             StreamStart::ResumeAfter(token)
         }
     });
+    let pre_images = mongo::pre_image_namespaces(&client, config.relating_by_field()).await?;
     let shapes = Arc::new(transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?);
     let scripts = compile_scripts(config, &client)?;
     let locations = (shapes.tracks_any() || scripts.is_some() || !config.shared_indexes.is_empty()).then(|| Arc::from(config.locations_index.as_str()));
@@ -231,7 +234,7 @@ async fn run_inner<S: CheckpointStore>(
         relations: (!config.relate.is_empty())
             .then(|| Arc::new(transform::relate::Relations::new(&config.relate, client.clone(), config.shard, abort.clone(), metrics.clone()))),
     };
-    let relating: std::collections::BTreeSet<String> = config.relate.iter().map(|r| r.namespace.clone()).collect();
+    let relating = config.relating();
     let (input, changes) = transform::change::Input::channel();
     let transform = tokio::spawn(transform.run(changes, sink).instrument(tracing::info_span!("transform", pipeline = %name)));
     let source = Source {
@@ -248,6 +251,7 @@ async fn run_inner<S: CheckpointStore>(
         snapshot_split: config.snapshot_split,
         files: config.files.as_ref(),
         relating: &relating,
+        pre_images: &pre_images,
         views: std::sync::Mutex::default(),
         last_names: std::sync::Mutex::new(None),
     };
@@ -263,7 +267,7 @@ async fn run_inner<S: CheckpointStore>(
     result
 }
 
-/// Start-up's calls to Elasticsearch. While it is out of reach (not yet started, restarting, a
+/// Start-up's calls to Elasticsearch and its connection to MongoDB. While one is out of reach (not yet started, restarting, a
 /// name that does not resolve yet) each is retried with back-off, the pipeline not ready and
 /// saying so, instead of exiting (which crash-loops a worker's pod and shows the pipeline as
 /// Failed); a refusal (credentials, a bad index or pipeline, a failed TLS handshake) fails at
@@ -305,6 +309,40 @@ impl Reach<'_> {
                 Ok(None)
             }
             Err(retry::Stopped::Refused(e) | retry::Stopped::Deadline(e)) => Err(Error::Elastic(e)),
+        }
+    }
+
+    /// A client of MongoDB once it answers (each attempt waits `connectTimeout` for a
+    /// server); `None` when shutdown came while waiting. Wrong credentials, a connection
+    /// string that does not parse and a refused TLS certificate fail at once.
+    ///
+    /// # Errors
+    /// [`Error::Source`] when MongoDB refused.
+    async fn mongodb(&self, config: &config::MongoConfig) -> Result<Option<mongodb::Client>, Error> {
+        let name = self.name;
+        let mut attempts = 0u32;
+        let result = retry::retry(retry::Pace::until_cancelled(self.shutdown), || mongo::connect(config), |e| {
+            if !mongo::is_unreachable(e) {
+                return false;
+            }
+            attempts += 1;
+            self.health.source_beat(false);
+            warn!(pipeline = %name, attempts, error = %error_chain(e), "MongoDB is unreachable; waiting for it (not ready meanwhile)");
+            true
+        })
+        .await;
+        match result {
+            Ok(client) => {
+                if attempts > 0 {
+                    info!(pipeline = %name, attempts, "MongoDB answered after waiting");
+                }
+                Ok(Some(client))
+            }
+            Err(retry::Stopped::Cancelled(_)) => {
+                info!(pipeline = %name, "shutdown while waiting for MongoDB at start-up");
+                Ok(None)
+            }
+            Err(retry::Stopped::Refused(e) | retry::Stopped::Deadline(e)) => Err(Error::Source(e)),
         }
     }
 }

@@ -206,6 +206,35 @@ async fn started_before_elasticsearch_it_waits_not_ready_then_syncs() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_before_mongodb_it_waits_not_ready_then_syncs() -> anyhow::Result<()> {
+    let mut mongo = Mongo::start(&[])?;
+    let es = Elastic::start()?;
+    insert_all(&mongo.client().await?.database("shop").collection::<Document>("orders"), sample_docs(0, 300)).await?;
+    // Its port is known, and nothing listens there until the restart below.
+    mongo.stop(false);
+    let state = TempDir::new("state");
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !monsoon.log().contains("MongoDB is unreachable; waiting for it") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no word of the wait in the log\n{}", tail(&monsoon.log(), 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several retries later it still runs, live and not ready.
+    assert!(monsoon.wait_exit(Duration::from_secs(4)).is_err(), "it exited instead of waiting:\n{}", tail(&monsoon.log(), 20));
+    assert_eq!(monsoon.get("/healthz").map(|r| r.0), Some(200), "waiting is not a reason to restart");
+    assert_eq!(monsoon.get("/readyz").map(|r| r.0), Some(503), "not ready before MongoDB answers");
+    mongo.restart()?;
+    let client = mongo.client().await?;
+    insert_all(&client.database("shop").collection::<Document>("orders"), sample_docs(300, 200)).await?;
+    let report = wait_converged(&client, &es.client()?, "shop", "orders", "shop.orders", CONVERGE).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
+    monsoon.wait_stats(CONVERGE, |s| s["ready"] == true && s["phase"] == "Streaming")?;
+    assert!(monsoon.log().contains("MongoDB answered after waiting"), "{}", tail(&monsoon.log(), 20));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_restart_on_same_storage_converges() -> anyhow::Result<()> {
     let mut mongo = Mongo::start(&[])?;
     let es = Elastic::start()?;

@@ -136,3 +136,82 @@ async fn renamed_count(esc: &elasticsearch::Elasticsearch) -> anyhow::Result<usi
 fn pipeline_name(yaml: &str) -> String {
     yaml.lines().find_map(|l| l.trim().strip_prefix("name: ")).unwrap_or("pipeline").trim().to_string()
 }
+
+/// A relation from a field other than `_id` (`orders.customer` to a view of customers with
+/// their orders) follows deletes and moves through MongoDB's pre-images: a deleted order's
+/// customer, and the customer an order moved away from, are re-synced too. Without a pre-image
+/// (the collection stops keeping them) the delete's re-sync is dead-lettered, never skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relations_from_a_field_follow_deletes_and_moves_through_pre_images() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let db = client.database("sales");
+    db.create_collection("orders").await?;
+    db.run_command(doc! {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": true}}).await?;
+    let (orders, customers) = (db.collection::<Document>("orders"), db.collection::<Document>("customers"));
+    customers.insert_many((0..6).map(|i| doc! {"_id": i, "name": format!("customer {i}")})).await?;
+    orders.insert_many((0..30).map(|i| doc! {"_id": i, "customer": i % 6, "total": i * 10})).await?;
+    db.create_collection("customerview")
+        .view_on("customers".to_string())
+        .pipeline(vec![doc! {"$lookup": {"from": "orders", "localField": "_id", "foreignField": "customer", "as": "orders"}}])
+        .await?;
+    let dir = TempDir::new("relate-pre-images");
+    let yaml = format!(
+        "apiVersion: monsoon.dev/v1alpha1
+kind: SyncPipeline
+metadata:
+  name: totals
+spec:
+  mongodb:
+    uri: {}
+  elasticsearch:
+    urls: [{}]
+  namespaces: [sales.orders, sales.customerview]
+  indexes:
+    sales.customerview: customers
+  snapshot: true
+  snapshotNamespaces: [sales.customerview]
+  relate:
+  - namespace: sales.orders
+    withNamespace: sales.customerview
+    srcField: customer
+    matchField: _id
+",
+        mongo.uri(),
+        es.url()
+    );
+    let monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
+    let converged = |what: &'static str| {
+        let (client, esc, monsoon) = (&client, &esc, &monsoon);
+        async move {
+            let report = wait_converged(client, esc, "sales", "customerview", "customers", CONVERGE).await?;
+            anyhow::ensure!(report.converged(), "{what}: {report:?}\n{}", tail(&monsoon.log(), 40));
+            anyhow::Ok(())
+        }
+    };
+    converged("after the snapshot").await?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+
+    // An order moves from customer 0 to customer 1 (customer 0's orders changed too); an
+    // order of customer 2 is deleted; an order is replaced with another customer's.
+    orders.update_one(doc! {"_id": 0}, doc! {"$set": {"customer": 1}}).await?;
+    orders.delete_one(doc! {"_id": 2}).await?;
+    orders.replace_one(doc! {"_id": 3}, doc! {"customer": 4, "total": 1}).await?;
+    converged("after a move, a delete and a replace").await?;
+    assert!(dead_letters(&esc).await.unwrap_or_default().is_empty(), "{}", tail(&monsoon.log(), 20));
+
+    // Without pre-images, a delete cannot say whose order it was: dead-lettered with the fix.
+    db.run_command(doc! {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": false}}).await?;
+    orders.delete_one(doc! {"_id": 5}).await?;
+    let deadline = Instant::now() + CONVERGE;
+    let letters = loop {
+        let letters = dead_letters(&esc).await.unwrap_or_default();
+        if !letters.is_empty() || Instant::now() > deadline {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(letters.len(), 1, "{letters:?}\n{}", tail(&monsoon.log(), 20));
+    let reason = letters[0].to_string();
+    assert!(reason.contains("changeStreamPreAndPostImages") && reason.contains("customer"), "{reason}");
+    Ok(())
+}

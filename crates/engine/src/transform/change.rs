@@ -29,6 +29,9 @@ pub struct Doc {
     pub doc: Option<RawDocumentBuf>,
     /// The update's description (for scripts), for an update.
     pub update: Option<RawDocumentBuf>,
+    /// The document before the change (MongoDB 6+ pre-image), kept only for namespaces whose
+    /// relations match on a field other than `_id` (a delete carries only the `_id`).
+    pub before: Option<RawDocumentBuf>,
     /// External version: the change's cluster time (a snapshot's start time for a read).
     pub version: u64,
     /// Read by a snapshot rather than the change stream.

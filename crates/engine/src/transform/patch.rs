@@ -91,6 +91,7 @@ mod tests {
             id: RawBson::Int32(1),
             doc: Some(RawDocumentBuf::from_document(&doc! {"_id": 1, "n": 1}).expect("raw")),
             update: update.map(|u| RawDocumentBuf::from_document(&u).expect("raw")),
+            before: None,
             version: 1,
             from_snapshot: snapshot,
             file: None,

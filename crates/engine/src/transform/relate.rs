@@ -15,10 +15,13 @@
 //! - A delete, through a relation matching `_id` to `_id`, deletes the related document (and
 //!   goes on down such relations). Any other relation re-syncs what it finds: the documents
 //!   still exist. (Monstache deletes those too, removing live documents from the index.)
-//! - A delete carries only the `_id`: a relation from another field cannot know what the
-//!   deleted document pointed to, and its re-sync is dead-lettered with the reason instead of
-//!   skipped in silence (Monstache looks the value up in the index; monsoon's transform does
-//!   not read the index).
+//! - A delete carries only the `_id`: a relation from another field reads what the deleted
+//!   document pointed to from the change's pre-image (MongoDB 6.0+, on collections with
+//!   `changeStreamPreAndPostImages`). Without one its re-sync is dead-lettered with the reason
+//!   instead of skipped in silence (Monstache looks the value up in the index; monsoon's
+//!   transform does not read the index).
+//! - With a pre-image, an update that changes the source field re-syncs the documents related
+//!   to the old value too (they changed as well; Monstache re-syncs only the new ones).
 //! - A document is re-synced at most once per change, so cycles end (Monstache loops).
 //! - In a sharded pipeline every worker reads every change of a related namespace, and each
 //!   writes only the related documents it owns.
@@ -107,12 +110,13 @@ pub struct Relations {
     metrics: Metrics,
 }
 
-/// A document whose relations are followed next: its namespace, `_id`, and the document
-/// (`None` for a delete).
+/// A document whose relations are followed next: its namespace, `_id`, the document (`None`
+/// for a delete), and for the change itself the document before it (a pre-image, when kept).
 struct Visit {
     ns: String,
     id: RawBson,
     doc: Option<RawDocumentBuf>,
+    before: Option<RawDocumentBuf>,
 }
 
 impl Relations {
@@ -153,7 +157,7 @@ impl Relations {
     /// that closes without `Done` means the re-sync was stopped (shutdown).
     pub fn resync(self: &Arc<Self>, change: &Doc) -> mpsc::Receiver<Related> {
         let (tx, rx) = mpsc::channel(AHEAD);
-        let root = Visit { ns: format!("{}.{}", change.db, change.coll), id: change.id.clone(), doc: change.doc.clone() };
+        let root = Visit { ns: format!("{}.{}", change.db, change.coll), id: change.id.clone(), doc: change.doc.clone(), before: change.before.clone() };
         let this = self.clone();
         let version = change.version;
         tokio::spawn(async move {
@@ -179,9 +183,7 @@ impl Relations {
                 for relation in self.by_ns.get(ns).into_iter().flatten().filter(|r| r.applies_at(depth)) {
                     let mut values = Vec::new();
                     for visit in level.iter().filter(|v| v.ns == ns) {
-                        if let Some(value) = self.value_to_match(relation, visit, &mut walk).await? {
-                            values.push(value);
-                        }
+                        values.extend(self.values_to_match(relation, visit, &mut walk).await?);
                     }
                     self.find_all(relation, values, &mut walk).await?;
                 }
@@ -192,44 +194,65 @@ impl Relations {
         Ok(())
     }
 
-    /// What `relation` matches for `visit` (`None`: nothing to look up). A delete through an
-    /// `_id`-to-`_id` relation is handed on as the related document's delete here; one through
-    /// another field is dead-lettered (its value left with the document).
-    async fn value_to_match(&self, relation: &Relation, visit: &Visit, walk: &mut Walk<'_>) -> Result<Option<Bson>, Stopped> {
-        let with_ns = relation.with_ns();
+    /// What `relation` matches for `visit`: its source field's value in the document and, when
+    /// the change has a pre-image, in the document before it (the documents related to the old
+    /// value changed too). A delete through an `_id`-to-`_id` relation is handed on as the
+    /// related document's delete here; a delete through another field is followed through its
+    /// pre-image, or dead-lettered without one.
+    async fn values_to_match(&self, relation: &Relation, visit: &Visit, walk: &mut Walk<'_>) -> Result<Vec<Bson>, Stopped> {
         if relation.is_identity() && !self.owns(&visit.id) {
             // The related document has the same `_id`: the shard owning it follows it.
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let Some(doc) = &visit.doc else {
-            if relation.is_identity() {
-                // The same `_id` in the related namespace goes too.
-                if walk.seen.insert((with_ns.clone(), id_key(&visit.id))) {
-                    self.hand_on(relation, visit.id.clone(), None, walk).await?;
-                    if self.has_further(&with_ns, walk.depth) {
-                        walk.next.push(Visit { ns: with_ns, id: visit.id.clone(), doc: None });
-                    }
-                }
-                return Ok(None);
-            }
-            if relation.src == ["_id"] {
-                return Ok(Bson::try_from(visit.id.clone()).ok());
-            }
+        if visit.doc.is_none() && relation.is_identity() {
+            self.delete_same_id(relation, visit, walk).await?;
+            return Ok(Vec::new());
+        }
+        if visit.doc.is_none() && relation.src == ["_id"] {
+            return Ok(Bson::try_from(visit.id.clone()).ok().into_iter().collect());
+        }
+        let Some(current) = visit.doc.as_ref().or(visit.before.as_ref()) else {
             let reason = format!(
-                "`{}` was deleted: its `{}` (what relation to `{with_ns}` matches on) left with it, so the related documents could not be re-synced; re-sync them by hand",
+                "`{}` was deleted: its `{}` (what relation to `{}` matches on) left with it and the delete carried no pre-image, so the related documents could not be re-synced; re-sync them by hand, and enable `changeStreamPreAndPostImages` on the collection (MongoDB 6.0+) so deletes can be followed",
                 visit.ns,
-                relation.src.join(".")
+                relation.src.join("."),
+                relation.with_ns()
             );
-            return self.failed(reason, walk).await.map(|()| None);
+            return self.failed(reason, walk).await.map(|()| Vec::new());
         };
-        let Some(value) = source_value(doc, &relation.src) else {
+        let mut values = Vec::new();
+        match source_value(current, &relation.src) {
+            Some(value) => values.extend(self.typed(relation, visit, value, walk).await?),
             // Nothing to match: no related document.
-            self.metrics.events.with_label_values(&["relate_no_source"]).inc();
-            return Ok(None);
-        };
+            None => self.metrics.events.with_label_values(&["relate_no_source"]).inc(),
+        }
+        if let (Some(_), Some(before)) = (&visit.doc, &visit.before) {
+            if let Some(value) = source_value(before, &relation.src) {
+                values.extend(self.typed(relation, visit, value, walk).await?);
+            }
+        }
+        Ok(values)
+    }
+
+    /// A delete through an `_id`-to-`_id` relation: the same `_id` in the related namespace
+    /// goes too.
+    async fn delete_same_id(&self, relation: &Relation, visit: &Visit, walk: &mut Walk<'_>) -> Result<(), Stopped> {
+        let with_ns = relation.with_ns();
+        if walk.seen.insert((with_ns.clone(), id_key(&visit.id))) {
+            self.hand_on(relation, visit.id.clone(), None, walk).await?;
+            if self.has_further(&with_ns, walk.depth) {
+                walk.next.push(Visit { ns: with_ns, id: visit.id.clone(), doc: None, before: None });
+            }
+        }
+        Ok(())
+    }
+
+    /// `value` as `matchFieldType` says (unchanged without one); a value that cannot convert is
+    /// dead-lettered.
+    async fn typed(&self, relation: &Relation, visit: &Visit, value: Bson, walk: &Walk<'_>) -> Result<Option<Bson>, Stopped> {
         match relation.match_type.map(|t| convert_to(value.clone(), t)).transpose() {
             Ok(v) => Ok(Some(v.unwrap_or(value))),
-            Err(why) => self.failed(format!("relation from `{}` to `{with_ns}`: `{}` {why}", visit.ns, relation.src.join(".")), walk).await.map(|()| None),
+            Err(why) => self.failed(format!("relation from `{}` to `{}`: `{}` {why}", visit.ns, relation.with_ns(), relation.src.join(".")), walk).await.map(|()| None),
         }
     }
 
@@ -279,7 +302,7 @@ impl Relations {
                         return Ok(Err(Stopped));
                     }
                     if let Some((id, found)) = kept {
-                        walk.next.push(Visit { ns: with_ns.clone(), id, doc: Some(found) });
+                        walk.next.push(Visit { ns: with_ns.clone(), id, doc: Some(found), before: None });
                     }
                 }
                 Ok::<_, mongodb::error::Error>(Ok(()))
@@ -307,7 +330,7 @@ impl Relations {
             return Ok(());
         }
         self.metrics.events.with_label_values(&["related"]).inc();
-        let doc = Doc { db: relation.with_db.clone(), coll: relation.with_coll.clone(), id, doc, update: None, version: walk.version, from_snapshot: false, file: None, owned: true };
+        let doc = Doc { db: relation.with_db.clone(), coll: relation.with_coll.clone(), id, doc, update: None, before: None, version: walk.version, from_snapshot: false, file: None, owned: true };
         send(walk.tx, Related::Doc(doc)).await
     }
 

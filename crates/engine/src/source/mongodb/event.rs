@@ -22,6 +22,9 @@ pub enum Action<'a> {
         /// The update's `updateDescription` (updated and removed fields), when the stream
         /// keeps it (for scripts).
         update: Option<&'a RawDocument>,
+        /// The document before the change (`fullDocumentBeforeChange`), when the stream asks
+        /// for pre-images and the collection keeps them.
+        before: Option<&'a RawDocument>,
     },
     /// Delete the document (delete, or update whose lookup found nothing: the document was
     /// deleted since, and that delete follows in the stream).
@@ -34,6 +37,9 @@ pub enum Action<'a> {
         id: RawBsonRef<'a>,
         /// Cluster time of the change.
         time: Timestamp,
+        /// The deleted document (`fullDocumentBeforeChange`), when the stream asks for
+        /// pre-images and the collection keeps them.
+        before: Option<&'a RawDocument>,
     },
     /// The change carries no document (the stream runs without `updateLookup` after an
     /// event too large for MongoDB's 16 MB limit): read the document by `_id` now.
@@ -133,6 +139,7 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
     let mut to = None;
     let mut full: Option<RawBsonRef<'_>> = None;
     let mut update = None;
+    let mut before = None;
     for element in event.iter_elements() {
         let element = element.map_err(|_| Malformed { field: "event" })?;
         let slot = match element.key() {
@@ -143,6 +150,7 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             "to" => 4,
             "fullDocument" => 5,
             "updateDescription" => 6,
+            "fullDocumentBeforeChange" => 7,
             _ => continue,
         };
         let value = element.value().map_err(|_| Malformed { field: "event" })?;
@@ -155,6 +163,9 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             (5, v) => full = Some(v),
             (6, RawBsonRef::Document(d)) => update = Some(d),
             (6, _) => {}
+            (7, RawBsonRef::Document(d)) => before = Some(d),
+            // `null`: no pre-image (not kept, or expired).
+            (7, _) => {}
             (0, _) => return Err(Malformed { field: "operationType" }),
             (1, _) => return Err(Malformed { field: "ns" }),
             (2, _) => return Err(Malformed { field: "documentKey" }),
@@ -174,9 +185,9 @@ pub fn parse(event: &RawDocument) -> Result<Action<'_>, Malformed> {
             let id = field(key, "_id")?;
             let time = time()?;
             match (op, full) {
-                ("delete", _) | (_, Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time }),
+                ("delete", _) | (_, Some(RawBsonRef::Null)) => Ok(Action::Delete { db, coll, id, time, before }),
                 (_, None) => Ok(Action::Lookup { db, coll, id, time }),
-                (_, Some(RawBsonRef::Document(doc))) => Ok(Action::Upsert { db, coll, id, doc, time, update }),
+                (_, Some(RawBsonRef::Document(doc))) => Ok(Action::Upsert { db, coll, id, doc, time, update, before }),
                 _ => Err(Malformed {
                     field: "fullDocument",
                 }),
@@ -295,8 +306,24 @@ mod tests {
             "documentKey": {"_id": "x"}, "fullDocument": Bson::Null});
         assert_eq!(
             parse(&e).expect("parse"),
-            Action::Delete { db: "d", coll: "c", id: RawBsonRef::String("x"), time: T }
+            Action::Delete { db: "d", coll: "c", id: RawBsonRef::String("x"), time: T, before: None }
         );
+    }
+
+    #[test]
+    fn pre_images_are_read_when_the_event_has_one() {
+        let e = raw(doc! {"operationType": "delete", "clusterTime": T, "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1}, "fullDocumentBeforeChange": {"_id": 1, "state": "a"}});
+        let Ok(Action::Delete { before: Some(before), .. }) = parse(&e) else { panic!("{:?}", parse(&e)) };
+        assert_eq!(before.get_str("state").expect("state"), "a");
+        let e = raw(doc! {"operationType": "update", "clusterTime": T, "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1}, "fullDocument": {"_id": 1, "state": "b"}, "fullDocumentBeforeChange": {"_id": 1, "state": "a"}});
+        let Ok(Action::Upsert { before: Some(before), doc, .. }) = parse(&e) else { panic!("{:?}", parse(&e)) };
+        assert_eq!((before.get_str("state").expect("a"), doc.get_str("state").expect("b")), ("a", "b"));
+        // `null`: the collection keeps no pre-images.
+        let e = raw(doc! {"operationType": "delete", "clusterTime": T, "ns": {"db": "d", "coll": "c"},
+            "documentKey": {"_id": 1}, "fullDocumentBeforeChange": Bson::Null});
+        assert!(matches!(parse(&e), Ok(Action::Delete { before: None, .. })));
     }
 
     #[test]

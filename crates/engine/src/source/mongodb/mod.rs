@@ -15,7 +15,7 @@
 pub mod event;
 pub mod filter;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::ErrorKind;
 use mongodb::options::{
-    ChangeStreamOptions, ClientOptions, FullDocumentType, Tls, TlsOptions,
+    ChangeStreamOptions, ClientOptions, FullDocumentBeforeChangeType, FullDocumentType, Tls, TlsOptions,
 };
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
@@ -162,6 +162,14 @@ fn classify_connect_error(e: mongodb::error::Error) -> Error {
     }
 }
 
+/// Whether a failure to connect is worth waiting out: no server answered in time. A server
+/// whose TLS certificate is refused will not be trusted by waiting, so that fails at once.
+pub fn is_unreachable(e: &Error) -> bool {
+    let Error::Unreachable { source, .. } = e else { return false };
+    let text = format!("{source:?}").to_ascii_lowercase();
+    !["certificate", "unknownissuer", "handshake"].iter().any(|m| text.contains(m))
+}
+
 /// Remove the connection string (and so any credentials) from a message.
 fn redact(message: &str, uri: &str) -> String {
     message.replace(uri, "<connection string>")
@@ -194,6 +202,48 @@ pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
         .ok_or(Error::NoClusterTime)?;
     Ok(ts.into())
 }
+
+/// Which of `namespaces` (collections whose relations match on a field other than `_id`)
+/// can have their changes' pre-images read: all of them on MongoDB 6.0+ (wire version 17),
+/// none before (a stream there refuses `fullDocumentBeforeChange`). Collections that keep no
+/// pre-images (`changeStreamPreAndPostImages`) are named in a warning: their deletes cannot be
+/// followed through such relations and are dead-lettered.
+///
+/// # Errors
+/// [`Error::Unreachable`] when MongoDB does not answer.
+pub async fn pre_image_namespaces(client: &Client, namespaces: BTreeSet<String>) -> Result<BTreeSet<String>, Error> {
+    if namespaces.is_empty() {
+        return Ok(namespaces);
+    }
+    let hello = client
+        .database("admin")
+        .run_command(doc! {"hello": 1})
+        .await
+        .map_err(|source| Error::Unreachable { op: "ask the server's version (hello)", source })?;
+    let wire = hello.get("maxWireVersion").and_then(Bson::as_i64).or_else(|| hello.get_i32("maxWireVersion").ok().map(i64::from)).unwrap_or(0);
+    if wire < PRE_IMAGES_WIRE_VERSION {
+        warn!(namespaces = ?namespaces, "MongoDB is older than 6.0 and keeps no pre-images: a delete in these namespaces cannot say what their relations from a field other than `_id` matched, and those re-syncs are dead-lettered");
+        return Ok(BTreeSet::new());
+    }
+    for ns in &namespaces {
+        let Some((db, coll)) = ns.split_once('.') else { continue };
+        let spec = client.database(db).list_collections().filter(doc! {"name": coll}).await;
+        let enabled = match spec {
+            Ok(mut cursor) => {
+                use futures_util::TryStreamExt;
+                matches!(cursor.try_next().await, Ok(Some(c)) if c.options.change_stream_pre_and_post_images.as_ref().is_some_and(|p| p.enabled))
+            }
+            Err(_) => false,
+        };
+        if !enabled {
+            warn!(namespace = %ns, fix = %format!("db.getSiblingDB(\"{db}\").runCommand({{collMod: \"{coll}\", changeStreamPreAndPostImages: {{enabled: true}}}})"), "collection keeps no pre-images: a delete in it cannot say what its relations from a field other than `_id` matched, and those re-syncs are dead-lettered");
+        }
+    }
+    Ok(namespaces)
+}
+
+/// MongoDB 6.0's wire version: change streams give pre-images (`fullDocumentBeforeChange`).
+const PRE_IMAGES_WIRE_VERSION: i64 = 17;
 
 /// Time of the oldest entry the oplog still holds (`spec.streamStart.oldest`): read from
 /// `local.oplog.rs` in natural (insertion) order, which a replica set member serves and a
@@ -332,10 +382,29 @@ pub struct Source<'a> {
     /// Namespaces with relations (`spec.relate`): their changes are handed on even when
     /// another shard owns the document.
     pub relating: &'a std::collections::BTreeSet<String>,
+    /// Namespaces whose changes carry the document before the change (`spec.relate` from a
+    /// field other than `_id`, which a delete needs): empty unless MongoDB keeps pre-images
+    /// (6.0+).
+    pub pre_images: &'a std::collections::BTreeSet<String>,
     /// The views listed (`db.view`): read without an index hint, never streamed.
     pub views: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The names of the collection changed last.
     pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
+}
+
+/// One document as a change event or a read found it.
+struct Found<'a> {
+    id: RawBsonRef<'a>,
+    /// `None` for a delete.
+    doc: Option<&'a RawDocument>,
+    update: Option<&'a RawDocument>,
+    before: Option<&'a RawDocument>,
+}
+
+impl<'a> Found<'a> {
+    fn document(id: RawBsonRef<'a>, doc: &'a RawDocument) -> Self {
+        Found { id, doc: Some(doc), update: None, before: None }
+    }
 }
 
 /// How a source phase ended.
@@ -443,14 +512,17 @@ impl Source<'_> {
         }
     }
 
-    /// Hand on a change of a document of `db.coll` (`doc` is `None` for a delete).
-    async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), id: RawBsonRef<'_>, doc: Option<&RawDocument>, update: Option<&RawDocument>, version: u64, from_snapshot: bool) -> Result<(), Error> {
+    /// Hand on a change of a document of `db.coll`.
+    async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), found: Found<'_>, version: u64, from_snapshot: bool) -> Result<(), Error> {
+        let Found { id, doc, update, before } = found;
         // Not owned: handed on only for its relations (`spec.relate`), which every shard follows.
         let owned = self.owns(id);
         let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), doc) {
             (Some(files), Some(d)) if owned => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
             _ => None,
         };
+        // Pre-images are read only by relations from a field other than `_id`.
+        let before = before.filter(|_| self.pre_images.contains(&format!("{}.{}", ns.0, ns.1)));
         self.send(Change::Doc(Doc {
             file,
             owned,
@@ -459,6 +531,7 @@ impl Source<'_> {
             id: id.to_raw_bson(),
             doc: doc.map(ToOwned::to_owned),
             update: update.map(ToOwned::to_owned),
+            before: before.map(ToOwned::to_owned),
             version,
             from_snapshot,
         }))
@@ -671,7 +744,7 @@ impl Source<'_> {
             return Ok(());
         };
         if self.owns(id) {
-            self.send_doc(&at.names, id, Some(raw), None, at.version, true).await?;
+            self.send_doc(&at.names, Found::document(id, raw), at.version, true).await?;
             self.metrics.snapshot_docs.inc();
         }
         at.resume_after = Some(id.to_raw_bson().try_into().unwrap_or(Bson::Null));
@@ -692,7 +765,9 @@ impl Source<'_> {
             let at = pipeline.len() - 1;
             pipeline.splice(at..at, self.shapes.stream_stages());
         }
-        let mut options = stream_options(lean);
+        // Pre-images only where relations read them, and not in lean mode (after an event
+        // over 16 MB, the smallest events).
+        let mut options = stream_options(lean, !lean && !self.pre_images.is_empty());
         match start {
             StreamStart::At(t) => options.start_at_operation_time = Some(Timestamp::from(*t)),
             StreamStart::ResumeAfter(token) => options.resume_after = Some(token.clone()),
@@ -991,23 +1066,26 @@ impl Source<'_> {
             *last_time = Some(time);
         }
         match action {
-            Action::Upsert { db, coll, id, doc, time, update } => {
+            Action::Upsert { db, coll, id, doc, time, update, before } => {
                 self.metrics.hot.upserts.inc();
                 if self.follows(db, coll, id) {
-                    self.send_doc(&self.names(db, coll), id, Some(doc), update, ClusterTime::from(time).version(), false).await?;
+                    let found = Found { id, doc: Some(doc), update, before };
+                    self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
                 }
             }
-            Action::Delete { db, coll, id, time } => {
+            Action::Delete { db, coll, id, time, before } => {
                 self.metrics.hot.deletes.inc();
                 if self.follows(db, coll, id) {
-                    self.send_doc(&self.names(db, coll), id, None, None, ClusterTime::from(time).version(), false).await?;
+                    let found = Found { id, doc: None, update: None, before };
+                    self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.follows(db, coll, id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    self.send_doc(&self.names(db, coll), id, doc.as_deref(), None, ClusterTime::from(time).version(), false).await?;
+                    let found = Found { id, doc: doc.as_deref(), update: None, before: None };
+                    self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
                 }
             }
             Action::Drop { db, coll, time } => {
@@ -1325,9 +1403,11 @@ pub fn stream_pipeline(dbs: Option<&[String]>, lean: bool, keep_update: bool) ->
 }
 
 /// The change stream's options, without its start point.
-pub fn stream_options(lean: bool) -> ChangeStreamOptions {
+pub fn stream_options(lean: bool, pre_images: bool) -> ChangeStreamOptions {
     ChangeStreamOptions::builder()
         .full_document((!lean).then_some(FullDocumentType::UpdateLookup))
+        // `whenAvailable`: a collection without `changeStreamPreAndPostImages` gives `null`.
+        .full_document_before_change(pre_images.then_some(FullDocumentBeforeChangeType::WhenAvailable))
         .max_await_time(Some(Duration::from_millis(500)))
         .batch_size(Some(1000))
         .build()
