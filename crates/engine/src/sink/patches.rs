@@ -46,7 +46,7 @@ use serde_json::{Map, Value};
 use tracing::warn;
 
 use super::dead_letter::Refusal;
-use super::elasticsearch::request::write_json_str;
+use super::elasticsearch::request;
 use super::elasticsearch::response::{classify_response, classify_status, ItemOutcome, RequestOutcome};
 use super::{Op, Write};
 use crate::checkpoint::ClusterTime;
@@ -764,44 +764,23 @@ struct Round {
 
 /// The bulk lines creating a time machine entry (a replayed one answers 409: the first stays).
 fn encode_entry(log: &PatchLog, source: &[u8], body: &mut Vec<u8>) {
-    body.extend_from_slice(b"{\"create\":{\"_index\":");
-    write_json_str(&log.index, body);
-    body.extend_from_slice(b",\"_id\":");
-    body.extend_from_slice(log.id_json.as_bytes());
-    if let Some(routing) = &log.routing {
-        body.extend_from_slice(b",\"routing\":");
-        write_json_str(routing, body);
-    }
-    if let Some(pipeline) = &log.pipeline {
-        body.extend_from_slice(b",\"pipeline\":");
-        write_json_str(pipeline, body);
-    }
+    request::open_action("create", &log.index, &log.id_json, log.routing.as_deref(), body);
+    request::add_pipeline(log.pipeline.as_deref(), body);
     body.extend_from_slice(b"}}\n");
-    body.extend_from_slice(source);
-    body.push(b'\n');
+    request::push_source(source, body);
 }
 
 /// The bulk lines of one document's versioned write.
 fn encode(d: &DocWrites, action: &Action, body: &mut Vec<u8>) {
-    let (verb, version): (&[u8], u64) = match action {
+    let (verb, version) = match action {
         Action::Nothing => return,
-        Action::Index(_, v) => (b"{\"index\":{\"_index\":", *v),
-        Action::Delete(v) => (b"{\"delete\":{\"_index\":", *v),
+        Action::Index(_, v) => ("index", *v),
+        Action::Delete(v) => ("delete", *v),
     };
-    body.extend_from_slice(verb);
-    write_json_str(&d.index, body);
-    body.extend_from_slice(b",\"_id\":");
-    body.extend_from_slice(d.id_json.as_bytes());
-    if let Some(routing) = &d.routing {
-        body.extend_from_slice(b",\"routing\":");
-        write_json_str(routing, body);
-    }
-    body.extend_from_slice(b",\"version\":");
-    body.extend_from_slice(itoa::Buffer::new().format(version).as_bytes());
-    body.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
+    request::open_action(verb, &d.index, &d.id_json, d.routing.as_deref(), body);
+    request::close_versioned(version, body);
     if let Action::Index(source, _) = action {
-        body.extend_from_slice(source);
-        body.push(b'\n');
+        request::push_source(source, body);
     }
 }
 

@@ -260,11 +260,7 @@ impl Placer {
             Some((db, coll)) => (Arc::from(format!("{db}.{coll}")), Arc::from(self.routing.index_for(db, coll))),
             None => (Arc::from("unknown"), Arc::from("")),
         };
-        let mut id_json = Vec::new();
-        let id_json: Box<str> = match event.id.as_ref().map(|id| convert::write_es_id(id.as_raw_bson_ref(), &mut id_json)) {
-            Some(Ok(())) => String::from_utf8_lossy(&id_json).into(),
-            _ => "null".into(),
-        };
+        let id_json = event.id.as_ref().map_or_else(|| "null".into(), dead_letter_id);
         let mut document = Vec::new();
         let document = convert::write_document(&event.raw, false, &mut document, stats).is_ok().then(|| Bytes::from(document));
         let version = event.time.map_or(0, |t| ClusterTime::from(t).version());
@@ -275,15 +271,19 @@ impl Placer {
 impl Placer {
     /// The dead letter of a relation that could not be followed from the change of document
     /// `id` in `ns` (`spec.relate`).
-    pub fn relation_failed(&self, ns: &Arc<str>, id: &mongodb::bson::RawBson, version: u64, reason: String, stats: &mut ConvertStats) -> Write {
+    pub fn relation_failed(&self, ns: &Arc<str>, id: &mongodb::bson::RawBson, version: u64, reason: String) -> Write {
         let index = ns.split_once('.').map_or_else(String::new, |(db, coll)| self.routing.index_for(db, coll));
-        let mut id_json = Vec::new();
-        let id_json: Box<str> = match convert::write_es_id(id.as_raw_bson_ref(), &mut id_json) {
-            Ok(()) => String::from_utf8_lossy(&id_json).into(),
-            Err(_) => "null".into(),
-        };
-        let _ = stats;
-        Write::new(ns.clone(), Arc::from(index), id_json, version, Op::Reject { error_type: "relate_failed", reason, document: None })
+        Write::new(ns.clone(), Arc::from(index), dead_letter_id(id), version, Op::Reject { error_type: "relate_failed", reason, document: None })
+    }
+}
+
+/// The Elasticsearch `_id` (JSON) a dead letter names for MongoDB `_id` `id`; `null` when it
+/// has none (too long).
+fn dead_letter_id(id: &mongodb::bson::RawBson) -> Box<str> {
+    let mut json = Vec::new();
+    match convert::write_es_id(id.as_raw_bson_ref(), &mut json) {
+        Ok(()) => String::from_utf8_lossy(&json).into(),
+        Err(_) => "null".into(),
     }
 }
 

@@ -184,7 +184,7 @@ impl Transform {
                 }
                 Some(Related::Failed { reason }) => {
                     error!(namespace = %ns, reason = %reason, "relation not followed; dead-lettered");
-                    let w = self.placer.relation_failed(ns, id, version, reason, &mut stats);
+                    let w = self.placer.relation_failed(ns, id, version, reason);
                     let default = w.index.clone();
                     self.hand_on_write(w, &default, None, out).await?;
                 }

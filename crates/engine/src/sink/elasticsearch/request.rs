@@ -11,23 +11,16 @@ use crate::sink::{Op, Write};
 
 /// Append the bulk lines of one write to `body`.
 pub fn encode(write: &Write, body: &mut Vec<u8>) {
-    let action: &[u8] = match write.op {
-        Op::Index(_) => b"{\"index\":{\"_index\":",
-        Op::Update(_) => b"{\"update\":{\"_index\":",
-        Op::Create(_) => b"{\"create\":{\"_index\":",
-        Op::Delete => b"{\"delete\":{\"_index\":",
+    let verb = match write.op {
+        Op::Index(_) => "index",
+        Op::Update(_) => "update",
+        Op::Create(_) => "create",
+        Op::Delete => "delete",
         // Never sent: the sink dead-letters these before building a body, and carries
         // patches out as read-modify-writes (`sink::patches`).
         Op::Reject { .. } | Op::Patch(_) => return,
     };
-    body.extend_from_slice(action);
-    write_json_str(&write.index, body);
-    body.extend_from_slice(b",\"_id\":");
-    body.extend_from_slice(write.id_json.as_bytes());
-    if let Some(routing) = &write.routing {
-        body.extend_from_slice(b",\"routing\":");
-        write_json_str(routing, body);
-    }
+    open_action(verb, &write.index, &write.id_json, write.routing.as_deref(), body);
     match &write.op {
         Op::Update(source) => {
             // Partial updates cannot carry external versions; the sink's per-document order
@@ -35,35 +28,57 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
             body.extend_from_slice(b",\"retry_on_conflict\":3}}\n{\"doc\":");
             body.extend_from_slice(source);
             body.extend_from_slice(b",\"doc_as_upsert\":true}\n");
-            return;
         }
-        Op::Index(_) => {
-            if let Some(pipeline) = &write.pipeline {
-                body.extend_from_slice(b",\"pipeline\":");
-                write_json_str(pipeline, body);
-            }
+        Op::Index(source) => {
+            add_pipeline(write.pipeline.as_deref(), body);
+            close_versioned(write.version, body);
+            push_source(source, body);
         }
         Op::Create(source) => {
             // Elasticsearch versions `create` internally only: a replayed entry finds its
             // `_id` taken and answers 409, which keeps the first copy.
-            if let Some(pipeline) = &write.pipeline {
-                body.extend_from_slice(b",\"pipeline\":");
-                write_json_str(pipeline, body);
-            }
+            add_pipeline(write.pipeline.as_deref(), body);
             body.extend_from_slice(b"}}\n");
-            body.extend_from_slice(source);
-            body.push(b'\n');
-            return;
+            push_source(source, body);
         }
-        _ => {}
+        _ => close_versioned(write.version, body),
     }
+}
+
+/// Open a bulk action line: `{"<verb>":{"_index":…,"_id":…` and the routing; the caller adds
+/// what its action needs and closes it.
+pub fn open_action(verb: &str, index: &str, id_json: &str, routing: Option<&str>, body: &mut Vec<u8>) {
+    body.extend_from_slice(b"{\"");
+    body.extend_from_slice(verb.as_bytes());
+    body.extend_from_slice(b"\":{\"_index\":");
+    write_json_str(index, body);
+    body.extend_from_slice(b",\"_id\":");
+    body.extend_from_slice(id_json.as_bytes());
+    if let Some(routing) = routing {
+        body.extend_from_slice(b",\"routing\":");
+        write_json_str(routing, body);
+    }
+}
+
+/// Add the ingest pipeline to an open action line.
+pub fn add_pipeline(pipeline: Option<&str>, body: &mut Vec<u8>) {
+    if let Some(pipeline) = pipeline {
+        body.extend_from_slice(b",\"pipeline\":");
+        write_json_str(pipeline, body);
+    }
+}
+
+/// Close an action line with its external version (`external_gte`: see the module docs).
+pub fn close_versioned(version: u64, body: &mut Vec<u8>) {
     body.extend_from_slice(b",\"version\":");
-    body.extend_from_slice(itoa::Buffer::new().format(write.version).as_bytes());
+    body.extend_from_slice(itoa::Buffer::new().format(version).as_bytes());
     body.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
-    if let Op::Index(source) = &write.op {
-        body.extend_from_slice(source);
-        body.push(b'\n');
-    }
+}
+
+/// The document line after an action line.
+pub fn push_source(source: &[u8], body: &mut Vec<u8>) {
+    body.extend_from_slice(source);
+    body.push(b'\n');
 }
 
 /// Size of the bulk lines of one write, without building them (for byte limits).
