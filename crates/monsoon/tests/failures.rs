@@ -186,15 +186,7 @@ async fn started_before_elasticsearch_it_waits_not_ready_then_syncs() -> anyhow:
     let state = TempDir::new("state");
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
     let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !monsoon.log().contains("Elasticsearch is unreachable; waiting for it") {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no word of the wait in the log\n{}", tail(&monsoon.log(), 20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Several retries later it still runs, live and not ready.
-    assert!(monsoon.wait_exit(Duration::from_secs(4)).is_err(), "it exited instead of waiting:\n{}", tail(&monsoon.log(), 20));
-    assert_eq!(monsoon.get("/healthz").map(|r| r.0), Some(200), "waiting is not a reason to restart");
-    assert_eq!(monsoon.get("/readyz").map(|r| r.0), Some(503), "not ready before Elasticsearch answers");
+    waits_live_not_ready(&mut monsoon, "Elasticsearch is unreachable; waiting for it").await?;
     insert_all(&coll, sample_docs(300, 200)).await?;
     es.restart()?;
     let esc = es.client()?;
@@ -202,6 +194,20 @@ async fn started_before_elasticsearch_it_waits_not_ready_then_syncs() -> anyhow:
     assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 30));
     monsoon.wait_stats(CONVERGE, |s| s["ready"] == true && s["phase"] == "Streaming")?;
     assert!(monsoon.log().contains("Elasticsearch reachable"), "{}", tail(&monsoon.log(), 20));
+    Ok(())
+}
+
+/// Wait until the log says `waiting`; several retries later it must still run, live and not
+/// ready.
+async fn waits_live_not_ready(monsoon: &mut Monsoon, waiting: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !monsoon.log().contains(waiting) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no word of the wait in the log\n{}", tail(&monsoon.log(), 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(monsoon.wait_exit(Duration::from_secs(4)).is_err(), "it exited instead of waiting:\n{}", tail(&monsoon.log(), 20));
+    anyhow::ensure!(monsoon.get("/healthz").map(|r| r.0) == Some(200), "waiting is not a reason to restart");
+    anyhow::ensure!(monsoon.get("/readyz").map(|r| r.0) == Some(503), "not ready before the server answers");
     Ok(())
 }
 
@@ -215,15 +221,7 @@ async fn started_before_mongodb_it_waits_not_ready_then_syncs() -> anyhow::Resul
     let state = TempDir::new("state");
     let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], "");
     let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !monsoon.log().contains("MongoDB is unreachable; waiting for it") {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no word of the wait in the log\n{}", tail(&monsoon.log(), 20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Several retries later it still runs, live and not ready.
-    assert!(monsoon.wait_exit(Duration::from_secs(4)).is_err(), "it exited instead of waiting:\n{}", tail(&monsoon.log(), 20));
-    assert_eq!(monsoon.get("/healthz").map(|r| r.0), Some(200), "waiting is not a reason to restart");
-    assert_eq!(monsoon.get("/readyz").map(|r| r.0), Some(503), "not ready before MongoDB answers");
+    waits_live_not_ready(&mut monsoon, "MongoDB is unreachable; waiting for it").await?;
     mongo.restart()?;
     let client = mongo.client().await?;
     insert_all(&client.database("shop").collection::<Document>("orders"), sample_docs(300, 200)).await?;
