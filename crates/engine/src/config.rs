@@ -86,10 +86,34 @@ impl EngineConfig {
         self.relate.iter().map(|r| r.namespace.clone()).collect()
     }
 
-    /// Namespaces with a relation from a field other than `_id`: a delete of theirs needs the
-    /// document before the change (a pre-image) to know what it related to.
-    pub fn relating_by_field(&self) -> BTreeSet<String> {
-        self.relate.iter().filter(|r| r.src_field != "_id").map(|r| r.namespace.clone()).collect()
+    /// Namespaces whose changes carry the document before the change (a pre-image), when
+    /// MongoDB keeps one: those with a relation from a field other than `_id` (a delete needs
+    /// it to know what it related to) and time machine namespaces (each update's own version).
+    pub fn pre_images(&self) -> PreImages {
+        let relating = self.relate.iter().filter(|r| r.src_field != "_id").map(|r| r.namespace.as_str());
+        let logged = self.time_machine.iter().flat_map(|t| t.namespaces.iter().map(String::as_str));
+        PreImages(relating.chain(logged).filter_map(NamespacePattern::parse).collect())
+    }
+}
+
+/// Namespaces whose change events keep their pre-images (`fullDocumentBeforeChange`).
+#[derive(Clone, Debug, Default)]
+pub struct PreImages(Vec<NamespacePattern>);
+
+impl PreImages {
+    /// Whether changes of `db.coll` keep their pre-images.
+    pub fn includes(&self, db: &str, coll: &str) -> bool {
+        self.0.iter().any(|p| p.matches(db, coll))
+    }
+
+    /// No namespace keeps them (the stream does not ask for them).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The patterns.
+    pub fn patterns(&self) -> &[NamespacePattern] {
+        &self.0
     }
 }
 

@@ -165,7 +165,7 @@ async fn run_inner<S: CheckpointStore>(
             StreamStart::ResumeAfter(token)
         }
     });
-    let pre_images = mongo::pre_image_namespaces(&client, config.relating_by_field()).await?;
+    let pre_images = mongo::pre_image_namespaces(&client, config.pre_images()).await?;
     let shapes = Arc::new(transform::Shapes::new(&config.mappings).map_err(Error::Mapping)?);
     let scripts = compile_scripts(config, &client)?;
     let locations = (shapes.tracks_any() || scripts.is_some() || !config.shared_indexes.is_empty()).then(|| Arc::from(config.locations_index.as_str()));
@@ -246,8 +246,9 @@ async fn run_inner<S: CheckpointStore>(
         cancel: shutdown.clone(),
         shard: config.shard,
         shapes: &shapes,
-        // Scripts get the update description; merge patches apply it.
-        keep_update: scripts.is_some() || config.merge_patches.is_some(),
+        // Scripts get the update description; merge patches apply it, and time machines to
+        // pre-images (each update's own version).
+        keep_update: scripts.is_some() || config.merge_patches.is_some() || config.time_machine.is_some(),
         snapshot_split: config.snapshot_split,
         files: config.files.as_ref(),
         relating: &relating,

@@ -269,3 +269,43 @@ async fn sigkill_while_changing_logs_each_change_exactly_once() -> anyhow::Resul
     assert!(stats["stale"].as_u64() > Some(0), "the restarts replayed nothing, so the test proves nothing: {stats}");
     Ok(())
 }
+
+/// With pre-images on the collection (MongoDB 6.0+), every update logs its own version, even
+/// when the stream reads it after later changes: five quick `$inc`s made while monsoon is
+/// down are read on restart, when a lookup would find the last version for all five.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pre_images_each_update_logs_its_own_version() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    let db = client.database("shop");
+    db.create_collection("orders").await?;
+    db.run_command(doc! {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": true}}).await?;
+    let orders = db.collection::<Document>("orders");
+    orders.insert_one(doc! {"_id": 1, "n": 0, "tags": ["a", "b", "c"], "gone": true}).await?;
+    let state = TempDir::new("state");
+    let spec = "  snapshot: true\n  timeMachine:\n    namespaces: [shop.orders]\n";
+    let yaml = pipeline_yaml("shop", &mongo.uri(), &es.url(), &["shop.orders"], spec);
+    let mut monsoon = Monsoon::start(bin(), &yaml, state.path())?;
+    monsoon.wait_stats(WAIT, |s| s["phase"] == "Streaming")?;
+    let deadline = Instant::now() + WAIT;
+    while monsoon.checkpoint("shop").is_none_or(|c| c["snapshot"]["done"] != true) {
+        anyhow::ensure!(Instant::now() < deadline, "no checkpoint after the snapshot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    monsoon.kill();
+    for _ in 0..4 {
+        orders.update_one(doc! {"_id": 1}, doc! {"$inc": {"n": 1}}).await?;
+    }
+    // Removed fields and a truncated array too.
+    orders.update_one(doc! {"_id": 1}, vec![doc! {"$set": {"n": 5, "tags": {"$slice": ["$tags", 1]}}}, doc! {"$unset": "gone"}]).await?;
+    monsoon.restart()?;
+    let logged = wait_entries(&esc, 5, || monsoon.log()).await?;
+    assert_eq!(versions_of(&logged, "1"), [1, 2, 3, 4, 5], "{logged:#?}\n{}", tail(&monsoon.log(), 20));
+    let last = logged.values().find(|h| h["_source"]["n"] == 5).expect("the last version");
+    assert_eq!(last["_source"]["tags"], json!(["a"]), "{last}");
+    assert!(last["_source"].get("gone").is_none(), "{last}");
+    let first = logged.values().find(|h| h["_source"]["n"] == 1).expect("the first update");
+    assert_eq!((&first["_source"]["tags"], &first["_source"]["gone"]), (&json!(["a", "b", "c"]), &json!(true)), "{first}");
+    let report = wait_converged(&client, &esc, "shop", "orders", "shop.orders", WAIT).await?;
+    assert!(report.converged(), "{report:?}\n{}", tail(&monsoon.log(), 40));
+    Ok(())
+}

@@ -13,6 +13,8 @@
 //! - [`time_machine`]: the log entry a change of a time machine namespace also becomes;
 //! - [`patch`]: what a change of a namespace with merge patches becomes (the sink keeps the
 //!   history).
+//! - [`update`]: a change's own version of a document, from its pre-image and update
+//!   description (time machines);
 //! - [`relate`]: the relations' lookups (`spec.relate`): the documents of other namespaces a
 //!   change re-syncs, read by a task per change and handed back in order.
 //!
@@ -35,6 +37,7 @@ pub mod script;
 pub mod stage;
 pub mod relate;
 pub mod time_machine;
+pub mod update;
 
 use std::sync::Arc;
 

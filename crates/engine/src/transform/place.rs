@@ -87,6 +87,24 @@ impl Placer {
         self.shapes.tracks_any() || self.scripts.is_some() || !self.shared.is_empty()
     }
 
+    /// A logged update's own version (time machines): its pre-image with its update
+    /// description applied, in place of the document looked up when the stream read it (which
+    /// may already be a later version). Without a pre-image, or one that does not apply, the
+    /// looked-up document stays.
+    pub fn own_version(&self, change: &mut Doc) {
+        let (Some(tm), Some(before), Some(update)) = (&self.time_machine, &change.before, &change.update) else { return };
+        if change.doc.is_none() || !tm.logs(&change.db, &change.coll, change.from_snapshot) {
+            return;
+        }
+        match super::update::apply(before, update) {
+            Ok(version) => change.doc = Some(version),
+            Err(why) => {
+                self.metrics.events.with_label_values(&["own_version_failed"]).inc();
+                tracing::warn!(namespace = %format!("{}.{}", change.db, change.coll), error = %why, "update description does not apply to the pre-image; logging the looked-up document");
+            }
+        }
+    }
+
     /// What the time machine entry of `change` needs, when its namespace's changes are logged.
     pub fn logged(&self, change: &Doc) -> Option<Logged> {
         let tm = self.time_machine.as_ref()?;

@@ -396,7 +396,8 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<St
     match change {
         // Another shard's document, handed on for its relations only.
         Change::Doc(doc) if !doc.owned => None,
-        Change::Doc(doc) => {
+        Change::Doc(mut doc) => {
+            placer.own_version(&mut doc);
             let logged = placer.logged(&doc);
             match placer.place(&doc, stats) {
                 (Placed::Nothing, _) => None,

@@ -15,7 +15,7 @@
 pub mod event;
 pub mod filter;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 
 use self::event::Action;
 use crate::checkpoint::{ClusterTime, CollectionProgress, Position, RangeProgress};
-use crate::config::{MongoConfig, Routing, Shard};
+use crate::config::{MongoConfig, PreImages, Routing, Shard};
 use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
@@ -203,17 +203,18 @@ pub async fn cluster_time(client: &Client) -> Result<ClusterTime, Error> {
     Ok(ts.into())
 }
 
-/// Which of `namespaces` (collections whose relations match on a field other than `_id`)
-/// can have their changes' pre-images read: all of them on MongoDB 6.0+ (wire version 17),
-/// none before (a stream there refuses `fullDocumentBeforeChange`). Collections that keep no
-/// pre-images (`changeStreamPreAndPostImages`) are named in a warning: their deletes cannot be
-/// followed through such relations and are dead-lettered.
+/// Which namespaces' changes keep their pre-images: those `wanted` asks for on MongoDB 6.0+
+/// (wire version 17), none before (a stream there refuses `fullDocumentBeforeChange`).
+/// Collections named exactly that keep no pre-images (`changeStreamPreAndPostImages`) are
+/// named in a warning: their deletes cannot be followed through relations from a field
+/// other than `_id` (those re-syncs are dead-lettered), and time machine entries of their
+/// updates hold the document as looked up.
 ///
 /// # Errors
 /// [`Error::Unreachable`] when MongoDB does not answer.
-pub async fn pre_image_namespaces(client: &Client, namespaces: BTreeSet<String>) -> Result<BTreeSet<String>, Error> {
-    if namespaces.is_empty() {
-        return Ok(namespaces);
+pub async fn pre_image_namespaces(client: &Client, wanted: PreImages) -> Result<PreImages, Error> {
+    if wanted.is_empty() {
+        return Ok(wanted);
     }
     let hello = client
         .database("admin")
@@ -222,24 +223,26 @@ pub async fn pre_image_namespaces(client: &Client, namespaces: BTreeSet<String>)
         .map_err(|source| Error::Unreachable { op: "ask the server's version (hello)", source })?;
     let wire = hello.get("maxWireVersion").and_then(Bson::as_i64).or_else(|| hello.get_i32("maxWireVersion").ok().map(i64::from)).unwrap_or(0);
     if wire < PRE_IMAGES_WIRE_VERSION {
-        warn!(namespaces = ?namespaces, "MongoDB is older than 6.0 and keeps no pre-images: a delete in these namespaces cannot say what their relations from a field other than `_id` matched, and those re-syncs are dead-lettered");
-        return Ok(BTreeSet::new());
+        warn!("MongoDB is older than 6.0 and keeps no pre-images: deletes cannot be followed through relations from a field other than `_id` (those re-syncs are dead-lettered), and time machine entries of updates hold the document as looked up");
+        return Ok(PreImages::default());
     }
-    for ns in &namespaces {
-        let Some((db, coll)) = ns.split_once('.') else { continue };
-        let spec = client.database(db).list_collections().filter(doc! {"name": coll}).await;
-        let enabled = match spec {
-            Ok(mut cursor) => {
-                use futures_util::TryStreamExt;
-                matches!(cursor.try_next().await, Ok(Some(c)) if c.options.change_stream_pre_and_post_images.as_ref().is_some_and(|p| p.enabled))
-            }
-            Err(_) => false,
-        };
-        if !enabled {
-            warn!(namespace = %ns, fix = %format!("db.getSiblingDB(\"{db}\").runCommand({{collMod: \"{coll}\", changeStreamPreAndPostImages: {{enabled: true}}}})"), "collection keeps no pre-images: a delete in it cannot say what its relations from a field other than `_id` matched, and those re-syncs are dead-lettered");
+    for p in wanted.patterns() {
+        let Some(coll) = &p.collection else { continue };
+        if !keeps_pre_images(client, &p.database, coll).await {
+            let db = &p.database;
+            warn!(namespace = %p, fix = %format!("db.getSiblingDB(\"{db}\").runCommand({{collMod: \"{coll}\", changeStreamPreAndPostImages: {{enabled: true}}}})"), "collection keeps no pre-images: its deletes cannot be followed through relations from a field other than `_id` (dead-lettered), and time machine entries of its updates hold the document as looked up");
         }
     }
-    Ok(namespaces)
+    Ok(wanted)
+}
+
+/// Whether collection `db.coll` has `changeStreamPreAndPostImages` on.
+async fn keeps_pre_images(client: &Client, db: &str, coll: &str) -> bool {
+    use futures_util::TryStreamExt;
+    match client.database(db).list_collections().filter(doc! {"name": coll}).await {
+        Ok(mut cursor) => matches!(cursor.try_next().await, Ok(Some(c)) if c.options.change_stream_pre_and_post_images.as_ref().is_some_and(|p| p.enabled)),
+        Err(_) => false,
+    }
 }
 
 /// MongoDB 6.0's wire version: change streams give pre-images (`fullDocumentBeforeChange`).
@@ -382,10 +385,10 @@ pub struct Source<'a> {
     /// Namespaces with relations (`spec.relate`): their changes are handed on even when
     /// another shard owns the document.
     pub relating: &'a std::collections::BTreeSet<String>,
-    /// Namespaces whose changes carry the document before the change (`spec.relate` from a
-    /// field other than `_id`, which a delete needs): empty unless MongoDB keeps pre-images
+    /// Namespaces whose changes carry the document before the change (see
+    /// [`crate::config::EngineConfig::pre_images`]): empty unless MongoDB keeps pre-images
     /// (6.0+).
-    pub pre_images: &'a std::collections::BTreeSet<String>,
+    pub pre_images: &'a PreImages,
     /// The views listed (`db.view`): read without an index hint, never streamed.
     pub views: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The names of the collection changed last.
@@ -521,8 +524,8 @@ impl Source<'_> {
             (Some(files), Some(d)) if owned => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
             _ => None,
         };
-        // Pre-images are read only by relations from a field other than `_id`.
-        let before = before.filter(|_| self.pre_images.contains(&format!("{}.{}", ns.0, ns.1)));
+        // Pre-images are read only by relations from a field other than `_id` and time machines.
+        let before = before.filter(|_| self.pre_images.includes(&ns.0, &ns.1));
         self.send(Change::Doc(Doc {
             file,
             owned,
