@@ -145,9 +145,7 @@ fn pipeline_name(yaml: &str) -> String {
 async fn relations_from_a_field_follow_deletes_and_moves_through_pre_images() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let db = client.database("sales");
-    db.create_collection("orders").await?;
-    db.run_command(doc! {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": true}}).await?;
-    let (orders, customers) = (db.collection::<Document>("orders"), db.collection::<Document>("customers"));
+    let (orders, customers) = (with_pre_images(&db, "orders").await?, db.collection::<Document>("customers"));
     customers.insert_many((0..6).map(|i| doc! {"_id": i, "name": format!("customer {i}")})).await?;
     orders.insert_many((0..30).map(|i| doc! {"_id": i, "customer": i % 6, "total": i * 10})).await?;
     db.create_collection("customerview")

@@ -277,9 +277,7 @@ async fn sigkill_while_changing_logs_each_change_exactly_once() -> anyhow::Resul
 async fn with_pre_images_each_update_logs_its_own_version() -> anyhow::Result<()> {
     let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
     let db = client.database("shop");
-    db.create_collection("orders").await?;
-    db.run_command(doc! {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": true}}).await?;
-    let orders = db.collection::<Document>("orders");
+    let orders = with_pre_images(&db, "orders").await?;
     orders.insert_one(doc! {"_id": 1, "n": 0, "tags": ["a", "b", "c"], "gone": true}).await?;
     let state = TempDir::new("state");
     let spec = "  snapshot: true\n  timeMachine:\n    namespaces: [shop.orders]\n";

@@ -493,6 +493,14 @@ pub fn sample_docs(start: i64, n: i64) -> Vec<Document> {
         .collect()
 }
 
+/// Create collection `name` of `db` keeping pre-images for change streams
+/// (`changeStreamPreAndPostImages`, MongoDB 6.0+), and return it.
+pub async fn with_pre_images(db: &mongodb::Database, name: &str) -> anyhow::Result<mongodb::Collection<Document>> {
+    db.create_collection(name).await?;
+    db.run_command(mongodb::bson::doc! {"collMod": name, "changeStreamPreAndPostImages": {"enabled": true}}).await?;
+    Ok(db.collection(name))
+}
+
 /// Insert `docs` in batches of 1000.
 pub async fn insert_all(coll: &mongodb::Collection<Document>, docs: Vec<Document>) -> anyhow::Result<()> {
     for chunk in docs.chunks(1000) {
