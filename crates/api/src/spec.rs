@@ -346,7 +346,9 @@ pub enum MatchFieldType {
 #[serde(rename_all = "camelCase")]
 pub struct TimeMachine {
     /// Namespaces whose changes are logged (`db.collection` or `db.*`, each synced by the
-    /// pipeline; Monstache's `time-machine-namespaces`).
+    /// pipeline; Monstache's `time-machine-namespaces`). Each update logs its own version when
+    /// the collection keeps pre-images (`changeStreamPreAndPostImages`, MongoDB 6.0+),
+    /// otherwise the document as looked up when the change is read.
     #[schemars(length(min = 1, max = 1000), inner(regex(pattern = r#"^[^/\\. "$*<>:|?]{1,64}\.(\*|[^$*]+)$"#)))]
     pub namespaces: Vec<String>,
     /// First part of each log index's name (Monstache's `time-machine-index-prefix`):

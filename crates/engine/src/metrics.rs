@@ -317,7 +317,7 @@ impl Health {
         self.failure.lock().ok().and_then(|f| f.clone())
     }
 
-    /// The transform stage starts (`true`) or stops (`false`) waiting on a script decision.
+    /// The transform stage starts (`true`) or stops (`false`) waiting on a script decision or a related document.
     pub fn transform_waiting(&self, waiting: bool) {
         let value = if waiting { self.now_ms() + 1 } else { 0 };
         self.transform_wait.store(value, Ordering::Relaxed);
@@ -344,7 +344,7 @@ impl Health {
         let limit = self.stuck_after.as_millis() as u64;
         if let Some(waited) = self.transform_waiting_ms() {
             if waited > limit {
-                return Err(format!("transform stage has waited {}s for one script decision (script workers stopped, or their lookups wait on MongoDB)", waited / 1000));
+                return Err(format!("transform stage has waited {}s for one script decision or related document (script workers stopped, or lookups wait on MongoDB)", waited / 1000));
             }
         }
         if self.phase() != Phase::Starting && now > limit {
