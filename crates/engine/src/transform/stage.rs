@@ -396,9 +396,9 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<St
     match change {
         // Another shard's document, handed on for its relations only.
         Change::Doc(doc) if !doc.owned => None,
-        Change::Doc(doc) => {
+        Change::Doc(mut doc) => {
             let logged = placer.logged(&doc);
-            match placer.place(&doc, stats) {
+            match placer.place(&mut doc, stats) {
                 (Placed::Nothing, _) => None,
                 (Placed::Write(w), default) => Some(Step::Write(w, default, logged)),
                 (Placed::Deferred { fallback, decision }, default) => Some(Step::Deferred(fallback, decision, default, logged)),
