@@ -112,7 +112,9 @@ pub struct SyncPipelineSpec {
     pub shared_indexes: Vec<String>,
     /// Index GridFS files with their content (Monstache's `index-files`, `file-namespaces`,
     /// `max-file-size`): each file's document of a files collection gets its raw content,
-    /// base64, in a `file` field, through an ingest pipeline that extracts the text.
+    /// base64, in a `file` field, through an ingest pipeline that extracts the text. Scripts
+    /// and filters of a files collection see the file's document without its content, which
+    /// is added to the write they decide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FilesSpec>,
     /// Where the change stream starts when the pipeline has no checkpoint yet (ignored once
@@ -529,7 +531,9 @@ pub struct FilesSpec {
     #[serde(default = "default_max_file_size")]
     #[schemars(range(min = 1, max = 104_857_600))]
     pub max_file_size: u64,
-    /// The ingest pipeline the files' documents go through.
+    /// The ingest pipeline the files' documents go through, unless a script
+    /// (`_meta_monstache.pipeline`) or mapping (`ingestPipeline`) names another, which then
+    /// gets `file` and must extract the text itself.
     #[serde(default = "default_file_pipeline")]
     #[schemars(length(min = 1, max = 255))]
     pub pipeline: String,

@@ -445,11 +445,10 @@ fn validate_snapshot_namespaces(spec: &SyncPipelineSpec, patterns: &[NamespacePa
             match ns.split_once('.') {
                 Some((db, coll)) if coll.ends_with(".files") && coll.len() > ".files".len() && !db.is_empty() => {
                     let exact = NamespacePattern { database: db.to_string(), collection: Some(coll.to_string()) };
+                    // Scripts and filters may shape and drop files: they see the files
+                    // collection's document, and the content is added after them.
                     if !is_synced(&exact, patterns, regex.as_ref()) {
                         errs.push(field, format!("`{ns}` is not synced: add it (or its database) to `namespaces`"));
-                    } else if spec.scripts.iter().any(|sc| sc.namespace.as_deref().is_none_or(|n| n == ns || n == format!("{db}.*"))) {
-                        // A script would decide the write after the content is added: not yet.
-                        errs.push(field, format!("`{ns}` has a script (`spec.scripts`); files collections whose content is indexed cannot have one yet: shape them with `mappings` instead"));
                     }
                 }
                 _ => errs.push(field, format!("`{ns}` is not a GridFS files collection: write `db.fs.files`, or `db.<bucket>.files`")),
@@ -1401,5 +1400,23 @@ spec:
         let errs = validate_for_cluster(&p).expect_err("env refused");
         assert!(errs.iter().any(|e| e.field == "spec.elasticsearch.aws.accessKeyIdFrom"), "{errs:?}");
         assert!(!errs.iter().any(|e| e.field == "spec.elasticsearch.aws.secretAccessKeyFrom"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_gridfs_files_collection_may_have_scripts_and_filters_but_no_merge_patches() {
+        let files = "  files:\n    namespaces: [docs.fs.files]\n";
+        let script = "  scripts:\n    - namespace: docs.fs.files\n      script: 'module.exports = function(doc) { return doc; }'\n    - script: 'module.exports = function(doc) { return true; }'\n  filters:\n    - namespace: docs.fs.files\n      script: 'module.exports = function(doc) { return true; }'\n";
+        let yaml = MINIMAL.replace("    - shop.orders ", "    - docs.fs.files\n    - shop.orders ");
+        let p = parse_manifest(&format!("{yaml}{files}{script}")).expect("a files collection with scripts and a filter is valid");
+        assert_eq!(p.spec.files.as_ref().map(|f| f.namespaces.clone()), Some(vec!["docs.fs.files".to_string()]));
+        // The other refusals stay.
+        let errs = errors_of(&format!("{yaml}{files}{script}  mergePatches:\n    namespaces: [docs.fs.files]\n"));
+        assert!(errs.iter().any(|e| e.field == "spec.mergePatches.namespaces[0]" && e.message.contains("GridFS files collection")), "{errs:?}");
+        let errs = errors_of(&format!("{yaml}  files:\n    namespaces: [docs.fs.chunks, shop.files]\n    maxFileSize: 0\n"));
+        for field in ["spec.files.namespaces[0]", "spec.files.namespaces[1]", "spec.files.maxFileSize"] {
+            assert!(errs.iter().any(|e| e.field == field), "{field} missing from {errs:?}");
+        }
+        let errs = errors_of(&format!("{MINIMAL}{files}"));
+        assert!(errs.iter().any(|e| e.field == "spec.files.namespaces[0]" && e.message.contains("is not synced")), "{errs:?}");
     }
 }

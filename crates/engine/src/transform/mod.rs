@@ -3,6 +3,8 @@
 //! - [`change`]: what the source hands in (changes, in order, through a bounded channel);
 //! - [`place`]: what one document change becomes: a [`crate::sink::Write`] (index, `_id`,
 //!   routing, ingest pipeline, operation) or nothing;
+//! - [`file`]: a GridFS file's content, added to its document's write once the mapping and
+//!   scripts decided it (`spec.files`);
 //! - this module: the pure core of `spec.mappings`: a namespace's [`Shape`] decides whether a
 //!   document is ignored (keep-filter), removed (delete-when) or written, and if written, where,
 //!   how (index or partial update) and with which fields ([`fields::FieldPlan`], applied while
@@ -30,6 +32,7 @@
 
 pub mod change;
 pub mod fields;
+pub mod file;
 pub mod patch;
 pub mod place;
 pub mod query;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use mongodb::bson::{RawBsonRef, RawDocument, Timestamp};
 
 use super::change::{Doc, FileBody, Unreadable};
+use super::file::Attachment;
 use super::time_machine::{Logged, TimeMachine};
 use super::{script, Outcome, Shape, Shapes};
 use crate::checkpoint::ClusterTime;
@@ -136,13 +137,20 @@ impl Placer {
     }
 
     /// What `change` becomes, and the default index of its namespace (routed once for both).
-    pub fn place(&self, change: &Doc, stats: &mut ConvertStats) -> (Placed, Arc<str>) {
+    /// A GridFS file's content is taken out of `change` (moved to the write, not copied).
+    pub fn place(&self, change: &mut Doc, stats: &mut ConvertStats) -> (Placed, Arc<str>) {
         let target = self.route(&change.db, &change.coll);
         let default = target.index.clone();
-        (self.place_at(target, change, stats), default)
+        let file = change.file.take().map(|body| self.attachment(body));
+        (self.place_at(target, change, file, stats), default)
     }
 
-    fn place_at(&self, target: Target, change: &Doc, stats: &mut ConvertStats) -> Placed {
+    /// A file's content, to add once its document's write is decided ([`super::file`]).
+    fn attachment(&self, body: FileBody) -> Attachment {
+        Attachment::new(body, self.file_pipeline.clone(), self.metrics.files_too_large.clone())
+    }
+
+    fn place_at(&self, target: Target, change: &Doc, file: Option<Attachment>, stats: &mut ConvertStats) -> Placed {
         let view = View::of(change);
         let scripts = self.scripts.as_ref().filter(|s| s.has_map(&target.ns) || s.has_filter(&target.ns));
         // Only a script naming `_meta_monstache` can move documents: only its get records.
@@ -154,7 +162,7 @@ impl Placer {
             match self.shaped_write(target, placing, view, stats) {
                 None => return Placed::Nothing,
                 Some(w) => match scripts {
-                    Some(scripts) if matches!(w.op, Op::Index(_) | Op::Update(_)) => return self.defer(scripts, &shape, view, w, stats),
+                    Some(scripts) if matches!(w.op, Op::Index(_) | Op::Update(_)) => return self.defer(scripts, &shape, view, w, file, stats),
                     _ => w,
                 },
             }
@@ -166,8 +174,8 @@ impl Placer {
                 write.origin = Some(Arc::from(locations::record_id(&self.pipeline, &write.ns, &mongo_id)));
             }
         }
-        if let Some(file) = &change.file {
-            self.add_file(&mut write, file);
+        if let Some(file) = &file {
+            file.attach(&mut write);
         }
         if let Some(patches) = self.patches.as_ref().filter(|p| p.applies(&change.db, &change.coll)) {
             let logged = self.time_machine.as_ref().zip(self.logged(change));
@@ -176,38 +184,10 @@ impl Placer {
         Placed::Write(write)
     }
 
-    /// Add a GridFS file's content to its document's write (`spec.files`): base64 in a `file`
-    /// field, through the files' ingest pipeline. A file over the size limit is indexed without
-    /// its content, and counted.
-    fn add_file(&self, write: &mut Write, file: &FileBody) {
-        use base64::Engine as _;
-        let content = match file {
-            FileBody::Content(c) => c,
-            FileBody::TooLarge(n) => {
-                tracing::warn!(namespace = %write.ns, id = %write.id_json, bytes = n, "GridFS file over files.maxFileSize: indexed without its content");
-                self.metrics.files_too_large.inc();
-                return;
-            }
-        };
-        let (Op::Index(source) | Op::Update(source)) = &mut write.op else { return };
-        let encoded = base64::engine::general_purpose::STANDARD.encode(content);
-        let mut out = Vec::with_capacity(source.len() + encoded.len() + 12);
-        out.extend_from_slice(&source[..source.len().saturating_sub(1)]);
-        if source.len() > 2 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"\"file\":\"");
-        out.extend_from_slice(encoded.as_bytes());
-        out.extend_from_slice(b"\"}");
-        *source = Bytes::from(out);
-        if write.pipeline.is_none() {
-            write.pipeline = self.file_pipeline.clone();
-        }
-    }
-
     /// Hand a shaped write's document to the namespace's scripts, which decide its operation on
-    /// the script threads while the transform places the next changes.
-    fn defer(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, view: View<'_>, mut fallback: Write, stats: &mut ConvertStats) -> Placed {
+    /// the script threads while the transform places the next changes; a GridFS file's content
+    /// is added to the write they decide, after them.
+    fn defer(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, view: View<'_>, mut fallback: Write, file: Option<Attachment>, stats: &mut ConvertStats) -> Placed {
         let source = match &fallback.op {
             // Shared, not copied: the scripts read it, and keep it as it is for `true`.
             Op::Index(s) | Op::Update(s) => s.clone(),
@@ -224,7 +204,7 @@ impl Placer {
         let plan = script::Planned { ns: fallback.ns.to_string(), source, id_value, update: shape.update, update_desc };
         fallback.from_snapshot = view.from_snapshot;
         let write = clone_placement(&fallback);
-        Placed::Deferred { decision: script::defer(scripts, plan, write), fallback }
+        Placed::Deferred { decision: script::defer(scripts, plan, write, file), fallback }
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).

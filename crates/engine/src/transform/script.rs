@@ -30,6 +30,10 @@
 //! [`LOOKUP_RETRY_MAX`]), holding the document's place and so the pipeline behind it: an outage
 //! never dead-letters anything. A namespace's filter runs first; its map script (and the
 //! script's lookups) only for the documents the filter keeps.
+//!
+//! A document of a GridFS files collection indexed with content (`spec.files`) is given to its
+//! scripts without the content: the `file` field is added to the write they decide, after
+//! them ([`super::file`] says why).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +43,7 @@ use mongodb::bson::{doc, oid::ObjectId, Bson, Document, RawDocumentBuf};
 use monsoon_script::{Item, LookupKind, LookupRequest, MapOutcome, ScriptError, Scripts};
 use serde_json::Value;
 
+use super::file::Attachment;
 use crate::convert::{self, ConvertStats};
 use crate::sink::{Op, Write};
 
@@ -226,35 +231,56 @@ fn with_id(id_value: &[u8], source: &[u8]) -> String {
 /// threads while the transform places the next changes) and return the decision to await:
 /// `write` (placed as the mapping placed it) with the operation and place the scripts chose,
 /// or `None` when the change is ignored. The filter runs first, and the map script only when
-/// the filter keeps the document.
-pub fn defer(scripts: &Arc<Scripts>, plan: Planned, write: Write) -> tokio::task::JoinHandle<Option<Write>> {
+/// the filter keeps the document. A GridFS file's content (`file`) is added to the decided
+/// write after them, on the same task ([`super::file`]): scripts never see it.
+pub fn defer(scripts: &Arc<Scripts>, plan: Planned, write: Write, file: Option<Attachment>) -> tokio::task::JoinHandle<Option<Write>> {
     let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: plan.update_desc.clone() };
-    let filter = scripts.has_filter(&plan.ns).then(|| scripts.submit_filter(item.clone()));
-    let map = (!scripts.has_filter(&plan.ns)).then(|| scripts.submit_map(item.clone()));
+    // Submitted now, in the order documents are placed; awaited on the decision's task.
+    let first = if scripts.has_filter(&plan.ns) { First::Filter(scripts.submit_filter(item.clone())) } else { First::Map(scripts.submit_map(item.clone())) };
     let scripts = scripts.clone();
     // Its own task: a document's map call is submitted as soon as its filter answers, while the
     // transform still awaits earlier decisions (documents keep running in parallel).
     tokio::spawn(async move {
-        if let Some(filter) = filter {
+        let mut decided = decide(&scripts, &plan, item, first, write).await;
+        if let (Some(write), Some(file)) = (decided.as_mut(), file) {
+            file.attach(write);
+        }
+        decided
+    })
+}
+
+/// The first call of a document's decision, submitted when it is placed.
+enum First {
+    /// Its namespace's filter (the map script follows if it keeps the document).
+    Filter(monsoon_script::Pending<bool>),
+    /// Its namespace's map script (no filter).
+    Map(monsoon_script::Pending<MapOutcome>),
+}
+
+/// What the filter and map script decide for `write`: see [`defer`].
+async fn decide(scripts: &Arc<Scripts>, plan: &Planned, item: Item, first: First, write: Write) -> Option<Write> {
+    let map = match first {
+        First::Map(map) => map,
+        First::Filter(filter) => {
             match retried(&plan.ns, filter, || scripts.submit_filter(item.clone())).await {
                 Ok(true) => {}
                 Ok(false) => return None,
-                Err(e) => return Some(rejected(&plan, write, &e)),
+                Err(e) => return Some(rejected(plan, write, &e)),
             }
+            scripts.submit_map(item.clone())
         }
-        let map = map.unwrap_or_else(|| scripts.submit_map(item.clone()));
-        match retried(&plan.ns, map, || scripts.submit_map(item.clone())).await {
-            Ok(MapOutcome::Keep) => Some(decided(&plan, write, plan.source.clone(), None)),
-            Ok(MapOutcome::Drop) => {
-                let mut write = write;
-                write.op = Op::Delete;
-                write.pipeline = None;
-                Some(write)
-            }
-            Ok(MapOutcome::Replace { doc, meta }) => replaced(&plan, write, &doc, meta),
-            Err(e) => Some(rejected(&plan, write, &e)),
+    };
+    match retried(&plan.ns, map, || scripts.submit_map(item.clone())).await {
+        Ok(MapOutcome::Keep) => Some(decided(plan, write, plan.source.clone(), None)),
+        Ok(MapOutcome::Drop) => {
+            let mut write = write;
+            write.op = Op::Delete;
+            write.pipeline = None;
+            Some(write)
         }
-    })
+        Ok(MapOutcome::Replace { doc, meta }) => replaced(plan, write, &doc, meta),
+        Err(e) => Some(rejected(plan, write, &e)),
+    }
 }
 
 /// A document a script returned, placed where its `_meta_monstache` says.

@@ -399,7 +399,7 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<St
         Change::Doc(mut doc) => {
             placer.own_version(&mut doc);
             let logged = placer.logged(&doc);
-            match placer.place(&doc, stats) {
+            match placer.place(&mut doc, stats) {
                 (Placed::Nothing, _) => None,
                 (Placed::Write(w), default) => Some(Step::Write(w, default, logged)),
                 (Placed::Deferred { fallback, decision }, default) => Some(Step::Deferred(fallback, decision, default, logged)),

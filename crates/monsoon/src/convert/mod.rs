@@ -197,6 +197,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
     files::convert(&table, &mut spec, &mut notes)?;
     mappings::convert(&table, &membership, &mut spec, &mut notes)?;
     scripts::convert(&table, &membership, &mut spec, &mut notes)?;
+    files::note_scripts(&spec, &mut notes);
     time_machine::convert(&table, &membership, &mut spec, &mut notes)?;
     patches::convert(&table, &membership, &mut spec, &mut notes)?;
     relate::convert(&table, &membership, &mut spec, &mut notes)?;

@@ -581,6 +581,46 @@ fn gridfs_options_become_files() {
 }
 
 #[test]
+fn a_script_on_a_files_collection_is_carried_with_a_note() {
+    let c = converted(
+        r#"
+change-stream-namespaces = ["users.fs.files", "users.people"]
+index-files = true
+file-namespaces = ["users.fs.files"]
+
+[[script]]
+namespace = "users.fs.files"
+script = """
+module.exports = function(doc) {
+  if (doc.metadata.private) return false;
+  doc.owner = doc.metadata.owner;
+  return doc;
+}
+"""
+
+[[filter]]
+namespace = "users.fs.files"
+script = "module.exports = function(doc) { return !doc.metadata.draft; }"
+
+[[script]]
+namespace = "users.people"
+script = "module.exports = function(doc) { return doc; }"
+"#,
+    );
+    let spec = &c.pipeline.spec;
+    assert_eq!(spec.files.as_ref().map(|f| f.namespaces.clone()), Some(vec!["users.fs.files".to_string()]));
+    assert_eq!(spec.scripts.iter().map(|s| s.namespace.as_deref()).collect::<Vec<_>>(), [Some("users.fs.files"), Some("users.people")]);
+    assert!(spec.scripts[0].script.as_deref().is_some_and(|s| s.contains("doc.metadata.owner")));
+    assert_eq!(spec.filters.iter().map(|s| s.namespace.as_deref()).collect::<Vec<_>>(), [Some("users.fs.files")]);
+    let note = noted(&c, "[[script]]").expect("a note on the files collection's script");
+    assert!(note.contains("users.fs.files") && note.contains("without its content"), "{note}");
+    assert_eq!(c.notes.iter().filter(|n| n.option == "[[script]]").count(), 1, "one note, for the files collection only: {:?}", c.notes);
+    // A script for every namespace runs on the files collection too.
+    let c = converted("change-stream-namespaces = [\"users.fs.files\"]\nindex-files = true\nfile-namespaces = [\"users.fs.files\"]\n[[script]]\nscript = \"module.exports = function(doc) { return true; }\"\n");
+    assert!(noted(&c, "[[script]]").is_some_and(|n| n.contains("users.fs.files")), "{:?}", c.notes);
+}
+
+#[test]
 fn merge_patches_carry_over() {
     let c = converted(
         r#"
