@@ -294,7 +294,7 @@ fn aws_auth(aws: Option<&monsoon_api::AwsSigning>) -> Result<ElasticAuth, Error>
 pub fn load_pipeline(path: &Path) -> anyhow::Result<ValidatedPipeline> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("failed to read {}: {e}", path.display()))?;
-    monsoon_api::parse_manifest(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    monsoon_api::parse_manifest(&text, monsoon_engine::check_connection_string).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -305,7 +305,7 @@ mod tests {
         let yaml = format!(
             "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata: {{name: t}}\nspec:\n  mongodb:\n    uriFrom: {{env: MONSOON_TEST_URI_{extra}}}\n  elasticsearch:\n    urls: [\"http://h:9200\"]\n  namespaces: [\"a.b\", \"c.*\"]\n  excludeNamespaces: [\"c.x\"]\n"
         );
-        monsoon_api::parse_manifest(&yaml).expect("valid")
+        monsoon_api::parse_manifest(&yaml, monsoon_engine::check_connection_string).expect("valid")
     }
 
     #[test]
