@@ -319,6 +319,20 @@ mod tests {
         assert!(!cfg.routing.includes("a", "z"));
     }
 
+    /// `monsoon validate` (this function) refuses what the MongoDB driver would, naming the
+    /// file, the field and the fix, though the types crate carries no driver.
+    #[test]
+    fn validate_refuses_a_connection_string_the_driver_refuses() {
+        let dir = std::env::temp_dir().join(format!("monsoon-validate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("kerberos.yaml");
+        let yaml = "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata: {name: t}\nspec:\n  mongodb:\n    uri: \"mongodb://h:27017/?authMechanism=GSSAPI\"\n  elasticsearch:\n    urls: [\"http://h:9200\"]\n  namespaces: [\"a.b\"]\n";
+        std::fs::write(&file, yaml).expect("write");
+        let text = load_pipeline(&file).expect_err("refused").to_string();
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(text.contains("kerberos.yaml") && text.contains("spec.mongodb.uri") && text.contains("Kerberos"), "{text}");
+    }
+
     #[test]
     fn missing_environment_variable_names_field_and_variable() {
         let err = engine_config(&pipeline("MISSING")).expect_err("missing");

@@ -1,4 +1,5 @@
-//! The operator's own check refuses every pipeline of `tests/crd-cases.yaml`, naming the field
+//! The operator's own check (`monsoon_api`'s rules with the engine's connection-string check,
+//! as `reconcile` runs them) refuses every pipeline of `tests/crd-cases.yaml`, naming the field
 //! the case names. `tests/check_manifests.py` checks the same cases against the CRD (schema and
 //! CEL rules), so the two stay in agreement.
 
