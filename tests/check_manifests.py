@@ -15,7 +15,7 @@ and PyYAML. It checks that
      for the Prometheus Operator's CRDs) and said so;
   4. every pipeline of tests/crd-cases.yaml under `refused` is refused by the CRD with the
      message the case names, and every one under `operatorOnly` is accepted (the operator
-     refuses those itself; crates/api/tests/crd_cases.rs checks the operator's side);
+     refuses those itself; crates/operator/tests/crd_cases.rs checks the operator's side);
   5. the rendered chart does what the operator needs: the RBAC rules, the Deployment's
      arguments, environment, probes, ports, security settings, and the selectors lining up;
 and prints `check-manifests: N passed, N failed, N skipped`, exiting 1 on any failure.

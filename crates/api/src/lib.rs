@@ -16,8 +16,8 @@ mod validate;
 pub use patches::MergePatches;
 pub use spec::*;
 pub use validate::{
-    check_connection_string, check_index_name, namespace_regex, parse_manifest, validate, validate_for_cluster, value_sources, FieldError, ManifestError, NamespacePattern,
-    ValidatedPipeline,
+    check_index_name, namespace_regex, parse_manifest, validate, validate_for_cluster, value_sources, ConnectionStringCheck, FieldError, ManifestError,
+    NamespacePattern, ValidatedPipeline,
 };
 
 /// API group of every monsoon resource.

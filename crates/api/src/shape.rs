@@ -4,7 +4,7 @@
 //! Parsed here, once, for validation and for the engine: validation reports what is wrong
 //! with the field named, and the engine evaluates the parsed forms per document.
 
-use mongodb::bson::Bson;
+use bson::Bson;
 use serde_json::Value;
 
 /// A dotted path into a document, e.g. `author.name`. It does not reach into arrays (except
@@ -256,7 +256,7 @@ pub const SNAPSHOT_STAGES: &[&str] = &["$match", "$project", "$addFields", "$set
 ///
 /// # Errors
 /// The stage (by position) that is not one, or whose operator is not allowed, and why.
-pub fn stages(values: &[Value], allowed: &[&str], why: &str) -> Result<Vec<mongodb::bson::Document>, String> {
+pub fn stages(values: &[Value], allowed: &[&str], why: &str) -> Result<Vec<bson::Document>, String> {
     values
         .iter()
         .enumerate()

@@ -21,6 +21,10 @@ pub mod transform;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The MongoDB driver's reading of a connection string, for [`monsoon_api::validate`] and the
+/// other entry points of validation (the types crate carries no driver).
+pub use crate::source::mongodb::check_connection_string;
+
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 

@@ -294,7 +294,7 @@ fn aws_auth(aws: Option<&monsoon_api::AwsSigning>) -> Result<ElasticAuth, Error>
 pub fn load_pipeline(path: &Path) -> anyhow::Result<ValidatedPipeline> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("failed to read {}: {e}", path.display()))?;
-    monsoon_api::parse_manifest(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    monsoon_api::parse_manifest(&text, monsoon_engine::check_connection_string).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -305,7 +305,7 @@ mod tests {
         let yaml = format!(
             "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata: {{name: t}}\nspec:\n  mongodb:\n    uriFrom: {{env: MONSOON_TEST_URI_{extra}}}\n  elasticsearch:\n    urls: [\"http://h:9200\"]\n  namespaces: [\"a.b\", \"c.*\"]\n  excludeNamespaces: [\"c.x\"]\n"
         );
-        monsoon_api::parse_manifest(&yaml).expect("valid")
+        monsoon_api::parse_manifest(&yaml, monsoon_engine::check_connection_string).expect("valid")
     }
 
     #[test]
@@ -317,6 +317,20 @@ mod tests {
         assert!(cfg.routing.includes("c", "y"));
         assert!(!cfg.routing.includes("c", "x"));
         assert!(!cfg.routing.includes("a", "z"));
+    }
+
+    /// `monsoon validate` (this function) refuses what the MongoDB driver would, naming the
+    /// file, the field and the fix, though the types crate carries no driver.
+    #[test]
+    fn validate_refuses_a_connection_string_the_driver_refuses() {
+        let dir = std::env::temp_dir().join(format!("monsoon-validate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("kerberos.yaml");
+        let yaml = "apiVersion: monsoon.dev/v1alpha1\nkind: SyncPipeline\nmetadata: {name: t}\nspec:\n  mongodb:\n    uri: \"mongodb://h:27017/?authMechanism=GSSAPI\"\n  elasticsearch:\n    urls: [\"http://h:9200\"]\n  namespaces: [\"a.b\"]\n";
+        std::fs::write(&file, yaml).expect("write");
+        let text = load_pipeline(&file).expect_err("refused").to_string();
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(text.contains("kerberos.yaml") && text.contains("spec.mongodb.uri") && text.contains("Kerberos"), "{text}");
     }
 
     #[test]

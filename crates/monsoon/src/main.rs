@@ -192,9 +192,10 @@ fn main() -> std::process::ExitCode {
         reexec_with_malloc_tunables();
     }
     init_logging(cli.log_format);
-    // Both rustls providers are compiled in (the MongoDB and HTTP stacks each pull one);
-    // pick one explicitly so TLS never fails with "no process-level provider".
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The process-wide rustls provider: aws-lc-rs, the one the MongoDB driver, kube and the AWS
+    // SDK use. reqwest (under the elasticsearch crate, which only offers reqwest's ring-backed
+    // `rustls-tls`) takes the installed provider, so its ring fallback is never used.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let result = match cli.command {
         Command::Crd => print_crd().map(|yaml| print!("{yaml}")),
         Command::Convert { file, name } => convert_file(&file, name.as_deref()).map(|yaml| print!("{yaml}")),
@@ -346,10 +347,10 @@ fn convert_file(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<St
 
 fn render(file: &std::path::Path, namespace: &str, image: &str) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file).with_context(|| format!("failed to read {}", file.display()))?;
-    let validated = monsoon_api::parse_manifest(&text).with_context(|| format!("{}", file.display()))?;
+    let validated = monsoon_api::parse_manifest(&text, monsoon_engine::check_connection_string).with_context(|| format!("{}", file.display()))?;
     let mut pipeline = monsoon_api::SyncPipeline::new(&validated.name, validated.spec);
     pipeline.metadata.namespace = Some(namespace.to_string());
-    monsoon_api::validate_for_cluster(&pipeline).map_err(|errors| {
+    monsoon_api::validate_for_cluster(&pipeline, monsoon_engine::check_connection_string).map_err(|errors| {
         anyhow::anyhow!(
             "{} cannot run in a cluster: {}",
             file.display(),

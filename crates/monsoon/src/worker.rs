@@ -46,7 +46,7 @@ fn shard_of(pod: &str, count: u32) -> anyhow::Result<Shard> {
 pub fn worker(http_addr: SocketAddr, grace: Duration) -> anyhow::Result<()> {
     let text = env(ENV_PIPELINE)?;
     let pipeline: SyncPipeline = serde_json::from_str(&text).context("MONSOON_PIPELINE is not a SyncPipeline")?;
-    let validated = monsoon_api::validate(&pipeline).map_err(|errors| {
+    let validated = monsoon_api::validate(&pipeline, monsoon_engine::check_connection_string).map_err(|errors| {
         anyhow::anyhow!(
             "invalid pipeline: {}",
             errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")

@@ -167,7 +167,7 @@ mod tests {
     use kube_fake_client::ClientBuilder;
 
     async fn api() -> Api<Lease> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = ClientBuilder::new().build().await.expect("fake client");
         Api::namespaced(client, "monsoon-system")
     }

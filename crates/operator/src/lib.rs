@@ -458,7 +458,7 @@ mod leading_tests {
     /// an answer that never comes while it keeps reconciling.
     #[tokio::test]
     async fn a_leader_whose_renewal_hangs_steps_down_within_its_lease() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let raw = kube_fake_client::ClientBuilder::new().build().await.expect("fake client");
         let hang = Arc::new(AtomicBool::new(false));
         let service = {

@@ -32,6 +32,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use monsoon_api::{validate_for_cluster, value_sources, CheckpointRetention, SyncPipeline, SyncPipelineStatus};
+use monsoon_engine::check_connection_string;
 use monsoon_engine::checkpoint::configmap::KEY_CHECKPOINT;
 use monsoon_engine::checkpoint::Checkpoint;
 use monsoon_engine::config::Shard;
@@ -165,7 +166,7 @@ async fn reconcile_inner(p: &SyncPipeline, ctx: &Context) -> Result<Action, Erro
     }
 
     // 1. The spec itself.
-    if let Err(errors) = validate_for_cluster(p) {
+    if let Err(errors) = validate_for_cluster(p, check_connection_string) {
         let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
         status::set(&mut status, generation, condition::INVALID_SPEC, true, condition::INVALID_SPEC, &message, &now);
         status::set(&mut status, generation, condition::DEGRADED, true, condition::INVALID_SPEC, &message, &now);

@@ -80,7 +80,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(builder: ClientBuilder) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = builder
             .with_resource::<SyncPipeline>()
             .with_status_subresource::<SyncPipeline>()
@@ -334,6 +334,23 @@ async fn an_invalid_spec_is_a_condition_not_a_workload() {
     // No workers, so nothing to stop on deletion: no finalizer on a pipeline that never ran.
     let p = f.api::<SyncPipeline>().get("orders").await.expect("pipeline");
     assert!(!p.finalizers().contains(&FINALIZER.to_string()), "{:?}", p.finalizers());
+}
+
+/// The MongoDB driver's parser (the engine's check) refuses the connection string: the same
+/// condition as any invalid spec, naming the field and the fix.
+#[tokio::test]
+async fn a_connection_string_the_driver_refuses_is_an_invalid_spec() {
+    let mut p = pipeline(1);
+    p.spec.mongodb.uri_from = None;
+    p.spec.mongodb.uri = Some("mongodb://db-0.db:27017/?replicaSet=rs0&authMechanism=GSSAPI".into());
+    let f = Fixture::new(ClientBuilder::new().with_object(p)).await;
+    assert_eq!(f.reconcile().await, Action::await_change());
+    assert!(f.statefulset().await.is_none());
+    let s = f.status().await;
+    let c = condition(&s, "InvalidSpec");
+    assert_eq!(c.status, "True");
+    assert!(c.message.contains("spec.mongodb.uri") && c.message.contains("Kerberos"), "{}", c.message);
+    assert_eq!(s.phase.as_deref(), Some("Failed"));
 }
 
 #[tokio::test]

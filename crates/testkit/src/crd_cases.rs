@@ -1,5 +1,5 @@
 //! `tests/crd-cases.yaml`: the pipelines a cluster must refuse, each the `base` manifest with a
-//! JSON merge patch applied. Read by the operator's own check (`crates/api/tests/crd_cases.rs`)
+//! JSON merge patch applied. Read by the operator's own check (`crates/operator/tests/crd_cases.rs`)
 //! and by the real API server's (`crates/operator/tests/control_plane.rs`); the file's header
 //! says what each field means.
 

@@ -25,9 +25,10 @@ use elasticsearch::{CountParts, Elasticsearch, MgetParts};
 use mongodb::bson::{doc, Bson, Document};
 use serde_json::{json, Value};
 
-/// Install the rustls crypto provider once (both providers are compiled into test builds).
+/// Install the process-wide rustls crypto provider once: aws-lc-rs, as `monsoon` does (test
+/// builds also compile ring, through kube-fake-client's default kube features and reqwest).
 pub fn init_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// The project's root directory.

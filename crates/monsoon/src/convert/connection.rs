@@ -101,7 +101,7 @@ fn mongodb(table: &Table, spec: &mut SyncPipelineSpec, notes: &mut Notes) -> Res
     } else if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
         return Err(Error::unusable(OPTION, "is not a MongoDB connection string: write `mongodb://host:27017` (or `mongodb+srv://...`)"));
     } else {
-        monsoon_api::check_connection_string(&uri).map_err(|m| Error::unusable(OPTION, m))?;
+        monsoon_engine::check_connection_string(&uri).map_err(|m| Error::unusable(OPTION, m))?;
         MongoSource { uri: Some(uri), ..MongoSource::default() }
     };
     if let Some(pem) = string(table, "mongo-pem-file")? {

@@ -212,7 +212,7 @@ pub fn convert(text: &str, name: &str) -> Result<Conversion, Error> {
 /// The last safeguard of "never an invalid pipeline": what `monsoon validate` would refuse is
 /// refused here, named by the Monstache option the field comes from.
 fn check(pipeline: &SyncPipeline) -> Result<(), Error> {
-    let Err(errors) = monsoon_api::validate(pipeline) else { return Ok(()) };
+    let Err(errors) = monsoon_api::validate(pipeline, monsoon_engine::check_connection_string) else { return Ok(()) };
     let Some(first) = errors.into_iter().next() else { return Ok(()) };
     Err(Error::Invalid { option: option_of(&first.field).into(), field: first.field, message: first.message })
 }

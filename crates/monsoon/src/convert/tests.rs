@@ -10,7 +10,7 @@ fn converted(text: &str) -> Conversion {
     let c = convert(text, "shop").expect("converts");
     // The output always passes validation.
     let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
-    monsoon_api::parse_manifest(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    monsoon_api::parse_manifest(&yaml, monsoon_engine::check_connection_string).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     c
 }
 
@@ -426,7 +426,7 @@ fn every_realistic_config_converts_into_a_valid_pipeline_or_one_clear_refusal() 
         match (convert(text, "corpus"), refusal) {
             (Ok(c), None) => {
                 let yaml = serde_saphyr::to_string(&c.pipeline).expect("yaml");
-                monsoon_api::parse_manifest(&yaml).unwrap_or_else(|e| panic!("{name}: `monsoon validate` refuses the conversion: {e}\n{yaml}"));
+                monsoon_api::parse_manifest(&yaml, monsoon_engine::check_connection_string).unwrap_or_else(|e| panic!("{name}: `monsoon validate` refuses the conversion: {e}\n{yaml}"));
             }
             (Err(e), Some(option)) => {
                 let line = format!("{e:#}");

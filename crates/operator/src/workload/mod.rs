@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(vol.config_map.as_ref().map(|c| c.name.as_str()), Some("es-ca"));
         // The worker's copy parses and validates as a standalone pipeline.
         let back: SyncPipeline = serde_json::from_value(json).expect("pipeline");
-        assert!(monsoon_api::validate(&back).is_ok());
+        assert!(monsoon_api::validate(&back, monsoon_engine::check_connection_string).is_ok());
     }
 
     #[test]
@@ -401,7 +401,7 @@ mod tests {
         let json = worker_spec(env);
         assert_eq!(json["spec"]["elasticsearch"]["aws"]["secretAccessKeyFrom"], serde_json::json!({"env": "MONSOON_AWS_SECRET_ACCESS_KEY"}));
         let back: SyncPipeline = serde_json::from_value(json).expect("pipeline");
-        assert!(monsoon_api::validate(&back).is_ok());
+        assert!(monsoon_api::validate(&back, monsoon_engine::check_connection_string).is_ok());
     }
 
     #[test]

@@ -12,8 +12,11 @@
 //!   a larger one, so the stream's replay of changes made during the snapshot always wins.
 //! - A lost resume point (ChangeStreamHistoryLost) is never skipped over.
 
+mod connection_string;
 pub mod event;
 pub mod filter;
+
+pub use connection_string::check_connection_string;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
