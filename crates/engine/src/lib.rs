@@ -289,32 +289,7 @@ impl Reach<'_> {
     /// # Errors
     /// [`Error::Elastic`] when Elasticsearch refused.
     async fn call<T, F: std::future::Future<Output = Result<T, sink::elasticsearch::Error>>>(&self, what: &str, op: impl FnMut() -> F) -> Result<Option<T>, Error> {
-        let name = self.name;
-        let mut attempts = 0u32;
-        let result = retry::retry(retry::Pace::until_cancelled(self.shutdown), op, |e| {
-            if !e.is_unreachable() {
-                return false;
-            }
-            attempts += 1;
-            self.health.sink_beat(false);
-            warn!(pipeline = %name, operation = what, attempts, error = %error_chain(e), "Elasticsearch is unreachable; waiting for it (not ready meanwhile)");
-            true
-        })
-        .await;
-        match result {
-            Ok(v) => {
-                if attempts > 0 {
-                    info!(pipeline = %name, operation = what, attempts, "Elasticsearch answered after waiting");
-                }
-                self.health.sink_beat(true);
-                Ok(Some(v))
-            }
-            Err(retry::Stopped::Cancelled(_)) => {
-                info!(pipeline = %name, "shutdown while waiting for Elasticsearch at start-up");
-                Ok(None)
-            }
-            Err(retry::Stopped::Refused(e) | retry::Stopped::Deadline(e)) => Err(Error::Elastic(e)),
-        }
+        self.wait(Server::Elasticsearch, what, op, sink::elasticsearch::Error::is_unreachable).await.map_err(Error::Elastic)
     }
 
     /// A client of MongoDB once it answers (each attempt waits `connectTimeout` for a
@@ -324,31 +299,68 @@ impl Reach<'_> {
     /// # Errors
     /// [`Error::Source`] when MongoDB refused.
     async fn mongodb(&self, config: &config::MongoConfig) -> Result<Option<mongodb::Client>, Error> {
+        self.wait(Server::MongoDB, "connect", || mongo::connect(config), mongo::is_unreachable).await.map_err(Error::Source)
+    }
+
+    /// `op` on `server` until it succeeds, waiting out failures `unreachable` says are the
+    /// server being out of reach (the stage that talks to it marked not ready meanwhile);
+    /// `None` when shutdown came while waiting.
+    ///
+    /// # Errors
+    /// The first failure that is not `unreachable`.
+    async fn wait<T, E: std::error::Error, F: std::future::Future<Output = Result<T, E>>>(&self, server: Server, what: &str, op: impl FnMut() -> F, unreachable: impl Fn(&E) -> bool) -> Result<Option<T>, E> {
         let name = self.name;
         let mut attempts = 0u32;
-        let result = retry::retry(retry::Pace::until_cancelled(self.shutdown), || mongo::connect(config), |e| {
-            if !mongo::is_unreachable(e) {
+        let result = retry::retry(retry::Pace::until_cancelled(self.shutdown), op, |e| {
+            if !unreachable(e) {
                 return false;
             }
             attempts += 1;
-            self.health.source_beat(false);
-            warn!(pipeline = %name, attempts, error = %error_chain(e), "MongoDB is unreachable; waiting for it (not ready meanwhile)");
+            server.beat(self.health, false);
+            warn!(pipeline = %name, operation = what, attempts, error = %error_chain(e), "{server} is unreachable; waiting for it (not ready meanwhile)");
             true
         })
         .await;
         match result {
-            Ok(client) => {
+            Ok(v) => {
                 if attempts > 0 {
-                    info!(pipeline = %name, attempts, "MongoDB answered after waiting");
+                    info!(pipeline = %name, operation = what, attempts, "{server} answered after waiting");
                 }
-                Ok(Some(client))
+                server.beat(self.health, true);
+                Ok(Some(v))
             }
             Err(retry::Stopped::Cancelled(_)) => {
-                info!(pipeline = %name, "shutdown while waiting for MongoDB at start-up");
+                info!(pipeline = %name, "shutdown while waiting for {server} at start-up");
                 Ok(None)
             }
-            Err(retry::Stopped::Refused(e) | retry::Stopped::Deadline(e)) => Err(Error::Source(e)),
+            Err(retry::Stopped::Refused(e) | retry::Stopped::Deadline(e)) => Err(e),
         }
+    }
+}
+
+/// A server start-up waits for.
+#[derive(Clone, Copy, Debug)]
+enum Server {
+    MongoDB,
+    Elasticsearch,
+}
+
+impl Server {
+    /// Beat the heartbeat of the stage that talks to this server.
+    fn beat(self, health: &Health, ok: bool) {
+        match self {
+            Server::MongoDB => health.source_beat(ok),
+            Server::Elasticsearch => health.sink_beat(ok),
+        }
+    }
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Server::MongoDB => "MongoDB",
+            Server::Elasticsearch => "Elasticsearch",
+        })
     }
 }
 
