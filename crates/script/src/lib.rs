@@ -153,6 +153,16 @@ pub enum MapOutcome {
     Replace { doc: String, meta: Meta },
 }
 
+/// What a namespace's filters and map scripts decided for one document
+/// ([`Scripts::submit_decide_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A filter dropped the change: ignore it (the map scripts did not run).
+    Ignored,
+    /// The map scripts' outcome ([`MapOutcome::Keep`] when the namespace has none).
+    Mapped(MapOutcome),
+}
+
 /// One document to run through the scripts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
@@ -337,6 +347,37 @@ impl Scripts {
         }
         self.pool.submit_all(jobs);
         PendingBatch::new(batch)
+    }
+
+    /// Queues every item for its namespace's filters and then, if they keep it, its map
+    /// scripts, both on the worker that takes the item (one call to collect per document, and
+    /// the map scripts and their lookups never run for a document a filter drops). Await the
+    /// result (one wake-up for the whole batch) or [`PendingBatch::wait`].
+    pub fn submit_decide_batch(&self, items: Vec<Item>) -> PendingBatch<Decision> {
+        let batch = BatchSlot::new(items.len());
+        let mut jobs = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let (filter, map) = (self.has_filter(&item.namespace), self.has_map(&item.namespace));
+            if filter || map {
+                let reply = batch.completer(index);
+                jobs.push(Job::Decide { ns: item.namespace, doc: item.doc, update_desc: item.update_desc, filter, map, reply });
+            } else {
+                batch.set(index, Ok(Decision::Mapped(MapOutcome::Keep)));
+            }
+        }
+        self.pool.submit_all(jobs);
+        PendingBatch::new(batch)
+    }
+
+    /// Queues one item as [`Scripts::submit_decide_batch`] does.
+    pub fn submit_decide(&self, item: Item) -> Pending<Decision> {
+        let (filter, map) = (self.has_filter(&item.namespace), self.has_map(&item.namespace));
+        if !filter && !map {
+            return Pending::ready(Ok(Decision::Mapped(MapOutcome::Keep)));
+        }
+        let (reply, pending) = oneshot();
+        self.pool.submit(Job::Decide { ns: item.namespace, doc: item.doc, update_desc: item.update_desc, filter, map, reply });
+        pending
     }
 
     /// Runs the filters for `ns` (global first) on `doc`: `true` keeps the change.

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use crate::lookup::Lookup;
 use crate::runtime::JsRuntime;
-use crate::{Config, MapOutcome, ScriptError};
+use crate::{Config, Decision, MapOutcome, ScriptError};
 
 /// Native stack of a worker thread: well above the JavaScript stack limit (1 MiB by default),
 /// so deep recursion hits QuickJS's own check first.
@@ -29,6 +29,8 @@ pub(crate) enum Job {
     Map { ns: String, doc: String, update_desc: Option<String>, reply: Completer<MapOutcome> },
     Filter { ns: String, doc: String, update_desc: Option<String>, reply: Completer<bool> },
     Pipeline { ns: String, change_stream: bool, reply: Completer<Vec<serde_json::Value>> },
+    /// The filters (when `filter`), then the map scripts (when `map`) if the filters keep it.
+    Decide { ns: String, doc: String, update_desc: Option<String>, filter: bool, map: bool, reply: Completer<Decision> },
 }
 
 struct Queue {
@@ -157,6 +159,12 @@ fn work(mut runtime: JsRuntime, shared: &(Mutex<Queue>, Condvar)) {
                 guarded(&mut runtime, reply, |rt| rt.filter(&ns, &doc, update_desc.as_deref()))
             }
             Job::Pipeline { ns, change_stream, reply } => guarded(&mut runtime, reply, |rt| rt.pipeline(&ns, change_stream)),
+            Job::Decide { ns, doc, update_desc, filter, map, reply } => guarded(&mut runtime, reply, |rt| {
+                if filter && !rt.filter(&ns, &doc, update_desc.as_deref())? {
+                    return Ok(Decision::Ignored);
+                }
+                Ok(Decision::Mapped(if map { rt.map(&ns, &doc, update_desc.as_deref())? } else { MapOutcome::Keep }))
+            }),
         };
         if !healthy {
             // A panic (a bug in this crate or the bindings) may have left the runtime in any
@@ -251,6 +259,11 @@ pub struct PendingBatch<T> {
 impl<T> PendingBatch<T> {
     pub(crate) fn new(batch: Arc<BatchSlot<T>>) -> Self {
         PendingBatch { batch }
+    }
+
+    /// Items still running: a caller waiting on a long batch sees it progress.
+    pub fn remaining(&self) -> usize {
+        lock(&self.batch.state).remaining
     }
 
     /// Blocks the current thread until every item has its result. Don't call it on an async

@@ -846,6 +846,38 @@ fn filter_batch_keeps_order_and_namespaces() {
     assert_eq!(kept, expected);
 }
 
+/// One call per document runs the filter and then, only for what it keeps, the map script:
+/// results in order, the map script never sees a dropped document, a namespace without
+/// scripts is kept as it is without a call.
+#[test]
+fn decide_batch_runs_the_map_script_only_for_what_the_filter_keeps() {
+    let s = Scripts::new(Config {
+        filters: vec![ScriptSource::for_namespace("a.b", "module.exports = function(doc) { return doc.x % 2 === 0; }")],
+        scripts: vec![ScriptSource::for_namespace(
+            "a.b",
+            "var seen = 0; module.exports = function(doc) { if (doc.x % 2 !== 0) throw new Error('saw a dropped document'); seen++; return {x: doc.x, seen: seen > 0}; }",
+        )],
+        workers: 2,
+        ..Config::default()
+    })
+    .expect("compiles");
+    let items: Vec<Item> = (0..20)
+        .map(|x| Item { namespace: if x < 10 { "a.b".into() } else { "c.d".into() }, doc: format!(r#"{{"x":{x}}}"#), update_desc: None })
+        .collect();
+    let batch = s.submit_decide_batch(items);
+    let decided: Vec<Decision> = batch.wait().into_iter().map(|r| r.expect("decides")).collect();
+    for (x, d) in decided.iter().enumerate() {
+        let expected = match x {
+            10.. => Decision::Mapped(MapOutcome::Keep),
+            x if x % 2 == 0 => Decision::Mapped(MapOutcome::Replace { doc: format!(r#"{{"x":{x},"seen":true}}"#), meta: Meta::default() }),
+            _ => Decision::Ignored,
+        };
+        assert_eq!(d, &expected, "document {x}");
+    }
+    let one = s.submit_decide(Item { namespace: "a.b".into(), doc: r#"{"x":3}"#.into(), update_desc: None }).wait();
+    assert_eq!(one, Ok(Decision::Ignored));
+}
+
 #[test]
 fn dropping_scripts_stops_the_workers() {
     let s = Scripts::new(Config { scripts: vec![ScriptSource::global("module.exports = function(d) { return true; }")], workers: 2, ..Config::default() })

@@ -3,7 +3,7 @@
 //! The source reads the file's chunks with its document of the files collection
 //! ([`super::change::FileBody`]); the transform adds the content to the document's write only
 //! once that write is decided: after the namespace's mapping, and after its filter and map
-//! script on the script threads ([`super::script::defer`]). So a script sees the files
+//! script on the script threads ([`super::script::Call`]). So a script sees the files
 //! collection's document (name, length, `metadata`, ...) but never the content:
 //! - up to `files.maxFileSize` (100 MiB) of base64 never enters a script's heap (64 MiB by
 //!   default) nor is copied into JavaScript and back;

@@ -3,7 +3,7 @@
 //!
 //! A namespace without mapping or script takes the plain path (one conversion, nothing else);
 //! a mapped one goes through its [`Shape`]; a scripted one leaves with its operation still to
-//! be decided on the script threads ([`script::defer`]). Nothing here waits or does I/O.
+//! be decided on the script threads ([`script::Call`]). Nothing here waits or does I/O.
 
 use std::sync::{Arc, Mutex};
 
@@ -40,14 +40,8 @@ pub enum Placed {
     Nothing,
     /// This write.
     Write(Write),
-    /// A write whose operation and place the scripts decide; `fallback` is the write as the
-    /// mapping made it (where a failed decision is dead-lettered).
-    Deferred {
-        /// The write as the mapping made it.
-        fallback: Write,
-        /// The scripts' decision: the write, or `None` to write nothing.
-        decision: tokio::task::JoinHandle<Option<Write>>,
-    },
+    /// A write whose operation and place the namespace's scripts decide.
+    Deferred(script::Call),
 }
 
 /// Places document changes: the pure part of the transform stage, plus handing documents to
@@ -187,11 +181,11 @@ impl Placer {
     /// Hand a shaped write's document to the namespace's scripts, which decide its operation on
     /// the script threads while the transform places the next changes; a GridFS file's content
     /// is added to the write they decide, after them.
-    fn defer(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, view: View<'_>, mut fallback: Write, file: Option<Attachment>, stats: &mut ConvertStats) -> Placed {
-        let source = match &fallback.op {
+    fn defer(&self, scripts: &Arc<monsoon_script::Scripts>, shape: &Shape, view: View<'_>, mut write: Write, file: Option<Attachment>, stats: &mut ConvertStats) -> Placed {
+        let source = match &write.op {
             // Shared, not copied: the scripts read it, and keep it as it is for `true`.
             Op::Index(s) | Op::Update(s) => s.clone(),
-            Op::Create(_) | Op::Delete | Op::Reject { .. } | Op::Patch(_) => return Placed::Write(fallback),
+            Op::Create(_) | Op::Delete | Op::Reject { .. } | Op::Patch(_) => return Placed::Write(write),
         };
         let mut id_value = Vec::new();
         if convert::write_value(view.id, &mut id_value, stats).is_err() {
@@ -201,10 +195,10 @@ impl Placer {
             let mut out = Vec::new();
             convert::write_document(u, false, &mut out, stats).ok().map(|()| String::from_utf8_lossy(&out).into_owned())
         });
-        let plan = script::Planned { ns: fallback.ns.to_string(), source, id_value, update: shape.update, update_desc };
-        fallback.from_snapshot = view.from_snapshot;
-        let write = clone_placement(&fallback);
-        Placed::Deferred { decision: script::defer(scripts, plan, write, file), fallback }
+        let plan = script::Planned { ns: write.ns.to_string(), source, id_value, update: shape.update, update_desc };
+        write.from_snapshot = view.from_snapshot;
+        write.op = Op::Delete; // a placeholder: the scripts decide it
+        Placed::Deferred(script::Call::new(scripts.clone(), plan, write, file))
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).
@@ -299,16 +293,6 @@ impl<'a> View<'a> {
     fn of(d: &'a Doc) -> Self {
         Self { id: d.id.as_raw_bson_ref(), doc: d.doc.as_deref(), update: d.update.as_deref(), version: d.version, from_snapshot: d.from_snapshot }
     }
-}
-
-/// A write with `w`'s place and identity and a placeholder operation (the scripts set it).
-fn clone_placement(w: &Write) -> Write {
-    let mut out = Write::new(w.ns.clone(), w.index.clone(), w.id_json.clone(), w.version, Op::Delete);
-    out.routing = w.routing.clone();
-    out.pipeline = w.pipeline.clone();
-    out.origin = w.origin.clone();
-    out.from_snapshot = w.from_snapshot;
-    out
 }
 
 /// A change of a namespace without a mapping: the document as it is, at its `_id`.

@@ -2,10 +2,11 @@
 //! [`monsoon_script`] on its own worker threads, in parallel, each call bounded in time and
 //! memory.
 //!
-//! The transform stage hands each document of a scripted namespace to the pool as it places it
-//! ([`defer`]) and awaits the decisions in order, within a bounded window, before the writes go
-//! to the sink: documents in the window run at once on every core; the order of writes, the
-//! checkpoint and the memory bounds are those of every other write.
+//! The transform stage hands the documents of scripted namespaces to the pool a chunk at a time
+//! as it places them ([`Call`]: one batch per chunk, one wake-up when the chunk is decided) and
+//! finishes the decisions in order, within a bounded window, before the writes go to the sink:
+//! documents in the window run at once on every core; the order of writes, the checkpoint and
+//! the memory bounds are those of every other write.
 //!
 //! What a script sees: the document as the namespace's mapping shaped it (fields included,
 //! excluded, renamed), as JSON the way monsoon indexes it (ObjectIds as hex strings, dates as
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document, RawDocumentBuf};
-use monsoon_script::{Item, LookupKind, LookupRequest, MapOutcome, ScriptError, Scripts};
+use monsoon_script::{Decision, Item, LookupKind, LookupRequest, MapOutcome, ScriptError, Scripts};
 use serde_json::Value;
 
 use super::file::Attachment;
@@ -227,59 +228,56 @@ fn with_id(id_value: &[u8], source: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Hand a document to the filters and scripts of its namespace (now: they run on the script
-/// threads while the transform places the next changes) and return the decision to await:
-/// `write` (placed as the mapping placed it) with the operation and place the scripts chose,
-/// or `None` when the change is ignored. The filter runs first, and the map script only when
-/// the filter keeps the document. A GridFS file's content (`file`) is added to the decided
-/// write after them, on the same task ([`super::file`]): scripts never see it.
-pub fn defer(scripts: &Arc<Scripts>, plan: Planned, write: Write, file: Option<Attachment>) -> tokio::task::JoinHandle<Option<Write>> {
-    let item = Item { namespace: plan.ns.clone(), doc: with_id(&plan.id_value, &plan.source), update_desc: plan.update_desc.clone() };
-    // Submitted now, in the order documents are placed; awaited on the decision's task.
-    let first = if scripts.has_filter(&plan.ns) { First::Filter(scripts.submit_filter(item.clone())) } else { First::Map(scripts.submit_map(item.clone())) };
-    let scripts = scripts.clone();
-    // Its own task: a document's map call is submitted as soon as its filter answers, while the
-    // transform still awaits earlier decisions (documents keep running in parallel).
-    tokio::spawn(async move {
-        let mut decided = decide(&scripts, &plan, item, first, write).await;
+/// A document of a scripted namespace, placed and waiting for its scripts: what they are
+/// given, and the write (placed as the mapping placed it) whose operation and place they
+/// decide. The transform submits the calls of a chunk together ([`Call::item`],
+/// `Scripts::submit_decide_batch`: the filter first, the map script only for the documents it
+/// keeps, both on one worker) and finishes each in order ([`Call::finish`]).
+pub struct Call {
+    scripts: Arc<Scripts>,
+    plan: Planned,
+    write: Write,
+    /// A GridFS file's content, added to the decided write after the scripts ([`super::file`]).
+    file: Option<Attachment>,
+}
+
+impl Call {
+    /// A call of `scripts` on `plan`, deciding `write`.
+    pub fn new(scripts: Arc<Scripts>, plan: Planned, write: Write, file: Option<Attachment>) -> Self {
+        Self { scripts, plan, write, file }
+    }
+
+    /// What the script pool is given.
+    pub fn item(&self) -> Item {
+        Item { namespace: self.plan.ns.clone(), doc: with_id(&self.plan.id_value, &self.plan.source), update_desc: self.plan.update_desc.clone() }
+    }
+
+    /// The write the scripts' `decision` makes of this call's, or `None` when the change is
+    /// ignored; a failed call dead-letters the document, unless it failed retriably (its
+    /// lookups found MongoDB unreachable, or the pool restarted a worker): then it is submitted
+    /// again until it answers, and the document holds its place meanwhile.
+    pub async fn finish(self, decision: Result<Decision, ScriptError>) -> Option<Write> {
+        let decision = match decision {
+            Err(e) if e.is_retriable() => retried(&self.plan.ns, &e, || self.scripts.submit_decide(self.item())).await,
+            other => other,
+        };
+        let Call { plan, write, file, .. } = self;
+        let mut decided = match decision {
+            Ok(Decision::Ignored) => None,
+            Ok(Decision::Mapped(MapOutcome::Keep)) => Some(decided(&plan, write, plan.source.clone(), None)),
+            Ok(Decision::Mapped(MapOutcome::Drop)) => {
+                let mut write = write;
+                write.op = Op::Delete;
+                write.pipeline = None;
+                Some(write)
+            }
+            Ok(Decision::Mapped(MapOutcome::Replace { doc, meta })) => replaced(&plan, write, &doc, meta),
+            Err(e) => Some(rejected(&plan, write, &e)),
+        };
         if let (Some(write), Some(file)) = (decided.as_mut(), file) {
             file.attach(write);
         }
         decided
-    })
-}
-
-/// The first call of a document's decision, submitted when it is placed.
-enum First {
-    /// Its namespace's filter (the map script follows if it keeps the document).
-    Filter(monsoon_script::Pending<bool>),
-    /// Its namespace's map script (no filter).
-    Map(monsoon_script::Pending<MapOutcome>),
-}
-
-/// What the filter and map script decide for `write`: see [`defer`].
-async fn decide(scripts: &Arc<Scripts>, plan: &Planned, item: Item, first: First, write: Write) -> Option<Write> {
-    let map = match first {
-        First::Map(map) => map,
-        First::Filter(filter) => {
-            match retried(&plan.ns, filter, || scripts.submit_filter(item.clone())).await {
-                Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) => return Some(rejected(plan, write, &e)),
-            }
-            scripts.submit_map(item.clone())
-        }
-    };
-    match retried(&plan.ns, map, || scripts.submit_map(item.clone())).await {
-        Ok(MapOutcome::Keep) => Some(decided(plan, write, plan.source.clone(), None)),
-        Ok(MapOutcome::Drop) => {
-            let mut write = write;
-            write.op = Op::Delete;
-            write.pipeline = None;
-            Some(write)
-        }
-        Ok(MapOutcome::Replace { doc, meta }) => replaced(plan, write, &doc, meta),
-        Err(e) => Some(rejected(plan, write, &e)),
     }
 }
 
@@ -310,16 +308,14 @@ fn replaced(plan: &Planned, write: Write, doc: &str, meta: monsoon_script::Meta)
     Some(decided(plan, write, source, Some(meta)))
 }
 
-/// Await a script result, submitting the call again while it fails retriably (its lookups
-/// found MongoDB unreachable, or the pool is restarting a worker): an outage is waited out,
-/// never dead-lettered. Other failures are returned at once.
-async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: monsoon_script::Pending<T>, again: F) -> Result<T, ScriptError> {
-    let mut first = Some(first);
-    let mut attempt: u32 = 0;
-    // No cancellation token reaches a decision's task (nor did before this used the helper):
-    // it ends with the runtime.
+/// Submit a call that failed retriably (`first`) again, backing off, until it answers or
+/// fails otherwise: an outage is waited out, never dead-lettered.
+async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: &ScriptError, again: F) -> Result<T, ScriptError> {
+    let mut attempt: u32 = 1;
+    tracing::warn!(namespace = %ns, error = %first, attempt, "script call failed retriably (MongoDB unreachable?); the document waits and is tried again");
+    // No cancellation token reaches here: the transform stage's forced stop ends the wait.
     let pace = crate::retry::Pace::unbounded().capped(LOOKUP_RETRY_MAX);
-    crate::retry::retry(pace, || first.take().unwrap_or_else(&again), |e: &ScriptError| {
+    crate::retry::retry(pace, again, |e: &ScriptError| {
         if !e.is_retriable() {
             return false;
         }

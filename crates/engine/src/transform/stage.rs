@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use monsoon_script::{Decision, Item, PendingBatch, ScriptError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -28,6 +29,7 @@ use tracing::{error, info};
 use super::change::Change;
 use super::place::{Placed, Placer};
 use super::relate::{Related, Relations};
+use super::script::Call;
 use super::time_machine::Logged;
 use crate::checkpoint::written::IndexBook;
 use crate::checkpoint::ClusterTime;
@@ -63,14 +65,22 @@ enum Step {
     /// A write decided now; the namespace's default index; what its time machine entry needs,
     /// when the change is logged.
     Write(Write, Arc<str>, Option<Logged>),
-    /// A write the scripts decide; the namespace's default index; as for [`Step::Write`].
-    Deferred(Write, tokio::task::JoinHandle<Option<Write>>, Arc<str>, Option<Logged>),
+    /// A write the scripts decide: the call, its place in its chunk's batch of decisions; the
+    /// namespace's default index; as for [`Step::Write`].
+    Deferred(Call, usize, Arc<str>, Option<Logged>),
     /// A change of a namespace with relations: its own step, if it writes one, then the
     /// related documents as the re-sync reads them; the change's namespace and `_id` (where a
     /// relation that cannot be followed is dead-lettered).
     Related(Option<Box<Step>>, mpsc::Receiver<Related>, Arc<str>, mongodb::bson::RawBson, u64),
     /// Anything else, handed on as it came.
     Other(Change),
+}
+
+/// A chunk of changes placed: its steps, and the decisions of its scripted documents (one
+/// batch, submitted when the chunk was placed; [`Step::Deferred`] holds its place in it).
+struct PlacedChunk {
+    steps: Vec<Step>,
+    decisions: Option<PendingBatch<Decision>>,
 }
 
 /// The transform stage.
@@ -117,38 +127,72 @@ impl Transform {
         result
     }
 
-    async fn hand_on_all(&self, mut window: mpsc::Receiver<Vec<Step>>, out: &mut Out<'_>) -> Result<(), Error> {
+    async fn hand_on_all(&self, mut window: mpsc::Receiver<PlacedChunk>, out: &mut Out<'_>) -> Result<(), Error> {
         loop {
-            let steps = match window.try_recv() {
-                Ok(steps) => steps,
+            let placed = match window.try_recv() {
+                Ok(placed) => placed,
                 Err(_) => {
                     // Nothing placed is waiting: hand on the partial chunk rather than hold it.
                     out.send().await?;
                     match window.recv().await {
-                        Some(steps) => steps,
+                        Some(placed) => placed,
                         None => return out.send().await,
                     }
                 }
             };
-            for step in steps {
-                self.hand_on(step, out).await?;
+            let mut decisions = match placed.decisions {
+                Some(batch) => self.decisions(batch).await?,
+                None => Vec::new(),
+            };
+            for step in placed.steps {
+                self.hand_on(step, &mut decisions, out).await?;
             }
         }
     }
 
-    async fn hand_on(&self, step: Step, out: &mut Out<'_>) -> Result<(), Error> {
+    /// Await a chunk's script decisions. While they run, `/stats` says the stage waits, and
+    /// the wait counts from the last decision that came in: `/healthz` fails once no decision
+    /// has come for longer than a loop may be silent (script workers stopped).
+    async fn decisions(&self, mut batch: PendingBatch<Decision>) -> Result<Vec<Result<Decision, ScriptError>>, Error> {
+        if let Some(done) = futures_util::FutureExt::now_or_never(&mut batch) {
+            return Ok(done);
+        }
+        let mut remaining = batch.remaining();
+        self.health.transform_waiting(true);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let done = loop {
+            tokio::select! {
+                done = &mut batch => break Some(done),
+                () = self.abort.cancelled() => break None,
+                _ = tick.tick() => {
+                    let now = batch.remaining();
+                    if now < remaining {
+                        remaining = now;
+                        self.health.transform_waiting(true);
+                    }
+                }
+            }
+        };
+        self.health.transform_waiting(false);
+        done.ok_or(Error::SinkClosed(Closed))
+    }
+
+    async fn hand_on(&self, step: Step, decisions: &mut [Result<Decision, ScriptError>], out: &mut Out<'_>) -> Result<(), Error> {
         match step {
             Step::Write(write, default, logged) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
-            Step::Deferred(fallback, decision, default, logged) => match self.decided(fallback, decision).await? {
-                Some(write) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
-                None => {
-                    self.metrics.events.with_label_values(&["ignored"]).inc();
-                    Ok(())
+            Step::Deferred(call, at, default, logged) => {
+                let decision = decisions.get_mut(at).map_or(Err(ScriptError::Stopped), |d| std::mem::replace(d, Err(ScriptError::Stopped)));
+                match self.finished(call, decision).await? {
+                    Some(write) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
+                    None => {
+                        self.metrics.events.with_label_values(&["ignored"]).inc();
+                        Ok(())
+                    }
                 }
-            },
+            }
             Step::Related(own, related, ns, id, version) => {
                 if let Some(own) = own {
-                    Box::pin(self.hand_on(*own, out)).await?;
+                    Box::pin(self.hand_on(*own, decisions, out)).await?;
                 }
                 self.hand_on_related(related, &ns, &id, version, out).await
             }
@@ -178,8 +222,13 @@ impl Transform {
             };
             match next {
                 Some(Related::Doc(doc)) => {
-                    if let Some(step) = place(&self.placer, Change::Doc(doc), &mut stats) {
-                        Box::pin(self.hand_on(step, out)).await?;
+                    let mut items = Vec::new();
+                    if let Some(step) = place(&self.placer, Change::Doc(doc), &mut stats, &mut items) {
+                        let mut decisions = match submit(&self.placer, items) {
+                            Some(batch) => self.decisions(batch).await?,
+                            None => Vec::new(),
+                        };
+                        Box::pin(self.hand_on(step, &mut decisions, out)).await?;
                     }
                 }
                 Some(Related::Failed { reason }) => {
@@ -195,26 +244,20 @@ impl Transform {
         }
     }
 
-    /// Await a script decision, reporting the wait once it lasts; a decision task that failed
-    /// dead-letters its document.
-    async fn decided(&self, fallback: Write, mut decision: tokio::task::JoinHandle<Option<Write>>) -> Result<Option<Write>, Error> {
-        let result = match futures_util::FutureExt::now_or_never(&mut decision) {
-            Some(r) => r,
-            None => {
-                self.health.transform_waiting(true);
-                let r = tokio::select! {
-                    r = &mut decision => Some(r),
-                    () = self.abort.cancelled() => None,
-                };
-                self.health.transform_waiting(false);
-                r.ok_or(Error::SinkClosed(Closed))?
-            }
+    /// The write a script call's decision makes. A call that failed retriably is submitted
+    /// again until it answers (`/stats` and `/healthz` see the wait; a forced stop ends it).
+    async fn finished(&self, call: Call, decision: Result<Decision, ScriptError>) -> Result<Option<Write>, Error> {
+        let retrying = matches!(&decision, Err(e) if e.is_retriable());
+        if !retrying {
+            return Ok(call.finish(decision).await);
+        }
+        self.health.transform_waiting(true);
+        let finished = tokio::select! {
+            w = call.finish(decision) => Some(w),
+            () = self.abort.cancelled() => None,
         };
-        Ok(result.unwrap_or_else(|e| {
-            let mut w = fallback;
-            w.op = Op::Reject { error_type: "script_failed", reason: format!("the script task failed: {e}"), document: None };
-            Some(w)
-        }))
+        self.health.transform_waiting(false);
+        finished.ok_or(Error::SinkClosed(Closed))
     }
 
     /// Note the write's index in `written` (handing the note on before it), then the write,
@@ -362,37 +405,46 @@ impl Out<'_> {
 }
 
 /// Place every chunk the source hands on, in order, into the window.
-async fn place_all(placer: &Placer, relations: Option<&Arc<Relations>>, metrics: &Metrics, mut input: mpsc::Receiver<Vec<Change>>, window: mpsc::Sender<Vec<Step>>) {
+/// The documents of scripted namespaces go to the script pool as one batch per chunk.
+async fn place_all(placer: &Placer, relations: Option<&Arc<Relations>>, metrics: &Metrics, mut input: mpsc::Receiver<Vec<Change>>, window: mpsc::Sender<PlacedChunk>) {
     let mut stats = ConvertStats::default();
     while let Some(changes) = input.recv().await {
-        let steps = changes.into_iter().filter_map(|c| place_related(placer, relations, c, &mut stats)).collect();
+        let mut items = Vec::new();
+        let steps = changes.into_iter().filter_map(|c| place_related(placer, relations, c, &mut stats, &mut items)).collect();
         if stats.non_finite_nulled > 0 {
             metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
             stats = ConvertStats::default();
         }
-        if window.send(steps).await.is_err() {
+        let decisions = submit(placer, items);
+        if window.send(PlacedChunk { steps, decisions }).await.is_err() {
             // Handing on stopped (the sink is gone): what is left is never acknowledged.
             return;
         }
     }
 }
 
+/// Hand the documents of a chunk its scripts decide to the script pool, as one batch.
+fn submit(placer: &Placer, items: Vec<Item>) -> Option<PendingBatch<Decision>> {
+    placer.scripts.as_ref().filter(|_| !items.is_empty()).map(|s| s.submit_decide_batch(items))
+}
+
 /// Place a change, starting the re-sync of what it relates to (`spec.relate`) for a
-/// change-stream change of a namespace with relations.
-fn place_related(placer: &Placer, relations: Option<&Arc<Relations>>, change: Change, stats: &mut ConvertStats) -> Option<Step> {
-    let Some(relations) = relations else { return place(placer, change, stats) };
-    let Change::Doc(doc) = &change else { return place(placer, change, stats) };
+/// change-stream change of a namespace with relations. A document its scripts decide joins the
+/// chunk's batch, `items`.
+fn place_related(placer: &Placer, relations: Option<&Arc<Relations>>, change: Change, stats: &mut ConvertStats, items: &mut Vec<Item>) -> Option<Step> {
+    let Some(relations) = relations else { return place(placer, change, stats, items) };
+    let Change::Doc(doc) = &change else { return place(placer, change, stats, items) };
     let ns = format!("{}.{}", doc.db, doc.coll);
     if doc.from_snapshot || !relations.triggers(&ns) {
-        return place(placer, change, stats);
+        return place(placer, change, stats, items);
     }
     let related = relations.resync(doc);
     let (id, version) = (doc.id.clone(), doc.version);
-    let own = if doc.owned && relations.writes_own(&ns) { place(placer, change, stats).map(Box::new) } else { None };
+    let own = if doc.owned && relations.writes_own(&ns) { place(placer, change, stats, items).map(Box::new) } else { None };
     Some(Step::Related(own, related, Arc::from(ns), id, version))
 }
 
-fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<Step> {
+fn place(placer: &Placer, change: Change, stats: &mut ConvertStats, items: &mut Vec<Item>) -> Option<Step> {
     match change {
         // Another shard's document, handed on for its relations only.
         Change::Doc(doc) if !doc.owned => None,
@@ -402,7 +454,10 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats) -> Option<St
             match placer.place(&mut doc, stats) {
                 (Placed::Nothing, _) => None,
                 (Placed::Write(w), default) => Some(Step::Write(w, default, logged)),
-                (Placed::Deferred { fallback, decision }, default) => Some(Step::Deferred(fallback, decision, default, logged)),
+                (Placed::Deferred(call), default) => {
+                    items.push(call.item());
+                    Some(Step::Deferred(call, items.len() - 1, default, logged))
+                }
             }
         }
         Change::Unreadable(event) => {
@@ -457,14 +512,23 @@ mod tests {
         let sink = crate::sink::idle(shared.clone());
         let t = stage(health);
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
-        let decision = tokio::spawn(async {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            Some(write("chosen", "a"))
-        });
+        let scripts = Arc::new(
+            monsoon_script::Scripts::new(monsoon_script::Config {
+                scripts: vec![monsoon_script::ScriptSource::for_namespace("db.c", "module.exports = function(doc) { doc._meta_monstache = {index: 'chosen'}; return doc; }")],
+                workers: 1,
+                ..monsoon_script::Config::default()
+            })
+            .expect("compiles"),
+        );
+        let plan = super::super::script::Planned { ns: "db.c".into(), source: Bytes::from_static(b"{}"), id_value: b"\"a\"".to_vec(), update: false, update_desc: None };
+        let mut placed = write("db.c", "a");
+        placed.origin = Some(Arc::from("record")); // a placing script's documents keep records
+        let call = Call::new(scripts.clone(), plan, placed, None);
+        let mut decisions = t.decisions(scripts.submit_decide_batch(vec![call.item()])).await.expect("decided");
         let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Deferred(write("db.c", "a"), decision, default.clone(), None), &mut out).await.expect("handed on");
-        t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut out).await.expect("handed on");
-        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut out).await.expect("handed on");
+        t.hand_on(Step::Deferred(call, 0, default.clone(), None), &mut decisions, &mut out).await.expect("handed on");
+        t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut [], &mut out).await.expect("handed on");
         out.send().await.expect("sent");
         // The scripted write is the first numbered; acknowledge it alone.
         shared.ack_for_test(&[0]);
@@ -486,9 +550,9 @@ mod tests {
         let t = stage(health);
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), None), &mut out).await.expect("handed on");
-        t.hand_on(Step::Other(Change::Dropped { db: "db".into(), coll: "c".into(), time: None }), &mut out).await.expect("handed on");
-        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), None), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Other(Change::Dropped { db: "db".into(), coll: "c".into(), time: None }), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut [], &mut out).await.expect("handed on");
         out.send().await.expect("sent");
         // Write 0, the drop (1), write 2. Acknowledge the writes, not the drop.
         shared.ack_for_test(&[0, 2]);
@@ -516,12 +580,12 @@ mod tests {
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let default: Arc<str> = Arc::from("db.c");
         let logged = Logged { source_id: "a".into(), has_time: false };
-        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), Some(logged.clone())), &mut out).await.expect("handed on");
-        t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), Some(logged.clone())), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut [], &mut out).await.expect("handed on");
         assert_eq!(out.chunk.len(), 2, "the write and its entry");
         let mut delete = write("db.c", "a");
         delete.op = Op::Delete;
-        t.hand_on(Step::Write(delete, default, Some(logged)), &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(delete, default, Some(logged)), &mut [], &mut out).await.expect("handed on");
         assert_eq!(out.chunk.len(), 3, "a delete is not logged");
         assert_eq!(t.book.indexes_of("db", "c"), ["db.c"]);
         // The re-snapshot sweep, then the drop: each names the collection's index only.
