@@ -317,13 +317,15 @@ impl Health {
         self.failure.lock().ok().and_then(|f| f.clone())
     }
 
-    /// The transform stage starts (`true`) or stops (`false`) waiting on a script decision or a related document.
+    /// The transform stage starts (`true`) or stops (`false`) waiting on script decisions or a
+    /// related document; `true` again while it waits restarts the count (a decision came in).
     pub fn transform_waiting(&self, waiting: bool) {
         let value = if waiting { self.now_ms() + 1 } else { 0 };
         self.transform_wait.store(value, Ordering::Relaxed);
     }
 
-    /// Seconds the transform stage has been waiting on one script decision, if it is.
+    /// Seconds the transform stage has been waiting without progress on script decisions or a
+    /// related document, if it is.
     pub fn transform_waiting_seconds(&self) -> Option<u64> {
         self.transform_waiting_ms().map(|ms| ms / 1000)
     }
@@ -334,7 +336,8 @@ impl Health {
     }
 
     /// Liveness: `Err(reason)` when the pipeline failed, a loop stopped beating, or the
-    /// transform stage has waited on one script decision for longer than a loop may be silent
+    /// transform stage has waited on script decisions, none coming in, or on a related document,
+    /// for longer than a loop may be silent
     /// (a script worker that died, or a MongoDB outage its lookups are waiting out).
     pub fn live(&self) -> Result<(), String> {
         if let Some(f) = self.failure() {
@@ -344,7 +347,7 @@ impl Health {
         let limit = self.stuck_after.as_millis() as u64;
         if let Some(waited) = self.transform_waiting_ms() {
             if waited > limit {
-                return Err(format!("transform stage has waited {}s for one script decision or related document (script workers stopped, or lookups wait on MongoDB)", waited / 1000));
+                return Err(format!("transform stage has waited {}s for script decisions (none came in) or a related document (script workers stopped, or lookups wait on MongoDB)", waited / 1000));
             }
         }
         if self.phase() != Phase::Starting && now > limit {

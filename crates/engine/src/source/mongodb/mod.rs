@@ -31,6 +31,7 @@ use mongodb::options::{
 };
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use self::event::Action;
@@ -413,6 +414,72 @@ impl<'a> Found<'a> {
     }
 }
 
+/// Most snapshot documents read ahead of the one being handed on: one server batch of the
+/// snapshot query.
+const READ_AHEAD: usize = 1000;
+/// Most bytes of snapshot documents read ahead (a document larger than this is read alone).
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
+/// A snapshot cursor read on its own task, up to [`READ_AHEAD`] documents and
+/// [`READ_AHEAD_BYTES`] ahead of the ones handed on: the round trip for the next batch overlaps handing on this one, and a sink that
+/// holds the source back (every request slot busy) does not stop the read (measured: the
+/// OpenSearch snapshot's request slots stood idle a third of the time while each `getMore`
+/// waited for the documents before it to be handed on). Dropping it stops the read.
+struct ReadAhead {
+    docs: mpsc::Receiver<Read>,
+    task: tokio::task::AbortHandle,
+}
+
+/// One step of a [`ReadAhead`].
+enum Read {
+    /// A document, and its share of the read-ahead's bytes (returned when it is dropped).
+    Doc(RawDocumentBuf, tokio::sync::OwnedSemaphorePermit),
+    Failed(mongodb::error::Error),
+    End,
+}
+
+impl ReadAhead {
+    fn start(mut cursor: mongodb::Cursor<RawDocumentBuf>) -> Self {
+        let (tx, docs) = mpsc::channel(READ_AHEAD);
+        let bytes = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+        let task = tokio::spawn(async move {
+            loop {
+                let (read, last) = match cursor.advance().await {
+                    Ok(true) => {
+                        let doc = cursor.current().to_owned();
+                        let share = u32::try_from(doc.as_bytes().len().min(READ_AHEAD_BYTES)).unwrap_or(u32::MAX);
+                        let Ok(permit) = Arc::clone(&bytes).acquire_many_owned(share).await else { return };
+                        (Read::Doc(doc, permit), false)
+                    }
+                    Ok(false) => (Read::End, true),
+                    Err(e) => (Read::Failed(e), true),
+                };
+                if tx.send(read).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Self { docs, task: task.abort_handle() }
+    }
+
+    /// The next document, `None` at the end. A read that stopped without saying so (its task
+    /// is gone) is a failed read, never the end.
+    async fn next(&mut self) -> Result<Option<RawDocumentBuf>, mongodb::error::Error> {
+        match self.docs.recv().await {
+            Some(Read::Doc(d, _share)) => Ok(Some(d)),
+            Some(Read::End) => Ok(None),
+            Some(Read::Failed(e)) => Err(e),
+            None => Err(mongodb::error::Error::custom("the snapshot read stopped")),
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// How a source phase ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -692,7 +759,8 @@ impl Source<'_> {
 
     /// Hand on every document of `cursor`, recording positions as it goes. `None`: the read
     /// failed (backed off; query again after `at.resume_after`).
-    async fn read_cursor(&self, mut cursor: mongodb::Cursor<RawDocumentBuf>, at: &mut Reading) -> Result<Option<Ended>, Error> {
+    async fn read_cursor(&self, cursor: mongodb::Cursor<RawDocumentBuf>, at: &mut Reading) -> Result<Option<Ended>, Error> {
+        let mut cursor = ReadAhead::start(cursor);
         let mut since_position = 0u64;
         loop {
             let next = tokio::select! {
@@ -703,17 +771,15 @@ impl Source<'_> {
                     }
                     return Ok(Some(Ended::Cancelled));
                 }
-                // `advance` + `current` read each document in place in the server's batch: no
-                // owned copy per document until it is handed on.
-                next = self.read(cursor.advance(), SNAPSHOT_READ_TIMEOUT) => match next {
+                next = self.read(cursor.next(), SNAPSHOT_READ_TIMEOUT) => match next {
                     Ok(n) => n,
                     Err(Error::Cancelled) => return Ok(Some(Ended::Cancelled)),
                     Err(e) => return Err(e),
                 },
             };
             let raw = match next {
-                Ok(true) => cursor.current(),
-                Ok(false) => return Ok(Some(Ended::Complete)),
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Ok(Some(Ended::Complete)),
                 Err(e) => {
                     warn!(namespace = %at.ns, error = %e, "snapshot read failed; resuming after the last _id read");
                     self.health.source_beat(false);
@@ -727,7 +793,7 @@ impl Source<'_> {
             if since_position.is_multiple_of(BEAT_EVERY) {
                 self.health.source_beat(true);
             }
-            match self.snapshot_doc(raw, at).await {
+            match self.snapshot_doc(&raw, at).await {
                 Err(Error::Cancelled) => return Ok(Some(Ended::Cancelled)),
                 other => other?,
             }
