@@ -31,6 +31,7 @@ use mongodb::options::{
 };
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
+use std::borrow::Cow;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -402,16 +403,10 @@ pub struct Source<'a> {
 /// One document as a change event or a read found it.
 struct Found<'a> {
     id: RawBsonRef<'a>,
-    /// `None` for a delete.
-    doc: Option<&'a RawDocument>,
+    /// `None` for a delete. Owned when read ahead (handed on without another copy).
+    doc: Option<Cow<'a, RawDocument>>,
     update: Option<&'a RawDocument>,
     before: Option<&'a RawDocument>,
-}
-
-impl<'a> Found<'a> {
-    fn document(id: RawBsonRef<'a>, doc: &'a RawDocument) -> Self {
-        Found { id, doc: Some(doc), update: None, before: None }
-    }
 }
 
 /// Most snapshot documents read ahead of the one being handed on: one server batch of the
@@ -590,8 +585,8 @@ impl Source<'_> {
         let Found { id, doc, update, before } = found;
         // Not owned: handed on only for its relations (`spec.relate`), which every shard follows.
         let owned = self.owns(id);
-        let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), doc) {
-            (Some(files), Some(d)) if owned => Some(self.file_body(&ns.0, &ns.1, id, d, files.max_file_size).await?),
+        let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), &doc) {
+            (Some(files), Some(d)) if owned => Some(self.file_body(&ns.0, &ns.1, id, d.as_ref(), files.max_file_size).await?),
             _ => None,
         };
         // Pre-images are read only by relations from a field other than `_id` and time machines.
@@ -602,7 +597,7 @@ impl Source<'_> {
             db: ns.0.clone(),
             coll: ns.1.clone(),
             id: id.to_raw_bson(),
-            doc: doc.map(ToOwned::to_owned),
+            doc: doc.map(Cow::into_owned),
             update: update.map(ToOwned::to_owned),
             before: before.map(ToOwned::to_owned),
             version,
@@ -793,7 +788,7 @@ impl Source<'_> {
             if since_position.is_multiple_of(BEAT_EVERY) {
                 self.health.source_beat(true);
             }
-            match self.snapshot_doc(&raw, at).await {
+            match self.snapshot_doc(raw, at).await {
                 Err(Error::Cancelled) => return Ok(Some(Ended::Cancelled)),
                 other => other?,
             }
@@ -808,18 +803,20 @@ impl Source<'_> {
     }
 
     /// Hand on one snapshot document (if this shard owns it) and move the resume point past it.
-    async fn snapshot_doc(&self, raw: &RawDocument, at: &mut Reading) -> Result<(), Error> {
-        let Ok(Some(id)) = raw.get("_id") else {
+    async fn snapshot_doc(&self, raw: RawDocumentBuf, at: &mut Reading) -> Result<(), Error> {
+        let Ok(Some(id)) = raw.get("_id").map(|id| id.map(|id| id.to_raw_bson())) else {
             // Only a mapping's snapshot stage can take `_id` away.
             error!(namespace = %at.ns, "document without _id skipped by the snapshot: a stage of `aggregation.snapshot` removed it; keep `_id`");
             self.metrics.events.with_label_values(&["no_id"]).inc();
             return Ok(());
         };
-        if self.owns(id) {
-            self.send_doc(&at.names, Found::document(id, raw), at.version, true).await?;
+        let id_ref = id.as_raw_bson_ref();
+        if self.owns(id_ref) {
+            let found = Found { id: id_ref, doc: Some(Cow::Owned(raw)), update: None, before: None };
+            self.send_doc(&at.names, found, at.version, true).await?;
             self.metrics.snapshot_docs.inc();
         }
-        at.resume_after = Some(id.to_raw_bson().try_into().unwrap_or(Bson::Null));
+        at.resume_after = Some(id.try_into().unwrap_or(Bson::Null));
         Ok(())
     }
 
@@ -1141,7 +1138,7 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time, update, before } => {
                 self.metrics.hot.upserts.inc();
                 if self.follows(db, coll, id) {
-                    let found = Found { id, doc: Some(doc), update, before };
+                    let found = Found { id, doc: Some(Cow::Borrowed(doc)), update, before };
                     self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
                 }
             }
@@ -1156,7 +1153,7 @@ impl Source<'_> {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.follows(db, coll, id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    let found = Found { id, doc: doc.as_deref(), update: None, before: None };
+                    let found = Found { id, doc: doc.as_deref().map(Cow::Borrowed), update: None, before: None };
                     self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
                 }
             }
