@@ -111,9 +111,18 @@ impl Pool {
         if q.closed {
             return;
         }
+        let before = q.jobs.len();
         q.jobs.extend(jobs);
+        let added = q.jobs.len() - before;
         drop(q);
-        ready.notify_all();
+        // As many workers as there are new jobs: a batch of one wakes one thread, not all.
+        if added >= self.threads.len() {
+            ready.notify_all();
+        } else {
+            for _ in 0..added {
+                ready.notify_one();
+            }
+        }
     }
 
     pub(crate) fn workers(&self) -> usize {

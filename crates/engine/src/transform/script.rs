@@ -225,7 +225,8 @@ fn with_id(id_value: &[u8], source: &[u8]) -> String {
             out.extend_from_slice(rest);
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    // Valid UTF-8 (monsoon wrote both halves): kept without a copy.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A document of a scripted namespace, placed and waiting for its scripts: what they are
