@@ -574,6 +574,10 @@ async fn snapshot_run(bin: &std::path::Path, yaml: &str, state: &std::path::Path
     let rss_now = rss_split(pid);
     let requests = request_counts(&monsoon);
     let metrics = monsoon.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+    if let Some(path) = std::env::var_os("MONSOON_BENCH_LOG") {
+        // The run's log (info, the engine at debug), to see where its wall time went.
+        std::fs::write(path, monsoon.log())?;
+    }
     let busy = metric_sum(&metrics, "monsoon_bulk_request_seconds_sum") / (wall * BatchConfig::default().concurrency as f64);
     let (code, _) = monsoon.terminate()?;
     anyhow::ensure!(code == Some(0), "monsoon did not stop cleanly");

@@ -18,6 +18,22 @@ pub mod source;
 pub mod time;
 pub mod transform;
 
+/// A spawned task that ends when its handle is dropped (the work it does is only wanted while
+/// its owner is there).
+pub(crate) struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl AbortOnDrop {
+    pub(crate) fn spawn(work: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(work).abort_handle())
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -579,8 +595,16 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
         let resnapshot = start.sweep_below.is_some();
         let collections: Vec<(String, String)> = source.collections().await?.into_iter().filter(|(db, coll)| resnapshot || config.snapshots(db, coll)).collect();
         info!(pipeline = %name, collections = collections.len(), "snapshot started");
-        let estimate = mongo::estimate_documents(&source.client, &collections).await / u64::from(config.shard.count.max(1));
-        source.metrics.snapshot_estimate.set(i64::try_from(estimate).unwrap_or(i64::MAX));
+        // The estimate only feeds a gauge: it runs beside the snapshot, never ahead of it (a
+        // server that counts by scanning, SecantusDB here, took 2.5 s for 200k documents).
+        let _estimating = AbortOnDrop::spawn({
+            let (client, collections, gauge) = (source.client.clone(), collections.clone(), source.metrics.snapshot_estimate.clone());
+            let shards = u64::from(config.shard.count.max(1));
+            async move {
+                let estimate = mongo::estimate_documents(&client, &collections).await / shards;
+                gauge.set(i64::try_from(estimate).unwrap_or(i64::MAX));
+            }
+        });
         for (db, coll) in collections {
             let ns = format!("{db}.{coll}");
             let progress = start.snapshot.collections.get(&ns);

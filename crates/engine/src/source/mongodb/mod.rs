@@ -422,7 +422,7 @@ const READ_AHEAD_BYTES: usize = 1 << 20;
 /// waited for the documents before it to be handed on). Dropping it stops the read.
 struct ReadAhead {
     docs: mpsc::Receiver<Read>,
-    task: tokio::task::AbortHandle,
+    _task: crate::AbortOnDrop,
 }
 
 /// One step of a [`ReadAhead`].
@@ -437,7 +437,7 @@ impl ReadAhead {
     fn start(mut cursor: mongodb::Cursor<RawDocumentBuf>) -> Self {
         let (tx, docs) = mpsc::channel(READ_AHEAD);
         let bytes = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
-        let task = tokio::spawn(async move {
+        let task = crate::AbortOnDrop::spawn(async move {
             loop {
                 let (read, last) = match cursor.advance().await {
                     Ok(true) => {
@@ -454,7 +454,7 @@ impl ReadAhead {
                 }
             }
         });
-        Self { docs, task: task.abort_handle() }
+        Self { docs, _task: task }
     }
 
     /// The next document, `None` at the end. A read that stopped without saying so (its task
@@ -466,12 +466,6 @@ impl ReadAhead {
             Some(Read::Failed(e)) => Err(e),
             None => Err(mongodb::error::Error::custom("the snapshot read stopped")),
         }
-    }
-}
-
-impl Drop for ReadAhead {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
