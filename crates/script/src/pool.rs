@@ -76,7 +76,7 @@ impl Pool {
                         }
                     };
                     drop(ready);
-                    work(runtime, &shared, workers);
+                    work(runtime, &shared);
                 })
                 .map_err(|e| ScriptError::Internal(format!("failed to start a script worker: {e}")))?;
             pool.threads.push(handle);
@@ -145,36 +145,21 @@ impl Drop for Pool {
     }
 }
 
-/// Most jobs a worker takes from the queue at once.
-const RUN_MAX: usize = 8;
-
-/// How many of `queued` jobs one of `workers` workers takes at once: its share, up to
-/// [`RUN_MAX`], so a batch is shared out without a lock per job (two workers popping one job
-/// at a time contended for the queue: two were slower than one) and no worker sits on many
-/// while another idles. A worker finishes the jobs it took before it sees the pool closed.
-fn run_len(queued: usize, workers: usize) -> usize {
-    queued.div_ceil(workers.max(1)).clamp(1, RUN_MAX)
-}
-
-fn work(mut runtime: JsRuntime, shared: &(Mutex<Queue>, Condvar), workers: usize) {
+fn work(mut runtime: JsRuntime, shared: &(Mutex<Queue>, Condvar)) {
     let (queue, ready) = shared;
-    let mut run: VecDeque<Job> = VecDeque::with_capacity(RUN_MAX);
     loop {
-        if run.is_empty() {
+        let job = {
             let mut q = lock(queue);
             loop {
                 if q.closed {
                     return;
                 }
-                if !q.jobs.is_empty() {
-                    let n = run_len(q.jobs.len(), workers);
-                    run.extend(q.jobs.drain(..n));
-                    break;
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
                 }
                 q = ready.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
-        }
-        let Some(job) = run.pop_front() else { continue };
+        };
         let healthy = match job {
             Job::Map { ns, doc, update_desc, reply } => {
                 guarded(&mut runtime, reply, |rt| rt.map(&ns, &doc, update_desc.as_deref()))
@@ -435,20 +420,5 @@ impl<T> Future for Pending<T> {
                 Poll::Pending
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workers_share_a_batch_in_runs_of_at_most_eight() {
-        assert_eq!(run_len(1, 2), 1);
-        assert_eq!(run_len(3, 2), 2);
-        assert_eq!(run_len(10, 2), 5);
-        assert_eq!(run_len(64, 2), RUN_MAX);
-        assert_eq!(run_len(5, 1), 5);
-        assert_eq!(run_len(5, 0), 5);
     }
 }
