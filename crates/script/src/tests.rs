@@ -830,17 +830,25 @@ fn a_submitted_batch_can_be_awaited_once_for_all_its_items() {
     }
 }
 
+/// `{"x": 0}` to `{"x": 19}`: the first ten in `a.b`, the rest in `c.d`.
+fn twenty_items() -> Vec<Item> {
+    (0..20).map(|x| Item { namespace: if x < 10 { "a.b".into() } else { "c.d".into() }, doc: format!(r#"{{"x":{x}}}"#), update_desc: None }).collect()
+}
+
+/// A filter of `a.b` keeping even `x`.
+fn even_filter() -> ScriptSource {
+    ScriptSource::for_namespace("a.b", "module.exports = function(doc) { return doc.x % 2 === 0; }")
+}
+
 #[test]
 fn filter_batch_keeps_order_and_namespaces() {
     let s = Scripts::new(Config {
-        filters: vec![ScriptSource::for_namespace("a.b", "module.exports = function(doc) { return doc.x % 2 === 0; }")],
+        filters: vec![even_filter()],
         workers: 2,
         ..Config::default()
     })
     .expect("compiles");
-    let items: Vec<Item> = (0..20)
-        .map(|x| Item { namespace: if x < 10 { "a.b".into() } else { "c.d".into() }, doc: format!(r#"{{"x":{x}}}"#), update_desc: None })
-        .collect();
+    let items = twenty_items();
     let kept: Vec<bool> = s.filter_batch(items).into_iter().map(|r| r.expect("filters")).collect();
     let expected: Vec<bool> = (0..20).map(|x| x >= 10 || x % 2 == 0).collect();
     assert_eq!(kept, expected);
@@ -852,7 +860,7 @@ fn filter_batch_keeps_order_and_namespaces() {
 #[test]
 fn decide_batch_runs_the_map_script_only_for_what_the_filter_keeps() {
     let s = Scripts::new(Config {
-        filters: vec![ScriptSource::for_namespace("a.b", "module.exports = function(doc) { return doc.x % 2 === 0; }")],
+        filters: vec![even_filter()],
         scripts: vec![ScriptSource::for_namespace(
             "a.b",
             "var seen = 0; module.exports = function(doc) { if (doc.x % 2 !== 0) throw new Error('saw a dropped document'); seen++; return {x: doc.x, seen: seen > 0}; }",
@@ -861,9 +869,7 @@ fn decide_batch_runs_the_map_script_only_for_what_the_filter_keeps() {
         ..Config::default()
     })
     .expect("compiles");
-    let items: Vec<Item> = (0..20)
-        .map(|x| Item { namespace: if x < 10 { "a.b".into() } else { "c.d".into() }, doc: format!(r#"{{"x":{x}}}"#), update_desc: None })
-        .collect();
+    let items = twenty_items();
     let batch = s.submit_decide_batch(items);
     let decided: Vec<Decision> = batch.wait().into_iter().map(|r| r.expect("decides")).collect();
     for (x, d) in decided.iter().enumerate() {
