@@ -310,6 +310,18 @@ async fn delete_keeps_checkpoints_by_default() {
     assert!(gone.is_none_or(|p| !p.finalizers().contains(&FINALIZER.to_string())));
 }
 
+/// Reconcile `p` and check it was refused as an invalid spec: no workload, `InvalidSpec` true,
+/// phase `Failed`. Returns the fixture and the status, for the caller's own checks.
+async fn refused_as_invalid(p: SyncPipeline) -> (Fixture, SyncPipelineStatus) {
+    let f = Fixture::new(ClientBuilder::new().with_object(p)).await;
+    assert_eq!(f.reconcile().await, Action::await_change());
+    assert!(f.statefulset().await.is_none());
+    let s = f.status().await;
+    assert_eq!(condition(&s, "InvalidSpec").status, "True");
+    assert_eq!(s.phase.as_deref(), Some("Failed"));
+    (f, s)
+}
+
 #[tokio::test]
 async fn an_invalid_spec_is_a_condition_not_a_workload() {
     let mut p = pipeline(1);
@@ -318,14 +330,9 @@ async fn an_invalid_spec_is_a_condition_not_a_workload() {
         env: Some("MONGO_URI".into()),
         ..ValueFrom::default()
     });
-    let f = Fixture::new(ClientBuilder::new().with_object(p)).await;
-    assert_eq!(f.reconcile().await, Action::await_change());
-    assert!(f.statefulset().await.is_none());
-    let s = f.status().await;
+    let (f, s) = refused_as_invalid(p).await;
     let c = condition(&s, "InvalidSpec");
-    assert_eq!(c.status, "True");
     assert!(c.message.contains("spec.mongodb.uriFrom") && c.message.contains("secretKeyRef"), "{}", c.message);
-    assert_eq!(s.phase.as_deref(), Some("Failed"));
     // kstatus: Stalled, and this generation counts as observed so Flux reports it as failed.
     assert_eq!(condition(&s, "Stalled").status, "True");
     assert_eq!(condition(&s, "Stalled").reason, "InvalidSpec");
@@ -343,14 +350,9 @@ async fn a_connection_string_the_driver_refuses_is_an_invalid_spec() {
     let mut p = pipeline(1);
     p.spec.mongodb.uri_from = None;
     p.spec.mongodb.uri = Some("mongodb://db-0.db:27017/?replicaSet=rs0&authMechanism=GSSAPI".into());
-    let f = Fixture::new(ClientBuilder::new().with_object(p)).await;
-    assert_eq!(f.reconcile().await, Action::await_change());
-    assert!(f.statefulset().await.is_none());
-    let s = f.status().await;
+    let (_, s) = refused_as_invalid(p).await;
     let c = condition(&s, "InvalidSpec");
-    assert_eq!(c.status, "True");
     assert!(c.message.contains("spec.mongodb.uri") && c.message.contains("Kerberos"), "{}", c.message);
-    assert_eq!(s.phase.as_deref(), Some("Failed"));
 }
 
 #[tokio::test]
