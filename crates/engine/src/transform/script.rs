@@ -312,8 +312,11 @@ fn replaced(plan: &Planned, write: Write, doc: &str, meta: monsoon_script::Meta)
 /// Submit a call that failed retriably (`first`) again, backing off, until it answers or
 /// fails otherwise: an outage is waited out, never dead-lettered.
 async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: &ScriptError, again: F) -> Result<T, ScriptError> {
+    let waits = |e: &ScriptError, attempt: u32| {
+        tracing::warn!(namespace = %ns, error = %e, attempt, "script call failed retriably (MongoDB unreachable?); the document waits and is tried again");
+    };
     let mut attempt: u32 = 1;
-    tracing::warn!(namespace = %ns, error = %first, attempt, "script call failed retriably (MongoDB unreachable?); the document waits and is tried again");
+    waits(first, attempt);
     // No cancellation token reaches here: the transform stage's forced stop ends the wait.
     let pace = crate::retry::Pace::unbounded().capped(LOOKUP_RETRY_MAX);
     crate::retry::retry(pace, again, |e: &ScriptError| {
@@ -321,7 +324,7 @@ async fn retried<T, F: Fn() -> monsoon_script::Pending<T>>(ns: &str, first: &Scr
             return false;
         }
         attempt += 1;
-        tracing::warn!(namespace = %ns, error = %e, attempt, "script call failed retriably (MongoDB unreachable?); the document waits and is tried again");
+        waits(e, attempt);
         true
     })
     .await
