@@ -505,6 +505,9 @@ async fn stop_stages(
     grace: Duration,
     result: Result<(), mongo::Error>,
 ) -> Result<(), Error> {
+    if input.abandoned() {
+        info!(pipeline = %name, "changes the stages had not taken when shutdown came are replayed on the next start");
+    }
     let staged = input.take_staged();
     if tokio::time::timeout(grace, input.send(staged)).await.is_err() {
         warn!(pipeline = %name, "staged changes could not be handed on within the grace period; they are replayed on the next start");

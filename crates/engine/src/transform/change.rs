@@ -113,48 +113,96 @@ pub struct Closed;
 /// The source's end of the channel into the transform stage.
 pub struct Input {
     tx: mpsc::Sender<Vec<Change>>,
-    staged: Mutex<(Vec<Change>, usize)>,
+    staged: Mutex<Staged>,
+}
+
+/// What the source staged and not yet handed on.
+struct Staged {
+    changes: Vec<Change>,
+    /// Bytes of the staged documents.
+    bytes: usize,
+    /// A hand-over was abandoned (its future dropped at shutdown): its changes are gone, so
+    /// nothing staged after them may go on. A position recorded later would cover them, and
+    /// the checkpoint would skip them for good.
+    abandoned: bool,
+}
+
+impl Staged {
+    fn take(&mut self) -> Vec<Change> {
+        self.bytes = 0;
+        std::mem::replace(&mut self.changes, Vec::with_capacity(CHUNK))
+    }
+}
+
+/// Marks the [`Input`] abandoned when a hand-over's future is dropped before it completes.
+struct Handing<'a> {
+    input: &'a Input,
+    done: bool,
+}
+
+impl Drop for Handing<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut staged = self.input.lock();
+            staged.abandoned = true;
+            staged.changes.clear();
+        }
+    }
 }
 
 impl Input {
     /// A channel into the transform stage and its receiving end.
     pub fn channel() -> (Self, mpsc::Receiver<Vec<Change>>) {
         let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
-        (Self { tx, staged: Mutex::new((Vec::with_capacity(CHUNK), 0)) }, rx)
+        let staged = Staged { changes: Vec::with_capacity(CHUNK), bytes: 0, abandoned: false };
+        (Self { tx, staged: Mutex::new(staged) }, rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stage `change`; returns a full chunk to hand on with [`Input::send`] before staging more.
+    /// After an abandoned hand-over nothing is staged (see [`Input::send`]).
     pub fn stage(&self, change: Change) -> Option<Vec<Change>> {
-        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        let mut staged = self.lock();
+        if staged.abandoned {
+            return None;
+        }
         if let Change::Doc(d) = &change {
-            staged.1 += d.doc.as_ref().map_or(0, |d| d.as_bytes().len());
+            staged.bytes += d.doc.as_ref().map_or(0, |d| d.as_bytes().len());
             if let Some(FileBody::Content(c)) = &d.file {
-                staged.1 += c.len();
+                staged.bytes += c.len();
             }
         }
         let control = !matches!(change, Change::Doc(_) | Change::Position(_) | Change::Unreadable(_));
-        staged.0.push(change);
-        (control || staged.0.len() >= CHUNK || staged.1 >= CHUNK_BYTES).then(|| {
-            staged.1 = 0;
-            std::mem::replace(&mut staged.0, Vec::with_capacity(CHUNK))
-        })
+        staged.changes.push(change);
+        (control || staged.changes.len() >= CHUNK || staged.bytes >= CHUNK_BYTES).then(|| staged.take())
     }
 
     /// Stage a position: it covers every change staged before it (the next chunk carries it).
+    /// After an abandoned hand-over it is dropped: it would cover the abandoned changes.
     pub fn record(&self, position: Position) {
-        self.staged.lock().unwrap_or_else(|p| p.into_inner()).0.push(Change::Position(position));
+        let mut staged = self.lock();
+        if !staged.abandoned {
+            staged.changes.push(Change::Position(position));
+        }
     }
 
-    /// Take what is staged.
+    /// Take what is staged (nothing after an abandoned hand-over).
     pub fn take_staged(&self) -> Vec<Change> {
-        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
-        staged.1 = 0;
-        std::mem::take(&mut staged.0)
+        self.lock().take()
     }
 
     /// Whether changes are staged.
     pub fn has_staged(&self) -> bool {
-        !self.staged.lock().unwrap_or_else(|p| p.into_inner()).0.is_empty()
+        !self.lock().changes.is_empty()
+    }
+
+    /// Whether a hand-over was abandoned: everything after it is dropped too, and replayed
+    /// from the checkpoint on the next start.
+    pub fn abandoned(&self) -> bool {
+        self.lock().abandoned
     }
 
     /// Hand a chunk on; waits while the channel is full (back-pressure from everything
@@ -162,7 +210,9 @@ impl Input {
     ///
     /// # Cancel safety
     /// Dropping the future drops the chunk: its changes are never acknowledged, so the
-    /// checkpoint stays before them and they are read again on the next start.
+    /// checkpoint stays before them and they are read again on the next start. From then on
+    /// the input takes nothing more (no later position may cover the dropped changes), so the
+    /// caller stops.
     ///
     /// # Errors
     /// [`Closed`] when the transform stage has stopped.
@@ -170,10 +220,56 @@ impl Input {
         if chunk.is_empty() {
             return Ok(());
         }
-        self.tx.send(chunk).await.map_err(|_| Closed)
+        let mut handing = Handing { input: self, done: false };
+        let sent = self.tx.send(chunk).await.map_err(|_| Closed);
+        handing.done = true;
+        sent
     }
 
     /// How long a hand-over may wait before the source reports it is waiting on the stages
     /// after it (its heartbeat stays good: waiting on a slow sink is not being stuck).
     pub const PATIENCE: Duration = Duration::from_secs(5);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position() -> Position {
+        Position::SnapshotDone
+    }
+
+    /// Seen on the old code (a snapshot stopped by SIGTERM while the stages held it back): the
+    /// source abandoned a hand-over at shutdown, then recorded its position, which shutdown
+    /// handed on alone; the checkpoint covered documents no stage ever received, and one live
+    /// document never reached the index (`reliability::fault_matrix_resnapshot_and_sweep_phase_on_opensearch`).
+    #[tokio::test]
+    async fn a_position_recorded_after_an_abandoned_hand_over_is_never_handed_on() {
+        let (input, mut rx) = Input::channel();
+        for _ in 0..QUEUED_CHUNKS {
+            input.send(vec![Change::Flush]).await.unwrap();
+        }
+        input.record(position());
+        let chunk = input.take_staged();
+        // The channel is full: the hand-over waits, and shutdown drops it.
+        assert!(futures_util::FutureExt::now_or_never(input.send(chunk)).is_none());
+        assert!(input.abandoned());
+        input.record(position());
+        assert!(input.take_staged().is_empty(), "a position after the abandoned chunk would cover it");
+        assert!(input.stage(Change::Flush).is_none());
+        for _ in 0..QUEUED_CHUNKS {
+            assert!(matches!(rx.recv().await.as_deref(), Some([Change::Flush])));
+        }
+        assert!(rx.try_recv().is_err(), "the abandoned chunk must not arrive");
+    }
+
+    #[tokio::test]
+    async fn a_completed_hand_over_leaves_the_input_open() {
+        let (input, mut rx) = Input::channel();
+        input.send(vec![Change::Flush]).await.unwrap();
+        input.record(position());
+        assert!(!input.abandoned());
+        assert_eq!(input.take_staged().len(), 1);
+        assert!(rx.recv().await.is_some());
+    }
 }
