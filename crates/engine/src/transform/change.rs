@@ -247,7 +247,7 @@ mod tests {
     async fn a_position_recorded_after_an_abandoned_hand_over_is_never_handed_on() {
         let (input, mut rx) = Input::channel();
         for _ in 0..QUEUED_CHUNKS {
-            input.send(vec![Change::Flush]).await.unwrap();
+            input.send(vec![Change::Flush]).await.expect("the channel has room");
         }
         input.record(position());
         let chunk = input.take_staged();
@@ -266,7 +266,7 @@ mod tests {
     #[tokio::test]
     async fn a_completed_hand_over_leaves_the_input_open() {
         let (input, mut rx) = Input::channel();
-        input.send(vec![Change::Flush]).await.unwrap();
+        input.send(vec![Change::Flush]).await.expect("the channel has room");
         input.record(position());
         assert!(!input.abandoned());
         assert_eq!(input.take_staged().len(), 1);
