@@ -141,25 +141,65 @@ impl<E> Stopped<E> {
 /// # Errors
 /// [`Stopped`], with the last failure: cancelled, refused by `failed`, or out of time.
 pub async fn retry<T, E, F: std::future::Future<Output = Result<T, E>>>(pace: Pace<'_>, mut op: impl FnMut() -> F, mut failed: impl FnMut(&E) -> bool) -> Result<T, Stopped<E>> {
-    let mut backoff: Option<Backoff> = None;
+    let mut waits = Waits::new(pace);
     loop {
-        let e = match op().await {
+        match op().await {
             Ok(v) => return Ok(v),
-            Err(e) => e,
-        };
+            Err(e) => waits.after(e, &mut failed).await?,
+        }
+    }
+}
+
+/// [`retry`] for an operation whose attempts share `state`, each borrowing it while it runs:
+/// a read that hands on what it finds as it goes, and remembers what it handed on so a retry
+/// does not hand it on twice.
+///
+/// # Errors
+/// As [`retry`].
+pub async fn retry_with<S, T, E>(
+    pace: Pace<'_>,
+    state: &mut S,
+    mut op: impl for<'s> FnMut(&'s mut S) -> futures_util::future::BoxFuture<'s, Result<T, E>>,
+    mut failed: impl FnMut(&E) -> bool,
+) -> Result<T, Stopped<E>> {
+    let mut waits = Waits::new(pace);
+    loop {
+        match op(state).await {
+            Ok(v) => return Ok(v),
+            Err(e) => waits.after(e, &mut failed).await?,
+        }
+    }
+}
+
+/// The waits between a retry loop's attempts.
+struct Waits<'a> {
+    pace: Pace<'a>,
+    backoff: Option<Backoff>,
+}
+
+impl<'a> Waits<'a> {
+    fn new(pace: Pace<'a>) -> Self {
+        Self { pace, backoff: None }
+    }
+
+    /// After failure `e`: whether to try again (having waited), or why not.
+    async fn after<E>(&mut self, e: E, failed: &mut impl FnMut(&E) -> bool) -> Result<(), Stopped<E>> {
         if !failed(&e) {
             return Err(Stopped::Refused(e));
         }
-        let delay = backoff.get_or_insert_with(|| Backoff::new(Duration::from_millis(100), pace.max)).next_delay();
-        if pace.deadline.is_some_and(|d| tokio::time::Instant::now() + delay >= d) {
+        let delay = self.backoff.get_or_insert_with(|| Backoff::new(Duration::from_millis(100), self.pace.max)).next_delay();
+        if self.pace.deadline.is_some_and(|d| tokio::time::Instant::now() + delay >= d) {
             return Err(Stopped::Deadline(e));
         }
-        match pace.cancel {
+        match self.pace.cancel {
             Some(cancel) => tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = cancel.cancelled() => return Err(Stopped::Cancelled(e)),
+                () = tokio::time::sleep(delay) => Ok(()),
+                () = cancel.cancelled() => Err(Stopped::Cancelled(e)),
             },
-            None => tokio::time::sleep(delay).await,
+            None => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
         }
     }
 }
@@ -216,6 +256,32 @@ mod tests {
         assert_eq!(got, Err(Stopped::Deadline("down")));
         assert!(tokio::time::Instant::now() < deadline, "it never waits past the deadline");
         assert!(tokio::time::Instant::now() >= start + Duration::from_millis(400), "it retried until close to it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_with_lets_every_attempt_keep_what_the_ones_before_it_did() {
+        let cancel = CancellationToken::new();
+        let mut handed_on: Vec<u32> = Vec::new();
+        // Each attempt hands on what it reads and fails after the second item; what was
+        // handed on is skipped the next time.
+        let got = retry_with(Pace::until_cancelled(&cancel), &mut handed_on, |seen| {
+            Box::pin(async move {
+                for (read, item) in (1..=5).enumerate() {
+                    if !seen.contains(&item) {
+                        seen.push(item);
+                        if read % 2 == 1 {
+                            return Err("connection reset");
+                        }
+                    }
+                }
+                Ok(seen.len())
+            })
+        }, |_| true)
+        .await;
+        assert_eq!(got, Ok(5));
+        assert_eq!(handed_on, [1, 2, 3, 4, 5], "nothing handed on twice, nothing skipped");
+        let refused: Result<(), _> = retry_with(Pace::until_cancelled(&cancel), &mut handed_on, |_| Box::pin(async { Err("bad query") }), |_| false).await;
+        assert_eq!(refused, Err(Stopped::Refused("bad query")));
     }
 
     #[test]

@@ -213,3 +213,29 @@ spec:
     assert!(reason.contains("changeStreamPreAndPostImages") && reason.contains("customer"), "{reason}");
     Ok(())
 }
+
+/// A relation's lookup waits out a MongoDB outage (every `find` failing as an unreachable host
+/// would, code 6) and re-syncs once it ends: nothing dead-lettered, nothing skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relation_lookup_waits_out_an_outage() -> anyhow::Result<()> {
+    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
+    seed(&client, 40).await?;
+    let dir = TempDir::new("relate-outage");
+    let yaml = converted(&dir, &mongo.uri(), &es.url())?;
+    let monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
+    converged(&client, &esc, &monsoon, "after the snapshot of the view").await?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let admin = client.database("admin");
+    admin
+        .run_command(doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn", "data": {"failCommands": ["find"], "errorCode": 6}})
+        .await?;
+    client.database("thingdb").collection::<Document>("state").update_one(doc! {"_id": 1}, doc! {"$set": {"name": "open"}}).await?;
+    monsoon.wait_log("relation lookup failed; retrying", CONVERGE)?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = hits(&esc, "things").await?.iter().filter(|h| h["_source"]["s"][0]["name"] == "open").count();
+    admin.run_command(doc! {"configureFailPoint": "failCommand", "mode": "off"}).await?;
+    assert_eq!(during, 0, "re-synced while every lookup failed");
+    converged(&client, &esc, &monsoon, "after the outage").await?;
+    assert!(dead_letters(&esc).await.unwrap_or_default().is_empty(), "an outage dead-lettered a re-sync");
+    Ok(())
+}

@@ -37,16 +37,6 @@ async fn wait_index_gone(es: &Elasticsearch, index: &str, monsoon: &Monsoon, wha
     Ok(())
 }
 
-/// Wait until `log` contains `text`.
-fn wait_log(monsoon: &Monsoon, text: &str, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !monsoon.log().contains(text) {
-        anyhow::ensure!(Instant::now() < deadline, "no `{text}` in the log within {timeout:?}:\n{}", tail(&monsoon.log(), 30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 /// How the fault matrix stops monsoon.
 #[derive(Clone, Copy, Debug)]
 enum Stop {
@@ -132,7 +122,7 @@ async fn stop_during_a_drop(kind: SearchKind, stop: Stop) -> anyhow::Result<()> 
     assert!(r.converged(), "{r:?}");
     es.stop();
     coll.drop().await?;
-    wait_log(&monsoon, "failed to delete index of dropped collection", CONVERGE)?;
+    monsoon.wait_log("failed to delete index of dropped collection", CONVERGE)?;
     stop.apply(&mut monsoon)?;
     es.restart()?;
     let esc = es.client()?;
@@ -293,7 +283,7 @@ async fn stop_during_a_resnapshot(kind: SearchKind, stop: Stop) -> anyhow::Resul
     }
     client.database("admin").run_command(doc! {"secantusAdmin.pruneOplog": 1}).await?;
     monsoon.restart()?;
-    wait_log(&monsoon, "history lost", CONVERGE)?;
+    monsoon.wait_log("history lost", CONVERGE)?;
     monsoon.wait_stats(CONVERGE, |s| s["snapshotDocuments"].as_u64() >= Some(1_000))?;
     stop.apply(&mut monsoon)?;
     monsoon.restart()?;

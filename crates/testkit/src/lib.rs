@@ -612,6 +612,19 @@ impl Monsoon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Wait until its log contains `text`.
+    ///
+    /// # Errors
+    /// When it does not within `timeout` (the log's tail in the message).
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(text) {
+            anyhow::ensure!(Instant::now() < deadline, "no `{text}` in the log within {timeout:?}:\n{}", tail(&self.log(), 30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// GET a path of its HTTP endpoint: (status, body).
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         use std::io::{Read, Write};

@@ -284,42 +284,47 @@ impl Relations {
     /// Query `relation`'s namespace with `filter` and hand on each document found (once per
     /// change). A query MongoDB refuses is dead-lettered; an outage is waited out.
     async fn find_related(&self, relation: &Relation, filter: Document, walk: &mut Walk<'_>) -> Result<(), Stopped> {
+        let with_ns = relation.with_ns();
+        let pace = crate::retry::Pace::until_cancelled(&self.cancel).capped(super::script::LOOKUP_RETRY_MAX);
+        // Each attempt borrows what it reads with, and the walk it adds to.
+        let mut at = (self, relation, &filter, walk);
+        let found = crate::retry::retry_with(pace, &mut at, |(this, relation, filter, walk)| Box::pin(this.find_once(relation, filter, walk)), |e| {
+            let retried = !super::script::refused_for_good(e);
+            if retried {
+                warn!(namespace = %with_ns, error = %e, "relation lookup failed; retrying (documents already found are not handed on twice)");
+            }
+            retried
+        })
+        .await;
+        match found {
+            Ok(done) => done,
+            Err(crate::retry::Stopped::Refused(e)) => self.failed(format!("MongoDB refused the query of relation to `{with_ns}` ({filter}): {e}"), at.3).await,
+            Err(_) => Err(Stopped),
+        }
+    }
+
+    /// One query of `relation`'s namespace: hand on each document found that this change has
+    /// not handed on yet. `Ok(Err(Stopped))`: the stage stopped taking them.
+    async fn find_once(&self, relation: &Relation, filter: &Document, walk: &mut Walk<'_>) -> Result<Result<(), Stopped>, mongodb::error::Error> {
         use futures_util::TryStreamExt;
         let with_ns = relation.with_ns();
         let coll = self.client.database(&relation.with_db).collection::<RawDocumentBuf>(&relation.with_coll);
-        let mut backoff = crate::retry::Backoff::new(std::time::Duration::from_millis(100), super::script::LOOKUP_RETRY_MAX);
-        loop {
-            let read = async {
-                let mut cursor = coll.find(filter.clone()).await?;
-                while let Some(found) = cursor.try_next().await? {
-                    let Ok(Some(id)) = found.get("_id") else { continue };
-                    let id = id.to_raw_bson();
-                    if !walk.seen.insert((with_ns.clone(), id_key(&id))) {
-                        continue;
-                    }
-                    let kept = self.has_further(&with_ns, walk.depth).then(|| (id.clone(), found.clone()));
-                    if self.hand_on(relation, id, Some(found), walk).await.is_err() {
-                        return Ok(Err(Stopped));
-                    }
-                    if let Some((id, found)) = kept {
-                        walk.next.push(Visit { ns: with_ns.clone(), id, doc: Some(found), before: None });
-                    }
-                }
-                Ok::<_, mongodb::error::Error>(Ok(()))
-            };
-            match read.await {
-                Ok(done) => return done,
-                Err(e) if super::script::refused_for_good(&e) => {
-                    return self.failed(format!("MongoDB refused the query of relation to `{with_ns}` ({filter}): {e}"), walk).await;
-                }
-                Err(e) => {
-                    warn!(namespace = %with_ns, error = %e, "relation lookup failed; retrying (documents already found are not handed on twice)");
-                    if backoff.wait(&self.cancel).await.is_err() {
-                        return Err(Stopped);
-                    }
-                }
+        let mut cursor = coll.find(filter.clone()).await?;
+        while let Some(found) = cursor.try_next().await? {
+            let Ok(Some(id)) = found.get("_id") else { continue };
+            let id = id.to_raw_bson();
+            if !walk.seen.insert((with_ns.clone(), id_key(&id))) {
+                continue;
+            }
+            let kept = self.has_further(&with_ns, walk.depth).then(|| (id.clone(), found.clone()));
+            if self.hand_on(relation, id, Some(found), walk).await.is_err() {
+                return Ok(Err(Stopped));
+            }
+            if let Some((id, found)) = kept {
+                walk.next.push(Visit { ns: with_ns.clone(), id, doc: Some(found), before: None });
             }
         }
+        Ok(Ok(()))
     }
 
     /// Hand on a related document (or its delete) to be written, when this worker owns it and
