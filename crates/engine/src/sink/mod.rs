@@ -48,7 +48,6 @@ use crate::checkpoint::tracker::{Seq, Tracker};
 use crate::checkpoint::Position;
 use crate::config::BatchConfig;
 use crate::metrics::{Health, Metrics};
-use crate::retry::Backoff;
 
 /// What a write does to its document.
 #[derive(Debug, Clone)]
@@ -988,84 +987,79 @@ impl Deliverer {
     }
 
     /// Send `writes` in bulk requests until each is done or refused (refusals are added to
-    /// `rejected`): retriable failures are retried, oversize requests split.
+    /// `rejected`): retriable failures are retried (the engine's one retry loop), oversize
+    /// requests split.
     async fn send_until_final(&self, writes: Vec<Write>, rejected: &mut Vec<(Write, Refusal)>) -> Result<(), crate::retry::Cancelled> {
-        let m = &self.shared.metrics;
-        let mut backoff = Backoff::default();
         let mut queue: VecDeque<Vec<Write>> = VecDeque::from([writes]);
         while let Some(chunk) = queue.pop_front() {
-            if chunk.is_empty() {
-                continue;
-            }
-            let size: usize = chunk.iter().map(encoded_len).sum();
-            let body = body_for(&chunk, size);
-            let started = Instant::now();
-            let result = self.es.bulk(body).await;
-            m.bulk_seconds.observe(started.elapsed().as_secs_f64());
-            let (status, response) = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), items = chunk.len(), attempt = backoff.attempts(), "bulk request failed; retrying");
-                    m.bulk_requests.with_label_values(&["retry"]).inc();
-                    m.retried_items.inc_by(chunk.len() as u64);
-                    self.shared.health.sink_beat(false);
-                    queue.push_front(chunk);
-                    backoff.wait(&self.abort).await?;
-                    continue;
-                }
-            };
-            match classify_status(status) {
-                RequestOutcome::Retry => {
-                    warn!(status, items = chunk.len(), body = %String::from_utf8_lossy(&response[..response.len().min(300)]), "bulk request refused; retrying");
-                    m.bulk_requests.with_label_values(&["retry"]).inc();
-                    m.retried_items.inc_by(chunk.len() as u64);
-                    self.shared.health.sink_beat(false);
-                    queue.push_front(chunk);
-                    backoff.wait(&self.abort).await?;
-                }
-                RequestOutcome::Split => {
-                    m.bulk_requests.with_label_values(&["split"]).inc();
-                    if chunk.len() == 1 {
-                        let reason = String::from_utf8_lossy(&response[..response.len().min(1000)]).into_owned();
-                        for w in chunk {
-                            rejected.push((w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() }));
-                        }
-                    } else {
-                        let mut left = chunk;
-                        let right = left.split_off(left.len() / 2);
-                        queue.push_front(right);
-                        queue.push_front(left);
-                    }
-                }
-                RequestOutcome::ReadItems => {
-                    let is_delete: Vec<bool> = chunk.iter().map(|w| matches!(w.op, Op::Delete)).collect();
-                    let outcomes = match classify_response(&response, &is_delete) {
-                        Ok(o) => o,
-                        Err(e) => {
-                            warn!(error = %crate::error_chain(&e), "unreadable bulk response; retrying the request");
-                            m.bulk_requests.with_label_values(&["retry"]).inc();
-                            queue.push_front(chunk);
-                            backoff.wait(&self.abort).await?;
-                            continue;
-                        }
-                    };
-                    let (retry, retry_reason) = self.sort_items(chunk, outcomes, rejected);
-                    if retry.is_empty() {
-                        m.bulk_requests.with_label_values(&["ok"]).inc();
-                        self.shared.health.sink_beat(true);
-                        backoff.reset();
-                    } else {
-                        warn!(items = retry.len(), reason = %retry_reason, "bulk items failed retriably; retrying them");
-                        m.bulk_requests.with_label_values(&["partial"]).inc();
-                        m.retried_items.inc_by(retry.len() as u64);
-                        self.shared.health.sink_beat(false);
-                        queue.push_front(retry);
-                        backoff.wait(&self.abort).await?;
-                    }
-                }
-            }
+            let mut at = (chunk, &mut *rejected, &mut queue);
+            let pace = crate::retry::Pace::until_cancelled(&self.abort);
+            crate::retry::retry_with(pace, &mut at, |(chunk, rejected, queue)| Box::pin(self.send_once(chunk, rejected, queue)), |()| {
+                self.shared.health.sink_beat(false);
+                true
+            })
+            .await
+            .map_err(|_| crate::retry::Cancelled)?;
         }
         Ok(())
+    }
+
+    /// One bulk request of `chunk`. `Err`: what is left in `chunk` is to be sent again after a
+    /// back-off (the request failed, or some items failed retriably); done and refused items
+    /// leave it. A request too large is split into two put first in `queue`.
+    async fn send_once(&self, chunk: &mut Vec<Write>, rejected: &mut Vec<(Write, Refusal)>, queue: &mut VecDeque<Vec<Write>>) -> Result<(), ()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let m = &self.shared.metrics;
+        let retry = |why: &dyn std::fmt::Display, items: usize| {
+            warn!(reason = %why, items, "bulk request failed; retrying");
+            m.bulk_requests.with_label_values(&["retry"]).inc();
+            m.retried_items.inc_by(items as u64);
+            Err(())
+        };
+        let size: usize = chunk.iter().map(encoded_len).sum();
+        let started = Instant::now();
+        let result = self.es.bulk(body_for(&*chunk, size)).await;
+        m.bulk_seconds.observe(started.elapsed().as_secs_f64());
+        let (status, response) = match result {
+            Ok(r) => r,
+            Err(e) => return retry(&crate::error_chain(&e), chunk.len()),
+        };
+        match classify_status(status) {
+            RequestOutcome::Retry => retry(&format_args!("status {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)])), chunk.len()),
+            RequestOutcome::Split => {
+                m.bulk_requests.with_label_values(&["split"]).inc();
+                let mut left = std::mem::take(chunk);
+                if left.len() == 1 {
+                    let reason = String::from_utf8_lossy(&response[..response.len().min(1000)]).into_owned();
+                    rejected.extend(left.into_iter().map(|w| (w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() })));
+                } else {
+                    let right = left.split_off(left.len() / 2);
+                    queue.push_front(right);
+                    queue.push_front(left);
+                }
+                Ok(())
+            }
+            RequestOutcome::ReadItems => {
+                let is_delete: Vec<bool> = chunk.iter().map(|w| matches!(w.op, Op::Delete)).collect();
+                let outcomes = match classify_response(&response, &is_delete) {
+                    Ok(o) => o,
+                    Err(e) => return retry(&format_args!("unreadable bulk response: {}", crate::error_chain(&e)), chunk.len()),
+                };
+                let (again, reason) = self.sort_items(std::mem::take(chunk), outcomes, rejected);
+                if again.is_empty() {
+                    m.bulk_requests.with_label_values(&["ok"]).inc();
+                    self.shared.health.sink_beat(true);
+                    return Ok(());
+                }
+                warn!(items = again.len(), reason = %reason, "bulk items failed retriably; retrying them");
+                m.bulk_requests.with_label_values(&["partial"]).inc();
+                m.retried_items.inc_by(again.len() as u64);
+                *chunk = again;
+                Err(())
+            }
+        }
     }
 
     /// Sort a bulk response's items: those done are counted, those refused added to `rejected`.
@@ -1102,22 +1096,105 @@ impl Deliverer {
     /// holds and when one is given up on).
     async fn dead_letter(&self, rejected: Vec<(Write, Refusal)>) -> Result<(), crate::retry::Cancelled> {
         let m = &self.shared.metrics;
-        let now = crate::time::now_rfc3339();
-        let line = |i: usize, embed: Embed| {
-            let (w, why) = &rejected[i];
-            dead_letter::record_lines(&self.settings.dead_letter_index, &self.settings.pipeline, w, why, &now, embed)
-        };
         for (w, why) in &rejected {
             error!(namespace = %w.ns, index = %w.index, id = %w.id_json, status = why.status, error_type = %why.error_type, reason = %dead_letter::truncated(&why.reason, 300), "document refused; dead-lettered");
             m.dead_letters.with_label_values(&[why.error_type.as_str()]).inc();
         }
-        // Requests of records, each within the batch byte limit.
-        let mut queue: VecDeque<Vec<(usize, Embed, Vec<u8>)>> = VecDeque::new();
+        let records = Letters { rejected: &rejected, now: crate::time::now_rfc3339(), settings: &self.settings };
+        let mut queue = records.requests(self.settings.batch.max_bytes);
+        while let Some(group) = queue.pop_front() {
+            let mut at = (group, &mut queue);
+            let pace = crate::retry::Pace::until_cancelled(&self.abort);
+            crate::retry::retry_with(pace, &mut at, |(group, queue)| Box::pin(self.send_letters_once(&records, group, queue)), |()| {
+                self.shared.health.sink_beat(false);
+                true
+            })
+            .await
+            .map_err(|_| crate::retry::Cancelled)?;
+        }
+        self.shared.health.sink_beat(true);
+        Ok(())
+    }
+
+    /// One bulk request of dead-letter records. `Err`: what is left in `group` is to be sent
+    /// again after a back-off; a request too large is split into two put first in `queue`, and
+    /// a record refused for good goes back to `queue` without its document, or is given up.
+    async fn send_letters_once(&self, records: &Letters<'_>, group: &mut Vec<Letter>, queue: &mut VecDeque<Vec<Letter>>) -> Result<(), ()> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let body: Vec<u8> = group.iter().flat_map(|(_, _, l)| l.iter().copied()).collect();
+        let (status, response) = match self.es.bulk(body).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), records = group.len(), "dead-letter request failed; retrying");
+                return Err(());
+            }
+        };
+        let mut retry = Vec::new();
+        match classify_status(status) {
+            RequestOutcome::Retry => retry = std::mem::take(group),
+            RequestOutcome::Split if group.len() > 1 => {
+                let mut left = std::mem::take(group);
+                let right = left.split_off(left.len() / 2);
+                queue.push_front(right);
+                queue.push_front(left);
+            }
+            RequestOutcome::Split => {
+                let reason = format!("status {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)]));
+                for (i, embed, _) in std::mem::take(group) {
+                    records.refused(queue, i, embed, &reason, &self.shared.metrics);
+                }
+            }
+            RequestOutcome::ReadItems => match classify_response(&response, &vec![false; group.len()]) {
+                Ok(outcomes) => {
+                    for ((i, embed, l), outcome) in std::mem::take(group).into_iter().zip(outcomes) {
+                        match outcome {
+                            ItemOutcome::Retry { .. } => retry.push((i, embed, l)),
+                            ItemOutcome::Reject { reason, .. } => records.refused(queue, i, embed, &reason, &self.shared.metrics),
+                            ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone => self.shared.metrics.hot.dead_lettered.inc(),
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "unreadable dead-letter response; retrying");
+                    retry = std::mem::take(group);
+                }
+            },
+        }
+        if retry.is_empty() {
+            return Ok(());
+        }
+        warn!(status, records = retry.len(), "dead-letter records failed retriably; retrying");
+        *group = retry;
+        Err(())
+    }
+}
+
+/// A dead-letter record: which refused write, with or without its document, and its bulk lines.
+type Letter = (usize, Embed, Vec<u8>);
+
+/// The dead-letter records of one batch's refused writes.
+struct Letters<'a> {
+    rejected: &'a [(Write, Refusal)],
+    now: String,
+    settings: &'a SinkSettings,
+}
+
+impl Letters<'_> {
+    fn line(&self, i: usize, embed: Embed) -> Vec<u8> {
+        let (w, why) = &self.rejected[i];
+        dead_letter::record_lines(&self.settings.dead_letter_index, &self.settings.pipeline, w, why, &self.now, embed)
+    }
+
+    /// Requests of every record (with its document), each within `max_bytes`.
+    fn requests(&self, max_bytes: usize) -> VecDeque<Vec<Letter>> {
+        let mut queue = VecDeque::new();
         let mut group = Vec::new();
         let mut bytes = 0;
-        for i in 0..rejected.len() {
-            let l = line(i, Embed::Prefix);
-            if !group.is_empty() && bytes + l.len() > self.settings.batch.max_bytes {
+        for i in 0..self.rejected.len() {
+            let l = self.line(i, Embed::Prefix);
+            if !group.is_empty() && bytes + l.len() > max_bytes {
                 queue.push_back(std::mem::take(&mut group));
                 bytes = 0;
             }
@@ -1125,75 +1202,19 @@ impl Deliverer {
             group.push((i, Embed::Prefix, l));
         }
         queue.push_back(group);
-        // A record refused for good: resend it without its document, or give up on it.
-        let refused = |queue: &mut VecDeque<Vec<(usize, Embed, Vec<u8>)>>, i: usize, embed: Embed, reason: &str| {
-            let (w, _) = &rejected[i];
-            if embed == Embed::Prefix {
-                warn!(namespace = %w.ns, id = %w.id_json, reason = %dead_letter::truncated(reason, 300), "dead-letter record refused; sending it again without the document");
-                queue.push_back(vec![(i, Embed::Nothing, line(i, Embed::Nothing))]);
-            } else {
-                error!(namespace = %w.ns, index = %w.index, id = %w.id_json, reason = %dead_letter::truncated(reason, 300), "dead-letter index refused the record; the document is only in this log");
-                m.dead_letter_failures.inc();
-            }
-        };
-        let mut backoff = Backoff::default();
-        while let Some(group) = queue.pop_front() {
-            if group.is_empty() {
-                continue;
-            }
-            let body: Vec<u8> = group.iter().flat_map(|(_, _, l)| l.iter().copied()).collect();
-            let (status, response) = match self.es.bulk(body).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), records = group.len(), "dead-letter request failed; retrying");
-                    queue.push_front(group);
-                    self.shared.health.sink_beat(false);
-                    backoff.wait(&self.abort).await?;
-                    continue;
-                }
-            };
-            let mut retry = Vec::new();
-            match classify_status(status) {
-                RequestOutcome::Retry => retry = group,
-                RequestOutcome::Split if group.len() > 1 => {
-                    let mut left = group;
-                    let right = left.split_off(left.len() / 2);
-                    queue.push_front(right);
-                    queue.push_front(left);
-                }
-                RequestOutcome::Split => {
-                    let reason = format!("status {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)]));
-                    for (i, embed, _) in group {
-                        refused(&mut queue, i, embed, &reason);
-                    }
-                }
-                RequestOutcome::ReadItems => match classify_response(&response, &vec![false; group.len()]) {
-                    Ok(outcomes) => {
-                        for ((i, embed, l), outcome) in group.into_iter().zip(outcomes) {
-                            match outcome {
-                                ItemOutcome::Retry { .. } => retry.push((i, embed, l)),
-                                ItemOutcome::Reject { reason, .. } => refused(&mut queue, i, embed, &reason),
-                                ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone => m.hot.dead_lettered.inc(),
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %crate::error_chain(&e), "unreadable dead-letter response; retrying");
-                        retry = group;
-                    }
-                },
-            }
-            if retry.is_empty() {
-                backoff.reset();
-            } else {
-                warn!(status, records = retry.len(), "dead-letter records failed retriably; retrying");
-                queue.push_front(retry);
-                self.shared.health.sink_beat(false);
-                backoff.wait(&self.abort).await?;
-            }
+        queue
+    }
+
+    /// A record refused for good: sent again without its document, or given up on.
+    fn refused(&self, queue: &mut VecDeque<Vec<Letter>>, i: usize, embed: Embed, reason: &str, m: &Metrics) {
+        let (w, _) = &self.rejected[i];
+        if embed == Embed::Prefix {
+            warn!(namespace = %w.ns, id = %w.id_json, reason = %dead_letter::truncated(reason, 300), "dead-letter record refused; sending it again without the document");
+            queue.push_back(vec![(i, Embed::Nothing, self.line(i, Embed::Nothing))]);
+        } else {
+            error!(namespace = %w.ns, index = %w.index, id = %w.id_json, reason = %dead_letter::truncated(reason, 300), "dead-letter index refused the record; the document is only in this log");
+            m.dead_letter_failures.inc();
         }
-        self.shared.health.sink_beat(true);
-        Ok(())
     }
 }
 

@@ -50,7 +50,6 @@ use super::elasticsearch::request;
 use super::elasticsearch::response::{classify_response, classify_status, ItemOutcome, RequestOutcome};
 use super::{Op, Write};
 use crate::checkpoint::ClusterTime;
-use crate::retry::Backoff;
 
 /// What a change of a patched namespace does to its document (decided by the transform).
 #[derive(Debug, Clone)]
@@ -542,130 +541,145 @@ impl super::Deliverer {
             });
             docs[i].writes.push(w);
         }
-        let m = &self.shared.metrics;
-        let mut backoff = Backoff::default();
         // Send each document in a request of its own (after one was refused whole).
         let mut alone = false;
         while !docs.is_empty() {
-            let asked: Vec<(&str, &str, Option<&str>)> = docs.iter().map(|d| (&*d.index, &*d.id_json, d.routing.as_deref())).collect();
-            let current = match self.es.current_documents(&asked).await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), documents = docs.len(), "reading documents for their patch history failed; retrying");
-                    self.shared.health.sink_beat(false);
-                    backoff.wait(&self.abort).await?;
+            let mut state = (&mut docs, &mut alone, &mut *rejected);
+            let pace = crate::retry::Pace::until_cancelled(&self.abort);
+            crate::retry::retry_with(pace, &mut state, |(docs, alone, rejected)| Box::pin(self.patch_round(docs, alone, rejected)), |()| {
+                self.shared.health.sink_beat(false);
+                true
+            })
+            .await
+            .map_err(|_| crate::retry::Cancelled)?;
+        }
+        Ok(())
+    }
+
+    /// One round of the read-modify-write of `docs`: read them, fold their changes into their
+    /// histories, write. `Err`: documents went back to `docs` to be read again after a
+    /// back-off (the read failed, a write conflicted or failed retriably); `Ok` with `docs` not
+    /// empty: a request was refused whole, and `alone` now sends them one by one.
+    async fn patch_round(&self, docs: &mut Vec<DocWrites>, alone: &mut bool, rejected: &mut Vec<(Write, Refusal)>) -> Result<(), ()> {
+        let asked: Vec<(&str, &str, Option<&str>)> = docs.iter().map(|d| (&*d.index, &*d.id_json, d.routing.as_deref())).collect();
+        let current = match self.es.current_documents(&asked).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), documents = docs.len(), "reading documents for their patch history failed; retrying");
+                return Err(());
+            }
+        };
+        let sent: Vec<Round> = docs.drain(..).zip(current).filter_map(|(d, cur)| self.fold(d, cur, rejected)).collect();
+        let (mut again, mut split) = (0, false);
+        for request in self.requests(sent, *alone) {
+            let (retry, whole) = self.send_round(request, docs, rejected).await;
+            again += retry;
+            split |= whole;
+        }
+        *alone |= split;
+        if again > 0 {
+            self.shared.metrics.retried_items.inc_by(again);
+            return Err(());
+        }
+        self.shared.health.sink_beat(true);
+        Ok(())
+    }
+
+    /// Requests of rounds within the batch byte limit (one per document when `alone`); a
+    /// document too large alone is refused when sent.
+    fn requests(&self, sent: Vec<Round>, alone: bool) -> Vec<Vec<Round>> {
+        let mut requests: Vec<Vec<Round>> = Vec::new();
+        let mut bytes = 0;
+        for r in sent {
+            let fits = requests.last().is_some_and(|_| !alone && bytes + r.lines.len() <= self.settings.batch.max_bytes);
+            if !fits {
+                requests.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += r.lines.len();
+            if let Some(q) = requests.last_mut() {
+                q.push(r);
+            }
+        }
+        requests
+    }
+
+    /// Fold document `d`'s changes into its patch history as `cur` holds it: the round to send,
+    /// or `None` when nothing changed (replays only). A change the history cannot take is
+    /// refused into `rejected`.
+    fn fold(&self, mut d: DocWrites, cur: Option<Current>, rejected: &mut Vec<(Write, Refusal)>) -> Option<Round> {
+        let m = &self.shared.metrics;
+        let attribute = d.writes.iter().find_map(|w| match &w.op {
+            Op::Patch(p) => Some(p.attribute.clone()),
+            _ => None,
+        });
+        let attribute = attribute.unwrap_or_else(|| Arc::from(monsoon_api::patches::DEFAULT_ATTRIBUTE));
+        let mut history = History::read(cur.as_ref().map(|c| &c.source), cur.as_ref().map_or(0, |c| c.version), &attribute);
+        // The newest change applied: the version written.
+        let mut newest = 0;
+        // [versions added, deletes, replays]
+        let mut counts = [0u64; 3];
+        let mut logs: Vec<(PatchLog, Vec<u8>, u64)> = Vec::new();
+        let mut kept = Vec::with_capacity(d.writes.len());
+        for w in d.writes.drain(..) {
+            let Op::Patch(p) = &w.op else {
+                kept.push(w);
+                continue;
+            };
+            let time = ClusterTime::from_version(w.version);
+            let applied = match history.apply(time, &p.change) {
+                Ok(a) => a,
+                Err(reason) => {
+                    rejected.push((w, Refusal { status: 0, error_type: "patch_failed".into(), reason: format!("the change cannot be applied to the document's patch history: {reason}") }));
                     continue;
                 }
             };
-            // Fold each document's changes into its history.
-            let mut sent: Vec<Round> = Vec::new();
-            for (mut d, cur) in docs.drain(..).zip(current) {
-                let attribute = d.writes.iter().find_map(|w| match &w.op {
-                    Op::Patch(p) => Some(p.attribute.clone()),
-                    _ => None,
-                });
-                let attribute = attribute.unwrap_or_else(|| Arc::from(monsoon_api::patches::DEFAULT_ATTRIBUTE));
-                let mut history = History::read(cur.as_ref().map(|c| &c.source), cur.as_ref().map_or(0, |c| c.version), &attribute);
-                // The newest change applied: the version written.
-                let mut newest = 0;
-                // [versions added, deletes, replays]
-                let mut counts = [0u64; 3];
-                let mut logs: Vec<(PatchLog, Vec<u8>, u64)> = Vec::new();
-                let mut kept = Vec::with_capacity(d.writes.len());
-                for w in d.writes.drain(..) {
-                    let Op::Patch(p) = &w.op else {
-                        kept.push(w);
-                        continue;
-                    };
-                    let time = ClusterTime::from_version(w.version);
-                    let applied = match history.apply(time, &p.change) {
-                        Ok(a) => a,
-                        Err(reason) => {
-                            rejected.push((w, Refusal { status: 0, error_type: "patch_failed".into(), reason: format!("the change cannot be applied to the document's patch history: {reason}") }));
-                            continue;
-                        }
-                    };
-                    counts[match applied {
-                        Applied::Version(_) => 0,
-                        Applied::Deleted => 1,
-                        Applied::AlreadyThere => 2,
-                    }] += 1;
-                    if applied != Applied::AlreadyThere {
-                        newest = newest.max(w.version);
-                    }
-                    // The entry holds this change's own version: the one just made, or, for a
-                    // replay, the one the history holds for its time (created again, a 409 if
-                    // it is there already).
-                    if let Some(log) = &p.log {
-                        let version = match applied {
-                            Applied::Version(_) => history.document().cloned(),
-                            Applied::AlreadyThere => history.version_at(time),
-                            Applied::Deleted => None,
-                        };
-                        if let Some(v) = version {
-                            logs.push((log.clone(), log.source(&v), w.version));
-                        }
-                    }
-                    kept.push(w);
-                }
-                d.writes = kept;
-                let action = match (history.changed(), history.source(&attribute)) {
-                    (false, _) => Action::Nothing,
-                    (true, Some(source)) => Action::Index(source, newest),
-                    (true, None) if cur.is_some() => Action::Delete(newest),
-                    (true, None) => Action::Nothing,
+            counts[match applied {
+                Applied::Version(_) => 0,
+                Applied::Deleted => 1,
+                Applied::AlreadyThere => 2,
+            }] += 1;
+            if applied != Applied::AlreadyThere {
+                newest = newest.max(w.version);
+            }
+            // The entry holds this change's own version: the one just made, or, for a
+            // replay, the one the history holds for its time (created again, a 409 if
+            // it is there already).
+            if let Some(log) = &p.log {
+                let version = match applied {
+                    Applied::Version(_) => history.document().cloned(),
+                    Applied::AlreadyThere => history.version_at(time),
+                    Applied::Deleted => None,
                 };
-                if matches!(action, Action::Nothing) && logs.is_empty() {
-                    m.hot.stale.inc_by(counts[2]);
-                    self.shared.note_outcomes(0, counts[2]);
-                    continue;
-                }
-                let mut lines = Vec::new();
-                encode(&d, &action, &mut lines);
-                for (log, source, _) in &logs {
-                    encode_entry(log, source, &mut lines);
-                }
-                let is_delete = match action {
-                    Action::Nothing => None,
-                    Action::Delete(_) => Some(true),
-                    Action::Index(..) => Some(false),
-                };
-                sent.push(Round { doc: d, is_delete, counts, logs, lines });
-            }
-            // Requests within the batch byte limit (one per document after a request was too
-            // large); a document too large alone is refused.
-            let mut again = 0;
-            let mut failed = false;
-            let mut requests: Vec<Vec<Round>> = Vec::new();
-            let mut bytes = 0;
-            for r in sent {
-                let fits = requests.last().is_some_and(|_| !alone && bytes + r.lines.len() <= self.settings.batch.max_bytes);
-                if !fits {
-                    requests.push(Vec::new());
-                    bytes = 0;
-                }
-                bytes += r.lines.len();
-                if let Some(q) = requests.last_mut() {
-                    q.push(r);
+                if let Some(v) = version {
+                    logs.push((log.clone(), log.source(&v), w.version));
                 }
             }
-            for sent in requests {
-                let (retry, split) = self.send_round(sent, &mut docs, rejected).await;
-                again += retry;
-                failed |= split;
-            }
-            if failed {
-                alone = true;
-            }
-            if again > 0 {
-                m.retried_items.inc_by(again);
-                backoff.wait(&self.abort).await?;
-            } else {
-                self.shared.health.sink_beat(true);
-                backoff.reset();
-            }
+            kept.push(w);
         }
-        Ok(())
+        d.writes = kept;
+        let action = match (history.changed(), history.source(&attribute)) {
+            (false, _) => Action::Nothing,
+            (true, Some(source)) => Action::Index(source, newest),
+            (true, None) if cur.is_some() => Action::Delete(newest),
+            (true, None) => Action::Nothing,
+        };
+        if matches!(action, Action::Nothing) && logs.is_empty() {
+            m.hot.stale.inc_by(counts[2]);
+            self.shared.note_outcomes(0, counts[2]);
+            return None;
+        }
+        let mut lines = Vec::new();
+        encode(&d, &action, &mut lines);
+        for (log, source, _) in &logs {
+            encode_entry(log, source, &mut lines);
+        }
+        let is_delete = match action {
+            Action::Nothing => None,
+            Action::Delete(_) => Some(true),
+            Action::Index(..) => Some(false),
+        };
+        Some(Round { doc: d, is_delete, counts, logs, lines })
     }
 
     /// Send one request of documents' writes and sort its answers: documents to read again go
