@@ -50,13 +50,14 @@ pub enum Embed {
 /// The source bytes of the refused document, if the write carried one.
 fn document_of(w: &Write) -> Option<&[u8]> {
     match &w.op {
-        Op::Index(src) | Op::Update(src) | Op::Create(src) | Op::Reject { document: Some(src), .. } => Some(src),
+        Op::Index(src) | Op::Update(src) | Op::Create(src) => Some(src),
+        Op::Reject(r) => r.document.as_deref(),
         Op::Patch(p) => match &p.change {
             crate::sink::patches::PatchChange::Whole { source, .. } => Some(source),
             crate::sink::patches::PatchChange::Update { description, .. } => Some(description),
             crate::sink::patches::PatchChange::Delete => None,
         },
-        Op::Delete | Op::Reject { document: None, .. } => None,
+        Op::Delete => None,
     }
 }
 
@@ -91,7 +92,7 @@ pub fn record_lines(index: &str, pipeline: &str, w: &Write, why: &Refusal, faile
         "id": serde_json::from_str::<Value>(&w.id_json).unwrap_or(Value::Null),
         "version": w.version,
         "routing": w.routing.as_deref(),
-        "op": match w.op { Op::Delete => "delete", Op::Index(_) => "index", Op::Update(_) => "update", Op::Create(_) => "create", Op::Patch(_) => "patch", Op::Reject { .. } => "unconvertible" },
+        "op": match w.op { Op::Delete => "delete", Op::Index(_) => "index", Op::Update(_) => "update", Op::Create(_) => "create", Op::Patch(_) => "patch", Op::Reject(_) => "unconvertible" },
         "status": why.status,
         "errorType": why.error_type,
         "reason": truncated(&why.reason, REASON_LIMIT),

@@ -153,7 +153,7 @@ pub fn plan(batch: Vec<Write>, found: &HashMap<String, Found>, index: &Arc<str>)
             plan.writes.push(w);
             continue;
         };
-        if matches!(w.op, Op::Reject { .. }) {
+        if matches!(w.op, Op::Reject(_)) {
             plan.writes.push(w);
             continue;
         }

@@ -67,14 +67,27 @@ pub enum Op {
     Patch(Box<patches::Patch>),
     /// The source could not turn the change into a write (an `_id` over Elasticsearch's 512
     /// bytes, malformed BSON): dead-letter it with this reason, in order with the rest.
-    Reject {
-        /// Short machine-readable type, e.g. `invalid_id`.
-        error_type: &'static str,
-        /// What is wrong.
-        reason: String,
-        /// The document as JSON, when it could be converted.
-        document: Option<Bytes>,
-    },
+    /// Boxed: rare, and a plain write is moved several times on its way.
+    Reject(Box<Rejection>),
+}
+
+/// Why the source's change became a dead letter rather than a write ([`Op::Reject`]).
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// Short machine-readable type, e.g. `invalid_id`.
+    pub error_type: &'static str,
+    /// What is wrong.
+    pub reason: String,
+    /// The document as JSON, when it could be converted.
+    pub document: Option<Bytes>,
+}
+
+impl Op {
+    /// A change that cannot be written: dead-lettered with `error_type` and `reason`, and the
+    /// document when it could be converted.
+    pub fn reject(error_type: &'static str, reason: String, document: Option<Bytes>) -> Self {
+        Self::Reject(Box::new(Rejection { error_type, reason, document }))
+    }
 }
 
 /// An operation on whole indexes, carried out in order with the writes: once every write
@@ -939,14 +952,14 @@ impl Deliverer {
     /// records ([`locations`]): new places are recorded before the documents land there, and
     /// the final records follow once the documents' writes are final.
     async fn deliver(&self, writes: Vec<Write>) -> Result<(), crate::retry::Cancelled> {
-        let (refused, sendable): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(|w| matches!(w.op, Op::Reject { .. }));
+        let Sorted { refused, patched, sendable } = Sorted::of(writes);
         let mut rejected: Vec<(Write, Refusal)> = Vec::new();
-        let (patched, sendable): (Vec<Write>, Vec<Write>) = sendable.into_iter().partition(|w| matches!(w.op, Op::Patch(_)));
         if !patched.is_empty() {
             self.deliver_patches(patched, &mut rejected).await?;
         }
         for w in refused {
-            if let Op::Reject { error_type, reason, .. } = &w.op {
+            if let Op::Reject(r) = &w.op {
+                let (error_type, reason) = (&r.error_type, &r.reason);
                 let why = Refusal { status: 0, error_type: error_type.to_string(), reason: reason.clone() };
                 rejected.push((w, why));
             }
@@ -1218,6 +1231,35 @@ impl Letters<'_> {
     }
 }
 
+/// A batch's writes by how they are carried out.
+struct Sorted {
+    /// Refused before they were sent (dead-lettered).
+    refused: Vec<Write>,
+    /// Read-modify-writes of patch histories.
+    patched: Vec<Write>,
+    /// Sent in bulk requests.
+    sendable: Vec<Write>,
+}
+
+impl Sorted {
+    /// Sorted in their order. A batch of bulk writes only, the common case, is not moved.
+    fn of(writes: Vec<Write>) -> Self {
+        let special = |w: &Write| matches!(w.op, Op::Reject(_) | Op::Patch(_));
+        if !writes.iter().any(special) {
+            return Self { refused: Vec::new(), patched: Vec::new(), sendable: writes };
+        }
+        let mut sorted = Self { refused: Vec::new(), patched: Vec::new(), sendable: Vec::with_capacity(writes.len()) };
+        for w in writes {
+            match w.op {
+                Op::Reject(_) => sorted.refused.push(w),
+                Op::Patch(_) => sorted.patched.push(w),
+                _ => sorted.sendable.push(w),
+            }
+        }
+        sorted
+    }
+}
+
 /// The writes whose location intent (refused entries from `from` on in `rejected`) was
 /// refused for good are not sent: a copy must never land where no record names it. Each such
 /// document's own write is dead-lettered instead, saying why; the copies its write would have
@@ -1284,7 +1326,7 @@ pub fn coalesce(batch: Vec<Write>) -> (Vec<Write>, Vec<Seq>) {
         return (batch, Vec::new());
     }
     // Patches take no part either: each is a version of its document, applied in order.
-    let is_reject = |w: &Write| matches!(w.op, Op::Reject { .. } | Op::Patch(_));
+    let is_reject = |w: &Write| matches!(w.op, Op::Reject(_) | Op::Patch(_));
     // Borrowed keys: no allocation per document on this per-batch path.
     let is_last: Vec<bool> = {
         let mut last: HashMap<(&str, &str), usize, BuildHasherDefault<Fnv>> =
@@ -1381,7 +1423,7 @@ mod tests {
 
     #[test]
     fn a_rejected_change_neither_supersedes_nor_is_superseded() {
-        let reject = |seq| w(seq, "a", 1, Op::Reject { error_type: "malformed_event", reason: String::new(), document: None });
+        let reject = |seq| w(seq, "a", 1, Op::reject("malformed_event", String::new(), None));
         let seqs = |(keep, superseded): (Vec<Write>, Vec<Seq>)| (keep.iter().map(|w| w.seq).collect::<Vec<_>>(), superseded);
         // The earlier real write of the document still goes; the refused one is dead-lettered.
         let batch = vec![w(0, "a", 1, Op::Index(Bytes::from_static(b"{}"))), reject(1)];

@@ -119,11 +119,11 @@ mod tests {
     #[test]
     fn a_removal_or_dead_letter_gets_no_content_and_counts_nothing() {
         let file = attachment(FileBody::TooLarge(5000));
-        for op in [Op::Delete, Op::Reject { error_type: "script_threw", reason: String::new(), document: None }] {
+        for op in [Op::Delete, Op::reject("script_threw", String::new(), None)] {
             let mut w = index_write("{}");
             w.op = op;
             file.attach(&mut w);
-            assert!(matches!(w.op, Op::Delete | Op::Reject { .. }) && w.pipeline.is_none());
+            assert!(matches!(w.op, Op::Delete | Op::Reject(_)) && w.pipeline.is_none());
         }
         assert_eq!(file.too_large.get(), 0);
     }

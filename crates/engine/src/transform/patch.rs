@@ -56,7 +56,7 @@ impl Patches {
                 Some(update) => {
                     let mut description = Vec::with_capacity(update.as_bytes().len() + 16);
                     if let Err(e) = convert::write_document(update, false, &mut description, stats) {
-                        write.op = Op::Reject { error_type: "malformed_bson", reason: format!("the update description does not convert: {e}"), document: Some(source.clone()) };
+                        write.op = Op::reject("malformed_bson", format!("the update description does not convert: {e}"), Some(source.clone()));
                         return;
                     }
                     PatchChange::Update { description: Bytes::from(description), lookup: Some(source.clone()) }
@@ -64,7 +64,7 @@ impl Patches {
             },
             Op::Delete => PatchChange::Delete,
             // Refusals; partial updates and creates are not made for these namespaces.
-            Op::Update(_) | Op::Create(_) | Op::Reject { .. } | Op::Patch(_) => return,
+            Op::Update(_) | Op::Create(_) | Op::Reject(_) | Op::Patch(_) => return,
         };
         let mut patch = Patch { attribute: self.attribute.clone(), change: patch, log: None };
         write.op = Op::Patch(Box::new(patch.clone()));
@@ -124,7 +124,7 @@ mod tests {
         );
         assert_eq!(lookup.as_ref(), Some(&source));
         assert!(matches!(decided(&change(None, false), Op::Delete), Op::Patch(p) if matches!(p.change, PatchChange::Delete)));
-        let refused = Op::Reject { error_type: "invalid_id", reason: String::new(), document: None };
-        assert!(matches!(decided(&change(None, false), refused), Op::Reject { .. }));
+        let refused = Op::reject("invalid_id", String::new(), None);
+        assert!(matches!(decided(&change(None, false), refused), Op::Reject(_)));
     }
 }

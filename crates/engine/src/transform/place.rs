@@ -40,8 +40,9 @@ pub enum Placed {
     Nothing,
     /// This write.
     Write(Write),
-    /// A write whose operation and place the namespace's scripts decide.
-    Deferred(script::Call),
+    /// A write whose operation and place the namespace's scripts decide (boxed: a plain
+    /// write, the common case, is moved several times on its way and stays small).
+    Deferred(Box<script::Call>),
 }
 
 /// Places document changes: the pure part of the transform stage, plus handing documents to
@@ -162,7 +163,7 @@ impl Placer {
             }
         };
         write.from_snapshot = change.from_snapshot;
-        if write.origin.is_none() && self.shared.contains(&*write.index) && !matches!(write.op, Op::Reject { .. }) {
+        if write.origin.is_none() && self.shared.contains(&*write.index) && !matches!(write.op, Op::Reject(_)) {
             // A shared index: the record names this namespace's documents there.
             if let Ok(mongo_id) = convert::es_id_string(view.id) {
                 write.origin = Some(Arc::from(locations::record_id(&self.pipeline, &write.ns, &mongo_id)));
@@ -185,7 +186,7 @@ impl Placer {
         let source = match &write.op {
             // Shared, not copied: the scripts read it, and keep it as it is for `true`.
             Op::Index(s) | Op::Update(s) => s.clone(),
-            Op::Create(_) | Op::Delete | Op::Reject { .. } | Op::Patch(_) => return Placed::Write(write),
+            Op::Create(_) | Op::Delete | Op::Reject(_) | Op::Patch(_) => return Placed::Write(write),
         };
         let mut id_value = Vec::new();
         if convert::write_value(view.id, &mut id_value, stats).is_err() {
@@ -198,7 +199,7 @@ impl Placer {
         let plan = script::Planned { ns: write.ns.to_string(), source, id_value, update: shape.update, update_desc };
         write.from_snapshot = view.from_snapshot;
         write.op = Op::Delete; // a placeholder: the scripts decide it
-        Placed::Deferred(script::Call::new(scripts.clone(), plan, write, file))
+        Placed::Deferred(Box::new(script::Call::new(scripts.clone(), plan, write, file)))
     }
 
     /// A change through its namespace's mapping ([`crate::transform`]).
@@ -237,7 +238,7 @@ impl Placer {
             Err(e) => {
                 let mut document = Vec::new();
                 let document = doc.and_then(|d| convert::write_document(d, false, &mut document, stats).ok()).map(|()| Bytes::from(document));
-                Write::new(ns, index, default_id, version, Op::Reject { error_type: e.error_type(), reason: e.to_string(), document })
+                Write::new(ns, index, default_id, version, Op::reject(e.error_type(), e.to_string(), document))
             }
         };
         write.origin = origin;
@@ -256,7 +257,7 @@ impl Placer {
         let mut document = Vec::new();
         let document = convert::write_document(&event.raw, false, &mut document, stats).is_ok().then(|| Bytes::from(document));
         let version = event.time.map_or(0, |t| ClusterTime::from(t).version());
-        Write::new(ns, index, id_json, version, Op::Reject { error_type: "malformed_event", reason: event.why.clone(), document })
+        Write::new(ns, index, id_json, version, Op::reject("malformed_event", event.why.clone(), document))
     }
 }
 
@@ -265,7 +266,7 @@ impl Placer {
     /// `id` in `ns` (`spec.relate`).
     pub fn relation_failed(&self, ns: &Arc<str>, id: &mongodb::bson::RawBson, version: u64, reason: String) -> Write {
         let index = ns.split_once('.').map_or_else(String::new, |(db, coll)| self.routing.index_for(db, coll));
-        Write::new(ns.clone(), Arc::from(index), dead_letter_id(id), version, Op::Reject { error_type: "relate_failed", reason, document: None })
+        Write::new(ns.clone(), Arc::from(index), dead_letter_id(id), version, Op::reject("relate_failed", reason, None))
     }
 }
 
@@ -308,17 +309,13 @@ fn plain_write(ns: Arc<str>, index: Arc<str>, view: View<'_>, stats: &mut Conver
         // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
         let shown = format!("{:?}", id.to_raw_bson());
         let shown: String = shown.chars().take(200).collect();
-        return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::Reject {
-            error_type: "invalid_id",
-            reason: e.to_string(),
-            document: matches!(converted, Some(Ok(()))).then(|| Bytes::from(source)),
-        });
+        return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::reject("invalid_id", e.to_string(), matches!(converted, Some(Ok(()))).then(|| Bytes::from(source))));
     }
     // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
     let id_json: Box<str> = String::from_utf8_lossy(&id_buf).into();
     let op = match converted {
         Some(Ok(())) => Op::Index(Bytes::from(source)),
-        Some(Err(e)) => Op::Reject { error_type: "malformed_bson", reason: e.to_string(), document: None },
+        Some(Err(e)) => Op::reject("malformed_bson", e.to_string(), None),
         None => Op::Delete,
     };
     Write::new(ns, index, id_json, version, op)

@@ -363,7 +363,7 @@ pub fn rejected(plan: &Planned, write: Write, e: &ScriptError) -> Write {
         _ => "script_failed",
     };
     let mut write = write;
-    write.op = Op::Reject { error_type, reason: e.to_string(), document: Some(plan.source.clone()) };
+    write.op = Op::reject(error_type, e.to_string(), Some(plan.source.clone()));
     write.pipeline = None;
     write
 }

@@ -67,7 +67,7 @@ enum Step {
     Write(Write, Arc<str>, Option<Logged>),
     /// A write the scripts decide: the call, its place in its chunk's batch of decisions; the
     /// namespace's default index; as for [`Step::Write`].
-    Deferred(Call, usize, Arc<str>, Option<Logged>),
+    Deferred(Box<Call>, usize, Arc<str>, Option<Logged>),
     /// A change of a namespace with relations: its own step, if it writes one, then the
     /// related documents as the re-sync reads them; the change's namespace and `_id` (where a
     /// relation that cannot be followed is dead-lettered).
@@ -182,7 +182,7 @@ impl Transform {
             Step::Write(write, default, logged) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
             Step::Deferred(call, at, default, logged) => {
                 let decision = decisions.get_mut(at).map_or(Err(ScriptError::Stopped), |d| std::mem::replace(d, Err(ScriptError::Stopped)));
-                match self.finished(call, decision).await? {
+                match self.finished(*call, decision).await? {
                     Some(write) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
                     None => {
                         self.metrics.events.with_label_values(&["ignored"]).inc();
@@ -263,7 +263,7 @@ impl Transform {
     /// Note the write's index in `written` (handing the note on before it), then the write,
     /// then its time machine entry (never noted: no drop or sweep deletes a log index).
     async fn hand_on_write(&self, mut write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<(), Error> {
-        if !matches!(write.op, Op::Reject { .. }) && !out.noted(&write) {
+        if !matches!(write.op, Op::Reject(_)) && !out.noted(&write) {
             match self.book.note(&write.ns, &write.index) {
                 Ok(Some(position)) => out.chunk.record(position),
                 Ok(None) => {}
@@ -272,15 +272,15 @@ impl Transform {
                 }
                 Err(other) => {
                     let reason = format!("the document chose index `{}`, which namespace `{other}` writes too: a drop of either would delete the other's documents", write.index);
-                    write.op = Op::Reject { error_type: "shared_index", reason, document: None };
+                    write.op = Op::reject("shared_index", reason, None);
                 }
             }
-            if !matches!(write.op, Op::Reject { .. }) {
+            if !matches!(write.op, Op::Reject(_)) {
                 out.last_noted = Some((write.ns.clone(), write.index.clone()));
             }
         }
         let entry = match (&self.placer.time_machine, logged) {
-            (Some(tm), Some(logged)) if !matches!(write.op, Op::Reject { .. }) => tm.entry(&write, logged),
+            (Some(tm), Some(logged)) if !matches!(write.op, Op::Reject(_)) => tm.entry(&write, logged),
             _ => None,
         };
         out.chunk.push(write);
@@ -526,7 +526,7 @@ mod tests {
         let call = Call::new(scripts.clone(), plan, placed, None);
         let mut decisions = t.decisions(scripts.submit_decide_batch(vec![call.item()])).await.expect("decided");
         let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Deferred(call, 0, default.clone(), None), &mut decisions, &mut out).await.expect("handed on");
+        t.hand_on(Step::Deferred(Box::new(call), 0, default.clone(), None), &mut decisions, &mut out).await.expect("handed on");
         t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut [], &mut out).await.expect("handed on");
         t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut [], &mut out).await.expect("handed on");
         out.send().await.expect("sent");

@@ -108,7 +108,7 @@ impl TimeMachine {
                 PatchChange::Whole { source, .. } | PatchChange::Update { lookup: Some(source), .. } => source,
                 PatchChange::Update { lookup: None, .. } | PatchChange::Delete => return None,
             },
-            Op::Create(_) | Op::Delete | Op::Reject { .. } => return None,
+            Op::Create(_) | Op::Delete | Op::Reject(_) => return None,
         };
         let time = ClusterTime::from_version(write.version);
         let index = self.index_for(&write.index, write.version);
@@ -117,10 +117,10 @@ impl TimeMachine {
         convert::write_json_str(&id, &mut id_json);
         let id_json: Box<str> = String::from_utf8_lossy(&id_json).into();
         let op = if let Err(why) = monsoon_api::check_index_name(&index) {
-            Op::Reject { error_type: "time_machine_index", reason: format!("time machine index `{index}` {why}"), document: Some(source.clone()) }
+            Op::reject("time_machine_index", format!("time machine index `{index}` {why}"), Some(source.clone()))
         } else if id.len() > 512 {
             let reason = format!("the time machine entry's _id (the MongoDB _id and the change's time) is {} bytes; Elasticsearch takes at most 512", id.len());
-            Op::Reject { error_type: "invalid_id", reason, document: Some(source.clone()) }
+            Op::reject("invalid_id", reason, Some(source.clone()))
         } else {
             Op::Create(Bytes::from(entry_source(source, logged, time)))
         };
@@ -214,7 +214,7 @@ mod tests {
     fn deletes_and_refusals_are_not_logged_and_snapshots_only_when_asked() {
         let tm = machine(serde_json::json!({"namespaces": ["shop.orders"]}));
         assert!(tm.entry(&write(Op::Delete), &logged("a")).is_none());
-        assert!(tm.entry(&write(Op::Reject { error_type: "x", reason: String::new(), document: None }), &logged("a")).is_none());
+        assert!(tm.entry(&write(Op::reject("x", String::new(), None)), &logged("a")).is_none());
         assert!(tm.logs("shop", "orders", false) && !tm.logs("shop", "orders", true) && !tm.logs("shop", "users", false));
         assert!(machine(serde_json::json!({"namespaces": ["shop.*"], "snapshot": true})).logs("shop", "users", true));
     }
@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(&body[..], b"{\"oplog_ts\":1,\"_source_id\":\"a\"}");
         let long = "x".repeat(500);
         let e = tm.entry(&write(Op::Index(Bytes::from_static(b"{}"))), &logged(&long)).expect("entry");
-        assert!(matches!(e.op, Op::Reject { error_type: "invalid_id", .. }));
+        assert!(matches!(&e.op, Op::Reject(r) if r.error_type == "invalid_id"));
     }
 
     /// A patched document's change carries its entry (the sink writes it with the change's own
@@ -248,7 +248,7 @@ mod tests {
         let deleted = write(Op::Patch(Box::new(Patch { attribute: Arc::from("p"), change: PatchChange::Delete, log: None })));
         assert!(tm.entry(&deleted, &logged("a1")).is_none() && tm.patch_log(&deleted, &logged("a1")).is_none());
         let long = "x".repeat(500);
-        assert!(matches!(tm.entry(&w, &logged(&long)).map(|e| e.op), Some(Op::Reject { .. })));
+        assert!(matches!(tm.entry(&w, &logged(&long)).map(|e| e.op), Some(Op::Reject(_))));
         assert!(tm.patch_log(&w, &logged(&long)).is_none());
     }
 }

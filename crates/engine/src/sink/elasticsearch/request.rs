@@ -18,7 +18,7 @@ pub fn encode(write: &Write, body: &mut Vec<u8>) {
         Op::Delete => "delete",
         // Never sent: the sink dead-letters these before building a body, and carries
         // patches out as read-modify-writes (`sink::patches`).
-        Op::Reject { .. } | Op::Patch(_) => return,
+        Op::Reject(_) | Op::Patch(_) => return,
     };
     open_action(verb, &write.index, &write.id_json, write.routing.as_deref(), body);
     match &write.op {
@@ -95,9 +95,7 @@ pub fn encoded_len(write: &Write) -> usize {
         Op::Delete => fixed,
         // The document with its history is rebuilt in the sink; count what the change holds.
         Op::Patch(p) => fixed + p.change.len(),
-        Op::Reject { document, reason, .. } => {
-            fixed + reason.len() + document.as_ref().map_or(0, Bytes::len)
-        }
+        Op::Reject(r) => fixed + r.reason.len() + r.document.as_ref().map_or(0, Bytes::len),
     }
 }
 
