@@ -364,6 +364,11 @@ impl Chunk {
         self.writes.push(write);
     }
 
+    /// An empty chunk with room for `writes` (a growing one would move its writes again).
+    pub fn with_capacity(writes: usize) -> Self {
+        Self { writes: Vec::with_capacity(writes), marks: Vec::new() }
+    }
+
     /// Add a position: it covers every write before it.
     pub fn record(&mut self, position: Position) {
         self.marks.push((self.writes.len(), Mark::Position(position)));

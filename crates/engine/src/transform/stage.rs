@@ -399,7 +399,7 @@ impl Out<'_> {
         if self.chunk.is_empty() {
             return Ok(());
         }
-        let chunk = std::mem::take(&mut self.chunk);
+        let chunk = std::mem::replace(&mut self.chunk, Chunk::with_capacity(CHUNK));
         self.sink.send_chunk(chunk).await.map_err(Error::from)
     }
 }
@@ -410,7 +410,9 @@ async fn place_all(placer: &Placer, relations: Option<&Arc<Relations>>, metrics:
     let mut stats = ConvertStats::default();
     while let Some(changes) = input.recv().await {
         let mut items = Vec::new();
-        let steps = changes.into_iter().filter_map(|c| place_related(placer, relations, c, &mut stats, &mut items)).collect();
+        // Sized up front: a growing vector would move every placed step again.
+        let mut steps = Vec::with_capacity(changes.len());
+        steps.extend(changes.into_iter().filter_map(|c| place_related(placer, relations, c, &mut stats, &mut items)));
         if stats.non_finite_nulled > 0 {
             metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
             stats = ConvertStats::default();
