@@ -1088,7 +1088,17 @@ impl Deliverer {
         let mut retry_reason = String::new();
         // [indexed, deleted, stale, already gone], added to the metrics once.
         let mut counts = [0u64; 4];
-        for (w, outcome) in chunk.into_iter().zip(outcomes) {
+        // The done writes' shares of the memory budget, given back at once (one lock, not one
+        // per write).
+        let mut released: Option<OwnedSemaphorePermit> = None;
+        for (mut w, outcome) in chunk.into_iter().zip(outcomes) {
+            if matches!(outcome, ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone) {
+                match (&mut released, w.permit.take()) {
+                    (Some(all), Some(p)) => all.merge(p),
+                    (all @ None, p) => *all = p,
+                    (Some(_), None) => {}
+                }
+            }
             match outcome {
                 // Writes on another's behalf count as that one's.
                 ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone if w.aux => {}
