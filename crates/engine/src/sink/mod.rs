@@ -1011,15 +1011,21 @@ impl Deliverer {
         let mut queue: VecDeque<Vec<Write>> = VecDeque::from([writes]);
         while let Some(chunk) = queue.pop_front() {
             let mut at = (chunk, &mut *rejected, &mut queue);
-            let pace = crate::retry::Pace::until_cancelled(&self.abort);
-            crate::retry::retry_with(pace, &mut at, |(chunk, rejected, queue)| Box::pin(self.send_once(chunk, rejected, queue)), |()| {
-                self.shared.health.sink_beat(false);
-                true
-            })
-            .await
-            .map_err(|_| crate::retry::Cancelled)?;
+            self.until_done(&mut at, |(chunk, rejected, queue)| Box::pin(self.send_once(chunk, rejected, queue))).await?;
         }
         Ok(())
+    }
+
+    /// The sink's retries: run `op` on `state` until it succeeds, backing off after each
+    /// failure (which marks the sink unhealthy until a success), until the sink is stopped.
+    async fn until_done<S>(&self, state: &mut S, op: impl for<'s> FnMut(&'s mut S) -> futures_util::future::BoxFuture<'s, Result<(), ()>>) -> Result<(), crate::retry::Cancelled> {
+        let pace = crate::retry::Pace::until_cancelled(&self.abort);
+        crate::retry::retry_with(pace, state, op, |()| {
+            self.shared.health.sink_beat(false);
+            true
+        })
+        .await
+        .map_err(|_| crate::retry::Cancelled)
     }
 
     /// One bulk request of `chunk`. `Err`: what is left in `chunk` is to be sent again after a
@@ -1132,13 +1138,7 @@ impl Deliverer {
         let mut queue = records.requests(self.settings.batch.max_bytes);
         while let Some(group) = queue.pop_front() {
             let mut at = (group, &mut queue);
-            let pace = crate::retry::Pace::until_cancelled(&self.abort);
-            crate::retry::retry_with(pace, &mut at, |(group, queue)| Box::pin(self.send_letters_once(&records, group, queue)), |()| {
-                self.shared.health.sink_beat(false);
-                true
-            })
-            .await
-            .map_err(|_| crate::retry::Cancelled)?;
+            self.until_done(&mut at, |(group, queue)| Box::pin(self.send_letters_once(&records, group, queue))).await?;
         }
         self.shared.health.sink_beat(true);
         Ok(())

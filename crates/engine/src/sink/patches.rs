@@ -545,13 +545,7 @@ impl super::Deliverer {
         let mut alone = false;
         while !docs.is_empty() {
             let mut state = (&mut docs, &mut alone, &mut *rejected);
-            let pace = crate::retry::Pace::until_cancelled(&self.abort);
-            crate::retry::retry_with(pace, &mut state, |(docs, alone, rejected)| Box::pin(self.patch_round(docs, alone, rejected)), |()| {
-                self.shared.health.sink_beat(false);
-                true
-            })
-            .await
-            .map_err(|_| crate::retry::Cancelled)?;
+            self.until_done(&mut state, |(docs, alone, rejected)| Box::pin(self.patch_round(docs, alone, rejected))).await?;
         }
         Ok(())
     }
