@@ -51,17 +51,24 @@ async fn converged(client: &mongodb::Client, esc: &elasticsearch::Elasticsearch,
     Ok(())
 }
 
+/// The example's 40 things, synced by the converted example until it streams: the snapshot
+/// reads the view (and only it) and must equal it.
+async fn example_streaming(dir: &TempDir) -> anyhow::Result<(Stack, Monsoon)> {
+    let stack = Stack::start(&[]).await?;
+    seed(&stack.client, 40).await?;
+    let yaml = converted(dir, &stack.mongo.uri(), &stack.es.url())?;
+    let monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
+    converged(&stack.client, &stack.esc, &monsoon, "after the snapshot of the view").await?;
+    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    Ok((stack, monsoon))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monstaches_view_replication_example_keeps_the_index_equal_to_the_view() -> anyhow::Result<()> {
-    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
-    seed(&client, 40).await?;
     let dir = TempDir::new("relate");
-    let yaml = converted(&dir, &mongo.uri(), &es.url())?;
-    let monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
-
-    // The snapshot reads the view (and only it).
-    converged(&client, &esc, &monsoon, "after the snapshot of the view").await?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (stack, monsoon) = example_streaming(&dir).await?;
+    // Moved out alone: the stand-ins stay in `stack` until the test ends.
+    let Stack { client, esc, .. } = stack;
     let db = client.database("thingdb");
     let (thing, state) = (db.collection::<Document>("thing"), db.collection::<Document>("state"));
 
@@ -218,13 +225,10 @@ spec:
 /// would, code 6) and re-syncs once it ends: nothing dead-lettered, nothing skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relation_lookup_waits_out_an_outage() -> anyhow::Result<()> {
-    let Stack { mongo, es, client, esc } = Stack::start(&[]).await?;
-    seed(&client, 40).await?;
     let dir = TempDir::new("relate-outage");
-    let yaml = converted(&dir, &mongo.uri(), &es.url())?;
-    let monsoon = Monsoon::start(bin(), &yaml, dir.path())?;
-    converged(&client, &esc, &monsoon, "after the snapshot of the view").await?;
-    monsoon.wait_stats(CONVERGE, |s| s["phase"] == "Streaming")?;
+    let (stack, monsoon) = example_streaming(&dir).await?;
+    // Moved out alone: the stand-ins stay in `stack` until the test ends.
+    let Stack { client, esc, .. } = stack;
     let admin = client.database("admin");
     admin
         .run_command(doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn", "data": {"failCommands": ["find"], "errorCode": 6}})

@@ -481,11 +481,8 @@ async fn read_runs(mut cursor: mongodb::Cursor<RawDocumentBuf>, tx: mpsc::Sender
                 Some(r) => r,
                 None => {
                     // The cursor waits on MongoDB: hand on what is here first.
-                    if !run.is_empty() {
-                        bytes = 0;
-                        if tx.send(Read::Run(std::mem::replace(&mut run, Vec::with_capacity(RUN_DOCS)))).await.is_err() {
-                            return;
-                        }
+                    if !hand_over(&tx, &mut run, &mut bytes).await {
+                        return;
                     }
                     advance.await
                 }
@@ -504,17 +501,24 @@ async fn read_runs(mut cursor: mongodb::Cursor<RawDocumentBuf>, tx: mpsc::Sender
             Ok(false) => Some(Read::End),
             Err(e) => Some(Read::Failed(e)),
         };
-        if !run.is_empty() {
-            bytes = 0;
-            if tx.send(Read::Run(std::mem::replace(&mut run, Vec::with_capacity(RUN_DOCS)))).await.is_err() {
-                return;
-            }
+        if !hand_over(&tx, &mut run, &mut bytes).await {
+            return;
         }
         if let Some(last) = last {
             let _ = tx.send(last).await;
             return;
         }
     }
+}
+
+/// Hand the documents of `run` over (if any), starting a new run; `false` when the reader is
+/// gone.
+async fn hand_over(tx: &mpsc::Sender<Read>, run: &mut Vec<RawDocumentBuf>, bytes: &mut usize) -> bool {
+    if run.is_empty() {
+        return true;
+    }
+    *bytes = 0;
+    tx.send(Read::Run(std::mem::replace(run, Vec::with_capacity(RUN_DOCS)))).await.is_ok()
 }
 
 /// How a source phase ended.
