@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn, Instrument};
 
 use self::elasticsearch::request::{body_for, encoded_len};
-use self::elasticsearch::response::{classify_response, classify_status, ItemOutcome, RequestOutcome};
+use self::elasticsearch::response::{Answer, ItemOutcome};
 use self::dead_letter::{Embed, Refusal};
 use self::elasticsearch::Elastic;
 use crate::checkpoint::acks::Acks;
@@ -1030,60 +1030,46 @@ impl Deliverer {
 
     /// One bulk request of `chunk`. `Err`: what is left in `chunk` is to be sent again after a
     /// back-off (the request failed, or some items failed retriably); done and refused items
-    /// leave it. A request too large is split into two put first in `queue`.
+    /// leave it. A request refused whole is split into two put first in `queue`.
     async fn send_once(&self, chunk: &mut Vec<Write>, rejected: &mut Vec<(Write, Refusal)>, queue: &mut VecDeque<Vec<Write>>) -> Result<(), ()> {
         if chunk.is_empty() {
             return Ok(());
         }
         let m = &self.shared.metrics;
-        let retry = |why: &dyn std::fmt::Display, items: usize| {
-            warn!(reason = %why, items, "bulk request failed; retrying");
-            m.bulk_requests.with_label_values(&["retry"]).inc();
-            m.retried_items.inc_by(items as u64);
-            Err(())
-        };
         let size: usize = chunk.iter().map(encoded_len).sum();
+        let is_delete: Vec<bool> = chunk.iter().map(|w| matches!(w.op, Op::Delete)).collect();
         let started = Instant::now();
-        let result = self.es.bulk(body_for(&*chunk, size)).await;
+        let answer = self.es.bulk_answer(body_for(&*chunk, size), &is_delete).await;
         m.bulk_seconds.observe(started.elapsed().as_secs_f64());
-        let (status, response) = match result {
-            Ok(r) => r,
-            Err(e) => return retry(&crate::error_chain(&e), chunk.len()),
-        };
-        match classify_status(status) {
-            RequestOutcome::Retry => retry(&format_args!("status {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)])), chunk.len()),
-            RequestOutcome::Split => {
+        let (again, reason) = match answer {
+            Answer::Items(outcomes) => self.sort_items(std::mem::take(chunk), outcomes, rejected),
+            Answer::Again(why) => {
+                warn!(reason = %why, items = chunk.len(), "bulk request failed; retrying");
+                m.bulk_requests.with_label_values(&["retry"]).inc();
+                m.retried_items.inc_by(chunk.len() as u64);
+                return Err(());
+            }
+            Answer::Refused { status, reason } => {
                 m.bulk_requests.with_label_values(&["split"]).inc();
-                let mut left = std::mem::take(chunk);
+                let left = std::mem::take(chunk);
                 if left.len() == 1 {
-                    let reason = String::from_utf8_lossy(&response[..response.len().min(1000)]).into_owned();
                     rejected.extend(left.into_iter().map(|w| (w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() })));
                 } else {
-                    let right = left.split_off(left.len() / 2);
-                    queue.push_front(right);
-                    queue.push_front(left);
+                    halve(left, queue);
                 }
-                Ok(())
+                return Ok(());
             }
-            RequestOutcome::ReadItems => {
-                let is_delete: Vec<bool> = chunk.iter().map(|w| matches!(w.op, Op::Delete)).collect();
-                let outcomes = match classify_response(&response, &is_delete) {
-                    Ok(o) => o,
-                    Err(e) => return retry(&format_args!("unreadable bulk response: {}", crate::error_chain(&e)), chunk.len()),
-                };
-                let (again, reason) = self.sort_items(std::mem::take(chunk), outcomes, rejected);
-                if again.is_empty() {
-                    m.bulk_requests.with_label_values(&["ok"]).inc();
-                    self.shared.health.sink_beat(true);
-                    return Ok(());
-                }
-                warn!(items = again.len(), reason = %reason, "bulk items failed retriably; retrying them");
-                m.bulk_requests.with_label_values(&["partial"]).inc();
-                m.retried_items.inc_by(again.len() as u64);
-                *chunk = again;
-                Err(())
-            }
+        };
+        if again.is_empty() {
+            m.bulk_requests.with_label_values(&["ok"]).inc();
+            self.shared.health.sink_beat(true);
+            return Ok(());
         }
+        warn!(items = again.len(), reason = %reason, "bulk items failed retriably; retrying them");
+        m.bulk_requests.with_label_values(&["partial"]).inc();
+        m.retried_items.inc_by(again.len() as u64);
+        *chunk = again;
+        Err(())
     }
 
     /// Sort a bulk response's items: those done are counted, those refused added to `rejected`.
@@ -1145,58 +1131,53 @@ impl Deliverer {
     }
 
     /// One bulk request of dead-letter records. `Err`: what is left in `group` is to be sent
-    /// again after a back-off; a request too large is split into two put first in `queue`, and
-    /// a record refused for good goes back to `queue` without its document, or is given up.
+    /// again after a back-off; a request refused whole is split into two put first in `queue`,
+    /// and a record refused for good goes back to `queue` without its document, or is given up.
     async fn send_letters_once(&self, records: &Letters<'_>, group: &mut Vec<Letter>, queue: &mut VecDeque<Vec<Letter>>) -> Result<(), ()> {
         if group.is_empty() {
             return Ok(());
         }
         let body: Vec<u8> = group.iter().flat_map(|(_, _, l)| l.iter().copied()).collect();
-        let (status, response) = match self.es.bulk(body).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %crate::error_chain(&e), records = group.len(), "dead-letter request failed; retrying");
+        let outcomes = match self.es.bulk_answer(body, &vec![false; group.len()]).await {
+            Answer::Items(outcomes) => outcomes,
+            Answer::Again(why) => {
+                warn!(reason = %why, records = group.len(), "dead-letter request failed; retrying");
                 return Err(());
             }
-        };
-        let mut retry = Vec::new();
-        match classify_status(status) {
-            RequestOutcome::Retry => retry = std::mem::take(group),
-            RequestOutcome::Split if group.len() > 1 => {
-                let mut left = std::mem::take(group);
-                let right = left.split_off(left.len() / 2);
-                queue.push_front(right);
-                queue.push_front(left);
+            Answer::Refused { .. } if group.len() > 1 => {
+                halve(std::mem::take(group), queue);
+                return Ok(());
             }
-            RequestOutcome::Split => {
-                let reason = format!("status {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)]));
+            Answer::Refused { status, reason } => {
+                let reason = format!("status {status}: {}", dead_letter::truncated(&reason, 300));
                 for (i, embed, _) in std::mem::take(group) {
                     records.refused(queue, i, embed, &reason, &self.shared.metrics);
                 }
+                return Ok(());
             }
-            RequestOutcome::ReadItems => match classify_response(&response, &vec![false; group.len()]) {
-                Ok(outcomes) => {
-                    for ((i, embed, l), outcome) in std::mem::take(group).into_iter().zip(outcomes) {
-                        match outcome {
-                            ItemOutcome::Retry { .. } => retry.push((i, embed, l)),
-                            ItemOutcome::Reject { reason, .. } => records.refused(queue, i, embed, &reason, &self.shared.metrics),
-                            ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone => self.shared.metrics.hot.dead_lettered.inc(),
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), "unreadable dead-letter response; retrying");
-                    retry = std::mem::take(group);
-                }
-            },
+        };
+        let mut retry = Vec::new();
+        for ((i, embed, l), outcome) in std::mem::take(group).into_iter().zip(outcomes) {
+            match outcome {
+                ItemOutcome::Retry { .. } => retry.push((i, embed, l)),
+                ItemOutcome::Reject { reason, .. } => records.refused(queue, i, embed, &reason, &self.shared.metrics),
+                ItemOutcome::Done | ItemOutcome::Stale | ItemOutcome::AlreadyGone => self.shared.metrics.hot.dead_lettered.inc(),
+            }
         }
         if retry.is_empty() {
             return Ok(());
         }
-        warn!(status, records = retry.len(), "dead-letter records failed retriably; retrying");
+        warn!(records = retry.len(), "dead-letter records failed retriably; retrying");
         *group = retry;
         Err(())
     }
+}
+
+/// Split a request refused whole into two, put first in `queue` in their order.
+fn halve<T>(mut items: Vec<T>, queue: &mut VecDeque<Vec<T>>) {
+    let right = items.split_off(items.len() / 2);
+    queue.push_front(right);
+    queue.push_front(items);
 }
 
 /// A dead-letter record: which refused write, with or without its document, and its bulk lines.

@@ -47,7 +47,7 @@ use tracing::warn;
 
 use super::dead_letter::Refusal;
 use super::elasticsearch::request;
-use super::elasticsearch::response::{classify_response, classify_status, ItemOutcome, RequestOutcome};
+use super::elasticsearch::response::{Answer, ItemOutcome};
 use super::{Op, Write};
 use crate::checkpoint::ClusterTime;
 
@@ -683,26 +683,23 @@ impl super::Deliverer {
         let m = &self.shared.metrics;
         let body: Vec<u8> = sent.iter().flat_map(|r| r.lines.iter().copied()).collect();
         let is_delete: Vec<bool> = sent.iter().flat_map(|r| r.is_delete.into_iter().chain(r.logs.iter().map(|_| false))).collect();
-        let outcomes = match self.es.bulk(body).await {
-                Ok((status, response)) => match classify_status(status) {
-                    RequestOutcome::ReadItems => classify_response(&response, &is_delete).map_err(|e| crate::error_chain(&e)),
-                    RequestOutcome::Split if sent.len() == 1 => {
-                        let reason = format!("the document with its patch history was refused ({status}): {}", String::from_utf8_lossy(&response[..response.len().min(300)]));
-                        for r in sent {
-                            for w in r.doc.writes {
-                                rejected.push((w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() }));
-                            }
+        let outcomes = match self.es.bulk_answer(body, &is_delete).await {
+                Answer::Items(outcomes) => Ok(outcomes),
+                Answer::Refused { status, reason } if sent.len() == 1 => {
+                    let reason = format!("the document with its patch history was refused ({status}): {}", super::dead_letter::truncated(&reason, 300));
+                    for r in sent {
+                        for w in r.doc.writes {
+                            rejected.push((w, Refusal { status, error_type: format!("http_{status}"), reason: reason.clone() }));
                         }
-                        return (0, false);
                     }
-                    RequestOutcome::Split => {
-                        warn!(status, documents = sent.len(), "a request of patched documents was refused whole; sending them one by one");
-                        docs.extend(sent.into_iter().map(|r| r.doc));
-                        return (0, true);
-                    }
-                    RequestOutcome::Retry => Err(format!("bulk request answered {status}: {}", String::from_utf8_lossy(&response[..response.len().min(300)]))),
-                },
-                Err(e) => Err(crate::error_chain(&e)),
+                    return (0, false);
+                }
+                Answer::Refused { status, .. } => {
+                    warn!(status, documents = sent.len(), "a request of patched documents was refused whole; sending them one by one");
+                    docs.extend(sent.into_iter().map(|r| r.doc));
+                    return (0, true);
+                }
+                Answer::Again(why) => Err(why),
             };
             let outcomes = match outcomes {
                 Ok(o) => o,

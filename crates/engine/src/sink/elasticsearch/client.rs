@@ -23,6 +23,7 @@ use elasticsearch::http::Method;
 use elasticsearch::http::Url;
 
 use super::aws::Signer;
+use super::response::Answer;
 use crate::config::{ElasticAuth, ElasticConfig};
 
 /// Failures talking to Elasticsearch.
@@ -306,6 +307,15 @@ impl Elastic {
             None,
         )
         .await
+    }
+
+    /// [`Elastic::bulk`], its answer read: `is_delete[i]` says whether action `i` of `body` is
+    /// a delete. No answer is [`Answer::Again`].
+    pub async fn bulk_answer(&self, body: Vec<u8>, is_delete: &[bool]) -> Answer {
+        match self.bulk(body).await {
+            Ok((status, response)) => super::response::answer(status, &response, is_delete),
+            Err(e) => Answer::Again(crate::error_chain(&e)),
+        }
     }
 
     /// Delete an index; a missing index is fine.

@@ -151,24 +151,37 @@ pub fn classify_response(body: &[u8], is_delete: &[bool]) -> Result<Vec<ItemOutc
         .collect())
 }
 
-/// What to do with a whole bulk request, from its HTTP status (items not yet read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestOutcome {
-    /// 2xx: read the items.
-    ReadItems,
-    /// Retry the whole request after a back-off (429, 5xx, 401/403 while credentials may be
-    /// rotating: data is never dropped for an authentication problem).
-    Retry,
-    /// 413 or another 4xx: split the request to isolate what Elasticsearch refuses.
-    Split,
+/// What a bulk request's answer says of its items: the one reading of a bulk answer, for the
+/// sink's writes, its merge-patch rounds and its dead-letter records alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// One outcome per item, in order (a 2xx answer).
+    Items(Vec<ItemOutcome>),
+    /// Send every item again after a back-off: no answer came, the answer was 401/403 (data is
+    /// never dropped for an authentication problem: credentials may be rotating), 408, 429 or
+    /// 5xx, or it could not be read (every write is idempotent). Why, for the log.
+    Again(String),
+    /// Refused whole (413 or another 4xx): split the request to isolate what is refused; a
+    /// request of one item is refused with this status and reason.
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the answer's body.
+        reason: String,
+    },
 }
 
-/// Classify a bulk request by its HTTP status.
-pub fn classify_status(status: u16) -> RequestOutcome {
+/// Read the answer (`status`, `body`) to a bulk request whose action `i` was a delete when
+/// `is_delete[i]`.
+pub fn answer(status: u16, body: &[u8], is_delete: &[bool]) -> Answer {
+    let start = |n: usize| String::from_utf8_lossy(&body[..body.len().min(n)]).into_owned();
     match status {
-        200..=299 => RequestOutcome::ReadItems,
-        401 | 403 | 408 | 429 | 500..=599 => RequestOutcome::Retry,
-        _ => RequestOutcome::Split,
+        200..=299 => match classify_response(body, is_delete) {
+            Ok(items) => Answer::Items(items),
+            Err(e) => Answer::Again(format!("unreadable bulk response: {}", crate::error_chain(&e))),
+        },
+        401 | 403 | 408 | 429 | 500..=599 => Answer::Again(format!("status {status}: {}", start(300))),
+        _ => Answer::Refused { status, reason: start(1000) },
     }
 }
 
@@ -225,12 +238,17 @@ mod tests {
     }
 
     #[test]
-    fn request_statuses() {
-        assert_eq!(classify_status(200), RequestOutcome::ReadItems);
-        assert_eq!(classify_status(429), RequestOutcome::Retry);
-        assert_eq!(classify_status(502), RequestOutcome::Retry);
-        assert_eq!(classify_status(401), RequestOutcome::Retry);
-        assert_eq!(classify_status(413), RequestOutcome::Split);
-        assert_eq!(classify_status(400), RequestOutcome::Split);
+    fn a_whole_answer_is_read_by_its_status() {
+        let ok = br#"{"items":[{"index":{"_index":"a","_id":"1","status":201}}]}"#;
+        assert_eq!(answer(200, ok, &[false]), Answer::Items(vec![ItemOutcome::Done]));
+        for status in [401, 403, 408, 429, 502, 503] {
+            assert!(matches!(answer(status, b"busy", &[false]), Answer::Again(why) if why == format!("status {status}: busy")), "{status}");
+        }
+        for status in [400, 413] {
+            assert_eq!(answer(status, b"too large", &[false]), Answer::Refused { status, reason: "too large".into() }, "{status}");
+        }
+        // A 200 that is not a bulk response for these actions is sent again, never dropped.
+        assert!(matches!(answer(200, b"<html>proxy error</html>", &[false]), Answer::Again(why) if why.starts_with("unreadable bulk response")));
+        assert!(matches!(answer(200, ok, &[false, true]), Answer::Again(_)));
     }
 }
