@@ -25,7 +25,7 @@ CARGO ?= cargo
 # config, as cargo itself does (many developers share one target directory).
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all build venv test unit integration demo bench crds check-crds check-manifests manifests lint e2e opensearch k8s-bins dashboard-picture clean
+.PHONY: all build venv test unit integration demo bench hot-code crds check-crds check-manifests manifests lint e2e opensearch k8s-bins dashboard-picture clean
 
 all: build
 
@@ -95,6 +95,14 @@ BENCH_ARGS ?=
 bench: venv opensearch
 	$(CARGO) build --release -p monsoon -p monsoon-bench
 	$(TARGET_DIR)/release/monsoon-bench $(TARGET_DIR)/release/monsoon $(BENCH_ARGS)
+
+# tools/hot-code/monsoon.txt: the functions a plain pipeline runs, which the release link lays
+# out together (tools/hot-code/cc.sh, named as the linker in .cargo/config.toml). Run as root
+# (it turns read-ahead off while it runs the bench's `noida` section) after changes that move
+# the plain path's code, and commit the list.
+hot-code: venv
+	$(CARGO) build --release -p monsoon -p monsoon-bench
+	tools/hot-code/collect.py
 
 # The test control plane's binaries (etcd, kube-apiserver, kube-controller-manager for
 # crates/testkit/src/control_plane.rs), built from Go modules (tools/k8s) into a cache keyed by
