@@ -460,7 +460,7 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     // Snapshot.
     let state = TempDir::new("bench");
     let yaml = pipeline_yaml("bench", &mongo.uri(), &es.url(), &["bench.items"], "");
-    let SnapshotRun { wall: snap_wall, cpu: snap_cpu, rss: snap_rss, rss_now, requests, busy } = snapshot_run(&args.monsoon, &yaml, state.path(), n).await?;
+    let SnapshotRun { wall: snap_wall, cpu: snap_cpu, rss: snap_rss, rss_now, requests, busy, .. } = snapshot_run(&args.monsoon, &yaml, state.path(), n).await?;
     let slots = BatchConfig::default().concurrency;
     delete_index(&esc, "bench.items").await?;
     // The stand-ins' speed drifts within a run (other work on the machine): bracket monsoon's
@@ -559,6 +559,9 @@ struct SnapshotRun {
     /// monsoon or the server set the pace. Near 100 % means the server always had as many
     /// requests as monsoon may send (start-up and the last partial round count against it).
     busy: f64,
+    /// Start to the first document read, seconds (to 20 ms): how long the source's first
+    /// batch took to come.
+    first_read: f64,
 }
 
 /// Run monsoon (`bin`) on pipeline `yaml` until it has indexed `n` documents, measure it, and
@@ -568,6 +571,7 @@ async fn snapshot_run(bin: &std::path::Path, yaml: &str, state: &std::path::Path
     let t = Instant::now();
     let mut monsoon = Monsoon::start(bin, yaml, state)?;
     let pid = monsoon_pid(&monsoon)?;
+    let first_read = wait_first_read(&monsoon, Duration::from_secs(600)).await?.duration_since(t).as_secs_f64();
     let done = wait_indexed(&monsoon, n as u64, Duration::from_secs(1800)).await?;
     let wall = done.duration_since(t).as_secs_f64();
     let (cpu, rss) = proc_usage(pid).context("proc usage")?;
@@ -581,7 +585,29 @@ async fn snapshot_run(bin: &std::path::Path, yaml: &str, state: &std::path::Path
     let busy = metric_sum(&metrics, "monsoon_bulk_request_seconds_sum") / (wall * BatchConfig::default().concurrency as f64);
     let (code, _) = monsoon.terminate()?;
     anyhow::ensure!(code == Some(0), "monsoon did not stop cleanly");
-    Ok(SnapshotRun { wall, cpu, rss, rss_now, requests, busy })
+    Ok(SnapshotRun { wall, cpu, rss, rss_now, requests, busy, first_read })
+}
+
+/// When monsoon's snapshot had read its first document (`snapshotDocuments` in `/stats`,
+/// polled every 20 ms).
+async fn wait_first_read(m: &Monsoon, timeout: Duration) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    while m.stats().and_then(|s| s["snapshotDocuments"].as_u64()).unwrap_or(0) == 0 {
+        if Instant::now() > deadline {
+            bail!("no document read after {timeout:?}\n{}", tail(&m.log(), 20));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Instant::now())
+}
+
+/// How long SecantusDB takes to answer the snapshot's query (sorted by `_id`) with its first
+/// batch, in seconds.
+async fn first_batch(raw: &mongodb::Collection<RawDocumentBuf>) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut cursor = raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?;
+    cursor.try_next().await?.context("empty collection")?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The change stream monsoon opens for database `bench` (database level, the same pipeline and

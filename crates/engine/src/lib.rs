@@ -598,12 +598,18 @@ async fn run_source(config: &EngineConfig, source: &Source<'_>, start: &Start, o
         let resnapshot = start.sweep_below.is_some();
         let collections: Vec<(String, String)> = source.collections().await?.into_iter().filter(|(db, coll)| resnapshot || config.snapshots(db, coll)).collect();
         info!(pipeline = %name, collections = collections.len(), "snapshot started");
-        // The estimate only feeds a gauge: it runs beside the snapshot, never ahead of it (a
-        // server that counts by scanning, SecantusDB here, took 2.5 s for 200k documents).
+        // The estimate only feeds a gauge: it runs beside the snapshot, never ahead of it, and
+        // only once the snapshot's first documents came. A server that counts by scanning
+        // (SecantusDB here: 2.5 s for 200k documents; a view runs its pipeline) would otherwise
+        // hold up the snapshot query's first batch, which nothing else can overlap.
         let _estimating = AbortOnDrop::spawn({
             let (client, collections, gauge) = (source.client.clone(), collections.clone(), source.metrics.snapshot_estimate.clone());
+            let (read, before) = (source.metrics.snapshot_docs.clone(), source.metrics.snapshot_docs.get());
             let shards = u64::from(config.shard.count.max(1));
             async move {
+                while read.get() == before {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 let estimate = mongo::estimate_documents(&client, &collections).await / shards;
                 gauge.set(i64::try_from(estimate).unwrap_or(i64::MAX));
             }
