@@ -10,7 +10,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-# --locked: build exactly the dependency versions of Cargo.lock. target/ lives in a cache
+# --locked: build exactly the dependency versions of Cargo.lock. The release link lays the plain
+# path's code together (.cargo/config.toml names tools/hot-code/cc.sh as the linker; it needs
+# bash, nm and awk, which this image has). target/ lives in a cache
 # mount, so the binary is copied out in the same step. Debug info is stripped (the release
 # profile keeps it for profiling); symbol names stay, so backtraces still name functions.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
