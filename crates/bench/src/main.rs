@@ -605,7 +605,7 @@ async fn wait_first_read(m: &Monsoon, timeout: Duration) -> anyhow::Result<Insta
 /// batch, in seconds.
 async fn first_batch(raw: &mongodb::Collection<RawDocumentBuf>) -> anyhow::Result<f64> {
     let t = Instant::now();
-    let mut cursor = raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?;
+    let mut cursor = sorted_cursor(raw).await?;
     cursor.try_next().await?.context("empty collection")?;
     Ok(t.elapsed().as_secs_f64())
 }
@@ -625,7 +625,12 @@ async fn bench_stream(client: &mongodb::Client) -> anyhow::Result<mongodb::chang
 
 /// Every document of `raw`, read sorted by `_id` with one cursor (as the snapshot reads).
 async fn read_sorted(raw: &mongodb::Collection<RawDocumentBuf>) -> anyhow::Result<Vec<RawDocumentBuf>> {
-    Ok(raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await?.try_collect().await?)
+    Ok(sorted_cursor(raw).await?.try_collect().await?)
+}
+
+/// The snapshot's query of `raw`: every document by `_id`, 1000 a batch.
+async fn sorted_cursor(raw: &mongodb::Collection<RawDocumentBuf>) -> mongodb::error::Result<mongodb::Cursor<RawDocumentBuf>> {
+    raw.find(doc! {}).sort(doc! {"_id": 1}).hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch_size(1000).await
 }
 
 /// SecantusDB's change-stream ceiling: the bench opens the stream monsoon opens (database

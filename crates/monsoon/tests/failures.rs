@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use mongodb::bson::{doc, Document};
 use monsoon_testkit::*;
 
@@ -107,15 +108,7 @@ async fn snapshot_killed_midway_resumes_from_its_last_id() -> anyhow::Result<()>
     let reread = stats["snapshotDocuments"].as_u64().expect("count");
     assert!(reread < 20_000, "snapshot restarted from zero (read {reread}; checkpoint was at {last_id})");
     // The checkpoint is committed every interval: the index can converge before it says so.
-    let deadline = std::time::Instant::now() + CONVERGE;
-    loop {
-        let cp = monsoon.checkpoint("big").expect("checkpoint");
-        if cp["snapshot"]["done"] == true {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the snapshot never checkpointed as done: {cp}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    monsoon.wait_checkpoint("big", CONVERGE, |cp| cp["snapshot"]["done"] == true).context("the snapshot never checkpointed as done")?;
     Ok(())
 }
 

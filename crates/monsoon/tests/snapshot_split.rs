@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use mongodb::bson::{doc, oid::ObjectId, Document};
 use monsoon_testkit::*;
 
@@ -54,14 +55,6 @@ async fn a_split_snapshot_killed_midway_resumes_every_range() -> anyhow::Result<
     assert!(reread < 20_000, "the restart read everything again ({reread}): the ranges did not resume");
     assert!(monsoon.log().contains("in _id ranges read at once"), "{}", tail(&monsoon.log(), 30));
     // The documents can all be indexed a moment before the checkpoint saying so is stored.
-    let deadline = std::time::Instant::now() + CONVERGE;
-    loop {
-        let cp = monsoon.checkpoint("big").expect("checkpoint");
-        if cp["snapshot"]["done"] == true {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the snapshot was never checkpointed as done: {cp}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    monsoon.wait_checkpoint("big", CONVERGE, |cp| cp["snapshot"]["done"] == true).context("the snapshot was never checkpointed as done")?;
     Ok(())
 }

@@ -659,6 +659,23 @@ impl Monsoon {
         }
     }
 
+    /// Wait until the checkpoint file of `pipeline` satisfies `pred` (it is committed every
+    /// interval, so the index can converge before the checkpoint says so).
+    pub fn wait_checkpoint(&self, pipeline: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(cp) = self.checkpoint(pipeline) {
+                if pred(&cp) {
+                    return Ok(cp);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("checkpoint condition not met within {timeout:?}; last checkpoint: {:?}", self.checkpoint(pipeline));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
