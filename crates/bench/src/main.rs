@@ -20,6 +20,7 @@
 //! Usage: `monsoon-bench <monsoon binary> [--docs N] [--stream M] [--backlog K]
 //! [--script-docs S] [--only LIST | --skip LIST]`
 
+mod cpu;
 mod opensearch;
 mod scripts;
 mod split;
@@ -520,7 +521,11 @@ async fn end_to_end(args: &Args) -> anyhow::Result<()> {
     let coll = events;
 
     // Backlog while Elasticsearch is down: memory must stay bounded.
-    if args.backlog > 0 {
+    if args.backlog == 0 {
+        // Stopped as a user stops it (a profiler wrapping the binary writes its report then).
+        let (code, _) = monsoon.terminate()?;
+        anyhow::ensure!(code == Some(0), "monsoon did not stop cleanly");
+    } else {
         monsoon.kill();
         // A fresh process so its peak RSS is the backlog's alone.
         monsoon.restart()?;

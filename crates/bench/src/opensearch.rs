@@ -11,6 +11,11 @@
 //!   index answers in milliseconds), and no pipeline can index a document before reading it:
 //!   the section also times monsoon's wall from its first document read, and SecantusDB's
 //!   first batch alone.
+//! - Where the CPU went in each of those runs (the node, SecantusDB, monsoon, the bench, and
+//!   the whole machine's busy share), and from it the floor no pipeline beats on this machine:
+//!   the node's CPU of its ceiling run plus SecantusDB's CPU of the sorted read, shared out
+//!   over the cores (and the same with the first batch served first, when nothing can be
+//!   indexed yet).
 //! - Streaming of M inserts: from the first insert to the last document acknowledged, and from
 //!   the last insert to acknowledged (monsoon's `indexed`) and to visible (the node's `_count`,
 //!   no refresh forced), against the bench's own pipeline under the same inserts: the same
@@ -34,6 +39,7 @@ use monsoon_engine::source::mongodb::event::{self, Action};
 use monsoon_testkit::opensearch::OpenSearch;
 use monsoon_testkit::*;
 
+use super::cpu::{Meter, Reading};
 use super::{delete_index, es_ceiling, monsoon_pid, proc_usage, request_counts, rss_split, together_ceiling, wait_indexed};
 
 /// How often the bench asks the node whether the last documents are visible.
@@ -61,16 +67,25 @@ pub async fn run(bin: &Path, n: i64, m: i64) -> anyhow::Result<()> {
     let warm = bodies.len().min(WARM_UP_DOCS / batch.max_docs);
     es_ceiling(&osc, bodies[..warm].to_vec()).await?;
     delete_index(&osc, "ceiling").await?;
+    let (node, source, bench) = (os.pid().context("node pid")?, mongo.pid().context("SecantusDB pid")?, std::process::id());
+    let meter = Meter::start(&[node, bench]);
     let alone_before = es_ceiling(&osc, bodies.clone()).await?;
+    let cpu_alone = meter.read();
     delete_index(&osc, "ceiling").await?;
+    let meter = Meter::start(&[source, node]);
     let together = together_ceiling(&raw, &osc, bodies.clone(), n).await?;
+    let cpu_together = meter.read();
+    let meter = Meter::start(&[source]);
     let source_first = super::first_batch(&raw).await?;
+    let cpu_first = meter.read();
 
     let state = TempDir::new("bench-os");
     // MONSOON_BENCH_SPEC: more of the pipeline's spec (indented YAML), to try other settings.
     let extra = std::env::var("MONSOON_BENCH_SPEC").unwrap_or_default();
     let yaml = pipeline_yaml("bench", &mongo.uri(), &os.url(), &["bench.items"], &extra);
+    let meter = Meter::start(&[node, source, bench]);
     let super::SnapshotRun { wall, cpu, rss, rss_now, requests, busy, first_read } = super::snapshot_run(bin, &yaml, state.path(), n).await?;
+    let cpu_run = meter.read();
     wait_visible(&osc, "bench.items", n as u64).await?;
     delete_index(&osc, "bench.items").await?;
     let alone_after = es_ceiling(&osc, bodies).await?;
@@ -93,6 +108,7 @@ pub async fn run(bin: &Path, n: i64, m: i64) -> anyhow::Result<()> {
     println!("| monsoon peak RSS | {:.1} MiB ({rss_now}) |", rss as f64 / 1024.0);
     println!("| bulk requests, checkpoint writes | {requests} |");
     println!("| request slots busy (bulk request time / (wall × {})) | {:.0} % ({:.0} % from the first document read) |", batch.concurrency, busy * 100.0, busy * wall / (wall - first_read) * 100.0);
+    print_cpu(&CpuRuns { alone: cpu_alone, together: cpu_together, first: cpu_first, run: cpu_run, monsoon: cpu }, source_first, mean);
 
     if m == 0 {
         return Ok(());
@@ -142,6 +158,36 @@ pub async fn run(bin: &Path, n: i64, m: i64) -> anyhow::Result<()> {
     println!("| bulk requests, checkpoint writes | {requests} | | |");
     println!("(acknowledged: monsoon's `indexed` counter, polled every 50 ms near the end; visible: `_count` without a forced refresh, polled every 50 ms)");
     Ok(())
+}
+
+/// Where the CPU went in the snapshot's runs ([`Meter`] readings).
+struct CpuRuns {
+    /// The node's ceiling alone: the node, the bench.
+    alone: Reading,
+    /// SecantusDB's sorted read beside the same bulk load: SecantusDB, the node.
+    together: Reading,
+    /// SecantusDB's first batch of the snapshot's query, alone: SecantusDB.
+    first: Reading,
+    /// Monsoon's run: the node, SecantusDB, the bench.
+    run: Reading,
+    /// Monsoon's own CPU seconds in its run.
+    monsoon: f64,
+}
+
+/// The CPU rows of the snapshot table, and the floor no pipeline beats on this machine: the
+/// node must do at least its work of the ceiling run, SecantusDB at least its work of the
+/// sorted read, and the cores are shared. With the first batch first: until it comes nothing
+/// can be indexed, so only the rest of that work is shared out after it.
+fn print_cpu(c: &CpuRuns, first_batch: f64, ceiling: f64) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let (node, source, first) = (c.alone.seconds[0], c.together.seconds[0], c.first.seconds[0]);
+    println!("| CPU: the node's ceiling run alone (before) | the node {node:.1} s, the bench {:.1} s; the machine busy {:.0} % of its {cores} cores |", c.alone.seconds[1], c.alone.busy * 100.0);
+    println!("| CPU: SecantusDB's sorted read beside the same load | SecantusDB {source:.1} s, the node {:.1} s; the machine busy {:.0} % |", c.together.seconds[1], c.together.busy * 100.0);
+    println!("| CPU: SecantusDB's first batch alone | {first:.1} s |");
+    println!("| CPU: monsoon's run | the node {:.1} s, SecantusDB {:.1} s, monsoon {:.1} s, the bench {:.1} s; the machine busy {:.0} % |", c.run.seconds[0], c.run.seconds[1], c.monsoon, c.run.seconds[2], c.run.busy * 100.0);
+    let floor = (node + source) / cores;
+    let floor_serial = first_batch + (node + source - first).max(0.0) / cores;
+    println!("| **the floor of any pipeline on these cores** ((the node's CPU alone + SecantusDB's CPU of the sorted read) / {cores}; the same with SecantusDB's first batch served first) | {floor:.1} s = {:.2} × the node's ceiling; {floor_serial:.1} s = **{:.2}** × |", floor / ceiling, floor_serial / ceiling);
 }
 
 /// When a streaming run's end came, in seconds.

@@ -195,6 +195,11 @@ impl Mongo {
         Ok(mongodb::Client::with_options(opts)?)
     }
 
+    /// Process id of the server, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stop the server (SIGTERM, or SIGKILL when `kill`), keeping its storage.
     pub fn stop(&mut self, kill: bool) {
         if let Some(mut c) = self.child.take() {

@@ -136,6 +136,11 @@ impl OpenSearch {
         Ok(Elasticsearch::new(Transport::single_node(&self.url())?))
     }
 
+    /// Process id of the node (its launcher execs the JVM), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stop the node (SIGTERM: it closes its indices and exits), keeping its data.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -27,21 +27,58 @@ pub struct Doc {
     pub id: RawBson,
     /// The document; `None` for a delete.
     pub doc: Option<RawDocumentBuf>,
-    /// The update's description (for scripts), for an update.
-    pub update: Option<RawDocumentBuf>,
-    /// The document before the change (MongoDB 6+ pre-image), kept only for namespaces whose
-    /// relations match on a field other than `_id` (a delete carries only the `_id`).
-    pub before: Option<RawDocumentBuf>,
     /// External version: the change's cluster time (a snapshot's start time for a read).
     pub version: u64,
     /// Read by a snapshot rather than the change stream.
     pub from_snapshot: bool,
-    /// For a document of a GridFS files collection indexed with content (`spec.files`): the
-    /// file's content, read from its chunks.
-    pub file: Option<FileBody>,
     /// This worker owns the document. A change of a document another shard owns is handed on
     /// only for its relations (`spec.relate`), never written itself.
     pub owned: bool,
+    /// What only some pipelines carry, boxed: a plain change stays within 128 bytes, which
+    /// the compiler moves inline (each change is moved several times on its way).
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The parts of a [`Doc`] only some pipelines read.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// The update's description (for scripts and time machines), for an update.
+    pub update: Option<RawDocumentBuf>,
+    /// The document before the change (MongoDB 6+ pre-image), kept only for namespaces whose
+    /// relations match on a field other than `_id`, and for time machines.
+    pub before: Option<RawDocumentBuf>,
+    /// For a document of a GridFS files collection indexed with content (`spec.files`): the
+    /// file's content, read from its chunks.
+    pub file: Option<FileBody>,
+}
+
+impl Extra {
+    /// Boxed, or `None` when there is nothing.
+    pub fn boxed(update: Option<RawDocumentBuf>, before: Option<RawDocumentBuf>, file: Option<FileBody>) -> Option<Box<Self>> {
+        (update.is_some() || before.is_some() || file.is_some()).then(|| Box::new(Self { update, before, file }))
+    }
+}
+
+impl Doc {
+    /// The update's description, for an update whose pipeline keeps it.
+    pub fn update(&self) -> Option<&RawDocumentBuf> {
+        self.extra.as_ref()?.update.as_ref()
+    }
+
+    /// The document before the change, where kept.
+    pub fn before(&self) -> Option<&RawDocumentBuf> {
+        self.extra.as_ref()?.before.as_ref()
+    }
+
+    /// The GridFS file's content, where read.
+    pub fn file(&self) -> Option<&FileBody> {
+        self.extra.as_ref()?.file.as_ref()
+    }
+
+    /// Take the GridFS file's content out.
+    pub fn take_file(&mut self) -> Option<FileBody> {
+        self.extra.as_mut()?.file.take()
+    }
 }
 
 /// A GridFS file's content, as the source read it.
@@ -171,7 +208,7 @@ impl Input {
         }
         if let Change::Doc(d) = &change {
             staged.bytes += d.doc.as_ref().map_or(0, |d| d.as_bytes().len());
-            if let Some(FileBody::Content(c)) = &d.file {
+            if let Some(FileBody::Content(c)) = d.file() {
                 staged.bytes += c.len();
             }
         }

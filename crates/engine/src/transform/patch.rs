@@ -51,7 +51,7 @@ impl Patches {
     /// with the change's own version.
     pub fn decide(&self, change: &Doc, write: &mut Write, stats: &mut ConvertStats, log: Option<(&TimeMachine, &Logged)>) {
         let patch = match &write.op {
-            Op::Index(source) => match &change.update {
+            Op::Index(source) => match change.update() {
                 None => PatchChange::Whole { source: source.clone(), snapshot: change.from_snapshot },
                 Some(update) => {
                     let mut description = Vec::with_capacity(update.as_bytes().len() + 16);
@@ -90,12 +90,10 @@ mod tests {
             coll: Arc::from("orders"),
             id: RawBson::Int32(1),
             doc: Some(RawDocumentBuf::from_document(&doc! {"_id": 1, "n": 1}).expect("raw")),
-            update: update.map(|u| RawDocumentBuf::from_document(&u).expect("raw")),
-            before: None,
             version: 1,
             from_snapshot: snapshot,
-            file: None,
             owned: true,
+            extra: crate::transform::change::Extra::boxed(update.map(|u| RawDocumentBuf::from_document(&u).expect("raw")), None, None),
         }
     }
 

@@ -88,7 +88,7 @@ impl Placer {
     /// may already be a later version). Without a pre-image, or one that does not apply, the
     /// looked-up document stays.
     pub fn own_version(&self, change: &mut Doc) {
-        let (Some(tm), Some(before), Some(update)) = (&self.time_machine, &change.before, &change.update) else { return };
+        let (Some(tm), Some(before), Some(update)) = (&self.time_machine, change.before(), change.update()) else { return };
         if change.doc.is_none() || !tm.logs(&change.db, &change.coll, change.from_snapshot) {
             return;
         }
@@ -136,7 +136,7 @@ impl Placer {
     pub fn place(&self, change: &mut Doc, stats: &mut ConvertStats) -> (Placed, Arc<str>) {
         let target = self.route(&change.db, &change.coll);
         let default = target.index.clone();
-        let file = change.file.take().map(|body| self.attachment(body));
+        let file = change.take_file().map(|body| self.attachment(body));
         (self.place_at(target, change, file, stats), default)
     }
 
@@ -292,7 +292,7 @@ struct View<'a> {
 
 impl<'a> View<'a> {
     fn of(d: &'a Doc) -> Self {
-        Self { id: d.id.as_raw_bson_ref(), doc: d.doc.as_deref(), update: d.update.as_deref(), version: d.version, from_snapshot: d.from_snapshot }
+        Self { id: d.id.as_raw_bson_ref(), doc: d.doc.as_deref(), update: d.update().map(|u| &**u), version: d.version, from_snapshot: d.from_snapshot }
     }
 }
 

@@ -17,7 +17,8 @@
 //!   its drop done.
 //! - A time machine entry follows its write, before the change's position, and its log index
 //!   is never in `written`: no drop, sweep or `onDrop` deletes a log.
-//! - The window holds at most [`WINDOW`] chunks: back-pressure reaches the source.
+//! - The window holds at most [`WINDOW`] chunks ([`PLAIN_WINDOW`] without scripts or
+//!   relations): back-pressure reaches the source.
 
 use std::sync::Arc;
 
@@ -38,8 +39,12 @@ use crate::convert::ConvertStats;
 use crate::metrics::{Health, Metrics};
 use crate::sink::{Chunk, Closed, Control, Op, Sink, Write, CHUNK};
 
-/// Chunks placed ahead of the one being handed on: the documents whose scripts run at once.
+/// Chunks placed ahead of the one being handed on: the documents whose scripts run at once,
+/// and the changes placed while a relation's re-sync reads.
 pub const WINDOW: usize = 8;
+/// The same without scripts or relations: placing is quick, and a deeper window would only
+/// hold documents (each chunk up to 64 writes and their sources).
+pub const PLAIN_WINDOW: usize = 2;
 
 /// Why the transform stage stopped.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +115,8 @@ impl Transform {
     /// # Errors
     /// [`Error::SinkClosed`], [`Error::SharedIndex`].
     pub async fn run(self, input: mpsc::Receiver<Vec<Change>>, sink: Sink) -> Result<(), Error> {
-        let (window_tx, window_rx) = mpsc::channel(WINDOW);
+        let window = if self.placer.scripts.is_some() || self.relations.is_some() { WINDOW } else { PLAIN_WINDOW };
+        let (window_tx, window_rx) = mpsc::channel(window);
         let result = {
             let placing = place_all(&self.placer, self.relations.as_ref(), &self.metrics, input, window_tx);
             let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
@@ -145,7 +151,16 @@ impl Transform {
                 None => Vec::new(),
             };
             for step in placed.steps {
-                self.hand_on(step, &mut decisions, out).await?;
+                match step {
+                    // Most steps: staged without a future of their own (an async call would
+                    // move the write into its state first).
+                    Step::Write(write, default, logged) => {
+                        if self.stage_write(write, &default, logged.as_ref(), out)? {
+                            out.send().await?;
+                        }
+                    }
+                    step => self.hand_on(step, &mut decisions, out).await?,
+                }
             }
         }
     }
@@ -260,9 +275,19 @@ impl Transform {
         finished.ok_or(Error::SinkClosed(Closed))
     }
 
-    /// Note the write's index in `written` (handing the note on before it), then the write,
-    /// then its time machine entry (never noted: no drop or sweep deletes a log index).
-    async fn hand_on_write(&self, mut write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<(), Error> {
+    /// [`Transform::stage_write`], handing the chunk on once full.
+    async fn hand_on_write(&self, write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<(), Error> {
+        if self.stage_write(write, default, logged, out)? {
+            out.send().await?;
+        }
+        Ok(())
+    }
+
+    /// Note the write's index in `written` (handing the note on before it), then stage the
+    /// write, then its time machine entry (never noted: no drop or sweep deletes a log index).
+    /// Returns whether the chunk is full: the caller hands it on.
+    #[inline]
+    fn stage_write(&self, mut write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<bool, Error> {
         if !matches!(write.op, Op::Reject(_)) && !out.noted(&write) {
             match self.book.note(&write.ns, &write.index) {
                 Ok(Some(position)) => out.chunk.record(position),
@@ -289,10 +314,7 @@ impl Transform {
             // change only once both are acknowledged.
             out.chunk.push(entry);
         }
-        if out.chunk.len() >= CHUNK {
-            out.send().await?;
-        }
-        Ok(())
+        Ok(out.chunk.len() >= CHUNK)
     }
 
     async fn hand_on_change(&self, change: Change, out: &mut Out<'_>) -> Result<(), Error> {

@@ -29,6 +29,7 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{
     ChangeStreamOptions, ClientOptions, FullDocumentBeforeChangeType, FullDocumentType, Tls, TlsOptions,
 };
+use mongodb::raw_batch_cursor::{RawBatch, RawBatchCursor};
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
 use std::borrow::Cow;
@@ -41,7 +42,7 @@ use crate::config::{MongoConfig, PreImages, Routing, Shard};
 use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
-use crate::transform::change::{Change, Closed, Doc, FileBody, Input, Unreadable};
+use crate::transform::change::{Change, Closed, Doc, Extra, FileBody, Input, Unreadable};
 use crate::transform::Shapes;
 
 /// MongoDB error code: the resume point is no longer in the oplog.
@@ -441,7 +442,7 @@ enum Read {
 }
 
 impl ReadAhead {
-    fn start(cursor: mongodb::Cursor<RawDocumentBuf>) -> Self {
+    fn start(cursor: RawBatchCursor) -> Self {
         let (tx, runs) = mpsc::channel(RUNS_AHEAD);
         let task = crate::AbortOnDrop::spawn(read_runs(cursor, tx));
         Self { runs, run: Vec::new().into_iter(), _task: task }
@@ -470,45 +471,53 @@ impl ReadAhead {
 }
 
 /// Read `cursor` to its end into `tx` in runs: a run goes when full, and before the cursor
-/// waits on MongoDB.
-async fn read_runs(mut cursor: mongodb::Cursor<RawDocumentBuf>, tx: mpsc::Sender<Read>) {
+/// waits on MongoDB for its next batch.
+async fn read_runs(mut cursor: RawBatchCursor, tx: mpsc::Sender<Read>) {
     let mut run: Vec<RawDocumentBuf> = Vec::with_capacity(RUN_DOCS);
     let mut bytes = 0;
     loop {
-        let advanced = {
-            let mut advance = std::pin::pin!(cursor.advance());
-            match futures_util::FutureExt::now_or_never(advance.as_mut()) {
+        let next = {
+            let mut next = futures_util::StreamExt::next(&mut cursor);
+            match futures_util::FutureExt::now_or_never(&mut next) {
                 Some(r) => r,
                 None => {
                     // The cursor waits on MongoDB: hand on what is here first.
                     if !hand_over(&tx, &mut run, &mut bytes).await {
                         return;
                     }
-                    advance.await
+                    next.await
                 }
             }
         };
-        let last = match advanced {
-            Ok(true) => {
-                let doc = cursor.current().to_owned();
-                bytes += doc.as_bytes().len();
-                run.push(doc);
-                if run.len() < RUN_DOCS && bytes < RUN_BYTES {
-                    continue;
-                }
-                None
-            }
-            Ok(false) => Some(Read::End),
-            Err(e) => Some(Read::Failed(e)),
+        let last = match next {
+            Some(Ok(batch)) => match take_batch(&batch, &tx, &mut run, &mut bytes).await {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => Read::Failed(e),
+            },
+            Some(Err(e)) => Read::Failed(e),
+            None => Read::End,
         };
-        if !hand_over(&tx, &mut run, &mut bytes).await {
-            return;
-        }
-        if let Some(last) = last {
+        if hand_over(&tx, &mut run, &mut bytes).await {
             let _ = tx.send(last).await;
-            return;
+        }
+        return;
+    }
+}
+
+/// Copy the documents of `batch` into runs (the one copy a document gets: the driver's
+/// cursor would copy each out of its batch, and the read-ahead again), handing full runs over.
+/// `Ok(false)` when the reader is gone.
+async fn take_batch(batch: &RawBatch, tx: &mpsc::Sender<Read>, run: &mut Vec<RawDocumentBuf>, bytes: &mut usize) -> Result<bool, mongodb::error::Error> {
+    for item in batch.doc_slices()? {
+        let doc = item?.as_document().ok_or_else(|| mongodb::error::Error::custom("a snapshot batch holds something other than a document"))?.to_owned();
+        *bytes += doc.as_bytes().len();
+        run.push(doc);
+        if (run.len() >= RUN_DOCS || *bytes >= RUN_BYTES) && !hand_over(tx, run, bytes).await {
+            return Ok(false);
         }
     }
+    Ok(true)
 }
 
 /// Hand the documents of `run` over (if any), starting a new run; `false` when the reader is
@@ -638,16 +647,14 @@ impl Source<'_> {
         // Pre-images are read only by relations from a field other than `_id` and time machines.
         let before = before.filter(|_| self.pre_images.includes(&ns.0, &ns.1));
         self.send(Change::Doc(Doc {
-            file,
             owned,
             db: ns.0.clone(),
             coll: ns.1.clone(),
             id: id.to_raw_bson(),
             doc: doc.map(Cow::into_owned),
-            update: update.map(ToOwned::to_owned),
-            before: before.map(ToOwned::to_owned),
             version,
             from_snapshot,
+            extra: Extra::boxed(update.map(ToOwned::to_owned), before.map(ToOwned::to_owned), file),
         }))
         .await
     }
@@ -782,25 +789,25 @@ impl Source<'_> {
     }
 
     /// The snapshot query of `db.coll` after `resume_after` (up to `up_to`), in `_id` order.
-    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>, up_to: Option<&Bson>) -> Result<mongodb::Cursor<RawDocumentBuf>, mongodb::error::Error> {
+    async fn snapshot_cursor(&self, db: &str, coll: &str, resume_after: Option<&Bson>, up_to: Option<&Bson>) -> Result<RawBatchCursor, mongodb::error::Error> {
         let collection = self.client.database(db).collection::<RawDocumentBuf>(coll);
         let shape = self.shapes.for_ns(db, coll);
         let filter = filter::between(resume_after, up_to);
         if shape.snapshot_stages.is_empty() {
             let find = collection.find(filter).sort(doc! {"_id": 1}).batch_size(1000);
             // A view takes no hint (MongoDB refuses one); its pipeline decides.
-            return if self.is_view(db, coll) { find.await } else { find.hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).await };
+            return if self.is_view(db, coll) { find.batch().await } else { find.hint(mongodb::options::Hint::Keys(doc! {"_id": 1})).batch().await };
         }
         // The mapping's stages after monsoon's own: resume after the last `_id`, in `_id` order
         // (the stages must keep both).
         let mut pipeline = vec![doc! {"$match": filter}, doc! {"$sort": {"_id": 1}}];
         pipeline.extend(shape.snapshot_stages.iter().cloned());
-        collection.aggregate(pipeline).batch_size(1000).await.map(|c| c.with_type::<RawDocumentBuf>())
+        collection.aggregate(pipeline).batch_size(1000).batch().await
     }
 
     /// Hand on every document of `cursor`, recording positions as it goes. `None`: the read
     /// failed (backed off; query again after `at.resume_after`).
-    async fn read_cursor(&self, cursor: mongodb::Cursor<RawDocumentBuf>, at: &mut Reading) -> Result<Option<Ended>, Error> {
+    async fn read_cursor(&self, cursor: RawBatchCursor, at: &mut Reading) -> Result<Option<Ended>, Error> {
         let mut cursor = ReadAhead::start(cursor);
         let mut since_position = 0u64;
         loop {
