@@ -3,6 +3,11 @@
 
 use std::time::Instant;
 
+/// CPU seconds (user + system) `pid` used so far, alone; 0 once it is gone.
+pub fn own_seconds(pid: u32) -> f64 {
+    stat_of(pid).map_or(0.0, |(_, secs)| secs)
+}
+
 /// CPU seconds (user + system) `pid` and every process below it used so far; 0 once it is gone.
 pub fn tree_seconds(pid: u32) -> f64 {
     let mut stats: Vec<(u32, u32, f64)> = Vec::new();
@@ -48,9 +53,27 @@ fn machine_busy() -> f64 {
     busy / super::clock_ticks()
 }
 
-/// CPU used from [`Meter::start`] on: by each watched process tree and by the whole machine.
+/// A process a [`Meter`] watches.
+#[derive(Clone, Copy)]
+pub enum Watched {
+    /// The process and every process below it (a server and whatever it starts).
+    Tree(u32),
+    /// The process alone (the bench, whose children are the servers).
+    Alone(u32),
+}
+
+impl Watched {
+    fn seconds(self) -> f64 {
+        match self {
+            Self::Tree(pid) => tree_seconds(pid),
+            Self::Alone(pid) => own_seconds(pid),
+        }
+    }
+}
+
+/// CPU used from [`Meter::start`] on: by each watched process and by the whole machine.
 pub struct Meter {
-    pids: Vec<u32>,
+    pids: Vec<Watched>,
     at_start: Vec<f64>,
     machine_at_start: f64,
     started: Instant,
@@ -58,23 +81,23 @@ pub struct Meter {
 
 /// What a [`Meter`] read.
 pub struct Reading {
-    /// CPU seconds of each watched process tree, in the order given.
+    /// CPU seconds of each watched process, in the order given.
     pub seconds: Vec<f64>,
     /// The machine's busy share of all its cores over the wall time, 0–1.
     pub busy: f64,
 }
 
 impl Meter {
-    /// Start measuring `pids` (each with its descendants) and the machine.
-    pub fn start(pids: &[u32]) -> Self {
-        Self { pids: pids.to_vec(), at_start: pids.iter().map(|p| tree_seconds(*p)).collect(), machine_at_start: machine_busy(), started: Instant::now() }
+    /// Start measuring `pids` and the machine.
+    pub fn start(pids: &[Watched]) -> Self {
+        Self { pids: pids.to_vec(), at_start: pids.iter().map(|p| p.seconds()).collect(), machine_at_start: machine_busy(), started: Instant::now() }
     }
 
     /// CPU used since the start.
     pub fn read(&self) -> Reading {
         let wall = self.started.elapsed().as_secs_f64();
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-        let seconds = self.pids.iter().zip(&self.at_start).map(|(p, s)| (tree_seconds(*p) - s).max(0.0)).collect();
+        let seconds = self.pids.iter().zip(&self.at_start).map(|(p, s)| (p.seconds() - s).max(0.0)).collect();
         Reading { seconds, busy: (machine_busy() - self.machine_at_start) / (wall * cores) }
     }
 }

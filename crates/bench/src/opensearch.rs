@@ -39,7 +39,7 @@ use monsoon_engine::source::mongodb::event::{self, Action};
 use monsoon_testkit::opensearch::OpenSearch;
 use monsoon_testkit::*;
 
-use super::cpu::{Meter, Reading};
+use super::cpu::{Meter, Reading, Watched};
 use super::{delete_index, es_ceiling, monsoon_pid, proc_usage, request_counts, rss_split, together_ceiling, wait_indexed};
 
 /// How often the bench asks the node whether the last documents are visible.
@@ -67,7 +67,7 @@ pub async fn run(bin: &Path, n: i64, m: i64) -> anyhow::Result<()> {
     let warm = bodies.len().min(WARM_UP_DOCS / batch.max_docs);
     es_ceiling(&osc, bodies[..warm].to_vec()).await?;
     delete_index(&osc, "ceiling").await?;
-    let (node, source, bench) = (os.pid().context("node pid")?, mongo.pid().context("SecantusDB pid")?, std::process::id());
+    let (node, source, bench) = (Watched::Tree(os.pid().context("node pid")?), Watched::Tree(mongo.pid().context("SecantusDB pid")?), Watched::Alone(std::process::id()));
     let meter = Meter::start(&[node, bench]);
     let alone_before = es_ceiling(&osc, bodies.clone()).await?;
     let cpu_alone = meter.read();

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mongodb::bson::{RawBson, RawDocumentBuf, Timestamp};
+use mongodb::bson::{RawBson, RawDocument, RawDocumentBuf, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::Position;
@@ -26,7 +26,7 @@ pub struct Doc {
     /// The document's `_id`.
     pub id: RawBson,
     /// The document; `None` for a delete.
-    pub doc: Option<RawDocumentBuf>,
+    pub doc: Option<Body>,
     /// External version: the change's cluster time (a snapshot's start time for a read).
     pub version: u64,
     /// Read by a snapshot rather than the change stream.
@@ -37,6 +37,45 @@ pub struct Doc {
     /// What only some pipelines carry, boxed: a plain change stays within 128 bytes, which
     /// the compiler moves inline (each change is moved several times on its way).
     pub extra: Option<Box<Extra>>,
+}
+
+/// A document's BSON, owned: its own buffer, or the part of the change event that carried it
+/// (a change stream's `fullDocument`, handed on inside its event rather than copied out).
+#[derive(Debug, Clone)]
+pub struct Body {
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Body {
+    /// A document of its own.
+    pub fn own(doc: RawDocumentBuf) -> Self {
+        let bytes = doc.into_bytes();
+        Self { end: bytes.len(), start: 0, bytes }
+    }
+
+    /// The document of `event` at `span` (from [`span`]), keeping `event` whole.
+    pub fn within(event: RawDocumentBuf, (start, end): (usize, usize)) -> Self {
+        Self { bytes: event.into_bytes(), start, end }
+    }
+
+    /// The document.
+    pub fn doc(&self) -> &RawDocument {
+        RawDocument::from_bytes(&self.bytes[self.start..self.end]).expect("a body is a document it was built from")
+    }
+
+    /// Bytes held (the whole event, for one inside its event).
+    pub fn held(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Where `part` lies within `whole`, when it does.
+pub fn span(whole: &RawDocument, part: &RawDocument) -> Option<(usize, usize)> {
+    let start = (part.as_bytes().as_ptr() as usize).checked_sub(whole.as_bytes().as_ptr() as usize)?;
+    let end = start + part.as_bytes().len();
+    (end <= whole.as_bytes().len()).then_some((start, end))
 }
 
 /// The parts of a [`Doc`] only some pipelines read.
@@ -207,7 +246,7 @@ impl Input {
             return None;
         }
         if let Change::Doc(d) = &change {
-            staged.bytes += d.doc.as_ref().map_or(0, |d| d.as_bytes().len());
+            staged.bytes += d.doc.as_ref().map_or(0, Body::held);
             if let Some(FileBody::Content(c)) = d.file() {
                 staged.bytes += c.len();
             }
@@ -274,6 +313,23 @@ mod tests {
 
     fn position() -> Position {
         Position::SnapshotDone
+    }
+
+    #[test]
+    fn a_document_handed_on_inside_its_event_is_that_document_alone() {
+        use mongodb::bson::{doc, RawDocumentBuf};
+        let event = RawDocumentBuf::from_document(&doc! {"_id": {"_data": "82"}, "operationType": "insert", "fullDocument": {"_id": 7, "name": "a"}, "ns": {"db": "d", "coll": "c"}}).expect("event");
+        let full = event.get_document("fullDocument").expect("fullDocument");
+        let span = span(&event, full).expect("inside the event");
+        let event_len = event.as_bytes().len();
+        let body = Body::within(event, span);
+        assert_eq!(body.doc().as_bytes(), RawDocumentBuf::from_document(&doc! {"_id": 7, "name": "a"}).expect("doc").as_bytes());
+        // The whole event is held, and counted so.
+        assert_eq!(body.held(), event_len);
+        // A document elsewhere is not inside the event: it is copied instead.
+        let other = RawDocumentBuf::from_document(&doc! {"_id": 7, "name": "a"}).expect("doc");
+        let event = RawDocumentBuf::from_document(&doc! {"fullDocument": {"_id": 7, "name": "a"}}).expect("event");
+        assert_eq!(super::span(&event, &other), None);
     }
 
     /// Seen on the old code (a snapshot stopped by SIGTERM while the stages held it back): the

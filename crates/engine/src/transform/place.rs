@@ -93,7 +93,7 @@ impl Placer {
             return;
         }
         match super::update::apply(before, update) {
-            Ok(version) => change.doc = Some(version),
+            Ok(version) => change.doc = Some(super::change::Body::own(version)),
             Err(why) => {
                 self.metrics.events.with_label_values(&["own_version_failed"]).inc();
                 tracing::warn!(namespace = %format!("{}.{}", change.db, change.coll), error = %why, "update description does not apply to the pre-image; logging the looked-up document");
@@ -292,7 +292,7 @@ struct View<'a> {
 
 impl<'a> View<'a> {
     fn of(d: &'a Doc) -> Self {
-        Self { id: d.id.as_raw_bson_ref(), doc: d.doc.as_deref(), update: d.update().map(|u| &**u), version: d.version, from_snapshot: d.from_snapshot }
+        Self { id: d.id.as_raw_bson_ref(), doc: d.doc.as_ref().map(super::change::Body::doc), update: d.update().map(|u| &**u), version: d.version, from_snapshot: d.from_snapshot }
     }
 }
 

@@ -157,7 +157,7 @@ impl Relations {
     /// that closes without `Done` means the re-sync was stopped (shutdown).
     pub fn resync(self: &Arc<Self>, change: &Doc) -> mpsc::Receiver<Related> {
         let (tx, rx) = mpsc::channel(AHEAD);
-        let root = Visit { ns: format!("{}.{}", change.db, change.coll), id: change.id.clone(), doc: change.doc.clone(), before: change.before().cloned() };
+        let root = Visit { ns: format!("{}.{}", change.db, change.coll), id: change.id.clone(), doc: change.doc.as_ref().map(|b| b.doc().to_owned()), before: change.before().cloned() };
         let this = self.clone();
         let version = change.version;
         tokio::spawn(async move {
@@ -335,7 +335,7 @@ impl Relations {
             return Ok(());
         }
         self.metrics.events.with_label_values(&["related"]).inc();
-        let doc = Doc { db: relation.with_db.clone(), coll: relation.with_coll.clone(), id, doc, version: walk.version, from_snapshot: false, owned: true, extra: None };
+        let doc = Doc { db: relation.with_db.clone(), coll: relation.with_coll.clone(), id, doc: doc.map(super::change::Body::own), version: walk.version, from_snapshot: false, owned: true, extra: None };
         send(walk.tx, Related::Doc(doc)).await
     }
 

@@ -32,7 +32,6 @@ use mongodb::options::{
 use mongodb::raw_batch_cursor::{RawBatch, RawBatchCursor};
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
-use std::borrow::Cow;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -42,7 +41,7 @@ use crate::config::{MongoConfig, PreImages, Routing, Shard};
 use crate::convert;
 use crate::metrics::{Health, Metrics, Phase};
 use crate::retry::Backoff;
-use crate::transform::change::{Change, Closed, Doc, Extra, FileBody, Input, Unreadable};
+use crate::transform::change::{self, Body, Change, Closed, Doc, Extra, FileBody, Input, Unreadable};
 use crate::transform::Shapes;
 
 /// MongoDB error code: the resume point is no longer in the oplog.
@@ -401,11 +400,12 @@ pub struct Source<'a> {
     pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
 }
 
-/// One document as a change event or a read found it.
+/// One document as a change event or a read found it. The document itself is handed on by
+/// the caller ([`Source::send_doc`]), owned, so it is never copied to be handed on.
 struct Found<'a> {
     id: RawBsonRef<'a>,
-    /// `None` for a delete. Owned when read ahead (handed on without another copy).
-    doc: Option<Cow<'a, RawDocument>>,
+    /// `None` for a delete.
+    doc: Option<&'a RawDocument>,
     update: Option<&'a RawDocument>,
     before: Option<&'a RawDocument>,
 }
@@ -635,28 +635,42 @@ impl Source<'_> {
         }
     }
 
-    /// Hand on a change of a document of `db.coll`.
-    async fn send_doc(&self, ns: &(Arc<str>, Arc<str>), found: Found<'_>, version: u64, from_snapshot: bool) -> Result<(), Error> {
-        let Found { id, doc, update, before } = found;
-        // Not owned: handed on only for its relations (`spec.relate`), which every shard follows.
-        let owned = self.owns(id);
-        let file = match (self.files.filter(|f| f.indexes_content(&ns.0, &ns.1)), &doc) {
-            (Some(files), Some(d)) if owned => Some(self.file_body(&ns.0, &ns.1, id, d.as_ref(), files.max_file_size).await?),
-            _ => None,
-        };
+    /// Hand on a change of a document: `doc` from [`Source::doc_of`], with the document's bytes.
+    async fn send_doc(&self, doc: Doc, body: Option<Body>) -> Result<(), Error> {
+        self.send(Change::Doc(Doc { doc: body, ..doc })).await
+    }
+
+    /// Whether `found` is indexed with its GridFS file's content (`spec.files`): then
+    /// [`Source::file_of`] reads it before [`Source::doc_of`].
+    fn wants_file(&self, ns: &(Arc<str>, Arc<str>), found: &Found<'_>) -> bool {
+        found.doc.is_some() && self.files.is_some_and(|f| f.indexes_content(&ns.0, &ns.1)) && self.owns(found.id)
+    }
+
+    /// The content of `found`'s GridFS file (see [`Source::wants_file`]).
+    async fn file_of(&self, ns: &(Arc<str>, Arc<str>), found: &Found<'_>) -> Result<Option<FileBody>, Error> {
+        let (Some(files), Some(doc)) = (self.files, found.doc) else { return Ok(None) };
+        Ok(Some(self.file_body(&ns.0, &ns.1, found.id, doc, files.max_file_size).await?))
+    }
+
+    /// The change of a document `found`, all but the document's bytes, which the caller owns
+    /// and hands on with it ([`Source::send_doc`]), and its GridFS file's content, `file`.
+    /// Not async: a future here would hold the change across an await, and every document
+    /// would pay for moving it.
+    fn doc_of(&self, ns: &(Arc<str>, Arc<str>), found: Found<'_>, file: Option<FileBody>, version: u64, from_snapshot: bool) -> Doc {
+        let Found { id, doc: _, update, before } = found;
         // Pre-images are read only by relations from a field other than `_id` and time machines.
         let before = before.filter(|_| self.pre_images.includes(&ns.0, &ns.1));
-        self.send(Change::Doc(Doc {
-            owned,
+        Doc {
+            // Not owned: handed on only for its relations (`spec.relate`), which every shard follows.
+            owned: self.owns(id),
             db: ns.0.clone(),
             coll: ns.1.clone(),
             id: id.to_raw_bson(),
-            doc: doc.map(Cow::into_owned),
+            doc: None,
             version,
             from_snapshot,
             extra: Extra::boxed(update.map(ToOwned::to_owned), before.map(ToOwned::to_owned), file),
-        }))
-        .await
+        }
     }
 
     /// Read `db.coll`: the whole collection, or what `progress` (from the checkpoint) says is
@@ -870,8 +884,10 @@ impl Source<'_> {
         };
         let id_ref = id.as_raw_bson_ref();
         if self.owns(id_ref) {
-            let found = Found { id: id_ref, doc: Some(Cow::Owned(raw)), update: None, before: None };
-            self.send_doc(&at.names, found, at.version, true).await?;
+            let found = Found { id: id_ref, doc: Some(&raw), update: None, before: None };
+            let file = if self.wants_file(&at.names, &found) { self.file_of(&at.names, &found).await? } else { None };
+            let doc = self.doc_of(&at.names, found, file, at.version, true);
+            self.send_doc(doc, Some(Body::own(raw))).await?;
             self.metrics.snapshot_docs.inc();
         }
         at.resume_after = Some(id.try_into().unwrap_or(Bson::Null));
@@ -1000,7 +1016,7 @@ impl Source<'_> {
                     // Past the oversize event: handle this one, then re-open with updateLookup.
                     let back_to_lookup = lean && at.lean_left == 1;
                     at.lean_left = at.lean_left.saturating_sub(1);
-                    if self.handle_event(&raw, &mut at.last_time).await? == Next::Reopen {
+                    if self.handle_event(raw, &mut at.last_time).await? == Next::Reopen {
                         // After an invalidate: continue after it.
                         if let Some(token) = stream.resume_token() {
                             self.record_token(at, token.clone(), true);
@@ -1167,14 +1183,14 @@ impl Source<'_> {
         (ns, ended, at.start)
     }
 
-    async fn handle_event(&self, raw: &RawDocument, last_time: &mut Option<Timestamp>) -> Result<Next, Error> {
-        let action = match event::parse(raw) {
+    async fn handle_event(&self, raw: RawDocumentBuf, last_time: &mut Option<Timestamp>) -> Result<Next, Error> {
+        let action = match event::parse(&raw) {
             Ok(a) => a,
             Err(e) => {
                 // Never skipped: the whole event is dead-lettered, in order with the rest, so
                 // the change it carries can be applied by hand.
                 self.metrics.events.with_label_values(&["malformed"]).inc();
-                let seen = event::salvage(raw);
+                let seen = event::salvage(&raw);
                 if seen.id.is_some_and(|id| !self.owns(id)) {
                     return Ok(Next::Continue);
                 }
@@ -1196,23 +1212,33 @@ impl Source<'_> {
             Action::Upsert { db, coll, id, doc, time, update, before } => {
                 self.metrics.hot.upserts.inc();
                 if self.follows(db, coll, id) {
-                    let found = Found { id, doc: Some(Cow::Borrowed(doc)), update, before };
-                    self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
+                    let (ns, found) = (self.names(db, coll), Found { id, doc: Some(doc), update, before });
+                    let file = if self.wants_file(&ns, &found) { self.file_of(&ns, &found).await? } else { None };
+                    let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
+                    // The document goes on inside its event: no copy.
+                    let body = match change::span(&raw, doc) {
+                        Some(span) => Body::within(raw, span),
+                        None => Body::own(doc.to_owned()),
+                    };
+                    self.send_doc(change, Some(body)).await?;
                 }
             }
             Action::Delete { db, coll, id, time, before } => {
                 self.metrics.hot.deletes.inc();
                 if self.follows(db, coll, id) {
                     let found = Found { id, doc: None, update: None, before };
-                    self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
+                    let change = self.doc_of(&self.names(db, coll), found, None, ClusterTime::from(time).version(), false);
+                    self.send_doc(change, None).await?;
                 }
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
                 if self.follows(db, coll, id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    let found = Found { id, doc: doc.as_deref().map(Cow::Borrowed), update: None, before: None };
-                    self.send_doc(&self.names(db, coll), found, ClusterTime::from(time).version(), false).await?;
+                    let (ns, found) = (self.names(db, coll), Found { id, doc: doc.as_deref(), update: None, before: None });
+                    let file = if self.wants_file(&ns, &found) { self.file_of(&ns, &found).await? } else { None };
+                    let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
+                    self.send_doc(change, doc.map(Body::own)).await?;
                 }
             }
             Action::Drop { db, coll, time } => {
