@@ -42,32 +42,44 @@ pub struct Doc {
 /// A document's BSON, owned: its own buffer, or the part of the change event that carried it
 /// (a change stream's `fullDocument`, handed on inside its event rather than copied out).
 #[derive(Debug, Clone)]
-pub struct Body {
-    bytes: Vec<u8>,
-    start: usize,
-    end: usize,
+pub enum Body {
+    /// A document of its own (a snapshot's read, a lookup).
+    Own(RawDocumentBuf),
+    /// The bytes `start..end` of a change event.
+    Within {
+        /// The whole event.
+        event: Vec<u8>,
+        /// Where the document starts.
+        start: u32,
+        /// Where it ends.
+        end: u32,
+    },
 }
 
 impl Body {
-    /// A document of its own.
-    pub fn own(doc: RawDocumentBuf) -> Self {
-        let bytes = doc.into_bytes();
-        Self { end: bytes.len(), start: 0, bytes }
-    }
-
-    /// The document of `event` at `span` (from [`span`]), keeping `event` whole.
+    /// The document of `event` at `span` (from [`span`]), keeping `event` whole. An event is
+    /// at most 16 MiB, so its offsets fit in 32 bits; beyond that the document is copied.
     pub fn within(event: RawDocumentBuf, (start, end): (usize, usize)) -> Self {
-        Self { bytes: event.into_bytes(), start, end }
+        match (u32::try_from(start), u32::try_from(end)) {
+            (Ok(start), Ok(end)) => Self::Within { event: event.into_bytes(), start, end },
+            _ => Self::Own(RawDocument::from_bytes(&event.as_bytes()[start..end]).map_or_else(|_| RawDocumentBuf::new(), ToOwned::to_owned)),
+        }
     }
 
     /// The document.
     pub fn doc(&self) -> &RawDocument {
-        RawDocument::from_bytes(&self.bytes[self.start..self.end]).expect("a body is a document it was built from")
+        match self {
+            Self::Own(doc) => doc,
+            Self::Within { event, start, end } => RawDocument::from_bytes(&event[*start as usize..*end as usize]).expect("a body is the document it was built from"),
+        }
     }
 
     /// Bytes held (the whole event, for one inside its event).
     pub fn held(&self) -> usize {
-        self.bytes.len()
+        match self {
+            Self::Own(doc) => doc.as_bytes().len(),
+            Self::Within { event, .. } => event.len(),
+        }
     }
 }
 

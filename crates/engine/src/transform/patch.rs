@@ -89,7 +89,7 @@ mod tests {
             db: Arc::from("shop"),
             coll: Arc::from("orders"),
             id: RawBson::Int32(1),
-            doc: Some(crate::transform::change::Body::own(RawDocumentBuf::from_document(&doc! {"_id": 1, "n": 1}).expect("raw"))),
+            doc: Some(crate::transform::change::Body::Own(RawDocumentBuf::from_document(&doc! {"_id": 1, "n": 1}).expect("raw"))),
             version: 1,
             from_snapshot: snapshot,
             owned: true,

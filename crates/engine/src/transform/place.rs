@@ -93,7 +93,7 @@ impl Placer {
             return;
         }
         match super::update::apply(before, update) {
-            Ok(version) => change.doc = Some(super::change::Body::own(version)),
+            Ok(version) => change.doc = Some(super::change::Body::Own(version)),
             Err(why) => {
                 self.metrics.events.with_label_values(&["own_version_failed"]).inc();
                 tracing::warn!(namespace = %format!("{}.{}", change.db, change.coll), error = %why, "update description does not apply to the pre-image; logging the looked-up document");

@@ -335,7 +335,7 @@ impl Relations {
             return Ok(());
         }
         self.metrics.events.with_label_values(&["related"]).inc();
-        let doc = Doc { db: relation.with_db.clone(), coll: relation.with_coll.clone(), id, doc: doc.map(super::change::Body::own), version: walk.version, from_snapshot: false, owned: true, extra: None };
+        let doc = Doc { db: relation.with_db.clone(), coll: relation.with_coll.clone(), id, doc: doc.map(super::change::Body::Own), version: walk.version, from_snapshot: false, owned: true, extra: None };
         send(walk.tx, Related::Doc(doc)).await
     }
 

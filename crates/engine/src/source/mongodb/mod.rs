@@ -646,7 +646,8 @@ impl Source<'_> {
         found.doc.is_some() && self.files.is_some_and(|f| f.indexes_content(&ns.0, &ns.1)) && self.owns(found.id)
     }
 
-    /// The content of `found`'s GridFS file (see [`Source::wants_file`]).
+    /// The content of `found`'s GridFS file (see [`Source::wants_file`]). Callers box its
+    /// future: held inline, its size would be moved with every document's.
     async fn file_of(&self, ns: &(Arc<str>, Arc<str>), found: &Found<'_>) -> Result<Option<FileBody>, Error> {
         let (Some(files), Some(doc)) = (self.files, found.doc) else { return Ok(None) };
         Ok(Some(self.file_body(&ns.0, &ns.1, found.id, doc, files.max_file_size).await?))
@@ -885,9 +886,9 @@ impl Source<'_> {
         let id_ref = id.as_raw_bson_ref();
         if self.owns(id_ref) {
             let found = Found { id: id_ref, doc: Some(&raw), update: None, before: None };
-            let file = if self.wants_file(&at.names, &found) { self.file_of(&at.names, &found).await? } else { None };
+            let file = if self.wants_file(&at.names, &found) { Box::pin(self.file_of(&at.names, &found)).await? } else { None };
             let doc = self.doc_of(&at.names, found, file, at.version, true);
-            self.send_doc(doc, Some(Body::own(raw))).await?;
+            self.send_doc(doc, Some(Body::Own(raw))).await?;
             self.metrics.snapshot_docs.inc();
         }
         at.resume_after = Some(id.try_into().unwrap_or(Bson::Null));
@@ -1213,12 +1214,12 @@ impl Source<'_> {
                 self.metrics.hot.upserts.inc();
                 if self.follows(db, coll, id) {
                     let (ns, found) = (self.names(db, coll), Found { id, doc: Some(doc), update, before });
-                    let file = if self.wants_file(&ns, &found) { self.file_of(&ns, &found).await? } else { None };
+                    let file = if self.wants_file(&ns, &found) { Box::pin(self.file_of(&ns, &found)).await? } else { None };
                     let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
                     // The document goes on inside its event: no copy.
                     let body = match change::span(&raw, doc) {
                         Some(span) => Body::within(raw, span),
-                        None => Body::own(doc.to_owned()),
+                        None => Body::Own(doc.to_owned()),
                     };
                     self.send_doc(change, Some(body)).await?;
                 }
@@ -1236,9 +1237,9 @@ impl Source<'_> {
                 if self.follows(db, coll, id) {
                     let doc = self.lookup(db, coll, id).await?;
                     let (ns, found) = (self.names(db, coll), Found { id, doc: doc.as_deref(), update: None, before: None });
-                    let file = if self.wants_file(&ns, &found) { self.file_of(&ns, &found).await? } else { None };
+                    let file = if self.wants_file(&ns, &found) { Box::pin(self.file_of(&ns, &found)).await? } else { None };
                     let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
-                    self.send_doc(change, doc.map(Body::own)).await?;
+                    self.send_doc(change, doc.map(Body::Own)).await?;
                 }
             }
             Action::Drop { db, coll, time } => {
