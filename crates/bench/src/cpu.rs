@@ -1,4 +1,4 @@
-//! CPU time of processes (each with its descendants) and of the whole machine, from /proc: how
+//! CPU time of processes (alone, or with their descendants) and of the whole machine, from /proc: how
 //! the OpenSearch section shows whether the machine's cores, rather than monsoon, set the pace.
 
 use std::time::Instant;
@@ -34,13 +34,18 @@ pub fn tree_seconds(pid: u32) -> f64 {
 }
 
 /// (parent pid, CPU seconds) of one process.
-fn stat_of(pid: u32) -> Option<(u32, f64)> {
+pub fn stat_of(pid: u32) -> Option<(u32, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // After the command: state 0, ppid 1, utime 11, stime 12 (fields 3, 14, 15 of stat).
     let ppid = fields.get(1)?.parse().ok()?;
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some((ppid, ticks / super::clock_ticks()))
+}
+
+/// The machine's cores.
+pub fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, usize::from) as f64
 }
 
 /// CPU seconds the whole machine spent busy (anything but idle and waiting on I/O), from the
@@ -96,8 +101,7 @@ impl Meter {
     /// CPU used since the start.
     pub fn read(&self) -> Reading {
         let wall = self.started.elapsed().as_secs_f64();
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         let seconds = self.pids.iter().zip(&self.at_start).map(|(p, s)| (p.seconds() - s).max(0.0)).collect();
-        Reading { seconds, busy: (machine_busy() - self.machine_at_start) / (wall * cores) }
+        Reading { seconds, busy: (machine_busy() - self.machine_at_start) / (wall * cores()) }
     }
 }

@@ -382,14 +382,10 @@ fn rss_split(pid: u32) -> String {
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
 fn proc_usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the command: state is index 0, utime 11, stime 12 (fields 14/15 of stat).
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let (_, secs) = cpu::stat_of(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm = status_kib(&status, "VmHWM:")?;
-    Some((ticks / clock_ticks(), hwm))
+    Some((secs, hwm))
 }
 
 fn clock_ticks() -> f64 {

@@ -179,7 +179,7 @@ struct CpuRuns {
 /// sorted read, and the cores are shared. With the first batch first: until it comes nothing
 /// can be indexed, so only the rest of that work is shared out after it.
 fn print_cpu(c: &CpuRuns, first_batch: f64, ceiling: f64) {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let cores = super::cpu::cores();
     let (node, source, first) = (c.alone.seconds[0], c.together.seconds[0], c.first.seconds[0]);
     println!("| CPU: the node's ceiling run alone (before) | the node {node:.1} s, the bench {:.1} s; the machine busy {:.0} % of its {cores} cores |", c.alone.seconds[1], c.alone.busy * 100.0);
     println!("| CPU: SecantusDB's sorted read beside the same load | SecantusDB {source:.1} s, the node {:.1} s; the machine busy {:.0} % |", c.together.seconds[1], c.together.busy * 100.0);
