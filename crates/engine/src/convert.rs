@@ -1005,6 +1005,20 @@ pub fn write_es_id(id: RawBsonRef<'_>, out: &mut Vec<u8>) -> Result<(), Error> {
     Ok(())
 }
 
+/// [`write_es_id`] as an owned JSON literal, allocated once at its size: the id is written
+/// into a scratch buffer of the thread first (every plain write needs one).
+pub fn es_id_json(id: RawBsonRef<'_>) -> Result<Box<str>, Error> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(64));
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        write_es_id(id, buf)?;
+        // The writer only writes valid UTF-8; `from_utf8_lossy` only guards the type.
+        Ok(String::from_utf8_lossy(buf).into())
+    })
+}
+
 /// Same as [`write_es_id`], but returns the id as an owned, unquoted, unescaped `String`.
 pub fn es_id_string(id: RawBsonRef<'_>) -> Result<String, Error> {
     match id {

@@ -273,11 +273,7 @@ impl Placer {
 /// The Elasticsearch `_id` (JSON) a dead letter names for MongoDB `_id` `id`; `null` when it
 /// has none (too long).
 fn dead_letter_id(id: &mongodb::bson::RawBson) -> Box<str> {
-    let mut json = Vec::new();
-    match convert::write_es_id(id.as_raw_bson_ref(), &mut json) {
-        Ok(()) => String::from_utf8_lossy(&json).into(),
-        Err(_) => "null".into(),
-    }
+    convert::es_id_json(id.as_raw_bson_ref()).unwrap_or_else(|_| "null".into())
 }
 
 /// A change, borrowed from its [`Doc`].
@@ -304,15 +300,15 @@ fn plain_write(ns: Arc<str>, index: Arc<str>, view: View<'_>, stats: &mut Conver
         source.reserve(doc.as_bytes().len() + 64);
         convert::write_document(doc, true, &mut source, stats)
     });
-    let mut id_buf = Vec::with_capacity(32);
-    if let Err(e) = convert::write_es_id(id, &mut id_buf) {
-        // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
-        let shown = format!("{:?}", id.to_raw_bson());
-        let shown: String = shown.chars().take(200).collect();
-        return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::reject("invalid_id", e.to_string(), matches!(converted, Some(Ok(()))).then(|| Bytes::from(source))));
-    }
-    // The converter writes valid UTF-8; `from_utf8_lossy` only guards the type.
-    let id_json: Box<str> = String::from_utf8_lossy(&id_buf).into();
+    let id_json = match convert::es_id_json(id) {
+        Ok(id_json) => id_json,
+        Err(e) => {
+            // An _id Elasticsearch cannot take (over 512 bytes): dead-letter it, in order.
+            let shown = format!("{:?}", id.to_raw_bson());
+            let shown: String = shown.chars().take(200).collect();
+            return Write::new(ns, index, format!("\"{}\"", shown.replace(['"', '\\'], "'")).into(), version, Op::reject("invalid_id", e.to_string(), matches!(converted, Some(Ok(()))).then(|| Bytes::from(source))));
+        }
+    };
     let op = match converted {
         Some(Ok(())) => Op::Index(Bytes::from(source)),
         Some(Err(e)) => Op::reject("malformed_bson", e.to_string(), None),

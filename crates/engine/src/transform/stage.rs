@@ -1,13 +1,16 @@
 //! The transform stage as a task: changes in from the source, decided writes out to the sink,
 //! in the order the source read them.
 //!
-//! Two loops joined by a bounded queue of chunks (the window):
+//! With scripts or relations, two loops joined by a bounded queue of chunks (the window):
 //! - **placing** takes each chunk of changes, places every document change ([`Placer`]) and
 //!   hands the documents of scripted namespaces to the script pool, which decides them in
 //!   parallel while placing goes on;
 //! - **handing on** awaits the decisions in order (while it waits, `/stats` says so, and
 //!   `/healthz` fails once the wait outlasts a loop's allowed silence), keeps `written` (the indexes each namespace writes, [`IndexBook`]) in that same order,
 //!   turns drops and sweeps into the sink's index operations, and hands chunks to the sink.
+//!
+//! Without them every change is decided as it is placed: one loop places and hands on each
+//! change at once ([`Transform::place_and_hand_on`]), the same steps without the window.
 //!
 //! # Invariants
 //! - Writes, positions and index operations leave in the order their changes arrived.
@@ -17,8 +20,7 @@
 //!   its drop done.
 //! - A time machine entry follows its write, before the change's position, and its log index
 //!   is never in `written`: no drop, sweep or `onDrop` deletes a log.
-//! - The window holds at most [`WINDOW`] chunks ([`PLAIN_WINDOW`] without scripts or
-//!   relations): back-pressure reaches the source.
+//! - The window holds at most [`WINDOW`] chunks: back-pressure reaches the source.
 
 use std::sync::Arc;
 
@@ -40,11 +42,9 @@ use crate::metrics::{Health, Metrics};
 use crate::sink::{Chunk, Closed, Control, Op, Sink, Write, CHUNK};
 
 /// Chunks placed ahead of the one being handed on: the documents whose scripts run at once,
-/// and the changes placed while a relation's re-sync reads.
+/// and the changes placed while a relation's re-sync reads. Without scripts or relations there
+/// is no window: each change is handed on as it is placed.
 pub const WINDOW: usize = 8;
-/// The same without scripts or relations: placing is quick, and a deeper window would only
-/// hold documents (each chunk up to 64 writes and their sources).
-pub const PLAIN_WINDOW: usize = 2;
 
 /// Why the transform stage stopped.
 #[derive(Debug, thiserror::Error)]
@@ -115,8 +115,13 @@ impl Transform {
     /// # Errors
     /// [`Error::SinkClosed`], [`Error::SharedIndex`].
     pub async fn run(self, input: mpsc::Receiver<Vec<Change>>, sink: Sink) -> Result<(), Error> {
-        let window = if self.placer.scripts.is_some() || self.relations.is_some() { WINDOW } else { PLAIN_WINDOW };
-        let (window_tx, window_rx) = mpsc::channel(window);
+        if self.placer.scripts.is_none() && self.relations.is_none() {
+            let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+            let result = self.place_and_hand_on(input, &mut out).await;
+            sink.close().await;
+            return result;
+        }
+        let (window_tx, window_rx) = mpsc::channel(WINDOW);
         let result = {
             let placing = place_all(&self.placer, self.relations.as_ref(), &self.metrics, input, window_tx);
             let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
@@ -131,6 +136,40 @@ impl Transform {
         };
         sink.close().await;
         result
+    }
+
+    /// Without scripts or relations every change is decided as it is placed, and nothing could
+    /// run beside placing: each change is placed and handed on at once, in one pass, with no
+    /// window between (no chunk of steps to build, queue and take apart again).
+    async fn place_and_hand_on(&self, mut input: mpsc::Receiver<Vec<Change>>, out: &mut Out<'_>) -> Result<(), Error> {
+        let mut stats = ConvertStats::default();
+        // Stays empty: only scripts defer a document.
+        let mut items = Vec::new();
+        loop {
+            let changes = match input.try_recv() {
+                Ok(changes) => changes,
+                Err(_) => {
+                    // Nothing is waiting: hand on the partial chunk rather than hold it.
+                    out.send().await?;
+                    match input.recv().await {
+                        Some(changes) => changes,
+                        None => return out.send().await,
+                    }
+                }
+            };
+            for change in changes {
+                match place(&self.placer, change, &mut stats, &mut items) {
+                    Some(Step::Write(write, default, logged)) => {
+                        if self.stage_write(write, &default, logged.as_ref(), out)? {
+                            out.send().await?;
+                        }
+                    }
+                    Some(step) => self.hand_on(step, &mut [], out).await?,
+                    None => {}
+                }
+            }
+            note_nulled(&self.metrics, &mut stats);
+        }
     }
 
     async fn hand_on_all(&self, mut window: mpsc::Receiver<PlacedChunk>, out: &mut Out<'_>) -> Result<(), Error> {
@@ -435,15 +474,20 @@ async fn place_all(placer: &Placer, relations: Option<&Arc<Relations>>, metrics:
         // Sized up front: a growing vector would move every placed step again.
         let mut steps = Vec::with_capacity(changes.len());
         steps.extend(changes.into_iter().filter_map(|c| place_related(placer, relations, c, &mut stats, &mut items)));
-        if stats.non_finite_nulled > 0 {
-            metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
-            stats = ConvertStats::default();
-        }
+        note_nulled(metrics, &mut stats);
         let decisions = submit(placer, items);
         if window.send(PlacedChunk { steps, decisions }).await.is_err() {
             // Handing on stopped (the sink is gone): what is left is never acknowledged.
             return;
         }
+    }
+}
+
+/// Count the non-finite numbers the conversions since the last call wrote as `null`.
+fn note_nulled(metrics: &Metrics, stats: &mut ConvertStats) {
+    if stats.non_finite_nulled > 0 {
+        metrics.non_finite_nulled.inc_by(stats.non_finite_nulled);
+        *stats = ConvertStats::default();
     }
 }
 

@@ -401,7 +401,7 @@ pub struct Source<'a> {
 }
 
 /// One document as a change event or a read found it. The document itself is handed on by
-/// the caller ([`Source::send_doc`]), owned, so it is never copied to be handed on.
+/// the caller ([`Source::stage_doc`]), owned, so it is never copied to be handed on.
 struct Found<'a> {
     id: RawBsonRef<'a>,
     /// `None` for a delete.
@@ -548,8 +548,13 @@ impl Source<'_> {
     async fn send(&self, change: Change) -> Result<(), Error> {
         match self.out.stage(change) {
             None => Ok(()),
-            Some(chunk) => self.wait_on_stages(self.out.send(chunk)).await,
+            Some(chunk) => self.hand_over(chunk).await,
         }
+    }
+
+    /// Hand a full chunk on (see [`Source::send`]).
+    async fn hand_over(&self, chunk: Vec<Change>) -> Result<(), Error> {
+        self.wait_on_stages(self.out.send(chunk)).await
     }
 
     /// Record a position: it covers every change handed on before it.
@@ -635,9 +640,11 @@ impl Source<'_> {
         }
     }
 
-    /// Hand on a change of a document: `doc` from [`Source::doc_of`], with the document's bytes.
-    async fn send_doc(&self, doc: Doc, body: Option<Body>) -> Result<(), Error> {
-        self.send(Change::Doc(Doc { doc: body, ..doc })).await
+    /// Stage a change of a document: `doc` from [`Source::doc_of`], with the document's bytes.
+    /// Returns a full chunk for [`Source::hand_over`]. Not async: most documents need no
+    /// await, and a future per document would cost every one of them.
+    fn stage_doc(&self, doc: Doc, body: Option<Body>) -> Option<Vec<Change>> {
+        self.out.stage(Change::Doc(Doc { doc: body, ..doc }))
     }
 
     /// Whether `found` is indexed with its GridFS file's content (`spec.files`): then
@@ -654,7 +661,7 @@ impl Source<'_> {
     }
 
     /// The change of a document `found`, all but the document's bytes, which the caller owns
-    /// and hands on with it ([`Source::send_doc`]), and its GridFS file's content, `file`.
+    /// and stages with it ([`Source::stage_doc`]), and its GridFS file's content, `file`.
     /// Not async: a future here would hold the change across an await, and every document
     /// would pay for moving it.
     fn doc_of(&self, ns: &(Arc<str>, Arc<str>), found: Found<'_>, file: Option<FileBody>, version: u64, from_snapshot: bool) -> Doc {
@@ -861,7 +868,15 @@ impl Source<'_> {
             if since_position.is_multiple_of(BEAT_EVERY) {
                 self.health.source_beat(true);
             }
-            match self.snapshot_doc(raw, at).await {
+            let file = match self.files {
+                Some(_) => Box::pin(self.snapshot_file(&raw, at)).await,
+                None => Ok(None),
+            };
+            let handed = match file.map(|file| self.snapshot_doc(raw, file, at)) {
+                Ok(Some(chunk)) => self.hand_over(chunk).await,
+                other => other.map(drop),
+            };
+            match handed {
                 Err(Error::Cancelled) => return Ok(Some(Ended::Cancelled)),
                 other => other?,
             }
@@ -875,24 +890,37 @@ impl Source<'_> {
         }
     }
 
-    /// Hand on one snapshot document (if this shard owns it) and move the resume point past it.
-    async fn snapshot_doc(&self, raw: RawDocumentBuf, at: &mut Reading) -> Result<(), Error> {
+    /// Stage one snapshot document (if this shard owns it) with its GridFS file's content
+    /// (`file`, from [`Source::snapshot_file`]), and move the resume point past it. Returns a
+    /// full chunk for [`Source::hand_over`]; not async, as [`Source::stage_doc`].
+    fn snapshot_doc(&self, raw: RawDocumentBuf, file: Option<FileBody>, at: &mut Reading) -> Option<Vec<Change>> {
         let Ok(Some(id)) = raw.get("_id").map(|id| id.map(|id| id.to_raw_bson())) else {
             // Only a mapping's snapshot stage can take `_id` away.
             error!(namespace = %at.ns, "document without _id skipped by the snapshot: a stage of `aggregation.snapshot` removed it; keep `_id`");
             self.metrics.events.with_label_values(&["no_id"]).inc();
-            return Ok(());
+            return None;
         };
         let id_ref = id.as_raw_bson_ref();
+        let mut full = None;
         if self.owns(id_ref) {
             let found = Found { id: id_ref, doc: Some(&raw), update: None, before: None };
-            let file = if self.wants_file(&at.names, &found) { Box::pin(self.file_of(&at.names, &found)).await? } else { None };
             let doc = self.doc_of(&at.names, found, file, at.version, true);
-            self.send_doc(doc, Some(Body::Own(raw))).await?;
+            full = self.stage_doc(doc, Some(Body::Own(raw)));
             self.metrics.snapshot_docs.inc();
         }
         at.resume_after = Some(id.try_into().unwrap_or(Bson::Null));
-        Ok(())
+        full
+    }
+
+    /// The content of a snapshot document's GridFS file, when its namespace indexes files'
+    /// content and this shard owns it ([`Source::wants_file`]).
+    async fn snapshot_file(&self, raw: &RawDocument, at: &Reading) -> Result<Option<FileBody>, Error> {
+        let Ok(Some(id)) = raw.get("_id") else { return Ok(None) };
+        let found = Found { id, doc: Some(raw), update: None, before: None };
+        if !self.wants_file(&at.names, &found) {
+            return Ok(None);
+        }
+        self.file_of(&at.names, &found).await
     }
 
     async fn open_stream(&self, start: &StreamStart, lean: bool, scope: Option<&(String, String)>) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
@@ -1221,7 +1249,9 @@ impl Source<'_> {
                         Some(span) => Body::within(raw, span),
                         None => Body::Own(doc.to_owned()),
                     };
-                    self.send_doc(change, Some(body)).await?;
+                    if let Some(chunk) = self.stage_doc(change, Some(body)) {
+                        self.hand_over(chunk).await?;
+                    }
                 }
             }
             Action::Delete { db, coll, id, time, before } => {
@@ -1229,7 +1259,9 @@ impl Source<'_> {
                 if self.follows(db, coll, id) {
                     let found = Found { id, doc: None, update: None, before };
                     let change = self.doc_of(&self.names(db, coll), found, None, ClusterTime::from(time).version(), false);
-                    self.send_doc(change, None).await?;
+                    if let Some(chunk) = self.stage_doc(change, None) {
+                        self.hand_over(chunk).await?;
+                    }
                 }
             }
             Action::Lookup { db, coll, id, time } => {
@@ -1239,7 +1271,9 @@ impl Source<'_> {
                     let (ns, found) = (self.names(db, coll), Found { id, doc: doc.as_deref(), update: None, before: None });
                     let file = if self.wants_file(&ns, &found) { Box::pin(self.file_of(&ns, &found)).await? } else { None };
                     let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
-                    self.send_doc(change, doc.map(Body::Own)).await?;
+                    if let Some(chunk) = self.stage_doc(change, doc.map(Body::Own)) {
+                        self.hand_over(chunk).await?;
+                    }
                 }
             }
             Action::Drop { db, coll, time } => {
