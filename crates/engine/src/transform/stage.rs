@@ -607,6 +607,47 @@ mod tests {
         );
     }
 
+    fn doc(id: &str) -> Change {
+        Change::Doc(super::super::change::Doc {
+            db: Arc::from("db"),
+            coll: Arc::from("c"),
+            id: mongodb::bson::RawBson::String(id.into()),
+            doc: Some(super::super::change::Body::Own(mongodb::bson::rawdoc! {"_id": id, "n": 1})),
+            version: 1,
+            from_snapshot: true,
+            owned: true,
+            extra: None,
+        })
+    }
+
+    /// Without scripts or relations each change is placed and handed on at once, in the order
+    /// it came: the writes numbered in that order, the position after the write before it, the
+    /// drop after the writes before it and before the write after it.
+    #[tokio::test]
+    async fn a_plain_pipeline_hands_on_each_change_in_order_in_one_pass() {
+        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
+        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
+        let sink = crate::sink::idle(shared.clone());
+        let t = stage(health);
+        let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(vec![doc("a"), Change::Position(Position::SnapshotDone)]).await.expect("queued");
+        tx.send(vec![Change::Dropped { db: "db".into(), coll: "c".into(), time: None }, doc("b")]).await.expect("queued");
+        drop(tx);
+        t.place_and_hand_on(rx, &mut out).await.expect("handed on");
+        assert!(out.chunk.is_empty(), "everything handed on once the input ended");
+        // Write a (0), the drop (1), write b (2). Acknowledge the writes, not the drop.
+        shared.ack_for_test(&[0, 2]);
+        let committable = shared.acks.take_committable();
+        assert!(matches!(committable.as_slice(), [Position::Written { .. }, Position::SnapshotDone]), "{committable:?}");
+        shared.ack_for_test(&[1]);
+        let committable = shared.acks.take_committable();
+        assert!(
+            matches!(committable.as_slice(), [Position::Forgotten { .. }, Position::Written { index, .. }] if index == "db.c"),
+            "{committable:?}"
+        );
+    }
+
     /// A drop deletes every index the namespace wrote, after the writes before it, and the
     /// namespace is forgotten only after the drop: a checkpoint that forgot it has its drop
     /// done, and a collection created again under the name is noted afresh.
