@@ -160,7 +160,8 @@ impl Transform {
             for change in changes {
                 match place(&self.placer, change, &mut stats, &mut items) {
                     Some(Step::Write(write, default, logged)) => {
-                        if self.stage_write(write, &default, logged.as_ref(), out)? {
+                        let full = self.stage_write(write, &default, logged.as_ref(), out)?;
+                        if full {
                             out.send().await?;
                         }
                     }
