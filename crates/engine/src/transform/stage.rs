@@ -576,10 +576,7 @@ mod tests {
     /// write committable without it.)
     #[tokio::test]
     async fn an_index_a_script_chooses_is_noted_before_its_write() {
-        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
-        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
-        let sink = crate::sink::idle(shared.clone());
-        let t = stage(health);
+        let (shared, sink, t) = fixture();
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let scripts = Arc::new(
             monsoon_script::Scripts::new(monsoon_script::Config {
@@ -608,6 +605,14 @@ mod tests {
         );
     }
 
+    /// The stage over an idle sink (nothing is delivered), and the sink's shared state.
+    fn fixture() -> (Arc<Shared>, Sink, Transform) {
+        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
+        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
+        let sink = crate::sink::idle(shared.clone());
+        (shared, sink, stage(health))
+    }
+
     fn doc(id: &str) -> Change {
         Change::Doc(super::super::change::Doc {
             db: Arc::from("db"),
@@ -626,10 +631,7 @@ mod tests {
     /// drop after the writes before it and before the write after it.
     #[tokio::test]
     async fn a_plain_pipeline_hands_on_each_change_in_order_in_one_pass() {
-        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
-        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
-        let sink = crate::sink::idle(shared.clone());
-        let t = stage(health);
+        let (shared, sink, t) = fixture();
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let (tx, rx) = mpsc::channel(4);
         tx.send(vec![doc("a"), Change::Position(Position::SnapshotDone)]).await.expect("queued");
@@ -654,10 +656,7 @@ mod tests {
     /// done, and a collection created again under the name is noted afresh.
     #[tokio::test]
     async fn a_namespace_is_forgotten_after_its_drop_and_noted_again_after() {
-        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
-        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
-        let sink = crate::sink::idle(shared.clone());
-        let t = stage(health);
+        let (shared, sink, t) = fixture();
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let default: Arc<str> = Arc::from("db.c");
         t.hand_on(Step::Write(write("db.c", "a"), default.clone(), None), &mut [], &mut out).await.expect("handed on");
@@ -681,10 +680,7 @@ mod tests {
     /// collection's drop delete only its own index and the log stays.
     #[tokio::test]
     async fn a_drop_never_deletes_the_time_machine_log() {
-        let health = Arc::new(Health::new(std::time::Duration::from_secs(60)));
-        let shared = Shared::new(Default::default(), Metrics::new("p"), health.clone());
-        let sink = crate::sink::idle(shared.clone());
-        let mut t = stage(health);
+        let (shared, sink, mut t) = fixture();
         let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
         t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
