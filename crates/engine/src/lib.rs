@@ -274,7 +274,7 @@ async fn run_inner<S: CheckpointStore>(
         relating: &relating,
         pre_images: &pre_images,
         views: std::sync::Mutex::default(),
-        last_names: std::sync::Mutex::new(None),
+        last_seen: std::sync::Mutex::new(None),
     };
     let result = follow(config, &source, start, options.exit_after_snapshot).instrument(tracing::info_span!("source", pipeline = %name)).await;
     drop(source);

@@ -131,13 +131,17 @@ impl Placer {
         target
     }
 
-    /// What `change` becomes, and the default index of its namespace (routed once for both).
-    /// A GridFS file's content is taken out of `change` (moved to the write, not copied).
-    pub fn place(&self, change: &mut Doc, stats: &mut ConvertStats) -> (Placed, Arc<str>) {
+    /// What `change` becomes. A GridFS file's content is taken out of `change` (moved to the
+    /// write, not copied).
+    pub fn place(&self, change: &mut Doc, stats: &mut ConvertStats) -> Placed {
         let target = self.route(&change.db, &change.coll);
-        let default = target.index.clone();
         let file = change.take_file().map(|body| self.attachment(body));
-        (self.place_at(target, change, file, stats), default)
+        self.place_at(target, change, file, stats)
+    }
+
+    /// The index namespace `ns` (`db.coll`) writes unless a script chooses another.
+    pub fn default_index(&self, ns: &str) -> String {
+        ns.split_once('.').map_or_else(String::new, |(db, coll)| self.routing.index_for(db, coll))
     }
 
     /// A file's content, to add once its document's write is decided ([`super::file`]).
@@ -265,8 +269,7 @@ impl Placer {
     /// The dead letter of a relation that could not be followed from the change of document
     /// `id` in `ns` (`spec.relate`).
     pub fn relation_failed(&self, ns: &Arc<str>, id: &mongodb::bson::RawBson, version: u64, reason: String) -> Write {
-        let index = ns.split_once('.').map_or_else(String::new, |(db, coll)| self.routing.index_for(db, coll));
-        Write::new(ns.clone(), Arc::from(index), dead_letter_id(id), version, Op::reject("relate_failed", reason, None))
+        Write::new(ns.clone(), Arc::from(self.default_index(ns)), dead_letter_id(id), version, Op::reject("relate_failed", reason, None))
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::change::Change;
+use super::change::{Change, Doc};
 use super::place::{Placed, Placer};
 use super::relate::{Related, Relations};
 use super::script::Call;
@@ -67,12 +67,11 @@ pub enum Error {
 
 /// A change placed, waiting its turn to be handed on.
 enum Step {
-    /// A write decided now; the namespace's default index; what its time machine entry needs,
-    /// when the change is logged.
-    Write(Write, Arc<str>, Option<Logged>),
-    /// A write the scripts decide: the call, its place in its chunk's batch of decisions; the
-    /// namespace's default index; as for [`Step::Write`].
-    Deferred(Box<Call>, usize, Arc<str>, Option<Logged>),
+    /// A write decided now; what its time machine entry needs, when the change is logged.
+    Write(Write, Option<Logged>),
+    /// A write the scripts decide: the call, its place in its chunk's batch of decisions; as
+    /// for [`Step::Write`].
+    Deferred(Box<Call>, usize, Option<Logged>),
     /// A change of a namespace with relations: its own step, if it writes one, then the
     /// related documents as the re-sync reads them; the change's namespace and `_id` (where a
     /// relation that cannot be followed is dead-lettered).
@@ -143,49 +142,54 @@ impl Transform {
     /// window between (no chunk of steps to build, queue and take apart again).
     async fn place_and_hand_on(&self, mut input: mpsc::Receiver<Vec<Change>>, out: &mut Out<'_>) -> Result<(), Error> {
         let mut stats = ConvertStats::default();
-        // Stays empty: only scripts defer a document.
-        let mut items = Vec::new();
-        loop {
-            let changes = match input.try_recv() {
-                Ok(changes) => changes,
-                Err(_) => {
-                    // Nothing is waiting: hand on the partial chunk rather than hold it.
-                    out.send().await?;
-                    match input.recv().await {
-                        Some(changes) => changes,
-                        None => return out.send().await,
-                    }
-                }
-            };
-            for change in changes {
-                match place(&self.placer, change, &mut stats, &mut items) {
-                    Some(Step::Write(write, default, logged)) => {
-                        let full = self.stage_write(write, &default, logged.as_ref(), out)?;
-                        if full {
-                            out.send().await?;
+        while let Some(mut changes) = out.next_from(&mut input).await? {
+            // Documents are placed where they lie (a change moved out of the vector is a copy
+            // of it), and freed with the vector.
+            for change in &mut changes {
+                let full = match change {
+                    Change::Doc(doc) => self.place_doc(doc, &mut stats, out)?,
+                    other => {
+                        // Taken out; the flush left in its place is never read.
+                        let taken = std::mem::replace(other, Change::Flush);
+                        if let Some(step) = place(&self.placer, taken, &mut stats, &mut Vec::new()) {
+                            self.hand_on(step, &mut [], out).await?;
                         }
+                        false
                     }
-                    Some(step) => self.hand_on(step, &mut [], out).await?,
-                    None => {}
+                };
+                if full {
+                    out.send().await?;
                 }
             }
             note_nulled(&self.metrics, &mut stats);
         }
+        Ok(())
+    }
+
+    /// Place a document change of a pipeline without scripts and stage its write. Returns
+    /// whether the chunk is full: the caller hands it on.
+    #[inline]
+    fn place_doc(&self, doc: &mut Doc, stats: &mut ConvertStats, out: &mut Out<'_>) -> Result<bool, Error> {
+        if !doc.owned {
+            // Another shard's document, handed on for its relations only.
+            return Ok(false);
+        }
+        // Only a time machine logs a change, or puts an update's own version in its place.
+        let logged = if self.placer.time_machine.is_some() {
+            self.placer.own_version(doc);
+            self.placer.logged(doc)
+        } else {
+            None
+        };
+        match self.placer.place(doc, stats) {
+            Placed::Write(write) => self.stage_write(write, logged.as_ref(), out),
+            Placed::Nothing => Ok(false),
+            Placed::Deferred(_) => unreachable!("only scripts defer a document, and this pipeline has none"),
+        }
     }
 
     async fn hand_on_all(&self, mut window: mpsc::Receiver<PlacedChunk>, out: &mut Out<'_>) -> Result<(), Error> {
-        loop {
-            let placed = match window.try_recv() {
-                Ok(placed) => placed,
-                Err(_) => {
-                    // Nothing placed is waiting: hand on the partial chunk rather than hold it.
-                    out.send().await?;
-                    match window.recv().await {
-                        Some(placed) => placed,
-                        None => return out.send().await,
-                    }
-                }
-            };
+        while let Some(placed) = out.next_from(&mut window).await? {
             let mut decisions = match placed.decisions {
                 Some(batch) => self.decisions(batch).await?,
                 None => Vec::new(),
@@ -194,8 +198,8 @@ impl Transform {
                 match step {
                     // Most steps: staged without a future of their own (an async call would
                     // move the write into its state first).
-                    Step::Write(write, default, logged) => {
-                        if self.stage_write(write, &default, logged.as_ref(), out)? {
+                    Step::Write(write, logged) => {
+                        if self.stage_write(write, logged.as_ref(), out)? {
                             out.send().await?;
                         }
                     }
@@ -203,6 +207,7 @@ impl Transform {
                 }
             }
         }
+        Ok(())
     }
 
     /// Await a chunk's script decisions. While they run, `/stats` says the stage waits, and
@@ -234,11 +239,11 @@ impl Transform {
 
     async fn hand_on(&self, step: Step, decisions: &mut [Result<Decision, ScriptError>], out: &mut Out<'_>) -> Result<(), Error> {
         match step {
-            Step::Write(write, default, logged) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
-            Step::Deferred(call, at, default, logged) => {
+            Step::Write(write, logged) => self.hand_on_write(write, logged.as_ref(), out).await,
+            Step::Deferred(call, at, logged) => {
                 let decision = decisions.get_mut(at).map_or(Err(ScriptError::Stopped), |d| std::mem::replace(d, Err(ScriptError::Stopped)));
                 match self.finished(*call, decision).await? {
-                    Some(write) => self.hand_on_write(write, &default, logged.as_ref(), out).await,
+                    Some(write) => self.hand_on_write(write, logged.as_ref(), out).await,
                     None => {
                         self.metrics.events.with_label_values(&["ignored"]).inc();
                         Ok(())
@@ -288,9 +293,7 @@ impl Transform {
                 }
                 Some(Related::Failed { reason }) => {
                     error!(namespace = %ns, reason = %reason, "relation not followed; dead-lettered");
-                    let w = self.placer.relation_failed(ns, id, version, reason);
-                    let default = w.index.clone();
-                    self.hand_on_write(w, &default, None, out).await?;
+                    self.hand_on_write(self.placer.relation_failed(ns, id, version, reason), None, out).await?;
                 }
                 Some(Related::Done) => return Ok(()),
                 // Stopped before it was done: nothing after this change may be acknowledged.
@@ -316,8 +319,8 @@ impl Transform {
     }
 
     /// [`Transform::stage_write`], handing the chunk on once full.
-    async fn hand_on_write(&self, write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<(), Error> {
-        if self.stage_write(write, default, logged, out)? {
+    async fn hand_on_write(&self, write: Write, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<(), Error> {
+        if self.stage_write(write, logged, out)? {
             out.send().await?;
         }
         Ok(())
@@ -326,13 +329,13 @@ impl Transform {
     /// Note the write's index in `written` (handing the note on before it), then stage the
     /// write, then its time machine entry (never noted: no drop or sweep deletes a log index).
     /// Returns whether the chunk is full: the caller hands it on.
-    #[inline]
-    fn stage_write(&self, mut write: Write, default: &Arc<str>, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<bool, Error> {
+    #[inline(always)]
+    fn stage_write(&self, mut write: Write, logged: Option<&Logged>, out: &mut Out<'_>) -> Result<bool, Error> {
         if !matches!(write.op, Op::Reject(_)) && !out.noted(&write) {
             match self.book.note(&write.ns, &write.index) {
                 Ok(Some(position)) => out.chunk.record(position),
                 Ok(None) => {}
-                Err(other) if *write.index == **default => {
+                Err(other) if *write.index == self.placer.default_index(&write.ns) => {
                     return Err(Error::SharedIndex { index: write.index.to_string(), first: other, second: write.ns.to_string() });
                 }
                 Err(other) => {
@@ -457,6 +460,20 @@ impl Out<'_> {
         self.last_noted.as_ref().is_some_and(|(ns, index)| Arc::ptr_eq(ns, &w.ns) && Arc::ptr_eq(index, &w.index))
     }
 
+    /// The next item of `rx`. When none is waiting, the partial chunk is handed on first rather
+    /// than held while the wait lasts; at the end (`None`), what is left is handed on.
+    async fn next_from<T>(&mut self, rx: &mut mpsc::Receiver<T>) -> Result<Option<T>, Error> {
+        if let Ok(next) = rx.try_recv() {
+            return Ok(Some(next));
+        }
+        self.send().await?;
+        let next = rx.recv().await;
+        if next.is_none() {
+            self.send().await?;
+        }
+        Ok(next)
+    }
+
     async fn send(&mut self) -> Result<(), Error> {
         if self.chunk.is_empty() {
             return Ok(());
@@ -521,19 +538,18 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats, items: &mut 
             placer.own_version(&mut doc);
             let logged = placer.logged(&doc);
             match placer.place(&mut doc, stats) {
-                (Placed::Nothing, _) => None,
-                (Placed::Write(w), default) => Some(Step::Write(w, default, logged)),
-                (Placed::Deferred(call), default) => {
+                Placed::Nothing => None,
+                Placed::Write(w) => Some(Step::Write(w, logged)),
+                Placed::Deferred(call) => {
                     items.push(call.item());
-                    Some(Step::Deferred(call, items.len() - 1, default, logged))
+                    Some(Step::Deferred(call, items.len() - 1, logged))
                 }
             }
         }
         Change::Unreadable(event) => {
             let w = placer.unreadable(&event, stats);
             error!(namespace = %w.ns, id = %w.id_json, error = %event.why, "unreadable change event; dead-lettered");
-            let default = w.index.clone();
-            Some(Step::Write(w, default, None))
+            Some(Step::Write(w, None))
         }
         other => Some(Step::Other(other)),
     }
@@ -591,10 +607,9 @@ mod tests {
         placed.origin = Some(Arc::from("record")); // a placing script's documents keep records
         let call = Call::new(scripts.clone(), plan, placed, None);
         let mut decisions = t.decisions(scripts.submit_decide_batch(vec![call.item()])).await.expect("decided");
-        let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Deferred(Box::new(call), 0, default.clone(), None), &mut decisions, &mut out).await.expect("handed on");
+        t.hand_on(Step::Deferred(Box::new(call), 0, None), &mut decisions, &mut out).await.expect("handed on");
         t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut [], &mut out).await.expect("handed on");
-        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), None), &mut [], &mut out).await.expect("handed on");
         out.send().await.expect("sent");
         // The scripted write is the first numbered; acknowledge it alone.
         shared.ack_for_test(&[0]);
@@ -658,10 +673,9 @@ mod tests {
     async fn a_namespace_is_forgotten_after_its_drop_and_noted_again_after() {
         let (shared, sink, t) = fixture();
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
-        let default: Arc<str> = Arc::from("db.c");
-        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), None), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "a"), None), &mut [], &mut out).await.expect("handed on");
         t.hand_on(Step::Other(Change::Dropped { db: "db".into(), coll: "c".into(), time: None }), &mut [], &mut out).await.expect("handed on");
-        t.hand_on(Step::Write(write("db.c", "b"), default, None), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "b"), None), &mut [], &mut out).await.expect("handed on");
         out.send().await.expect("sent");
         // Write 0, the drop (1), write 2. Acknowledge the writes, not the drop.
         shared.ack_for_test(&[0, 2]);
@@ -684,14 +698,13 @@ mod tests {
         let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
         t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
-        let default: Arc<str> = Arc::from("db.c");
         let logged = Logged { source_id: "a".into(), has_time: false };
-        t.hand_on(Step::Write(write("db.c", "a"), default.clone(), Some(logged.clone())), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(write("db.c", "a"), Some(logged.clone())), &mut [], &mut out).await.expect("handed on");
         t.hand_on(Step::Other(Change::Position(Position::SnapshotDone)), &mut [], &mut out).await.expect("handed on");
         assert_eq!(out.chunk.len(), 2, "the write and its entry");
         let mut delete = write("db.c", "a");
         delete.op = Op::Delete;
-        t.hand_on(Step::Write(delete, default, Some(logged)), &mut [], &mut out).await.expect("handed on");
+        t.hand_on(Step::Write(delete, Some(logged)), &mut [], &mut out).await.expect("handed on");
         assert_eq!(out.chunk.len(), 3, "a delete is not logged");
         assert_eq!(t.book.indexes_of("db", "c"), ["db.c"]);
         // The re-snapshot sweep, then the drop: each names the collection's index only.
@@ -714,5 +727,24 @@ mod tests {
         shared.ack_for_test(&[1]);
         let committable = shared.acks.take_committable();
         assert!(committable.iter().any(|p| matches!(p, Position::SnapshotDone)), "{committable:?}");
+    }
+
+    /// The one-pass loop of a plain pipeline still logs the changes a time machine names (the
+    /// write, then its entry) and writes nothing for a document another shard owns.
+    #[tokio::test]
+    async fn a_plain_pipeline_logs_its_changes_and_skips_other_shards_documents() {
+        let (_shared, sink, mut t) = fixture();
+        let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
+        t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
+        let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+        let mut stats = ConvertStats::default();
+        let streamed = |id: &str, owned: bool| match doc(id) {
+            Change::Doc(d) => Doc { from_snapshot: false, owned, ..d },
+            _ => unreachable!("doc() makes a document change"),
+        };
+        assert!(!t.place_doc(&mut streamed("a", true), &mut stats, &mut out).expect("placed"));
+        assert_eq!(out.chunk.len(), 2, "the write and its time machine entry");
+        assert!(!t.place_doc(&mut streamed("b", false), &mut stats, &mut out).expect("placed"));
+        assert_eq!(out.chunk.len(), 2, "nothing for another shard's document");
     }
 }

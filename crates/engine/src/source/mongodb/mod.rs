@@ -396,8 +396,19 @@ pub struct Source<'a> {
     pub pre_images: &'a PreImages,
     /// The views listed (`db.view`): read without an index hint, never streamed.
     pub views: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    /// The names of the collection changed last.
-    pub last_names: std::sync::Mutex<Option<(Arc<str>, Arc<str>)>>,
+    /// The collection changed last, as [`Source::seen`] decided it.
+    pub last_seen: std::sync::Mutex<Option<Seen>>,
+}
+
+/// A collection events come from: its names, shared by its changes, and whether its changes
+/// are handed on (decided once for a run of events from it).
+#[derive(Clone)]
+pub struct Seen {
+    names: (Arc<str>, Arc<str>),
+    /// The pipeline syncs it.
+    included: bool,
+    /// It has relations (`spec.relate`): every shard hands its changes on.
+    related: bool,
 }
 
 /// One document as a change event or a read found it. The document itself is handed on by
@@ -621,11 +632,28 @@ impl Source<'_> {
         }
     }
 
-    /// Whether a change of document `id` in `db.coll` is handed on: the namespace is synced,
-    /// and this worker owns the document, or the namespace has relations (`spec.relate`, which
-    /// every shard follows for the related documents it owns).
-    fn follows(&self, db: &str, coll: &str, id: RawBsonRef<'_>) -> bool {
-        self.routing.includes(db, coll) && (self.owns(id) || (!self.relating.is_empty() && self.relating.contains(&format!("{db}.{coll}"))))
+    /// The names of `db.coll` when a change of document `id` there is handed on: the namespace
+    /// is synced, and this worker owns the document, or the namespace has relations
+    /// (`spec.relate`, which every shard follows for the related documents it owns).
+    fn follows(&self, db: &str, coll: &str, id: RawBsonRef<'_>) -> Option<(Arc<str>, Arc<str>)> {
+        let seen = self.seen(db, coll);
+        (seen.included && (seen.related || self.owns(id))).then_some(seen.names)
+    }
+
+    /// What the source knows of `db.coll`; the last collection's is reused (consecutive events
+    /// mostly share one).
+    fn seen(&self, db: &str, coll: &str) -> Seen {
+        let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seen) = last.as_ref().filter(|s| &*s.names.0 == db && &*s.names.1 == coll) {
+            return seen.clone();
+        }
+        let seen = Seen {
+            names: (Arc::from(db), Arc::from(coll)),
+            included: self.routing.includes(db, coll),
+            related: !self.relating.is_empty() && self.relating.contains(&format!("{db}.{coll}")),
+        };
+        *last = Some(seen.clone());
+        seen
     }
 
     /// Whether this worker's shard owns the document with MongoDB `_id` `id`. An `_id` with
@@ -649,6 +677,7 @@ impl Source<'_> {
 
     /// Whether `found` is indexed with its GridFS file's content (`spec.files`): then
     /// [`Source::file_of`] reads it before [`Source::doc_of`].
+    #[inline]
     fn wants_file(&self, ns: &(Arc<str>, Arc<str>), found: &Found<'_>) -> bool {
         found.doc.is_some() && self.files.is_some_and(|f| f.indexes_content(&ns.0, &ns.1)) && self.owns(found.id)
     }
@@ -1022,15 +1051,21 @@ impl Source<'_> {
         let mut since_position = 0u64;
         let mut last_recorded: Option<ResumeToken> = None;
         loop {
-            let next = tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => {
-                    if let Some(token) = stream.resume_token() {
-                        self.record_token(at, token, false);
-                    }
-                    return Ok(Ended::Cancelled);
+            let next = {
+                // Pinned where it is made: the driver's future is large (its every state), and
+                // moving it into the read would copy all of it for each event.
+                let next = std::pin::pin!(stream.next_if_any());
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => None,
+                    next = self.read(next, STREAM_READ_TIMEOUT) => Some(next?),
                 }
-                next = self.read(stream.next_if_any(), STREAM_READ_TIMEOUT) => next?,
+            };
+            let Some(next) = next else {
+                if let Some(token) = stream.resume_token() {
+                    self.record_token(at, token, false);
+                }
+                return Ok(Ended::Cancelled);
             };
             match next {
                 Ok(Some(raw)) => {
@@ -1240,8 +1275,8 @@ impl Source<'_> {
         match action {
             Action::Upsert { db, coll, id, doc, time, update, before } => {
                 self.metrics.hot.upserts.inc();
-                if self.follows(db, coll, id) {
-                    let (ns, found) = (self.names(db, coll), Found { id, doc: Some(doc), update, before });
+                if let Some(ns) = self.follows(db, coll, id) {
+                    let found = Found { id, doc: Some(doc), update, before };
                     let file = if self.wants_file(&ns, &found) { Box::pin(self.file_of(&ns, &found)).await? } else { None };
                     let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
                     // The document goes on inside its event: no copy.
@@ -1256,9 +1291,9 @@ impl Source<'_> {
             }
             Action::Delete { db, coll, id, time, before } => {
                 self.metrics.hot.deletes.inc();
-                if self.follows(db, coll, id) {
+                if let Some(ns) = self.follows(db, coll, id) {
                     let found = Found { id, doc: None, update: None, before };
-                    let change = self.doc_of(&self.names(db, coll), found, None, ClusterTime::from(time).version(), false);
+                    let change = self.doc_of(&ns, found, None, ClusterTime::from(time).version(), false);
                     if let Some(chunk) = self.stage_doc(change, None) {
                         self.hand_over(chunk).await?;
                     }
@@ -1266,9 +1301,9 @@ impl Source<'_> {
             }
             Action::Lookup { db, coll, id, time } => {
                 self.metrics.events.with_label_values(&["lookup"]).inc();
-                if self.follows(db, coll, id) {
+                if let Some(ns) = self.follows(db, coll, id) {
                     let doc = self.lookup(db, coll, id).await?;
-                    let (ns, found) = (self.names(db, coll), Found { id, doc: doc.as_deref(), update: None, before: None });
+                    let found = Found { id, doc: doc.as_deref(), update: None, before: None };
                     let file = if self.wants_file(&ns, &found) { Box::pin(self.file_of(&ns, &found)).await? } else { None };
                     let change = self.doc_of(&ns, found, file, ClusterTime::from(time).version(), false);
                     if let Some(chunk) = self.stage_doc(change, doc.map(Body::Own)) {
@@ -1334,20 +1369,6 @@ impl Source<'_> {
         })
         .await
         .map_err(|_| Error::Cancelled)
-    }
-
-    /// `db` and `coll` as shared names, the last pair reused (consecutive events mostly share
-    /// one collection).
-    fn names(&self, db: &str, coll: &str) -> (Arc<str>, Arc<str>) {
-        let mut last = self.last_names.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((d, c)) = last.as_ref() {
-            if &**d == db && &**c == coll {
-                return (d.clone(), c.clone());
-            }
-        }
-        let names = (Arc::from(db), Arc::from(coll));
-        *last = Some(names.clone());
-        names
     }
 
     /// Read one document by `_id` (lean mode), retrying until MongoDB answers. `None`: it
