@@ -628,6 +628,12 @@ mod tests {
         (shared, sink, stage(health))
     }
 
+    /// Give the stage a time machine logging the changes of `db.c`.
+    fn log_changes_of_db_c(t: &mut Transform) {
+        let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
+        t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
+    }
+
     fn doc(id: &str) -> Change {
         Change::Doc(super::super::change::Doc {
             db: Arc::from("db"),
@@ -695,8 +701,7 @@ mod tests {
     #[tokio::test]
     async fn a_drop_never_deletes_the_time_machine_log() {
         let (shared, sink, mut t) = fixture();
-        let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
-        t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
+        log_changes_of_db_c(&mut t);
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let logged = Logged { source_id: "a".into(), has_time: false };
         t.hand_on(Step::Write(write("db.c", "a"), Some(logged.clone())), &mut [], &mut out).await.expect("handed on");
@@ -734,8 +739,7 @@ mod tests {
     #[tokio::test]
     async fn a_plain_pipeline_logs_its_changes_and_skips_other_shards_documents() {
         let (_shared, sink, mut t) = fixture();
-        let spec: monsoon_api::TimeMachine = serde_json::from_value(serde_json::json!({"namespaces": ["db.c"]})).expect("spec");
-        t.placer.time_machine = Some(crate::transform::time_machine::TimeMachine::new(&spec).expect("compiles"));
+        log_changes_of_db_c(&mut t);
         let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
         let mut stats = ConvertStats::default();
         let streamed = |id: &str, owned: bool| match doc(id) {
