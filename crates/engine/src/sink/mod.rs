@@ -389,6 +389,12 @@ impl Chunk {
         self.writes.is_empty() && self.marks.is_empty()
     }
 
+    /// The writes, in order.
+    #[cfg(test)]
+    pub(crate) fn writes(&self) -> &[Write] {
+        &self.writes
+    }
+
     /// The index operations among the writes, in order.
     #[cfg(test)]
     pub(crate) fn controls(&self) -> impl Iterator<Item = &Control> {

@@ -751,4 +751,29 @@ mod tests {
         assert!(!t.place_doc(&mut streamed("b", false), &mut stats, &mut out).expect("placed"));
         assert_eq!(out.chunk.len(), 2, "nothing for another shard's document");
     }
+
+    /// Another namespace already writes the index: a write at its namespace's own index stops
+    /// the stage (the pipeline's indexes overlap; no drop could tell their documents apart),
+    /// while a write at an index its document chose is dead-lettered and the stage goes on.
+    #[tokio::test]
+    async fn an_index_another_namespace_writes_stops_the_stage_or_refuses_the_chosen_write() {
+        let (_shared, sink, mut t) = fixture();
+        let routing = crate::config::Routing {
+            include: vec![crate::config::NamespacePattern::parse("db.*").expect("pattern")],
+            ..crate::config::Routing::default()
+        };
+        t.book = IndexBook::new(Default::default(), routing.clone());
+        t.placer.routing = routing;
+        let mut out = Out { sink: &sink, chunk: Chunk::default(), last_noted: None };
+        let at = |ns: &str, index: &str| Write::new(Arc::from(ns), Arc::from(index), "\"a\"".into(), 1, Op::Index(Bytes::from_static(b"{}")));
+        // db.d's documents chose indexes `x` and `db.e`.
+        t.stage_write(at("db.d", "x"), None, &mut out).expect("staged");
+        t.stage_write(at("db.d", "db.e"), None, &mut out).expect("staged");
+        // A db.c document chooses `x`: refused alone.
+        t.stage_write(at("db.c", "x"), None, &mut out).expect("staged");
+        assert!(matches!(&out.chunk.writes()[2].op, Op::Reject(r) if r.error_type == "shared_index"), "{:?}", out.chunk.writes()[2].op);
+        // db.e writes its own index, `db.e`: the stage stops.
+        let stopped = t.stage_write(at("db.e", "db.e"), None, &mut out);
+        assert!(matches!(&stopped, Err(Error::SharedIndex { index, first, second }) if index == "db.e" && first == "db.d" && second == "db.e"), "{stopped:?}");
+    }
 }
