@@ -87,7 +87,7 @@ impl Placer {
     /// description applied, in place of the document looked up when the stream read it (which
     /// may already be a later version). Without a pre-image, or one that does not apply, the
     /// looked-up document stays.
-    pub fn own_version(&self, change: &mut Doc) {
+    fn own_version(&self, change: &mut Doc) {
         let (Some(tm), Some(before), Some(update)) = (&self.time_machine, change.before(), change.update()) else { return };
         if change.doc.is_none() || !tm.logs(&change.db, &change.coll, change.from_snapshot) {
             return;
@@ -101,8 +101,19 @@ impl Placer {
         }
     }
 
+    /// Ready `change` for the time machine, when one logs it: its own version in place of the
+    /// looked-up document ([`Placer::own_version`]), and what its entry needs
+    /// ([`Placer::logged`]). Without a time machine nothing is looked at (every change passes
+    /// here).
+    #[inline]
+    pub fn for_time_machine(&self, change: &mut Doc) -> Option<Logged> {
+        self.time_machine.as_ref()?;
+        self.own_version(change);
+        self.logged(change)
+    }
+
     /// What the time machine entry of `change` needs, when its namespace's changes are logged.
-    pub fn logged(&self, change: &Doc) -> Option<Logged> {
+    fn logged(&self, change: &Doc) -> Option<Logged> {
         let tm = self.time_machine.as_ref()?;
         if !tm.logs(&change.db, &change.coll, change.from_snapshot) {
             return None;

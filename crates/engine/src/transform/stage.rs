@@ -174,13 +174,7 @@ impl Transform {
             // Another shard's document, handed on for its relations only.
             return Ok(false);
         }
-        // Only a time machine logs a change, or puts an update's own version in its place.
-        let logged = if self.placer.time_machine.is_some() {
-            self.placer.own_version(doc);
-            self.placer.logged(doc)
-        } else {
-            None
-        };
+        let logged = self.placer.for_time_machine(doc);
         match self.placer.place(doc, stats) {
             Placed::Write(write) => self.stage_write(write, logged.as_ref(), out),
             Placed::Nothing => Ok(false),
@@ -535,8 +529,7 @@ fn place(placer: &Placer, change: Change, stats: &mut ConvertStats, items: &mut 
         // Another shard's document, handed on for its relations only.
         Change::Doc(doc) if !doc.owned => None,
         Change::Doc(mut doc) => {
-            placer.own_version(&mut doc);
-            let logged = placer.logged(&doc);
+            let logged = placer.for_time_machine(&mut doc);
             match placer.place(&mut doc, stats) {
                 Placed::Nothing => None,
                 Placed::Write(w) => Some(Step::Write(w, logged)),
